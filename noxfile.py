@@ -1,0 +1,34 @@
+"""Developer sessions: `nox` runs the tests; `nox -s lint typecheck protos bench` the rest."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """The whole test suite: core, store, gRPC and end-to-end with the official SDK."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", "dt_trio", "tests", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "dt_trio", "tests", "examples", "noxfile.py")
+
+
+@nox.session(python="3.11")
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".", "mypy==2.4.1")
+    session.run("mypy")
+
+
+@nox.session(python="3.11")
+def protos(session: nox.Session) -> None:
+    """Regenerate dt_trio/_proto from protos/ (protobuf + purerpc stubs)."""
+    session.install("grpcio-tools==1.85.1", "purerpc==0.8.0")
+    session.run("python", "protos/generate.py")
