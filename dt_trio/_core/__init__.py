@@ -1,0 +1,42 @@
+"""The sans-IO core: history, instance state and the orchestration step state machine.
+
+Nothing in this package touches trio, sqlite or gRPC; it is tested with plain functions.
+"""
+
+from dt_trio._core._runtime import (
+    Dispatch,
+    Plan,
+    Postpone,
+    Settle,
+    activity_result,
+    apply_response,
+    plan_step,
+    running_children,
+)
+from dt_trio._core._state import (
+    ActivityTask,
+    InboxMessage,
+    InstanceState,
+    NewInstance,
+    OutboundMessage,
+    Status,
+    StepResult,
+)
+
+__all__ = [
+    "ActivityTask",
+    "Dispatch",
+    "InboxMessage",
+    "InstanceState",
+    "NewInstance",
+    "OutboundMessage",
+    "Plan",
+    "Postpone",
+    "Settle",
+    "Status",
+    "StepResult",
+    "activity_result",
+    "apply_response",
+    "plan_step",
+    "running_children",
+]

@@ -1,0 +1,452 @@
+"""The orchestration state machine: history and inbox in, a dispatch or a commit out.
+
+One step of an orchestration is:
+
+1. `plan_step` looks at the instance, its history and the visible inbox and decides: run the
+   orchestrator (`Dispatch`), settle without running it (`Settle`, e.g. events for an instance
+   that already finished), or wait (`Postpone`, e.g. events for an instance whose scheduled start
+   has not come yet).
+2. The orchestrator (an SDK worker, or local code) answers an OrchestratorResponse.
+3. `apply_response` turns the response into a `StepResult`: history to append, the new instance
+   row and the outbox. The store commits it atomically.
+
+Everything here is pure: time and new ids come in as arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from dt_trio._core import _events as ev
+from dt_trio._core._state import (
+    ActivityTask,
+    InboxMessage,
+    InstanceState,
+    NewInstance,
+    OutboundMessage,
+    Status,
+    StepResult,
+)
+from dt_trio._proto import orchestrator_service_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Run the orchestrator with `past_events` + `new_events`; `consumed` names the inbox
+    messages this step takes (delivered or dropped)."""
+
+    past_events: Sequence[pb.HistoryEvent]
+    new_events: list[pb.HistoryEvent]
+    consumed: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Settle:
+    """Commit `result` without running the orchestrator."""
+
+    result: StepResult
+
+
+@dataclass(frozen=True)
+class Postpone:
+    """Leave the messages in the inbox, invisible until `until`."""
+
+    message_ids: tuple[int, ...]
+    until: datetime
+
+
+Plan = Dispatch | Settle | Postpone
+
+# How long events wait when they reach an instance that has not started and has no known start.
+NOT_STARTED_RETRY_SECONDS = 1.0
+
+
+def plan_step(
+    state: InstanceState,
+    history: Sequence[pb.HistoryEvent],
+    inbox: Sequence[InboxMessage],
+    now: datetime,
+) -> Plan:
+    """Decide what to do with the visible inbox of one instance."""
+    ids = tuple(m.id for m in inbox)
+    if state.status.is_terminal:
+        # Nothing reaches a finished execution; the events are consumed and dropped.
+        return Settle(StepResult(state=state, consumed=ids, history=[]))
+
+    started = any(e.HasField("executionStarted") for e in history)
+    delivered: list[pb.HistoryEvent] = []
+    for message in inbox:
+        if message.event.HasField("executionStarted"):
+            if started:
+                continue  # a duplicate start is dropped
+            started = True
+            delivered.insert(0, message.event)  # the start always leads the new events
+        else:
+            delivered.append(message.event)
+
+    if not started:
+        terminate = next((e for e in delivered if e.HasField("executionTerminated")), None)
+        if terminate is not None:
+            return Settle(_terminate_unstarted(state, terminate, ids, now))
+        until = state.scheduled_start_at
+        if until is None or until <= now:
+            until = now + timedelta(seconds=NOT_STARTED_RETRY_SECONDS)
+        return Postpone(ids, until)
+
+    new_events = [ev.orchestrator_started(now), *delivered]
+    return Dispatch(past_events=history, new_events=new_events, consumed=ids)
+
+
+def _terminate_unstarted(
+    state: InstanceState, terminate: pb.HistoryEvent, ids: tuple[int, ...], now: datetime
+) -> StepResult:
+    output = ev.opt_str(terminate.executionTerminated, "input")
+    finished = dataclasses.replace(
+        state,
+        status=Status.TERMINATED,
+        output=output,
+        completed_at=now,
+        last_updated_at=now,
+    )
+    history = [
+        ev.orchestrator_started(now),
+        terminate,
+        ev.execution_completed(now, Status.TERMINATED, output, None),
+    ]
+    return StepResult(state=finished, consumed=ids, history=history)
+
+
+def apply_response(
+    state: InstanceState,
+    dispatch: Dispatch,
+    response: pb.OrchestratorResponse,
+    now: datetime,
+    new_id: Callable[[], str],
+) -> StepResult:
+    """Turn the orchestrator's actions into history, a new instance row and an outbox.
+
+    `new_id` makes fresh execution ids (for sub-orchestrations and continue-as-new).
+    """
+    builder = _StepBuilder(state, dispatch, now, new_id)
+    builder.apply_new_events()
+    builder.state = dataclasses.replace(
+        builder.state, custom_status=ev.opt_str(response, "customStatus")
+    )
+    for action in response.actions:
+        builder.apply_action(action)
+        if builder.finished:
+            break  # nothing after the completing action counts
+    return builder.result()
+
+
+class _StepBuilder:
+    def __init__(
+        self, state: InstanceState, dispatch: Dispatch, now: datetime, new_id: Callable[[], str]
+    ) -> None:
+        self.state = dataclasses.replace(state, last_updated_at=now)
+        self.dispatch = dispatch
+        self.now = now
+        self.new_id = new_id
+        self.history: list[pb.HistoryEvent] = list(dispatch.new_events)
+        self.completion: list[pb.HistoryEvent] = []
+        self.activities: list[ActivityTask] = []
+        self.messages: list[OutboundMessage] = []
+        self.new_instances: list[NewInstance] = []
+        self.reset_history = False
+        self.finished = False
+        all_events = [*dispatch.past_events, *dispatch.new_events]
+        self.started = next(e.executionStarted for e in all_events if e.HasField("executionStarted"))
+        self.all_events = all_events
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def apply_new_events(self) -> None:
+        status = self.state.status
+        if status == Status.PENDING:
+            status = Status.RUNNING
+        for event in self.dispatch.new_events:
+            if event.HasField("executionSuspended"):
+                status = Status.SUSPENDED
+            elif event.HasField("executionResumed") and status == Status.SUSPENDED:
+                status = Status.RUNNING
+        self.state = dataclasses.replace(self.state, status=status)
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def apply_action(self, action: pb.OrchestratorAction) -> None:
+        kind = action.WhichOneof("orchestratorActionType")
+        handler = getattr(self, f"_on_{kind}", None) if kind else None
+        if handler is None:
+            label = kind or "an empty action"
+            self._complete(
+                Status.FAILED,
+                None,
+                ev.failure(
+                    "NotSupportedError",
+                    f"the orchestrator sent {label} (action id {action.id}), "
+                    "which this version of dt-trio does not support",
+                ),
+            )
+            return
+        handler(action)
+
+    def _on_scheduleTask(self, action: pb.OrchestratorAction) -> None:
+        task = action.scheduleTask
+        event = ev.new_event(self.now, action.id)
+        scheduled = event.taskScheduled
+        scheduled.name = task.name
+        if task.HasField("version"):
+            scheduled.version.CopyFrom(task.version)
+        if task.HasField("input"):
+            scheduled.input.CopyFrom(task.input)
+        scheduled.tags.update(task.tags)
+        if task.HasField("parentTraceContext"):
+            scheduled.parentTraceContext.CopyFrom(task.parentTraceContext)
+        scheduled.SetInParent()
+        self.history.append(event)
+        self.activities.append(
+            ActivityTask(self.state.instance_id, self.state.execution_id, event)
+        )
+
+    def _on_createTimer(self, action: pb.OrchestratorAction) -> None:
+        fire_at = ev.to_datetime(action.createTimer.fireAt)
+        event = ev.new_event(self.now, action.id)
+        event.timerCreated.fireAt.CopyFrom(action.createTimer.fireAt)
+        self.history.append(event)
+        self.messages.append(
+            OutboundMessage(
+                self.state.instance_id, ev.timer_fired(self.now, action.id, fire_at), fire_at
+            )
+        )
+
+    def _on_createSubOrchestration(self, action: pb.OrchestratorAction) -> None:
+        create = action.createSubOrchestration
+        # A deterministic id when the SDK leaves it empty, so a replayed step names the same child.
+        child_id = create.instanceId or f"{self.state.instance_id}:{action.id:04x}"
+        event = ev.new_event(self.now, action.id)
+        created = event.subOrchestrationInstanceCreated
+        created.instanceId = child_id
+        created.name = create.name
+        if create.HasField("version"):
+            created.version.CopyFrom(create.version)
+        if create.HasField("input"):
+            created.input.CopyFrom(create.input)
+        created.tags.update(create.tags)
+        if create.HasField("parentTraceContext"):
+            created.parentTraceContext.CopyFrom(create.parentTraceContext)
+        self.history.append(event)
+
+        parent = pb.ParentInstanceInfo(taskScheduledId=action.id)
+        parent.name.value = self.state.name
+        ev.set_str(parent.version, self.state.version)
+        parent.orchestrationInstance.instanceId = self.state.instance_id
+        parent.orchestrationInstance.executionId.value = self.state.execution_id
+        execution_id = self.new_id()
+        version = ev.opt_str(create, "version")
+        input_ = ev.opt_str(create, "input")
+        child = InstanceState(
+            instance_id=child_id,
+            name=create.name,
+            execution_id=execution_id,
+            status=Status.PENDING,
+            created_at=self.now,
+            last_updated_at=self.now,
+            version=version,
+            input=input_,
+            parent_instance_id=self.state.instance_id,
+            tags=dict(create.tags),
+        )
+        started = ev.execution_started(
+            self.now,
+            name=create.name,
+            instance_id=child_id,
+            execution_id=execution_id,
+            input=input_,
+            version=version,
+            tags=create.tags,
+            parent=parent,
+            parent_trace_context=create.parentTraceContext
+            if create.HasField("parentTraceContext")
+            else None,
+        )
+        conflict = ev.sub_orchestration_failed(
+            self.now,
+            action.id,
+            ev.failure(
+                "OrchestrationAlreadyExistsError",
+                f"cannot start sub-orchestration '{create.name}': an instance with id "
+                f"'{child_id}' already exists and is not finished",
+            ),
+        )
+        self.new_instances.append(
+            NewInstance(child, started, OutboundMessage(self.state.instance_id, conflict))
+        )
+
+    def _on_sendEvent(self, action: pb.OrchestratorAction) -> None:
+        send = action.sendEvent
+        event = ev.new_event(self.now, action.id)
+        event.eventSent.instanceId = send.instance.instanceId
+        event.eventSent.name = send.name
+        if send.HasField("data"):
+            event.eventSent.input.CopyFrom(send.data)
+        self.history.append(event)
+        if send.instance.instanceId:
+            raised = ev.event_raised(self.now, send.name, ev.opt_str(send, "data"))
+            self.messages.append(OutboundMessage(send.instance.instanceId, raised))
+
+    def _on_terminateOrchestration(self, action: pb.OrchestratorAction) -> None:
+        terminate = action.terminateOrchestration
+        if not terminate.instanceId:
+            return
+        event = ev.execution_terminated(
+            self.now, ev.opt_str(terminate, "reason"), terminate.recurse
+        )
+        self.messages.append(OutboundMessage(terminate.instanceId, event))
+
+    def _on_completeOrchestration(self, action: pb.OrchestratorAction) -> None:
+        complete = action.completeOrchestration
+        status = Status(complete.orchestrationStatus)
+        result = ev.opt_str(complete, "result")
+        if status == Status.CONTINUED_AS_NEW:
+            self._continue_as_new(complete, result)
+            return
+        failure = complete.failureDetails if complete.HasField("failureDetails") else None
+        if not status.is_terminal:
+            status = Status.FAILED
+            failure = ev.failure(
+                "InvalidActionError",
+                f"the orchestrator completed with status {complete.orchestrationStatus}, "
+                "which is not a final status",
+            )
+        self._complete(status, result, failure)
+
+    # -- completion --------------------------------------------------------------------------
+
+    def _complete(
+        self, status: Status, result: str | None, failure: pb.TaskFailureDetails | None
+    ) -> None:
+        self.finished = True
+        self.state = dataclasses.replace(
+            self.state,
+            status=status,
+            output=result,
+            failure=failure,
+            completed_at=self.now,
+        )
+        self.completion = [
+            ev.orchestrator_completed(self.now),
+            ev.execution_completed(self.now, status, result, failure),
+        ]
+        self._notify_parent(status, result, failure)
+        if status == Status.TERMINATED:
+            self._terminate_children()
+
+    def _notify_parent(
+        self, status: Status, result: str | None, failure: pb.TaskFailureDetails | None
+    ) -> None:
+        if not self.started.HasField("parentInstance"):
+            return
+        parent = self.started.parentInstance
+        task_id = parent.taskScheduledId
+        if status == Status.COMPLETED:
+            event = ev.sub_orchestration_completed(self.now, task_id, result)
+        else:
+            if failure is None:
+                failure = ev.failure(
+                    "OrchestrationTerminatedError"
+                    if status == Status.TERMINATED
+                    else "OrchestrationFailedError",
+                    f"sub-orchestration '{self.state.instance_id}' ended as {status.label}"
+                    + (f": {result}" if result else ""),
+                )
+            event = ev.sub_orchestration_failed(self.now, task_id, failure)
+        self.messages.append(OutboundMessage(parent.orchestrationInstance.instanceId, event))
+
+    def _terminate_children(self) -> None:
+        terminate = next(
+            (e.executionTerminated for e in self.all_events if e.HasField("executionTerminated")),
+            None,
+        )
+        if terminate is None or not terminate.recurse:
+            return
+        reason = ev.opt_str(terminate, "input")
+        for child_id in running_children(self.all_events):
+            self.messages.append(
+                OutboundMessage(child_id, ev.execution_terminated(self.now, reason, True))
+            )
+
+    def _continue_as_new(self, complete: pb.CompleteOrchestrationAction, result: str | None) -> None:
+        self.finished = True
+        self.reset_history = True
+        self.history = []
+        self.completion = []
+        execution_id = self.new_id()
+        version = ev.opt_str(complete, "newVersion") or self.state.version
+        self.state = dataclasses.replace(
+            self.state,
+            status=Status.RUNNING,
+            execution_id=execution_id,
+            input=result,
+            output=None,
+            failure=None,
+            completed_at=None,
+            version=version,
+        )
+        started = ev.execution_started(
+            self.now,
+            name=self.state.name,
+            instance_id=self.state.instance_id,
+            execution_id=execution_id,
+            input=result,
+            version=version,
+            tags=self.started.tags,
+            parent=self.started.parentInstance if self.started.HasField("parentInstance") else None,
+            parent_trace_context=self.started.parentTraceContext
+            if self.started.HasField("parentTraceContext")
+            else None,
+        )
+        # The new execution starts from its inbox: the start, then the carried-over events.
+        # Activity results and timers of the old execution are dropped by the store because
+        # they name the old execution id.
+        self.activities = []
+        self.messages = [m for m in self.messages if m.target_instance_id != self.state.instance_id]
+        own = [OutboundMessage(self.state.instance_id, started)]
+        own += [OutboundMessage(self.state.instance_id, e) for e in complete.carryoverEvents]
+        self.messages = own + self.messages
+
+    def result(self) -> StepResult:
+        return StepResult(
+            state=self.state,
+            consumed=self.dispatch.consumed,
+            history=self.history + self.completion,
+            reset_history=self.reset_history,
+            activities=self.activities,
+            messages=self.messages,
+            new_instances=self.new_instances,
+        )
+
+
+def running_children(events: Sequence[pb.HistoryEvent]) -> list[str]:
+    """Ids of sub-orchestrations created in `events` whose result has not arrived."""
+    created: dict[int, str] = {}
+    for event in events:
+        if event.HasField("subOrchestrationInstanceCreated"):
+            created[event.eventId] = event.subOrchestrationInstanceCreated.instanceId
+        elif event.HasField("subOrchestrationInstanceCompleted"):
+            created.pop(event.subOrchestrationInstanceCompleted.taskScheduledId, None)
+        elif event.HasField("subOrchestrationInstanceFailed"):
+            created.pop(event.subOrchestrationInstanceFailed.taskScheduledId, None)
+    return list(created.values())
+
+
+def activity_result(
+    response: pb.ActivityResponse, now: datetime
+) -> pb.HistoryEvent:
+    """The event an activity's response delivers to its orchestration."""
+    if response.HasField("failureDetails"):
+        return ev.task_failed(now, response.taskId, response.failureDetails)
+    return ev.task_completed(now, response.taskId, ev.opt_str(response, "result"))
+

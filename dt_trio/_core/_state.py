@@ -1,0 +1,119 @@
+"""Values that describe an orchestration instance and the result of one step.
+
+These are what the core computes and what a store persists; they carry protobuf history events
+but no I/O handles.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from dt_trio._proto import orchestrator_service_pb2 as pb
+
+
+class Status(enum.IntEnum):
+    """Runtime status, numbered as the protocol's OrchestrationStatus."""
+
+    RUNNING = 0
+    COMPLETED = 1
+    CONTINUED_AS_NEW = 2
+    FAILED = 3
+    CANCELED = 4
+    TERMINATED = 5
+    PENDING = 6
+    SUSPENDED = 7
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+_TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.TERMINATED, Status.CANCELED})
+
+
+@dataclass(frozen=True)
+class InstanceState:
+    """The stored summary of one orchestration instance (one row of the instances table)."""
+
+    instance_id: str
+    name: str
+    execution_id: str
+    status: Status
+    created_at: datetime
+    last_updated_at: datetime
+    version: str | None = None
+    input: str | None = None
+    output: str | None = None
+    custom_status: str | None = None
+    failure: pb.TaskFailureDetails | None = None
+    completed_at: datetime | None = None
+    scheduled_start_at: datetime | None = None
+    parent_instance_id: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InboxMessage:
+    """An event waiting in an instance's inbox; `id` orders messages and names them on commit."""
+
+    id: int
+    event: pb.HistoryEvent
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """An event to deliver to an instance's inbox, visible from `visible_at` (None: at once).
+
+    A message to an instance that does not exist is dropped by the store.
+    """
+
+    target_instance_id: str
+    event: pb.HistoryEvent
+    visible_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """An instance to create with its ExecutionStarted event (a sub-orchestration).
+
+    If an instance with that id exists and is not terminal, the store delivers `on_conflict`
+    instead (the parent learns that the sub-orchestration could not start).
+    """
+
+    state: InstanceState
+    started: pb.HistoryEvent
+    on_conflict: OutboundMessage
+
+
+@dataclass(frozen=True)
+class ActivityTask:
+    """An activity to run: its TaskScheduled event (eventId = task id) and its orchestration."""
+
+    instance_id: str
+    execution_id: str
+    scheduled: pb.HistoryEvent
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Everything one orchestration step commits, in one transaction.
+
+    `consumed` inbox messages are deleted; `history` is appended (after deleting the old history
+    when `reset_history`, for continue-as-new); the instance row becomes `state`; the outbox
+    (`activities`, `messages`, `new_instances`) is enqueued.
+    """
+
+    state: InstanceState
+    consumed: tuple[int, ...]
+    history: list[pb.HistoryEvent]
+    reset_history: bool = False
+    activities: list[ActivityTask] = field(default_factory=list)
+    messages: list[OutboundMessage] = field(default_factory=list)
+    new_instances: list[NewInstance] = field(default_factory=list)

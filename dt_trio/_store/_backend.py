@@ -1,0 +1,114 @@
+"""The store interface: what the engine and the gRPC service need from persistence.
+
+Processors and rpc handlers only ever see this protocol and its value types; SQL lives in the
+implementations. All methods are async and safe to call concurrently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from dt_trio._core import InboxMessage, InstanceState, Status, StepResult
+from dt_trio._proto import orchestrator_service_pb2 as pb
+
+
+@dataclass(frozen=True)
+class OrchestrationWorkItem:
+    """A leased instance: its row, committed history and the visible inbox."""
+
+    state: InstanceState
+    history: list[pb.HistoryEvent]
+    inbox: list[InboxMessage]
+
+
+@dataclass(frozen=True)
+class ActivityWorkItem:
+    """A leased activity. `scheduled` is its TaskScheduled event (eventId = task id)."""
+
+    id: int
+    instance_id: str
+    execution_id: str
+    scheduled: pb.HistoryEvent
+    dequeue_count: int
+
+
+class StoreListener(Protocol):
+    """Told about every commit that changes what the processors or waiters should look at."""
+
+    def orchestration_work_added(self) -> None: ...
+    def activity_work_added(self) -> None: ...
+    def instance_changed(self, instance_id: str) -> None: ...
+
+
+class Backend(Protocol):
+    """A durable task hub store."""
+
+    description: str
+
+    async def open(self) -> None:
+        """Create the schema if needed and release leases left by a previous process."""
+
+    async def close(self) -> None: ...
+
+    # -- instances -----------------------------------------------------------------------
+
+    async def create_instance(
+        self,
+        state: InstanceState,
+        started: pb.HistoryEvent,
+        visible_at: datetime,
+        replaceable: Collection[Status] | None = None,
+    ) -> None:
+        """Create an instance with its ExecutionStarted message.
+
+        An existing instance is replaced when its status is in `replaceable` (default: any
+        terminal status); otherwise `InstanceExists` is raised and nothing changes.
+        """
+
+    async def get_instance(self, instance_id: str) -> InstanceState | None: ...
+
+    async def get_history(self, instance_id: str) -> list[pb.HistoryEvent]: ...
+
+    async def enqueue(self, instance_id: str, event: pb.HistoryEvent, visible_at: datetime) -> None:
+        """Put an event into an instance's inbox; `InstanceNotFound` if there is no such instance."""
+
+    async def purge(self, instance_id: str, recursive: bool) -> int:
+        """Delete a finished instance (and its finished sub-orchestrations when `recursive`) with
+        everything it owns. Returns how many instances were deleted; running ones are kept."""
+
+    # -- orchestration work --------------------------------------------------------------
+
+    async def lease_orchestration(self, owner: str, now: datetime) -> OrchestrationWorkItem | None:
+        """Lease one unleased instance that has visible inbox messages, or return None."""
+
+    async def next_visible_time(self) -> datetime | None:
+        """The earliest time a not-yet-visible message of an unleased instance becomes visible."""
+
+    async def commit_step(self, owner: str, result: StepResult) -> None:
+        """Commit one orchestration step atomically and release the lease (`LockLost` if the
+        lease is not `owner`'s)."""
+
+    async def postpone(
+        self, owner: str, instance_id: str, message_ids: Sequence[int], until: datetime
+    ) -> None:
+        """Make the messages invisible until `until` and release the lease."""
+
+    async def abandon_orchestration(self, owner: str, instance_id: str) -> None:
+        """Release the lease without consuming anything."""
+
+    # -- activity work -------------------------------------------------------------------
+
+    async def lease_activity(self, owner: str, now: datetime) -> ActivityWorkItem | None: ...
+
+    async def complete_activity(
+        self, owner: str, item: ActivityWorkItem, result: pb.HistoryEvent
+    ) -> None:
+        """Delete the activity and deliver `result` to its orchestration in one transaction.
+
+        The result is dropped when the orchestration no longer runs that execution."""
+
+    async def abandon_activity(self, owner: str, item: ActivityWorkItem, delay: float) -> None:
+        """Release the activity; it becomes visible again after `delay` seconds."""

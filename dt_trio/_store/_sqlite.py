@@ -1,0 +1,582 @@
+"""The sqlite store: WAL on a file, or a private in-memory database.
+
+Every call runs in a worker thread through `trio.to_thread.run_sync`. Writes go through one
+writer connection, serialised by a CapacityLimiter of one; on a file, reads use a small pool of
+reader connections so that they never wait behind a write transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pathlib
+import queue
+import sqlite3
+import uuid
+from collections.abc import Callable, Collection, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+import trio
+
+from dt_trio._core import InboxMessage, InstanceState, Status, StepResult
+from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost, StoreUnavailable
+from dt_trio._proto import orchestrator_service_pb2 as pb
+from dt_trio._store._backend import ActivityWorkItem, OrchestrationWorkItem, StoreListener
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SCHEMA = (pathlib.Path(__file__).parent / "schema.sql").read_text()
+READERS = 4
+_TERMINAL = tuple(int(s) for s in Status if s.is_terminal)
+
+_INSTANCE_COLUMNS = (
+    "instance_id, name, version, execution_id, status, input, output, custom_status, failure, "
+    "created_at, last_updated_at, completed_at, scheduled_start_at, parent_instance_id, tags"
+)
+
+
+def _us(dt: datetime) -> int:
+    return int(dt.timestamp() * 1_000_000) if dt.tzinfo else int(
+        dt.replace(tzinfo=UTC).timestamp() * 1_000_000
+    )
+
+
+def _dt(us: int | None) -> datetime | None:
+    if us is None:
+        return None
+    return datetime.fromtimestamp(us / 1_000_000, tz=UTC)
+
+
+def _event(blob: bytes) -> pb.HistoryEvent:
+    return pb.HistoryEvent.FromString(blob)
+
+
+def _row_to_state(row: sqlite3.Row) -> InstanceState:
+    failure = pb.TaskFailureDetails.FromString(row["failure"]) if row["failure"] else None
+    return InstanceState(
+        instance_id=row["instance_id"],
+        name=row["name"],
+        version=row["version"],
+        execution_id=row["execution_id"],
+        status=Status(row["status"]),
+        input=row["input"],
+        output=row["output"],
+        custom_status=row["custom_status"],
+        failure=failure,
+        created_at=_dt(row["created_at"]),  # type: ignore[arg-type]
+        last_updated_at=_dt(row["last_updated_at"]),  # type: ignore[arg-type]
+        completed_at=_dt(row["completed_at"]),
+        scheduled_start_at=_dt(row["scheduled_start_at"]),
+        parent_instance_id=row["parent_instance_id"],
+        tags=json.loads(row["tags"]) if row["tags"] else {},
+    )
+
+
+def _state_values(state: InstanceState) -> tuple[object, ...]:
+    return (
+        state.instance_id,
+        state.name,
+        state.version,
+        state.execution_id,
+        int(state.status),
+        state.input,
+        state.output,
+        state.custom_status,
+        state.failure.SerializeToString() if state.failure is not None else None,
+        _us(state.created_at),
+        _us(state.last_updated_at),
+        _us(state.completed_at) if state.completed_at else None,
+        _us(state.scheduled_start_at) if state.scheduled_start_at else None,
+        state.parent_instance_id,
+        json.dumps(dict(state.tags)) if state.tags else None,
+    )
+
+
+class _NullListener:
+    def orchestration_work_added(self) -> None:
+        pass
+
+    def activity_work_added(self) -> None:
+        pass
+
+    def instance_changed(self, instance_id: str) -> None:
+        pass
+
+
+class SqliteBackend:
+    """The sqlite implementation of `dt_trio._store.Backend`.
+
+    `path` is a file name, or "" for an in-memory database private to this object.
+    """
+
+    def __init__(self, path: str, listener: StoreListener | None = None) -> None:
+        self.path = path
+        self.description = f"sqlite::{path}" if path else "sqlite::memory"
+        self.listener: StoreListener = listener or _NullListener()
+        self._writer: sqlite3.Connection | None = None
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._all: list[sqlite3.Connection] = []
+        self._write_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(READERS)
+        self._memory_uri = f"file:dt-trio-{uuid.uuid4().hex}?mode=memory&cache=shared"
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path:
+            conn = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=5.0
+            )
+        else:
+            conn = sqlite3.connect(
+                self._memory_uri, uri=True, check_same_thread=False, isolation_level=None
+            )
+        conn.row_factory = sqlite3.Row
+        self._all.append(conn)
+        return conn
+
+    def _open_sync(self) -> None:
+        if self.path:
+            file = pathlib.Path(self.path)
+            if not file.exists():
+                # Owner-only: the store holds every payload of every orchestration.
+                file.touch(mode=0o600)
+        writer = self._connect()
+        if self.path:
+            writer.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode loses nothing when the process dies; only an OS crash or power
+            # loss can roll back the last commits.
+            writer.execute("PRAGMA synchronous=NORMAL")
+        writer.execute("PRAGMA foreign_keys=OFF")
+        writer.executescript(SCHEMA)
+        # A single process owns the store: leases left by a previous process are void.
+        writer.execute("UPDATE instances SET locked_by = NULL WHERE locked_by IS NOT NULL")
+        writer.execute("UPDATE activities SET locked_by = NULL WHERE locked_by IS NOT NULL")
+        self._writer = writer
+        if self.path:
+            for _ in range(READERS):
+                self._readers.put(self._connect())
+
+    async def open(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self._open_sync, limiter=self._write_limiter)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open the store {self.description}: {exc}") from exc
+
+    async def close(self) -> None:
+        def close_all() -> None:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(close_all, limiter=self._write_limiter)
+
+    async def _run_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            conn = self._writer
+            if conn is None:
+                raise StoreUnavailable("the store is not open")
+            try:
+                with _transaction(conn):
+                    return fn(conn)
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"the store cannot write: {exc}") from exc
+
+        return await trio.to_thread.run_sync(call, limiter=self._write_limiter)
+
+    async def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if not self.path:
+            # A private memory database has one connection; reads share the writer's turn.
+            def call_memory() -> T:
+                assert self._writer is not None
+                return fn(self._writer)
+
+            return await trio.to_thread.run_sync(call_memory, limiter=self._write_limiter)
+
+        def call() -> T:
+            conn = self._readers.get()
+            try:
+                with _transaction(conn, mode="DEFERRED"):
+                    return fn(conn)
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"the store cannot read: {exc}") from exc
+            finally:
+                self._readers.put(conn)
+
+        return await trio.to_thread.run_sync(call, limiter=self._read_limiter)
+
+    # -- instances -------------------------------------------------------------------------
+
+    async def create_instance(
+        self,
+        state: InstanceState,
+        started: pb.HistoryEvent,
+        visible_at: datetime,
+        replaceable: Collection[Status] | None = None,
+    ) -> None:
+        allowed = set(_TERMINAL) if replaceable is None else {int(s) for s in replaceable}
+
+        def write(conn: sqlite3.Connection) -> None:
+            row = conn.execute(
+                "SELECT status FROM instances WHERE instance_id = ?", (state.instance_id,)
+            ).fetchone()
+            if row is not None:
+                if row["status"] not in allowed:
+                    raise InstanceExists(state.instance_id, Status(row["status"]).label)
+                _delete_instances(conn, [state.instance_id])
+            _insert_instance(conn, state, started, visible_at)
+
+        await self._run_write(write)
+        self.listener.orchestration_work_added()
+        self.listener.instance_changed(state.instance_id)
+
+    async def get_instance(self, instance_id: str) -> InstanceState | None:
+        def read(conn: sqlite3.Connection) -> InstanceState | None:
+            row = conn.execute(
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE instance_id = ?",
+                (instance_id,),
+            ).fetchone()
+            return _row_to_state(row) if row is not None else None
+
+        return await self._run_read(read)
+
+    async def get_history(self, instance_id: str) -> list[pb.HistoryEvent]:
+        def read(conn: sqlite3.Connection) -> list[pb.HistoryEvent]:
+            return _history(conn, instance_id)
+
+        return await self._run_read(read)
+
+    async def enqueue(self, instance_id: str, event: pb.HistoryEvent, visible_at: datetime) -> None:
+        blob = event.SerializeToString()
+
+        def write(conn: sqlite3.Connection) -> None:
+            exists = conn.execute(
+                "SELECT 1 FROM instances WHERE instance_id = ?", (instance_id,)
+            ).fetchone()
+            if exists is None:
+                raise InstanceNotFound(instance_id)
+            conn.execute(
+                "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
+                (instance_id, blob, _us(visible_at)),
+            )
+
+        await self._run_write(write)
+        self.listener.orchestration_work_added()
+
+    async def purge(self, instance_id: str, recursive: bool) -> int:
+        def write(conn: sqlite3.Connection) -> int:
+            ids = [instance_id]
+            if recursive:
+                ids = [
+                    r[0]
+                    for r in conn.execute(
+                        """
+                        WITH RECURSIVE tree(id) AS (
+                            SELECT ?
+                            UNION SELECT i.instance_id FROM instances i
+                                  JOIN tree ON i.parent_instance_id = tree.id
+                        )
+                        SELECT id FROM tree
+                        """,
+                        (instance_id,),
+                    )
+                ]
+            marks = ",".join("?" * len(ids))
+            finished = [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT instance_id FROM instances WHERE instance_id IN ({marks}) "
+                    f"AND status IN ({','.join('?' * len(_TERMINAL))})",
+                    (*ids, *_TERMINAL),
+                )
+            ]
+            _delete_instances(conn, finished)
+            return len(finished)
+
+        count = await self._run_write(write)
+        self.listener.instance_changed(instance_id)
+        return count
+
+    # -- orchestration work ----------------------------------------------------------------
+
+    async def lease_orchestration(self, owner: str, now: datetime) -> OrchestrationWorkItem | None:
+        now_us = _us(now)
+
+        def write(conn: sqlite3.Connection) -> OrchestrationWorkItem | None:
+            row = conn.execute(
+                """
+                SELECT i.instance_id FROM inbox m JOIN instances i USING (instance_id)
+                WHERE m.visible_at <= ? AND i.locked_by IS NULL
+                ORDER BY m.visible_at LIMIT 1
+                """,
+                (now_us,),
+            ).fetchone()
+            if row is None:
+                return None
+            instance_id = row[0]
+            conn.execute(
+                "UPDATE instances SET locked_by = ? WHERE instance_id = ?", (owner, instance_id)
+            )
+            state_row = conn.execute(
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE instance_id = ?",
+                (instance_id,),
+            ).fetchone()
+            inbox = [
+                InboxMessage(r[0], _event(r[1]))
+                for r in conn.execute(
+                    "SELECT id, event FROM inbox WHERE instance_id = ? AND visible_at <= ? "
+                    "ORDER BY id",
+                    (instance_id, now_us),
+                )
+            ]
+            return OrchestrationWorkItem(
+                _row_to_state(state_row), _history(conn, instance_id), inbox
+            )
+
+        return await self._run_write(write)
+
+    async def next_visible_time(self) -> datetime | None:
+        def read(conn: sqlite3.Connection) -> datetime | None:
+            row = conn.execute(
+                "SELECT MIN(m.visible_at) FROM inbox m JOIN instances i USING (instance_id) "
+                "WHERE i.locked_by IS NULL"
+            ).fetchone()
+            return _dt(row[0])
+
+        return await self._run_read(read)
+
+    async def commit_step(self, owner: str, result: StepResult) -> None:
+        state = result.state
+        added_work = False
+        added_activities = bool(result.activities)
+
+        def write(conn: sqlite3.Connection) -> list[str]:
+            nonlocal added_work
+            _check_lease(conn, owner, state.instance_id)
+            changed = [state.instance_id]
+            if result.reset_history:
+                conn.execute("DELETE FROM history WHERE instance_id = ?", (state.instance_id,))
+                conn.execute("DELETE FROM activities WHERE instance_id = ?", (state.instance_id,))
+            if result.history:
+                start = conn.execute(
+                    "SELECT COALESCE(MAX(seq), -1) + 1 FROM history WHERE instance_id = ?",
+                    (state.instance_id,),
+                ).fetchone()[0]
+                conn.executemany(
+                    "INSERT INTO history (instance_id, seq, event) VALUES (?, ?, ?)",
+                    [
+                        (state.instance_id, start + i, e.SerializeToString())
+                        for i, e in enumerate(result.history)
+                    ],
+                )
+            if result.consumed:
+                conn.executemany(
+                    "DELETE FROM inbox WHERE id = ?", [(i,) for i in result.consumed]
+                )
+            conn.execute(
+                f"UPDATE instances SET ({_INSTANCE_COLUMNS}) = "
+                f"({','.join('?' * 15)}), locked_by = NULL WHERE instance_id = ?",
+                (*_state_values(state), state.instance_id),
+            )
+            now_us = _us(state.last_updated_at)
+            conn.executemany(
+                "INSERT INTO activities (instance_id, execution_id, event, visible_at) "
+                "VALUES (?, ?, ?, ?)",
+                [
+                    (a.instance_id, a.execution_id, a.scheduled.SerializeToString(), now_us)
+                    for a in result.activities
+                ],
+            )
+            for new in result.new_instances:
+                row = conn.execute(
+                    "SELECT status FROM instances WHERE instance_id = ?",
+                    (new.state.instance_id,),
+                ).fetchone()
+                if row is not None and row["status"] not in _TERMINAL:
+                    _insert_message(conn, new.on_conflict.target_instance_id,
+                                    new.on_conflict.event, now_us)
+                    continue
+                if row is not None:
+                    _delete_instances(conn, [new.state.instance_id])
+                _insert_instance(conn, new.state, new.started, new.state.created_at)
+                changed.append(new.state.instance_id)
+            for message in result.messages:
+                visible = _us(message.visible_at) if message.visible_at else now_us
+                _insert_message(conn, message.target_instance_id, message.event, visible)
+            added_work = bool(result.messages or result.new_instances)
+            return changed
+
+        changed = await self._run_write(write)
+        if added_work:
+            self.listener.orchestration_work_added()
+        if added_activities:
+            self.listener.activity_work_added()
+        for instance_id in changed:
+            self.listener.instance_changed(instance_id)
+
+    async def postpone(
+        self, owner: str, instance_id: str, message_ids: Sequence[int], until: datetime
+    ) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            _check_lease(conn, owner, instance_id)
+            conn.executemany(
+                "UPDATE inbox SET visible_at = ? WHERE id = ?",
+                [(_us(until), i) for i in message_ids],
+            )
+            conn.execute(
+                "UPDATE instances SET locked_by = NULL WHERE instance_id = ?", (instance_id,)
+            )
+
+        await self._run_write(write)
+        self.listener.orchestration_work_added()
+
+    async def abandon_orchestration(self, owner: str, instance_id: str) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE instances SET locked_by = NULL WHERE instance_id = ? AND locked_by = ?",
+                (instance_id, owner),
+            )
+
+        await self._run_write(write)
+        self.listener.orchestration_work_added()
+
+    # -- activity work ---------------------------------------------------------------------
+
+    async def lease_activity(self, owner: str, now: datetime) -> ActivityWorkItem | None:
+        def write(conn: sqlite3.Connection) -> ActivityWorkItem | None:
+            row = conn.execute(
+                "SELECT id, instance_id, execution_id, event, dequeue_count FROM activities "
+                "WHERE locked_by IS NULL AND visible_at <= ? ORDER BY visible_at, id LIMIT 1",
+                (_us(now),),
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE activities SET locked_by = ?, dequeue_count = dequeue_count + 1 "
+                "WHERE id = ?",
+                (owner, row["id"]),
+            )
+            return ActivityWorkItem(
+                id=row["id"],
+                instance_id=row["instance_id"],
+                execution_id=row["execution_id"],
+                scheduled=_event(row["event"]),
+                dequeue_count=row["dequeue_count"] + 1,
+            )
+
+        return await self._run_write(write)
+
+    async def next_activity_time(self) -> datetime | None:
+        def read(conn: sqlite3.Connection) -> datetime | None:
+            row = conn.execute(
+                "SELECT MIN(visible_at) FROM activities WHERE locked_by IS NULL"
+            ).fetchone()
+            return _dt(row[0])
+
+        return await self._run_read(read)
+
+    async def complete_activity(
+        self, owner: str, item: ActivityWorkItem, result: pb.HistoryEvent
+    ) -> None:
+        blob = result.SerializeToString()
+        delivered = False
+
+        def write(conn: sqlite3.Connection) -> None:
+            nonlocal delivered
+            deleted = conn.execute(
+                "DELETE FROM activities WHERE id = ? AND locked_by = ?", (item.id, owner)
+            ).rowcount
+            if deleted != 1:
+                raise LockLost(f"activity work item {item.id} is no longer leased by this worker")
+            cursor = conn.execute(
+                "INSERT INTO inbox (instance_id, event, visible_at) "
+                "SELECT instance_id, ?, ? FROM instances WHERE instance_id = ? "
+                "AND execution_id = ?",
+                (blob, _us(datetime.now(UTC)), item.instance_id, item.execution_id),
+            )
+            delivered = cursor.rowcount == 1
+
+        await self._run_write(write)
+        if delivered:
+            self.listener.orchestration_work_added()
+        else:
+            log.warning(
+                "%s: dropped the result of activity %d: the execution that scheduled it is gone",
+                item.instance_id,
+                item.scheduled.eventId,
+            )
+
+    async def abandon_activity(self, owner: str, item: ActivityWorkItem, delay: float) -> None:
+        visible = datetime.now(UTC) + timedelta(seconds=delay)
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE activities SET locked_by = NULL, visible_at = ? "
+                "WHERE id = ? AND locked_by = ?",
+                (_us(visible), item.id, owner),
+            )
+
+        await self._run_write(write)
+        self.listener.activity_work_added()
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[None]:
+    conn.execute(f"BEGIN {mode}")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    else:
+        conn.execute("COMMIT")
+
+
+def _history(conn: sqlite3.Connection, instance_id: str) -> list[pb.HistoryEvent]:
+    return [
+        _event(r[0])
+        for r in conn.execute(
+            "SELECT event FROM history WHERE instance_id = ? ORDER BY seq", (instance_id,)
+        )
+    ]
+
+
+def _check_lease(conn: sqlite3.Connection, owner: str, instance_id: str) -> None:
+    row = conn.execute(
+        "SELECT locked_by FROM instances WHERE instance_id = ?", (instance_id,)
+    ).fetchone()
+    if row is None or row[0] != owner:
+        raise LockLost(f"instance '{instance_id}' is no longer leased by {owner}")
+
+
+def _insert_instance(
+    conn: sqlite3.Connection, state: InstanceState, started: pb.HistoryEvent, visible_at: datetime
+) -> None:
+    conn.execute(
+        f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES ({','.join('?' * 15)})",
+        _state_values(state),
+    )
+    conn.execute(
+        "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
+        (state.instance_id, started.SerializeToString(), _us(visible_at)),
+    )
+
+
+def _insert_message(
+    conn: sqlite3.Connection, instance_id: str, event: pb.HistoryEvent, visible_us: int
+) -> None:
+    # A message to an instance that does not exist is dropped, as the protocol expects.
+    conn.execute(
+        "INSERT INTO inbox (instance_id, event, visible_at) "
+        "SELECT instance_id, ?, ? FROM instances WHERE instance_id = ?",
+        (event.SerializeToString(), visible_us, instance_id),
+    )
+
+
+def _delete_instances(conn: sqlite3.Connection, ids: Sequence[str]) -> None:
+    for table in ("history", "inbox", "activities", "instances"):
+        conn.executemany(f"DELETE FROM {table} WHERE instance_id = ?", [(i,) for i in ids])

@@ -1,0 +1,55 @@
+-- dt-trio sqlite schema. Times are integer microseconds since the Unix epoch (UTC).
+PRAGMA user_version = 1;
+
+-- One row per orchestration instance: the current execution's summary and its lease.
+CREATE TABLE IF NOT EXISTS instances (
+    instance_id         TEXT PRIMARY KEY,
+    name                TEXT NOT NULL,
+    version             TEXT,
+    execution_id        TEXT NOT NULL,
+    status              INTEGER NOT NULL,
+    input               TEXT,
+    output              TEXT,
+    custom_status       TEXT,
+    failure             BLOB,
+    created_at          INTEGER NOT NULL,
+    last_updated_at     INTEGER NOT NULL,
+    completed_at        INTEGER,
+    scheduled_start_at  INTEGER,
+    parent_instance_id  TEXT,
+    tags                TEXT,
+    locked_by           TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS instances_parent ON instances (parent_instance_id)
+    WHERE parent_instance_id IS NOT NULL;
+
+-- The committed history of the current execution, in order.
+CREATE TABLE IF NOT EXISTS history (
+    instance_id  TEXT NOT NULL,
+    seq          INTEGER NOT NULL,
+    event        BLOB NOT NULL,
+    PRIMARY KEY (instance_id, seq)
+) WITHOUT ROWID;
+
+-- Events waiting for an orchestration step (external events, results, timers, starts).
+CREATE TABLE IF NOT EXISTS inbox (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance_id  TEXT NOT NULL,
+    event        BLOB NOT NULL,
+    visible_at   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbox_visible ON inbox (visible_at);
+CREATE INDEX IF NOT EXISTS inbox_instance ON inbox (instance_id, visible_at);
+
+-- Activities to run: the TaskScheduled event and the execution that scheduled it.
+CREATE TABLE IF NOT EXISTS activities (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance_id   TEXT NOT NULL,
+    execution_id  TEXT NOT NULL,
+    event         BLOB NOT NULL,
+    visible_at    INTEGER NOT NULL,
+    locked_by     TEXT,
+    dequeue_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS activities_ready ON activities (locked_by, visible_at);
+CREATE INDEX IF NOT EXISTS activities_instance ON activities (instance_id);
