@@ -1,0 +1,70 @@
+"""The `dt-trio` command: arguments, logging, signals."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, serve
+
+log = logging.getLogger("dt_trio")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dt-trio",
+        description="Durable Task sidecar: serves TaskHubSidecarService over gRPC on sqlite.",
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="port to bind, 0 for any (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--db",
+        default=f"./{DEFAULT_DB}",
+        help='sqlite file of the task hub; "" for an in-memory store (default: %(default)s)',
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="(default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, not {args.port}")
+    return args
+
+
+async def run(args: argparse.Namespace) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down cleanly."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(serve, host=args.host, port=args.port, db=args.db)
+            )
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        trio.run(run, args)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0

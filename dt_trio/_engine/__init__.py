@@ -1,0 +1,13 @@
+"""Processors and executors: pull work from the store, run it, commit the result."""
+
+from dt_trio._engine._executor import RemoteExecutor, WorkAbandoned
+from dt_trio._engine._processors import ActivityProcessor, OrchestrationProcessor
+from dt_trio._engine._signals import Signals
+
+__all__ = [
+    "ActivityProcessor",
+    "OrchestrationProcessor",
+    "RemoteExecutor",
+    "Signals",
+    "WorkAbandoned",
+]

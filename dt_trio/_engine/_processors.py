@@ -1,0 +1,220 @@
+"""The orchestration and activity processors: lease work, run it, commit the result.
+
+Each processor is one long-running task that owns a nursery of in-flight work items. It leases
+while it has capacity; when the store has nothing visible it sleeps until a commit wakes it
+(`Signals`) or until the earliest future message (a timer, a scheduled start) becomes visible.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+
+import trio
+
+from dt_trio import _core as core
+from dt_trio._engine._executor import RemoteExecutor, WorkAbandoned
+from dt_trio._engine._signals import Signals, Wakeup
+from dt_trio._errors import InvalidRequest
+from dt_trio._proto import orchestrator_service_pb2 as pb
+from dt_trio._store import ActivityWorkItem, Backend, OrchestrationWorkItem
+
+log = logging.getLogger(__name__)
+
+# Without a commit from this process, look at the store at least this often (another process
+# may share it, and a clock may jump).
+IDLE_POLL_SECONDS = 5.0
+# An activity handed back by its worker becomes visible again after this long.
+ABANDON_DELAY_SECONDS = 1.0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def _sleep_until_work(wakeup: Wakeup, next_time: datetime | None) -> None:
+    delay = IDLE_POLL_SECONDS
+    if next_time is not None:
+        delay = min(delay, max(0.0, (next_time - _now()).total_seconds()))
+    with trio.move_on_after(delay):
+        await wakeup.wait()
+
+
+class OrchestrationProcessor:
+    """Runs orchestration steps: plan, execute on a worker, apply, commit."""
+
+    name = "orchestration-processor"
+
+    def __init__(
+        self,
+        store: Backend,
+        executor: RemoteExecutor,
+        signals: Signals,
+        owner: str,
+        max_in_flight: int = 256,
+    ) -> None:
+        self._store = store
+        self._executor = executor
+        self._signals = signals
+        self._owner = owner
+        self._slots = trio.Semaphore(max_in_flight)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        wakeup = self._signals.orchestration_work
+        async with trio.open_nursery() as nursery:
+            log.info("%s: waiting for new work items...", self.name)
+            task_status.started()
+            while True:
+                await self._slots.acquire()
+                wakeup.clear()
+                item = await self._store.lease_orchestration(self._owner, _now())
+                if item is None:
+                    self._slots.release()
+                    await _sleep_until_work(wakeup, await self._store.next_visible_time())
+                    continue
+                nursery.start_soon(self._process, item)
+
+    async def _process(self, item: OrchestrationWorkItem) -> None:
+        try:
+            await self._step(item)
+        finally:
+            self._slots.release()
+
+    async def _step(self, item: OrchestrationWorkItem) -> None:
+        state = item.state
+        plan = core.plan_step(state, item.history, item.inbox, _now())
+        if isinstance(plan, core.Settle):
+            await self._store.commit_step(self._owner, plan.result)
+            return
+        if isinstance(plan, core.Postpone):
+            await self._store.postpone(self._owner, state.instance_id, plan.message_ids, plan.until)
+            return
+        request = pb.OrchestratorRequest(
+            instanceId=state.instance_id,
+            pastEvents=plan.past_events,
+            newEvents=plan.new_events,
+        )
+        request.executionId.value = state.execution_id
+        try:
+            pending = await self._executor.execute(pb.WorkItem(orchestratorRequest=request))
+        except WorkAbandoned:
+            await self._store.abandon_orchestration(self._owner, state.instance_id)
+            return
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._store.abandon_orchestration(self._owner, state.instance_id)
+            raise
+        response = pending.response
+        assert isinstance(response, pb.OrchestratorResponse)
+        try:
+            if response.instanceId != state.instance_id:
+                raise InvalidRequest(
+                    f"the response names instance '{response.instanceId}', but its completion "
+                    f"token belongs to instance '{state.instance_id}'"
+                )
+            result = core.apply_response(state, plan, response, _now(), _new_id)
+            with trio.CancelScope(shield=True):
+                await self._store.commit_step(self._owner, result)
+        except BaseException as exc:
+            self._executor.finish(pending, exc if isinstance(exc, Exception) else None)
+            with trio.CancelScope(shield=True):
+                await self._store.abandon_orchestration(self._owner, state.instance_id)
+            if isinstance(exc, InvalidRequest):
+                return
+            if isinstance(exc, Exception):
+                log.exception("%s: could not commit a step of %s", self.name, state.instance_id)
+                return
+            raise
+        self._executor.finish(pending)
+        if result.state.status != state.status and result.state.status.is_terminal:
+            log.info(
+                "%s: '%s' %s", state.instance_id, state.name, result.state.status.label
+            )
+
+
+class ActivityProcessor:
+    """Runs activities on workers and delivers their results to the orchestrations."""
+
+    name = "activity-processor"
+
+    def __init__(
+        self,
+        store: Backend,
+        executor: RemoteExecutor,
+        signals: Signals,
+        owner: str,
+        max_in_flight: int = 1024,
+    ) -> None:
+        self._store = store
+        self._executor = executor
+        self._signals = signals
+        self._owner = owner
+        self._slots = trio.Semaphore(max_in_flight)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        wakeup = self._signals.activity_work
+        async with trio.open_nursery() as nursery:
+            log.info("%s: waiting for new work items...", self.name)
+            task_status.started()
+            while True:
+                await self._slots.acquire()
+                wakeup.clear()
+                item = await self._store.lease_activity(self._owner, _now())
+                if item is None:
+                    self._slots.release()
+                    await _sleep_until_work(wakeup, await self._store.next_activity_time())
+                    continue
+                nursery.start_soon(self._process, item)
+
+    async def _process(self, item: ActivityWorkItem) -> None:
+        try:
+            await self._run(item)
+        finally:
+            self._slots.release()
+
+    async def _run(self, item: ActivityWorkItem) -> None:
+        scheduled = item.scheduled.taskScheduled
+        request = pb.ActivityRequest(name=scheduled.name, taskId=item.scheduled.eventId)
+        if scheduled.HasField("version"):
+            request.version.CopyFrom(scheduled.version)
+        if scheduled.HasField("input"):
+            request.input.CopyFrom(scheduled.input)
+        if scheduled.HasField("parentTraceContext"):
+            request.parentTraceContext.CopyFrom(scheduled.parentTraceContext)
+        request.tags.update(scheduled.tags)
+        request.orchestrationInstance.instanceId = item.instance_id
+        request.orchestrationInstance.executionId.value = item.execution_id
+        try:
+            pending = await self._executor.execute(pb.WorkItem(activityRequest=request))
+        except WorkAbandoned:
+            await self._store.abandon_activity(self._owner, item, ABANDON_DELAY_SECONDS)
+            return
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._store.abandon_activity(self._owner, item, 0.0)
+            raise
+        response = pending.response
+        assert isinstance(response, pb.ActivityResponse)
+        error: Exception | None = None
+        try:
+            if response.instanceId != item.instance_id or response.taskId != request.taskId:
+                raise InvalidRequest(
+                    f"the completion names instance '{response.instanceId}' task "
+                    f"{response.taskId}, but its token belongs to instance "
+                    f"'{item.instance_id}' task {request.taskId}"
+                )
+            with trio.CancelScope(shield=True):
+                await self._store.complete_activity(
+                    self._owner, item, core.activity_result(response, _now())
+                )
+        except Exception as exc:
+            error = exc
+            with trio.CancelScope(shield=True):
+                await self._store.abandon_activity(self._owner, item, 0.0)
+        finally:
+            self._executor.finish(pending, error)

@@ -1,0 +1,54 @@
+"""In-process wake-ups: how a commit reaches the processors and the rpcs waiting on it."""
+
+from __future__ import annotations
+
+import trio
+
+
+class Wakeup:
+    """A level-triggered wake-up: `set` before `wait` is not lost.
+
+    A consumer calls `clear()` before it looks for work and `wait()` when it found none, so a
+    `set()` that happens while it looks wakes it at once.
+    """
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        if self._event.is_set():
+            self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class Signals:
+    """Implements `dt_trio._store.StoreListener` with trio primitives."""
+
+    def __init__(self) -> None:
+        self.orchestration_work = Wakeup()
+        self.activity_work = Wakeup()
+        self._instances: dict[str, trio.Event] = {}
+
+    def orchestration_work_added(self) -> None:
+        self.orchestration_work.set()
+
+    def activity_work_added(self) -> None:
+        self.activity_work.set()
+
+    def instance_changed(self, instance_id: str) -> None:
+        event = self._instances.pop(instance_id, None)
+        if event is not None:
+            event.set()
+
+    def instance_event(self, instance_id: str) -> trio.Event:
+        """An event set at the next change of the instance. Take it *before* reading the
+        instance, so that a change between the read and the wait is not missed."""
+        event = self._instances.get(instance_id)
+        if event is None:
+            event = self._instances[instance_id] = trio.Event()
+        return event

@@ -1,0 +1,280 @@
+"""TaskHubSidecarService: the client rpcs and the worker stream, over the store and executor."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import trio
+from google.protobuf import empty_pb2
+
+from dt_trio._core import InstanceState, Status
+from dt_trio._core import _events as ev
+from dt_trio._engine import RemoteExecutor, Signals
+from dt_trio._errors import InstanceNotFound, InvalidRequest, Unimplemented
+from dt_trio._proto import orchestrator_service_grpc as grpc_stubs
+from dt_trio._proto import orchestrator_service_pb2 as pb
+from dt_trio._store import Backend
+
+log = logging.getLogger(__name__)
+
+Predicate = Callable[[InstanceState], bool]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _require(value: str, field: str) -> str:
+    if not value:
+        raise InvalidRequest(f"{field} is required and must not be empty")
+    return value
+
+
+def _timestamp(parent: Any, field: str) -> datetime | None:
+    """A Timestamp field as a datetime; InvalidRequest when it is out of range."""
+    if not parent.HasField(field):
+        return None
+    ts = getattr(parent, field)
+    if not 0 <= ts.nanos < 1_000_000_000:
+        raise InvalidRequest(f"{field} has nanos={ts.nanos}, outside 0..999999999")
+    try:
+        value = ev.to_datetime(ts)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise InvalidRequest(f"{field} is not a valid timestamp: {exc}") from exc
+    if value.year < 1 or value.year > 9999:
+        raise InvalidRequest(f"{field} is outside the years 1..9999")
+    return value
+
+
+def _state_message(state: InstanceState, payloads: bool) -> pb.OrchestrationState:
+    msg = pb.OrchestrationState(
+        instanceId=state.instance_id,
+        name=state.name,
+        orchestrationStatus=int(state.status),  # type: ignore[arg-type]
+    )
+    msg.executionId.value = state.execution_id
+    ev.set_str(msg.version, state.version)
+    msg.createdTimestamp.FromDatetime(state.created_at)
+    msg.lastUpdatedTimestamp.FromDatetime(state.last_updated_at)
+    if state.completed_at is not None:
+        msg.completedTimestamp.FromDatetime(state.completed_at)
+    if state.scheduled_start_at is not None:
+        msg.scheduledStartTimestamp.FromDatetime(state.scheduled_start_at)
+    if payloads:
+        ev.set_str(msg.input, state.input)
+        ev.set_str(msg.output, state.output)
+    ev.set_str(msg.customStatus, state.custom_status)
+    if state.failure is not None:
+        msg.failureDetails.CopyFrom(state.failure)
+    ev.set_str(msg.parentInstanceId, state.parent_instance_id)
+    msg.tags.update(state.tags)
+    return msg
+
+
+class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[misc]
+    """The rpcs of TaskHubSidecarService that this version serves; the others answer
+    UNIMPLEMENTED naming the rpc."""
+
+    def __init__(self, store: Backend, executor: RemoteExecutor, signals: Signals) -> None:
+        self._store = store
+        self._executor = executor
+        self._signals = signals
+
+    # -- client rpcs -------------------------------------------------------------------------
+
+    async def Hello(self, request: empty_pb2.Empty) -> empty_pb2.Empty:
+        return empty_pb2.Empty()
+
+    async def StartInstance(self, request: pb.CreateInstanceRequest) -> pb.CreateInstanceResponse:
+        name = _require(request.name, "name (the orchestrator name)")
+        instance_id = request.instanceId or uuid.uuid4().hex
+        now = _now()
+        start_at = _timestamp(request, "scheduledStartTimestamp")
+        execution_id = ev.opt_str(request, "executionId") or uuid.uuid4().hex
+        version = ev.opt_str(request, "version")
+        input_ = ev.opt_str(request, "input")
+        replaceable = None
+        if request.HasField("orchestrationIdReusePolicy"):
+            try:
+                replaceable = {
+                    Status(s) for s in request.orchestrationIdReusePolicy.replaceableStatus
+                }
+            except ValueError as exc:
+                raise InvalidRequest(f"orchestrationIdReusePolicy: {exc}") from exc
+        state = InstanceState(
+            instance_id=instance_id,
+            name=name,
+            execution_id=execution_id,
+            status=Status.PENDING,
+            created_at=now,
+            last_updated_at=now,
+            version=version,
+            input=input_,
+            scheduled_start_at=start_at,
+            tags=dict(request.tags),
+        )
+        started = ev.execution_started(
+            now,
+            name=name,
+            instance_id=instance_id,
+            execution_id=execution_id,
+            input=input_,
+            version=version,
+            tags=request.tags,
+            scheduled_start=start_at,
+            parent_trace_context=request.parentTraceContext
+            if request.HasField("parentTraceContext")
+            else None,
+        )
+        visible = start_at if start_at is not None and start_at > now else now
+        await self._store.create_instance(state, started, visible, replaceable)
+        log.info("%s: created orchestration '%s'", instance_id, name)
+        return pb.CreateInstanceResponse(instanceId=instance_id)
+
+    async def GetInstance(self, request: pb.GetInstanceRequest) -> pb.GetInstanceResponse:
+        _require(request.instanceId, "instanceId")
+        state = await self._store.get_instance(request.instanceId)
+        return self._instance_response(state, request.getInputsAndOutputs)
+
+    async def WaitForInstanceStart(self, request: pb.GetInstanceRequest) -> pb.GetInstanceResponse:
+        return await self._wait(request, lambda s: s.status != Status.PENDING)
+
+    async def WaitForInstanceCompletion(
+        self, request: pb.GetInstanceRequest
+    ) -> pb.GetInstanceResponse:
+        return await self._wait(request, lambda s: s.status.is_terminal)
+
+    async def _wait(self, request: pb.GetInstanceRequest, done: Predicate) -> pb.GetInstanceResponse:
+        """Answer once `done` holds; the caller's deadline (grpc-timeout) bounds the wait."""
+        _require(request.instanceId, "instanceId")
+        while True:
+            changed = self._signals.instance_event(request.instanceId)
+            state = await self._store.get_instance(request.instanceId)
+            if state is None or done(state):
+                return self._instance_response(state, request.getInputsAndOutputs)
+            await changed.wait()
+
+    @staticmethod
+    def _instance_response(state: InstanceState | None, payloads: bool) -> pb.GetInstanceResponse:
+        if state is None:
+            return pb.GetInstanceResponse(exists=False)
+        response = pb.GetInstanceResponse(exists=True)
+        response.orchestrationState.CopyFrom(_state_message(state, payloads))
+        return response
+
+    async def RaiseEvent(self, request: pb.RaiseEventRequest) -> pb.RaiseEventResponse:
+        _require(request.instanceId, "instanceId")
+        _require(request.name, "name (the event name)")
+        now = _now()
+        event = ev.event_raised(now, request.name, ev.opt_str(request, "input"))
+        await self._store.enqueue(request.instanceId, event, now)
+        return pb.RaiseEventResponse()
+
+    async def TerminateInstance(self, request: pb.TerminateRequest) -> pb.TerminateResponse:
+        now = _now()
+        event = ev.execution_terminated(now, ev.opt_str(request, "output"), request.recursive)
+        await self._send_control(request.instanceId, event)
+        return pb.TerminateResponse()
+
+    async def SuspendInstance(self, request: pb.SuspendRequest) -> pb.SuspendResponse:
+        await self._send_control(
+            request.instanceId, ev.execution_suspended(_now(), ev.opt_str(request, "reason"))
+        )
+        return pb.SuspendResponse()
+
+    async def ResumeInstance(self, request: pb.ResumeRequest) -> pb.ResumeResponse:
+        await self._send_control(
+            request.instanceId, ev.execution_resumed(_now(), ev.opt_str(request, "reason"))
+        )
+        return pb.ResumeResponse()
+
+    async def _send_control(self, instance_id: str, event: pb.HistoryEvent) -> None:
+        """Deliver terminate/suspend/resume; a finished instance ignores them."""
+        _require(instance_id, "instanceId")
+        state = await self._store.get_instance(instance_id)
+        if state is None:
+            raise InstanceNotFound(instance_id)
+        if state.status.is_terminal:
+            return
+        await self._store.enqueue(instance_id, event, _now())
+
+    async def PurgeInstances(self, request: pb.PurgeInstancesRequest) -> pb.PurgeInstancesResponse:
+        which = request.WhichOneof("request")
+        if which != "instanceId":
+            raise Unimplemented(
+                "PurgeInstances by filter or instance batch is not implemented by this "
+                "version of dt-trio; purge by instanceId"
+            )
+        _require(request.instanceId, "instanceId")
+        count = await self._store.purge(request.instanceId, request.recursive)
+        response = pb.PurgeInstancesResponse(deletedInstanceCount=count)
+        response.isComplete.value = True
+        return response
+
+    # -- worker rpcs -------------------------------------------------------------------------
+
+    async def GetWorkItems(self, request: pb.GetWorkItemsRequest) -> AsyncIterator[pb.WorkItem]:
+        async for item in self._executor.stream(request.worker_instance_id):
+            yield item
+
+    async def CompleteOrchestratorTask(
+        self, request: pb.OrchestratorResponse
+    ) -> pb.CompleteTaskResponse:
+        await self._complete(request.completionToken, "orchestratorRequest", request)
+        return pb.CompleteTaskResponse()
+
+    async def CompleteActivityTask(self, request: pb.ActivityResponse) -> pb.CompleteTaskResponse:
+        await self._complete(request.completionToken, "activityRequest", request)
+        return pb.CompleteTaskResponse()
+
+    async def _complete(self, token: str, kind: str, response: object) -> None:
+        pending = self._executor.lookup(token)
+        if pending.work_item.WhichOneof("request") != kind:
+            raise InvalidRequest(
+                f"completion token '{token}' belongs to an "
+                f"{pending.work_item.WhichOneof('request')} work item, not an {kind}"
+            )
+        await self._executor.complete(pending, response)
+
+    async def AbandonTaskOrchestratorWorkItem(
+        self, request: pb.AbandonOrchestrationTaskRequest
+    ) -> pb.AbandonOrchestrationTaskResponse:
+        self._abandon(request.completionToken, "orchestratorRequest")
+        return pb.AbandonOrchestrationTaskResponse()
+
+    async def AbandonTaskActivityWorkItem(
+        self, request: pb.AbandonActivityTaskRequest
+    ) -> pb.AbandonActivityTaskResponse:
+        self._abandon(request.completionToken, "activityRequest")
+        return pb.AbandonActivityTaskResponse()
+
+    def _abandon(self, token: str, kind: str) -> None:
+        pending = self._executor.lookup(token)
+        if pending.work_item.WhichOneof("request") != kind:
+            raise InvalidRequest(f"completion token '{token}' does not belong to an {kind}")
+        pending.abandon()
+
+
+def _unimplemented(rpc: str, streaming: bool) -> Callable[..., Any]:
+    message = f"{rpc} is not implemented by this version of dt-trio"
+
+    async def unary(self: SidecarService, request: object) -> Any:
+        raise Unimplemented(message)
+
+    async def stream(self: SidecarService, request: object) -> AsyncIterator[Any]:
+        raise Unimplemented(message)
+        yield  # an async generator, as purerpc expects of a server-streaming rpc
+
+    handler = stream if streaming else unary
+    handler.__name__ = rpc
+    return handler
+
+
+# Every rpc of the protocol that the class above does not serve answers UNIMPLEMENTED by name.
+for _method in pb.DESCRIPTOR.services_by_name["TaskHubSidecarService"].methods:
+    if _method.name not in SidecarService.__dict__:
+        setattr(SidecarService, _method.name, _unimplemented(_method.name, _method.server_streaming))

@@ -1,0 +1,76 @@
+"""THE nursery: what runs in a dt-trio task hub, in which order it starts and stops.
+
+    serve()
+    └── store (opened first, closed last)
+        └── nursery
+            ├── gRPC server (purerpc, TaskHubSidecarService)   -- started 1st
+            ├── orchestration processor  ─┐ share the store and   -- started 2nd
+            └── activity processor       ─┘ the remote executor  -- started 3rd
+
+The processors and the gRPC worker streams talk through the remote executor's trio memory
+channel; commits wake the processors through `Signals`. Cancelling `serve` (Ctrl-C, SIGTERM via
+the command, or the caller's cancel scope) cancels all three; in-flight work items that were not
+committed are simply not committed, and their leases are released when the store is opened next.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import uuid
+
+import trio
+
+from dt_trio._engine import ActivityProcessor, OrchestrationProcessor, RemoteExecutor, Signals
+from dt_trio._grpc._server import serve_grpc
+from dt_trio._grpc._service import SidecarService
+from dt_trio._grpc._status import status_for
+from dt_trio._store import SqliteBackend
+
+log = logging.getLogger("dt_trio")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 4001
+DEFAULT_DB = "taskhub.sqlite3"
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    db: str = DEFAULT_DB,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a task hub sidecar until cancelled.
+
+    `db` is an sqlite file (created if missing) or "" for an in-memory store. `port` 0 picks a
+    free port. Reports `(host, port)` through `task_status` once everything is running.
+    Cancellation stops the server and the processors and closes the store.
+    """
+    signals = Signals()
+    store = SqliteBackend(db, listener=signals)
+    await store.open()
+    log.info("backend started: %s", store.description)
+    try:
+        executor = RemoteExecutor()
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        service = SidecarService(store, executor, signals)
+        async with trio.open_nursery() as nursery:
+            address: tuple[str, int] = await nursery.start(
+                functools.partial(
+                    serve_grpc, [service], host=host, port=port, status_for=status_for
+                )
+            )
+            log.info("server listening at %s", format_address(*address))
+            await nursery.start(OrchestrationProcessor(store, executor, signals, owner).run)
+            await nursery.start(ActivityProcessor(store, executor, signals, owner).run)
+            task_status.started(address)
+    finally:
+        await store.close()
+        log.info("backend stopped: %s", store.description)
