@@ -1,0 +1,198 @@
+"""The sqlite store, on a file and in memory, through its async interface."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from dt_trio._core import ActivityTask, InstanceState, NewInstance, OutboundMessage, Status
+from dt_trio._core import StepResult
+from dt_trio._core import _events as ev
+from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost
+from dt_trio._store import SqliteBackend
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_state(instance_id: str = "i1", **kw: object) -> InstanceState:
+    t = now()
+    values: dict[str, object] = dict(
+        instance_id=instance_id,
+        name="orch",
+        execution_id="e0",
+        status=Status.PENDING,
+        created_at=t,
+        last_updated_at=t,
+        input='"x"',
+        tags={"team": "a"},
+    )
+    values.update(kw)
+    return InstanceState(**values)  # type: ignore[arg-type]
+
+
+def started(state: InstanceState) -> object:
+    return ev.execution_started(
+        now(), name=state.name, instance_id=state.instance_id, execution_id=state.execution_id,
+        input=state.input,
+    )
+
+
+@pytest.fixture(params=["file", "memory"])
+async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[SqliteBackend]:
+    path = str(tmp_path / "hub.sqlite3") if request.param == "file" else ""
+    backend = SqliteBackend(path)
+    await backend.open()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+async def create(store: SqliteBackend, state: InstanceState) -> None:
+    await store.create_instance(state, started(state), now())  # type: ignore[arg-type]
+
+
+async def test_created_instance_reads_back_with_every_field(store: SqliteBackend) -> None:
+    state = new_state(version="v2", scheduled_start_at=now() + timedelta(hours=1))
+    await create(store, state)
+    loaded = await store.get_instance("i1")
+    assert loaded == state
+    assert await store.get_instance("missing") is None
+
+
+async def test_creating_over_a_running_instance_is_refused_and_changes_nothing(
+    store: SqliteBackend,
+) -> None:
+    await create(store, new_state())
+    with pytest.raises(InstanceExists, match="'i1' already exists and is pending"):
+        await create(store, new_state(input='"other"'))
+    loaded = await store.get_instance("i1")
+    assert loaded is not None and loaded.input == '"x"'
+
+
+async def test_a_finished_instance_may_be_replaced(store: SqliteBackend) -> None:
+    await create(store, new_state())
+    item = await store.lease_orchestration("me", now())
+    assert item is not None
+    done = dataclasses.replace(item.state, status=Status.COMPLETED, completed_at=now())
+    await store.commit_step("me", StepResult(state=done, consumed=(item.inbox[0].id,), history=[]))
+    await create(store, new_state(input='"again"'))
+    loaded = await store.get_instance("i1")
+    assert loaded is not None and loaded.status == Status.PENDING and loaded.input == '"again"'
+
+
+async def test_lease_commit_appends_history_and_enqueues_the_outbox(store: SqliteBackend) -> None:
+    await create(store, new_state())
+    await create(store, new_state("target"))
+    item = await store.lease_orchestration("me", now())
+    assert item is not None and item.state.instance_id == "i1"
+    assert [ev.kind(m.event) for m in item.inbox] == ["executionStarted"]
+    # a leased instance is not leased twice
+    other = await store.lease_orchestration("you", now())
+    assert other is not None and other.state.instance_id == "target"
+
+    scheduled = ev.new_event(now(), 1)
+    scheduled.taskScheduled.name = "act"
+    timer_at = now() + timedelta(minutes=5)
+    child = new_state("child", parent_instance_id="i1")
+    result = StepResult(
+        state=dataclasses.replace(item.state, status=Status.RUNNING),
+        consumed=(item.inbox[0].id,),
+        history=[ev.orchestrator_started(now()), item.inbox[0].event, scheduled],
+        activities=[ActivityTask("i1", "e0", scheduled)],
+        messages=[
+            OutboundMessage("i1", ev.timer_fired(now(), 2, timer_at), timer_at),
+            OutboundMessage("target", ev.event_raised(now(), "ping", None)),
+            OutboundMessage("nobody", ev.event_raised(now(), "lost", None)),
+        ],
+        new_instances=[
+            NewInstance(child, started(child), OutboundMessage("i1", ev.event_raised(now(), "x", None)))  # type: ignore[arg-type]
+        ],
+    )
+    await store.commit_step("me", result)
+    history = await store.get_history("i1")
+    assert [ev.kind(e) for e in history] == ["orchestratorStarted", "executionStarted", "taskScheduled"]
+    assert (await store.get_instance("i1")).status == Status.RUNNING  # type: ignore[union-attr]
+    assert (await store.get_instance("child")) is not None
+    # the timer is not visible yet; its time is the next wake-up for the processor
+    assert await store.next_visible_time() is not None
+    activity = await store.lease_activity("me", now())
+    assert activity is not None and activity.scheduled.taskScheduled.name == "act"
+    assert await store.lease_activity("me", now()) is None
+
+
+async def test_commit_without_the_lease_is_refused(store: SqliteBackend) -> None:
+    await create(store, new_state())
+    item = await store.lease_orchestration("me", now())
+    assert item is not None
+    with pytest.raises(LockLost):
+        await store.commit_step("intruder", StepResult(state=item.state, consumed=(), history=[]))
+
+
+async def test_activity_results_reach_only_the_execution_that_scheduled_them(
+    store: SqliteBackend,
+) -> None:
+    await create(store, new_state())
+    item = await store.lease_orchestration("me", now())
+    assert item is not None
+    scheduled = ev.new_event(now(), 1)
+    scheduled.taskScheduled.name = "act"
+    await store.commit_step(
+        "me",
+        StepResult(
+            state=item.state, consumed=(item.inbox[0].id,), history=[item.inbox[0].event, scheduled],
+            activities=[ActivityTask("i1", "e0", scheduled)],
+        ),
+    )
+    activity = await store.lease_activity("worker", now())
+    assert activity is not None
+    with pytest.raises(LockLost):
+        await store.complete_activity("someone-else", activity, ev.task_completed(now(), 1, "1"))
+    await store.complete_activity("worker", activity, ev.task_completed(now(), 1, "1"))
+    step = await store.lease_orchestration("me", now())
+    assert step is not None
+    assert [ev.kind(m.event) for m in step.inbox] == ["taskCompleted"]
+
+
+async def test_enqueue_to_a_missing_instance_is_not_found(store: SqliteBackend) -> None:
+    with pytest.raises(InstanceNotFound, match="'ghost'"):
+        await store.enqueue("ghost", ev.event_raised(now(), "x", None), now())
+
+
+async def test_purge_deletes_finished_trees_and_keeps_running_instances(store: SqliteBackend) -> None:
+    for state in (
+        new_state("root", status=Status.COMPLETED),
+        new_state("kid", status=Status.COMPLETED, parent_instance_id="root"),
+        new_state("running", status=Status.RUNNING),
+    ):
+        await create(store, state)
+    assert await store.purge("running", recursive=False) == 0
+    assert await store.purge("root", recursive=True) == 2
+    assert await store.get_instance("root") is None
+    assert await store.get_instance("kid") is None
+    assert await store.get_instance("running") is not None
+
+
+async def test_reopening_a_file_releases_leases_of_the_previous_process(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = str(tmp_path / "hub.sqlite3")
+    first = SqliteBackend(path)
+    await first.open()
+    await create(first, new_state())
+    assert await first.lease_orchestration("dead-process", now()) is not None
+    await first.close()
+    second = SqliteBackend(path)
+    await second.open()
+    try:
+        item = await second.lease_orchestration("new-process", now())
+        assert item is not None and item.state.instance_id == "i1"
+    finally:
+        await second.close()
+    assert oct(pathlib.Path(path).stat().st_mode & 0o777) == "0o600"
