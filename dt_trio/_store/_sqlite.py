@@ -351,11 +351,9 @@ class SqliteBackend:
 
     async def commit_step(self, owner: str, result: StepResult) -> None:
         state = result.state
-        added_work = False
         added_activities = bool(result.activities)
 
         def write(conn: sqlite3.Connection) -> list[str]:
-            nonlocal added_work
             _check_lease(conn, owner, state.instance_id)
             changed = [state.instance_id]
             if result.reset_history:
@@ -407,12 +405,12 @@ class SqliteBackend:
             for message in result.messages:
                 visible = _us(message.visible_at) if message.visible_at else now_us
                 _insert_message(conn, message.target_instance_id, message.event, visible)
-            added_work = bool(result.messages or result.new_instances)
             return changed
 
         changed = await self._run_write(write)
-        if added_work:
-            self.listener.orchestration_work_added()
+        # Even with an empty outbox: events that arrived while the instance was leased have just
+        # become leasable.
+        self.listener.orchestration_work_added()
         if added_activities:
             self.listener.activity_work_added()
         for instance_id in changed:
