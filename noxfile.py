@@ -7,6 +7,7 @@ import nox
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
+
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     """The whole test suite: core, store, gRPC and end-to-end with the official SDK."""
@@ -23,7 +24,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".", "mypy==2.4.1")
+    session.install("-e", ".", "mypy==2.4.1", "types-protobuf")
     session.run("mypy")
 
 

@@ -21,9 +21,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="dt-trio",
         description="Durable Task sidecar: serves TaskHubSidecarService over gRPC on sqlite.",
     )
-    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)")
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="port to bind, 0 for any (default: %(default)s)"
+        "--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="port to bind, 0 for any (default: %(default)s)",
     )
     parser.add_argument(
         "--db",
@@ -46,9 +51,7 @@ async def run(args: argparse.Namespace) -> None:
     """Serve until SIGINT or SIGTERM, then shut down cleanly."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                functools.partial(serve, host=args.host, port=args.port, db=args.db)
-            )
+            nursery.start_soon(functools.partial(serve, host=args.host, port=args.port, db=args.db))
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

@@ -27,7 +27,11 @@ PROTO = HERE / "orchestrator_service.proto"
 OUT_DIR = HERE.parent / "dt_trio" / "_proto"
 GRPCIO_TOOLS = "grpcio-tools==1.85.1"
 WELL_KNOWN = ("timestamp", "duration", "wrappers", "empty", "struct")
-FILES = ("orchestrator_service_pb2.py", "orchestrator_service_pb2.pyi", "orchestrator_service_grpc.py")
+FILES = (
+    "orchestrator_service_pb2.py",
+    "orchestrator_service_pb2.pyi",
+    "orchestrator_service_grpc.py",
+)
 
 
 def render() -> dict[str, str]:

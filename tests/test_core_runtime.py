@@ -6,8 +6,8 @@ import itertools
 from datetime import UTC, datetime, timedelta
 
 from dt_trio import _core as core
-from dt_trio._core import _events as ev
 from dt_trio._core import InboxMessage, InstanceState, Status
+from dt_trio._core import _events as ev
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -31,7 +31,9 @@ def state(status: Status = Status.PENDING, **kw: object) -> InstanceState:
     return InstanceState(**values)  # type: ignore[arg-type]
 
 
-def started(instance_id: str = "i1", parent: pb.ParentInstanceInfo | None = None) -> pb.HistoryEvent:
+def started(
+    instance_id: str = "i1", parent: pb.ParentInstanceInfo | None = None
+) -> pb.HistoryEvent:
     return ev.execution_started(
         NOW, name="orch", instance_id=instance_id, execution_id="e0", input='"in"', parent=parent
     )
@@ -54,7 +56,9 @@ def respond(*actions: pb.OrchestratorAction, custom: str | None = None) -> pb.Or
     return response
 
 
-def complete(status: Status, result: str | None = None, action_id: int = 9) -> pb.OrchestratorAction:
+def complete(
+    status: Status, result: str | None = None, action_id: int = 9
+) -> pb.OrchestratorAction:
     action = pb.OrchestratorAction(id=action_id)
     action.completeOrchestration.orchestrationStatus = int(status)  # type: ignore[assignment]
     if result is not None:
@@ -147,7 +151,11 @@ def test_create_timer_sends_timer_fired_to_itself_at_fire_time() -> None:
 
 def test_completion_appends_execution_completed_last_and_sets_output() -> None:
     result = core.apply_response(
-        state(), first_step(), respond(complete(Status.COMPLETED, '"done"'), custom='"cs"'), NOW, ids()
+        state(),
+        first_step(),
+        respond(complete(Status.COMPLETED, '"done"'), custom='"cs"'),
+        NOW,
+        ids(),
     )
     assert result.state.status == Status.COMPLETED
     assert result.state.output == '"done"'
@@ -265,9 +273,7 @@ def test_suspend_and_resume_change_the_status() -> None:
     assert isinstance(suspend, core.Dispatch)
     suspended = core.apply_response(state(Status.RUNNING), suspend, respond(), NOW, ids())
     assert suspended.state.status == Status.SUSPENDED
-    resume = core.plan_step(
-        suspended.state, history, inbox(ev.execution_resumed(NOW, None)), NOW
-    )
+    resume = core.plan_step(suspended.state, history, inbox(ev.execution_resumed(NOW, None)), NOW)
     assert isinstance(resume, core.Dispatch)
     resumed = core.apply_response(suspended.state, resume, respond(), NOW, ids())
     assert resumed.state.status == Status.RUNNING

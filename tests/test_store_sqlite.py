@@ -8,9 +8,16 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import trio
 
-from dt_trio._core import ActivityTask, InstanceState, NewInstance, OutboundMessage, Status
-from dt_trio._core import StepResult
+from dt_trio._core import (
+    ActivityTask,
+    InstanceState,
+    NewInstance,
+    OutboundMessage,
+    Status,
+    StepResult,
+)
 from dt_trio._core import _events as ev
 from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost
 from dt_trio._store import SqliteBackend
@@ -38,13 +45,18 @@ def new_state(instance_id: str = "i1", **kw: object) -> InstanceState:
 
 def started(state: InstanceState) -> object:
     return ev.execution_started(
-        now(), name=state.name, instance_id=state.instance_id, execution_id=state.execution_id,
+        now(),
+        name=state.name,
+        instance_id=state.instance_id,
+        execution_id=state.execution_id,
         input=state.input,
     )
 
 
 @pytest.fixture(params=["file", "memory"])
-async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[SqliteBackend]:
+async def store(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path
+) -> AsyncIterator[SqliteBackend]:
     path = str(tmp_path / "hub.sqlite3") if request.param == "file" else ""
     backend = SqliteBackend(path)
     await backend.open()
@@ -112,12 +124,18 @@ async def test_lease_commit_appends_history_and_enqueues_the_outbox(store: Sqlit
             OutboundMessage("nobody", ev.event_raised(now(), "lost", None)),
         ],
         new_instances=[
-            NewInstance(child, started(child), OutboundMessage("i1", ev.event_raised(now(), "x", None)))  # type: ignore[arg-type]
+            NewInstance(
+                child, started(child), OutboundMessage("i1", ev.event_raised(now(), "x", None))
+            )  # type: ignore[arg-type]
         ],
     )
     await store.commit_step("me", result)
     history = await store.get_history("i1")
-    assert [ev.kind(e) for e in history] == ["orchestratorStarted", "executionStarted", "taskScheduled"]
+    assert [ev.kind(e) for e in history] == [
+        "orchestratorStarted",
+        "executionStarted",
+        "taskScheduled",
+    ]
     assert (await store.get_instance("i1")).status == Status.RUNNING  # type: ignore[union-attr]
     assert (await store.get_instance("child")) is not None
     # the timer is not visible yet; its time is the next wake-up for the processor
@@ -146,7 +164,9 @@ async def test_activity_results_reach_only_the_execution_that_scheduled_them(
     await store.commit_step(
         "me",
         StepResult(
-            state=item.state, consumed=(item.inbox[0].id,), history=[item.inbox[0].event, scheduled],
+            state=item.state,
+            consumed=(item.inbox[0].id,),
+            history=[item.inbox[0].event, scheduled],
             activities=[ActivityTask("i1", "e0", scheduled)],
         ),
     )
@@ -165,7 +185,9 @@ async def test_enqueue_to_a_missing_instance_is_not_found(store: SqliteBackend) 
         await store.enqueue("ghost", ev.event_raised(now(), "x", None), now())
 
 
-async def test_purge_deletes_finished_trees_and_keeps_running_instances(store: SqliteBackend) -> None:
+async def test_purge_deletes_finished_trees_and_keeps_running_instances(
+    store: SqliteBackend,
+) -> None:
     for state in (
         new_state("root", status=Status.COMPLETED),
         new_state("kid", status=Status.COMPLETED, parent_instance_id="root"),
@@ -195,4 +217,5 @@ async def test_reopening_a_file_releases_leases_of_the_previous_process(
         assert item is not None and item.state.instance_id == "i1"
     finally:
         await second.close()
-    assert oct(pathlib.Path(path).stat().st_mode & 0o777) == "0o600"
+    mode = await trio.Path(path).stat()
+    assert oct(mode.st_mode & 0o777) == "0o600"

@@ -158,7 +158,9 @@ class _StepBuilder:
         self.reset_history = False
         self.finished = False
         all_events = [*dispatch.past_events, *dispatch.new_events]
-        self.started = next(e.executionStarted for e in all_events if e.HasField("executionStarted"))
+        self.started = next(
+            e.executionStarted for e in all_events if e.HasField("executionStarted")
+        )
         self.all_events = all_events
 
     # -- inputs ------------------------------------------------------------------------------
@@ -207,9 +209,7 @@ class _StepBuilder:
             scheduled.parentTraceContext.CopyFrom(task.parentTraceContext)
         scheduled.SetInParent()
         self.history.append(event)
-        self.activities.append(
-            ActivityTask(self.state.instance_id, self.state.execution_id, event)
-        )
+        self.activities.append(ActivityTask(self.state.instance_id, self.state.execution_id, event))
 
     def _on_createTimer(self, action: pb.OrchestratorAction) -> None:
         fire_at = ev.to_datetime(action.createTimer.fireAt)
@@ -378,7 +378,9 @@ class _StepBuilder:
                 OutboundMessage(child_id, ev.execution_terminated(self.now, reason, True))
             )
 
-    def _continue_as_new(self, complete: pb.CompleteOrchestrationAction, result: str | None) -> None:
+    def _continue_as_new(
+        self, complete: pb.CompleteOrchestrationAction, result: str | None
+    ) -> None:
         self.finished = True
         self.reset_history = True
         self.history = []
@@ -442,11 +444,8 @@ def running_children(events: Sequence[pb.HistoryEvent]) -> list[str]:
     return list(created.values())
 
 
-def activity_result(
-    response: pb.ActivityResponse, now: datetime
-) -> pb.HistoryEvent:
+def activity_result(response: pb.ActivityResponse, now: datetime) -> pb.HistoryEvent:
     """The event an activity's response delivers to its orchestration."""
     if response.HasField("failureDetails"):
         return ev.task_failed(now, response.taskId, response.failureDetails)
     return ev.task_completed(now, response.taskId, ev.opt_str(response, "result"))
-

@@ -132,9 +132,7 @@ class OrchestrationProcessor:
             raise
         self._executor.finish(pending)
         if result.state.status != state.status and result.state.status.is_terminal:
-            log.info(
-                "%s: '%s' %s", state.instance_id, state.name, result.state.status.label
-            )
+            log.info("%s: '%s' %s", state.instance_id, state.name, result.state.status.label)
 
 
 class ActivityProcessor:

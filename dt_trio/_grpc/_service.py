@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import trio
 from google.protobuf import empty_pb2
 
 from dt_trio._core import InstanceState, Status
@@ -148,7 +147,9 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     ) -> pb.GetInstanceResponse:
         return await self._wait(request, lambda s: s.status.is_terminal)
 
-    async def _wait(self, request: pb.GetInstanceRequest, done: Predicate) -> pb.GetInstanceResponse:
+    async def _wait(
+        self, request: pb.GetInstanceRequest, done: Predicate
+    ) -> pb.GetInstanceResponse:
         """Answer once `done` holds; the caller's deadline (grpc-timeout) bounds the wait."""
         _require(request.instanceId, "instanceId")
         while True:
@@ -277,4 +278,6 @@ def _unimplemented(rpc: str, streaming: bool) -> Callable[..., Any]:
 # Every rpc of the protocol that the class above does not serve answers UNIMPLEMENTED by name.
 for _method in pb.DESCRIPTOR.services_by_name["TaskHubSidecarService"].methods:
     if _method.name not in SidecarService.__dict__:
-        setattr(SidecarService, _method.name, _unimplemented(_method.name, _method.server_streaming))
+        setattr(
+            SidecarService, _method.name, _unimplemented(_method.name, _method.server_streaming)
+        )

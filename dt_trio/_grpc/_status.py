@@ -32,7 +32,7 @@ def status_for(exc: BaseException) -> tuple[StatusCode, str] | None:
     """The status a handler's exception is answered with; None for an unexpected error."""
     if isinstance(exc, DtTrioError):
         for cls in type(exc).__mro__:
-            code = _CODES.get(cls)  # type: ignore[call-overload]
+            code = _CODES.get(cls)
             if code is not None:
                 return code, str(exc)
         return StatusCode.INTERNAL, str(exc)

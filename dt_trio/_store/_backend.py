@@ -73,7 +73,7 @@ class Backend(Protocol):
     async def get_history(self, instance_id: str) -> list[pb.HistoryEvent]: ...
 
     async def enqueue(self, instance_id: str, event: pb.HistoryEvent, visible_at: datetime) -> None:
-        """Put an event into an instance's inbox; `InstanceNotFound` if there is no such instance."""
+        """Put an event into an instance's inbox (`InstanceNotFound` if there is none)."""
 
     async def purge(self, instance_id: str, recursive: bool) -> int:
         """Delete a finished instance (and its finished sub-orchestrations when `recursive`) with
@@ -102,6 +102,9 @@ class Backend(Protocol):
     # -- activity work -------------------------------------------------------------------
 
     async def lease_activity(self, owner: str, now: datetime) -> ActivityWorkItem | None: ...
+
+    async def next_activity_time(self) -> datetime | None:
+        """The earliest time an unleased activity that is not visible yet becomes visible."""
 
     async def complete_activity(
         self, owner: str, item: ActivityWorkItem, result: pb.HistoryEvent

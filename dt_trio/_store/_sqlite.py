@@ -39,8 +39,10 @@ _INSTANCE_COLUMNS = (
 
 
 def _us(dt: datetime) -> int:
-    return int(dt.timestamp() * 1_000_000) if dt.tzinfo else int(
-        dt.replace(tzinfo=UTC).timestamp() * 1_000_000
+    return (
+        int(dt.timestamp() * 1_000_000)
+        if dt.tzinfo
+        else int(dt.replace(tzinfo=UTC).timestamp() * 1_000_000)
     )
 
 
@@ -372,9 +374,7 @@ class SqliteBackend:
                     ],
                 )
             if result.consumed:
-                conn.executemany(
-                    "DELETE FROM inbox WHERE id = ?", [(i,) for i in result.consumed]
-                )
+                conn.executemany("DELETE FROM inbox WHERE id = ?", [(i,) for i in result.consumed])
             conn.execute(
                 f"UPDATE instances SET ({_INSTANCE_COLUMNS}) = "
                 f"({','.join('?' * 15)}), locked_by = NULL WHERE instance_id = ?",
@@ -395,8 +395,9 @@ class SqliteBackend:
                     (new.state.instance_id,),
                 ).fetchone()
                 if row is not None and row["status"] not in _TERMINAL:
-                    _insert_message(conn, new.on_conflict.target_instance_id,
-                                    new.on_conflict.event, now_us)
+                    _insert_message(
+                        conn, new.on_conflict.target_instance_id, new.on_conflict.event, now_us
+                    )
                     continue
                 if row is not None:
                     _delete_instances(conn, [new.state.instance_id])
