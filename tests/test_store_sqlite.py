@@ -219,3 +219,34 @@ async def test_reopening_a_file_releases_leases_of_the_previous_process(
         await second.close()
     mode = await trio.Path(path).stat()
     assert oct(mode.st_mode & 0o777) == "0o600"
+
+
+async def test_continue_as_new_queues_its_start_and_carryover_before_late_arrivals(
+    store: SqliteBackend,
+) -> None:
+    await create(store, new_state())
+    item = await store.lease_orchestration("me", now())
+    assert item is not None
+    # an event arrives while the step runs; the step continues as new carrying "kept"
+    await store.enqueue("i1", ev.event_raised(now(), "late", None), now())
+    fresh = dataclasses.replace(item.state, status=Status.RUNNING, execution_id="e1")
+    await store.commit_step(
+        "me",
+        StepResult(
+            state=fresh,
+            consumed=(item.inbox[0].id,),
+            history=[],
+            reset_history=True,
+            messages=[
+                OutboundMessage("i1", started(fresh)),  # type: ignore[arg-type]
+                OutboundMessage("i1", ev.event_raised(now(), "kept", None)),
+            ],
+        ),
+    )
+    step = await store.lease_orchestration("me", now())
+    assert step is not None
+    kinds = [ev.kind(m.event) or "" for m in step.inbox]
+    names = [m.event.eventRaised.name for m in step.inbox if m.event.HasField("eventRaised")]
+    assert kinds[0] == "executionStarted"
+    assert names == ["kept", "late"]
+    assert await store.get_history("i1") == []

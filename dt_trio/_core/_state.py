@@ -107,7 +107,9 @@ class StepResult:
 
     `consumed` inbox messages are deleted; `history` is appended (after deleting the old history
     when `reset_history`, for continue-as-new); the instance row becomes `state`; the outbox
-    (`activities`, `messages`, `new_instances`) is enqueued.
+    (`activities`, `messages`, `new_instances`) is enqueued. On continue-as-new the messages to
+    the instance itself (its new start and carried-over events) are queued ahead of the events
+    that arrived while the step ran.
     """
 
     state: InstanceState

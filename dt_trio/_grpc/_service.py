@@ -13,7 +13,7 @@ from google.protobuf import empty_pb2
 from dt_trio._core import InstanceState, Status
 from dt_trio._core import _events as ev
 from dt_trio._engine import RemoteExecutor, Signals
-from dt_trio._errors import InstanceNotFound, InvalidRequest, Unimplemented
+from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest, Unimplemented
 from dt_trio._proto import orchestrator_service_grpc as grpc_stubs
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Backend
@@ -21,6 +21,10 @@ from dt_trio._store import Backend
 log = logging.getLogger(__name__)
 
 Predicate = Callable[[InstanceState], bool]
+
+# StreamInstanceHistory chunks: at most this many events, and about this many bytes.
+HISTORY_CHUNK_EVENTS = 256
+HISTORY_CHUNK_BYTES = 1 << 20
 
 
 def _now() -> datetime:
@@ -89,13 +93,6 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         return empty_pb2.Empty()
 
     async def StartInstance(self, request: pb.CreateInstanceRequest) -> pb.CreateInstanceResponse:
-        name = _require(request.name, "name (the orchestrator name)")
-        instance_id = request.instanceId or uuid.uuid4().hex
-        now = _now()
-        start_at = _timestamp(request, "scheduledStartTimestamp")
-        execution_id = ev.opt_str(request, "executionId") or uuid.uuid4().hex
-        version = ev.opt_str(request, "version")
-        input_ = ev.opt_str(request, "input")
         replaceable = None
         if request.HasField("orchestrationIdReusePolicy"):
             try:
@@ -104,6 +101,56 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
                 }
             except ValueError as exc:
                 raise InvalidRequest(f"orchestrationIdReusePolicy: {exc}") from exc
+        instance_id = await self._start(
+            instance_id=request.instanceId or uuid.uuid4().hex,
+            name=_require(request.name, "name (the orchestrator name)"),
+            input=ev.opt_str(request, "input"),
+            version=ev.opt_str(request, "version"),
+            tags=dict(request.tags),
+            start_at=_timestamp(request, "scheduledStartTimestamp"),
+            execution_id=ev.opt_str(request, "executionId"),
+            trace=request.parentTraceContext if request.HasField("parentTraceContext") else None,
+            replaceable=replaceable,
+        )
+        return pb.CreateInstanceResponse(instanceId=instance_id)
+
+    async def RestartInstance(
+        self, request: pb.RestartInstanceRequest
+    ) -> pb.RestartInstanceResponse:
+        _require(request.instanceId, "instanceId")
+        old = await self._store.get_instance(request.instanceId)
+        if old is None:
+            raise InstanceNotFound(request.instanceId)
+        if not old.status.is_terminal:
+            raise FailedPrecondition(
+                f"instance '{old.instance_id}' is {old.status.label}; only a finished "
+                "instance can be restarted"
+            )
+        instance_id = await self._start(
+            instance_id=uuid.uuid4().hex if request.restartWithNewInstanceId else old.instance_id,
+            name=old.name,
+            input=old.input,
+            version=old.version,
+            tags=dict(old.tags),
+            replaceable={old.status},
+        )
+        return pb.RestartInstanceResponse(instanceId=instance_id)
+
+    async def _start(
+        self,
+        *,
+        instance_id: str,
+        name: str,
+        input: str | None,
+        version: str | None,
+        tags: dict[str, str],
+        start_at: datetime | None = None,
+        execution_id: str | None = None,
+        trace: pb.TraceContext | None = None,
+        replaceable: set[Status] | None = None,
+    ) -> str:
+        now = _now()
+        execution_id = execution_id or uuid.uuid4().hex
         state = InstanceState(
             instance_id=instance_id,
             name=name,
@@ -112,27 +159,25 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
             created_at=now,
             last_updated_at=now,
             version=version,
-            input=input_,
+            input=input,
             scheduled_start_at=start_at,
-            tags=dict(request.tags),
+            tags=tags,
         )
         started = ev.execution_started(
             now,
             name=name,
             instance_id=instance_id,
             execution_id=execution_id,
-            input=input_,
+            input=input,
             version=version,
-            tags=request.tags,
+            tags=tags,
             scheduled_start=start_at,
-            parent_trace_context=request.parentTraceContext
-            if request.HasField("parentTraceContext")
-            else None,
+            parent_trace_context=trace,
         )
         visible = start_at if start_at is not None and start_at > now else now
         await self._store.create_instance(state, started, visible, replaceable)
         log.info("%s: created orchestration '%s'", instance_id, name)
-        return pb.CreateInstanceResponse(instanceId=instance_id)
+        return instance_id
 
     async def GetInstance(self, request: pb.GetInstanceRequest) -> pb.GetInstanceResponse:
         _require(request.instanceId, "instanceId")
@@ -215,6 +260,35 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         response = pb.PurgeInstancesResponse(deletedInstanceCount=count)
         response.isComplete.value = True
         return response
+
+    async def StreamInstanceHistory(
+        self, request: pb.StreamInstanceHistoryRequest
+    ) -> AsyncIterator[pb.HistoryChunk]:
+        """The history of the instance's current execution, in bounded chunks."""
+        _require(request.instanceId, "instanceId")
+        state = await self._store.get_instance(request.instanceId)
+        if state is None:
+            raise InstanceNotFound(request.instanceId)
+        wanted = ev.opt_str(request, "executionId")
+        if wanted and wanted != state.execution_id:
+            raise InvalidRequest(
+                f"instance '{state.instance_id}' is on execution '{state.execution_id}'; the "
+                f"history of execution '{wanted}' is no longer kept"
+            )
+        history = await self._store.get_history(request.instanceId)
+        chunk: list[pb.HistoryEvent] = []
+        size = 0
+        for event in history:
+            event_size = event.ByteSize()
+            if chunk and (
+                len(chunk) >= HISTORY_CHUNK_EVENTS or size + event_size > HISTORY_CHUNK_BYTES
+            ):
+                yield pb.HistoryChunk(events=chunk)
+                chunk, size = [], 0
+            chunk.append(event)
+            size += event_size
+        if chunk:
+            yield pb.HistoryChunk(events=chunk)
 
     # -- worker rpcs -------------------------------------------------------------------------
 

@@ -403,9 +403,22 @@ class SqliteBackend:
                     _delete_instances(conn, [new.state.instance_id])
                 _insert_instance(conn, new.state, new.started, new.state.created_at)
                 changed.append(new.state.instance_id)
+            arrived: list[sqlite3.Row] = []
+            if result.reset_history:
+                # The new execution's start and carried-over events go before the events that
+                # arrived during the step, which the old execution never saw.
+                arrived = conn.execute(
+                    "SELECT event, visible_at FROM inbox WHERE instance_id = ? ORDER BY id",
+                    (state.instance_id,),
+                ).fetchall()
+                conn.execute("DELETE FROM inbox WHERE instance_id = ?", (state.instance_id,))
             for message in result.messages:
                 visible = _us(message.visible_at) if message.visible_at else now_us
                 _insert_message(conn, message.target_instance_id, message.event, visible)
+            conn.executemany(
+                "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
+                [(state.instance_id, row[0], row[1]) for row in arrived],
+            )
             return changed
 
         changed = await self._run_write(write)
