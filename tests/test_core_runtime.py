@@ -298,3 +298,13 @@ def test_activity_result_distinguishes_success_and_failure() -> None:
     event = core.activity_result(bad, NOW)
     assert event.taskFailed.taskScheduledId == 3
     assert event.taskFailed.failureDetails.errorType == "ValueError"
+
+
+def test_a_timer_with_an_invalid_fire_time_fails_the_orchestration() -> None:
+    action = pb.OrchestratorAction(id=7)
+    action.createTimer.fireAt.seconds = 10**13  # far beyond year 9999
+    result = core.apply_response(state(), first_step(), respond(action), NOW, ids())
+    assert result.state.status == Status.FAILED
+    assert result.state.failure is not None
+    assert "fireAt is not a valid timestamp" in result.state.failure.errorMessage
+    assert result.messages == []

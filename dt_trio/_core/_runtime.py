@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from dt_trio._core import _events as ev
 from dt_trio._core._state import (
@@ -193,7 +194,16 @@ class _StepBuilder:
                 ),
             )
             return
-        handler(action)
+        try:
+            handler(action)
+        except InvalidAction as exc:
+            # A malformed action fails the orchestration for good: retrying replays the same code
+            # and would only send the same action again.
+            self._complete(
+                Status.FAILED,
+                None,
+                ev.failure("InvalidActionError", f"{kind} (action id {action.id}): {exc}"),
+            )
 
     def _on_scheduleTask(self, action: pb.OrchestratorAction) -> None:
         task = action.scheduleTask
@@ -212,7 +222,7 @@ class _StepBuilder:
         self.activities.append(ActivityTask(self.state.instance_id, self.state.execution_id, event))
 
     def _on_createTimer(self, action: pb.OrchestratorAction) -> None:
-        fire_at = ev.to_datetime(action.createTimer.fireAt)
+        fire_at = _valid_time(action.createTimer.fireAt, "fireAt")
         event = ev.new_event(self.now, action.id)
         event.timerCreated.fireAt.CopyFrom(action.createTimer.fireAt)
         self.history.append(event)
@@ -429,6 +439,19 @@ class _StepBuilder:
             messages=self.messages,
             new_instances=self.new_instances,
         )
+
+
+class InvalidAction(ValueError):
+    """An orchestrator action that cannot be carried out as sent."""
+
+
+def _valid_time(ts: Any, field: str) -> datetime:
+    if not 0 <= ts.nanos < 1_000_000_000:
+        raise InvalidAction(f"{field} has nanos={ts.nanos}, outside 0..999999999")
+    try:
+        return ev.to_datetime(ts)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise InvalidAction(f"{field} is not a valid timestamp ({exc})") from exc
 
 
 def running_children(events: Sequence[pb.HistoryEvent]) -> list[str]:
