@@ -24,9 +24,9 @@ import uuid
 import trio
 
 from dt_trio._engine import ActivityProcessor, OrchestrationProcessor, RemoteExecutor, Signals
-from dt_trio._grpc._server import serve_grpc
 from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
+from dt_trio._grpc._transport import serve_grpc
 from dt_trio._store import SqliteBackend
 
 log = logging.getLogger("dt_trio")

@@ -1,0 +1,387 @@
+"""Our gRPC server: HTTP/2 (h2) on trio, dispatching to purerpc `Service` definitions.
+
+purerpc 0.8.0 gives us the service definitions that protoc generates (`Servicer.service`:
+method names, cardinality, message types), but its `Server` is not fit to run a sidecar:
+
+(a) it never cancels a handler when the client resets the stream or the connection drops, so an
+    idle server stream runs forever. Here every stream runs in its own cancel scope, cancelled on
+    RST_STREAM; every connection runs in its own nursery, cancelled on EOF, reset or GOAWAY.
+(b) it never closes sockets or the listener. Here each connection's socket is closed when its
+    task ends, and the listeners when `serve_grpc` ends (trio.serve_listeners owns them).
+(c) it binds every interface with SO_REUSEPORT. Here we bind exactly `host` (SO_REUSEADDR only).
+(d) it answers an unexpected exception with CANCELLED and a traceback. Here a handler's exception
+    becomes the status `status_for` gives it, else INTERNAL with a short message; the traceback
+    goes to the log, and the connection serves on.
+(e) a gzip request kills its connection. Here gzip and deflate requests are decompressed; an
+    unknown encoding is answered UNIMPLEMENTED on that stream alone.
+
+It also honours `grpc-timeout` (DEADLINE_EXCEEDED) and bounds request messages
+(RESOURCE_EXHAUSTED). Only what the Durable Task protocol uses is served: unary and
+server-streaming rpcs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+import urllib.parse
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import trio
+from purerpc.grpclib.status import StatusCode
+from purerpc.rpc import Cardinality
+
+log = logging.getLogger(__name__)
+
+StatusFor = Callable[[BaseException], "tuple[StatusCode, str] | None"]
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_READ_SIZE = 65536
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_DECODERS: dict[str, Callable[[bytes], bytes]] = {
+    "identity": lambda data: data,
+    "gzip": gzip.decompress,
+    "deflate": zlib.decompress,
+}
+
+
+class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
+    """h2 3.x (the series purerpc pins) treats a WINDOW_UPDATE on a closed stream as a connection
+    error and tears down every stream of the connection; grpcio sends such frames routinely
+    under load. RFC 7540 section 6.9: a receiver MUST NOT treat this as an error."""
+
+    def _receive_window_update_frame(self, frame: Any) -> Any:
+        try:
+            return super()._receive_window_update_frame(frame)
+        except h2.exceptions.StreamClosedError:
+            if frame.stream_id:
+                return [], []
+            raise
+
+
+class RpcError(Exception):
+    """Raised inside the transport to answer a stream with a status."""
+
+    def __init__(self, code: StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class RequestInfo:
+    """What a handler may learn about its call (passed as `request=` to 2-argument methods)."""
+
+    service_name: str
+    method_name: str
+    timeout: float | None
+    custom_metadata: list[tuple[str, str]]
+
+
+@dataclass
+class _Stream:
+    stream_id: int
+    headers: dict[str, str]
+    buffer: bytearray = field(default_factory=bytearray)
+    ended: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    reset: bool = False
+    too_large: bool = False
+
+
+def _status_message(message: str) -> str:
+    # grpc-message is percent-encoded (gRPC over HTTP/2 spec)
+    return urllib.parse.quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def _parse_timeout(value: str) -> float:
+    try:
+        amount, unit = int(value[:-1]), value[-1]
+        return amount * _TIMEOUT_UNITS[unit]
+    except (ValueError, KeyError, IndexError) as exc:
+        raise RpcError(StatusCode.INVALID_ARGUMENT, f"malformed grpc-timeout {value!r}") from exc
+
+
+class _Connection:
+    """One HTTP/2 connection: reads frames, runs one task per stream, writes responses."""
+
+    def __init__(
+        self,
+        transport: trio.SocketStream,
+        methods: dict[str, Any],
+        status_for: StatusFor,
+        max_message_bytes: int,
+    ) -> None:
+        self._transport = transport
+        self._methods = methods
+        self._status_for = status_for
+        self._max_message_bytes = max_message_bytes
+        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        self._h2 = _H2Connection(config=config)
+        self._streams: dict[int, _Stream] = {}
+        self._send_lock = trio.Lock()
+        self._window_changed = trio.Event()
+
+    async def run(self) -> None:
+        self._h2.initiate_connection()
+        await self._flush()
+        async with trio.open_nursery() as nursery:
+            try:
+                await self._read_loop(nursery)
+            finally:
+                # The peer is gone or misbehaved: nothing it started may outlive it.
+                nursery.cancel_scope.cancel()
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                data = await self._transport.receive_some(_READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            try:
+                events = self._h2.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                log.info("closing a connection after an HTTP/2 protocol error: %s", exc)
+                await self._flush()
+                return
+            for event in events:
+                if not self._on_event(event, nursery):
+                    await self._flush()
+                    return
+            await self._flush()
+
+    def _on_event(self, event: h2.events.Event, nursery: trio.Nursery) -> bool:
+        if isinstance(event, h2.events.RequestReceived):
+            stream = _Stream(event.stream_id, dict(event.headers))
+            self._streams[event.stream_id] = stream
+            nursery.start_soon(self._serve_stream, stream)
+            return True
+        found = self._streams.get(getattr(event, "stream_id", 0) or 0)
+        if isinstance(event, h2.events.DataReceived):
+            self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if found is not None and not found.ended.is_set():
+                if len(found.buffer) + len(event.data) > self._max_message_bytes + 5:
+                    found.too_large = True  # stop buffering; the handler answers the status
+                    found.ended.set()
+                else:
+                    found.buffer += event.data
+        elif isinstance(event, h2.events.StreamEnded):
+            if found is not None:
+                found.ended.set()
+        elif isinstance(event, h2.events.StreamReset):
+            if found is not None:
+                del self._streams[found.stream_id]
+                found.reset = True
+                found.scope.cancel()
+                found.ended.set()
+            self._wake_senders()
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self._wake_senders()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            return False
+        return True
+
+    def _wake_senders(self) -> None:
+        self._window_changed.set()
+        self._window_changed = trio.Event()
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            data = self._h2.data_to_send()
+            if data:
+                try:
+                    await self._transport.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the read loop sees the end of the connection and cleans up
+
+    # -- one stream --------------------------------------------------------------------------
+
+    async def _serve_stream(self, stream: _Stream) -> None:
+        path = stream.headers.get(":path", "")
+        code, message = StatusCode.OK, ""
+        started = False
+        try:
+            with stream.scope:
+                try:
+                    started = await self._call(stream, path)
+                except RpcError as exc:
+                    code, message = exc.code, exc.message
+                except Exception as exc:  # a handler's error: answer it, keep serving
+                    mapped = self._status_for(exc)
+                    if mapped is None:
+                        log.exception("unexpected error in %s", path)
+                        code = StatusCode.INTERNAL
+                        message = f"internal error in {path}: {type(exc).__name__}"
+                    else:
+                        code, message = mapped
+            if stream.reset:
+                return
+            await self._finish(stream, code, message, started)
+        finally:
+            self._streams.pop(stream.stream_id, None)
+
+    async def _call(self, stream: _Stream, path: str) -> bool:
+        """Run the handler; return whether response headers went out."""
+        method = self._methods.get(path)
+        if method is None:
+            raise RpcError(StatusCode.UNIMPLEMENTED, f"method {path} is not implemented")
+        headers = stream.headers
+        if not headers.get("content-type", "").startswith("application/grpc"):
+            raise RpcError(StatusCode.INTERNAL, "content-type must be application/grpc")
+        encoding = headers.get("grpc-encoding", "identity")
+        decode = _DECODERS.get(encoding)
+        if decode is None:
+            raise RpcError(
+                StatusCode.UNIMPLEMENTED,
+                f"grpc-encoding {encoding!r} is not supported (use identity, gzip or deflate)",
+            )
+        timeout = _parse_timeout(headers["grpc-timeout"]) if "grpc-timeout" in headers else None
+        signature = method.signature
+        if signature.cardinality not in (Cardinality.UNARY_UNARY, Cardinality.UNARY_STREAM):
+            raise RpcError(StatusCode.UNIMPLEMENTED, f"{path}: client streaming is not served")
+        service_name, _, method_name = path.lstrip("/").partition("/")
+        info = RequestInfo(
+            service_name,
+            method_name,
+            timeout,
+            [(k, v) for k, v in headers.items() if not k.startswith(":")],
+        )
+        deadline = trio.current_time() + timeout if timeout is not None else float("inf")
+        with trio.move_on_at(deadline) as deadline_scope:
+            await stream.ended.wait()
+            request = signature.request_type.FromString(self._one_message(stream, decode))
+            if signature.cardinality == Cardinality.UNARY_UNARY:
+                response = await method.method_fn(request, request=info)
+                await self._send_message(stream, response, first=True)
+                return True
+            started = False
+            async for response in method.method_fn(request, request=info):
+                await self._send_message(stream, response, first=not started)
+                started = True
+            return started
+        if deadline_scope.cancelled_caught:
+            raise RpcError(StatusCode.DEADLINE_EXCEEDED, f"{path}: deadline exceeded")
+        return False
+
+    def _one_message(self, stream: _Stream, decode: Callable[[bytes], bytes]) -> bytes:
+        if stream.too_large:
+            raise RpcError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"request message exceeds the limit of {self._max_message_bytes} bytes",
+            )
+        data = bytes(stream.buffer)
+        if len(data) < 5:
+            raise RpcError(StatusCode.INTERNAL, "the request carries no message")
+        compressed, length = struct.unpack(">?I", data[:5])
+        if length > self._max_message_bytes:
+            raise RpcError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"request message of {length} bytes exceeds the limit of "
+                f"{self._max_message_bytes} bytes",
+            )
+        if len(data) != 5 + length:
+            raise RpcError(StatusCode.UNIMPLEMENTED, "exactly one request message is expected")
+        payload = data[5:]
+        if compressed:
+            try:
+                payload = decode(payload)
+            except (OSError, zlib.error, EOFError) as exc:
+                raise RpcError(
+                    StatusCode.INTERNAL, f"cannot decompress the request: {exc}"
+                ) from exc
+            if len(payload) > self._max_message_bytes:
+                raise RpcError(
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    "decompressed request message exceeds the limit of "
+                    f"{self._max_message_bytes} bytes",
+                )
+        return payload
+
+    async def _send_message(self, stream: _Stream, message: Any, *, first: bool) -> None:
+        if first:
+            self._h2.send_headers(
+                stream.stream_id,
+                [
+                    (":status", "200"),
+                    ("content-type", "application/grpc"),
+                    ("grpc-accept-encoding", "identity,gzip,deflate"),
+                ],
+            )
+        body = message.SerializeToString()
+        data = struct.pack(">?I", False, len(body)) + body
+        while data:
+            if stream.reset:
+                raise trio.Cancelled._create()  # pragma: no cover - scope already cancelled
+            window = min(
+                self._h2.local_flow_control_window(stream.stream_id),
+                self._h2.max_outbound_frame_size,
+            )
+            if window <= 0:
+                await self._window_changed.wait()
+                continue
+            self._h2.send_data(stream.stream_id, data[:window])
+            data = data[window:]
+            await self._flush()
+
+    async def _finish(self, stream: _Stream, code: StatusCode, message: str, started: bool) -> None:
+        trailers = [("grpc-status", str(code.value))]
+        if message:
+            trailers.append(("grpc-message", _status_message(message)))
+        try:
+            if started:
+                self._h2.send_headers(stream.stream_id, trailers, end_stream=True)
+            else:  # trailers-only response
+                self._h2.send_headers(
+                    stream.stream_id,
+                    [(":status", "200"), ("content-type", "application/grpc"), *trailers],
+                    end_stream=True,
+                )
+        except h2.exceptions.StreamClosedError:
+            return
+        await self._flush()
+
+
+async def serve_grpc(
+    servicers: Sequence[Any],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    status_for: StatusFor = lambda exc: None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the purerpc `servicers` on exactly `host`:`port` until cancelled.
+
+    Reports `(host, bound_port)` once listening. Cancellation closes the listeners, cancels
+    every handler and closes every connection.
+    """
+    methods: dict[str, Any] = {}
+    for servicer in servicers:
+        service = servicer.service
+        for name, method in service.methods.items():
+            methods[f"/{service.name}/{name}"] = method
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    if port == 0:
+        # With port 0 each address family would get its own random port; serve one.
+        for extra in listeners[1:]:
+            await extra.aclose()
+        listeners = listeners[:1]
+    bound_port = listeners[0].socket.getsockname()[1]
+
+    async def handle(transport: trio.SocketStream) -> None:
+        async with transport:
+            await _Connection(transport, methods, status_for, max_message_bytes).run()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        task_status.started((host, bound_port))
