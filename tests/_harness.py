@@ -1,0 +1,156 @@
+"""A real dt-trio sidecar in a subprocess, and the official SDK's worker and client against it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from durabletask import client, worker
+
+LISTENING = re.compile(r"server listening at (\S+):(\d+)$")
+
+
+class Sidecar:
+    """`python -m dt_trio` on an ephemeral port; stderr is drained into a log file."""
+
+    def __init__(self, db: str, log_path: pathlib.Path) -> None:
+        self.db = db
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> Sidecar:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dt_trio",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--db",
+                self.db,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=env,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log_text().splitlines()[::-1]:
+                match = LISTENING.search(line)
+                if match:
+                    self.port = int(match.group(2))
+                    break
+            if self.port and "activity-processor: waiting" in self.log_text():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the sidecar exited early:\n{self.log_text()}")
+            time.sleep(0.02)
+        raise RuntimeError(f"the sidecar did not start in {timeout}s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.port = 0
+        return code
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.port = 0
+
+    def restart(self) -> Sidecar:
+        with open(self.log_path, "a") as f:
+            f.write("\n--- restart ---\n")
+        return self.start()
+
+
+@contextlib.contextmanager
+def running_sidecar(tmp_path: pathlib.Path, db: str | None = None) -> Iterator[Sidecar]:
+    path = str(tmp_path / "taskhub.sqlite3") if db is None else db
+    sidecar = Sidecar(path, tmp_path / "sidecar.log").start()
+    try:
+        yield sidecar
+    finally:
+        if sidecar.proc is not None and sidecar.proc.poll() is None:
+            code = sidecar.stop()
+            assert code == 0, f"sidecar exit code {code}:\n{sidecar.log_text()[-4000:]}"
+
+
+@pytest.fixture
+def sidecar(tmp_path: pathlib.Path) -> Iterator[Sidecar]:
+    """A sidecar on an sqlite file of its own, stopped with SIGTERM (exit code 0) afterwards."""
+    with running_sidecar(tmp_path) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def sdk_worker(
+    address: str,
+    orchestrators: list[Callable[..., Any]] = (),  # type: ignore[assignment]
+    activities: list[Callable[..., Any]] = (),  # type: ignore[assignment]
+) -> Iterator[worker.TaskHubGrpcWorker]:
+    w = worker.TaskHubGrpcWorker(host_address=address)
+    for o in orchestrators:
+        w.add_orchestrator(o)
+    for a in activities:
+        w.add_activity(a)
+    w.start()
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def sdk_client(address: str) -> client.TaskHubGrpcClient:
+    return client.TaskHubGrpcClient(host_address=address)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Poll a side effect that has no event to wait on (another process's file, say)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.02)
+
+
+class Gate:
+    """A thread-safe gate an activity can block on until the test opens it."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def wait(self, timeout: float = 30.0) -> None:
+        self.entered.set()
+        self.opened.wait(timeout)
