@@ -1,0 +1,193 @@
+"""Bad input over gRPC: every call gets a clear status, the sidecar keeps serving, state holds."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from _harness import Sidecar, running_sidecar, sdk_client, sdk_worker
+from durabletask import client, task
+from durabletask.internal import orchestrator_service_pb2 as pb
+from durabletask.internal import orchestrator_service_pb2_grpc as stubs
+
+
+def waits(ctx: task.OrchestrationContext, _: Any) -> Any:
+    return (yield ctx.wait_for_external_event("go"))
+
+
+def hello(ctx: task.OrchestrationContext, name: str) -> Any:
+    return f"hello {name}"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sidecar, Any]]:
+    tmp: pathlib.Path = tmp_path_factory.mktemp("bad")
+    with running_sidecar(tmp) as sidecar, sdk_worker(sidecar.address, [waits, hello]):
+        with grpc.insecure_channel(sidecar.address) as channel:
+            yield sidecar, stubs.TaskHubSidecarServiceStub(channel)
+
+
+@pytest.fixture
+def stub(hub: tuple[Sidecar, Any]) -> Any:
+    return hub[1]
+
+
+@pytest.fixture
+def c(hub: tuple[Sidecar, Any]) -> client.TaskHubGrpcClient:
+    return sdk_client(hub[0].address)
+
+
+def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+@pytest.fixture(autouse=True)
+def still_serving(hub: tuple[Sidecar, Any]) -> Iterator[None]:
+    """After each bad call, a real orchestration still completes."""
+    yield
+    c = sdk_client(hub[0].address)
+    instance_id = c.schedule_new_orchestration(hello, input="after")
+    state = c.wait_for_orchestration_completion(instance_id, timeout=20)
+    assert state is not None and json.loads(state.serialized_output) == "hello after"
+
+
+def test_get_of_an_unknown_instance_does_not_exist(c: client.TaskHubGrpcClient, stub: Any) -> None:
+    assert c.get_orchestration_state("nobody-home") is None
+    assert stub.GetInstance(pb.GetInstanceRequest(instanceId="nobody-home")).exists is False
+
+
+@pytest.mark.parametrize(
+    "rpc,request_",
+    [
+        ("RaiseEvent", pb.RaiseEventRequest(instanceId="ghost", name="x")),
+        ("TerminateInstance", pb.TerminateRequest(instanceId="ghost")),
+        ("SuspendInstance", pb.SuspendRequest(instanceId="ghost")),
+        ("ResumeInstance", pb.ResumeRequest(instanceId="ghost")),
+        ("RestartInstance", pb.RestartInstanceRequest(instanceId="ghost")),
+    ],
+)
+def test_operations_on_an_unknown_instance_are_not_found(
+    stub: Any, rpc: str, request_: Any
+) -> None:
+    code, details = status_of(lambda: getattr(stub, rpc)(request_))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "'ghost'" in details
+
+
+def test_starting_an_id_that_is_still_running_is_already_exists(
+    c: client.TaskHubGrpcClient, stub: Any
+) -> None:
+    c.schedule_new_orchestration(waits, instance_id="busy-1", input="first")
+    c.wait_for_orchestration_start("busy-1", timeout=10)
+    code, details = status_of(
+        lambda: c.schedule_new_orchestration(waits, instance_id="busy-1", input="second")
+    )
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    assert "'busy-1'" in details and "running" in details
+    state = c.get_orchestration_state("busy-1")
+    assert state is not None and json.loads(state.serialized_input) == "first"
+    c.terminate_orchestration("busy-1")
+
+
+@pytest.mark.parametrize(
+    "request_,fragment",
+    [
+        (pb.CreateInstanceRequest(name=""), "name"),
+        (pb.GetInstanceRequest(instanceId=""), "instanceId"),
+        (pb.RaiseEventRequest(instanceId="x", name=""), "event name"),
+    ],
+)
+def test_empty_required_fields_are_invalid_argument(
+    stub: Any, request_: Any, fragment: str
+) -> None:
+    rpc = {
+        pb.CreateInstanceRequest: stub.StartInstance,
+        pb.GetInstanceRequest: stub.GetInstance,
+        pb.RaiseEventRequest: stub.RaiseEvent,
+    }[type(request_)]
+    code, details = status_of(lambda: rpc(request_))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in details
+
+
+@pytest.mark.parametrize("seconds,nanos", [(10**13, 0), (-(10**13), 0), (0, 2_000_000_000)])
+def test_malformed_scheduled_start_is_invalid_argument_and_creates_nothing(
+    stub: Any, c: client.TaskHubGrpcClient, seconds: int, nanos: int
+) -> None:
+    request = pb.CreateInstanceRequest(instanceId=f"badtime-{seconds}-{nanos}", name="hello")
+    request.scheduledStartTimestamp.seconds = seconds
+    request.scheduledStartTimestamp.nanos = nanos
+    code, details = status_of(lambda: stub.StartInstance(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "scheduledStartTimestamp" in details
+    assert c.get_orchestration_state(request.instanceId) is None
+
+
+@pytest.mark.parametrize(
+    "rpc,request_",
+    [
+        ("CompleteActivityTask", pb.ActivityResponse(instanceId="x", completionToken="bogus")),
+        ("CompleteOrchestratorTask", pb.OrchestratorResponse(instanceId="x", completionToken="b")),
+        ("AbandonTaskActivityWorkItem", pb.AbandonActivityTaskRequest(completionToken="bogus")),
+        (
+            "AbandonTaskOrchestratorWorkItem",
+            pb.AbandonOrchestrationTaskRequest(completionToken="bogus"),
+        ),
+    ],
+)
+def test_unknown_completion_tokens_are_not_found(stub: Any, rpc: str, request_: Any) -> None:
+    code, details = status_of(lambda: getattr(stub, rpc)(request_))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "completion token" in details
+
+
+def test_an_empty_completion_token_is_invalid_argument(stub: Any) -> None:
+    code, details = status_of(lambda: stub.CompleteActivityTask(pb.ActivityResponse()))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "completionToken" in details
+
+
+@pytest.mark.parametrize(
+    "rpc,request_",
+    [
+        ("QueryEntities", pb.QueryEntitiesRequest()),
+        ("CleanEntityStorage", pb.CleanEntityStorageRequest()),
+        ("QueryInstances", pb.QueryInstancesRequest()),
+    ],
+)
+def test_rpcs_not_served_yet_are_unimplemented_by_name(stub: Any, rpc: str, request_: Any) -> None:
+    code, details = status_of(lambda: getattr(stub, rpc)(request_))
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+    assert rpc in details
+
+
+def test_restarting_a_running_instance_is_failed_precondition(
+    c: client.TaskHubGrpcClient, stub: Any
+) -> None:
+    c.schedule_new_orchestration(waits, instance_id="restart-busy")
+    c.wait_for_orchestration_start("restart-busy", timeout=10)
+    code, details = status_of(
+        lambda: stub.RestartInstance(pb.RestartInstanceRequest(instanceId="restart-busy"))
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "running" in details
+    c.terminate_orchestration("restart-busy")
+
+
+def test_a_terminated_instance_ignores_later_events(c: client.TaskHubGrpcClient) -> None:
+    instance_id = c.schedule_new_orchestration(waits)
+    c.wait_for_orchestration_start(instance_id, timeout=10)
+    c.terminate_orchestration(instance_id, output="done")
+    c.wait_for_orchestration_completion(instance_id, timeout=10)
+    c.raise_orchestration_event(instance_id, "go", data="too late")
+    c.suspend_orchestration(instance_id)
+    state = c.get_orchestration_state(instance_id)
+    assert state is not None
+    assert state.runtime_status == client.OrchestrationStatus.TERMINATED
+    assert json.loads(state.serialized_output) == "done"
