@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import trio
 
-from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, serve
+from dt_trio._errors import StoreUnavailable
+from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, lone_error, serve
 
 log = logging.getLogger("dt_trio")
 
@@ -50,12 +51,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> None:
     """Serve until SIGINT or SIGTERM, then shut down cleanly."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(functools.partial(serve, host=args.host, port=args.port, db=args.db))
-            async for signum in signals:
-                log.info("received %s, shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    functools.partial(serve, host=args.host, port=args.port, db=args.db)
+                )
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+        except BaseExceptionGroup as group:
+            raise lone_error(group) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         trio.run(run, args)
-    except OSError as exc:
+    except (OSError, StoreUnavailable) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

@@ -40,6 +40,14 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def lone_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """A nursery's group holding a single failure (Ctrl-C under trio.run, a port in use), as
+    that failure itself, so callers can catch it the usual way; any other group unchanged."""
+    if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+        return group.exceptions[0]
+    return group
+
+
 async def serve(
     *,
     host: str = DEFAULT_HOST,
@@ -71,6 +79,8 @@ async def serve(
             await nursery.start(OrchestrationProcessor(store, executor, signals, owner).run)
             await nursery.start(ActivityProcessor(store, executor, signals, owner).run)
             task_status.started(address)
+    except BaseExceptionGroup as group:
+        raise lone_error(group) from None
     finally:
         await store.close()
         log.info("backend stopped: %s", store.description)

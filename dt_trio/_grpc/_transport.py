@@ -370,7 +370,10 @@ async def serve_grpc(
         service = servicer.service
         for name, method in service.methods.items():
             methods[f"/{service.name}/{name}"] = method
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     if port == 0:
         # With port 0 each address family would get its own random port; serve one.
         for extra in listeners[1:]:

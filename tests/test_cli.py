@@ -1,0 +1,138 @@
+"""The dt-trio command as a user runs it, and dt_trio.serve as a script embeds it."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+
+import pytest
+import trio
+from _harness import Sidecar, sdk_client, sdk_worker
+from durabletask import task
+
+import dt_trio
+
+STARTUP_LINES = [
+    "backend started: sqlite::",
+    "server listening at 127.0.0.1:",
+    "orchestration-processor: waiting for new work items...",
+    "activity-processor: waiting for new work items...",
+]
+
+
+def in_order(text: str, fragments: list[str]) -> bool:
+    position = 0
+    for fragment in fragments:
+        found = text.find(fragment, position)
+        if found < 0:
+            return False
+        position = found + len(fragment)
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("db", ["file", "memory"])
+def test_command_logs_its_start_in_order_and_stops_cleanly(
+    tmp_path: pathlib.Path, sig: int, db: str
+) -> None:
+    path = str(tmp_path / "hub.sqlite3") if db == "file" else ""
+    sidecar = Sidecar(path, tmp_path / "log.txt").start()
+    assert sidecar.stop(sig) == 0
+    log = sidecar.log_text()
+    assert in_order(log, STARTUP_LINES), log
+    expected = f"backend started: sqlite::{path}" if path else "backend started: sqlite::memory"
+    assert expected in log
+    assert "Traceback" not in log
+    if path:
+        assert pathlib.Path(path).exists()
+
+
+def test_module_and_console_script_share_the_arguments() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "dt_trio", "--help"], capture_output=True, text=True, check=True
+    )
+    for flag in ("--host", "--port", "--db", "--log-level"):
+        assert flag in out.stdout
+
+
+def test_a_bad_port_is_refused_with_a_message() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "dt_trio", "--port", "70000"], capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert "--port must be between 0 and 65535" in out.stderr
+
+
+def test_a_taken_port_is_refused_with_a_message(tmp_path: pathlib.Path) -> None:
+    first = Sidecar("", tmp_path / "a.log").start()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "dt_trio", "--port", str(first.port), "--db", ""],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 1
+        assert f"cannot start: [Errno 98] cannot listen on 127.0.0.1:{first.port}" in out.stderr
+        assert "Traceback" not in out.stderr
+    finally:
+        assert first.stop() == 0
+
+
+def greet(ctx: task.OrchestrationContext, name: str) -> str:
+    return f"hi {name}"
+
+
+async def test_serve_embeds_in_a_trio_program_with_keywords(tmp_path: pathlib.Path) -> None:
+    db = str(tmp_path / "embedded.sqlite3")
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(
+            lambda task_status: dt_trio.serve(
+                host="127.0.0.1", port=0, db=db, task_status=task_status
+            )
+        )
+        address = f"{host}:{port}"
+
+        def drive() -> str:
+            with sdk_worker(address, [greet]):
+                c = sdk_client(address)
+                instance_id = c.schedule_new_orchestration(greet, input="trio")
+                state = c.wait_for_orchestration_completion(instance_id, timeout=20)
+                assert state is not None
+                return str(state.serialized_output)
+
+        assert json.loads(await trio.to_thread.run_sync(drive)) == "hi trio"
+        nursery.cancel_scope.cancel()
+
+
+def test_trio_run_serve_works_with_the_defaults(tmp_path: pathlib.Path) -> None:
+    # The defaults: 127.0.0.1:4001 and ./taskhub.sqlite3 in the working directory.
+    code = (
+        "import trio, dt_trio, signal, os, threading\n"
+        "threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        "try:\n    trio.run(dt_trio.serve)\nexcept KeyboardInterrupt:\n    print('stopped')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert "stopped" in out.stdout, out.stderr
+    assert (tmp_path / "taskhub.sqlite3").exists()
+
+
+def test_hello_cities_example_runs_against_the_sidecar(tmp_path: pathlib.Path) -> None:
+    sidecar = Sidecar(str(tmp_path / "hub.sqlite3"), tmp_path / "log.txt").start()
+    try:
+        example = pathlib.Path(__file__).parent.parent / "examples" / "hello_cities.py"
+        out = subprocess.run(
+            [sys.executable, str(example), "--address", sidecar.address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert 'COMPLETED ["Hello, Tokyo!", "Hello, Seattle!", "Hello, London!"]' in out.stdout
+    finally:
+        assert sidecar.stop() == 0
