@@ -33,7 +33,7 @@ class Sidecar:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> Sidecar:
+    def start(self, timeout: float = 20.0, port: int = 0) -> Sidecar:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -55,13 +55,14 @@ class Sidecar:
         )
         log.close()
         deadline = time.monotonic() + timeout
+        seen = len(self.log_text())
         while time.monotonic() < deadline:
-            for line in self.log_text().splitlines()[::-1]:
+            for line in self.log_text()[seen:].splitlines()[::-1]:
                 match = LISTENING.search(line)
                 if match:
                     self.port = int(match.group(2))
                     break
-            if self.port and "activity-processor: waiting" in self.log_text():
+            if self.port and "activity-processor: waiting" in self.log_text()[seen:]:
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the sidecar exited early:\n{self.log_text()}")
@@ -88,10 +89,12 @@ class Sidecar:
         self.proc.wait(10)
         self.port = 0
 
-    def restart(self) -> Sidecar:
+    def restart(self, port: int = 0) -> Sidecar:
+        """Start again on the same store (and on `port`, e.g. the old one, if given)."""
         with open(self.log_path, "a") as f:
             f.write("\n--- restart ---\n")
-        return self.start()
+        self.port = 0
+        return self.start(port=port)
 
 
 @contextlib.contextmanager
