@@ -33,3 +33,14 @@ def protos(session: nox.Session) -> None:
     """Regenerate dt_trio/_proto from protos/ (protobuf + purerpc stubs)."""
     session.install("grpcio-tools==1.85.1", "purerpc==0.8.0")
     session.run("python", "protos/generate.py")
+
+
+@nox.session(python="3.11")
+def sdk_suites(session: nox.Session) -> None:
+    """The official SDK's e2e suites against dt-trio: -- --repo PATH [SUITE ...]."""
+    if "--repo" not in session.posargs:
+        session.skip(
+            "give a clone of microsoft/durabletask-python: nox -s sdk_suites -- --repo PATH"
+        )
+    session.install("-e", ".[test]")
+    session.run("python", "tests/sdk_suites/run_official.py", *session.posargs)
