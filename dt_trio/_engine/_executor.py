@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 
 import trio
 
-from dt_trio._errors import InvalidRequest, UnknownWorkItem
+from dt_trio._errors import InvalidRequest, StoreUnavailable, UnknownWorkItem
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ class RemoteExecutor:
             await pending.answered.wait()
         except BaseException:
             pending.abandon()
-            pending.ack(WorkAbandoned("the sidecar withdrew the work item"))
+            pending.ack(
+                StoreUnavailable("the sidecar withdrew the work item; it will be redelivered")
+            )
             self._pending.pop(token, None)
             raise
         if pending.abandoned:

@@ -346,8 +346,8 @@ class _Connection:
                     [(":status", "200"), ("content-type", "application/grpc"), *trailers],
                     end_stream=True,
                 )
-        except h2.exceptions.StreamClosedError:
-            return
+        except h2.exceptions.ProtocolError:
+            return  # the stream or the whole connection is already closed
         await self._flush()
 
 
@@ -383,7 +383,11 @@ async def serve_grpc(
 
     async def handle(transport: trio.SocketStream) -> None:
         async with transport:
-            await _Connection(transport, methods, status_for, max_message_bytes).run()
+            try:
+                await _Connection(transport, methods, status_for, max_message_bytes).run()
+            except Exception:
+                # One broken connection must not take the server down with it.
+                log.exception("a gRPC connection failed; closing it")
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handle, listeners)
