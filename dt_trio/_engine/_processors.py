@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import trio
 
 from dt_trio import _core as core
 from dt_trio._engine._executor import RemoteExecutor, WorkAbandoned
 from dt_trio._engine._signals import Signals, Wakeup
-from dt_trio._errors import InvalidRequest
+from dt_trio._errors import InvalidRequest, LockLost
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import ActivityWorkItem, Backend, OrchestrationWorkItem
 
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 5.0
 # An activity handed back by its worker becomes visible again after this long.
 ABANDON_DELAY_SECONDS = 1.0
+# A step that failed unexpectedly is tried again after this long.
+FAILED_STEP_RETRY_SECONDS = 5.0
 
 
 def _now() -> datetime:
@@ -80,8 +82,25 @@ class OrchestrationProcessor:
                 nursery.start_soon(self._process, item)
 
     async def _process(self, item: OrchestrationWorkItem) -> None:
+        instance_id = item.state.instance_id
         try:
             await self._step(item)
+        except LockLost as exc:
+            # e.g. the instance was purged while its leftover events were being dropped
+            log.info("%s: %s; the step is dropped", self.name, exc)
+        except Exception:
+            # One work item's failure must not stop the hub: log it and retry the step later.
+            log.exception(
+                "%s: a step of %s failed; retrying in %.0f s",
+                self.name,
+                instance_id,
+                FAILED_STEP_RETRY_SECONDS,
+            )
+            later = _now() + timedelta(seconds=FAILED_STEP_RETRY_SECONDS)
+            with trio.CancelScope(shield=True):
+                await self._store.postpone(
+                    self._owner, instance_id, [m.id for m in item.inbox], later
+                )
         finally:
             self._slots.release()
 

@@ -1,0 +1,63 @@
+"""The orchestration processor keeps serving when one work item goes wrong."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import trio
+
+from dt_trio._core import InstanceState, Status, StepResult
+from dt_trio._core import _events as ev
+from dt_trio._engine import OrchestrationProcessor, RemoteExecutor, Signals
+from dt_trio._store import SqliteBackend
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class PurgingStore(SqliteBackend):
+    """Purges the instance 'doomed' between its lease and its commit, as a client may."""
+
+    async def commit_step(self, owner: str, result: StepResult) -> None:
+        if result.state.instance_id == "doomed":
+            assert await self.purge("doomed", recursive=False) == 1
+        await super().commit_step(owner, result)
+
+
+async def finished_with_a_stray_event(store: SqliteBackend, instance_id: str) -> None:
+    t = now()
+    state = InstanceState(
+        instance_id=instance_id,
+        name="orch",
+        execution_id="e",
+        status=Status.COMPLETED,
+        created_at=t,
+        last_updated_at=t,
+    )
+    started = ev.execution_started(
+        t, name="orch", instance_id=instance_id, execution_id="e", input=None
+    )
+    await store.create_instance(state, started, t)
+    await store.enqueue(instance_id, ev.event_raised(t, "late", None), t)
+
+
+async def test_an_instance_purged_mid_step_does_not_stop_the_processor() -> None:
+    signals = Signals()
+    store = PurgingStore("", listener=signals)
+    await store.open()
+    try:
+        await finished_with_a_stray_event(store, "doomed")
+        await finished_with_a_stray_event(store, "survivor")
+        survivor_settled = signals.instance_event("survivor")
+        processor = OrchestrationProcessor(store, RemoteExecutor(), signals, owner="me")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(processor.run)
+            with trio.fail_after(5):
+                await survivor_settled.wait()  # the processor lived on after 'doomed'
+            nursery.cancel_scope.cancel()
+        assert await store.get_instance("doomed") is None
+        survivor = await store.get_instance("survivor")
+        assert survivor is not None and survivor.status == Status.COMPLETED
+    finally:
+        await store.close()
