@@ -308,3 +308,16 @@ def test_a_timer_with_an_invalid_fire_time_fails_the_orchestration() -> None:
     assert result.state.failure is not None
     assert "fireAt is not a valid timestamp" in result.state.failure.errorMessage
     assert result.messages == []
+
+
+def test_terminate_action_sends_the_target_a_termination() -> None:
+    action = pb.OrchestratorAction(id=8)
+    action.terminateOrchestration.instanceId = "victim"
+    action.terminateOrchestration.reason.value = '"enough"'
+    action.terminateOrchestration.recurse = True
+    result = core.apply_response(state(), first_step(), respond(action), NOW, ids())
+    (message,) = result.messages
+    assert message.target_instance_id == "victim"
+    assert message.event.executionTerminated.input.value == '"enough"'
+    assert message.event.executionTerminated.recurse is True
+    assert result.state.status == Status.RUNNING

@@ -205,12 +205,15 @@ async def test_a_killed_client_process_cancels_its_stream(
         await proc.wait()
 
 
-async def test_gzip_requests_are_decompressed(server: tuple[Probe, int, trio.CancelScope]) -> None:
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+async def test_compressed_requests_are_decompressed(
+    server: tuple[Probe, int, trio.CancelScope], compression: grpc.Compression
+) -> None:
     _, port, _ = server
     response = await call(
         port,
         lambda s: s.GetInstance(
-            spb.GetInstanceRequest(instanceId="zipped" * 20), compression=grpc.Compression.Gzip
+            spb.GetInstanceRequest(instanceId="zipped" * 20), compression=compression
         ),
     )
     assert response.orchestrationState.instanceId == "zipped" * 20
