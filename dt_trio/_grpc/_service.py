@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -16,11 +17,18 @@ from dt_trio._engine import RemoteExecutor, Signals
 from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest, Unimplemented
 from dt_trio._proto import orchestrator_service_grpc as grpc_stubs
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import Backend
+from dt_trio._store import Backend, InstanceFilter, PageKey
 
 log = logging.getLogger(__name__)
 
 Predicate = Callable[[InstanceState], bool]
+
+# Query pages: the default and the largest page; bigger requests get continuation tokens.
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+PAGE_TOKEN_VERSION = "k1"
+# A filtered purge deletes this many instances per transaction, so writers never wait long.
+PURGE_BATCH = 500
 
 # StreamInstanceHistory chunks: at most this many events, and about this many bytes.
 HISTORY_CHUNK_EVENTS = 256
@@ -51,6 +59,36 @@ def _timestamp(parent: Any, field: str) -> datetime | None:
     if value.year < 1 or value.year > 9999:
         raise InvalidRequest(f"{field} is outside the years 1..9999")
     return value
+
+
+def _statuses(values: Any, field: str) -> frozenset[Status] | None:
+    if not values:
+        return None
+    try:
+        return frozenset(Status(v) for v in values)
+    except ValueError as exc:
+        raise InvalidRequest(f"{field}: {exc}") from exc
+
+
+def _page_size(value: int, field: str) -> int:
+    if value < 0:
+        raise InvalidRequest(f"{field} must not be negative, not {value}")
+    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _page_token(key: PageKey) -> str:
+    return f"{PAGE_TOKEN_VERSION}:{key[0]}:{key[1]}"
+
+
+def _page_key(token: str | None, field: str) -> PageKey | None:
+    """Parse a continuation token made by `_page_token`; InvalidRequest for anything else."""
+    if not token:
+        return None
+    version, _, rest = token.partition(":")
+    position, _, instance_id = rest.partition(":")
+    if version != PAGE_TOKEN_VERSION or not position.isdigit() or not instance_id:
+        raise InvalidRequest(f"{field} '{token[:100]}' is not a continuation token of this sidecar")
+    return int(position), instance_id
 
 
 def _state_message(state: InstanceState, payloads: bool) -> pb.OrchestrationState:
@@ -250,16 +288,85 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
 
     async def PurgeInstances(self, request: pb.PurgeInstancesRequest) -> pb.PurgeInstancesResponse:
         which = request.WhichOneof("request")
-        if which != "instanceId":
-            raise Unimplemented(
-                "PurgeInstances by filter or instance batch is not implemented by this "
-                "version of dt-trio; purge by instanceId"
+        complete = True
+        if which == "instanceId":
+            _require(request.instanceId, "instanceId")
+            count = await self._store.purge(request.instanceId, request.recursive)
+        elif which == "instanceBatch":
+            count = 0
+            for instance_id in request.instanceBatch.instanceIds:
+                count += await self._store.purge(
+                    _require(instance_id, "instanceIds[]"), request.recursive
+                )
+        elif which == "purgeInstanceFilter":
+            purge_filter = request.purgeInstanceFilter
+            deadline = None
+            if purge_filter.HasField("timeout"):
+                seconds = purge_filter.timeout.ToTimedelta().total_seconds()
+                if seconds <= 0:
+                    raise InvalidRequest("purgeInstanceFilter.timeout must be positive")
+                deadline = time.monotonic() + seconds
+            where = InstanceFilter(
+                statuses=_statuses(purge_filter.runtimeStatus, "purgeInstanceFilter.runtimeStatus"),
+                created_from=_timestamp(purge_filter, "createdTimeFrom"),
+                created_to=_timestamp(purge_filter, "createdTimeTo"),
             )
-        _require(request.instanceId, "instanceId")
-        count = await self._store.purge(request.instanceId, request.recursive)
+            count, complete = await self._store.purge_where(
+                where, request.recursive, PURGE_BATCH, deadline
+            )
+        else:
+            raise InvalidRequest(
+                "PurgeInstances needs instanceId, instanceBatch or purgeInstanceFilter"
+            )
         response = pb.PurgeInstancesResponse(deletedInstanceCount=count)
-        response.isComplete.value = True
+        response.isComplete.value = complete
         return response
+
+    async def QueryInstances(self, request: pb.QueryInstancesRequest) -> pb.QueryInstancesResponse:
+        query = request.query
+        where = InstanceFilter(
+            statuses=_statuses(query.runtimeStatus, "query.runtimeStatus"),
+            created_from=_timestamp(query, "createdTimeFrom"),
+            created_to=_timestamp(query, "createdTimeTo"),
+            id_prefix=ev.opt_str(query, "instanceIdPrefix") or None,
+        )
+        after = _page_key(ev.opt_str(query, "continuationToken"), "query.continuationToken")
+        states, next_key = await self._store.query_instances(
+            where, _page_size(query.maxInstanceCount, "query.maxInstanceCount"), after
+        )
+        response = pb.QueryInstancesResponse()
+        for state in states:
+            response.orchestrationState.append(_state_message(state, query.fetchInputsAndOutputs))
+        if next_key is not None:
+            response.continuationToken.value = _page_token(next_key)
+        return response
+
+    async def ListInstanceIds(
+        self, request: pb.ListInstanceIdsRequest
+    ) -> pb.ListInstanceIdsResponse:
+        ids, next_key = await self._store.list_finished_ids(
+            _statuses(request.runtimeStatus, "runtimeStatus"),
+            _timestamp(request, "completedTimeFrom"),
+            _timestamp(request, "completedTimeTo"),
+            _page_size(request.pageSize, "pageSize"),
+            _page_key(ev.opt_str(request, "lastInstanceKey"), "lastInstanceKey"),
+        )
+        response = pb.ListInstanceIdsResponse(instanceIds=ids)
+        if next_key is not None:
+            response.lastInstanceKey.value = _page_token(next_key)
+        return response
+
+    async def CreateTaskHub(self, request: pb.CreateTaskHubRequest) -> pb.CreateTaskHubResponse:
+        """The store's schema exists once the sidecar runs; `recreateIfExists` empties it."""
+        if request.recreateIfExists:
+            await self._store.delete_everything()
+            log.warning("task hub recreated: every instance was deleted")
+        return pb.CreateTaskHubResponse()
+
+    async def DeleteTaskHub(self, request: pb.DeleteTaskHubRequest) -> pb.DeleteTaskHubResponse:
+        await self._store.delete_everything()
+        log.warning("task hub deleted: every instance was deleted")
+        return pb.DeleteTaskHubResponse()
 
     async def StreamInstanceHistory(
         self, request: pb.StreamInstanceHistoryRequest

@@ -3,9 +3,19 @@
 from dt_trio._store._backend import (
     ActivityWorkItem,
     Backend,
+    InstanceFilter,
     OrchestrationWorkItem,
+    PageKey,
     StoreListener,
 )
 from dt_trio._store._sqlite import SqliteBackend
 
-__all__ = ["ActivityWorkItem", "Backend", "OrchestrationWorkItem", "SqliteBackend", "StoreListener"]
+__all__ = [
+    "ActivityWorkItem",
+    "Backend",
+    "InstanceFilter",
+    "OrchestrationWorkItem",
+    "PageKey",
+    "SqliteBackend",
+    "StoreListener",
+]

@@ -35,6 +35,20 @@ class ActivityWorkItem:
     dequeue_count: int
 
 
+@dataclass(frozen=True)
+class InstanceFilter:
+    """Which instances a query or a purge is about; None means "any"."""
+
+    statuses: frozenset[Status] | None = None
+    created_from: datetime | None = None
+    created_to: datetime | None = None  # exclusive
+    id_prefix: str | None = None
+
+
+# A keyset page position: (time in microseconds, instance id) of the last row already returned.
+PageKey = tuple[int, str]
+
+
 class StoreListener(Protocol):
     """Told about every commit that changes what the processors or waiters should look at."""
 
@@ -78,6 +92,31 @@ class Backend(Protocol):
     async def purge(self, instance_id: str, recursive: bool) -> int:
         """Delete a finished instance (and its finished sub-orchestrations when `recursive`) with
         everything it owns. Returns how many instances were deleted; running ones are kept."""
+
+    async def query_instances(
+        self, where: InstanceFilter, page_size: int, after: PageKey | None
+    ) -> tuple[list[InstanceState], PageKey | None]:
+        """A page of instances ordered by (created time, id), and the key of the next page."""
+
+    async def list_finished_ids(
+        self,
+        statuses: frozenset[Status] | None,
+        completed_from: datetime | None,
+        completed_to: datetime | None,
+        page_size: int,
+        after: PageKey | None,
+    ) -> tuple[list[str], PageKey | None]:
+        """Ids of finished instances ordered by (completed time, id), and the next page's key."""
+
+    async def purge_where(
+        self, where: InstanceFilter, recursive: bool, batch: int, deadline: float | None
+    ) -> tuple[int, bool]:
+        """Purge finished instances matching `where` in transactions of at most `batch`
+        instances. Stops after the batch that passes `deadline` (time.monotonic()); returns
+        (deleted count, whether everything matching was purged)."""
+
+    async def delete_everything(self) -> None:
+        """Empty the task hub: every instance, history, message and activity."""
 
     # -- orchestration work --------------------------------------------------------------
 

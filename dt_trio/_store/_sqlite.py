@@ -8,11 +8,13 @@ reader connections so that they never wait behind a write transaction.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import pathlib
 import queue
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -23,7 +25,13 @@ import trio
 from dt_trio._core import InboxMessage, InstanceState, Status, StepResult
 from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost, StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store._backend import ActivityWorkItem, OrchestrationWorkItem, StoreListener
+from dt_trio._store._backend import (
+    ActivityWorkItem,
+    InstanceFilter,
+    OrchestrationWorkItem,
+    PageKey,
+    StoreListener,
+)
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +310,96 @@ class SqliteBackend:
         count = await self._run_write(write)
         self.listener.instance_changed(instance_id)
         return count
+
+    async def query_instances(
+        self, where: InstanceFilter, page_size: int, after: PageKey | None
+    ) -> tuple[list[InstanceState], PageKey | None]:
+        clauses, params = _filter_sql(where)
+        if after is not None:
+            clauses.append("(created_at, instance_id) > (?, ?)")
+            params += [after[0], after[1]]
+        sql = (
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances"
+            f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''}"
+            " ORDER BY created_at, instance_id LIMIT ?"
+        )
+
+        def read(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            return conn.execute(sql, (*params, page_size + 1)).fetchall()
+
+        rows = await self._run_read(read)
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        next_key = (rows[-1]["created_at"], rows[-1]["instance_id"]) if more and rows else None
+        return [_row_to_state(r) for r in rows], next_key
+
+    async def list_finished_ids(
+        self,
+        statuses: frozenset[Status] | None,
+        completed_from: datetime | None,
+        completed_to: datetime | None,
+        page_size: int,
+        after: PageKey | None,
+    ) -> tuple[list[str], PageKey | None]:
+        allowed = [int(s) for s in (statuses or Status) if s.is_terminal]
+        clauses = [
+            "completed_at IS NOT NULL",
+            f"status IN ({','.join('?' * len(allowed))})",
+        ]
+        params: list[object] = list(allowed)
+        if completed_from is not None:
+            clauses.append("completed_at >= ?")
+            params.append(_us(completed_from))
+        if completed_to is not None:
+            clauses.append("completed_at < ?")
+            params.append(_us(completed_to))
+        if after is not None:
+            clauses.append("(completed_at, instance_id) > (?, ?)")
+            params += [after[0], after[1]]
+        sql = (
+            "SELECT completed_at, instance_id FROM instances WHERE "
+            + " AND ".join(clauses)
+            + " ORDER BY completed_at, instance_id LIMIT ?"
+        )
+
+        def read(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            return conn.execute(sql, (*params, page_size + 1)).fetchall()
+
+        rows = await self._run_read(read) if allowed else []
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        next_key = (rows[-1][0], rows[-1][1]) if more and rows else None
+        return [r[1] for r in rows], next_key
+
+    async def purge_where(
+        self, where: InstanceFilter, recursive: bool, batch: int, deadline: float | None
+    ) -> tuple[int, bool]:
+        finished = frozenset(s for s in (where.statuses or Status) if s.is_terminal)
+        clauses, params = _filter_sql(dataclasses.replace(where, statuses=finished))
+        select = "SELECT instance_id FROM instances WHERE " + " AND ".join(clauses) + " LIMIT ?"
+        total = 0
+        while True:
+
+            def write(conn: sqlite3.Connection) -> int:
+                ids = [r[0] for r in conn.execute(select, (*params, batch))]
+                if recursive:
+                    ids = _with_finished_descendants(conn, ids)
+                _delete_instances(conn, ids)
+                return len(ids)
+
+            count = await self._run_write(write) if finished else 0
+            total += count
+            if count == 0:
+                return total, True
+            if deadline is not None and time.monotonic() > deadline:
+                return total, False
+
+    async def delete_everything(self) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            for table in ("history", "inbox", "activities", "instances"):
+                conn.execute(f"DELETE FROM {table}")
+
+        await self._run_write(write)
 
     # -- orchestration work ----------------------------------------------------------------
 
@@ -587,6 +685,45 @@ def _insert_message(
         "SELECT instance_id, ?, ? FROM instances WHERE instance_id = ?",
         (event.SerializeToString(), visible_us, instance_id),
     )
+
+
+def _filter_sql(where: InstanceFilter) -> tuple[list[str], list[object]]:
+    clauses: list[str] = []
+    params: list[object] = []
+    if where.statuses is not None:
+        clauses.append(f"status IN ({','.join('?' * len(where.statuses))})")
+        params += [int(s) for s in where.statuses]
+    if where.created_from is not None:
+        clauses.append("created_at >= ?")
+        params.append(_us(where.created_from))
+    if where.created_to is not None:
+        clauses.append("created_at < ?")
+        params.append(_us(where.created_to))
+    if where.id_prefix:
+        # A range on the primary key, so the prefix filter uses the index.
+        clauses.append("instance_id >= ? AND instance_id < ?")
+        params += [where.id_prefix, where.id_prefix + "\U0010ffff"]
+    return clauses, params
+
+
+def _with_finished_descendants(conn: sqlite3.Connection, ids: Sequence[str]) -> list[str]:
+    """`ids` and their sub-orchestrations, at any depth, that are finished."""
+    found = list(ids)
+    frontier = list(ids)
+    marks = ",".join("?" * len(_TERMINAL))
+    while frontier:
+        chunk, frontier = frontier[:500], frontier[500:]
+        children = [
+            r[0]
+            for r in conn.execute(
+                f"SELECT instance_id FROM instances WHERE parent_instance_id IN "
+                f"({','.join('?' * len(chunk))}) AND status IN ({marks})",
+                (*chunk, *_TERMINAL),
+            )
+        ]
+        found += children
+        frontier += children
+    return list(dict.fromkeys(found))  # a child may also have matched the filter itself
 
 
 def _delete_instances(conn: sqlite3.Connection, ids: Sequence[str]) -> None:

@@ -22,6 +22,11 @@ CREATE TABLE IF NOT EXISTS instances (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS instances_parent ON instances (parent_instance_id)
     WHERE parent_instance_id IS NOT NULL;
+-- QueryInstances pages by (created_at, instance_id); ListInstanceIds by (completed_at, id).
+CREATE INDEX IF NOT EXISTS instances_created ON instances (created_at, instance_id);
+CREATE INDEX IF NOT EXISTS instances_status_created ON instances (status, created_at, instance_id);
+CREATE INDEX IF NOT EXISTS instances_completed ON instances (completed_at, instance_id)
+    WHERE completed_at IS NOT NULL;
 
 -- The committed history of the current execution, in order.
 CREATE TABLE IF NOT EXISTS history (
