@@ -42,5 +42,6 @@ def sdk_suites(session: nox.Session) -> None:
         session.skip(
             "give a clone of microsoft/durabletask-python: nox -s sdk_suites -- --repo PATH"
         )
-    session.install("-e", ".[test]")
+    # the async suite's tests are asyncio coroutines
+    session.install("-e", ".[test]", "pytest-asyncio")
     session.run("python", "tests/sdk_suites/run_official.py", *session.posargs)

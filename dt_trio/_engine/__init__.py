@@ -1,6 +1,6 @@
 """Processors and executors: pull work from the store, run it, commit the result."""
 
-from dt_trio._engine._executor import RemoteExecutor, WorkAbandoned
+from dt_trio._engine._executor import RemoteExecutor, Route, WorkAbandoned
 from dt_trio._engine._processors import ActivityProcessor, OrchestrationProcessor
 from dt_trio._engine._signals import Signals
 
@@ -8,6 +8,7 @@ __all__ = [
     "ActivityProcessor",
     "OrchestrationProcessor",
     "RemoteExecutor",
+    "Route",
     "Signals",
     "WorkAbandoned",
 ]

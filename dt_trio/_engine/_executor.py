@@ -1,21 +1,25 @@
 """The remote executor: hands work items to SDK workers connected over GetWorkItems.
 
-A processor calls `execute(work_item)` and gets the worker's response back, or `WorkAbandoned`.
-Each connected worker runs `stream()`; items travel through one unbuffered trio memory channel,
-so an item goes to whichever worker stream is ready first. Every item sent carries a fresh
-completion token; `complete()`/`abandon()` find it by that token. When a stream ends for any
-reason, every item it held and had not completed is abandoned at once, so the processor
-releases the lease and the item is redelivered to another worker.
+A processor calls `execute(work_item, route)` and gets the worker's answer back, or
+`WorkAbandoned`. Each connected worker runs `stream(request)`. Waiting items sit in one FIFO
+queue; an item goes to a connected worker whose work-item filters accept its route (kind, name,
+version) and that is below its concurrency hint for that kind, the least busy one first. Every
+item sent carries a fresh completion token; `complete()`/`abandon()` find it by that token.
+
+When a stream ends for any reason, the items it had not been sent yet go back to the queue for
+another worker, and the items it held unanswered are abandoned at once, so the processor
+releases the lease and the item is redelivered.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
+import math
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
 
 import trio
 
@@ -24,31 +28,46 @@ from dt_trio._proto import orchestrator_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-R = TypeVar("R")
-
 # The SDKs treat 120 s without a message on the stream as a silent disconnect; ping well inside.
 HEALTH_PING_INTERVAL = 30.0
+ORCHESTRATION = "orchestration"
+ACTIVITY = "activity"
 
 
 class WorkAbandoned(Exception):
     """The worker gave the item back, or its stream ended before it answered."""
 
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay  # how long the item should stay invisible before it is retried
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a worker's filters look at: the item's kind, name and version."""
+
+    kind: str
+    name: str
+    version: str | None = None
+
 
 @dataclass(eq=False)
-class Pending(Generic[R]):
-    """One work item in the hands of a worker."""
+class Pending:
+    """One work item on its way to, or in the hands of, a worker."""
 
     token: str
     work_item: pb.WorkItem
+    route: Route
     answered: trio.Event = field(default_factory=trio.Event)
     committed: trio.Event = field(default_factory=trio.Event)
-    response: R | None = None
-    abandoned: bool = False
+    response: object = None
+    abandon_delay: float | None = None
     commit_error: BaseException | None = None
+    worker: _Worker | None = None
 
-    def abandon(self) -> None:
+    def abandon(self, delay: float) -> None:
         if not self.answered.is_set():
-            self.abandoned = True
+            self.abandon_delay = delay
             self.answered.set()
 
     def ack(self, error: BaseException | None = None) -> None:
@@ -57,61 +76,138 @@ class Pending(Generic[R]):
         self.committed.set()
 
 
+# name -> accepted versions (empty: any version); None: the worker takes every name.
+NameFilter = Mapping[str, frozenset[str]] | None
+
+
+def _name_filter(filters: object, opted_in: bool) -> NameFilter:
+    if not opted_in:
+        return None
+    accepted: dict[str, frozenset[str]] = {}
+    for f in filters:  # type: ignore[attr-defined]
+        accepted[f.name] = accepted.get(f.name, frozenset()) | frozenset(f.versions)
+    return accepted
+
+
+class _Worker:
+    """A connected GetWorkItems stream and what it asked for."""
+
+    def __init__(self, number: int, request: pb.GetWorkItemsRequest) -> None:
+        self.number = number
+        self.name = request.worker_instance_id or f"stream {number}"
+        opted_in = request.HasField("workItemFilters")
+        filters = request.workItemFilters
+        self.filters: dict[str, NameFilter] = {
+            ORCHESTRATION: _name_filter(filters.orchestrations, opted_in),
+            ACTIVITY: _name_filter(filters.activities, opted_in),
+        }
+        # The SDKs' maxConcurrent*WorkItems: 0 (unset) means no limit.
+        self.limits = {
+            ORCHESTRATION: request.maxConcurrentOrchestrationWorkItems or math.inf,
+            ACTIVITY: request.maxConcurrentActivityWorkItems or math.inf,
+        }
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        self.send, self.receive = trio.open_memory_channel[Pending](math.inf)
+
+    def accepts(self, route: Route) -> bool:
+        accepted = self.filters.get(route.kind)
+        if accepted is None:
+            return True
+        versions = accepted.get(route.name)
+        if versions is None:
+            return False
+        return not versions or (route.version or "") in versions
+
+    def has_room(self, kind: str) -> bool:
+        return self.in_flight[kind] < self.limits[kind]
+
+
 class RemoteExecutor:
     """The bridge between the processors and the workers' GetWorkItems streams."""
 
     def __init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[Pending[object]](0)
-        self._pending: dict[str, Pending[object]] = {}
-        self._streams = itertools.count(1)
-        self.connected = 0
+        self._queue: collections.deque[Pending] = collections.deque()
+        self._pending: dict[str, Pending] = {}
+        self._workers: list[_Worker] = []
+        self._numbers = itertools.count(1)
+
+    @property
+    def connected(self) -> int:
+        return len(self._workers)
 
     # -- processor side --------------------------------------------------------------------
 
-    async def execute(self, work_item: pb.WorkItem) -> Pending[object]:
-        """Send `work_item` to a worker and wait for its answer.
+    async def execute(self, work_item: pb.WorkItem, route: Route) -> Pending:
+        """Send `work_item` to a worker that accepts `route` and wait for its answer.
 
-        Returns the answered `Pending`; the caller must `ack()` it once the result is committed
-        (or failed to commit). Raises `WorkAbandoned`. On cancellation the item is withdrawn.
+        Returns the answered `Pending`; the caller must `finish()` it once the result is
+        committed (or failed to commit). Raises `WorkAbandoned`. On cancellation the item is
+        withdrawn.
         """
         token = secrets.token_hex(12)
         work_item.completionToken = token
-        pending: Pending[object] = Pending(token, work_item)
+        pending = Pending(token, work_item, route)
         self._pending[token] = pending
+        self._queue.append(pending)
+        self._dispatch()
         try:
-            await self._send.send(pending)
             await pending.answered.wait()
         except BaseException:
-            pending.abandon()
-            pending.ack(
-                StoreUnavailable("the sidecar withdrew the work item; it will be redelivered")
+            pending.abandon(0.0)
+            self.finish(
+                pending,
+                StoreUnavailable("the sidecar withdrew the work item; it will be redelivered"),
             )
-            self._pending.pop(token, None)
             raise
-        if pending.abandoned:
-            self._pending.pop(token, None)
-            raise WorkAbandoned(f"work item {token} was abandoned")
+        if pending.abandon_delay is not None:
+            self.finish(pending)
+            raise WorkAbandoned(f"work item {token} was abandoned", pending.abandon_delay)
         return pending
 
-    def finish(self, pending: Pending[object], error: BaseException | None = None) -> None:
-        """Forget the item and release the rpc that completed it."""
-        self._pending.pop(pending.token, None)
+    def finish(self, pending: Pending, error: BaseException | None = None) -> None:
+        """Forget the item, free its worker's slot and release the rpc that completed it."""
+        if self._pending.pop(pending.token, None) is not None and pending.worker is not None:
+            pending.worker.in_flight[pending.route.kind] -= 1
+            self._dispatch()
         pending.ack(error)
+
+    def _dispatch(self) -> None:
+        """Hand queued items to workers that accept them and have room."""
+        if not self._workers or not self._queue:
+            return
+        waiting: collections.deque[Pending] = collections.deque()
+        while self._queue:
+            pending = self._queue.popleft()
+            if pending.answered.is_set():
+                continue  # withdrawn while queued
+            candidates = [
+                w
+                for w in self._workers
+                if w.has_room(pending.route.kind) and w.accepts(pending.route)
+            ]
+            if not candidates:
+                waiting.append(pending)
+                continue
+            worker = min(candidates, key=lambda w: sum(w.in_flight.values()))
+            worker.in_flight[pending.route.kind] += 1
+            pending.worker = worker
+            worker.send.send_nowait(pending)
+        self._queue = waiting
 
     # -- rpc side --------------------------------------------------------------------------
 
-    def lookup(self, token: str) -> Pending[object]:
+    def lookup(self, token: str) -> Pending:
         if not token:
             raise InvalidRequest("completionToken is empty")
         pending = self._pending.get(token)
-        if pending is None or pending.answered.is_set():
+        if pending is None or pending.answered.is_set() or pending.worker is None:
             raise UnknownWorkItem(
                 f"no work item is waiting for completion token '{token}': it is unknown, "
                 "already completed or abandoned, or was redelivered after its stream ended"
             )
         return pending
 
-    async def complete(self, pending: Pending[object], response: object) -> None:
+    async def complete(self, pending: Pending, response: object) -> None:
         """Deliver a worker's answer and wait until it is committed."""
         if pending.answered.is_set():
             raise UnknownWorkItem(f"work item '{pending.token}' was already answered")
@@ -123,38 +219,46 @@ class RemoteExecutor:
         if pending.commit_error is not None:
             raise pending.commit_error
 
-    def abandon(self, token: str) -> None:
-        self.lookup(token).abandon()
-
-    async def stream(self, worker: str) -> AsyncIterator[pb.WorkItem]:
+    async def stream(self, request: pb.GetWorkItemsRequest) -> AsyncIterator[pb.WorkItem]:
         """The work items of one connected worker, with health pings while idle."""
-        number = next(self._streams)
-        held: dict[str, Pending[object]] = {}
-        receive = self._receive.clone()
-        self.connected += 1
-        log.info("worker stream %d connected (%s)", number, worker or "anonymous")
+        worker = _Worker(next(self._numbers), request)
+        held: dict[str, Pending] = {}
+        self._workers.append(worker)
+        log.info("worker stream %d connected (%s)", worker.number, worker.name)
+        self._dispatch()
         try:
             while True:
-                pending: Pending[object] | None = None
+                pending: Pending | None = None
                 with trio.move_on_after(HEALTH_PING_INTERVAL):
-                    pending = await receive.receive()
+                    pending = await worker.receive.receive()
                 if pending is None:
                     yield pb.WorkItem(healthPing=pb.HealthPing())
                     continue
                 if pending.answered.is_set():
-                    continue  # withdrawn while queued
+                    continue  # withdrawn while on its way
                 held[pending.token] = pending
                 for token in [t for t, p in held.items() if p.answered.is_set()]:
                     del held[token]
                 yield pending.work_item
         finally:
-            self.connected -= 1
-            receive.close()
+            self._workers.remove(worker)
+            worker.send.close()
+            unsent = []
+            while True:
+                try:
+                    unsent.append(worker.receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            for pending in unsent:  # never seen by this worker: another may take it
+                worker.in_flight[pending.route.kind] -= 1
+                pending.worker = None
+                self._queue.appendleft(pending)
             abandoned = [p for p in held.values() if not p.answered.is_set()]
-            for p in abandoned:
-                p.abandon()
+            for pending in abandoned:
+                pending.abandon(0.0)
             log.info(
                 "worker stream %d ended; %d work item(s) it held will be redelivered",
-                number,
-                len(abandoned),
+                worker.number,
+                len(abandoned) + len(unsent),
             )
+            self._dispatch()

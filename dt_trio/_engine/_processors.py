@@ -14,7 +14,8 @@ from datetime import UTC, datetime, timedelta
 import trio
 
 from dt_trio import _core as core
-from dt_trio._engine._executor import RemoteExecutor, WorkAbandoned
+from dt_trio._core import _events as ev
+from dt_trio._engine._executor import ACTIVITY, ORCHESTRATION, RemoteExecutor, Route, WorkAbandoned
 from dt_trio._engine._signals import Signals, Wakeup
 from dt_trio._errors import InvalidRequest, LockLost
 from dt_trio._proto import orchestrator_service_pb2 as pb
@@ -25,8 +26,6 @@ log = logging.getLogger(__name__)
 # Without a commit from this process, look at the store at least this often (another process
 # may share it, and a clock may jump).
 IDLE_POLL_SECONDS = 5.0
-# An activity handed back by its worker becomes visible again after this long.
-ABANDON_DELAY_SECONDS = 1.0
 # A step that failed unexpectedly is tried again after this long.
 FAILED_STEP_RETRY_SECONDS = 5.0
 
@@ -120,9 +119,17 @@ class OrchestrationProcessor:
         )
         request.executionId.value = state.execution_id
         try:
-            pending = await self._executor.execute(pb.WorkItem(orchestratorRequest=request))
-        except WorkAbandoned:
-            await self._store.abandon_orchestration(self._owner, state.instance_id)
+            pending = await self._executor.execute(
+                pb.WorkItem(orchestratorRequest=request),
+                Route(ORCHESTRATION, state.name, state.version),
+            )
+        except WorkAbandoned as abandoned:
+            await self._store.postpone(
+                self._owner,
+                state.instance_id,
+                plan.consumed,
+                _now() + timedelta(seconds=abandoned.delay),
+            )
             return
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -207,9 +214,12 @@ class ActivityProcessor:
         request.orchestrationInstance.instanceId = item.instance_id
         request.orchestrationInstance.executionId.value = item.execution_id
         try:
-            pending = await self._executor.execute(pb.WorkItem(activityRequest=request))
-        except WorkAbandoned:
-            await self._store.abandon_activity(self._owner, item, ABANDON_DELAY_SECONDS)
+            pending = await self._executor.execute(
+                pb.WorkItem(activityRequest=request),
+                Route(ACTIVITY, scheduled.name, ev.opt_str(scheduled, "version")),
+            )
+        except WorkAbandoned as abandoned:
+            await self._store.abandon_activity(self._owner, item, abandoned.delay)
             return
         except BaseException:
             with trio.CancelScope(shield=True):

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 Predicate = Callable[[InstanceState], bool]
 
+# An item a worker hands back (AbandonTask*WorkItem) is retried after this long.
+WORKER_ABANDON_DELAY_SECONDS = 1.0
+
 # Query pages: the default and the largest page; bigger requests get continuation tokens.
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -400,7 +403,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     # -- worker rpcs -------------------------------------------------------------------------
 
     async def GetWorkItems(self, request: pb.GetWorkItemsRequest) -> AsyncIterator[pb.WorkItem]:
-        async for item in self._executor.stream(request.worker_instance_id):
+        async for item in self._executor.stream(request):
             yield item
 
     async def CompleteOrchestratorTask(
@@ -438,7 +441,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         pending = self._executor.lookup(token)
         if pending.work_item.WhichOneof("request") != kind:
             raise InvalidRequest(f"completion token '{token}' does not belong to an {kind}")
-        pending.abandon()
+        pending.abandon(WORKER_ABANDON_DELAY_SECONDS)
 
 
 def _unimplemented(rpc: str, streaming: bool) -> Callable[..., Any]:
