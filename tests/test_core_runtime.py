@@ -321,3 +321,17 @@ def test_terminate_action_sends_the_target_a_termination() -> None:
     assert message.event.executionTerminated.input.value == '"enough"'
     assert message.event.executionTerminated.recurse is True
     assert result.state.status == Status.RUNNING
+
+
+def test_the_sdk_trace_context_is_kept_for_the_next_step_and_reset_on_continue_as_new() -> None:
+    response = respond()
+    response.orchestrationTraceContext.spanID.value = "span-1"
+    kept = core.apply_response(state(), first_step(), response, NOW, ids())
+    assert kept.state.trace_context is not None
+    assert kept.state.trace_context.spanID.value == "span-1"
+    quiet = core.apply_response(kept.state, first_step(), respond(), NOW, ids())
+    assert quiet.state.trace_context == kept.state.trace_context
+    renewed = core.apply_response(
+        kept.state, first_step(), respond(complete(Status.CONTINUED_AS_NEW)), NOW, ids()
+    )
+    assert renewed.state.trace_context is None

@@ -20,6 +20,7 @@ from dt_trio._core import (
 )
 from dt_trio._core import _events as ev
 from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost
+from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import SqliteBackend
 
 
@@ -71,7 +72,11 @@ async def create(store: SqliteBackend, state: InstanceState) -> None:
 
 
 async def test_created_instance_reads_back_with_every_field(store: SqliteBackend) -> None:
-    state = new_state(version="v2", scheduled_start_at=now() + timedelta(hours=1))
+    trace = pb.OrchestrationTraceContext()
+    trace.spanID.value = "abc"
+    state = new_state(
+        version="v2", scheduled_start_at=now() + timedelta(hours=1), trace_context=trace
+    )
     await create(store, state)
     loaded = await store.get_instance("i1")
     assert loaded == state

@@ -134,7 +134,11 @@ def apply_response(
     builder = _StepBuilder(state, dispatch, now, new_id)
     builder.apply_new_events()
     builder.state = dataclasses.replace(
-        builder.state, custom_status=ev.opt_str(response, "customStatus")
+        builder.state,
+        custom_status=ev.opt_str(response, "customStatus"),
+        trace_context=response.orchestrationTraceContext
+        if response.HasField("orchestrationTraceContext")
+        else state.trace_context,
     )
     for action in response.actions:
         builder.apply_action(action)
@@ -406,6 +410,7 @@ class _StepBuilder:
             failure=None,
             completed_at=None,
             version=version,
+            trace_context=None,  # a new execution gets a span of its own
         )
         started = ev.execution_started(
             self.now,

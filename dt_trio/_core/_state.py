@@ -57,6 +57,8 @@ class InstanceState:
     scheduled_start_at: datetime | None = None
     parent_instance_id: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
+    # The SDK's span of this execution, handed back on every step so its traces connect.
+    trace_context: pb.OrchestrationTraceContext | None = None
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,8 @@ class OrchestrationProcessor:
             newEvents=plan.new_events,
         )
         request.executionId.value = state.execution_id
+        if state.trace_context is not None:
+            request.orchestrationTraceContext.CopyFrom(state.trace_context)
         try:
             pending = await self._executor.execute(
                 pb.WorkItem(orchestratorRequest=request),

@@ -40,9 +40,11 @@ SCHEMA = (pathlib.Path(__file__).parent / "schema.sql").read_text()
 READERS = 4
 _TERMINAL = tuple(int(s) for s in Status if s.is_terminal)
 
+_INSTANCE_FIELDS = 16
 _INSTANCE_COLUMNS = (
     "instance_id, name, version, execution_id, status, input, output, custom_status, failure, "
-    "created_at, last_updated_at, completed_at, scheduled_start_at, parent_instance_id, tags"
+    "created_at, last_updated_at, completed_at, scheduled_start_at, parent_instance_id, tags, "
+    "trace_context"
 )
 
 
@@ -82,6 +84,9 @@ def _row_to_state(row: sqlite3.Row) -> InstanceState:
         scheduled_start_at=_dt(row["scheduled_start_at"]),
         parent_instance_id=row["parent_instance_id"],
         tags=json.loads(row["tags"]) if row["tags"] else {},
+        trace_context=pb.OrchestrationTraceContext.FromString(row["trace_context"])
+        if row["trace_context"]
+        else None,
     )
 
 
@@ -102,6 +107,7 @@ def _state_values(state: InstanceState) -> tuple[object, ...]:
         _us(state.scheduled_start_at) if state.scheduled_start_at else None,
         state.parent_instance_id,
         json.dumps(dict(state.tags)) if state.tags else None,
+        state.trace_context.SerializeToString() if state.trace_context is not None else None,
     )
 
 
@@ -475,7 +481,7 @@ class SqliteBackend:
                 conn.executemany("DELETE FROM inbox WHERE id = ?", [(i,) for i in result.consumed])
             conn.execute(
                 f"UPDATE instances SET ({_INSTANCE_COLUMNS}) = "
-                f"({','.join('?' * 15)}), locked_by = NULL WHERE instance_id = ?",
+                f"({','.join('?' * _INSTANCE_FIELDS)}), locked_by = NULL WHERE instance_id = ?",
                 (*_state_values(state), state.instance_id),
             )
             now_us = _us(state.last_updated_at)
@@ -667,7 +673,7 @@ def _insert_instance(
     conn: sqlite3.Connection, state: InstanceState, started: pb.HistoryEvent, visible_at: datetime
 ) -> None:
     conn.execute(
-        f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES ({','.join('?' * 15)})",
+        f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES ({','.join('?' * _INSTANCE_FIELDS)})",
         _state_values(state),
     )
     conn.execute(

@@ -18,6 +18,7 @@ CREATE TABLE IF NOT EXISTS instances (
     scheduled_start_at  INTEGER,
     parent_instance_id  TEXT,
     tags                TEXT,
+    trace_context       BLOB,
     locked_by           TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS instances_parent ON instances (parent_instance_id)
