@@ -335,3 +335,61 @@ def test_the_sdk_trace_context_is_kept_for_the_next_step_and_reset_on_continue_a
         kept.state, first_step(), respond(complete(Status.CONTINUED_AS_NEW)), NOW, ids()
     )
     assert renewed.state.trace_context is None
+
+
+def failed_history() -> list[pb.HistoryEvent]:
+    return [
+        ev.orchestrator_started(NOW),
+        started(),
+        ev.execution_completed(NOW, Status.FAILED, None, ev.failure("E", "m")),
+    ]
+
+
+def rewound(reason: str = "try again") -> pb.HistoryEvent:
+    event = ev.new_event(NOW)
+    event.executionRewound.reason.value = reason
+    return event
+
+
+def test_a_rewind_of_a_failed_history_dispatches_exactly_the_two_events_the_sdk_expects() -> None:
+    stray = ev.event_raised(NOW, "late", None)
+    plan = core.plan_step(state(Status.RUNNING), failed_history(), inbox(stray, rewound()), NOW)
+    assert isinstance(plan, core.Dispatch)
+    assert [ev.kind(e) for e in plan.new_events] == ["orchestratorStarted", "executionRewound"]
+    assert plan.consumed == (1, 2)
+
+
+def test_applying_the_rewritten_history_restarts_failed_children_and_wakes_the_instance() -> None:
+    history = failed_history()[:2]
+    created = ev.new_event(NOW, 3)
+    created.subOrchestrationInstanceCreated.instanceId = "kid"
+    created.subOrchestrationInstanceCreated.name = "child"
+    history.append(created)
+    action = pb.OrchestratorAction(id=-1)
+    action.rewindOrchestration.newHistory.extend([*history, rewound()])
+    plan = core.plan_step(state(Status.RUNNING), failed_history(), inbox(rewound()), NOW)
+    assert isinstance(plan, core.Dispatch)
+    result = core.apply_response(state(Status.RUNNING), plan, respond(action), NOW, ids())
+    assert result.reset_history and result.state.status == Status.RUNNING
+    assert [ev.kind(e) for e in result.history][-1] == "executionRewound"
+    (child,) = result.new_instances
+    assert child.state.instance_id == "kid" and child.replace_finished is False
+    assert child.on_conflict.target_instance_id == "kid"
+    assert child.on_conflict.event.executionRewound.reason.value == "try again"
+    assert [ev.kind(m.event) for m in result.messages] == ["orchestratorStarted"]
+
+
+def test_a_completed_child_asked_to_rewind_reports_its_result_again() -> None:
+    parent = pb.ParentInstanceInfo(taskScheduledId=5)
+    parent.orchestrationInstance.instanceId = "dad"
+    history = [
+        ev.orchestrator_started(NOW),
+        started(parent=parent),
+        ev.execution_completed(NOW, Status.COMPLETED, "7", None),
+    ]
+    done = state(Status.COMPLETED, output="7")
+    plan = core.plan_step(done, history, inbox(rewound()), NOW)
+    assert isinstance(plan, core.Settle)
+    (message,) = plan.result.messages
+    assert message.target_instance_id == "dad"
+    assert message.event.subOrchestrationInstanceCompleted.result.value == "7"

@@ -70,6 +70,7 @@ def test_get_of_an_unknown_instance_does_not_exist(c: client.TaskHubGrpcClient, 
         ("SuspendInstance", pb.SuspendRequest(instanceId="ghost")),
         ("ResumeInstance", pb.ResumeRequest(instanceId="ghost")),
         ("RestartInstance", pb.RestartInstanceRequest(instanceId="ghost")),
+        ("RewindInstance", pb.RewindInstanceRequest(instanceId="ghost")),
     ],
 )
 def test_operations_on_an_unknown_instance_are_not_found(
@@ -158,7 +159,6 @@ def test_an_empty_completion_token_is_invalid_argument(stub: Any) -> None:
     [
         ("QueryEntities", pb.QueryEntitiesRequest()),
         ("CleanEntityStorage", pb.CleanEntityStorageRequest()),
-        ("RewindInstance", pb.RewindInstanceRequest(instanceId="x")),
         (
             "SkipGracefulOrchestrationTerminations",
             pb.SkipGracefulOrchestrationTerminationsRequest(),

@@ -73,6 +73,16 @@ def plan_step(
 ) -> Plan:
     """Decide what to do with the visible inbox of one instance."""
     ids = tuple(m.id for m in inbox)
+    rewind = next((m.event for m in inbox if m.event.HasField("executionRewound")), None)
+    if rewind is not None:
+        outcome = _final_status(history)
+        if outcome == Status.FAILED:
+            # The SDK rewrites a failed history when it sees exactly these two new events.
+            return Dispatch(history, [ev.orchestrator_started(now), rewind], ids)
+        if outcome is not None:
+            # A finished child asked to rewind has nothing to redo: its parent, rewound and
+            # waiting for it, gets its result again.
+            return Settle(_renotify_parent(state, history, ids, now))
     if state.status.is_terminal:
         # Nothing reaches a finished execution; the events are consumed and dropped.
         return Settle(StepResult(state=state, consumed=ids, history=[]))
@@ -80,6 +90,10 @@ def plan_step(
     started = any(e.HasField("executionStarted") for e in history)
     delivered: list[pb.HistoryEvent] = []
     for message in inbox:
+        if message.event.HasField("executionRewound") or message.event.HasField(
+            "orchestratorStarted"
+        ):
+            continue  # a rewind of a running instance is moot; a wake-up carries nothing
         if message.event.HasField("executionStarted"):
             if started:
                 continue  # a duplicate start is dropped
@@ -99,6 +113,38 @@ def plan_step(
 
     new_events = [ev.orchestrator_started(now), *delivered]
     return Dispatch(past_events=history, new_events=new_events, consumed=ids)
+
+
+def _final_status(history: Sequence[pb.HistoryEvent]) -> Status | None:
+    """How the execution in `history` ended, or None while it runs."""
+    for event in reversed(history):
+        if event.HasField("executionCompleted"):
+            return Status(event.executionCompleted.orchestrationStatus)
+    return None
+
+
+def _renotify_parent(
+    state: InstanceState, history: Sequence[pb.HistoryEvent], ids: tuple[int, ...], now: datetime
+) -> StepResult:
+    started = next((e.executionStarted for e in history if e.HasField("executionStarted")), None)
+    messages = []
+    if started is not None and started.HasField("parentInstance"):
+        parent = started.parentInstance
+        task_id = parent.taskScheduledId
+        if state.status == Status.COMPLETED:
+            event = ev.sub_orchestration_completed(now, task_id, state.output)
+        else:
+            event = ev.sub_orchestration_failed(
+                now,
+                task_id,
+                state.failure
+                or ev.failure(
+                    "OrchestrationTerminatedError",
+                    f"sub-orchestration '{state.instance_id}' ended as {state.status.label}",
+                ),
+            )
+        messages.append(OutboundMessage(parent.orchestrationInstance.instanceId, event))
+    return StepResult(state=state, consumed=ids, history=[], messages=messages)
 
 
 def _terminate_unstarted(
@@ -252,40 +298,6 @@ class _StepBuilder:
         if create.HasField("parentTraceContext"):
             created.parentTraceContext.CopyFrom(create.parentTraceContext)
         self.history.append(event)
-
-        parent = pb.ParentInstanceInfo(taskScheduledId=action.id)
-        parent.name.value = self.state.name
-        ev.set_str(parent.version, self.state.version)
-        parent.orchestrationInstance.instanceId = self.state.instance_id
-        parent.orchestrationInstance.executionId.value = self.state.execution_id
-        execution_id = self.new_id()
-        version = ev.opt_str(create, "version")
-        input_ = ev.opt_str(create, "input")
-        child = InstanceState(
-            instance_id=child_id,
-            name=create.name,
-            execution_id=execution_id,
-            status=Status.PENDING,
-            created_at=self.now,
-            last_updated_at=self.now,
-            version=version,
-            input=input_,
-            parent_instance_id=self.state.instance_id,
-            tags=dict(create.tags),
-        )
-        started = ev.execution_started(
-            self.now,
-            name=create.name,
-            instance_id=child_id,
-            execution_id=execution_id,
-            input=input_,
-            version=version,
-            tags=create.tags,
-            parent=parent,
-            parent_trace_context=create.parentTraceContext
-            if create.HasField("parentTraceContext")
-            else None,
-        )
         conflict = ev.sub_orchestration_failed(
             self.now,
             action.id,
@@ -295,8 +307,81 @@ class _StepBuilder:
                 f"'{child_id}' already exists and is not finished",
             ),
         )
-        self.new_instances.append(
-            NewInstance(child, started, OutboundMessage(self.state.instance_id, conflict))
+        self._start_child(
+            action.id, created, OutboundMessage(self.state.instance_id, conflict), True
+        )
+
+    def _start_child(
+        self,
+        task_id: int,
+        created: pb.SubOrchestrationInstanceCreatedEvent,
+        on_conflict: OutboundMessage,
+        replace_finished: bool,
+    ) -> None:
+        parent = pb.ParentInstanceInfo(taskScheduledId=task_id)
+        parent.name.value = self.state.name
+        ev.set_str(parent.version, self.state.version)
+        parent.orchestrationInstance.instanceId = self.state.instance_id
+        parent.orchestrationInstance.executionId.value = self.state.execution_id
+        execution_id = self.new_id()
+        version = ev.opt_str(created, "version")
+        input_ = ev.opt_str(created, "input")
+        child = InstanceState(
+            instance_id=created.instanceId,
+            name=created.name,
+            execution_id=execution_id,
+            status=Status.PENDING,
+            created_at=self.now,
+            last_updated_at=self.now,
+            version=version,
+            input=input_,
+            parent_instance_id=self.state.instance_id,
+            tags=dict(created.tags),
+        )
+        started = ev.execution_started(
+            self.now,
+            name=created.name,
+            instance_id=created.instanceId,
+            execution_id=execution_id,
+            input=input_,
+            version=version,
+            tags=created.tags,
+            parent=parent,
+            parent_trace_context=created.parentTraceContext
+            if created.HasField("parentTraceContext")
+            else None,
+        )
+        self.new_instances.append(NewInstance(child, started, on_conflict, replace_finished))
+
+    def _on_rewindOrchestration(self, action: pb.OrchestratorAction) -> None:
+        """The SDK's rewrite of a failed history: failed steps removed, to be run again."""
+        self.finished = True
+        self.reset_history = True
+        self.history = list(action.rewindOrchestration.newHistory)
+        self.completion = []
+        self.state = dataclasses.replace(
+            self.state, status=Status.RUNNING, output=None, failure=None, completed_at=None
+        )
+        rewound = next(
+            (e for e in reversed(self.dispatch.new_events) if e.HasField("executionRewound")),
+            None,
+        )
+        reason = ev.opt_str(rewound.executionRewound, "reason") if rewound else None
+        created: dict[int, pb.SubOrchestrationInstanceCreatedEvent] = {}
+        for event in self.history:
+            if event.HasField("subOrchestrationInstanceCreated"):
+                created[event.eventId] = event.subOrchestrationInstanceCreated
+        for child_id in running_children(self.history):
+            task_id, child = next((t, c) for t, c in created.items() if c.instanceId == child_id)
+            rewind_child = ev.new_event(self.now)
+            ev.set_str(rewind_child.executionRewound.reason, reason)
+            rewind_child.executionRewound.SetInParent()
+            # A child that still exists is rewound (or re-reports its result); a purged one is
+            # started again from its creation event.
+            self._start_child(task_id, child, OutboundMessage(child_id, rewind_child), False)
+        # Wake the instance so that the rewritten history is replayed at once.
+        self.messages.append(
+            OutboundMessage(self.state.instance_id, ev.orchestrator_started(self.now))
         )
 
     def _on_sendEvent(self, action: pb.OrchestratorAction) -> None:

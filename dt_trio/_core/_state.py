@@ -85,13 +85,16 @@ class OutboundMessage:
 class NewInstance:
     """An instance to create with its ExecutionStarted event (a sub-orchestration).
 
-    If an instance with that id exists and is not terminal, the store delivers `on_conflict`
-    instead (the parent learns that the sub-orchestration could not start).
+    If an instance with that id exists and is not terminal (or exists at all, when
+    `replace_finished` is false), the store delivers `on_conflict` instead: for a new
+    sub-orchestration the parent learns that it could not start; for a rewind the existing
+    child is told to rewind.
     """
 
     state: InstanceState
     started: pb.HistoryEvent
     on_conflict: OutboundMessage
+    replace_finished: bool = True
 
 
 @dataclass(frozen=True)

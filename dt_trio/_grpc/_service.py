@@ -177,6 +177,15 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         )
         return pb.RestartInstanceResponse(instanceId=instance_id)
 
+    async def RewindInstance(self, request: pb.RewindInstanceRequest) -> pb.RewindInstanceResponse:
+        """Run a failed instance again from its failed steps; the SDK rewrites the history."""
+        _require(request.instanceId, "instanceId")
+        event = ev.new_event(_now())
+        event.executionRewound.SetInParent()
+        ev.set_str(event.executionRewound.reason, ev.opt_str(request, "reason"))
+        await self._store.rewind(request.instanceId, event)
+        return pb.RewindInstanceResponse()
+
     async def _start(
         self,
         *,

@@ -89,6 +89,10 @@ class Backend(Protocol):
     async def enqueue(self, instance_id: str, event: pb.HistoryEvent, visible_at: datetime) -> None:
         """Put an event into an instance's inbox (`InstanceNotFound` if there is none)."""
 
+    async def rewind(self, instance_id: str, event: pb.HistoryEvent) -> None:
+        """Mark a failed instance running again and queue its ExecutionRewound `event`
+        (`InstanceNotFound`, or `FailedPrecondition` if it has not failed)."""
+
     async def purge(self, instance_id: str, recursive: bool) -> int:
         """Delete a finished instance (and its finished sub-orchestrations when `recursive`) with
         everything it owns. Returns how many instances were deleted; running ones are kept."""

@@ -23,7 +23,13 @@ from typing import TypeVar
 import trio
 
 from dt_trio._core import InboxMessage, InstanceState, Status, StepResult
-from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost, StoreUnavailable
+from dt_trio._errors import (
+    FailedPrecondition,
+    InstanceExists,
+    InstanceNotFound,
+    LockLost,
+    StoreUnavailable,
+)
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store._backend import (
     ActivityWorkItem,
@@ -283,6 +289,36 @@ class SqliteBackend:
         await self._run_write(write)
         self.listener.orchestration_work_added()
 
+    async def rewind(self, instance_id: str, event: pb.HistoryEvent) -> None:
+        blob = event.SerializeToString()
+        failed = int(Status.FAILED)
+
+        def write(conn: sqlite3.Connection) -> None:
+            row = conn.execute(
+                "SELECT status FROM instances WHERE instance_id = ?", (instance_id,)
+            ).fetchone()
+            if row is None:
+                raise InstanceNotFound(instance_id)
+            if row["status"] != failed:
+                raise FailedPrecondition(
+                    f"instance '{instance_id}' is {Status(row['status']).label}; only a failed "
+                    "instance can be rewound"
+                )
+            now_us = _us(datetime.now(UTC))
+            conn.execute(
+                "UPDATE instances SET status = ?, output = NULL, failure = NULL, "
+                "completed_at = NULL, last_updated_at = ? WHERE instance_id = ?",
+                (int(Status.RUNNING), now_us, instance_id),
+            )
+            conn.execute(
+                "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
+                (instance_id, blob, now_us),
+            )
+
+        await self._run_write(write)
+        self.listener.orchestration_work_added()
+        self.listener.instance_changed(instance_id)
+
     async def purge(self, instance_id: str, recursive: bool) -> int:
         def write(conn: sqlite3.Connection) -> int:
             ids = [instance_id]
@@ -498,7 +534,7 @@ class SqliteBackend:
                     "SELECT status FROM instances WHERE instance_id = ?",
                     (new.state.instance_id,),
                 ).fetchone()
-                if row is not None and row["status"] not in _TERMINAL:
+                if row is not None and (not new.replace_finished or row["status"] not in _TERMINAL):
                     _insert_message(
                         conn, new.on_conflict.target_instance_id, new.on_conflict.event, now_us
                     )
