@@ -159,10 +159,6 @@ def test_an_empty_completion_token_is_invalid_argument(stub: Any) -> None:
     [
         ("QueryEntities", pb.QueryEntitiesRequest()),
         ("CleanEntityStorage", pb.CleanEntityStorageRequest()),
-        (
-            "SkipGracefulOrchestrationTerminations",
-            pb.SkipGracefulOrchestrationTerminationsRequest(),
-        ),
     ],
 )
 def test_rpcs_not_served_yet_are_unimplemented_by_name(stub: Any, rpc: str, request_: Any) -> None:

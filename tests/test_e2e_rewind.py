@@ -65,3 +65,40 @@ def test_only_a_failed_instance_can_be_rewound(tmp_path: pathlib.Path) -> None:
         assert "only a failed instance can be rewound" in info.value.details()
         state = c.get_orchestration_state(instance_id)
         assert state is not None and state.runtime_status == Status.RUNNING
+
+
+def test_skip_graceful_termination_ends_instances_without_the_orchestrator(
+    tmp_path: pathlib.Path,
+) -> None:
+    from durabletask.internal import orchestrator_service_pb2 as pb
+    from durabletask.internal import orchestrator_service_pb2_grpc as stubs
+
+    def waits(ctx: task.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.wait_for_external_event("go"))
+
+    def parent(ctx: task.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_sub_orchestrator(waits, instance_id=f"{ctx.instance_id}-kid"))
+
+    with running_sidecar(tmp_path) as sidecar, sdk_worker(sidecar.address, [waits, parent]):
+        c = sdk_client(sidecar.address)
+        top = c.schedule_new_orchestration(parent)
+        kid = f"{top}-kid"
+        c.wait_for_orchestration_start(kid, timeout=10)
+        finished = c.schedule_new_orchestration(waits)
+        c.wait_for_orchestration_start(finished, timeout=10)
+        c.terminate_orchestration(finished)
+        c.wait_for_orchestration_completion(finished, timeout=10)
+        request = pb.SkipGracefulOrchestrationTerminationsRequest()
+        request.instanceBatch.instanceIds.extend([kid, finished, "no-such-instance"])
+        request.reason.value = '"forced"'
+        with grpc.insecure_channel(sidecar.address) as channel:
+            response = stubs.TaskHubSidecarServiceStub(
+                channel
+            ).SkipGracefulOrchestrationTerminations(request)
+        assert list(response.unterminatedInstanceIds) == [finished, "no-such-instance"]
+        state = c.get_orchestration_state(kid)
+        assert state is not None and state.runtime_status == Status.TERMINATED
+        assert state.serialized_output == '"forced"'
+        # the parent hears of its child's end like any other
+        parent_state = c.wait_for_orchestration_completion(top, timeout=10)
+        assert parent_state is not None and parent_state.runtime_status == Status.FAILED

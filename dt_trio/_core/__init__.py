@@ -10,8 +10,10 @@ from dt_trio._core._runtime import (
     Settle,
     activity_result,
     apply_response,
+    parent_notification,
     plan_step,
     running_children,
+    terminate_now,
 )
 from dt_trio._core._state import (
     ActivityTask,
@@ -37,6 +39,8 @@ __all__ = [
     "StepResult",
     "activity_result",
     "apply_response",
+    "parent_notification",
     "plan_step",
     "running_children",
+    "terminate_now",
 ]

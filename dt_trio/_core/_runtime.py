@@ -126,25 +126,56 @@ def _final_status(history: Sequence[pb.HistoryEvent]) -> Status | None:
 def _renotify_parent(
     state: InstanceState, history: Sequence[pb.HistoryEvent], ids: tuple[int, ...], now: datetime
 ) -> StepResult:
+    message = parent_notification(state, history, now)
+    return StepResult(state=state, consumed=ids, history=[], messages=[message] if message else [])
+
+
+def parent_notification(
+    state: InstanceState, history: Sequence[pb.HistoryEvent], now: datetime
+) -> OutboundMessage | None:
+    """The result a finished sub-orchestration owes its parent (None for a top-level one)."""
     started = next((e.executionStarted for e in history if e.HasField("executionStarted")), None)
-    messages = []
-    if started is not None and started.HasField("parentInstance"):
-        parent = started.parentInstance
-        task_id = parent.taskScheduledId
-        if state.status == Status.COMPLETED:
-            event = ev.sub_orchestration_completed(now, task_id, state.output)
-        else:
-            event = ev.sub_orchestration_failed(
-                now,
-                task_id,
-                state.failure
-                or ev.failure(
-                    "OrchestrationTerminatedError",
-                    f"sub-orchestration '{state.instance_id}' ended as {state.status.label}",
-                ),
-            )
-        messages.append(OutboundMessage(parent.orchestrationInstance.instanceId, event))
-    return StepResult(state=state, consumed=ids, history=[], messages=messages)
+    if started is None or not started.HasField("parentInstance"):
+        return None
+    parent = started.parentInstance
+    task_id = parent.taskScheduledId
+    if state.status == Status.COMPLETED:
+        event = ev.sub_orchestration_completed(now, task_id, state.output)
+    else:
+        failure = state.failure or ev.failure(
+            "OrchestrationTerminatedError"
+            if state.status == Status.TERMINATED
+            else "OrchestrationFailedError",
+            f"sub-orchestration '{state.instance_id}' ended as {state.status.label}"
+            + (f": {state.output}" if state.output else ""),
+        )
+        event = ev.sub_orchestration_failed(now, task_id, failure)
+    return OutboundMessage(parent.orchestrationInstance.instanceId, event)
+
+
+def terminate_now(
+    state: InstanceState, history: Sequence[pb.HistoryEvent], reason: str | None, now: datetime
+) -> StepResult:
+    """Terminate without running the orchestrator (SkipGracefulOrchestrationTerminations)."""
+    finished = dataclasses.replace(
+        state,
+        status=Status.TERMINATED,
+        output=reason,
+        failure=None,
+        completed_at=now,
+        last_updated_at=now,
+    )
+    message = parent_notification(finished, history, now)
+    return StepResult(
+        state=finished,
+        consumed=(),
+        history=[
+            ev.orchestrator_started(now),
+            ev.execution_terminated(now, reason, False),
+            ev.execution_completed(now, Status.TERMINATED, reason, None),
+        ],
+        messages=[message] if message else [],
+    )
 
 
 def _terminate_unstarted(
@@ -439,30 +470,14 @@ class _StepBuilder:
             ev.orchestrator_completed(self.now),
             ev.execution_completed(self.now, status, result, failure),
         ]
-        self._notify_parent(status, result, failure)
+        self._notify_parent()
         if status == Status.TERMINATED:
             self._terminate_children()
 
-    def _notify_parent(
-        self, status: Status, result: str | None, failure: pb.TaskFailureDetails | None
-    ) -> None:
-        if not self.started.HasField("parentInstance"):
-            return
-        parent = self.started.parentInstance
-        task_id = parent.taskScheduledId
-        if status == Status.COMPLETED:
-            event = ev.sub_orchestration_completed(self.now, task_id, result)
-        else:
-            if failure is None:
-                failure = ev.failure(
-                    "OrchestrationTerminatedError"
-                    if status == Status.TERMINATED
-                    else "OrchestrationFailedError",
-                    f"sub-orchestration '{self.state.instance_id}' ended as {status.label}"
-                    + (f": {result}" if result else ""),
-                )
-            event = ev.sub_orchestration_failed(self.now, task_id, failure)
-        self.messages.append(OutboundMessage(parent.orchestrationInstance.instanceId, event))
+    def _notify_parent(self) -> None:
+        message = parent_notification(self.state, self.all_events, self.now)
+        if message is not None:
+            self.messages.append(message)
 
     def _terminate_children(self) -> None:
         terminate = next(

@@ -11,6 +11,7 @@ from typing import Any
 
 from google.protobuf import empty_pb2
 
+from dt_trio import _core as core
 from dt_trio._core import InstanceState, Status
 from dt_trio._core import _events as ev
 from dt_trio._engine import RemoteExecutor, Signals
@@ -25,6 +26,9 @@ Predicate = Callable[[InstanceState], bool]
 
 # An item a worker hands back (AbandonTask*WorkItem) is retried after this long.
 WORKER_ABANDON_DELAY_SECONDS = 1.0
+
+# SkipGracefulOrchestrationTerminations takes at most this many instances per call.
+MAX_SKIP_GRACEFUL = 500
 
 # Query pages: the default and the largest page; bigger requests get continuation tokens.
 DEFAULT_PAGE_SIZE = 100
@@ -185,6 +189,36 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         ev.set_str(event.executionRewound.reason, ev.opt_str(request, "reason"))
         await self._store.rewind(request.instanceId, event)
         return pb.RewindInstanceResponse()
+
+    async def SkipGracefulOrchestrationTerminations(
+        self, request: pb.SkipGracefulOrchestrationTerminationsRequest
+    ) -> pb.SkipGracefulOrchestrationTerminationsResponse:
+        """Mark instances terminated in the store at once, without running the orchestrator."""
+        ids = list(request.instanceBatch.instanceIds)
+        if len(ids) > MAX_SKIP_GRACEFUL:
+            raise InvalidRequest(
+                f"at most {MAX_SKIP_GRACEFUL} instances can be terminated per call, not {len(ids)}"
+            )
+        reason = ev.opt_str(request, "reason")
+        unterminated = []
+        for instance_id in ids:
+            if not await self._terminate_now(instance_id, reason):
+                unterminated.append(instance_id)
+        return pb.SkipGracefulOrchestrationTerminationsResponse(
+            unterminatedInstanceIds=unterminated
+        )
+
+    async def _terminate_now(self, instance_id: str, reason: str | None) -> bool:
+        for _ in range(3):  # the instance may move on between our read and our write
+            state = await self._store.get_instance(instance_id) if instance_id else None
+            if state is None or state.status.is_terminal:
+                return False
+            history = await self._store.get_history(instance_id)
+            result = core.terminate_now(state, history, reason, _now())
+            if await self._store.commit_forced(result, state.last_updated_at):
+                log.info("%s: terminated without the orchestrator", instance_id)
+                return True
+        return False
 
     async def _start(
         self,

@@ -134,6 +134,11 @@ class Backend(Protocol):
         """Commit one orchestration step atomically and release the lease (`LockLost` if the
         lease is not `owner`'s)."""
 
+    async def commit_forced(self, result: StepResult, expected_update: datetime) -> bool:
+        """Commit `result` over whatever the instance is doing, if the instance was not updated
+        since `expected_update` and is not finished: its pending events and activities are
+        dropped and a step in flight loses its lease. Returns whether it was committed."""
+
     async def postpone(
         self, owner: str, instance_id: str, message_ids: Sequence[int], until: datetime
     ) -> None:

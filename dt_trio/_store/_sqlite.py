@@ -54,18 +54,19 @@ _INSTANCE_COLUMNS = (
 )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def _us(dt: datetime) -> int:
-    return (
-        int(dt.timestamp() * 1_000_000)
-        if dt.tzinfo
-        else int(dt.replace(tzinfo=UTC).timestamp() * 1_000_000)
-    )
+    # Exact integer arithmetic: a time read back compares equal to the one written.
+    return ((dt if dt.tzinfo else dt.replace(tzinfo=UTC)) - _EPOCH) // _MICROSECOND
 
 
 def _dt(us: int | None) -> datetime | None:
     if us is None:
         return None
-    return datetime.fromtimestamp(us / 1_000_000, tz=UTC)
+    return _EPOCH + timedelta(microseconds=us)
 
 
 def _event(blob: bytes) -> pb.HistoryEvent:
@@ -492,80 +493,37 @@ class SqliteBackend:
         return await self._run_read(read)
 
     async def commit_step(self, owner: str, result: StepResult) -> None:
-        state = result.state
-        added_activities = bool(result.activities)
-
         def write(conn: sqlite3.Connection) -> list[str]:
-            _check_lease(conn, owner, state.instance_id)
-            changed = [state.instance_id]
-            if result.reset_history:
-                conn.execute("DELETE FROM history WHERE instance_id = ?", (state.instance_id,))
-                conn.execute("DELETE FROM activities WHERE instance_id = ?", (state.instance_id,))
-            if result.history:
-                start = conn.execute(
-                    "SELECT COALESCE(MAX(seq), -1) + 1 FROM history WHERE instance_id = ?",
-                    (state.instance_id,),
-                ).fetchone()[0]
-                conn.executemany(
-                    "INSERT INTO history (instance_id, seq, event) VALUES (?, ?, ?)",
-                    [
-                        (state.instance_id, start + i, e.SerializeToString())
-                        for i, e in enumerate(result.history)
-                    ],
-                )
-            if result.consumed:
-                conn.executemany("DELETE FROM inbox WHERE id = ?", [(i,) for i in result.consumed])
-            conn.execute(
-                f"UPDATE instances SET ({_INSTANCE_COLUMNS}) = "
-                f"({','.join('?' * _INSTANCE_FIELDS)}), locked_by = NULL WHERE instance_id = ?",
-                (*_state_values(state), state.instance_id),
-            )
-            now_us = _us(state.last_updated_at)
-            conn.executemany(
-                "INSERT INTO activities (instance_id, execution_id, event, visible_at) "
-                "VALUES (?, ?, ?, ?)",
-                [
-                    (a.instance_id, a.execution_id, a.scheduled.SerializeToString(), now_us)
-                    for a in result.activities
-                ],
-            )
-            for new in result.new_instances:
-                row = conn.execute(
-                    "SELECT status FROM instances WHERE instance_id = ?",
-                    (new.state.instance_id,),
-                ).fetchone()
-                if row is not None and (not new.replace_finished or row["status"] not in _TERMINAL):
-                    _insert_message(
-                        conn, new.on_conflict.target_instance_id, new.on_conflict.event, now_us
-                    )
-                    continue
-                if row is not None:
-                    _delete_instances(conn, [new.state.instance_id])
-                _insert_instance(conn, new.state, new.started, new.state.created_at)
-                changed.append(new.state.instance_id)
-            arrived: list[sqlite3.Row] = []
-            if result.reset_history:
-                # The new execution's start and carried-over events go before the events that
-                # arrived during the step, which the old execution never saw.
-                arrived = conn.execute(
-                    "SELECT event, visible_at FROM inbox WHERE instance_id = ? ORDER BY id",
-                    (state.instance_id,),
-                ).fetchall()
-                conn.execute("DELETE FROM inbox WHERE instance_id = ?", (state.instance_id,))
-            for message in result.messages:
-                visible = _us(message.visible_at) if message.visible_at else now_us
-                _insert_message(conn, message.target_instance_id, message.event, visible)
-            conn.executemany(
-                "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
-                [(state.instance_id, row[0], row[1]) for row in arrived],
-            )
-            return changed
+            _check_lease(conn, owner, result.state.instance_id)
+            return _apply_step(conn, result)
+
+        self._after_step(result, await self._run_write(write))
+
+    async def commit_forced(self, result: StepResult, expected_update: datetime) -> bool:
+        instance_id = result.state.instance_id
+
+        def write(conn: sqlite3.Connection) -> list[str] | None:
+            row = conn.execute(
+                "SELECT status, last_updated_at FROM instances WHERE instance_id = ?",
+                (instance_id,),
+            ).fetchone()
+            if row is None or row[0] in _TERMINAL or row[1] != _us(expected_update):
+                return None
+            conn.execute("DELETE FROM inbox WHERE instance_id = ?", (instance_id,))
+            conn.execute("DELETE FROM activities WHERE instance_id = ?", (instance_id,))
+            return _apply_step(conn, result)  # also clears the lease
 
         changed = await self._run_write(write)
+        if changed is None:
+            return False
+        self._after_step(result, changed)
+        return True
+
+    def _after_step(self, result: StepResult, changed: list[str]) -> None:
         # Even with an empty outbox: events that arrived while the instance was leased have just
         # become leasable.
         self.listener.orchestration_work_added()
-        if added_activities:
+        if result.activities:
             self.listener.activity_work_added()
         for instance_id in changed:
             self.listener.instance_changed(instance_id)
@@ -727,6 +685,72 @@ def _insert_message(
         "SELECT instance_id, ?, ? FROM instances WHERE instance_id = ?",
         (event.SerializeToString(), visible_us, instance_id),
     )
+
+
+def _apply_step(conn: sqlite3.Connection, result: StepResult) -> list[str]:
+    """Write one step: history, inbox consumption, instance row (lease cleared), outbox.
+    Returns the ids of the instances whose state changed."""
+    state = result.state
+    changed = [state.instance_id]
+    if result.reset_history:
+        conn.execute("DELETE FROM history WHERE instance_id = ?", (state.instance_id,))
+        conn.execute("DELETE FROM activities WHERE instance_id = ?", (state.instance_id,))
+    if result.history:
+        start = conn.execute(
+            "SELECT COALESCE(MAX(seq), -1) + 1 FROM history WHERE instance_id = ?",
+            (state.instance_id,),
+        ).fetchone()[0]
+        conn.executemany(
+            "INSERT INTO history (instance_id, seq, event) VALUES (?, ?, ?)",
+            [
+                (state.instance_id, start + i, e.SerializeToString())
+                for i, e in enumerate(result.history)
+            ],
+        )
+    if result.consumed:
+        conn.executemany("DELETE FROM inbox WHERE id = ?", [(i,) for i in result.consumed])
+    conn.execute(
+        f"UPDATE instances SET ({_INSTANCE_COLUMNS}) = "
+        f"({','.join('?' * _INSTANCE_FIELDS)}), locked_by = NULL WHERE instance_id = ?",
+        (*_state_values(state), state.instance_id),
+    )
+    now_us = _us(state.last_updated_at)
+    conn.executemany(
+        "INSERT INTO activities (instance_id, execution_id, event, visible_at) VALUES (?, ?, ?, ?)",
+        [
+            (a.instance_id, a.execution_id, a.scheduled.SerializeToString(), now_us)
+            for a in result.activities
+        ],
+    )
+    for new in result.new_instances:
+        row = conn.execute(
+            "SELECT status FROM instances WHERE instance_id = ?",
+            (new.state.instance_id,),
+        ).fetchone()
+        if row is not None and (not new.replace_finished or row["status"] not in _TERMINAL):
+            _insert_message(conn, new.on_conflict.target_instance_id, new.on_conflict.event, now_us)
+            continue
+        if row is not None:
+            _delete_instances(conn, [new.state.instance_id])
+        _insert_instance(conn, new.state, new.started, new.state.created_at)
+        changed.append(new.state.instance_id)
+    arrived: list[sqlite3.Row] = []
+    if result.reset_history:
+        # The new execution's start and carried-over events go before the events that
+        # arrived during the step, which the old execution never saw.
+        arrived = conn.execute(
+            "SELECT event, visible_at FROM inbox WHERE instance_id = ? ORDER BY id",
+            (state.instance_id,),
+        ).fetchall()
+        conn.execute("DELETE FROM inbox WHERE instance_id = ?", (state.instance_id,))
+    for message in result.messages:
+        visible = _us(message.visible_at) if message.visible_at else now_us
+        _insert_message(conn, message.target_instance_id, message.event, visible)
+    conn.executemany(
+        "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
+        [(state.instance_id, row[0], row[1]) for row in arrived],
+    )
+    return changed
 
 
 def _filter_sql(where: InstanceFilter) -> tuple[list[str], list[object]]:
