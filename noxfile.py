@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import nox
 
-nox.options.sessions = ["tests"]
+nox.options.sessions = ["tests", "js"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -45,3 +48,16 @@ def sdk_suites(session: nox.Session) -> None:
     # the async suite's tests are asyncio coroutines
     session.install("-e", ".[test]", "pytest-asyncio")
     session.run("python", "tests/sdk_suites/run_official.py", *session.posargs)
+
+
+@nox.session(python="3.11")
+def js(session: nox.Session) -> None:
+    """The official JavaScript SDK (@microsoft/durabletask-js) against dt-trio."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        session.skip("node and npm are not on PATH: the JavaScript SDK tests need Node.js 18+")
+    session.install("-e", ".")
+    session.run("npm", "ci", "--silent", "--prefix", "tests/js", external=True)
+    python = os.path.join(session.bin, "python")
+    session.run(
+        "npm", "test", "--prefix", "tests/js", external=True, env={"DT_TRIO_PYTHON": python}
+    )
