@@ -1,4 +1,4 @@
-"""Developer sessions: `nox` runs the tests; `nox -s lint typecheck protos bench` the rest."""
+"""Developer sessions: `nox` runs the tests (Python and JavaScript SDKs); `nox -s NAME` the rest."""
 
 from __future__ import annotations
 

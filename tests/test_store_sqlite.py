@@ -255,3 +255,31 @@ async def test_continue_as_new_queues_its_start_and_carryover_before_late_arriva
     assert kinds[0] == "executionStarted"
     assert names == ["kept", "late"]
     assert await store.get_history("i1") == []
+
+
+async def test_queries_and_the_lease_are_served_by_indexes(tmp_path: pathlib.Path) -> None:
+    """At 100,000 instances a scan would be slow; every hot statement must use an index."""
+    import sqlite3
+
+    backend = SqliteBackend(str(tmp_path / "plan.sqlite3"))
+    await backend.open()
+    await backend.close()
+    conn = sqlite3.connect(str(tmp_path / "plan.sqlite3"))
+    statements = {
+        "query by status": "SELECT instance_id FROM instances WHERE status IN (1, 3) "
+        "AND (created_at, instance_id) > (0, '') ORDER BY created_at, instance_id LIMIT 100",
+        "query by prefix": "SELECT instance_id FROM instances WHERE instance_id >= 'a' "
+        "AND instance_id < 'b' ORDER BY created_at, instance_id LIMIT 100",
+        "list finished": "SELECT completed_at, instance_id FROM instances WHERE completed_at IS "
+        "NOT NULL AND status IN (1) ORDER BY completed_at, instance_id LIMIT 100",
+        "get": "SELECT * FROM instances WHERE instance_id = 'x'",
+        "history": "SELECT event FROM history WHERE instance_id = 'x' ORDER BY seq",
+        "children": "SELECT instance_id FROM instances WHERE parent_instance_id IN ('x')",
+        "inbox of one": "SELECT id FROM inbox WHERE instance_id = 'x' AND visible_at <= 1",
+        "next activity": "SELECT id FROM activities WHERE locked_by IS NULL AND visible_at <= 1 "
+        "ORDER BY visible_at, id LIMIT 1",
+    }
+    for what, sql in statements.items():
+        plan = " | ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+        assert "USING" in plan and "SCAN instances" not in plan, f"{what}: {plan}"
+    conn.close()
