@@ -61,3 +61,10 @@ def js(session: nox.Session) -> None:
     session.run(
         "npm", "test", "--prefix", "tests/js", external=True, env={"DT_TRIO_PYTHON": python}
     )
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """dt-trio against the SDK's in-memory reference server: -- [--quick] [--json FILE]."""
+    session.install("-e", ".[test]")
+    session.run("python", "tests/bench/bench.py", *session.posargs)

@@ -1,0 +1,208 @@
+"""dt-trio against the official SDK's in-memory reference server, same SDK worker and client.
+
+    python tests/bench/bench.py [--quick] [--json FILE]
+
+Both servers run in their own process; this process runs the official Python SDK's worker and
+client against each in turn and prints one table with the ratio dt-trio / reference. dt-trio
+runs on an sqlite file in WAL mode (durable); the reference keeps everything in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from durabletask import client, task, worker
+
+logging.disable(logging.WARNING)
+
+
+def say_hello(ctx: task.ActivityContext, city: str) -> str:
+    return f"Hello, {city}!"
+
+
+def hello_cities(ctx: task.OrchestrationContext, _: Any) -> Any:
+    out = []
+    for city in ("Tokyo", "Seattle", "London"):
+        out.append((yield ctx.call_activity(say_hello, input=city)))
+    return out
+
+
+def fan_out(ctx: task.OrchestrationContext, n: int) -> Any:
+    return len(
+        (yield task.when_all([ctx.call_activity(say_hello, input=str(i)) for i in range(n)]))
+    )
+
+
+def one_activity(ctx: task.OrchestrationContext, _: Any) -> Any:
+    return (yield ctx.call_activity(say_hello, input="x"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the server exited during start-up")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("the server did not start")
+
+
+@contextmanager
+def server(kind: str) -> Iterator[str]:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "dt-trio":
+            cmd = [
+                sys.executable,
+                "-m",
+                "dt_trio",
+                "--port",
+                str(port),
+                "--log-level",
+                "WARNING",
+                "--db",
+                os.path.join(tmp, "bench.sqlite3"),
+            ]
+        else:
+            code = (
+                "import time; from durabletask.testing import create_test_backend; "
+                f"create_test_backend(port={port}); time.sleep(10**6)"
+            )
+            cmd = [sys.executable, "-c", code]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_listening(port, proc)
+            yield f"127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def hello_workload(c: client.TaskHubGrpcClient, n: int) -> dict[str, float]:
+    started = time.perf_counter()
+    ids = [c.schedule_new_orchestration(hello_cities) for _ in range(n)]
+    latencies = []
+    for instance_id in ids:
+        state = c.wait_for_orchestration_completion(instance_id, timeout=600)
+        assert state is not None and state.runtime_status == client.OrchestrationStatus.COMPLETED
+        latencies.append((state.last_updated_at - state.created_at).total_seconds() * 1000)
+    elapsed = time.perf_counter() - started
+    return {
+        "orchestrations_per_s": n / elapsed,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+    }
+
+
+def fan_out_workload(c: client.TaskHubGrpcClient, n: int) -> dict[str, float]:
+    started = time.perf_counter()
+    instance_id = c.schedule_new_orchestration(fan_out, input=n)
+    state = c.wait_for_orchestration_completion(instance_id, timeout=600)
+    assert state is not None and state.serialized_output == str(n)
+    return {"activities_per_s": n / (time.perf_counter() - started)}
+
+
+def idle_workload(c: client.TaskHubGrpcClient, n: int) -> dict[str, float]:
+    latencies = []
+    for _ in range(n):
+        started = time.perf_counter()
+        instance_id = c.schedule_new_orchestration(one_activity)
+        c.wait_for_orchestration_completion(instance_id, timeout=60)
+        latencies.append((time.perf_counter() - started) * 1000)
+    return {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
+
+
+WORKLOADS: dict[
+    str, tuple[Callable[[client.TaskHubGrpcClient, int], dict[str, float]], int, int]
+] = {
+    # name: (function, full size, --quick size)
+    "hello cities": (hello_workload, 1000, 100),
+    "fan-out/fan-in": (fan_out_workload, 1000, 200),
+    "idle latency": (idle_workload, 200, 30),
+}
+HIGHER_IS_BETTER = {"orchestrations_per_s", "activities_per_s"}
+
+
+def run(kind: str, quick: bool) -> dict[str, dict[str, float]]:
+    results = {}
+    with server(kind) as address:
+        w = worker.TaskHubGrpcWorker(host_address=address)
+        for o in (hello_cities, fan_out, one_activity):
+            w.add_orchestrator(o)
+        w.add_activity(say_hello)
+        w.start()
+        try:
+            c = client.TaskHubGrpcClient(host_address=address)
+            idle_workload(c, 5)  # warm-up: connections, imports
+            for name, (fn, full, small) in WORKLOADS.items():
+                results[name] = fn(c, small if quick else full)
+        finally:
+            w.stop()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--json", default="bench-results.json", help="where to write results")
+    args = parser.parse_args()
+    measured = {kind: run(kind, args.quick) for kind in ("dt-trio", "reference")}
+    rows = []
+    for name, (_, full, small) in WORKLOADS.items():
+        size = small if args.quick else full
+        for metric, ours in measured["dt-trio"][name].items():
+            ref = measured["reference"][name][metric]
+            better = ours / ref if metric in HIGHER_IS_BETTER else ref / ours
+            rows.append((f"{name} (n={size})", metric, ours, ref, ours / ref, better))
+    header = ("workload", "metric", "dt-trio", "reference", "ratio", "dt-trio better by")
+    print(
+        f"{header[0]:<24} {header[1]:<22} {header[2]:>10} {header[3]:>10} {header[4]:>7} "
+        f"{header[5]:>17}"
+    )
+    for workload, metric, ours, ref, ratio, better in rows:
+        print(
+            f"{workload:<24} {metric:<22} {ours:>10.1f} {ref:>10.1f} {ratio:>7.2f} {better:>16.2f}x"
+        )
+    report = {
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "quick": args.quick,
+        "results": measured,
+    }
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\n{os.cpu_count()} cores, Python {platform.python_version()}; written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
