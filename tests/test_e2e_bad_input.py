@@ -191,3 +191,27 @@ def test_a_terminated_instance_ignores_later_events(c: client.TaskHubGrpcClient)
     assert state is not None
     assert state.runtime_status == client.OrchestrationStatus.TERMINATED
     assert json.loads(state.serialized_output) == "done"
+
+
+def test_an_id_reuse_policy_decides_which_statuses_may_be_replaced(
+    c: client.TaskHubGrpcClient,
+) -> None:
+    only_failed = pb.OrchestrationIdReusePolicy(replaceableStatus=[pb.ORCHESTRATION_STATUS_FAILED])
+    instance_id = c.schedule_new_orchestration(hello, input="one", instance_id="reuse-1")
+    c.wait_for_orchestration_completion(instance_id, timeout=20)
+    code, details = status_of(
+        lambda: c.schedule_new_orchestration(
+            hello, input="two", instance_id="reuse-1", reuse_id_policy=only_failed
+        )
+    )
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "completed" in details
+    running_ok = pb.OrchestrationIdReusePolicy(
+        replaceableStatus=[pb.ORCHESTRATION_STATUS_RUNNING, pb.ORCHESTRATION_STATUS_COMPLETED]
+    )
+    c.schedule_new_orchestration(waits, instance_id="reuse-2")
+    c.wait_for_orchestration_start("reuse-2", timeout=10)
+    c.schedule_new_orchestration(
+        hello, input="new", instance_id="reuse-2", reuse_id_policy=running_ok
+    )
+    state = c.wait_for_orchestration_completion("reuse-2", timeout=20)
+    assert state is not None and json.loads(state.serialized_output) == "hello new"
