@@ -136,3 +136,29 @@ def test_hello_cities_example_runs_against_the_sidecar(tmp_path: pathlib.Path) -
         assert 'COMPLETED ["Hello, Tokyo!", "Hello, Seattle!", "Hello, London!"]' in out.stdout
     finally:
         assert sidecar.stop() == 0
+
+
+def test_a_second_sidecar_on_the_same_store_is_refused(tmp_path: pathlib.Path) -> None:
+    db = str(tmp_path / "hub.sqlite3")
+    first = Sidecar(db, tmp_path / "first.log").start()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "dt_trio", "--port", "0", "--db", db],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 1
+        assert f"cannot start: the store {db} is in use by another dt-trio process" in out.stderr
+        assert "Traceback" not in out.stderr
+        with sdk_worker(first.address, [greet]):  # the first one still serves
+            c = sdk_client(first.address)
+            instance_id = c.schedule_new_orchestration(greet, input="first")
+            state = c.wait_for_orchestration_completion(instance_id, timeout=20)
+            assert state is not None and json.loads(state.serialized_output) == "hi first"
+    finally:
+        assert first.stop() == 0
+    # the lock goes with the process, even after kill -9
+    second = Sidecar(db, tmp_path / "second.log").start()
+    second.kill()
+    assert Sidecar(db, tmp_path / "third.log").start().stop() == 0

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import os
 import pathlib
 import queue
 import sqlite3
@@ -18,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import trio
 
@@ -145,6 +147,7 @@ class SqliteBackend:
         self._write_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(READERS)
         self._memory_uri = f"file:dt-trio-{uuid.uuid4().hex}?mode=memory&cache=shared"
+        self._lock_file: IO[bytes] | None = None
 
     # -- connections -----------------------------------------------------------------------
 
@@ -163,6 +166,7 @@ class SqliteBackend:
 
     def _open_sync(self) -> None:
         if self.path:
+            self._lock_file = _exclusive_lock(self.path)
             file = pathlib.Path(self.path)
             if not file.exists():
                 # Owner-only: the store holds every payload of every orchestration.
@@ -186,14 +190,21 @@ class SqliteBackend:
     async def open(self) -> None:
         try:
             await trio.to_thread.run_sync(self._open_sync, limiter=self._write_limiter)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
+            await self.close()
             raise StoreUnavailable(f"cannot open the store {self.description}: {exc}") from exc
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         def close_all() -> None:
             for conn in self._all:
                 conn.close()
             self._all.clear()
+            if self._lock_file is not None:
+                self._lock_file.close()  # releases the lock
+                self._lock_file = None
 
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(close_all, limiter=self._write_limiter)
@@ -634,6 +645,27 @@ class SqliteBackend:
 
         await self._run_write(write)
         self.listener.activity_work_added()
+
+
+def _exclusive_lock(path: str) -> IO[bytes]:
+    """Hold `path`.lock for the life of the store.
+
+    One process owns a store: it releases every lease it finds when it opens, so a second
+    sidecar on the same file would steal work from the first. The OS drops the lock when the
+    process dies, kill -9 included, so a crash never leaves the store locked.
+    """
+    lock_path = f"{path}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    lock_file = os.fdopen(fd, "r+b")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        raise StoreUnavailable(
+            f"the store {path} is in use by another dt-trio process (it holds {lock_path}); "
+            "stop that process or give this one another --db"
+        ) from None
+    return lock_file
 
 
 @contextlib.contextmanager
