@@ -283,3 +283,33 @@ async def test_queries_and_the_lease_are_served_by_indexes(tmp_path: pathlib.Pat
         plan = " | ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
         assert "USING" in plan and "SCAN instances" not in plan, f"{what}: {plan}"
     conn.close()
+
+
+async def test_concurrent_writes_commit_together_and_a_failing_one_fails_alone(
+    store: SqliteBackend,
+) -> None:
+    await create(store, new_state("taken"))
+    outcomes: dict[str, str] = {}
+
+    async def attempt(instance_id: str) -> None:
+        try:
+            await create(store, new_state(instance_id, input=f'"{instance_id}"'))
+            outcomes[instance_id] = "created"
+        except InstanceExists:
+            outcomes[instance_id] = "exists"
+
+    async with trio.open_nursery() as nursery:
+        for instance_id in ["a", "b", "taken", "c", "d"]:
+            nursery.start_soon(attempt, instance_id)
+    assert outcomes == {
+        "a": "created",
+        "b": "created",
+        "taken": "exists",
+        "c": "created",
+        "d": "created",
+    }
+    for instance_id in "abcd":
+        loaded = await store.get_instance(instance_id)
+        assert loaded is not None and loaded.input == f'"{instance_id}"'
+    taken = await store.get_instance("taken")
+    assert taken is not None and taken.input == '"x"'

@@ -20,8 +20,9 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
+import outcome
 import trio
 
 from dt_trio._core import InboxMessage, InstanceState, Status, StepResult
@@ -120,6 +121,15 @@ def _state_values(state: InstanceState) -> tuple[object, ...]:
     )
 
 
+@dataclasses.dataclass(eq=False)
+class _WriteSlot:
+    """One write waiting for its turn in a group commit."""
+
+    fn: Callable[[sqlite3.Connection], Any]
+    outcome: outcome.Outcome[Any] | None = None
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+
 class _NullListener:
     def orchestration_work_added(self) -> None:
         pass
@@ -145,6 +155,8 @@ class SqliteBackend:
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all: list[sqlite3.Connection] = []
         self._write_limiter = trio.CapacityLimiter(1)
+        self._write_queue: list[_WriteSlot] = []
+        self._writing = False
         self._read_limiter = trio.CapacityLimiter(READERS)
         self._memory_uri = f"file:dt-trio-{uuid.uuid4().hex}?mode=memory&cache=shared"
         self._lock_file: IO[bytes] | None = None
@@ -210,17 +222,55 @@ class SqliteBackend:
             await trio.to_thread.run_sync(close_all, limiter=self._write_limiter)
 
     async def _run_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            conn = self._writer
-            if conn is None:
-                raise StoreUnavailable("the store is not open")
-            try:
-                with _transaction(conn):
-                    return fn(conn)
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"the store cannot write: {exc}") from exc
+        """Run `fn` in a write transaction, grouped with the writes waiting beside it.
 
-        return await trio.to_thread.run_sync(call, limiter=self._write_limiter)
+        Group commit: writes that arrive while a transaction is running wait, then all run in
+        the next one, each in a savepoint of its own, so one failing write (a lost lease, say)
+        rolls back alone. Whoever finds no transaction running drives the batches until none
+        are left; that loop is shielded, so a cancelled caller cannot strand the others.
+        """
+        slot = _WriteSlot(fn)
+        self._write_queue.append(slot)
+        if self._writing:
+            await slot.done.wait()
+        else:
+            self._writing = True
+            try:
+                with trio.CancelScope(shield=True):
+                    while self._write_queue:
+                        batch, self._write_queue = self._write_queue, []
+                        await trio.to_thread.run_sync(
+                            self._write_batch, batch, limiter=self._write_limiter
+                        )
+                        for done in batch:
+                            done.done.set()
+            finally:
+                self._writing = False
+        assert slot.outcome is not None
+        return slot.outcome.unwrap()  # type: ignore[no-any-return]
+
+    def _write_batch(self, batch: list[_WriteSlot]) -> None:
+        conn = self._writer
+        if conn is None:
+            for slot in batch:
+                slot.outcome = outcome.Error(StoreUnavailable("the store is not open"))
+            return
+        try:
+            with _transaction(conn):
+                for slot in batch:
+                    conn.execute("SAVEPOINT one_write")
+                    try:
+                        slot.outcome = outcome.Value(slot.fn(conn))
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO one_write")
+                        if isinstance(exc, sqlite3.OperationalError):
+                            exc = StoreUnavailable(f"the store cannot write: {exc}")
+                        slot.outcome = outcome.Error(exc)
+                    conn.execute("RELEASE one_write")
+        except sqlite3.Error as exc:
+            failed = StoreUnavailable(f"the store cannot write: {exc}")
+            for slot in batch:
+                slot.outcome = outcome.Error(failed)
 
     async def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self.path:
