@@ -262,7 +262,7 @@ class _Connection:
             request = signature.request_type.FromString(self._one_message(stream, decode))
             if signature.cardinality == Cardinality.UNARY_UNARY:
                 response = await method.method_fn(request, request=info)
-                await self._send_message(stream, response, first=True)
+                await self._send_message(stream, response, first=True, flush=False)
                 return True
             started = False
             async for response in method.method_fn(request, request=info):
@@ -307,7 +307,11 @@ class _Connection:
                 )
         return payload
 
-    async def _send_message(self, stream: _Stream, message: Any, *, first: bool) -> None:
+    async def _send_message(
+        self, stream: _Stream, message: Any, *, first: bool, flush: bool = True
+    ) -> None:
+        """Queue a response message; `flush=False` leaves it to go out with the trailers (one
+        write per unary response instead of two)."""
         if first:
             self._h2.send_headers(
                 stream.stream_id,
@@ -321,7 +325,7 @@ class _Connection:
         data = struct.pack(">?I", False, len(body)) + body
         while data:
             if stream.reset:
-                raise trio.Cancelled._create()  # pragma: no cover - scope already cancelled
+                await trio.lowlevel.checkpoint()  # the stream's scope is cancelled: raise here
             window = min(
                 self._h2.local_flow_control_window(stream.stream_id),
                 self._h2.max_outbound_frame_size,
@@ -331,7 +335,8 @@ class _Connection:
                 continue
             self._h2.send_data(stream.stream_id, data[:window])
             data = data[window:]
-            await self._flush()
+            if flush or data:
+                await self._flush()
 
     async def _finish(self, stream: _Stream, code: StatusCode, message: str, started: bool) -> None:
         trailers = [("grpc-status", str(code.value))]
