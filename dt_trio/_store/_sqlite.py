@@ -121,6 +121,10 @@ def _state_values(state: InstanceState) -> tuple[object, ...]:
     )
 
 
+class _Failed(Exception):
+    """Rolls back the transaction of a lone write that failed."""
+
+
 @dataclasses.dataclass(eq=False)
 class _WriteSlot:
     """One write waiting for its turn in a group commit."""
@@ -255,18 +259,26 @@ class SqliteBackend:
             for slot in batch:
                 slot.outcome = outcome.Error(StoreUnavailable("the store is not open"))
             return
+        # A lone write needs no savepoint: its failure rolls back the whole transaction.
+        alone = len(batch) == 1
         try:
             with _transaction(conn):
                 for slot in batch:
-                    conn.execute("SAVEPOINT one_write")
+                    if not alone:
+                        conn.execute("SAVEPOINT one_write")
                     try:
                         slot.outcome = outcome.Value(slot.fn(conn))
                     except Exception as exc:
-                        conn.execute("ROLLBACK TO one_write")
                         if isinstance(exc, sqlite3.OperationalError):
                             exc = StoreUnavailable(f"the store cannot write: {exc}")
                         slot.outcome = outcome.Error(exc)
-                    conn.execute("RELEASE one_write")
+                        if alone:
+                            raise _Failed from exc
+                        conn.execute("ROLLBACK TO one_write")
+                    if not alone:
+                        conn.execute("RELEASE one_write")
+        except _Failed:
+            pass  # the transaction was rolled back; the write's outcome says why
         except sqlite3.Error as exc:
             failed = StoreUnavailable(f"the store cannot write: {exc}")
             for slot in batch:
