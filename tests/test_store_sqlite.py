@@ -21,7 +21,7 @@ from dt_trio._core import (
 from dt_trio._core import _events as ev
 from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import SqliteBackend
+from dt_trio._store import ActivityWorkItem, OrchestrationWorkItem, SqliteBackend
 
 
 def now() -> datetime:
@@ -67,6 +67,16 @@ async def store(
         await backend.close()
 
 
+async def lease_one(store: SqliteBackend, owner: str) -> OrchestrationWorkItem | None:
+    items = await store.lease_orchestrations(owner, now(), 1)
+    return items[0] if items else None
+
+
+async def lease_one_activity(store: SqliteBackend, owner: str) -> ActivityWorkItem | None:
+    items = await store.lease_activities(owner, now(), 1)
+    return items[0] if items else None
+
+
 async def create(store: SqliteBackend, state: InstanceState) -> None:
     await store.create_instance(state, started(state), now())  # type: ignore[arg-type]
 
@@ -95,7 +105,7 @@ async def test_creating_over_a_running_instance_is_refused_and_changes_nothing(
 
 async def test_a_finished_instance_may_be_replaced(store: SqliteBackend) -> None:
     await create(store, new_state())
-    item = await store.lease_orchestration("me", now())
+    item = await lease_one(store, "me")
     assert item is not None
     done = dataclasses.replace(item.state, status=Status.COMPLETED, completed_at=now())
     await store.commit_step("me", StepResult(state=done, consumed=(item.inbox[0].id,), history=[]))
@@ -107,11 +117,11 @@ async def test_a_finished_instance_may_be_replaced(store: SqliteBackend) -> None
 async def test_lease_commit_appends_history_and_enqueues_the_outbox(store: SqliteBackend) -> None:
     await create(store, new_state())
     await create(store, new_state("target"))
-    item = await store.lease_orchestration("me", now())
+    item = await lease_one(store, "me")
     assert item is not None and item.state.instance_id == "i1"
     assert [ev.kind(m.event) for m in item.inbox] == ["executionStarted"]
     # a leased instance is not leased twice
-    other = await store.lease_orchestration("you", now())
+    other = await lease_one(store, "you")
     assert other is not None and other.state.instance_id == "target"
 
     scheduled = ev.new_event(now(), 1)
@@ -145,14 +155,14 @@ async def test_lease_commit_appends_history_and_enqueues_the_outbox(store: Sqlit
     assert (await store.get_instance("child")) is not None
     # the timer is not visible yet; its time is the next wake-up for the processor
     assert await store.next_visible_time() is not None
-    activity = await store.lease_activity("me", now())
+    activity = await lease_one_activity(store, "me")
     assert activity is not None and activity.scheduled.taskScheduled.name == "act"
-    assert await store.lease_activity("me", now()) is None
+    assert await lease_one_activity(store, "me") is None
 
 
 async def test_commit_without_the_lease_is_refused(store: SqliteBackend) -> None:
     await create(store, new_state())
-    item = await store.lease_orchestration("me", now())
+    item = await lease_one(store, "me")
     assert item is not None
     with pytest.raises(LockLost):
         await store.commit_step("intruder", StepResult(state=item.state, consumed=(), history=[]))
@@ -162,7 +172,7 @@ async def test_activity_results_reach_only_the_execution_that_scheduled_them(
     store: SqliteBackend,
 ) -> None:
     await create(store, new_state())
-    item = await store.lease_orchestration("me", now())
+    item = await lease_one(store, "me")
     assert item is not None
     scheduled = ev.new_event(now(), 1)
     scheduled.taskScheduled.name = "act"
@@ -175,12 +185,12 @@ async def test_activity_results_reach_only_the_execution_that_scheduled_them(
             activities=[ActivityTask("i1", "e0", scheduled)],
         ),
     )
-    activity = await store.lease_activity("worker", now())
+    activity = await lease_one_activity(store, "worker")
     assert activity is not None
     with pytest.raises(LockLost):
         await store.complete_activity("someone-else", activity, ev.task_completed(now(), 1, "1"))
     await store.complete_activity("worker", activity, ev.task_completed(now(), 1, "1"))
-    step = await store.lease_orchestration("me", now())
+    step = await lease_one(store, "me")
     assert step is not None
     assert [ev.kind(m.event) for m in step.inbox] == ["taskCompleted"]
 
@@ -213,12 +223,12 @@ async def test_reopening_a_file_releases_leases_of_the_previous_process(
     first = SqliteBackend(path)
     await first.open()
     await create(first, new_state())
-    assert await first.lease_orchestration("dead-process", now()) is not None
+    assert await lease_one(first, "dead-process") is not None
     await first.close()
     second = SqliteBackend(path)
     await second.open()
     try:
-        item = await second.lease_orchestration("new-process", now())
+        item = await lease_one(second, "new-process")
         assert item is not None and item.state.instance_id == "i1"
     finally:
         await second.close()
@@ -230,7 +240,7 @@ async def test_continue_as_new_queues_its_start_and_carryover_before_late_arriva
     store: SqliteBackend,
 ) -> None:
     await create(store, new_state())
-    item = await store.lease_orchestration("me", now())
+    item = await lease_one(store, "me")
     assert item is not None
     # an event arrives while the step runs; the step continues as new carrying "kept"
     await store.enqueue("i1", ev.event_raised(now(), "late", None), now())
@@ -248,7 +258,7 @@ async def test_continue_as_new_queues_its_start_and_carryover_before_late_arriva
             ],
         ),
     )
-    step = await store.lease_orchestration("me", now())
+    step = await lease_one(store, "me")
     assert step is not None
     kinds = [ev.kind(m.event) or "" for m in step.inbox]
     names = [m.event.eventRaised.name for m in step.inbox if m.event.HasField("eventRaised")]
@@ -313,3 +323,14 @@ async def test_concurrent_writes_commit_together_and_a_failing_one_fails_alone(
         assert loaded is not None and loaded.input == f'"{instance_id}"'
     taken = await store.get_instance("taken")
     assert taken is not None and taken.input == '"x"'
+
+
+async def test_leases_come_in_batches_earliest_first_and_never_twice(store: SqliteBackend) -> None:
+    for i in range(5):
+        await create(store, new_state(f"b{i}"))
+    first = await store.lease_orchestrations("me", now(), 3)
+    second = await store.lease_orchestrations("you", now(), 10)
+    assert [w.state.instance_id for w in first] == ["b0", "b1", "b2"]
+    assert [w.state.instance_id for w in second] == ["b3", "b4"]
+    assert all(len(w.inbox) == 1 for w in first + second)
+    assert await store.lease_orchestrations("late", now(), 10) == []

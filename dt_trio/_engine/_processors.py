@@ -38,6 +38,23 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
+# At most this many work items are leased in one transaction.
+LEASE_BATCH = 64
+
+
+async def _take_slots(slots: trio.Semaphore) -> int:
+    """Wait for one free slot, then take as many more as are free (up to LEASE_BATCH)."""
+    await slots.acquire()
+    taken = 1
+    while taken < LEASE_BATCH:
+        try:
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            break
+        taken += 1
+    return taken
+
+
 async def _sleep_until_work(wakeup: Wakeup, next_time: datetime | None) -> None:
     delay = IDLE_POLL_SECONDS
     if next_time is not None:
@@ -71,14 +88,16 @@ class OrchestrationProcessor:
             log.info("%s: waiting for new work items...", self.name)
             task_status.started()
             while True:
-                await self._slots.acquire()
+                slots = await _take_slots(self._slots)
                 wakeup.clear()
-                item = await self._store.lease_orchestration(self._owner, _now())
-                if item is None:
+                items = await self._store.lease_orchestrations(self._owner, _now(), slots)
+                for _ in range(slots - len(items)):
                     self._slots.release()
+                if not items:
                     await _sleep_until_work(wakeup, await self._store.next_visible_time())
                     continue
-                nursery.start_soon(self._process, item)
+                for item in items:
+                    nursery.start_soon(self._process, item)
 
     async def _process(self, item: OrchestrationWorkItem) -> None:
         instance_id = item.state.instance_id
@@ -188,14 +207,16 @@ class ActivityProcessor:
             log.info("%s: waiting for new work items...", self.name)
             task_status.started()
             while True:
-                await self._slots.acquire()
+                slots = await _take_slots(self._slots)
                 wakeup.clear()
-                item = await self._store.lease_activity(self._owner, _now())
-                if item is None:
+                items = await self._store.lease_activities(self._owner, _now(), slots)
+                for _ in range(slots - len(items)):
                     self._slots.release()
+                if not items:
                     await _sleep_until_work(wakeup, await self._store.next_activity_time())
                     continue
-                nursery.start_soon(self._process, item)
+                for item in items:
+                    nursery.start_soon(self._process, item)
 
     async def _process(self, item: ActivityWorkItem) -> None:
         try:

@@ -124,8 +124,11 @@ class Backend(Protocol):
 
     # -- orchestration work --------------------------------------------------------------
 
-    async def lease_orchestration(self, owner: str, now: datetime) -> OrchestrationWorkItem | None:
-        """Lease one unleased instance that has visible inbox messages, or return None."""
+    async def lease_orchestrations(
+        self, owner: str, now: datetime, limit: int
+    ) -> list[OrchestrationWorkItem]:
+        """Lease up to `limit` unleased instances that have visible inbox messages, earliest
+        message first, in one transaction."""
 
     async def next_visible_time(self) -> datetime | None:
         """The earliest time a not-yet-visible message of an unleased instance becomes visible."""
@@ -149,7 +152,10 @@ class Backend(Protocol):
 
     # -- activity work -------------------------------------------------------------------
 
-    async def lease_activity(self, owner: str, now: datetime) -> ActivityWorkItem | None: ...
+    async def lease_activities(
+        self, owner: str, now: datetime, limit: int
+    ) -> list[ActivityWorkItem]:
+        """Lease up to `limit` visible activities, oldest first, in one transaction."""
 
     async def next_activity_time(self) -> datetime | None:
         """The earliest time an unleased activity that is not visible yet becomes visible."""

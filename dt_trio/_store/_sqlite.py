@@ -521,39 +521,54 @@ class SqliteBackend:
 
     # -- orchestration work ----------------------------------------------------------------
 
-    async def lease_orchestration(self, owner: str, now: datetime) -> OrchestrationWorkItem | None:
+    async def lease_orchestrations(
+        self, owner: str, now: datetime, limit: int
+    ) -> list[OrchestrationWorkItem]:
         now_us = _us(now)
 
-        def write(conn: sqlite3.Connection) -> OrchestrationWorkItem | None:
-            row = conn.execute(
-                """
-                SELECT i.instance_id FROM inbox m JOIN instances i USING (instance_id)
-                WHERE m.visible_at <= ? AND i.locked_by IS NULL
-                ORDER BY m.visible_at LIMIT 1
-                """,
-                (now_us,),
-            ).fetchone()
-            if row is None:
-                return None
-            instance_id = row[0]
-            conn.execute(
-                "UPDATE instances SET locked_by = ? WHERE instance_id = ?", (owner, instance_id)
-            )
-            state_row = conn.execute(
-                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE instance_id = ?",
-                (instance_id,),
-            ).fetchone()
-            inbox = [
-                InboxMessage(r[0], _event(r[1]))
-                for r in conn.execute(
-                    "SELECT id, event FROM inbox WHERE instance_id = ? AND visible_at <= ? "
-                    "ORDER BY id",
-                    (instance_id, now_us),
+        def write(conn: sqlite3.Connection) -> list[OrchestrationWorkItem]:
+            # Walk the visible messages in time order (index on visible_at) and take the first
+            # `limit` distinct unleased instances; a few extra rows cover instances that have
+            # several messages waiting.
+            ids = list(
+                dict.fromkeys(
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT m.instance_id FROM inbox m JOIN instances i USING (instance_id) "
+                        "WHERE m.visible_at <= ? AND i.locked_by IS NULL "
+                        "ORDER BY m.visible_at LIMIT ?",
+                        (now_us, limit * 4),
+                    )
                 )
-            ]
-            return OrchestrationWorkItem(
-                _row_to_state(state_row), _history(conn, instance_id), inbox
+            )[:limit]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            conn.execute(
+                f"UPDATE instances SET locked_by = ? WHERE instance_id IN ({marks})", (owner, *ids)
             )
+            states = {
+                r["instance_id"]: _row_to_state(r)
+                for r in conn.execute(
+                    f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE instance_id IN ({marks})",
+                    ids,
+                )
+            }
+            inboxes: dict[str, list[InboxMessage]] = {i: [] for i in ids}
+            for r in conn.execute(
+                f"SELECT id, instance_id, event FROM inbox WHERE instance_id IN ({marks}) "
+                "AND visible_at <= ? ORDER BY id",
+                (*ids, now_us),
+            ):
+                inboxes[r[1]].append(InboxMessage(r[0], _event(r[2])))
+            histories: dict[str, list[pb.HistoryEvent]] = {i: [] for i in ids}
+            for r in conn.execute(
+                f"SELECT instance_id, event FROM history WHERE instance_id IN ({marks}) "
+                "ORDER BY instance_id, seq",
+                ids,
+            ):
+                histories[r[0]].append(_event(r[1]))
+            return [OrchestrationWorkItem(states[i], histories[i], inboxes[i]) for i in ids]
 
         return await self._run_write(write)
 
@@ -631,27 +646,31 @@ class SqliteBackend:
 
     # -- activity work ---------------------------------------------------------------------
 
-    async def lease_activity(self, owner: str, now: datetime) -> ActivityWorkItem | None:
-        def write(conn: sqlite3.Connection) -> ActivityWorkItem | None:
-            row = conn.execute(
+    async def lease_activities(
+        self, owner: str, now: datetime, limit: int
+    ) -> list[ActivityWorkItem]:
+        def write(conn: sqlite3.Connection) -> list[ActivityWorkItem]:
+            rows = conn.execute(
                 "SELECT id, instance_id, execution_id, event, dequeue_count FROM activities "
-                "WHERE locked_by IS NULL AND visible_at <= ? ORDER BY visible_at, id LIMIT 1",
-                (_us(now),),
-            ).fetchone()
-            if row is None:
-                return None
-            conn.execute(
-                "UPDATE activities SET locked_by = ?, dequeue_count = dequeue_count + 1 "
-                "WHERE id = ?",
-                (owner, row["id"]),
-            )
-            return ActivityWorkItem(
-                id=row["id"],
-                instance_id=row["instance_id"],
-                execution_id=row["execution_id"],
-                scheduled=_event(row["event"]),
-                dequeue_count=row["dequeue_count"] + 1,
-            )
+                "WHERE locked_by IS NULL AND visible_at <= ? ORDER BY visible_at, id LIMIT ?",
+                (_us(now), limit),
+            ).fetchall()
+            if rows:
+                conn.execute(
+                    "UPDATE activities SET locked_by = ?, dequeue_count = dequeue_count + 1 "
+                    f"WHERE id IN ({','.join('?' * len(rows))})",
+                    (owner, *(r["id"] for r in rows)),
+                )
+            return [
+                ActivityWorkItem(
+                    id=r["id"],
+                    instance_id=r["instance_id"],
+                    execution_id=r["execution_id"],
+                    scheduled=_event(r["event"]),
+                    dequeue_count=r["dequeue_count"] + 1,
+                )
+                for r in rows
+            ]
 
         return await self._run_write(write)
 
