@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import trio
 
 from dt_trio._errors import StoreUnavailable
+from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES
 from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, lone_error, serve
 
 log = logging.getLogger("dt_trio")
@@ -37,6 +38,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help='sqlite file of the task hub; "" for an in-memory store (default: %(default)s)',
     )
     parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest request message; bigger ones get RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -45,6 +52,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, not {args.port}")
+    if args.max_message_bytes < 1024:
+        parser.error(f"--max-message-bytes must be at least 1024, not {args.max_message_bytes}")
     return args
 
 
@@ -54,7 +63,13 @@ async def run(args: argparse.Namespace) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
-                    functools.partial(serve, host=args.host, port=args.port, db=args.db)
+                    functools.partial(
+                        serve,
+                        host=args.host,
+                        port=args.port,
+                        db=args.db,
+                        max_message_bytes=args.max_message_bytes,
+                    )
                 )
                 async for signum in signals:
                     log.info("received %s, shutting down", signal.Signals(signum).name)

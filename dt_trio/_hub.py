@@ -26,7 +26,7 @@ import trio
 from dt_trio._engine import ActivityProcessor, OrchestrationProcessor, RemoteExecutor, Signals
 from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
-from dt_trio._grpc._transport import serve_grpc
+from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, serve_grpc
 from dt_trio._store import SqliteBackend
 
 log = logging.getLogger("dt_trio")
@@ -53,12 +53,14 @@ async def serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     db: str = DEFAULT_DB,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a task hub sidecar until cancelled.
 
     `db` is an sqlite file (created if missing) or "" for an in-memory store. `port` 0 picks a
-    free port. Reports `(host, port)` through `task_status` once everything is running.
+    free port. A request message larger than `max_message_bytes` is answered
+    RESOURCE_EXHAUSTED. Reports `(host, port)` through `task_status` once everything is running.
     Cancellation stops the server and the processors and closes the store.
     """
     signals = Signals()
@@ -72,7 +74,12 @@ async def serve(
         async with trio.open_nursery() as nursery:
             address: tuple[str, int] = await nursery.start(
                 functools.partial(
-                    serve_grpc, [service], host=host, port=port, status_for=status_for
+                    serve_grpc,
+                    [service],
+                    host=host,
+                    port=port,
+                    status_for=status_for,
+                    max_message_bytes=max_message_bytes,
                 )
             )
             log.info("server listening at %s", format_address(*address))

@@ -23,8 +23,9 @@ LISTENING = re.compile(r"server listening at (\S+):(\d+)$")
 class Sidecar:
     """`python -m dt_trio` on an ephemeral port; stderr is drained into a log file."""
 
-    def __init__(self, db: str, log_path: pathlib.Path) -> None:
+    def __init__(self, db: str, log_path: pathlib.Path, *extra_args: str) -> None:
         self.db = db
+        self.extra_args = list(extra_args)
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -38,17 +39,7 @@ class Sidecar:
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dt_trio",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--db",
-                self.db,
-            ],
+            [*self.command(port), *self.extra_args],
             stdout=subprocess.DEVNULL,
             stderr=log,
             env=env,
@@ -68,6 +59,19 @@ class Sidecar:
                 raise RuntimeError(f"the sidecar exited early:\n{self.log_text()}")
             time.sleep(0.02)
         raise RuntimeError(f"the sidecar did not start in {timeout}s:\n{self.log_text()}")
+
+    def command(self, port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "dt_trio",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--db",
+            self.db,
+        ]
 
     def log_text(self) -> str:
         try:

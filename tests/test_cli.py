@@ -162,3 +162,21 @@ def test_a_second_sidecar_on_the_same_store_is_refused(tmp_path: pathlib.Path) -
     second = Sidecar(db, tmp_path / "second.log").start()
     second.kill()
     assert Sidecar(db, tmp_path / "third.log").start().stop() == 0
+
+
+def test_the_message_size_limit_is_configurable(tmp_path: pathlib.Path) -> None:
+    import grpc
+
+    sidecar = Sidecar("", tmp_path / "log.txt", "--max-message-bytes", "2048").start()
+    try:
+        with sdk_worker(sidecar.address, [greet]):
+            c = sdk_client(sidecar.address)
+            with pytest.raises(grpc.RpcError) as info:
+                c.schedule_new_orchestration(greet, input="x" * 10_000)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limit of 2048 bytes" in info.value.details()
+            instance_id = c.schedule_new_orchestration(greet, input="small")
+            state = c.wait_for_orchestration_completion(instance_id, timeout=20)
+            assert state is not None and json.loads(state.serialized_output) == "hi small"
+    finally:
+        assert sidecar.stop() == 0
