@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import ipaddress
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -12,10 +14,19 @@ from collections.abc import Sequence
 import trio
 
 from dt_trio._errors import StoreUnavailable
-from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES
+from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, server_ssl_context
 from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, lone_error, serve
 
 log = logging.getLogger("dt_trio")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -43,6 +54,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_MAX_MESSAGE_BYTES,
         help="largest request message; bigger ones get RESOURCE_EXHAUSTED (default: %(default)s)",
     )
+    parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("DT_TRIO_TOKEN") or None,
+        help="require 'authorization: Bearer TOKEN' on every call (default: $DT_TRIO_TOKEN)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without TLS",
+    )
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -52,6 +75,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, not {args.port}")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if not _is_loopback(args.host) and not args.tls_cert and not args.insecure:
+        parser.error(
+            f"--host {args.host} is reachable from other machines: give --tls-cert and "
+            "--tls-key (and preferably --token), or --insecure to serve plaintext anyway"
+        )
     if args.max_message_bytes < 1024:
         parser.error(f"--max-message-bytes must be at least 1024, not {args.max_message_bytes}")
     return args
@@ -69,6 +99,10 @@ async def run(args: argparse.Namespace) -> None:
                         port=args.port,
                         db=args.db,
                         max_message_bytes=args.max_message_bytes,
+                        ssl_context=server_ssl_context(args.tls_cert, args.tls_key)
+                        if args.tls_cert
+                        else None,
+                        token=args.token,
                     )
                 )
                 async for signum in signals:

@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import socket
+import ssl
 import uuid
 
 import trio
@@ -54,14 +55,18 @@ async def serve(
     port: int = DEFAULT_PORT,
     db: str = DEFAULT_DB,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ssl_context: ssl.SSLContext | None = None,
+    token: str | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a task hub sidecar until cancelled.
 
     `db` is an sqlite file (created if missing) or "" for an in-memory store. `port` 0 picks a
     free port. A request message larger than `max_message_bytes` is answered
-    RESOURCE_EXHAUSTED. Reports `(host, port)` through `task_status` once everything is running.
-    Cancellation stops the server and the processors and closes the store.
+    RESOURCE_EXHAUSTED. `ssl_context` serves TLS; `token` requires every call to carry
+    `authorization: Bearer <token>`. Reports `(host, port)` through `task_status` once
+    everything is running. Cancellation stops the server and the processors and closes the
+    store.
     """
     signals = Signals()
     store = SqliteBackend(db, listener=signals)
@@ -80,6 +85,8 @@ async def serve(
                     port=port,
                     status_for=status_for,
                     max_message_bytes=max_message_bytes,
+                    ssl_context=ssl_context,
+                    token=token,
                 )
             )
             log.info("server listening at %s", format_address(*address))

@@ -23,7 +23,9 @@ server-streaming rpcs.
 from __future__ import annotations
 
 import gzip
+import hmac
 import logging
+import ssl
 import struct
 import urllib.parse
 import zlib
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 StatusFor = Callable[[BaseException], "tuple[StatusCode, str] | None"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+TLS_HANDSHAKE_SECONDS = 10.0
 _READ_SIZE = 65536
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _DECODERS: dict[str, Callable[[bytes], bytes]] = {
@@ -102,6 +105,15 @@ def _status_message(message: str) -> str:
     return urllib.parse.quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
+def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A TLS server context for gRPC: TLS 1.2 or later, HTTP/2 by ALPN."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
 def _parse_timeout(value: str) -> float:
     try:
         amount, unit = int(value[:-1]), value[-1]
@@ -115,12 +127,14 @@ class _Connection:
 
     def __init__(
         self,
-        transport: trio.SocketStream,
+        transport: trio.abc.Stream,
         methods: dict[str, Any],
         status_for: StatusFor,
         max_message_bytes: int,
+        token: str | None,
     ) -> None:
         self._transport = transport
+        self._expected_authorization = f"Bearer {token}".encode() if token else None
         self._methods = methods
         self._status_for = status_for
         self._max_message_bytes = max_message_bytes
@@ -232,10 +246,18 @@ class _Connection:
 
     async def _call(self, stream: _Stream, path: str) -> bool:
         """Run the handler; return whether response headers went out."""
+        headers = stream.headers
+        if self._expected_authorization is not None:
+            given = headers.get("authorization", "").encode()
+            # compare_digest: the time taken does not tell how much of the token matched
+            if not hmac.compare_digest(given, self._expected_authorization):
+                raise RpcError(
+                    StatusCode.UNAUTHENTICATED,
+                    "this sidecar needs the metadata 'authorization: Bearer <token>'",
+                )
         method = self._methods.get(path)
         if method is None:
             raise RpcError(StatusCode.UNIMPLEMENTED, f"method {path} is not implemented")
-        headers = stream.headers
         if not headers.get("content-type", "").startswith("application/grpc"):
             raise RpcError(StatusCode.INTERNAL, "content-type must be application/grpc")
         encoding = headers.get("grpc-encoding", "identity")
@@ -363,9 +385,14 @@ async def serve_grpc(
     port: int = 0,
     status_for: StatusFor = lambda exc: None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ssl_context: ssl.SSLContext | None = None,
+    token: str | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the purerpc `servicers` on exactly `host`:`port` until cancelled.
+
+    With `ssl_context` every connection is TLS (HTTP/2 negotiated by ALPN); with `token` every
+    call must carry the metadata `authorization: Bearer <token>` (else UNAUTHENTICATED).
 
     Reports `(host, bound_port)` once listening. Cancellation closes the listeners, cancels
     every handler and closes every connection.
@@ -387,9 +414,19 @@ async def serve_grpc(
     bound_port = listeners[0].socket.getsockname()[1]
 
     async def handle(transport: trio.SocketStream) -> None:
+        stream: trio.abc.Stream = transport
         async with transport:
             try:
-                await _Connection(transport, methods, status_for, max_message_bytes).run()
+                if ssl_context is not None:
+                    stream = trio.SSLStream(transport, ssl_context, server_side=True)
+                    with trio.move_on_after(TLS_HANDSHAKE_SECONDS):
+                        await stream.do_handshake()
+                    if stream.selected_alpn_protocol() != "h2":  # also a timed-out handshake
+                        return
+                connection = _Connection(stream, methods, status_for, max_message_bytes, token)
+                await connection.run()
+            except trio.BrokenResourceError:
+                pass  # e.g. a client that does not speak TLS
             except Exception:
                 # One broken connection must not take the server down with it.
                 log.exception("a gRPC connection failed; closing it")
