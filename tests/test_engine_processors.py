@@ -61,3 +61,68 @@ async def test_an_instance_purged_mid_step_does_not_stop_the_processor() -> None
         assert survivor is not None and survivor.status == Status.COMPLETED
     finally:
         await store.close()
+
+
+async def test_an_activity_nobody_answers_fails_its_task_after_the_attempt_cap() -> None:
+    from dt_trio._core import ActivityTask
+    from dt_trio._engine import ActivityProcessor
+    from dt_trio._proto import orchestrator_service_pb2 as pb
+
+    signals = Signals()
+    store = SqliteBackend("", listener=signals)
+    await store.open()
+    executor = RemoteExecutor()
+    try:
+        t = now()
+        state = InstanceState(
+            instance_id="poisoned",
+            name="orch",
+            execution_id="e",
+            status=Status.RUNNING,
+            created_at=t,
+            last_updated_at=t,
+        )
+        started = ev.execution_started(
+            t, name="orch", instance_id="poisoned", execution_id="e", input=None
+        )
+        await store.create_instance(state, started, t)
+        (leased,) = await store.lease_orchestrations("me", now(), 1)
+        scheduled = ev.new_event(t, 1)
+        scheduled.taskScheduled.name = "crashy"
+        await store.commit_step(
+            "me",
+            StepResult(
+                state=leased.state,
+                consumed=tuple(m.id for m in leased.inbox),
+                history=[m.event for m in leased.inbox],
+                activities=[ActivityTask("poisoned", "e", scheduled)],
+            ),
+        )
+        processor = ActivityProcessor(store, executor, signals, owner="me", max_attempts=3)
+        handed_out = 0
+        async with trio.open_nursery() as nursery:
+            await nursery.start(processor.run)
+            worker = executor.stream(pb.GetWorkItemsRequest())
+            with trio.fail_after(10):
+                async for item in worker:
+                    if item.HasField("activityRequest"):
+                        handed_out += 1
+                        executor.lookup(item.completionToken).abandon(0.0)  # a crashing worker
+                        if handed_out == 3:
+                            break
+                await worker.aclose()
+                while True:  # the fourth lease fails the task instead of handing it out
+                    (step,) = await store.lease_orchestrations("me", now(), 1) or [None]
+                    if step is not None:
+                        break
+                    await signals.orchestration_work.wait()
+                    signals.orchestration_work.clear()
+            nursery.cancel_scope.cancel()
+        (message,) = step.inbox
+        assert message.event.taskFailed.taskScheduledId == 1
+        failure = message.event.taskFailed.failureDetails
+        assert failure.errorType == "ActivityAbandonedError"
+        assert "handed to workers 3 times" in failure.errorMessage
+        assert handed_out == 3
+    finally:
+        await store.close()

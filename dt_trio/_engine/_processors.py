@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # Without a commit from this process, look at the store at least this often (another process
 # may share it, and a clock may jump).
 IDLE_POLL_SECONDS = 5.0
+# An activity handed out this many times without an answer fails its task.
+MAX_ACTIVITY_ATTEMPTS = 10
 # A step that failed unexpectedly is tried again after this long.
 FAILED_STEP_RETRY_SECONDS = 5.0
 
@@ -194,12 +196,14 @@ class ActivityProcessor:
         signals: Signals,
         owner: str,
         max_in_flight: int = 1024,
+        max_attempts: int = MAX_ACTIVITY_ATTEMPTS,
     ) -> None:
         self._store = store
         self._executor = executor
         self._signals = signals
         self._owner = owner
         self._slots = trio.Semaphore(max_in_flight)
+        self._max_attempts = max_attempts
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         wakeup = self._signals.activity_work
@@ -226,6 +230,21 @@ class ActivityProcessor:
 
     async def _run(self, item: ActivityWorkItem) -> None:
         scheduled = item.scheduled.taskScheduled
+        if item.dequeue_count > self._max_attempts:
+            # Handed out again and again without an answer: its worker crashes on it or gives
+            # it back each time. Fail the task so the orchestration (and its retry policy)
+            # decides, instead of cycling forever.
+            failure = ev.failure(
+                "ActivityAbandonedError",
+                f"activity '{scheduled.name}' (task {item.scheduled.eventId}) was handed to "
+                f"workers {item.dequeue_count - 1} times without an answer",
+                non_retriable=False,
+            )
+            log.warning("%s: %s", item.instance_id, failure.errorMessage)
+            await self._store.complete_activity(
+                self._owner, item, ev.task_failed(_now(), item.scheduled.eventId, failure)
+            )
+            return
         request = pb.ActivityRequest(name=scheduled.name, taskId=item.scheduled.eventId)
         if scheduled.HasField("version"):
             request.version.CopyFrom(scheduled.version)
