@@ -393,3 +393,25 @@ def test_a_completed_child_asked_to_rewind_reports_its_result_again() -> None:
     (message,) = plan.result.messages
     assert message.target_instance_id == "dad"
     assert message.event.subOrchestrationInstanceCompleted.result.value == "7"
+
+
+def test_a_step_handed_out_too_often_fails_the_orchestration_and_tells_the_parent() -> None:
+    parent = pb.ParentInstanceInfo(taskScheduledId=2)
+    parent.orchestrationInstance.instanceId = "dad"
+    history = [ev.orchestrator_started(NOW), started(parent=parent)]
+    raised = inbox(ev.event_raised(NOW, "x", None))
+    fine = core.plan_step(state(Status.RUNNING), history, raised, NOW, core.MAX_STEP_ATTEMPTS)
+    assert isinstance(fine, core.Dispatch)
+    poisoned = core.plan_step(
+        state(Status.RUNNING), history, raised, NOW, core.MAX_STEP_ATTEMPTS + 1
+    )
+    assert isinstance(poisoned, core.Settle)
+    result = poisoned.result
+    assert result.state.status == Status.FAILED
+    assert result.state.failure is not None
+    assert result.state.failure.errorType == "OrchestrationStepAbandonedError"
+    assert result.consumed == (1,)
+    (message,) = result.messages
+    assert message.target_instance_id == "dad" and message.event.HasField(
+        "subOrchestrationInstanceFailed"
+    )

@@ -334,3 +334,19 @@ async def test_leases_come_in_batches_earliest_first_and_never_twice(store: Sqli
     assert [w.state.instance_id for w in second] == ["b3", "b4"]
     assert all(len(w.inbox) == 1 for w in first + second)
     assert await store.lease_orchestrations("late", now(), 10) == []
+
+
+async def test_leases_count_attempts_until_a_step_commits_or_waits(store: SqliteBackend) -> None:
+    await create(store, new_state())
+    for expected in (1, 2, 3):
+        item = await lease_one(store, "me")
+        assert item is not None and item.attempt == expected
+        await store.abandon_orchestration("me", "i1")
+    item = await lease_one(store, "me")
+    assert item is not None and item.attempt == 4
+    await store.postpone("me", "i1", [m.id for m in item.inbox], now(), failed=True)
+    item = await lease_one(store, "me")
+    assert item is not None and item.attempt == 5
+    await store.postpone("me", "i1", [m.id for m in item.inbox], now())  # a decision: reset
+    item = await lease_one(store, "me")
+    assert item is not None and item.attempt == 1

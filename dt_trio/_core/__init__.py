@@ -4,6 +4,7 @@ Nothing in this package touches trio, sqlite or gRPC; it is tested with plain fu
 """
 
 from dt_trio._core._runtime import (
+    MAX_STEP_ATTEMPTS,
     Dispatch,
     Plan,
     Postpone,
@@ -26,6 +27,7 @@ from dt_trio._core._state import (
 )
 
 __all__ = [
+    "MAX_STEP_ATTEMPTS",
     "ActivityTask",
     "Dispatch",
     "InboxMessage",

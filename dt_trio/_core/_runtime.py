@@ -61,6 +61,8 @@ class Postpone:
 
 Plan = Dispatch | Settle | Postpone
 
+# A step leased this many times without committing fails its orchestration.
+MAX_STEP_ATTEMPTS = 10
 # How long events wait when they reach an instance that has not started and has no known start.
 NOT_STARTED_RETRY_SECONDS = 1.0
 
@@ -70,9 +72,16 @@ def plan_step(
     history: Sequence[pb.HistoryEvent],
     inbox: Sequence[InboxMessage],
     now: datetime,
+    attempt: int = 1,
 ) -> Plan:
-    """Decide what to do with the visible inbox of one instance."""
+    """Decide what to do with the visible inbox of one instance.
+
+    `attempt` counts the leases since the last committed step; past MAX_STEP_ATTEMPTS the step
+    is poison (its worker crashes on it, or it never commits) and the orchestration fails.
+    """
     ids = tuple(m.id for m in inbox)
+    if attempt > MAX_STEP_ATTEMPTS and not state.status.is_terminal:
+        return Settle(_fail_poisoned(state, history, ids, now, attempt - 1))
     rewind = next((m.event for m in inbox if m.event.HasField("executionRewound")), None)
     if rewind is not None:
         outcome = _final_status(history)
@@ -113,6 +122,38 @@ def plan_step(
 
     new_events = [ev.orchestrator_started(now), *delivered]
     return Dispatch(past_events=history, new_events=new_events, consumed=ids)
+
+
+def _fail_poisoned(
+    state: InstanceState,
+    history: Sequence[pb.HistoryEvent],
+    ids: tuple[int, ...],
+    now: datetime,
+    tries: int,
+) -> StepResult:
+    failure = ev.failure(
+        "OrchestrationStepAbandonedError",
+        f"a step of '{state.instance_id}' was handed out {tries} times and never completed "
+        "(its worker crashed or gave it back each time)",
+    )
+    failed = dataclasses.replace(
+        state,
+        status=Status.FAILED,
+        failure=failure,
+        output=None,
+        completed_at=now,
+        last_updated_at=now,
+    )
+    message = parent_notification(failed, history, now)
+    return StepResult(
+        state=failed,
+        consumed=ids,
+        history=[
+            ev.orchestrator_started(now),
+            ev.execution_completed(now, Status.FAILED, None, failure),
+        ],
+        messages=[message] if message else [],
+    )
 
 
 def _final_status(history: Sequence[pb.HistoryEvent]) -> Status | None:

@@ -119,14 +119,14 @@ class OrchestrationProcessor:
             later = _now() + timedelta(seconds=FAILED_STEP_RETRY_SECONDS)
             with trio.CancelScope(shield=True):
                 await self._store.postpone(
-                    self._owner, instance_id, [m.id for m in item.inbox], later
+                    self._owner, instance_id, [m.id for m in item.inbox], later, failed=True
                 )
         finally:
             self._slots.release()
 
     async def _step(self, item: OrchestrationWorkItem) -> None:
         state = item.state
-        plan = core.plan_step(state, item.history, item.inbox, _now())
+        plan = core.plan_step(state, item.history, item.inbox, _now(), item.attempt)
         if isinstance(plan, core.Settle):
             await self._store.commit_step(self._owner, plan.result)
             return
@@ -152,6 +152,7 @@ class OrchestrationProcessor:
                 state.instance_id,
                 plan.consumed,
                 _now() + timedelta(seconds=abandoned.delay),
+                failed=True,
             )
             return
         except BaseException:

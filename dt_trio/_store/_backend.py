@@ -17,11 +17,13 @@ from dt_trio._proto import orchestrator_service_pb2 as pb
 
 @dataclass(frozen=True)
 class OrchestrationWorkItem:
-    """A leased instance: its row, committed history and the visible inbox."""
+    """A leased instance: its row, committed history and the visible inbox. `attempt` counts
+    the leases since its last committed step (1 for a fresh one)."""
 
     state: InstanceState
     history: list[pb.HistoryEvent]
     inbox: list[InboxMessage]
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,16 @@ class Backend(Protocol):
         dropped and a step in flight loses its lease. Returns whether it was committed."""
 
     async def postpone(
-        self, owner: str, instance_id: str, message_ids: Sequence[int], until: datetime
+        self,
+        owner: str,
+        instance_id: str,
+        message_ids: Sequence[int],
+        until: datetime,
+        failed: bool = False,
     ) -> None:
-        """Make the messages invisible until `until` and release the lease."""
+        """Make the messages invisible until `until` and release the lease. `failed` says the
+        step did not complete (it counts towards the poison limit); otherwise waiting was the
+        decision and the count starts again."""
 
     async def abandon_orchestration(self, owner: str, instance_id: str) -> None:
         """Release the lease without consuming anything."""

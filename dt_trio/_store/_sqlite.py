@@ -545,15 +545,17 @@ class SqliteBackend:
                 return []
             marks = ",".join("?" * len(ids))
             conn.execute(
-                f"UPDATE instances SET locked_by = ? WHERE instance_id IN ({marks})", (owner, *ids)
+                "UPDATE instances SET locked_by = ?, dequeue_count = dequeue_count + 1 "
+                f"WHERE instance_id IN ({marks})",
+                (owner, *ids),
             )
-            states = {
-                r["instance_id"]: _row_to_state(r)
-                for r in conn.execute(
-                    f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE instance_id IN ({marks})",
-                    ids,
-                )
-            }
+            rows = conn.execute(
+                f"SELECT {_INSTANCE_COLUMNS}, dequeue_count FROM instances "
+                f"WHERE instance_id IN ({marks})",
+                ids,
+            ).fetchall()
+            states = {r["instance_id"]: _row_to_state(r) for r in rows}
+            attempts = {r["instance_id"]: r["dequeue_count"] for r in rows}
             inboxes: dict[str, list[InboxMessage]] = {i: [] for i in ids}
             for r in conn.execute(
                 f"SELECT id, instance_id, event FROM inbox WHERE instance_id IN ({marks}) "
@@ -568,7 +570,9 @@ class SqliteBackend:
                 ids,
             ):
                 histories[r[0]].append(_event(r[1]))
-            return [OrchestrationWorkItem(states[i], histories[i], inboxes[i]) for i in ids]
+            return [
+                OrchestrationWorkItem(states[i], histories[i], inboxes[i], attempts[i]) for i in ids
+            ]
 
         return await self._run_write(write)
 
@@ -619,7 +623,12 @@ class SqliteBackend:
             self.listener.instance_changed(instance_id)
 
     async def postpone(
-        self, owner: str, instance_id: str, message_ids: Sequence[int], until: datetime
+        self,
+        owner: str,
+        instance_id: str,
+        message_ids: Sequence[int],
+        until: datetime,
+        failed: bool = False,
     ) -> None:
         def write(conn: sqlite3.Connection) -> None:
             _check_lease(conn, owner, instance_id)
@@ -628,7 +637,10 @@ class SqliteBackend:
                 [(_us(until), i) for i in message_ids],
             )
             conn.execute(
-                "UPDATE instances SET locked_by = NULL WHERE instance_id = ?", (instance_id,)
+                "UPDATE instances SET locked_by = NULL, "
+                "dequeue_count = CASE WHEN ? THEN dequeue_count ELSE 0 END "
+                "WHERE instance_id = ?",
+                (failed, instance_id),
             )
 
         await self._run_write(write)
@@ -826,7 +838,8 @@ def _apply_step(conn: sqlite3.Connection, result: StepResult) -> list[str]:
         conn.executemany("DELETE FROM inbox WHERE id = ?", [(i,) for i in result.consumed])
     conn.execute(
         f"UPDATE instances SET ({_INSTANCE_COLUMNS}) = "
-        f"({','.join('?' * _INSTANCE_FIELDS)}), locked_by = NULL WHERE instance_id = ?",
+        f"({','.join('?' * _INSTANCE_FIELDS)}), locked_by = NULL, dequeue_count = 0 "
+        "WHERE instance_id = ?",
         (*_state_values(state), state.instance_id),
     )
     now_us = _us(state.last_updated_at)

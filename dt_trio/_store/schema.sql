@@ -19,7 +19,9 @@ CREATE TABLE IF NOT EXISTS instances (
     parent_instance_id  TEXT,
     tags                TEXT,
     trace_context       BLOB,
-    locked_by           TEXT
+    locked_by           TEXT,
+    -- leases since the last committed step: a step that never commits is poison
+    dequeue_count       INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS instances_parent ON instances (parent_instance_id)
     WHERE parent_instance_id IS NOT NULL;
