@@ -136,24 +136,7 @@ def _fail_poisoned(
         f"a step of '{state.instance_id}' was handed out {tries} times and never completed "
         "(its worker crashed or gave it back each time)",
     )
-    failed = dataclasses.replace(
-        state,
-        status=Status.FAILED,
-        failure=failure,
-        output=None,
-        completed_at=now,
-        last_updated_at=now,
-    )
-    message = parent_notification(failed, history, now)
-    return StepResult(
-        state=failed,
-        consumed=ids,
-        history=[
-            ev.orchestrator_started(now),
-            ev.execution_completed(now, Status.FAILED, None, failure),
-        ],
-        messages=[message] if message else [],
-    )
+    return finish_without_worker(state, history, ids, now, Status.FAILED, None, failure)
 
 
 def _final_status(history: Sequence[pb.HistoryEvent]) -> Status | None:
@@ -198,24 +181,9 @@ def terminate_now(
     state: InstanceState, history: Sequence[pb.HistoryEvent], reason: str | None, now: datetime
 ) -> StepResult:
     """Terminate without running the orchestrator (SkipGracefulOrchestrationTerminations)."""
-    finished = dataclasses.replace(
-        state,
-        status=Status.TERMINATED,
-        output=reason,
-        failure=None,
-        completed_at=now,
-        last_updated_at=now,
-    )
-    message = parent_notification(finished, history, now)
-    return StepResult(
-        state=finished,
-        consumed=(),
-        history=[
-            ev.orchestrator_started(now),
-            ev.execution_terminated(now, reason, False),
-            ev.execution_completed(now, Status.TERMINATED, reason, None),
-        ],
-        messages=[message] if message else [],
+    terminated = ev.execution_terminated(now, reason, False)
+    return finish_without_worker(
+        state, history, (), now, Status.TERMINATED, reason, None, [terminated]
     )
 
 
@@ -223,19 +191,39 @@ def _terminate_unstarted(
     state: InstanceState, terminate: pb.HistoryEvent, ids: tuple[int, ...], now: datetime
 ) -> StepResult:
     output = ev.opt_str(terminate.executionTerminated, "input")
+    return finish_without_worker(state, [], ids, now, Status.TERMINATED, output, None, [terminate])
+
+
+def finish_without_worker(
+    state: InstanceState,
+    history: Sequence[pb.HistoryEvent],
+    consumed: tuple[int, ...],
+    now: datetime,
+    status: Status,
+    output: str | None,
+    failure: pb.TaskFailureDetails | None,
+    events: Sequence[pb.HistoryEvent] = (),
+) -> StepResult:
+    """End the execution in the store alone: its final events, its row, its parent told."""
     finished = dataclasses.replace(
         state,
-        status=Status.TERMINATED,
+        status=status,
         output=output,
+        failure=failure,
         completed_at=now,
         last_updated_at=now,
     )
-    history = [
-        ev.orchestrator_started(now),
-        terminate,
-        ev.execution_completed(now, Status.TERMINATED, output, None),
-    ]
-    return StepResult(state=finished, consumed=ids, history=history)
+    message = parent_notification(finished, history, now)
+    return StepResult(
+        state=finished,
+        consumed=consumed,
+        history=[
+            ev.orchestrator_started(now),
+            *events,
+            ev.execution_completed(now, status, output, failure),
+        ],
+        messages=[message] if message else [],
+    )
 
 
 def apply_response(

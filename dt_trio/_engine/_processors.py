@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import trio
 
@@ -22,6 +24,7 @@ from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import ActivityWorkItem, Backend, OrchestrationWorkItem
 
 log = logging.getLogger(__name__)
+W = TypeVar("W")
 
 # Without a commit from this process, look at the store at least this often (another process
 # may share it, and a clock may jump).
@@ -42,6 +45,29 @@ def _new_id() -> str:
 
 # At most this many work items are leased in one transaction.
 LEASE_BATCH = 64
+
+
+async def _serve_leases(
+    slots: trio.Semaphore,
+    wakeup: Wakeup,
+    lease: Callable[[int], Awaitable[Sequence[W]]],
+    next_time: Callable[[], Awaitable[datetime | None]],
+    process: Callable[[W], Awaitable[None]],
+) -> None:
+    """The loop of a processor: lease as many items as there are free slots, process each in a
+    task of its own (which frees its slot), sleep until woken when there is nothing to do."""
+    async with trio.open_nursery() as nursery:
+        while True:
+            taken = await _take_slots(slots)
+            wakeup.clear()
+            items = await lease(taken)
+            for _ in range(taken - len(items)):
+                slots.release()
+            if not items:
+                await _sleep_until_work(wakeup, await next_time())
+                continue
+            for item in items:
+                nursery.start_soon(process, item)
 
 
 async def _take_slots(slots: trio.Semaphore) -> int:
@@ -86,20 +112,15 @@ class OrchestrationProcessor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         wakeup = self._signals.orchestration_work
-        async with trio.open_nursery() as nursery:
-            log.info("%s: waiting for new work items...", self.name)
-            task_status.started()
-            while True:
-                slots = await _take_slots(self._slots)
-                wakeup.clear()
-                items = await self._store.lease_orchestrations(self._owner, _now(), slots)
-                for _ in range(slots - len(items)):
-                    self._slots.release()
-                if not items:
-                    await _sleep_until_work(wakeup, await self._store.next_visible_time())
-                    continue
-                for item in items:
-                    nursery.start_soon(self._process, item)
+        log.info("%s: waiting for new work items...", self.name)
+        task_status.started()
+        await _serve_leases(
+            self._slots,
+            wakeup,
+            lambda limit: self._store.lease_orchestrations(self._owner, _now(), limit),
+            self._store.next_visible_time,
+            self._process,
+        )
 
     async def _process(self, item: OrchestrationWorkItem) -> None:
         instance_id = item.state.instance_id
@@ -208,20 +229,15 @@ class ActivityProcessor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         wakeup = self._signals.activity_work
-        async with trio.open_nursery() as nursery:
-            log.info("%s: waiting for new work items...", self.name)
-            task_status.started()
-            while True:
-                slots = await _take_slots(self._slots)
-                wakeup.clear()
-                items = await self._store.lease_activities(self._owner, _now(), slots)
-                for _ in range(slots - len(items)):
-                    self._slots.release()
-                if not items:
-                    await _sleep_until_work(wakeup, await self._store.next_activity_time())
-                    continue
-                for item in items:
-                    nursery.start_soon(self._process, item)
+        log.info("%s: waiting for new work items...", self.name)
+        task_status.started()
+        await _serve_leases(
+            self._slots,
+            wakeup,
+            lambda limit: self._store.lease_activities(self._owner, _now(), limit),
+            self._store.next_activity_time,
+            self._process,
+        )
 
     async def _process(self, item: ActivityWorkItem) -> None:
         try:
