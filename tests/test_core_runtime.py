@@ -279,14 +279,13 @@ def test_suspend_and_resume_change_the_status() -> None:
     assert resumed.state.status == Status.RUNNING
 
 
-def test_an_unsupported_action_fails_the_orchestration_with_a_reason() -> None:
+def test_an_action_without_a_payload_fails_the_orchestration_with_a_reason() -> None:
     action = pb.OrchestratorAction(id=6)
-    action.sendEntityMessage.entityOperationSignaled.operation = "add"
     result = core.apply_response(state(), first_step(), respond(action), NOW, ids())
     assert result.state.status == Status.FAILED
     assert result.state.failure is not None
     assert result.state.failure.errorType == "NotSupportedError"
-    assert "sendEntityMessage" in result.state.failure.errorMessage
+    assert "an empty action (action id 6)" in result.state.failure.errorMessage
 
 
 def test_activity_result_distinguishes_success_and_failure() -> None:

@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dt_trio._core import _events as ev
+from dt_trio._core._entities import check_entity_id, held_locks, release_locks
 from dt_trio._core._state import (
     ActivityTask,
     InboxMessage,
@@ -93,8 +94,22 @@ def plan_step(
             # waiting for it, gets its result again.
             return Settle(_renotify_parent(state, history, ids, now))
     if state.status.is_terminal:
-        # Nothing reaches a finished execution; the events are consumed and dropped.
-        return Settle(StepResult(state=state, consumed=ids, history=[]))
+        # Nothing reaches a finished execution; the events are consumed and dropped. A lock
+        # granted after the end is handed straight back, or its entities would stay locked.
+        granted = {
+            m.event.entityLockGranted.criticalSectionId
+            for m in inbox
+            if m.event.HasField("entityLockGranted")
+        }
+        requested = [e for e in history if e.HasField("entityLockRequested")]
+        locks = [
+            (r.entityLockRequested.criticalSectionId, entity)
+            for r in requested
+            if r.entityLockRequested.criticalSectionId in granted
+            for entity in r.entityLockRequested.lockSet
+        ]
+        messages = release_locks(state.instance_id, locks, now)
+        return Settle(StepResult(state=state, consumed=ids, history=[], messages=messages))
 
     started = any(e.HasField("executionStarted") for e in history)
     delivered: list[pb.HistoryEvent] = []
@@ -204,7 +219,8 @@ def finish_without_worker(
     failure: pb.TaskFailureDetails | None,
     events: Sequence[pb.HistoryEvent] = (),
 ) -> StepResult:
-    """End the execution in the store alone: its final events, its row, its parent told."""
+    """End the execution in the store alone: its final events, its row, its parent told, its
+    entity locks released."""
     finished = dataclasses.replace(
         state,
         status=status,
@@ -222,7 +238,8 @@ def finish_without_worker(
             *events,
             ev.execution_completed(now, status, output, failure),
         ],
-        messages=[message] if message else [],
+        messages=([message] if message else [])
+        + release_locks(state.instance_id, held_locks(history), now),
     )
 
 
@@ -268,6 +285,9 @@ class _StepBuilder:
         self.new_instances: list[NewInstance] = []
         self.reset_history = False
         self.finished = False
+        self.rewound = False
+        # Entity messages sent by this step, kept even when continue-as-new drops the history.
+        self.entity_events: list[pb.HistoryEvent] = []
         all_events = [*dispatch.past_events, *dispatch.new_events]
         self.started = next(
             e.executionStarted for e in all_events if e.HasField("executionStarted")
@@ -416,6 +436,7 @@ class _StepBuilder:
     def _on_rewindOrchestration(self, action: pb.OrchestratorAction) -> None:
         """The SDK's rewrite of a failed history: failed steps removed, to be run again."""
         self.finished = True
+        self.rewound = True
         self.reset_history = True
         self.history = list(action.rewindOrchestration.newHistory)
         self.completion = []
@@ -455,6 +476,45 @@ class _StepBuilder:
         if send.instance.instanceId:
             raised = ev.event_raised(self.now, send.name, ev.opt_str(send, "data"))
             self.messages.append(OutboundMessage(send.instance.instanceId, raised))
+
+    def _on_sendEntityMessage(self, action: pb.OrchestratorAction) -> None:
+        send = action.sendEntityMessage
+        kind = send.WhichOneof("EntityMessageType")
+        if kind is None:
+            raise InvalidAction("sendEntityMessage carries no message")
+        message = ev.new_event(self.now)
+        payload = getattr(message, kind)
+        payload.CopyFrom(getattr(send, kind))
+        visible_at = None
+        if kind == "entityOperationSignaled":
+            target = payload.targetInstanceId.value
+            if payload.HasField("scheduledTime"):
+                visible_at = _valid_time(payload.scheduledTime, "scheduledTime")
+        elif kind == "entityOperationCalled":
+            target = payload.targetInstanceId.value
+            # The entity answers this execution; a later one (continue-as-new) never asked.
+            payload.parentInstanceId.value = self.state.instance_id
+            payload.parentExecutionId.value = self.state.execution_id
+        elif kind == "entityLockRequested":
+            if not payload.lockSet:
+                raise InvalidAction("entityLockRequested has an empty lockSet")
+            if not 0 <= payload.position < len(payload.lockSet):
+                raise InvalidAction(
+                    f"position {payload.position} is outside the lockSet of "
+                    f"{len(payload.lockSet)} entities"
+                )
+            for entity in payload.lockSet:
+                _entity_target(entity)
+            payload.parentInstanceId.value = self.state.instance_id
+            target = payload.lockSet[payload.position]
+        else:
+            target = payload.targetInstanceId.value
+        target = _entity_target(target)
+        event = ev.new_event(self.now, action.id)
+        getattr(event, kind).CopyFrom(getattr(send, kind))
+        self.history.append(event)
+        self.entity_events.append(event)
+        self.messages.append(OutboundMessage(target, message, visible_at))
 
     def _on_terminateOrchestration(self, action: pb.OrchestratorAction) -> None:
         terminate = action.terminateOrchestration
@@ -564,13 +624,19 @@ class _StepBuilder:
         self.messages = own + self.messages
 
     def result(self) -> StepResult:
+        messages = self.messages
+        if self.finished and not self.rewound:
+            # An execution that ends (or continues as new) holding entity locks releases them:
+            # the SDKs send the unlocks themselves, this covers the code paths that do not.
+            held = held_locks([*self.all_events, *self.entity_events])
+            messages = messages + release_locks(self.state.instance_id, held, self.now)
         return StepResult(
             state=self.state,
             consumed=self.dispatch.consumed,
             history=self.history + self.completion,
             reset_history=self.reset_history,
             activities=self.activities,
-            messages=self.messages,
+            messages=messages,
             new_instances=self.new_instances,
         )
 
@@ -586,6 +652,13 @@ def _valid_time(ts: Any, field: str) -> datetime:
         return ev.to_datetime(ts)
     except (ValueError, OverflowError, OSError) as exc:
         raise InvalidAction(f"{field} is not a valid timestamp ({exc})") from exc
+
+
+def _entity_target(instance_id: str) -> str:
+    try:
+        return check_entity_id(instance_id, "the target")
+    except ValueError as exc:
+        raise InvalidAction(str(exc)) from None
 
 
 def running_children(events: Sequence[pb.HistoryEvent]) -> list[str]:

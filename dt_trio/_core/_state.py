@@ -73,27 +73,31 @@ class InboxMessage:
 class OutboundMessage:
     """An event to deliver to an instance's inbox, visible from `visible_at` (None: at once).
 
-    A message to an instance that does not exist is dropped by the store.
+    A message to an orchestration that does not exist, or (when `execution_id` is given) no
+    longer runs that execution, is dropped by the store. A message to an entity (`@name@key`)
+    goes to the entity's queue, creating the entity if needed.
     """
 
     target_instance_id: str
     event: pb.HistoryEvent
     visible_at: datetime | None = None
+    execution_id: str | None = None
 
 
 @dataclass(frozen=True)
 class NewInstance:
-    """An instance to create with its ExecutionStarted event (a sub-orchestration).
+    """An instance to create with its ExecutionStarted event (a sub-orchestration, or an
+    orchestration an entity starts).
 
     If an instance with that id exists and is not terminal (or exists at all, when
-    `replace_finished` is false), the store delivers `on_conflict` instead: for a new
-    sub-orchestration the parent learns that it could not start; for a rewind the existing
+    `replace_finished` is false), the store delivers `on_conflict` instead (or nothing): for a
+    new sub-orchestration the parent learns that it could not start; for a rewind the existing
     child is told to rewind.
     """
 
     state: InstanceState
     started: pb.HistoryEvent
-    on_conflict: OutboundMessage
+    on_conflict: OutboundMessage | None
     replace_finished: bool = True
 
 
