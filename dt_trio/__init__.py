@@ -12,7 +12,6 @@ from dt_trio._errors import (
     InvalidRequest,
     LockLost,
     StoreUnavailable,
-    Unimplemented,
     UnknownWorkItem,
 )
 from dt_trio._hub import serve
@@ -25,7 +24,6 @@ __all__ = [
     "InvalidRequest",
     "LockLost",
     "StoreUnavailable",
-    "Unimplemented",
     "UnknownWorkItem",
     "serve",
 ]

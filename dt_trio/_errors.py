@@ -50,7 +50,3 @@ class LockLost(DtTrioError):
 
 class StoreUnavailable(DtTrioError):
     """The store cannot serve the request right now (locked, read-only, full, closed)."""
-
-
-class Unimplemented(DtTrioError):
-    """The rpc or feature is not served by this version of dt-trio."""

@@ -4,12 +4,13 @@
     └── store (opened first, closed last)
         └── nursery
             ├── gRPC server (purerpc, TaskHubSidecarService)   -- started 1st
-            ├── orchestration processor  ─┐ share the store and   -- started 2nd
-            └── activity processor       ─┘ the remote executor  -- started 3rd
+            ├── orchestration processor  ─┐ share the store      -- started 2nd
+            ├── activity processor        │ and the remote      -- started 3rd
+            └── entity processor         ─┘ executor            -- started 4th
 
 The processors and the gRPC worker streams talk through the remote executor's trio memory
 channel; commits wake the processors through `Signals`. Cancelling `serve` (Ctrl-C, SIGTERM via
-the command, or the caller's cancel scope) cancels all three; in-flight work items that were not
+the command, or the caller's cancel scope) cancels them all; in-flight work items that were not
 committed are simply not committed, and their leases are released when the store is opened next.
 """
 
@@ -24,7 +25,13 @@ import uuid
 
 import trio
 
-from dt_trio._engine import ActivityProcessor, OrchestrationProcessor, RemoteExecutor, Signals
+from dt_trio._engine import (
+    ActivityProcessor,
+    EntityProcessor,
+    OrchestrationProcessor,
+    RemoteExecutor,
+    Signals,
+)
 from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
 from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, serve_grpc
@@ -92,6 +99,7 @@ async def serve(
             log.info("server listening at %s", format_address(*address))
             await nursery.start(OrchestrationProcessor(store, executor, signals, owner).run)
             await nursery.start(ActivityProcessor(store, executor, signals, owner).run)
+            await nursery.start(EntityProcessor(store, executor, signals, owner).run)
             task_status.started(address)
     except BaseExceptionGroup as group:
         raise lone_error(group) from None

@@ -125,12 +125,15 @@ def sdk_worker(
     address: str,
     orchestrators: list[Callable[..., Any]] = (),  # type: ignore[assignment]
     activities: list[Callable[..., Any]] = (),  # type: ignore[assignment]
+    entities: list[Any] = (),  # type: ignore[assignment]
 ) -> Iterator[worker.TaskHubGrpcWorker]:
     w = worker.TaskHubGrpcWorker(host_address=address)
     for o in orchestrators:
         w.add_orchestrator(o)
     for a in activities:
         w.add_activity(a)
+    for e in entities:
+        w.add_entity(e)
     w.start()
     try:
         yield w

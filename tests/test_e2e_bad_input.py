@@ -154,19 +154,6 @@ def test_an_empty_completion_token_is_invalid_argument(stub: Any) -> None:
     assert "completionToken" in details
 
 
-@pytest.mark.parametrize(
-    "rpc,request_",
-    [
-        ("QueryEntities", pb.QueryEntitiesRequest()),
-        ("CleanEntityStorage", pb.CleanEntityStorageRequest()),
-    ],
-)
-def test_rpcs_not_served_yet_are_unimplemented_by_name(stub: Any, rpc: str, request_: Any) -> None:
-    code, details = status_of(lambda: getattr(stub, rpc)(request_))
-    assert code == grpc.StatusCode.UNIMPLEMENTED
-    assert rpc in details
-
-
 def test_restarting_a_running_instance_is_failed_precondition(
     c: client.TaskHubGrpcClient, stub: Any
 ) -> None:

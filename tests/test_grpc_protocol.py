@@ -65,3 +65,11 @@ def test_messages_live_in_a_private_pool_beside_the_sdk() -> None:
     parsed = sdk_pb.OrchestratorRequest.FromString(request.SerializeToString())
     assert parsed.instanceId == "abc"
     assert parsed.newEvents[0].eventRaised.name == "go"
+
+
+def test_the_sidecar_serves_every_rpc_of_the_protocol() -> None:
+    from dt_trio._grpc._service import SidecarService
+
+    rpcs = {m.name for m in pb.DESCRIPTOR.services_by_name["TaskHubSidecarService"].methods}
+    served = {name for name in rpcs if name in SidecarService.__dict__}
+    assert served == rpcs, f"not served: {sorted(rpcs - served)}"

@@ -203,22 +203,12 @@ def settle_entity(batch: EntityBatch) -> EntityStepResult:
 
 
 def entity_request(batch: EntityBatch) -> pb.EntityRequest:
-    """The batch as the current protocol's work item: operations as history events."""
+    """The batch as the current protocol's work item (entityRequestV2): operations as history
+    events. Every SDK that has entities reads this form, and answers with one result per
+    operation; the store, not the worker, remembers where each call's answer goes."""
     request = pb.EntityRequest(instanceId=batch.entity.instance_id)
     ev.set_str(request.entityState, batch.entity.state)
     request.operationRequests.extend(m.event for m in batch.operations)
-    return request
-
-
-def entity_batch_request(batch: EntityBatch) -> pb.EntityBatchRequest:
-    """The batch in the older form (OperationRequests), for workers that only read that one."""
-    request = pb.EntityBatchRequest(instanceId=batch.entity.instance_id)
-    ev.set_str(request.entityState, batch.entity.state)
-    for message in batch.operations:
-        op = _operation(message.event)
-        item = request.operations.add(operation=op.operation, requestId=op.requestId)
-        if op.HasField("input"):
-            item.input.CopyFrom(op.input)
     return request
 
 
@@ -322,9 +312,7 @@ def _reply(
     )
 
 
-def _signal(
-    send: pb.SendSignalAction, now: datetime, new_id: Callable[[], str]
-) -> OutboundMessage:
+def _signal(send: pb.SendSignalAction, now: datetime, new_id: Callable[[], str]) -> OutboundMessage:
     try:
         target = check_entity_id(send.instanceId, "sendSignal.instanceId")
     except ValueError as exc:
@@ -364,7 +352,9 @@ def signal_event(
     return event
 
 
-def _time(parent: pb.SendSignalAction | pb.StartNewOrchestrationAction, name: str) -> datetime | None:
+def _time(
+    parent: pb.SendSignalAction | pb.StartNewOrchestrationAction, name: str
+) -> datetime | None:
     if not parent.HasField(name):
         return None
     ts = getattr(parent, name)

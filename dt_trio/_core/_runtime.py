@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dt_trio._core import _events as ev
-from dt_trio._core._entities import check_entity_id, held_locks, release_locks
+from dt_trio._core._entities import check_entity_id, held_locks, is_entity_id, release_locks
 from dt_trio._core._state import (
     ActivityTask,
     InboxMessage,
@@ -366,6 +366,10 @@ class _StepBuilder:
         create = action.createSubOrchestration
         # A deterministic id when the SDK leaves it empty, so a replayed step names the same child.
         child_id = create.instanceId or f"{self.state.instance_id}:{action.id:04x}"
+        if is_entity_id(child_id):
+            raise InvalidAction(
+                f"instanceId '{child_id[:200]}' starts with '@', which is reserved for entities"
+            )
         event = ev.new_event(self.now, action.id)
         created = event.subOrchestrationInstanceCreated
         created.instanceId = child_id

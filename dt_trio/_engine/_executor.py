@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 HEALTH_PING_INTERVAL = 30.0
 ORCHESTRATION = "orchestration"
 ACTIVITY = "activity"
+ENTITY = "entity"
 
 
 class WorkAbandoned(Exception):
@@ -100,11 +101,16 @@ class _Worker:
         self.filters: dict[str, NameFilter] = {
             ORCHESTRATION: _name_filter(filters.orchestrations, opted_in),
             ACTIVITY: _name_filter(filters.activities, opted_in),
+            # Entity names are case-insensitive: ids carry them in lower case.
+            ENTITY: _name_filter(
+                [pb.EntityFilter(name=f.name.lower()) for f in filters.entities], opted_in
+            ),
         }
         # The SDKs' maxConcurrent*WorkItems: 0 (unset) means no limit.
         self.limits = {
             ORCHESTRATION: request.maxConcurrentOrchestrationWorkItems or math.inf,
             ACTIVITY: request.maxConcurrentActivityWorkItems or math.inf,
+            ENTITY: request.maxConcurrentEntityWorkItems or math.inf,
         }
         self.in_flight: collections.Counter[str] = collections.Counter()
         self.send, self.receive = trio.open_memory_channel[Pending](math.inf)

@@ -17,11 +17,18 @@ import trio
 
 from dt_trio import _core as core
 from dt_trio._core import _events as ev
-from dt_trio._engine._executor import ACTIVITY, ORCHESTRATION, RemoteExecutor, Route, WorkAbandoned
+from dt_trio._engine._executor import (
+    ACTIVITY,
+    ENTITY,
+    ORCHESTRATION,
+    RemoteExecutor,
+    Route,
+    WorkAbandoned,
+)
 from dt_trio._engine._signals import Signals, Wakeup
 from dt_trio._errors import InvalidRequest, LockLost
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import ActivityWorkItem, Backend, OrchestrationWorkItem
+from dt_trio._store import ActivityWorkItem, Backend, EntityWorkItem, OrchestrationWorkItem
 
 log = logging.getLogger(__name__)
 W = TypeVar("W")
@@ -304,3 +311,106 @@ class ActivityProcessor:
                 await self._store.abandon_activity(self._owner, item, 0.0)
         finally:
             self._executor.finish(pending, error)
+
+
+class EntityProcessor:
+    """Runs entity batches: settle locks, run the operations on a worker, commit the result."""
+
+    name = "entity-processor"
+
+    def __init__(
+        self,
+        store: Backend,
+        executor: RemoteExecutor,
+        signals: Signals,
+        owner: str,
+        max_in_flight: int = 256,
+    ) -> None:
+        self._store = store
+        self._executor = executor
+        self._signals = signals
+        self._owner = owner
+        self._slots = trio.Semaphore(max_in_flight)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        log.info("%s: waiting for new work items...", self.name)
+        task_status.started()
+        await _serve_leases(
+            self._slots,
+            self._signals.entity_work,
+            lambda limit: self._store.lease_entities(self._owner, _now(), limit),
+            self._store.next_entity_time,
+            self._process,
+        )
+
+    async def _process(self, item: EntityWorkItem) -> None:
+        entity_id = item.entity.instance_id
+        try:
+            await self._step(item)
+        except LockLost as exc:
+            log.info("%s: %s; the step is dropped", self.name, exc)
+        except Exception:
+            log.exception(
+                "%s: a step of %s failed; retrying in %.0f s",
+                self.name,
+                entity_id,
+                FAILED_STEP_RETRY_SECONDS,
+            )
+            later = _now() + timedelta(seconds=FAILED_STEP_RETRY_SECONDS)
+            with trio.CancelScope(shield=True):
+                await self._store.postpone_entity(
+                    self._owner, entity_id, [m.id for m in item.inbox], later, failed=True
+                )
+        finally:
+            self._slots.release()
+
+    async def _step(self, item: EntityWorkItem) -> None:
+        entity_id = item.entity.instance_id
+        batch = core.plan_entity_batch(item.entity, item.inbox, _now())
+        if not batch.operations:
+            await self._store.commit_entity(self._owner, core.settle_entity(batch))
+            return
+        if item.attempt > core.MAX_STEP_ATTEMPTS:
+            reason = (
+                f"a batch of {len(batch.operations)} operation(s) on entity '{entity_id}' was "
+                f"handed out {item.attempt - 1} times and never completed (its worker crashed, "
+                "failed the batch or gave it back each time)"
+            )
+            log.warning("%s: %s", self.name, reason)
+            await self._store.commit_entity(
+                self._owner, core.fail_entity_batch(batch, _now(), reason)
+            )
+            return
+        ids = [m.id for m in batch.operations]
+        try:
+            pending = await self._executor.execute(
+                pb.WorkItem(entityRequestV2=core.entity_request(batch)),
+                Route(ENTITY, core.entity_name(entity_id)),
+            )
+        except WorkAbandoned as abandoned:
+            later = _now() + timedelta(seconds=abandoned.delay)
+            await self._store.postpone_entity(self._owner, entity_id, ids, later, failed=True)
+            return
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._store.postpone_entity(self._owner, entity_id, ids, _now())
+            raise
+        response = pending.response
+        assert isinstance(response, pb.EntityBatchResult)
+        try:
+            result = core.apply_entity_result(batch, response, _now(), _new_id)
+            with trio.CancelScope(shield=True):
+                await self._store.commit_entity(self._owner, result)
+        except core.InvalidEntityResult as exc:
+            # The batch runs again later from the state before it; a worker that keeps
+            # failing it reaches the poison limit above.
+            self._executor.finish(pending, InvalidRequest(f"entity '{entity_id}': {exc}"))
+            log.warning("%s: %s: %s; retrying the batch", self.name, entity_id, exc)
+            later = _now() + timedelta(seconds=FAILED_STEP_RETRY_SECONDS)
+            with trio.CancelScope(shield=True):
+                await self._store.postpone_entity(self._owner, entity_id, ids, later, failed=True)
+            return
+        except BaseException as exc:
+            self._executor.finish(pending, exc if isinstance(exc, Exception) else None)
+            raise
+        self._executor.finish(pending)

@@ -32,6 +32,7 @@ class Signals:
     def __init__(self) -> None:
         self.orchestration_work = Wakeup()
         self.activity_work = Wakeup()
+        self.entity_work = Wakeup()
         self._instances: dict[str, trio.Event] = {}
 
     def orchestration_work_added(self) -> None:
@@ -39,6 +40,9 @@ class Signals:
 
     def activity_work_added(self) -> None:
         self.activity_work.set()
+
+    def entity_work_added(self) -> None:
+        self.entity_work.set()
 
     def instance_changed(self, instance_id: str) -> None:
         event = self._instances.pop(instance_id, None)

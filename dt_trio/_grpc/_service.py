@@ -12,13 +12,13 @@ from typing import Any
 from google.protobuf import empty_pb2
 
 from dt_trio import _core as core
-from dt_trio._core import InstanceState, Status
+from dt_trio._core import EntityState, InstanceState, Status
 from dt_trio._core import _events as ev
 from dt_trio._engine import RemoteExecutor, Signals
-from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest, Unimplemented
+from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest
 from dt_trio._proto import orchestrator_service_grpc as grpc_stubs
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import Backend, InstanceFilter, PageKey
+from dt_trio._store import Backend, EntityFilter, InstanceFilter, PageKey
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ MAX_SKIP_GRACEFUL = 500
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 PAGE_TOKEN_VERSION = "k1"
+ENTITY_PAGE_TOKEN_VERSION = "e1"
 # A filtered purge deletes this many instances per transaction, so writers never wait long.
 PURGE_BATCH = 500
 
@@ -98,6 +99,41 @@ def _page_key(token: str | None, field: str) -> PageKey | None:
     return int(position), instance_id
 
 
+def _entity_id(value: str, field: str = "instanceId") -> str:
+    try:
+        return core.check_entity_id(_require(value, field), field)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def _orchestration_id(value: str) -> str:
+    if core.is_entity_id(value):
+        raise InvalidRequest(
+            f"instanceId '{value[:200]}' starts with '@', which is reserved for entity ids"
+        )
+    return value
+
+
+def _entity_prefix(value: str | None) -> str | None:
+    """An id prefix as the SDKs' entity queries give it: '@name@key...' or a bare name start;
+    entity names are matched in lower case, as ids store them."""
+    if not value:
+        return None
+    if not value.startswith("@"):
+        value = "@" + value
+    name, sep, key = value[1:].partition("@")
+    return f"@{name.lower()}{sep}{key}"
+
+
+def _entity_message(entity: EntityState, include_state: bool) -> pb.EntityMetadata:
+    msg = pb.EntityMetadata(instanceId=entity.instance_id, backlogQueueSize=entity.backlog)
+    msg.lastModifiedTime.FromDatetime(entity.last_modified_at)
+    ev.set_str(msg.lockedBy, entity.lock_owner)
+    if include_state:
+        ev.set_str(msg.serializedState, entity.state)
+    return msg
+
+
 def _state_message(state: InstanceState, payloads: bool) -> pb.OrchestrationState:
     msg = pb.OrchestrationState(
         instanceId=state.instance_id,
@@ -124,8 +160,7 @@ def _state_message(state: InstanceState, payloads: bool) -> pb.OrchestrationStat
 
 
 class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[misc]
-    """The rpcs of TaskHubSidecarService that this version serves; the others answer
-    UNIMPLEMENTED naming the rpc."""
+    """Every rpc of TaskHubSidecarService (a test checks that none is missing)."""
 
     def __init__(self, store: Backend, executor: RemoteExecutor, signals: Signals) -> None:
         self._store = store
@@ -147,7 +182,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
             except ValueError as exc:
                 raise InvalidRequest(f"orchestrationIdReusePolicy: {exc}") from exc
         instance_id = await self._start(
-            instance_id=request.instanceId or uuid.uuid4().hex,
+            instance_id=_orchestration_id(request.instanceId) or uuid.uuid4().hex,
             name=_require(request.name, "name (the orchestrator name)"),
             input=ev.opt_str(request, "input"),
             version=ev.opt_str(request, "version"),
@@ -443,6 +478,70 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         if chunk:
             yield pb.HistoryChunk(events=chunk)
 
+    # -- entity rpcs -------------------------------------------------------------------------
+
+    async def SignalEntity(self, request: pb.SignalEntityRequest) -> pb.SignalEntityResponse:
+        entity_id = _entity_id(request.instanceId)
+        now = _now()
+        at = _timestamp(request, "scheduledTime")
+        event = core.signal_event(
+            now,
+            entity_id,
+            _require(request.name, "name (the operation)"),
+            ev.opt_str(request, "input"),
+            request.requestId or uuid.uuid4().hex,
+            at,
+        )
+        await self._store.signal_entity(entity_id, event, at if at and at > now else now)
+        return pb.SignalEntityResponse()
+
+    async def GetEntity(self, request: pb.GetEntityRequest) -> pb.GetEntityResponse:
+        entity = await self._store.get_entity(_entity_id(request.instanceId))
+        # An entity exists while it has state; one that is only locked or has queued
+        # operations is transient (QueryEntities shows it when asked).
+        if entity is None or entity.state is None:
+            return pb.GetEntityResponse(exists=False)
+        return pb.GetEntityResponse(
+            exists=True, entity=_entity_message(entity, request.includeState)
+        )
+
+    async def QueryEntities(self, request: pb.QueryEntitiesRequest) -> pb.QueryEntitiesResponse:
+        query = request.query
+        where = EntityFilter(
+            id_prefix=_entity_prefix(ev.opt_str(query, "instanceIdStartsWith")),
+            modified_from=_timestamp(query, "lastModifiedFrom"),
+            modified_to=_timestamp(query, "lastModifiedTo"),
+            include_transient=query.includeTransient,
+        )
+        size = query.pageSize.value if query.HasField("pageSize") else 0
+        after = None
+        token = ev.opt_str(query, "continuationToken")
+        if token:
+            version, sep, after = token.partition(":")
+            if version != ENTITY_PAGE_TOKEN_VERSION or not sep or not after:
+                raise InvalidRequest(
+                    f"continuationToken '{token[:100]}' is not a continuation token of this sidecar"
+                )
+        entities, next_after = await self._store.query_entities(
+            where, _page_size(size, "pageSize"), after
+        )
+        response = pb.QueryEntitiesResponse(
+            entities=[_entity_message(e, query.includeState) for e in entities]
+        )
+        if next_after is not None:
+            response.continuationToken.value = f"{ENTITY_PAGE_TOKEN_VERSION}:{next_after}"
+        return response
+
+    async def CleanEntityStorage(
+        self, request: pb.CleanEntityStorageRequest
+    ) -> pb.CleanEntityStorageResponse:
+        removed, released = await self._store.clean_entity_storage(
+            request.removeEmptyEntities, request.releaseOrphanedLocks
+        )
+        return pb.CleanEntityStorageResponse(
+            emptyEntitiesRemoved=removed, orphanedLocksReleased=released
+        )
+
     # -- worker rpcs -------------------------------------------------------------------------
 
     async def GetWorkItems(self, request: pb.GetWorkItemsRequest) -> AsyncIterator[pb.WorkItem]:
@@ -457,6 +556,10 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
 
     async def CompleteActivityTask(self, request: pb.ActivityResponse) -> pb.CompleteTaskResponse:
         await self._complete(request.completionToken, "activityRequest", request)
+        return pb.CompleteTaskResponse()
+
+    async def CompleteEntityTask(self, request: pb.EntityBatchResult) -> pb.CompleteTaskResponse:
+        await self._complete(request.completionToken, "entityRequestV2", request)
         return pb.CompleteTaskResponse()
 
     async def _complete(self, token: str, kind: str, response: object) -> None:
@@ -480,31 +583,14 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         self._abandon(request.completionToken, "activityRequest")
         return pb.AbandonActivityTaskResponse()
 
+    async def AbandonTaskEntityWorkItem(
+        self, request: pb.AbandonEntityTaskRequest
+    ) -> pb.AbandonEntityTaskResponse:
+        self._abandon(request.completionToken, "entityRequestV2")
+        return pb.AbandonEntityTaskResponse()
+
     def _abandon(self, token: str, kind: str) -> None:
         pending = self._executor.lookup(token)
         if pending.work_item.WhichOneof("request") != kind:
             raise InvalidRequest(f"completion token '{token}' does not belong to an {kind}")
         pending.abandon(WORKER_ABANDON_DELAY_SECONDS)
-
-
-def _unimplemented(rpc: str, streaming: bool) -> Callable[..., Any]:
-    message = f"{rpc} is not implemented by this version of dt-trio"
-
-    async def unary(self: SidecarService, request: object) -> Any:
-        raise Unimplemented(message)
-
-    async def stream(self: SidecarService, request: object) -> AsyncIterator[Any]:
-        raise Unimplemented(message)
-        yield  # an async generator, as purerpc expects of a server-streaming rpc
-
-    handler = stream if streaming else unary
-    handler.__name__ = rpc
-    return handler
-
-
-# Every rpc of the protocol that the class above does not serve answers UNIMPLEMENTED by name.
-for _method in pb.DESCRIPTOR.services_by_name["TaskHubSidecarService"].methods:
-    if _method.name not in SidecarService.__dict__:
-        setattr(
-            SidecarService, _method.name, _unimplemented(_method.name, _method.server_streaming)
-        )

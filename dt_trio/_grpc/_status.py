@@ -12,7 +12,6 @@ from dt_trio._errors import (
     InvalidRequest,
     LockLost,
     StoreUnavailable,
-    Unimplemented,
     UnknownWorkItem,
 )
 
@@ -24,7 +23,6 @@ _CODES: dict[type[DtTrioError], StatusCode] = {
     FailedPrecondition: StatusCode.FAILED_PRECONDITION,
     LockLost: StatusCode.ABORTED,
     StoreUnavailable: StatusCode.UNAVAILABLE,
-    Unimplemented: StatusCode.UNIMPLEMENTED,
 }
 
 

@@ -3,6 +3,8 @@
 from dt_trio._store._backend import (
     ActivityWorkItem,
     Backend,
+    EntityFilter,
+    EntityWorkItem,
     InstanceFilter,
     OrchestrationWorkItem,
     PageKey,
@@ -13,6 +15,8 @@ from dt_trio._store._sqlite import SqliteBackend
 __all__ = [
     "ActivityWorkItem",
     "Backend",
+    "EntityFilter",
+    "EntityWorkItem",
     "InstanceFilter",
     "OrchestrationWorkItem",
     "PageKey",

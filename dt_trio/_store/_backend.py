@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from dt_trio._core import InboxMessage, InstanceState, Status, StepResult
+from dt_trio._core import (
+    EntityState,
+    EntityStepResult,
+    InboxMessage,
+    InstanceState,
+    Status,
+    StepResult,
+)
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 
@@ -38,6 +45,26 @@ class ActivityWorkItem:
 
 
 @dataclass(frozen=True)
+class EntityWorkItem:
+    """A leased entity: its row and its whole visible queue (deferred messages included, as
+    they keep their place in the order). `attempt` counts leases since its last commit."""
+
+    entity: EntityState
+    inbox: list[InboxMessage]
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class EntityFilter:
+    """Which entities QueryEntities returns; None means "any"."""
+
+    id_prefix: str | None = None
+    modified_from: datetime | None = None
+    modified_to: datetime | None = None  # exclusive
+    include_transient: bool = False  # entities without state (locked or with queued messages)
+
+
+@dataclass(frozen=True)
 class InstanceFilter:
     """Which instances a query or a purge is about; None means "any"."""
 
@@ -56,6 +83,7 @@ class StoreListener(Protocol):
 
     def orchestration_work_added(self) -> None: ...
     def activity_work_added(self) -> None: ...
+    def entity_work_added(self) -> None: ...
     def instance_changed(self, instance_id: str) -> None: ...
 
 
@@ -122,7 +150,7 @@ class Backend(Protocol):
         (deleted count, whether everything matching was purged)."""
 
     async def delete_everything(self) -> None:
-        """Empty the task hub: every instance, history, message and activity."""
+        """Empty the task hub: every instance, history, message, activity and entity."""
 
     # -- orchestration work --------------------------------------------------------------
 
@@ -178,3 +206,45 @@ class Backend(Protocol):
 
     async def abandon_activity(self, owner: str, item: ActivityWorkItem, delay: float) -> None:
         """Release the activity; it becomes visible again after `delay` seconds."""
+
+    # -- entities ------------------------------------------------------------------------
+
+    async def signal_entity(
+        self, entity_id: str, event: pb.HistoryEvent, visible_at: datetime
+    ) -> None:
+        """Queue an operation for an entity, creating the entity if needed."""
+
+    async def get_entity(self, entity_id: str) -> EntityState | None:
+        """The entity's row with its backlog, or None if it has none."""
+
+    async def query_entities(
+        self, where: EntityFilter, page_size: int, after: str | None
+    ) -> tuple[list[EntityState], str | None]:
+        """A page of entities ordered by id, and the id to continue after."""
+
+    async def clean_entity_storage(
+        self, remove_empty: bool, release_orphaned_locks: bool
+    ) -> tuple[int, int]:
+        """Delete entities with no state, lock or queue; release locks whose orchestration is
+        gone or finished. Returns (entities removed, locks released)."""
+
+    async def lease_entities(self, owner: str, now: datetime, limit: int) -> list[EntityWorkItem]:
+        """Lease up to `limit` unleased entities with visible messages that are not deferred."""
+
+    async def next_entity_time(self) -> datetime | None:
+        """The earliest time a queued entity message that is not visible yet becomes visible."""
+
+    async def commit_entity(self, owner: str, result: EntityStepResult) -> None:
+        """Commit one entity step atomically and release the lease (`LockLost` if the lease is
+        not `owner`'s)."""
+
+    async def postpone_entity(
+        self,
+        owner: str,
+        entity_id: str,
+        message_ids: Sequence[int],
+        until: datetime,
+        failed: bool = False,
+    ) -> None:
+        """Make the messages invisible until `until` and release the lease; `failed` counts
+        towards the poison limit."""

@@ -25,7 +25,17 @@ from typing import IO, Any, TypeVar
 import outcome
 import trio
 
-from dt_trio._core import InboxMessage, InstanceState, Status, StepResult
+from dt_trio._core import (
+    EntityState,
+    EntityStepResult,
+    InboxMessage,
+    InstanceState,
+    NewInstance,
+    OutboundMessage,
+    Status,
+    StepResult,
+    is_entity_id,
+)
 from dt_trio._errors import (
     FailedPrecondition,
     InstanceExists,
@@ -36,6 +46,8 @@ from dt_trio._errors import (
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store._backend import (
     ActivityWorkItem,
+    EntityFilter,
+    EntityWorkItem,
     InstanceFilter,
     OrchestrationWorkItem,
     PageKey,
@@ -58,6 +70,11 @@ _INSTANCE_COLUMNS = (
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TERMINAL_MARKS = ",".join("?" * len(_TERMINAL))
+_ENTITY_COLUMNS = (
+    "instance_id, state, last_modified_at, locked_by, lock_owner, "
+    "(SELECT COUNT(*) FROM entity_inbox m WHERE m.instance_id = e.instance_id) AS backlog"
+)
 _MICROSECOND = timedelta(microseconds=1)
 
 
@@ -100,6 +117,19 @@ def _row_to_state(row: sqlite3.Row) -> InstanceState:
     )
 
 
+def _row_to_entity(row: sqlite3.Row) -> EntityState:
+    modified = _dt(row["last_modified_at"])
+    assert modified is not None
+    return EntityState(
+        instance_id=row["instance_id"],
+        last_modified_at=modified,
+        state=row["state"],
+        locked_by=row["locked_by"],
+        lock_owner=row["lock_owner"],
+        backlog=row["backlog"],
+    )
+
+
 def _state_values(state: InstanceState) -> tuple[object, ...]:
     return (
         state.instance_id,
@@ -139,6 +169,9 @@ class _NullListener:
         pass
 
     def activity_work_added(self) -> None:
+        pass
+
+    def entity_work_added(self) -> None:
         pass
 
     def instance_changed(self, instance_id: str) -> None:
@@ -198,6 +231,7 @@ class SqliteBackend:
         # A single process owns the store: leases left by a previous process are void.
         writer.execute("UPDATE instances SET locked_by = NULL WHERE locked_by IS NOT NULL")
         writer.execute("UPDATE activities SET locked_by = NULL WHERE locked_by IS NOT NULL")
+        writer.execute("UPDATE entities SET leased_by = NULL WHERE leased_by IS NOT NULL")
         self._writer = writer
         if self.path:
             for _ in range(READERS):
@@ -514,10 +548,220 @@ class SqliteBackend:
 
     async def delete_everything(self) -> None:
         def write(conn: sqlite3.Connection) -> None:
-            for table in ("history", "inbox", "activities", "instances"):
+            for table in (
+                "history",
+                "inbox",
+                "activities",
+                "instances",
+                "entity_inbox",
+                "entities",
+            ):
                 conn.execute(f"DELETE FROM {table}")
 
         await self._run_write(write)
+
+    # -- entities --------------------------------------------------------------------------
+
+    async def signal_entity(
+        self, entity_id: str, event: pb.HistoryEvent, visible_at: datetime
+    ) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            _insert_message(conn, entity_id, event, _us(visible_at))
+
+        await self._run_write(write)
+        self.listener.entity_work_added()
+
+    async def get_entity(self, entity_id: str) -> EntityState | None:
+        def read(conn: sqlite3.Connection) -> EntityState | None:
+            row = conn.execute(
+                f"SELECT {_ENTITY_COLUMNS} FROM entities e WHERE instance_id = ?", (entity_id,)
+            ).fetchone()
+            return None if row is None else _row_to_entity(row)
+
+        return await self._run_read(read)
+
+    async def query_entities(
+        self, where: EntityFilter, page_size: int, after: str | None
+    ) -> tuple[list[EntityState], str | None]:
+        clauses = ["instance_id > ?"]
+        params: list[object] = [after or ""]
+        if where.id_prefix:
+            clauses.append("instance_id >= ? AND instance_id < ?")
+            params += [where.id_prefix, where.id_prefix + "\U0010ffff"]
+        if where.modified_from is not None:
+            clauses.append("last_modified_at >= ?")
+            params.append(_us(where.modified_from))
+        if where.modified_to is not None:
+            clauses.append("last_modified_at < ?")
+            params.append(_us(where.modified_to))
+        if not where.include_transient:
+            clauses.append("state IS NOT NULL")
+
+        def read(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            return conn.execute(
+                f"SELECT {_ENTITY_COLUMNS} FROM entities e WHERE {' AND '.join(clauses)} "
+                "ORDER BY instance_id LIMIT ?",
+                (*params, page_size + 1),
+            ).fetchall()
+
+        rows = await self._run_read(read)
+        entities = [_row_to_entity(r) for r in rows[:page_size]]
+        more = len(rows) > page_size
+        return entities, entities[-1].instance_id if more else None
+
+    async def clean_entity_storage(
+        self, remove_empty: bool, release_orphaned_locks: bool
+    ) -> tuple[int, int]:
+        def write(conn: sqlite3.Connection) -> tuple[int, int]:
+            released = 0
+            if release_orphaned_locks:
+                orphans = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT e.instance_id FROM entities e "
+                        "LEFT JOIN instances i ON i.instance_id = e.lock_owner "
+                        "WHERE e.locked_by IS NOT NULL AND e.leased_by IS NULL "
+                        f"AND (i.instance_id IS NULL OR i.status IN ({_TERMINAL_MARKS}))",
+                        _TERMINAL,
+                    )
+                ]
+                for entity_id in orphans:
+                    conn.execute(
+                        "UPDATE entities SET locked_by = NULL, lock_owner = NULL "
+                        "WHERE instance_id = ?",
+                        (entity_id,),
+                    )
+                    # What waited for the lock may run now.
+                    conn.execute(
+                        "UPDATE entity_inbox SET deferred = 0 WHERE instance_id = ?", (entity_id,)
+                    )
+                released = len(orphans)
+            removed = 0
+            if remove_empty:
+                removed = conn.execute(
+                    "DELETE FROM entities WHERE state IS NULL AND locked_by IS NULL "
+                    "AND leased_by IS NULL AND NOT EXISTS "
+                    "(SELECT 1 FROM entity_inbox m WHERE m.instance_id = entities.instance_id)"
+                ).rowcount
+            return removed, released
+
+        removed, released = await self._run_write(write)
+        if released:
+            self.listener.entity_work_added()
+        return removed, released
+
+    async def lease_entities(self, owner: str, now: datetime, limit: int) -> list[EntityWorkItem]:
+        now_us = _us(now)
+
+        def write(conn: sqlite3.Connection) -> list[EntityWorkItem]:
+            ids = list(
+                dict.fromkeys(
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT m.instance_id FROM entity_inbox m JOIN entities e "
+                        "USING (instance_id) WHERE m.deferred = 0 AND m.visible_at <= ? "
+                        "AND e.leased_by IS NULL ORDER BY m.visible_at LIMIT ?",
+                        (now_us, limit * 4),
+                    )
+                )
+            )[:limit]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            conn.execute(
+                "UPDATE entities SET leased_by = ?, dequeue_count = dequeue_count + 1 "
+                f"WHERE instance_id IN ({marks})",
+                (owner, *ids),
+            )
+            rows = conn.execute(
+                f"SELECT {_ENTITY_COLUMNS}, dequeue_count FROM entities e "
+                f"WHERE instance_id IN ({marks})",
+                ids,
+            ).fetchall()
+            inboxes: dict[str, list[InboxMessage]] = {i: [] for i in ids}
+            for r in conn.execute(
+                f"SELECT id, instance_id, event FROM entity_inbox WHERE instance_id IN ({marks}) "
+                "AND visible_at <= ? ORDER BY id",
+                (*ids, now_us),
+            ):
+                inboxes[r[1]].append(InboxMessage(r[0], _event(r[2])))
+            return [
+                EntityWorkItem(_row_to_entity(r), inboxes[r["instance_id"]], r["dequeue_count"])
+                for r in rows
+            ]
+
+        return await self._run_write(write)
+
+    async def next_entity_time(self) -> datetime | None:
+        def read(conn: sqlite3.Connection) -> datetime | None:
+            row = conn.execute(
+                "SELECT MIN(m.visible_at) FROM entity_inbox m JOIN entities e "
+                "USING (instance_id) WHERE m.deferred = 0 AND e.leased_by IS NULL"
+            ).fetchone()
+            return _dt(row[0])
+
+        return await self._run_read(read)
+
+    async def commit_entity(self, owner: str, result: EntityStepResult) -> None:
+        entity = result.entity
+        now_us = _us(datetime.now(UTC))
+
+        def write(conn: sqlite3.Connection) -> list[str]:
+            _check_entity_lease(conn, owner, entity.instance_id)
+            conn.executemany(
+                "DELETE FROM entity_inbox WHERE id = ?", [(i,) for i in result.consumed]
+            )
+            conn.executemany(
+                "UPDATE entity_inbox SET deferred = 1 WHERE id = ?", [(i,) for i in result.deferred]
+            )
+            conn.execute(
+                "UPDATE entities SET state = ?, last_modified_at = ?, locked_by = ?, "
+                "lock_owner = ?, leased_by = NULL, dequeue_count = 0 WHERE instance_id = ?",
+                (
+                    entity.state,
+                    _us(entity.last_modified_at),
+                    entity.locked_by,
+                    entity.lock_owner,
+                    entity.instance_id,
+                ),
+            )
+            conn.execute(
+                "DELETE FROM entities WHERE instance_id = ? AND state IS NULL "
+                "AND locked_by IS NULL AND NOT EXISTS "
+                "(SELECT 1 FROM entity_inbox WHERE instance_id = ?)",
+                (entity.instance_id, entity.instance_id),
+            )
+            _send(conn, result.messages, now_us)
+            return _start_instances(conn, result.new_instances, now_us)
+
+        created = await self._run_write(write)
+        self.listener.entity_work_added()  # messages that arrived during the step
+        if created or any(not is_entity_id(m.target_instance_id) for m in result.messages):
+            self.listener.orchestration_work_added()
+
+    async def postpone_entity(
+        self,
+        owner: str,
+        entity_id: str,
+        message_ids: Sequence[int],
+        until: datetime,
+        failed: bool = False,
+    ) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            _check_entity_lease(conn, owner, entity_id)
+            conn.executemany(
+                "UPDATE entity_inbox SET visible_at = ? WHERE id = ?",
+                [(_us(until), i) for i in message_ids],
+            )
+            conn.execute(
+                "UPDATE entities SET leased_by = NULL, "
+                "dequeue_count = CASE WHEN ? THEN dequeue_count ELSE 0 END "
+                "WHERE instance_id = ?",
+                (failed, entity_id),
+            )
+
+        await self._run_write(write)
+        self.listener.entity_work_added()
 
     # -- orchestration work ----------------------------------------------------------------
 
@@ -619,6 +863,8 @@ class SqliteBackend:
         self.listener.orchestration_work_added()
         if result.activities:
             self.listener.activity_work_added()
+        if any(is_entity_id(m.target_instance_id) for m in result.messages):
+            self.listener.entity_work_added()
         for instance_id in changed:
             self.listener.instance_changed(instance_id)
 
@@ -782,6 +1028,14 @@ def _history(conn: sqlite3.Connection, instance_id: str) -> list[pb.HistoryEvent
     ]
 
 
+def _check_entity_lease(conn: sqlite3.Connection, owner: str, entity_id: str) -> None:
+    row = conn.execute(
+        "SELECT leased_by FROM entities WHERE instance_id = ?", (entity_id,)
+    ).fetchone()
+    if row is None or row[0] != owner:
+        raise LockLost(f"entity '{entity_id}' is no longer leased by {owner}")
+
+
 def _check_lease(conn: sqlite3.Connection, owner: str, instance_id: str) -> None:
     row = conn.execute(
         "SELECT locked_by FROM instances WHERE instance_id = ?", (instance_id,)
@@ -804,14 +1058,67 @@ def _insert_instance(
 
 
 def _insert_message(
-    conn: sqlite3.Connection, instance_id: str, event: pb.HistoryEvent, visible_us: int
+    conn: sqlite3.Connection,
+    instance_id: str,
+    event: pb.HistoryEvent,
+    visible_us: int,
+    execution_id: str | None = None,
 ) -> None:
-    # A message to an instance that does not exist is dropped, as the protocol expects.
+    blob = event.SerializeToString()
+    if is_entity_id(instance_id):
+        # An entity comes into being with its first message.
+        conn.execute(
+            "INSERT OR IGNORE INTO entities (instance_id, last_modified_at) VALUES (?, ?)",
+            (instance_id, visible_us),
+        )
+        conn.execute(
+            "INSERT INTO entity_inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
+            (instance_id, blob, visible_us),
+        )
+        return
+    # A message to an instance that does not exist (or to an execution that is over) is
+    # dropped, as the protocol expects.
     conn.execute(
         "INSERT INTO inbox (instance_id, event, visible_at) "
-        "SELECT instance_id, ?, ? FROM instances WHERE instance_id = ?",
-        (event.SerializeToString(), visible_us, instance_id),
+        "SELECT instance_id, ?, ? FROM instances WHERE instance_id = ? "
+        "AND (? IS NULL OR execution_id = ?)",
+        (blob, visible_us, instance_id, execution_id, execution_id),
     )
+
+
+def _send(conn: sqlite3.Connection, messages: Sequence[OutboundMessage], now_us: int) -> None:
+    for message in messages:
+        visible = _us(message.visible_at) if message.visible_at else now_us
+        _insert_message(
+            conn, message.target_instance_id, message.event, visible, message.execution_id
+        )
+
+
+def _start_instances(
+    conn: sqlite3.Connection, new_instances: Sequence[NewInstance], now_us: int
+) -> list[str]:
+    """Create the instances an orchestration or entity started; returns the created ids."""
+    created = []
+    for new in new_instances:
+        row = conn.execute(
+            "SELECT status FROM instances WHERE instance_id = ?",
+            (new.state.instance_id,),
+        ).fetchone()
+        if row is not None and (not new.replace_finished or row["status"] not in _TERMINAL):
+            if new.on_conflict is not None:
+                _send(conn, [new.on_conflict], now_us)
+            else:
+                log.info(
+                    "%s exists; the start asked for by an entity is dropped", new.state.instance_id
+                )
+            continue
+        if row is not None:
+            _delete_instances(conn, [new.state.instance_id])
+        _insert_instance(
+            conn, new.state, new.started, new.state.scheduled_start_at or new.state.created_at
+        )
+        created.append(new.state.instance_id)
+    return created
 
 
 def _apply_step(conn: sqlite3.Connection, result: StepResult) -> list[str]:
@@ -850,18 +1157,7 @@ def _apply_step(conn: sqlite3.Connection, result: StepResult) -> list[str]:
             for a in result.activities
         ],
     )
-    for new in result.new_instances:
-        row = conn.execute(
-            "SELECT status FROM instances WHERE instance_id = ?",
-            (new.state.instance_id,),
-        ).fetchone()
-        if row is not None and (not new.replace_finished or row["status"] not in _TERMINAL):
-            _insert_message(conn, new.on_conflict.target_instance_id, new.on_conflict.event, now_us)
-            continue
-        if row is not None:
-            _delete_instances(conn, [new.state.instance_id])
-        _insert_instance(conn, new.state, new.started, new.state.created_at)
-        changed.append(new.state.instance_id)
+    changed += _start_instances(conn, result.new_instances, now_us)
     arrived: list[sqlite3.Row] = []
     if result.reset_history:
         # The new execution's start and carried-over events go before the events that
@@ -871,9 +1167,7 @@ def _apply_step(conn: sqlite3.Connection, result: StepResult) -> list[str]:
             (state.instance_id,),
         ).fetchall()
         conn.execute("DELETE FROM inbox WHERE instance_id = ?", (state.instance_id,))
-    for message in result.messages:
-        visible = _us(message.visible_at) if message.visible_at else now_us
-        _insert_message(conn, message.target_instance_id, message.event, visible)
+    _send(conn, result.messages, now_us)
     conn.executemany(
         "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
         [(state.instance_id, row[0], row[1]) for row in arrived],

@@ -61,3 +61,27 @@ CREATE TABLE IF NOT EXISTS activities (
 );
 CREATE INDEX IF NOT EXISTS activities_ready ON activities (locked_by, visible_at);
 CREATE INDEX IF NOT EXISTS activities_instance ON activities (instance_id);
+
+-- Durable entities (@name@key): state, lock and lease. A row exists while the entity has state,
+-- a lock or queued messages.
+CREATE TABLE IF NOT EXISTS entities (
+    instance_id       TEXT PRIMARY KEY,
+    state             TEXT,
+    last_modified_at  INTEGER NOT NULL,
+    locked_by         TEXT,   -- the critical section holding the lock
+    lock_owner        TEXT,   -- the orchestration of that critical section
+    leased_by         TEXT,
+    dequeue_count     INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
+-- Operations, lock requests and unlocks for an entity, in arrival order. `deferred` messages
+-- wait for the entity's lock to change and are not a reason to lease the entity.
+CREATE TABLE IF NOT EXISTS entity_inbox (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance_id  TEXT NOT NULL,
+    event        BLOB NOT NULL,
+    visible_at   INTEGER NOT NULL,
+    deferred     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS entity_inbox_ready ON entity_inbox (deferred, visible_at);
+CREATE INDEX IF NOT EXISTS entity_inbox_instance ON entity_inbox (instance_id, visible_at);
