@@ -85,3 +85,56 @@ def test_a_pending_timer_and_event_survive_a_restart(tmp_path: pathlib.Path) -> 
     finally:
         if sidecar.proc is not None and sidecar.proc.poll() is None:
             assert sidecar.stop() == 0
+
+
+def test_entity_state_locks_and_queued_operations_survive_kill_9(tmp_path: pathlib.Path) -> None:
+    from durabletask import entities
+
+    def tally(ctx: entities.EntityContext, value: Any) -> Any:
+        current = ctx.get_state(int, 0)
+        if ctx.operation == "add":
+            ctx.set_state(current + value)
+        elif ctx.operation == "set":
+            ctx.set_state(value)
+        return current
+
+    def bump(ctx: task.OrchestrationContext, _: Any) -> Any:
+        target = entities.EntityInstanceId("tally", "t")
+        with (yield ctx.lock_entities([target])):
+            value = yield ctx.call_entity(target, "get")
+            yield ctx.wait_for_external_event("go")
+            yield ctx.call_entity(target, "set", value + 1)
+        return value
+
+    entity = entities.EntityInstanceId("tally", "t")
+    sidecar = Sidecar(str(tmp_path / "hub.sqlite3"), tmp_path / "sidecar.log").start()
+    try:
+        with sdk_worker(sidecar.address, [bump], entities=[tally]):
+            c = sdk_client(sidecar.address)
+            c.signal_entity(entity, "add", 1)
+            wait_until(lambda: _state(c, entity) == 1, what="the first signal")
+            instance_id = c.schedule_new_orchestration(bump)
+            wait_until(lambda: _locked_by(c, entity, instance_id), what="the lock")
+            c.signal_entity(entity, "add", 10)  # queued behind the lock
+            sidecar.kill()
+        sidecar.restart()
+        with sdk_worker(sidecar.address, [bump], entities=[tally]):
+            c = sdk_client(sidecar.address)
+            assert _state(c, entity) == 1  # the lock still holds the +10 back
+            c.raise_orchestration_event(instance_id, "go")
+            state = c.wait_for_orchestration_completion(instance_id, timeout=30)
+            assert state is not None and state.runtime_status.name == "COMPLETED"
+            wait_until(lambda: _state(c, entity) == 12, what="set(2) then +10")
+    finally:
+        if sidecar.proc is not None and sidecar.proc.poll() is None:
+            assert sidecar.stop() == 0
+
+
+def _state(c: Any, entity: Any) -> Any:
+    metadata = c.get_entity(entity)
+    return None if metadata is None else metadata.get_state(int)
+
+
+def _locked_by(c: Any, entity: Any, instance_id: str) -> bool:
+    metadata = c.get_entity(entity, include_state=False)
+    return metadata is not None and metadata._locked_by == instance_id
