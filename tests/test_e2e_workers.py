@@ -134,3 +134,36 @@ def test_a_stream_never_holds_more_activities_than_its_hint(sidecar: Sidecar) ->
         stream.cancel()
         channel.close()
         orchestrations.stop()
+
+
+def test_entity_work_goes_only_to_workers_whose_filters_name_the_entity(
+    sidecar: Sidecar,
+) -> None:
+    from durabletask import entities
+
+    ran: queue.Queue[tuple[str, str]] = queue.Queue()
+
+    def make(worker_name: str) -> Any:
+        def entity(ctx: entities.EntityContext, _: Any) -> None:
+            ran.put((worker_name, ctx.entity_id.entity))
+
+        return entity
+
+    left = worker.TaskHubGrpcWorker(host_address=sidecar.address)
+    left.add_entity(make("left"), name="Left")  # names are matched without case
+    left.use_work_item_filters()
+    right = worker.TaskHubGrpcWorker(host_address=sidecar.address)
+    right.add_entity(make("right"), name="right")
+    right.use_work_item_filters()
+    left.start()
+    right.start()
+    try:
+        c = sdk_client(sidecar.address)
+        for n in range(4):
+            c.signal_entity(entities.EntityInstanceId("left", f"k{n}"), "op")
+            c.signal_entity(entities.EntityInstanceId("RIGHT", f"k{n}"), "op")
+        seen = [ran.get(timeout=15) for _ in range(8)]
+        assert sorted(seen) == [("left", "left")] * 4 + [("right", "right")] * 4
+    finally:
+        left.stop()
+        right.stop()

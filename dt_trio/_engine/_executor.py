@@ -101,10 +101,8 @@ class _Worker:
         self.filters: dict[str, NameFilter] = {
             ORCHESTRATION: _name_filter(filters.orchestrations, opted_in),
             ACTIVITY: _name_filter(filters.activities, opted_in),
-            # Entity names are case-insensitive: ids carry them in lower case.
-            ENTITY: _name_filter(
-                [pb.EntityFilter(name=f.name.lower()) for f in filters.entities], opted_in
-            ),
+            # Entity names are case-insensitive (ids carry them in lower case) and unversioned.
+            ENTITY: {f.name.lower(): frozenset() for f in filters.entities} if opted_in else None,
         }
         # The SDKs' maxConcurrent*WorkItems: 0 (unset) means no limit.
         self.limits = {

@@ -3,7 +3,8 @@
     python tests/sdk_suites/run_official.py --repo PATH [SUITE ...] [-- PYTEST ARGS]
 
 PATH is a clone (or bare git directory) of microsoft/durabletask-python; SUITE names files
-under its tests/durabletask/ (default: test_orchestration_e2e.py). The suites start the SDK's
+under its tests/durabletask/ (default: test_orchestration_e2e.py), e.g.
+entities/test_function_based_entities_e2e.py. The suites start the SDK's
 in-memory test server through `durabletask.testing.create_test_backend`; here that function
 starts a dt-trio sidecar (`python -m dt_trio --db ""`) on the port the suite chose instead, and
 the suite runs unchanged. Nothing of theirs is copied into this repository: the files are read
@@ -91,6 +92,11 @@ def main() -> int:
                     raise
         (root / "conftest.py").write_text(CONFTEST)
         suites = [f"tests/durabletask/{s}" for s in args.suites]
+        for suite in suites:  # suites in sub-packages (entities/...) import as packages
+            for package in (root / suite).parents:
+                if package == root / "tests":
+                    break
+                (package / "__init__.py").touch()
         return subprocess.run(
             [
                 sys.executable,
