@@ -9,6 +9,8 @@ import {
   OrchestrationStatus,
   PurgeInstanceCriteria,
   NoOpLogger,
+  EntityInstanceId,
+  TaskEntity,
 } from "@microsoft/durabletask-js";
 
 const python = process.env.DT_TRIO_PYTHON ?? "python3";
@@ -53,12 +55,34 @@ async function* flaky(ctx) {
   return yield ctx.callActivity(fragile, "fixed");
 }
 
+class Counter extends TaskEntity {
+  initializeState() {
+    return 0;
+  }
+  add(amount) {
+    this.state += amount;
+    return this.state;
+  }
+  get() {
+    return this.state;
+  }
+}
+async function* lockedIncrement(ctx, key) {
+  const counter = new EntityInstanceId("counter", key);
+  const lock = yield ctx.entities.lockEntities(counter);
+  const value = yield ctx.entities.callEntity(counter, "add", 1);
+  lock.release();
+  return value;
+}
+
 before(async () => {
   ({ proc: sidecar, address } = await startSidecar());
   worker = new TaskHubGrpcWorker({ hostAddress: address, logger: new NoOpLogger() });
   worker.addOrchestrator(cities);
   worker.addOrchestrator(waiter);
   worker.addOrchestrator(flaky);
+  worker.addOrchestrator(lockedIncrement);
+  worker.addNamedEntity("counter", () => new Counter());
   worker.addActivity(hello);
   worker.addActivity(fragile);
   await worker.start();
@@ -158,4 +182,24 @@ test("rewind a failed orchestration", async () => {
   const state = await client.waitForOrchestrationCompletion(id, true, 30);
   assert.equal(state.runtimeStatus, OrchestrationStatus.COMPLETED);
   assert.equal(JSON.parse(state.serializedOutput), "fixed");
+});
+
+test("entities: signal, call under a lock, get, query and clean", async () => {
+  const key = `js-${Date.now()}`;
+  const counter = new EntityInstanceId("counter", key);
+  await client.signalEntity(counter, "add", 41);
+  const id = await client.scheduleNewOrchestration(lockedIncrement, key);
+  const state = await client.waitForOrchestrationCompletion(id, true, 30);
+  assert.equal(state.runtimeStatus, OrchestrationStatus.COMPLETED);
+  assert.equal(JSON.parse(state.serializedOutput), 42);
+  const metadata = await client.getEntity(counter, true);
+  assert.equal(metadata.state, 42);
+  assert.equal(await client.getEntity(new EntityInstanceId("counter", "nobody")), undefined);
+  const found = [];
+  for await (const entity of client.getEntities({ instanceIdStartsWith: `@counter@${key}` })) {
+    found.push(entity.id.toString());
+  }
+  assert.deepEqual(found, [`@counter@${key}`]);
+  const cleaned = await client.cleanEntityStorage();
+  assert.equal(cleaned.orphanedLocksReleased, 0);
 });
