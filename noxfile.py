@@ -1,4 +1,5 @@
-"""Developer sessions: `nox` runs the tests (Python and JavaScript SDKs); `nox -s NAME` the rest."""
+"""Developer sessions: `nox` runs the tests (Python and JavaScript SDKs) and a small crash
+torture; `nox -s NAME` the rest."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import shutil
 
 import nox
 
-nox.options.sessions = ["tests", "js"]
+nox.options.sessions = ["tests", "js", "torture"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -16,6 +17,14 @@ def tests(session: nox.Session) -> None:
     """The whole test suite: core, store, gRPC and end-to-end with the official SDK."""
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def torture(session: nox.Session) -> None:
+    """kill -9 the sidecar again and again under load; nothing may be lost. Small by default:
+    -- --orchestrations N --kills K [--seed S] [--json FILE] for a longer run."""
+    session.install("-e", ".[test]")
+    session.run("python", "tests/torture/torture.py", *session.posargs)
 
 
 @nox.session(python="3.11")
