@@ -38,7 +38,7 @@ from durabletask import client, entities, history, task, worker
 from durabletask.grpc_options import GrpcWorkerResiliencyOptions
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from _harness import Sidecar  # noqa: E402
+from _harness import Sidecar
 
 logging.disable(logging.ERROR)  # the SDK logs every lost connection; the report says enough
 
@@ -90,11 +90,11 @@ def expected(n: int) -> dict[str, Any]:
     }
 
 
-def retrying(call: Callable[[], T], deadline: float) -> T:
+def retrying(deadline: float, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call through sidecar restarts: UNAVAILABLE (and the like) is retried until `deadline`."""
     while True:
         try:
-            return call()
+            return call(*args, **kwargs)
         except grpc.RpcError as exc:
             transient = exc.code() in (
                 grpc.StatusCode.UNAVAILABLE,
@@ -181,8 +181,7 @@ def torture(orchestrations: int, kills: int, seed: int, workdir: pathlib.Path) -
         for n, instance_id in enumerate(ids):
             try:
                 retrying(
-                    lambda: c.schedule_new_orchestration(mixed, input=n, instance_id=instance_id),
-                    deadline,
+                    deadline, c.schedule_new_orchestration, mixed, input=n, instance_id=instance_id
                 )
             except grpc.RpcError as exc:
                 # The start committed but its answer was lost to a kill: the retry finds it.
@@ -190,9 +189,7 @@ def torture(orchestrations: int, kills: int, seed: int, workdir: pathlib.Path) -
                     raise
             time.sleep(rng.uniform(0.0, 0.05))
         for n, instance_id in enumerate(ids):
-            retrying(
-                lambda: c.raise_orchestration_event(instance_id, "go", data=f"go-{n}"), deadline
-            )
+            retrying(deadline, c.raise_orchestration_event, instance_id, "go", data=f"go-{n}")
         chaos.join()
         if killer_error:
             raise killer_error[0]
@@ -200,8 +197,7 @@ def torture(orchestrations: int, kills: int, seed: int, workdir: pathlib.Path) -
         for instance_id in ids:
             remaining = max(1.0, deadline - time.monotonic())
             states[instance_id] = retrying(
-                lambda: c.wait_for_orchestration_completion(instance_id, timeout=int(remaining)),
-                deadline,
+                deadline, c.wait_for_orchestration_completion, instance_id, timeout=int(remaining)
             )
         elapsed = time.monotonic() - started_at
         problems: list[str] = []
