@@ -1,0 +1,132 @@
+"""Worker faults: a worker that dies holding work, and answers that come too late.
+
+A worker process is SIGKILLed while it holds an activity or an orchestration step; the sidecar
+notices the stream end at once and gives the item to another worker (dt-trio has no lease
+timeout to wait for: a work item belongs to a stream for exactly as long as the stream lives).
+A completion sent with the token of an item that was redelivered is refused and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from _harness import Sidecar, running_sidecar, sdk_client, sdk_worker, wait_until
+from durabletask import client, task, worker
+from durabletask.internal import orchestrator_service_pb2 as pb
+from durabletask.internal import orchestrator_service_pb2_grpc as stubs
+
+# The same orchestrator and activity names as the doomed worker below registers.
+
+
+def slow_step(ctx: task.ActivityContext, x: int) -> str:
+    return f"done {x} by the survivor"
+
+
+def stepper(ctx: task.OrchestrationContext, x: int) -> Any:
+    return (yield ctx.call_activity(slow_step, input=x))
+
+
+DOOMED = textwrap.dedent(
+    """
+    import pathlib, sys, time
+    from durabletask import task, worker
+
+    address, marker, hang_in = sys.argv[1:4]
+
+    def slow_step(ctx, x):
+        if hang_in == "activity":
+            pathlib.Path(marker).write_text("holding the activity")
+            time.sleep(600)
+        return "done by the doomed worker"
+
+    def stepper(ctx, x):
+        if hang_in == "orchestrator":
+            pathlib.Path(marker).write_text("holding the step")
+            time.sleep(600)
+        return (yield ctx.call_activity(slow_step, input=x))
+
+    w = worker.TaskHubGrpcWorker(host_address=address)
+    w.add_orchestrator(stepper)
+    w.add_activity(slow_step)
+    w.start()
+    time.sleep(600)
+    """
+)
+
+
+@pytest.fixture
+def sidecar(tmp_path: pathlib.Path) -> Iterator[Sidecar]:
+    with running_sidecar(tmp_path) as s:
+        yield s
+
+
+@pytest.mark.parametrize("hang_in", ["activity", "orchestrator"])
+def test_work_held_by_a_killed_worker_goes_to_another_at_once(
+    sidecar: Sidecar, tmp_path: pathlib.Path, hang_in: str
+) -> None:
+    marker = tmp_path / "holding"
+    doomed = subprocess.Popen(
+        [sys.executable, "-c", DOOMED, sidecar.address, str(marker), hang_in],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        c = sdk_client(sidecar.address)
+        wait_until(lambda: "worker stream 1 connected" in sidecar.log_text(), what="the worker")
+        instance_id = c.schedule_new_orchestration(stepper, input=7)
+        wait_until(marker.exists, timeout=20, what=f"the doomed worker to hold the {hang_in}")
+        with sdk_worker(sidecar.address, [stepper], [slow_step]):
+            os.kill(doomed.pid, signal.SIGKILL)
+            state = c.wait_for_orchestration_completion(instance_id, timeout=30)
+        assert state is not None
+        assert state.runtime_status == client.OrchestrationStatus.COMPLETED
+        assert state.serialized_output == '"done 7 by the survivor"'
+        assert "1 work item(s) it held will be redelivered" in sidecar.log_text()
+    finally:
+        doomed.kill()
+        doomed.wait(10)
+
+
+def test_a_late_completion_for_redelivered_work_is_refused_and_changes_nothing(
+    sidecar: Sidecar,
+) -> None:
+    c = sdk_client(sidecar.address)
+    with grpc.insecure_channel(sidecar.address) as channel:
+        stub = stubs.TaskHubSidecarServiceStub(channel)
+        # A raw worker that takes activities only, and holds the first one without answering;
+        # an SDK worker that takes the orchestration only.
+        only_activities = pb.GetWorkItemsRequest()
+        only_activities.workItemFilters.activities.add(name="slow_step")
+        stream = stub.GetWorkItems(only_activities)
+        orchestrations = worker.TaskHubGrpcWorker(host_address=sidecar.address)
+        orchestrations.add_orchestrator(stepper)
+        orchestrations.use_work_item_filters()
+        orchestrations.start()
+        try:
+            instance_id = c.schedule_new_orchestration(stepper, input=1)
+            token = next(
+                item.completionToken for item in stream if item.HasField("activityRequest")
+            )
+            stream.cancel()  # the raw worker "dies" holding the activity
+        finally:
+            orchestrations.stop()
+        with sdk_worker(sidecar.address, [stepper], [slow_step]):
+            state = c.wait_for_orchestration_completion(instance_id, timeout=30)
+        assert state is not None and state.serialized_output == '"done 1 by the survivor"'
+        late = pb.ActivityResponse(instanceId=instance_id, taskId=0, completionToken=token)
+        late.result.value = '"from the dead"'
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CompleteActivityTask(late)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "redelivered" in (info.value.details() or "")
+    after = c.get_orchestration_state(instance_id)
+    assert after is not None and after.serialized_output == '"done 1 by the survivor"'
