@@ -162,6 +162,30 @@ async def test_deadline_cancels_the_handler_and_answers_deadline_exceeded(
         await probe.slow_cancelled.wait()
 
 
+async def test_a_stream_past_its_deadline_ends_with_trailers_and_the_channel_serves_on(
+    server: tuple[Probe, int, trio.CancelScope],
+) -> None:
+    # Its response headers went out with the first message, so the status must follow as
+    # trailers: a second header block would leave the client's HPACK table out of step, and
+    # the next call on the connection would fail to parse.
+    _, port = server[0], server[1]
+
+    def streams_then_hello(stub: sgrpc.TaskHubSidecarServiceStub) -> list[Any]:
+        codes: list[Any] = []
+        for _ in range(5):
+            received = []
+            try:
+                for item in stub.GetWorkItems(spb.GetWorkItemsRequest(), timeout=0.3):
+                    received.append(item.completionToken)
+            except grpc.RpcError as exc:
+                codes.append((received, exc.code()))
+        stub.Hello(empty_pb2.Empty(), timeout=5)
+        return codes
+
+    codes = await call(port, streams_then_hello)
+    assert codes == [(["t1"], grpc.StatusCode.DEADLINE_EXCEEDED)] * 5
+
+
 async def test_client_cancel_of_a_server_stream_cancels_the_handler(
     server: tuple[Probe, int, trio.CancelScope],
 ) -> None:

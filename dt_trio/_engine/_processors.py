@@ -202,7 +202,9 @@ class OrchestrationProcessor:
             self._executor.finish(pending, exc if isinstance(exc, Exception) else None)
             with trio.CancelScope(shield=True):
                 await self._store.abandon_orchestration(self._owner, state.instance_id)
-            if isinstance(exc, InvalidRequest):
+            if isinstance(exc, InvalidRequest | LockLost):
+                # a bad answer (the worker is told), or an instance purged or deleted meanwhile
+                log.info("%s: a step of %s is dropped: %s", self.name, state.instance_id, exc)
                 return
             if isinstance(exc, Exception):
                 log.exception("%s: could not commit a step of %s", self.name, state.instance_id)

@@ -383,7 +383,9 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
             purge_filter = request.purgeInstanceFilter
             deadline = None
             if purge_filter.HasField("timeout"):
-                seconds = purge_filter.timeout.ToTimedelta().total_seconds()
+                timeout = purge_filter.timeout
+                # Read the fields: ToTimedelta overflows on values a Duration may carry.
+                seconds = timeout.seconds + timeout.nanos / 1e9
                 if seconds <= 0:
                     raise InvalidRequest("purgeInstanceFilter.timeout must be positive")
                 deadline = time.monotonic() + seconds

@@ -38,6 +38,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import trio
+from google.protobuf.message import DecodeError
 from purerpc.grpclib.status import StatusCode
 from purerpc.rpc import Cardinality
 
@@ -98,6 +99,9 @@ class _Stream:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     reset: bool = False
     too_large: bool = False
+    # Response headers went to h2 (and so into the HPACK state): the status must follow as
+    # trailers, never as a second header block with pseudo-headers.
+    headers_sent: bool = False
 
 
 def _status_message(message: str) -> str:
@@ -141,14 +145,19 @@ class _Connection:
         config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
         self._h2 = _H2Connection(config=config)
         self._streams: dict[int, _Stream] = {}
-        self._send_lock = trio.Lock()
         self._window_changed = trio.Event()
+        # Writes: the bytes h2 queues go out through one writer task (see `_flush`).
+        self._write_wanted = trio.Event()
+        self._write_done = trio.Event()
+        self._requested = 0
+        self._written = 0
 
     async def run(self) -> None:
         self._h2.initiate_connection()
-        await self._flush()
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer)
             try:
+                await self._flush()
                 await self._read_loop(nursery)
             finally:
                 # The peer is gone or misbehaved: nothing it started may outlive it.
@@ -210,24 +219,47 @@ class _Connection:
         self._window_changed = trio.Event()
 
     async def _flush(self) -> None:
-        async with self._send_lock:
+        """Have everything h2 has queued so far written, and wait until it is.
+
+        Only the writer task touches the socket. Once bytes leave h2 (header blocks that
+        changed the HPACK state, frames of other streams) they must reach the peer whole, so a
+        stream whose deadline or reset cancels it mid-write must not own the write: cancelling
+        this wait is harmless, the writer carries on.
+        """
+        self._requested += 1
+        wanted = self._requested
+        self._write_wanted.set()
+        while self._written < wanted:
+            await self._write_done.wait()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._write_wanted.wait()
+            self._write_wanted = trio.Event()
+            batch = self._requested
             data = self._h2.data_to_send()
             if data:
                 try:
                     await self._transport.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the read loop sees the end of the connection and cleans up
+                    # The read loop sees the end of the connection and cleans up; flushes
+                    # from now on return at once.
+                    self._written = 1 << 62
+                    self._write_done.set()
+                    return
+            self._written = batch
+            self._write_done.set()
+            self._write_done = trio.Event()
 
     # -- one stream --------------------------------------------------------------------------
 
     async def _serve_stream(self, stream: _Stream) -> None:
         path = stream.headers.get(":path", "")
         code, message = StatusCode.OK, ""
-        started = False
         try:
             with stream.scope:
                 try:
-                    started = await self._call(stream, path)
+                    await self._call(stream, path)
                 except RpcError as exc:
                     code, message = exc.code, exc.message
                 except Exception as exc:  # a handler's error: answer it, keep serving
@@ -240,12 +272,12 @@ class _Connection:
                         code, message = mapped
             if stream.reset:
                 return
-            await self._finish(stream, code, message, started)
+            await self._finish(stream, code, message)
         finally:
             self._streams.pop(stream.stream_id, None)
 
-    async def _call(self, stream: _Stream, path: str) -> bool:
-        """Run the handler; return whether response headers went out."""
+    async def _call(self, stream: _Stream, path: str) -> None:
+        """Run the handler, sending its responses."""
         headers = stream.headers
         if self._expected_authorization is not None:
             given = headers.get("authorization", "").encode()
@@ -281,19 +313,26 @@ class _Connection:
         deadline = trio.current_time() + timeout if timeout is not None else float("inf")
         with trio.move_on_at(deadline) as deadline_scope:
             await stream.ended.wait()
-            request = signature.request_type.FromString(self._one_message(stream, decode))
+            request = self._parse(path, signature.request_type, self._one_message(stream, decode))
             if signature.cardinality == Cardinality.UNARY_UNARY:
                 response = await method.method_fn(request, request=info)
-                await self._send_message(stream, response, first=True, flush=False)
-                return True
-            started = False
+                await self._send_message(stream, response, flush=False)
+                return
             async for response in method.method_fn(request, request=info):
-                await self._send_message(stream, response, first=not started)
-                started = True
-            return started
+                await self._send_message(stream, response)
+            return
         if deadline_scope.cancelled_caught:
             raise RpcError(StatusCode.DEADLINE_EXCEEDED, f"{path}: deadline exceeded")
-        return False
+
+    @staticmethod
+    def _parse(path: str, request_type: Any, data: bytes) -> Any:
+        try:
+            return request_type.FromString(data)
+        except DecodeError as exc:
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT,
+                f"{path}: the request is not a valid {request_type.DESCRIPTOR.name} ({exc})",
+            ) from None
 
     def _one_message(self, stream: _Stream, decode: Callable[[bytes], bytes]) -> bytes:
         if stream.too_large:
@@ -329,12 +368,11 @@ class _Connection:
                 )
         return payload
 
-    async def _send_message(
-        self, stream: _Stream, message: Any, *, first: bool, flush: bool = True
-    ) -> None:
+    async def _send_message(self, stream: _Stream, message: Any, *, flush: bool = True) -> None:
         """Queue a response message; `flush=False` leaves it to go out with the trailers (one
         write per unary response instead of two)."""
-        if first:
+        if not stream.headers_sent:
+            stream.headers_sent = True
             self._h2.send_headers(
                 stream.stream_id,
                 [
@@ -360,12 +398,12 @@ class _Connection:
             if flush or data:
                 await self._flush()
 
-    async def _finish(self, stream: _Stream, code: StatusCode, message: str, started: bool) -> None:
+    async def _finish(self, stream: _Stream, code: StatusCode, message: str) -> None:
         trailers = [("grpc-status", str(code.value))]
         if message:
             trailers.append(("grpc-message", _status_message(message)))
         try:
-            if started:
+            if stream.headers_sent:
                 self._h2.send_headers(stream.stream_id, trailers, end_stream=True)
             else:  # trailers-only response
                 self._h2.send_headers(
