@@ -7,11 +7,12 @@ while it has capacity; when the store has nothing visible it sleeps until a comm
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -26,7 +27,7 @@ from dt_trio._engine._executor import (
     WorkAbandoned,
 )
 from dt_trio._engine._signals import Signals, Wakeup
-from dt_trio._errors import InvalidRequest, LockLost
+from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import ActivityWorkItem, Backend, EntityWorkItem, OrchestrationWorkItem
 
@@ -40,6 +41,16 @@ IDLE_POLL_SECONDS = 5.0
 MAX_ACTIVITY_ATTEMPTS = 10
 # A step that failed unexpectedly is tried again after this long.
 FAILED_STEP_RETRY_SECONDS = 5.0
+# While the store cannot be used, the processors look again this often.
+STORE_RETRY_SECONDS = 1.0
+
+
+def _log_failure(processor: str, what: str, exc: Exception) -> None:
+    if isinstance(exc, StoreUnavailable):
+        # the store logged the fault itself; no traceback for each item it hits
+        log.warning("%s: %s waits for the store: %s", processor, what, exc)
+    else:
+        log.exception("%s: %s failed; it is retried later", processor, what)
 
 
 def _now() -> datetime:
@@ -54,27 +65,74 @@ def _new_id() -> str:
 LEASE_BATCH = 64
 
 
-async def _serve_leases(
-    slots: trio.Semaphore,
-    wakeup: Wakeup,
-    lease: Callable[[int], Awaitable[Sequence[W]]],
-    next_time: Callable[[], Awaitable[datetime | None]],
-    process: Callable[[W], Awaitable[None]],
-) -> None:
-    """The loop of a processor: lease as many items as there are free slots, process each in a
-    task of its own (which frees its slot), sleep until woken when there is nothing to do."""
-    async with trio.open_nursery() as nursery:
-        while True:
-            taken = await _take_slots(slots)
-            wakeup.clear()
-            items = await lease(taken)
-            for _ in range(taken - len(items)):
-                slots.release()
-            if not items:
-                await _sleep_until_work(wakeup, await next_time())
-                continue
-            for item in items:
-                nursery.start_soon(process, item)
+class _Processor:
+    """What the three processors share: the lease loop, and releases that outlast a store
+    outage.
+
+    A lease released while the store cannot write (disk full, locked by another program) is
+    not lost: the release is kept and retried before the next lease, so the item becomes
+    visible again once the fault clears instead of staying leased until a restart.
+    """
+
+    name = "processor"
+
+    def __init__(self, store: Backend, max_in_flight: int) -> None:
+        self._store = store
+        self._slots = trio.Semaphore(max_in_flight)
+        self._stranded: list[Callable[[], Awaitable[None]]] = []
+
+    async def _release(self, fn: Callable[..., Awaitable[None]], *args: Any, **kw: Any) -> None:
+        """Give a lease back (shielded from cancellation); kept for later if the store fails."""
+        with trio.CancelScope(shield=True):
+            try:
+                await fn(*args, **kw)
+            except StoreUnavailable:
+                self._stranded.append(functools.partial(fn, *args, **kw))
+
+    async def _retry_stranded(self) -> bool:
+        """Retry kept releases; False while the store still fails."""
+        while self._stranded:
+            try:
+                await self._stranded[0]()
+            except StoreUnavailable:
+                return False
+            except LockLost:
+                pass  # the item moved on (purged, say): nothing left to give back
+            self._stranded.pop(0)
+        return True
+
+    async def _serve_leases(
+        self,
+        wakeup: Wakeup,
+        lease: Callable[[int], Awaitable[Sequence[W]]],
+        next_time: Callable[[], Awaitable[datetime | None]],
+        process: Callable[[W], Awaitable[None]],
+    ) -> None:
+        """Lease as many items as there are free slots, process each in a task of its own
+        (which frees its slot), sleep until woken when there is nothing to do. While the store
+        fails, wait and try again: the store logs the fault, callers get UNAVAILABLE."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                if not await self._retry_stranded():
+                    await trio.sleep(STORE_RETRY_SECONDS)
+                    continue
+                taken = await _take_slots(self._slots)
+                wakeup.clear()
+                try:
+                    items = await lease(taken)
+                except StoreUnavailable:
+                    items = []
+                    await trio.sleep(STORE_RETRY_SECONDS)
+                for _ in range(taken - len(items)):
+                    self._slots.release()
+                if not items:
+                    try:
+                        await _sleep_until_work(wakeup, await next_time())
+                    except StoreUnavailable:
+                        await trio.sleep(STORE_RETRY_SECONDS)
+                    continue
+                for item in items:
+                    nursery.start_soon(process, item)
 
 
 async def _take_slots(slots: trio.Semaphore) -> int:
@@ -98,7 +156,7 @@ async def _sleep_until_work(wakeup: Wakeup, next_time: datetime | None) -> None:
         await wakeup.wait()
 
 
-class OrchestrationProcessor:
+class OrchestrationProcessor(_Processor):
     """Runs orchestration steps: plan, execute on a worker, apply, commit."""
 
     name = "orchestration-processor"
@@ -111,18 +169,16 @@ class OrchestrationProcessor:
         owner: str,
         max_in_flight: int = 256,
     ) -> None:
-        self._store = store
+        super().__init__(store, max_in_flight)
         self._executor = executor
         self._signals = signals
         self._owner = owner
-        self._slots = trio.Semaphore(max_in_flight)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         wakeup = self._signals.orchestration_work
         log.info("%s: waiting for new work items...", self.name)
         task_status.started()
-        await _serve_leases(
-            self._slots,
+        await self._serve_leases(
             wakeup,
             lambda limit: self._store.lease_orchestrations(self._owner, _now(), limit),
             self._store.next_visible_time,
@@ -136,19 +192,18 @@ class OrchestrationProcessor:
         except LockLost as exc:
             # e.g. the instance was purged while its leftover events were being dropped
             log.info("%s: %s; the step is dropped", self.name, exc)
-        except Exception:
+        except Exception as exc:
             # One work item's failure must not stop the hub: log it and retry the step later.
-            log.exception(
-                "%s: a step of %s failed; retrying in %.0f s",
-                self.name,
-                instance_id,
-                FAILED_STEP_RETRY_SECONDS,
-            )
+            _log_failure(self.name, f"a step of {instance_id}", exc)
             later = _now() + timedelta(seconds=FAILED_STEP_RETRY_SECONDS)
-            with trio.CancelScope(shield=True):
-                await self._store.postpone(
-                    self._owner, instance_id, [m.id for m in item.inbox], later, failed=True
-                )
+            await self._release(
+                self._store.postpone,
+                self._owner,
+                instance_id,
+                [m.id for m in item.inbox],
+                later,
+                failed=True,
+            )
         finally:
             self._slots.release()
 
@@ -175,7 +230,8 @@ class OrchestrationProcessor:
                 Route(ORCHESTRATION, state.name, state.version),
             )
         except WorkAbandoned as abandoned:
-            await self._store.postpone(
+            await self._release(
+                self._store.postpone,
                 self._owner,
                 state.instance_id,
                 plan.consumed,
@@ -184,8 +240,7 @@ class OrchestrationProcessor:
             )
             return
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._store.abandon_orchestration(self._owner, state.instance_id)
+            await self._release(self._store.abandon_orchestration, self._owner, state.instance_id)
             raise
         response = pending.response
         assert isinstance(response, pb.OrchestratorResponse)
@@ -200,14 +255,13 @@ class OrchestrationProcessor:
                 await self._store.commit_step(self._owner, result)
         except BaseException as exc:
             self._executor.finish(pending, exc if isinstance(exc, Exception) else None)
-            with trio.CancelScope(shield=True):
-                await self._store.abandon_orchestration(self._owner, state.instance_id)
+            await self._release(self._store.abandon_orchestration, self._owner, state.instance_id)
             if isinstance(exc, InvalidRequest | LockLost):
                 # a bad answer (the worker is told), or an instance purged or deleted meanwhile
                 log.info("%s: a step of %s is dropped: %s", self.name, state.instance_id, exc)
                 return
             if isinstance(exc, Exception):
-                log.exception("%s: could not commit a step of %s", self.name, state.instance_id)
+                _log_failure(self.name, f"the commit of a step of {state.instance_id}", exc)
                 return
             raise
         self._executor.finish(pending)
@@ -215,7 +269,7 @@ class OrchestrationProcessor:
             log.info("%s: '%s' %s", state.instance_id, state.name, result.state.status.label)
 
 
-class ActivityProcessor:
+class ActivityProcessor(_Processor):
     """Runs activities on workers and delivers their results to the orchestrations."""
 
     name = "activity-processor"
@@ -229,19 +283,17 @@ class ActivityProcessor:
         max_in_flight: int = 1024,
         max_attempts: int = MAX_ACTIVITY_ATTEMPTS,
     ) -> None:
-        self._store = store
+        super().__init__(store, max_in_flight)
         self._executor = executor
         self._signals = signals
         self._owner = owner
-        self._slots = trio.Semaphore(max_in_flight)
         self._max_attempts = max_attempts
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         wakeup = self._signals.activity_work
         log.info("%s: waiting for new work items...", self.name)
         task_status.started()
-        await _serve_leases(
-            self._slots,
+        await self._serve_leases(
             wakeup,
             lambda limit: self._store.lease_activities(self._owner, _now(), limit),
             self._store.next_activity_time,
@@ -251,6 +303,11 @@ class ActivityProcessor:
     async def _process(self, item: ActivityWorkItem) -> None:
         try:
             await self._run(item)
+        except Exception as exc:
+            _log_failure(self.name, f"activity {item.id} of {item.instance_id}", exc)
+            await self._release(
+                self._store.abandon_activity, self._owner, item, FAILED_STEP_RETRY_SECONDS
+            )
         finally:
             self._slots.release()
 
@@ -287,11 +344,10 @@ class ActivityProcessor:
                 Route(ACTIVITY, scheduled.name, ev.opt_str(scheduled, "version")),
             )
         except WorkAbandoned as abandoned:
-            await self._store.abandon_activity(self._owner, item, abandoned.delay)
+            await self._release(self._store.abandon_activity, self._owner, item, abandoned.delay)
             return
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._store.abandon_activity(self._owner, item, 0.0)
+            await self._release(self._store.abandon_activity, self._owner, item, 0.0)
             raise
         response = pending.response
         assert isinstance(response, pb.ActivityResponse)
@@ -309,13 +365,12 @@ class ActivityProcessor:
                 )
         except Exception as exc:
             error = exc
-            with trio.CancelScope(shield=True):
-                await self._store.abandon_activity(self._owner, item, 0.0)
+            await self._release(self._store.abandon_activity, self._owner, item, 0.0)
         finally:
             self._executor.finish(pending, error)
 
 
-class EntityProcessor:
+class EntityProcessor(_Processor):
     """Runs entity batches: settle locks, run the operations on a worker, commit the result."""
 
     name = "entity-processor"
@@ -328,17 +383,15 @@ class EntityProcessor:
         owner: str,
         max_in_flight: int = 256,
     ) -> None:
-        self._store = store
+        super().__init__(store, max_in_flight)
         self._executor = executor
         self._signals = signals
         self._owner = owner
-        self._slots = trio.Semaphore(max_in_flight)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         log.info("%s: waiting for new work items...", self.name)
         task_status.started()
-        await _serve_leases(
-            self._slots,
+        await self._serve_leases(
             self._signals.entity_work,
             lambda limit: self._store.lease_entities(self._owner, _now(), limit),
             self._store.next_entity_time,
@@ -351,18 +404,17 @@ class EntityProcessor:
             await self._step(item)
         except LockLost as exc:
             log.info("%s: %s; the step is dropped", self.name, exc)
-        except Exception:
-            log.exception(
-                "%s: a step of %s failed; retrying in %.0f s",
-                self.name,
-                entity_id,
-                FAILED_STEP_RETRY_SECONDS,
-            )
+        except Exception as exc:
+            _log_failure(self.name, f"a step of {entity_id}", exc)
             later = _now() + timedelta(seconds=FAILED_STEP_RETRY_SECONDS)
-            with trio.CancelScope(shield=True):
-                await self._store.postpone_entity(
-                    self._owner, entity_id, [m.id for m in item.inbox], later, failed=True
-                )
+            await self._release(
+                self._store.postpone_entity,
+                self._owner,
+                entity_id,
+                [m.id for m in item.inbox],
+                later,
+                failed=True,
+            )
         finally:
             self._slots.release()
 
@@ -391,11 +443,12 @@ class EntityProcessor:
             )
         except WorkAbandoned as abandoned:
             later = _now() + timedelta(seconds=abandoned.delay)
-            await self._store.postpone_entity(self._owner, entity_id, ids, later, failed=True)
+            await self._release(
+                self._store.postpone_entity, self._owner, entity_id, ids, later, failed=True
+            )
             return
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._store.postpone_entity(self._owner, entity_id, ids, _now())
+            await self._release(self._store.postpone_entity, self._owner, entity_id, ids, _now())
             raise
         response = pending.response
         assert isinstance(response, pb.EntityBatchResult)
@@ -409,8 +462,9 @@ class EntityProcessor:
             self._executor.finish(pending, InvalidRequest(f"entity '{entity_id}': {exc}"))
             log.warning("%s: %s: %s; retrying the batch", self.name, entity_id, exc)
             later = _now() + timedelta(seconds=FAILED_STEP_RETRY_SECONDS)
-            with trio.CancelScope(shield=True):
-                await self._store.postpone_entity(self._owner, entity_id, ids, later, failed=True)
+            await self._release(
+                self._store.postpone_entity, self._owner, entity_id, ids, later, failed=True
+            )
             return
         except BaseException as exc:
             self._executor.finish(pending, exc if isinstance(exc, Exception) else None)

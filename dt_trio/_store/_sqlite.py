@@ -197,6 +197,7 @@ class SqliteBackend:
         self._read_limiter = trio.CapacityLimiter(READERS)
         self._memory_uri = f"file:dt-trio-{uuid.uuid4().hex}?mode=memory&cache=shared"
         self._lock_file: IO[bytes] | None = None
+        self._faulty = False  # the last write failed for want of a usable store
 
     # -- connections -----------------------------------------------------------------------
 
@@ -317,6 +318,26 @@ class SqliteBackend:
             failed = StoreUnavailable(f"the store cannot write: {exc}")
             for slot in batch:
                 slot.outcome = outcome.Error(failed)
+        self._note_health(
+            next(
+                (
+                    slot.outcome.error
+                    for slot in batch
+                    if isinstance(slot.outcome, outcome.Error)
+                    and isinstance(slot.outcome.error, StoreUnavailable)
+                ),
+                None,
+            )
+        )
+
+    def _note_health(self, fault: BaseException | None) -> None:
+        """Log the start and the end of a store fault once each, not once per write."""
+        if fault is not None and not self._faulty:
+            self._faulty = True
+            log.error("%s (%s); callers get UNAVAILABLE until it clears", fault, self.description)
+        elif fault is None and self._faulty:
+            self._faulty = False
+            log.warning("the store %s is writable again", self.description)
 
     async def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self.path:
@@ -1012,11 +1033,13 @@ def _transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[
     conn.execute(f"BEGIN {mode}")
     try:
         yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    else:
         conn.execute("COMMIT")
+    except BaseException:
+        # A failed COMMIT (disk full, busy) leaves the transaction open, and some errors roll
+        # it back by themselves: either way the connection must come out of it usable.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _history(conn: sqlite3.Connection, instance_id: str) -> list[pb.HistoryEvent]:
