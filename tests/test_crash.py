@@ -138,3 +138,37 @@ def _state(c: Any, entity: Any) -> Any:
 def _locked_by(c: Any, entity: Any, instance_id: str) -> bool:
     metadata = c.get_entity(entity, include_state=False)
     return metadata is not None and metadata._locked_by == instance_id
+
+
+def test_sigterm_under_load_stops_cleanly_and_a_restart_finishes_everything(
+    tmp_path: pathlib.Path,
+) -> None:
+    def triple(ctx: task.ActivityContext, n: int) -> int:
+        return n * 3
+
+    def loaded(ctx: task.OrchestrationContext, n: int) -> Any:
+        a = yield ctx.call_activity(triple, input=n)
+        return (yield ctx.call_activity(triple, input=a))
+
+    count = 500
+    sidecar = Sidecar(str(tmp_path / "hub.sqlite3"), tmp_path / "sidecar.log").start()
+    try:
+        with sdk_worker(sidecar.address, [loaded], [triple]):
+            c = sdk_client(sidecar.address)
+            ids = [c.schedule_new_orchestration(loaded, input=n) for n in range(count)]
+            # some finished, many in flight
+            c.wait_for_orchestration_completion(ids[count // 10], timeout=60)
+            assert sidecar.stop() == 0  # SIGTERM: drains and exits cleanly
+        log = sidecar.log_text()
+        assert "received SIGTERM, shutting down" in log
+        assert "backend stopped" in log
+        sidecar.restart()
+        with sdk_worker(sidecar.address, [loaded], [triple]):
+            c = sdk_client(sidecar.address)
+            for n, instance_id in enumerate(ids):
+                state = c.wait_for_orchestration_completion(instance_id, timeout=120)
+                assert state is not None and state.runtime_status.name == "COMPLETED"
+                assert json.loads(state.serialized_output) == n * 9
+    finally:
+        if sidecar.proc is not None and sidecar.proc.poll() is None:
+            assert sidecar.stop() == 0
