@@ -14,7 +14,7 @@ from google.protobuf import empty_pb2
 from dt_trio import _core as core
 from dt_trio._core import EntityState, InstanceState, Status
 from dt_trio._core import _events as ev
-from dt_trio._engine import RemoteExecutor, Signals
+from dt_trio._engine import HubClient, RemoteExecutor, Signals
 from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest
 from dt_trio._proto import orchestrator_service_grpc as grpc_stubs
 from dt_trio._proto import orchestrator_service_pb2 as pb
@@ -106,14 +106,6 @@ def _entity_id(value: str, field: str = "instanceId") -> str:
         raise InvalidRequest(str(exc)) from None
 
 
-def _orchestration_id(value: str) -> str:
-    if core.is_entity_id(value):
-        raise InvalidRequest(
-            f"instanceId '{value[:200]}' starts with '@', which is reserved for entity ids"
-        )
-    return value
-
-
 def _entity_prefix(value: str | None) -> str | None:
     """An id prefix as the SDKs' entity queries give it: '@name@key...' or a bare name start;
     entity names are matched in lower case, as ids store them."""
@@ -165,7 +157,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     def __init__(self, store: Backend, executor: RemoteExecutor, signals: Signals) -> None:
         self._store = store
         self._executor = executor
-        self._signals = signals
+        self._client = HubClient(store, signals)
 
     # -- client rpcs -------------------------------------------------------------------------
 
@@ -181,9 +173,9 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
                 }
             except ValueError as exc:
                 raise InvalidRequest(f"orchestrationIdReusePolicy: {exc}") from exc
-        instance_id = await self._start(
-            instance_id=_orchestration_id(request.instanceId) or uuid.uuid4().hex,
-            name=_require(request.name, "name (the orchestrator name)"),
+        instance_id = await self._client.start(
+            _require(request.name, "name (the orchestrator name)"),
+            instance_id=request.instanceId or None,
             input=ev.opt_str(request, "input"),
             version=ev.opt_str(request, "version"),
             tags=dict(request.tags),
@@ -206,9 +198,9 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
                 f"instance '{old.instance_id}' is {old.status.label}; only a finished "
                 "instance can be restarted"
             )
-        instance_id = await self._start(
+        instance_id = await self._client.start(
+            old.name,
             instance_id=uuid.uuid4().hex if request.restartWithNewInstanceId else old.instance_id,
-            name=old.name,
             input=old.input,
             version=old.version,
             tags=dict(old.tags),
@@ -255,49 +247,6 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
                 return True
         return False
 
-    async def _start(
-        self,
-        *,
-        instance_id: str,
-        name: str,
-        input: str | None,
-        version: str | None,
-        tags: dict[str, str],
-        start_at: datetime | None = None,
-        execution_id: str | None = None,
-        trace: pb.TraceContext | None = None,
-        replaceable: set[Status] | None = None,
-    ) -> str:
-        now = _now()
-        execution_id = execution_id or uuid.uuid4().hex
-        state = InstanceState(
-            instance_id=instance_id,
-            name=name,
-            execution_id=execution_id,
-            status=Status.PENDING,
-            created_at=now,
-            last_updated_at=now,
-            version=version,
-            input=input,
-            scheduled_start_at=start_at,
-            tags=tags,
-        )
-        started = ev.execution_started(
-            now,
-            name=name,
-            instance_id=instance_id,
-            execution_id=execution_id,
-            input=input,
-            version=version,
-            tags=tags,
-            scheduled_start=start_at,
-            parent_trace_context=trace,
-        )
-        visible = start_at if start_at is not None and start_at > now else now
-        await self._store.create_instance(state, started, visible, replaceable)
-        log.info("%s: created orchestration '%s'", instance_id, name)
-        return instance_id
-
     async def GetInstance(self, request: pb.GetInstanceRequest) -> pb.GetInstanceResponse:
         _require(request.instanceId, "instanceId")
         state = await self._store.get_instance(request.instanceId)
@@ -315,13 +264,8 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         self, request: pb.GetInstanceRequest, done: Predicate
     ) -> pb.GetInstanceResponse:
         """Answer once `done` holds; the caller's deadline (grpc-timeout) bounds the wait."""
-        _require(request.instanceId, "instanceId")
-        while True:
-            changed = self._signals.instance_event(request.instanceId)
-            state = await self._store.get_instance(request.instanceId)
-            if state is None or done(state):
-                return self._instance_response(state, request.getInputsAndOutputs)
-            await changed.wait()
+        state = await self._client.wait(_require(request.instanceId, "instanceId"), done)
+        return self._instance_response(state, request.getInputsAndOutputs)
 
     @staticmethod
     def _instance_response(state: InstanceState | None, payloads: bool) -> pb.GetInstanceResponse:
@@ -332,40 +276,32 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         return response
 
     async def RaiseEvent(self, request: pb.RaiseEventRequest) -> pb.RaiseEventResponse:
-        _require(request.instanceId, "instanceId")
-        _require(request.name, "name (the event name)")
-        now = _now()
-        event = ev.event_raised(now, request.name, ev.opt_str(request, "input"))
-        await self._store.enqueue(request.instanceId, event, now)
+        await self._client.raise_event(
+            _require(request.instanceId, "instanceId"),
+            _require(request.name, "name (the event name)"),
+            ev.opt_str(request, "input"),
+        )
         return pb.RaiseEventResponse()
 
     async def TerminateInstance(self, request: pb.TerminateRequest) -> pb.TerminateResponse:
-        now = _now()
-        event = ev.execution_terminated(now, ev.opt_str(request, "output"), request.recursive)
-        await self._send_control(request.instanceId, event)
+        await self._client.terminate(
+            _require(request.instanceId, "instanceId"),
+            ev.opt_str(request, "output"),
+            request.recursive,
+        )
         return pb.TerminateResponse()
 
     async def SuspendInstance(self, request: pb.SuspendRequest) -> pb.SuspendResponse:
-        await self._send_control(
-            request.instanceId, ev.execution_suspended(_now(), ev.opt_str(request, "reason"))
+        await self._client.suspend(
+            _require(request.instanceId, "instanceId"), ev.opt_str(request, "reason")
         )
         return pb.SuspendResponse()
 
     async def ResumeInstance(self, request: pb.ResumeRequest) -> pb.ResumeResponse:
-        await self._send_control(
-            request.instanceId, ev.execution_resumed(_now(), ev.opt_str(request, "reason"))
+        await self._client.resume(
+            _require(request.instanceId, "instanceId"), ev.opt_str(request, "reason")
         )
         return pb.ResumeResponse()
-
-    async def _send_control(self, instance_id: str, event: pb.HistoryEvent) -> None:
-        """Deliver terminate/suspend/resume; a finished instance ignores them."""
-        _require(instance_id, "instanceId")
-        state = await self._store.get_instance(instance_id)
-        if state is None:
-            raise InstanceNotFound(instance_id)
-        if state.status.is_terminal:
-            return
-        await self._store.enqueue(instance_id, event, _now())
 
     async def PurgeInstances(self, request: pb.PurgeInstancesRequest) -> pb.PurgeInstancesResponse:
         which = request.WhichOneof("request")

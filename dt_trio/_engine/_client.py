@@ -1,0 +1,123 @@
+"""Client operations on a task hub, shared by the gRPC service and the local Python API.
+
+Everything a client does to an instance (start it, wait on it, raise events, terminate, suspend,
+resume) goes through here once, in store terms; the two front ends only translate arguments
+and results.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Collection, Mapping
+from datetime import UTC, datetime
+
+from dt_trio._core import InstanceState, Status
+from dt_trio._core import _events as ev
+from dt_trio._engine._signals import Signals
+from dt_trio._errors import InstanceNotFound, InvalidRequest
+from dt_trio._proto import orchestrator_service_pb2 as pb
+from dt_trio._store import Backend
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class HubClient:
+    """Instance operations over a store; waits are woken by the store's commits."""
+
+    def __init__(self, store: Backend, signals: Signals) -> None:
+        self.store = store
+        self.signals = signals
+
+    async def start(
+        self,
+        name: str,
+        *,
+        instance_id: str | None = None,
+        input: str | None = None,
+        version: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        start_at: datetime | None = None,
+        execution_id: str | None = None,
+        trace: pb.TraceContext | None = None,
+        replaceable: Collection[Status] | None = None,
+    ) -> str:
+        """Create an instance (PENDING until `start_at`, if given); returns its id."""
+        if not name:
+            raise InvalidRequest("the orchestrator name is required and must not be empty")
+        instance_id = instance_id or uuid.uuid4().hex
+        if instance_id.startswith("@"):
+            raise InvalidRequest(
+                f"instanceId '{instance_id[:200]}' starts with '@', which is reserved for "
+                "entity ids"
+            )
+        now = _now()
+        execution_id = execution_id or uuid.uuid4().hex
+        tags = dict(tags or {})
+        state = InstanceState(
+            instance_id=instance_id,
+            name=name,
+            execution_id=execution_id,
+            status=Status.PENDING,
+            created_at=now,
+            last_updated_at=now,
+            version=version,
+            input=input,
+            scheduled_start_at=start_at,
+            tags=tags,
+        )
+        started = ev.execution_started(
+            now,
+            name=name,
+            instance_id=instance_id,
+            execution_id=execution_id,
+            input=input,
+            version=version,
+            tags=tags,
+            scheduled_start=start_at,
+            parent_trace_context=trace,
+        )
+        visible = start_at if start_at is not None and start_at > now else now
+        await self.store.create_instance(state, started, visible, replaceable)
+        log.info("%s: created orchestration '%s'", instance_id, name)
+        return instance_id
+
+    async def wait(
+        self, instance_id: str, done: Callable[[InstanceState], bool]
+    ) -> InstanceState | None:
+        """The instance once `done` holds (None if it does not exist). Waits for as long as
+        it takes: bound it with the caller's deadline or cancel scope."""
+        while True:
+            changed = self.signals.instance_event(instance_id)
+            state = await self.store.get_instance(instance_id)
+            if state is None or done(state):
+                return state
+            await changed.wait()
+
+    async def raise_event(self, instance_id: str, name: str, data: str | None) -> None:
+        if not name:
+            raise InvalidRequest("the event name is required and must not be empty")
+        now = _now()
+        await self.store.enqueue(instance_id, ev.event_raised(now, name, data), now)
+
+    async def terminate(self, instance_id: str, output: str | None, recursive: bool) -> None:
+        await self._control(instance_id, ev.execution_terminated(_now(), output, recursive))
+
+    async def suspend(self, instance_id: str, reason: str | None) -> None:
+        await self._control(instance_id, ev.execution_suspended(_now(), reason))
+
+    async def resume(self, instance_id: str, reason: str | None) -> None:
+        await self._control(instance_id, ev.execution_resumed(_now(), reason))
+
+    async def _control(self, instance_id: str, event: pb.HistoryEvent) -> None:
+        """Deliver terminate/suspend/resume; a finished instance ignores them."""
+        state = await self.store.get_instance(instance_id) if instance_id else None
+        if state is None:
+            raise InstanceNotFound(instance_id)
+        if state.status.is_terminal:
+            return
+        await self.store.enqueue(instance_id, event, _now())
