@@ -2,8 +2,13 @@
 
 Run the sidecar from a script with ``trio.run(dt_trio.serve)`` (or with keywords:
 ``dt_trio.serve(host=..., port=..., db=...)``), or from the shell with ``dt-trio``.
+
+Or write orchestrations in Python and run them in your own process: register them in a
+`Registry` and open a hub with ``async with dt_trio.open_task_hub(db, registry=registry) as
+client``.
 """
 
+from dt_trio._core import Status
 from dt_trio._errors import (
     DtTrioError,
     FailedPrecondition,
@@ -14,16 +19,42 @@ from dt_trio._errors import (
     StoreUnavailable,
     UnknownWorkItem,
 )
-from dt_trio._hub import serve
+from dt_trio._hub import open_task_hub, serve
+from dt_trio._local import (
+    ActivityContext,
+    Client,
+    NonDeterminismError,
+    OrchestrationContext,
+    OrchestrationState,
+    Registry,
+    RetryPolicy,
+    Task,
+    TaskFailedError,
+    when_all,
+    when_any,
+)
 
 __all__ = [
+    "ActivityContext",
+    "Client",
     "DtTrioError",
     "FailedPrecondition",
     "InstanceExists",
     "InstanceNotFound",
     "InvalidRequest",
     "LockLost",
+    "NonDeterminismError",
+    "OrchestrationContext",
+    "OrchestrationState",
+    "Registry",
+    "RetryPolicy",
+    "Status",
     "StoreUnavailable",
+    "Task",
+    "TaskFailedError",
     "UnknownWorkItem",
+    "open_task_hub",
     "serve",
+    "when_all",
+    "when_any",
 ]

@@ -1,40 +1,47 @@
 """THE nursery: what runs in a dt-trio task hub, in which order it starts and stops.
 
-    serve()
+    serve()                       open_task_hub()  (the same, without gRPC)
     └── store (opened first, closed last)
         └── nursery
-            ├── gRPC server (purerpc, TaskHubSidecarService)   -- started 1st
+            ├── gRPC server (purerpc, TaskHubSidecarService)   -- started 1st (serve only)
             ├── orchestration processor  ─┐ share the store      -- started 2nd
-            ├── activity processor        │ and the remote      -- started 3rd
-            └── entity processor         ─┘ executor            -- started 4th
+            ├── activity processor        │ and the executor    -- started 3rd
+            └── entity processor         ─┘                     -- started 4th
 
-The processors and the gRPC worker streams talk through the remote executor's trio memory
-channel; commits wake the processors through `Signals`. Cancelling `serve` (Ctrl-C, SIGTERM via
-the command, or the caller's cancel scope) cancels them all; in-flight work items that were not
-committed are simply not committed, and their leases are released when the store is opened next.
+The executor routes each work item to this process's own Python code (a `Registry`, run by the
+local executor) or to the SDK workers connected over gRPC (the remote executor, whose worker
+streams are served by the gRPC server). Commits wake the processors through `Signals`.
+Cancelling the hub (Ctrl-C, SIGTERM via the command, or the caller's cancel scope) cancels them
+all; in-flight work items that were not committed are simply not committed, and their leases
+are released when the store is opened next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import socket
 import ssl
 import uuid
+from collections.abc import AsyncIterator
 
 import trio
 
 from dt_trio._engine import (
     ActivityProcessor,
     EntityProcessor,
+    HubClient,
     OrchestrationProcessor,
     RemoteExecutor,
+    RoutingExecutor,
     Signals,
 )
 from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
 from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, serve_grpc
+from dt_trio._local import Client, LocalExecutor, Registry
 from dt_trio._store import SqliteBackend
 
 log = logging.getLogger("dt_trio")
@@ -64,6 +71,7 @@ async def serve(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ssl_context: ssl.SSLContext | None = None,
     token: str | None = None,
+    registry: Registry | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a task hub sidecar until cancelled.
@@ -71,18 +79,18 @@ async def serve(
     `db` is an sqlite file (created if missing) or "" for an in-memory store. `port` 0 picks a
     free port. A request message larger than `max_message_bytes` is answered
     RESOURCE_EXHAUSTED. `ssl_context` serves TLS; `token` requires every call to carry
-    `authorization: Bearer <token>`. Reports `(host, port)` through `task_status` once
-    everything is running. Cancellation stops the server and the processors and closes the
-    store.
+    `authorization: Bearer <token>`. Orchestrators and activities in `registry` run in this
+    process, everything else on connected SDK workers. Reports `(host, port)` through
+    `task_status` once everything is running. Cancellation stops the server and the
+    processors and closes the store.
     """
     signals = Signals()
     store = SqliteBackend(db, listener=signals)
     await store.open()
     log.info("backend started: %s", store.description)
     try:
-        executor = RemoteExecutor()
-        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        service = SidecarService(store, executor, signals)
+        remote = RemoteExecutor()
+        service = SidecarService(store, remote, signals)
         async with trio.open_nursery() as nursery:
             address: tuple[str, int] = await nursery.start(
                 functools.partial(
@@ -97,12 +105,49 @@ async def serve(
                 )
             )
             log.info("server listening at %s", format_address(*address))
-            await nursery.start(OrchestrationProcessor(store, executor, signals, owner).run)
-            await nursery.start(ActivityProcessor(store, executor, signals, owner).run)
-            await nursery.start(EntityProcessor(store, executor, signals, owner).run)
+            await _start_processors(nursery, store, signals, registry, remote)
             task_status.started(address)
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
     finally:
         await store.close()
         log.info("backend stopped: %s", store.description)
+
+
+@contextlib.asynccontextmanager
+async def open_task_hub(db: str = DEFAULT_DB, *, registry: Registry) -> AsyncIterator[Client]:
+    """Run a task hub in this process, without gRPC, for the body of an ``async with``.
+
+    Yields the `Client` of the hub. Orchestrators and activities in `registry` run here; the
+    store is `db` (an sqlite file, or "" in memory). Leaving the block stops the hub: work in
+    flight that was not committed runs again when a hub opens the store next.
+    """
+    signals = Signals()
+    store = SqliteBackend(db, listener=signals)
+    await store.open()
+    log.info("backend started: %s", store.description)
+    try:
+        async with trio.open_nursery() as nursery:
+            await _start_processors(nursery, store, signals, registry, RemoteExecutor())
+            yield Client(HubClient(store, signals))
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise lone_error(group) from None
+    finally:
+        await store.close()
+        log.info("backend stopped: %s", store.description)
+
+
+async def _start_processors(
+    nursery: trio.Nursery,
+    store: SqliteBackend,
+    signals: Signals,
+    registry: Registry | None,
+    remote: RemoteExecutor,
+) -> None:
+    local = LocalExecutor(registry) if registry is not None else None
+    executor = RoutingExecutor(local, remote)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    await nursery.start(OrchestrationProcessor(store, executor, signals, owner).run)
+    await nursery.start(ActivityProcessor(store, executor, signals, owner).run)
+    await nursery.start(EntityProcessor(store, executor, signals, owner).run)

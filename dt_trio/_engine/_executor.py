@@ -20,6 +20,7 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -266,3 +267,45 @@ class RemoteExecutor:
                 len(abandoned) + len(unsent),
             )
             self._dispatch()
+
+
+class Answer(Protocol):
+    """A work item's answer: an OrchestratorResponse, ActivityResponse or EntityBatchResult."""
+
+    @property
+    def response(self) -> object: ...
+
+
+class Executor(Protocol):
+    """Runs work items for the processors: `execute` returns the answer, and `finish` is
+    called once it is committed (or failed to commit), with the error if any."""
+
+    async def execute(self, work_item: pb.WorkItem, route: Route) -> Answer: ...
+
+    def finish(self, answer: Answer, error: BaseException | None = None) -> None: ...
+
+
+class LocalRunner(Executor, Protocol):
+    """An executor for the work this process can run itself (dt_trio._local)."""
+
+    def accepts(self, route: Route) -> bool: ...
+
+
+class RoutingExecutor:
+    """Work this process can run goes to `local`; everything else to the SDK workers connected
+    to `remote`. One hub can so serve Python code in-process and remote workers at once."""
+
+    def __init__(self, local: LocalRunner | None, remote: RemoteExecutor) -> None:
+        self.local = local
+        self.remote = remote
+
+    async def execute(self, work_item: pb.WorkItem, route: Route) -> Answer:
+        if self.local is not None and self.local.accepts(route):
+            return await self.local.execute(work_item, route)
+        return await self.remote.execute(work_item, route)
+
+    def finish(self, answer: Answer, error: BaseException | None = None) -> None:
+        if isinstance(answer, Pending):
+            self.remote.finish(answer, error)
+        elif self.local is not None:
+            self.local.finish(answer, error)

@@ -22,7 +22,7 @@ from dt_trio._engine._executor import (
     ACTIVITY,
     ENTITY,
     ORCHESTRATION,
-    RemoteExecutor,
+    Executor,
     Route,
     WorkAbandoned,
 )
@@ -164,7 +164,7 @@ class OrchestrationProcessor(_Processor):
     def __init__(
         self,
         store: Backend,
-        executor: RemoteExecutor,
+        executor: Executor,
         signals: Signals,
         owner: str,
         max_in_flight: int = 256,
@@ -277,7 +277,7 @@ class ActivityProcessor(_Processor):
     def __init__(
         self,
         store: Backend,
-        executor: RemoteExecutor,
+        executor: Executor,
         signals: Signals,
         owner: str,
         max_in_flight: int = 1024,
@@ -378,7 +378,7 @@ class EntityProcessor(_Processor):
     def __init__(
         self,
         store: Backend,
-        executor: RemoteExecutor,
+        executor: Executor,
         signals: Signals,
         owner: str,
         max_in_flight: int = 256,

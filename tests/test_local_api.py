@@ -1,0 +1,347 @@
+"""The local Python API: orchestrations written in Python, run in the hub's own process."""
+
+from __future__ import annotations
+
+import itertools
+import pathlib
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import trio
+
+import dt_trio
+from dt_trio import Status
+
+registry = dt_trio.Registry()
+calls: dict[str, int] = {}
+calls_lock = threading.Lock()
+
+
+def count(key: str) -> int:
+    with calls_lock:
+        calls[key] = calls.get(key, 0) + 1
+        return calls[key]
+
+
+@registry.activity
+async def greet(ctx: dt_trio.ActivityContext, city: str) -> str:
+    await trio.lowlevel.checkpoint()
+    return f"Hello, {city}!"
+
+
+@registry.activity
+def double(ctx: dt_trio.ActivityContext, n: int) -> int:  # a plain function: a worker thread
+    return n * 2
+
+
+@registry.activity
+def flaky(ctx: dt_trio.ActivityContext, key: str) -> int:
+    attempt = count(key)
+    if attempt < 3:
+        raise ConnectionError(f"attempt {attempt} fails")
+    return attempt
+
+
+@registry.activity
+def explode(ctx: dt_trio.ActivityContext, message: str) -> None:
+    raise ValueError(message)
+
+
+@registry.orchestrator
+def hello_cities(ctx: dt_trio.OrchestrationContext, _: Any) -> Any:
+    out = []
+    for city in ("Tokyo", "Seattle", "London"):
+        out.append((yield ctx.call_activity(greet, input=city)))
+    return out
+
+
+@registry.orchestrator
+def fan_out(ctx: dt_trio.OrchestrationContext, n: int) -> Any:
+    return sum((yield dt_trio.when_all([ctx.call_activity(double, input=i) for i in range(n)])))
+
+
+@registry.orchestrator
+def sleeper(ctx: dt_trio.OrchestrationContext, seconds: float) -> Any:
+    start = ctx.current_utc_datetime
+    yield ctx.create_timer(timedelta(seconds=seconds))
+    return (ctx.current_utc_datetime - start).total_seconds()
+
+
+@registry.orchestrator
+def child(ctx: dt_trio.OrchestrationContext, n: int) -> Any:
+    if n < 0:
+        raise ValueError("negative input")
+    return (yield ctx.call_activity(double, input=n)) + 1
+
+
+@registry.orchestrator
+def parent(ctx: dt_trio.OrchestrationContext, n: int) -> Any:
+    return (yield ctx.call_sub_orchestrator(child, input=n, instance_id=f"{ctx.instance_id}-kid"))
+
+
+@registry.orchestrator
+def approval(ctx: dt_trio.OrchestrationContext, timeout: float) -> Any:
+    ctx.set_custom_status("waiting for approval")
+    decision = ctx.wait_for_external_event("Approval")
+    timer = ctx.create_timer(timedelta(seconds=timeout))
+    winner = yield dt_trio.when_any([decision, timer])
+    ctx.set_custom_status("decided")
+    return decision.get_result() if winner is decision else "timed out"
+
+
+@registry.orchestrator
+def retrying(ctx: dt_trio.OrchestrationContext, key: str) -> Any:
+    policy = dt_trio.RetryPolicy(
+        first_retry_interval=timedelta(milliseconds=50), max_number_of_attempts=5
+    )
+    return (yield ctx.call_activity(flaky, input=key, retry_policy=policy))
+
+
+@registry.orchestrator
+def catching(ctx: dt_trio.OrchestrationContext, _: Any) -> Any:
+    try:
+        yield ctx.call_activity(explode, input="kaboom")
+    except dt_trio.TaskFailedError as exc:
+        return {"type": exc.error_type, "message": exc.message}
+    return "not caught"
+
+
+@registry.orchestrator
+def failing(ctx: dt_trio.OrchestrationContext, _: Any) -> Any:
+    yield ctx.call_activity(explode, input="unhandled")
+
+
+@registry.orchestrator
+def counter(ctx: dt_trio.OrchestrationContext, n: int) -> Any:
+    if n < 5:
+        ctx.continue_as_new(n + 1)
+        return None
+    return n
+
+
+@registry.orchestrator
+def waiter(ctx: dt_trio.OrchestrationContext, _: Any) -> Any:
+    return (yield ctx.wait_for_external_event("go"))
+
+
+@registry.orchestrator
+def sender(ctx: dt_trio.OrchestrationContext, target: str) -> Any:
+    ctx.send_event(target, "go", "from a friend")
+    return "sent"
+
+
+@pytest.fixture
+async def client(tmp_path: pathlib.Path) -> AsyncIterator[dt_trio.Client]:
+    async with dt_trio.open_task_hub(str(tmp_path / "local.sqlite3"), registry=registry) as c:
+        yield c
+
+
+async def run(client: dt_trio.Client, orchestrator: Any, input: Any = None) -> Any:
+    instance_id = await client.schedule(orchestrator, input)
+    with trio.fail_after(30):
+        return await client.wait_for_completion(instance_id)
+
+
+async def test_activities_run_in_sequence(client: dt_trio.Client) -> None:
+    state = await run(client, hello_cities)
+    assert state.status == Status.COMPLETED
+    assert state.output == ["Hello, Tokyo!", "Hello, Seattle!", "Hello, London!"]
+    assert state.name == "hello_cities"
+
+
+async def test_fan_out_and_in_over_thread_activities(client: dt_trio.Client) -> None:
+    state = await run(client, fan_out, 20)
+    assert state.output == sum(i * 2 for i in range(20))
+
+
+async def test_a_durable_timer_waits_its_time(client: dt_trio.Client) -> None:
+    state = await run(client, sleeper, 0.3)
+    assert state.status == Status.COMPLETED and state.output >= 0.3
+
+
+async def test_sub_orchestrations_return_results_and_failures(client: dt_trio.Client) -> None:
+    assert (await run(client, parent, 4)).output == 9
+    failed = await run(client, parent, -1)
+    assert failed.status == Status.FAILED
+    assert failed.failure is not None and "negative input" in failed.failure.message
+
+
+async def test_an_external_event_wins_over_the_timeout(client: dt_trio.Client) -> None:
+    instance_id = await client.schedule(approval, 30)
+    with trio.fail_after(10):
+        started = await client.wait_for_start(instance_id)
+    # the first step committed with the instance's start: the event now has a waiter
+    assert started.status == Status.RUNNING
+    assert started.custom_status == "waiting for approval"
+    await client.raise_event(instance_id, "approval", {"by": "ana"})
+    with trio.fail_after(10):
+        state = await client.wait_for_completion(instance_id)
+    assert state.output == {"by": "ana"} and state.custom_status == "decided"
+
+
+async def test_the_timeout_wins_when_no_event_comes(client: dt_trio.Client) -> None:
+    assert (await run(client, approval, 0.2)).output == "timed out"
+
+
+async def test_a_retry_policy_retries_until_success(client: dt_trio.Client) -> None:
+    key = f"retry-{id(client)}"
+    state = await run(client, retrying, key)
+    assert state.status == Status.COMPLETED and state.output == 3
+
+
+async def test_failures_can_be_caught_or_fail_the_orchestration(client: dt_trio.Client) -> None:
+    caught = await run(client, catching)
+    assert caught.output == {"type": "builtins.ValueError", "message": "kaboom"}
+    failed = await run(client, failing)
+    assert failed.status == Status.FAILED
+    assert failed.failure is not None and failed.failure.error_type == "builtins.ValueError"
+
+
+async def test_continue_as_new_restarts_with_the_new_input(client: dt_trio.Client) -> None:
+    state = await run(client, counter, 0)
+    assert state.status == Status.COMPLETED and state.output == 5
+
+
+async def test_events_between_orchestrations(client: dt_trio.Client) -> None:
+    target = await client.schedule(waiter, instance_id="local-waiter")
+    await run(client, sender, target)
+    with trio.fail_after(10):
+        assert (await client.wait_for_completion(target)).output == "from a friend"
+
+
+async def test_suspend_buffers_events_until_resume(client: dt_trio.Client) -> None:
+    instance_id = await client.schedule(waiter)
+    with trio.fail_after(10):
+        await client.wait_for_start(instance_id)
+    await client.suspend(instance_id)
+    await client.raise_event(instance_id, "go", "later")
+    with trio.fail_after(10):
+        suspended = await client.wait_until(instance_id, lambda s: s.status == Status.SUSPENDED)
+    assert suspended.status == Status.SUSPENDED
+    await client.resume(instance_id)
+    with trio.fail_after(10):
+        assert (await client.wait_for_completion(instance_id)).output == "later"
+
+
+async def test_terminate_purge_and_query(client: dt_trio.Client) -> None:
+    instance_id = await client.schedule(waiter, instance_id="local-doomed")
+    with trio.fail_after(10):
+        await client.wait_for_start(instance_id)
+    await client.terminate(instance_id, "enough")
+    with trio.fail_after(10):
+        state = await client.wait_for_completion(instance_id)
+    assert state.status == Status.TERMINATED and state.output == "enough"
+    found = [s.instance_id async for s in client.query(id_prefix="local-", page_size=1)]
+    assert "local-doomed" in found
+    assert await client.purge(instance_id) == 1
+    assert await client.get(instance_id) is None
+    with pytest.raises(dt_trio.InstanceNotFound):
+        await client.terminate("nobody", None)
+
+
+async def test_a_start_can_be_scheduled_for_later(client: dt_trio.Client) -> None:
+    at = datetime.now(UTC) + timedelta(seconds=0.3)
+    instance_id = await client.schedule(hello_cities, start_at=at)
+    assert (await client.get(instance_id)).status == Status.PENDING  # type: ignore[union-attr]
+    with trio.fail_after(10):
+        state = await client.wait_for_completion(instance_id)
+    assert state.status == Status.COMPLETED and state.last_updated_at >= at
+
+
+async def test_a_changed_orchestrator_fails_with_a_non_determinism_error(
+    tmp_path: pathlib.Path,
+) -> None:
+    versions = itertools.count()
+    changing = dt_trio.Registry()
+
+    @changing.activity
+    async def ship(ctx: dt_trio.ActivityContext, _: Any) -> str:
+        return "shipped"
+
+    @changing.activity
+    async def bill(ctx: dt_trio.ActivityContext, _: Any) -> str:
+        return "billed"
+
+    @changing.orchestrator
+    def evolving(ctx: dt_trio.OrchestrationContext, _: Any) -> Any:
+        # The first run ships first; every replay after that bills first: a code change.
+        first = ship if next(versions) == 0 else bill
+        yield ctx.call_activity(first)
+        yield ctx.wait_for_external_event("go")
+        return "done"
+
+    async with dt_trio.open_task_hub(str(tmp_path / "nd.sqlite3"), registry=changing) as c:
+        instance_id = await c.schedule(evolving)
+        # The activity's result replays the orchestrator; that replay already differs.
+        with trio.fail_after(10):
+            state = await c.wait_for_completion(instance_id)
+    assert state.status == Status.FAILED
+    assert state.failure is not None
+    assert state.failure.error_type.endswith("NonDeterminismError")
+    assert "same order on every replay" in state.failure.message
+
+
+RESTART = textwrap.dedent(
+    """
+    import pathlib, sys, time
+    import trio, dt_trio
+
+    db, phase, marker = sys.argv[1:4]
+    registry = dt_trio.Registry()
+
+    @registry.activity
+    def slow(ctx, n):
+        if phase == "first":
+            pathlib.Path(marker).write_text("running")
+            time.sleep(600)  # killed here
+        return n * 10
+
+    @registry.activity
+    def quick(ctx, n):
+        return n + 1
+
+    @registry.orchestrator
+    def journey(ctx, n):
+        a = yield ctx.call_activity(quick, input=n)
+        b = yield ctx.call_activity(slow, input=a)
+        return [a, b]
+
+    async def main():
+        async with dt_trio.open_task_hub(db, registry=registry) as client:
+            if phase == "first":
+                await client.schedule(journey, 1, instance_id="journey")
+                await trio.sleep_forever()
+            state = await client.wait_for_completion("journey")
+            print(state.status.name, state.output)
+
+    trio.run(main)
+    """
+)
+
+
+def test_a_new_process_finishes_what_a_killed_one_started(tmp_path: pathlib.Path) -> None:
+    db, marker = str(tmp_path / "restart.sqlite3"), tmp_path / "marker"
+    first = subprocess.Popen([sys.executable, "-c", RESTART, db, "first", str(marker)])
+    try:
+        for _ in range(1000):
+            if marker.exists() or first.poll() is not None:
+                break
+            threading.Event().wait(0.02)
+        assert marker.exists(), "the first process never reached the slow activity"
+    finally:
+        first.kill()
+        first.wait(10)
+    second = subprocess.run(
+        [sys.executable, "-c", RESTART, db, "second", str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "COMPLETED [2, 20]"
