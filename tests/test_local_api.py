@@ -345,3 +345,72 @@ def test_a_new_process_finishes_what_a_killed_one_started(tmp_path: pathlib.Path
     )
     assert second.returncode == 0, second.stderr
     assert second.stdout.strip() == "COMPLETED [2, 20]"
+
+
+def remote_triple(ctx: Any, n: int) -> int:  # an SDK activity, run by an SDK worker
+    return n * 3
+
+
+@registry.orchestrator
+def mixed(ctx: dt_trio.OrchestrationContext, n: int) -> Any:
+    local = yield ctx.call_activity(double, input=n)  # this process
+    remote = yield ctx.call_activity("remote_triple", input=n)  # the SDK worker
+    return [local, remote]
+
+
+async def test_one_hub_serves_local_code_and_remote_sdk_workers(tmp_path: pathlib.Path) -> None:
+    from _harness import sdk_client, sdk_worker
+    from durabletask import task
+
+    def sdk_orchestration(ctx: task.OrchestrationContext, n: int) -> Any:
+        return (yield ctx.call_activity(remote_triple, input=n)) + 1
+
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(
+            lambda task_status: dt_trio.serve(
+                host="127.0.0.1",
+                port=0,
+                db=str(tmp_path / "mixed.sqlite3"),
+                registry=registry,
+                task_status=task_status,
+            )
+        )
+        address = f"{host}:{port}"
+
+        def drive() -> tuple[Any, Any]:
+            with sdk_worker(address, [sdk_orchestration], [remote_triple]):
+                c = sdk_client(address)
+                local_id = c.schedule_new_orchestration("mixed", input=5)
+                remote_id = c.schedule_new_orchestration(sdk_orchestration, input=5)
+                local = c.wait_for_orchestration_completion(local_id, timeout=30)
+                remote = c.wait_for_orchestration_completion(remote_id, timeout=30)
+                return local, remote
+
+        local, remote = await trio.to_thread.run_sync(drive)
+        nursery.cancel_scope.cancel()
+    assert local is not None and local.serialized_output == "[10, 15]"
+    assert remote is not None and remote.serialized_output == "16"
+
+
+@pytest.mark.parametrize(
+    ("example", "expected"),
+    [
+        (
+            "local_hello_cities.py",
+            "COMPLETED ['Hello, Tokyo!', 'Hello, Seattle!', 'Hello, London!']",
+        ),
+        ("local_fan_out.py", "COMPLETED 328350"),
+        ("local_approval.py", "COMPLETED approved by Ana\nCOMPLETED escalated"),
+    ],
+)
+def test_the_local_examples_run(tmp_path: pathlib.Path, example: str, expected: str) -> None:
+    script = pathlib.Path(__file__).resolve().parent.parent / "examples" / example
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "example.sqlite3")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if not line.startswith("  ")]
+    assert "\n".join(lines) == expected
