@@ -5,6 +5,10 @@
 Both servers run in their own process; this process runs the official Python SDK's worker and
 client against each in turn and prints one table with the ratio dt-trio / reference. dt-trio
 runs on an sqlite file in WAL mode (durable); the reference keeps everything in memory.
+
+Then the same hello-cities and fan-out workloads run through dt-trio's local Python API (no
+gRPC: orchestrations and activities in this process, on an sqlite file), which the reference
+has no counterpart for; they are reported on their own.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import trio
 from durabletask import client, task, worker
+
+import dt_trio
 
 logging.disable(logging.WARNING)
 
@@ -167,6 +174,63 @@ def run(kind: str, quick: bool) -> dict[str, dict[str, float]]:
     return results
 
 
+local = dt_trio.Registry()
+
+
+@local.activity
+async def local_hello(ctx: dt_trio.ActivityContext, city: str) -> str:
+    return f"Hello, {city}!"
+
+
+@local.orchestrator
+def local_hello_cities(ctx: dt_trio.OrchestrationContext, _: Any) -> Any:
+    out = []
+    for city in ("Tokyo", "Seattle", "London"):
+        out.append((yield ctx.call_activity(local_hello, input=city)))
+    return out
+
+
+@local.orchestrator
+def local_fan_out(ctx: dt_trio.OrchestrationContext, n: int) -> Any:
+    return len(
+        (yield dt_trio.when_all([ctx.call_activity(local_hello, input=str(i)) for i in range(n)]))
+    )
+
+
+async def local_workloads(quick: bool) -> dict[str, dict[str, float]]:
+    """The local API on an sqlite file: all started at once (concurrent schedules, as
+    concurrent clients would), then waited for."""
+    n_hello, n_fan = (100, 200) if quick else (1000, 1000)
+    with tempfile.TemporaryDirectory() as tmp:
+        db = os.path.join(tmp, "local.sqlite3")
+        async with dt_trio.open_task_hub(db, registry=local) as c:
+            await c.wait_for_completion(await c.schedule(local_hello_cities))  # warm-up
+            started = time.perf_counter()
+            ids: list[str] = []
+
+            async def schedule_one() -> None:
+                ids.append(await c.schedule(local_hello_cities))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(n_hello):
+                    nursery.start_soon(schedule_one)
+            latencies = []
+            for instance_id in ids:
+                state = await c.wait_for_completion(instance_id)
+                assert state.status == dt_trio.Status.COMPLETED
+                latencies.append((state.last_updated_at - state.created_at).total_seconds() * 1000)
+            hello = {
+                "orchestrations_per_s": n_hello / (time.perf_counter() - started),
+                "p50_ms": percentile(latencies, 50),
+                "p99_ms": percentile(latencies, 99),
+            }
+            started = time.perf_counter()
+            state = await c.wait_for_completion(await c.schedule(local_fan_out, n_fan))
+            assert state.output == n_fan
+            fan = {"activities_per_s": n_fan / (time.perf_counter() - started)}
+    return {f"hello cities (n={n_hello})": hello, f"fan-out/fan-in (n={n_fan})": fan}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -189,6 +253,11 @@ def main() -> int:
         print(
             f"{workload:<24} {metric:<22} {ours:>10.1f} {ref:>10.1f} {ratio:>7.2f} {better:>16.2f}x"
         )
+    local_results = trio.run(local_workloads, args.quick)
+    print("\nlocal Python API (no gRPC), sqlite file")
+    for workload, metrics in local_results.items():
+        for metric, value in metrics.items():
+            print(f"{workload:<24} {metric:<22} {value:>10.1f}")
     report = {
         "machine": {
             "cores": os.cpu_count(),
@@ -197,6 +266,7 @@ def main() -> int:
         },
         "quick": args.quick,
         "results": measured,
+        "local": local_results,
     }
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
