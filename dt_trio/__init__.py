@@ -23,6 +23,9 @@ from dt_trio._hub import open_task_hub, serve
 from dt_trio._local import (
     ActivityContext,
     Client,
+    CriticalSection,
+    EntityContext,
+    EntityMetadata,
     NonDeterminismError,
     OrchestrationContext,
     OrchestrationState,
@@ -30,6 +33,7 @@ from dt_trio._local import (
     RetryPolicy,
     Task,
     TaskFailedError,
+    entity_id,
     when_all,
     when_any,
 )
@@ -37,7 +41,10 @@ from dt_trio._local import (
 __all__ = [
     "ActivityContext",
     "Client",
+    "CriticalSection",
     "DtTrioError",
+    "EntityContext",
+    "EntityMetadata",
     "FailedPrecondition",
     "InstanceExists",
     "InstanceNotFound",
@@ -53,6 +60,7 @@ __all__ = [
     "Task",
     "TaskFailedError",
     "UnknownWorkItem",
+    "entity_id",
     "open_task_hub",
     "serve",
     "when_all",

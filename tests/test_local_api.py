@@ -414,3 +414,79 @@ def test_the_local_examples_run(tmp_path: pathlib.Path, example: str, expected: 
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if not line.startswith("  ")]
     assert "\n".join(lines) == expected
+
+
+# -- entities ------------------------------------------------------------------------------------
+
+
+async def poll_until(read: Any, key: str, done: Any) -> Any:
+    """Entities have no wait rpc: read until `done` holds for a non-None value."""
+    with trio.fail_after(10):
+        for _ in itertools.count():
+            value = await read(key)
+            if value is not None and done(value):
+                return value
+            await trio.sleep(0.01)
+
+
+@registry.entity
+def tally(ctx: dt_trio.EntityContext, value: Any) -> Any:
+    current = ctx.get_state(0)
+    if ctx.operation == "add":
+        ctx.set_state(current + value)
+    elif ctx.operation == "set":
+        ctx.set_state(value)
+    elif ctx.operation == "fail":
+        ctx.set_state(current + 1000)
+        raise ValueError("tally refuses")
+    elif ctx.operation == "forward":
+        ctx.signal_entity(dt_trio.entity_id("tally", value), "add", current)
+    elif ctx.operation == "start":
+        return ctx.schedule_new_orchestration("hello_cities", instance_id=value)
+    return current
+
+
+@registry.orchestrator
+def use_tally(ctx: dt_trio.OrchestrationContext, key: str) -> Any:
+    target = dt_trio.entity_id("tally", key)
+    ctx.signal_entity(target, "add", 2)
+    before = yield ctx.call_entity(target, "get")
+    try:
+        yield ctx.call_entity(target, "fail")
+    except dt_trio.TaskFailedError as exc:
+        failure = exc.message
+    with (yield ctx.lock_entities([target])):
+        value = yield ctx.call_entity(target, "get")
+        yield ctx.wait_for_external_event("go")
+        yield ctx.call_entity(target, "set", value + 1)
+    return {"before": before, "failure": failure, "after": (yield ctx.call_entity(target, "get"))}
+
+
+async def test_entities_from_the_client_and_from_orchestrations(client: dt_trio.Client) -> None:
+    target = dt_trio.entity_id("Tally", "k1")
+    assert target == "@tally@k1"
+    await client.signal_entity(target, "set", 40)
+    instance_id = await client.schedule(use_tally, "k1")
+    entity = await poll_until(client.get_entity, target, lambda e: e.locked_by == instance_id)
+    assert entity.state == 42  # locked: the section read it, and waits for "go"
+    await client.signal_entity(target, "add", 100)  # waits behind the lock
+    await client.raise_event(instance_id, "go")
+    with trio.fail_after(10):
+        state = await client.wait_for_completion(instance_id)
+    # set(42 + 1) inside the section; the +100 ran once the section released the lock, before
+    # the last call; the +1000 of the failed operation was rolled back.
+    assert state.output == {"before": 42, "failure": "tally refuses", "after": 143}
+    entity = await poll_until(client.get_entity, target, lambda e: e.backlog == 0)
+    assert entity.state == 143 and entity.locked_by is None
+
+
+async def test_entities_signal_entities_and_start_orchestrations(client: dt_trio.Client) -> None:
+    await client.signal_entity(dt_trio.entity_id("tally", "src"), "set", 7)
+    await client.signal_entity(dt_trio.entity_id("tally", "src"), "forward", "dst")
+    await client.signal_entity(dt_trio.entity_id("tally", "src"), "start", "from-an-entity")
+    entity = await poll_until(client.get_entity, dt_trio.entity_id("tally", "dst"), bool)
+    await poll_until(client.get, "from-an-entity", bool)
+    with trio.fail_after(10):
+        started = await client.wait_for_completion("from-an-entity")
+    assert entity.state == 7
+    assert started.output == ["Hello, Tokyo!", "Hello, Seattle!", "Hello, London!"]

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 
-from dt_trio._core import InstanceState, Status
+from dt_trio._core import InstanceState, Status, check_entity_id, signal_event
 from dt_trio._core import _events as ev
 from dt_trio._engine._signals import Signals
 from dt_trio._errors import InstanceNotFound, InvalidRequest
@@ -97,6 +97,26 @@ class HubClient:
             if state is None or done(state):
                 return state
             await changed.wait()
+
+    async def signal_entity(
+        self,
+        entity_id: str,
+        operation: str,
+        input: str | None,
+        *,
+        at: datetime | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        """Queue an operation for an entity (`@name@key`), at `at` if that is later."""
+        try:
+            entity_id = check_entity_id(entity_id)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if not operation:
+            raise InvalidRequest("name (the operation) is required and must not be empty")
+        now = _now()
+        event = signal_event(now, entity_id, operation, input, request_id or uuid.uuid4().hex, at)
+        await self.store.signal_entity(entity_id, event, at if at and at > now else now)
 
     async def raise_event(self, instance_id: str, name: str, data: str | None) -> None:
         if not name:

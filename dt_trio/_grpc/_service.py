@@ -419,18 +419,13 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     # -- entity rpcs -------------------------------------------------------------------------
 
     async def SignalEntity(self, request: pb.SignalEntityRequest) -> pb.SignalEntityResponse:
-        entity_id = _entity_id(request.instanceId)
-        now = _now()
-        at = _timestamp(request, "scheduledTime")
-        event = core.signal_event(
-            now,
-            entity_id,
-            _require(request.name, "name (the operation)"),
+        await self._client.signal_entity(
+            _require(request.instanceId, "instanceId"),
+            request.name,
             ev.opt_str(request, "input"),
-            request.requestId or uuid.uuid4().hex,
-            at,
+            at=_timestamp(request, "scheduledTime"),
+            request_id=request.requestId or None,
         )
-        await self._store.signal_entity(entity_id, event, at if at and at > now else now)
         return pb.SignalEntityResponse()
 
     async def GetEntity(self, request: pb.GetEntityRequest) -> pb.GetEntityResponse:

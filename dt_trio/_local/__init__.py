@@ -4,10 +4,10 @@ The replay engine (`_replay`) is pure, like the orchestration core; the local ex
 and the activities inside the hub; the client manages instances.
 """
 
-from dt_trio._local._client import Client, OrchestrationState
-from dt_trio._local._executor import ActivityContext, LocalExecutor
+from dt_trio._local._client import Client, EntityMetadata, OrchestrationState, entity_id
+from dt_trio._local._executor import ActivityContext, EntityContext, LocalExecutor
 from dt_trio._local._registry import Registry
-from dt_trio._local._replay import OrchestrationContext, run_orchestrator
+from dt_trio._local._replay import CriticalSection, OrchestrationContext, run_orchestrator
 from dt_trio._local._tasks import (
     NonDeterminismError,
     RetryPolicy,
@@ -20,6 +20,9 @@ from dt_trio._local._tasks import (
 __all__ = [
     "ActivityContext",
     "Client",
+    "CriticalSection",
+    "EntityContext",
+    "EntityMetadata",
     "LocalExecutor",
     "NonDeterminismError",
     "OrchestrationContext",
@@ -28,6 +31,7 @@ __all__ = [
     "RetryPolicy",
     "Task",
     "TaskFailedError",
+    "entity_id",
     "run_orchestrator",
     "when_all",
     "when_any",

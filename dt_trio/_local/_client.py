@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from dt_trio._core import InstanceState, Status
+from dt_trio._core import InstanceState, Status, check_entity_id
 from dt_trio._engine import HubClient
 from dt_trio._errors import InstanceNotFound
 from dt_trio._local._replay import Orchestrator, decode, encode, failed, name_of
@@ -44,6 +44,22 @@ class OrchestrationState:
             custom_status=decode(state.custom_status),
             failure=failed(state.failure) if state.failure is not None else None,
         )
+
+
+@dataclass(frozen=True)
+class EntityMetadata:
+    """An entity as the store has it; `state` decoded from JSON."""
+
+    entity_id: str
+    state: Any
+    last_modified_at: datetime
+    locked_by: str | None  # the orchestration holding its lock
+    backlog: int  # operations and lock messages queued for it
+
+
+def entity_id(name: str, key: str) -> str:
+    """The id of entity `name` with `key`: ``@name@key``, the name in lower case."""
+    return check_entity_id(f"@{name}@{key}", "the entity")
 
 
 class Client:
@@ -93,6 +109,30 @@ class Client:
         if state is None:
             raise InstanceNotFound(instance_id)
         return OrchestrationState.of(state)
+
+    async def signal_entity(
+        self,
+        entity_id: str,
+        operation: str,
+        input: Any = None,
+        *,
+        signal_time: datetime | None = None,
+    ) -> None:
+        """Send an operation to an entity (at `signal_time`, if given)."""
+        await self._hub.signal_entity(entity_id, operation, encode(input), at=signal_time)
+
+    async def get_entity(self, entity_id: str) -> EntityMetadata | None:
+        """The entity, or None if it has no state."""
+        entity = await self._hub.store.get_entity(check_entity_id(entity_id, "the entity"))
+        if entity is None or entity.state is None:
+            return None
+        return EntityMetadata(
+            entity.instance_id,
+            decode(entity.state),
+            entity.last_modified_at,
+            entity.lock_owner,
+            entity.backlog,
+        )
 
     async def raise_event(self, instance_id: str, name: str, data: Any = None) -> None:
         await self._hub.raise_event(instance_id, name, encode(data))

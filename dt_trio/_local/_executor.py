@@ -7,14 +7,18 @@ it; plain-function activities run in worker threads, so they may block.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import trio
 
 from dt_trio._core import _events as ev
-from dt_trio._engine._executor import ACTIVITY, ORCHESTRATION, Route
+from dt_trio._core import entity_name
+from dt_trio._engine._executor import ACTIVITY, ENTITY, ORCHESTRATION, Route
 from dt_trio._local._registry import Registry
 from dt_trio._local._replay import decode, encode, failure_details, run_orchestrator
 from dt_trio._proto import orchestrator_service_pb2 as pb
@@ -26,6 +30,46 @@ class ActivityContext:
 
     orchestration_id: str
     task_id: int
+
+
+class EntityContext:
+    """What an entity operation sees: its id, the operation, the state; what it may do."""
+
+    def __init__(self, entity_id: str, operation: str, state: Any) -> None:
+        self.entity_id = entity_id
+        self.name = entity_name(entity_id)
+        self.key = entity_id[len(self.name) + 2 :]
+        self.operation = operation
+        self._state = state
+        self._actions: list[pb.OperationAction] = []
+
+    def get_state(self, default: Any = None) -> Any:
+        """The entity's state (a JSON value), or `default` when it has none."""
+        return copy.deepcopy(self._state) if self._state is not None else default
+
+    def set_state(self, state: Any) -> None:
+        """Replace the state; None deletes the entity once nothing else holds it."""
+        self._state = state
+
+    def signal_entity(self, entity_id: str, operation: str, input: Any = None) -> None:
+        """Send an operation to another entity once this operation succeeds."""
+        action = pb.OperationAction(id=len(self._actions))
+        action.sendSignal.instanceId = entity_id
+        action.sendSignal.name = operation
+        ev.set_str(action.sendSignal.input, encode(input))
+        self._actions.append(action)
+
+    def schedule_new_orchestration(
+        self, name: str, input: Any = None, *, instance_id: str | None = None
+    ) -> str:
+        """Start an orchestration once this operation succeeds; returns its instance id."""
+        action = pb.OperationAction(id=len(self._actions))
+        start = action.startNewOrchestration
+        start.name = name
+        start.instanceId = instance_id or uuid.uuid4().hex
+        ev.set_str(start.input, encode(input))
+        self._actions.append(action)
+        return start.instanceId
 
 
 @dataclass(frozen=True)
@@ -47,7 +91,7 @@ class LocalExecutor:
             return route.name in self._registry.orchestrators
         if route.kind == ACTIVITY:
             return route.name in self._registry.activities
-        return False
+        return route.name.lower() in self._registry.entities
 
     async def execute(self, work_item: pb.WorkItem, route: Route) -> LocalAnswer:
         if route.kind == ORCHESTRATION:
@@ -55,8 +99,45 @@ class LocalExecutor:
             response = run_orchestrator(fn, work_item.orchestratorRequest)
             await trio.lowlevel.checkpoint()
             return LocalAnswer(response)
+        if route.kind == ENTITY:
+            fn = self._registry.entities[route.name.lower()]
+            return LocalAnswer(await self._entity_batch(fn, work_item.entityRequestV2))
         request = work_item.activityRequest
         return LocalAnswer(await self._activity(self._registry.activities[route.name], request))
+
+    async def _entity_batch(self, fn: Any, request: pb.EntityRequest) -> pb.EntityBatchResult:
+        """Run the batch's operations in order; each one that fails leaves the state and the
+        messages as they were before it."""
+        result = pb.EntityBatchResult()
+        state = decode(ev.opt_str(request, "entityState"))
+        for event in request.operationRequests:
+            op = (
+                event.entityOperationCalled
+                if event.HasField("entityOperationCalled")
+                else event.entityOperationSignaled
+            )
+            ctx = EntityContext(request.instanceId, op.operation, copy.deepcopy(state))
+            outcome = result.results.add()
+            started = datetime.now(UTC)
+            try:
+                value = decode(ev.opt_str(op, "input"))
+                if inspect.iscoroutinefunction(fn):
+                    returned = await fn(ctx, value)
+                else:
+                    returned = fn(ctx, value)  # entity operations are short: no thread
+                ev.set_str(outcome.success.result, encode(returned))
+                outcome.success.startTimeUtc.FromDatetime(started)
+                outcome.success.endTimeUtc.FromDatetime(datetime.now(UTC))
+                state = ctx._state
+                for action in ctx._actions:
+                    action.id = len(result.actions)
+                    result.actions.append(action)
+            except Exception as exc:
+                outcome.failure.failureDetails.CopyFrom(failure_details(exc))
+                outcome.failure.startTimeUtc.FromDatetime(started)
+                outcome.failure.endTimeUtc.FromDatetime(datetime.now(UTC))
+        ev.set_str(result.entityState, encode(state))
+        return result
 
     async def _activity(self, fn: Any, request: pb.ActivityRequest) -> pb.ActivityResponse:
         response = pb.ActivityResponse(

@@ -21,12 +21,26 @@ class Registry:
     def __init__(self) -> None:
         self.orchestrators: dict[str, Orchestrator] = {}
         self.activities: dict[str, Callable[..., Any]] = {}
+        self.entities: dict[str, Callable[..., Any]] = {}
 
     def add_orchestrator(self, fn: Orchestrator, *, name: str | None = None) -> str:
         return self._add(self.orchestrators, "orchestrator", fn, name)
 
     def add_activity(self, fn: Callable[..., Any], *, name: str | None = None) -> str:
         return self._add(self.activities, "activity", fn, name)
+
+    def add_entity(self, fn: Callable[..., Any], *, name: str | None = None) -> str:
+        """An entity function `(ctx: EntityContext, input) -> result`; its name is matched
+        without case, as entity ids carry it in lower case."""
+        key = (name or name_of(fn)).lower()
+        if "@" in key:
+            raise ValueError(f"entity name '{key}' must not contain '@'")
+        return self._add(self.entities, "entity", fn, key)
+
+    def entity(self, fn: F) -> F:
+        """Decorator: register `(ctx, input)` as an entity function."""
+        self.add_entity(fn)
+        return fn
 
     def orchestrator(self, fn: F) -> F:
         """Decorator: register a generator function `(ctx, input)` as an orchestrator."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import traceback
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Collection, Generator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -88,6 +88,33 @@ class _Retrying(CompletableTask[Any]):
         timer._on_done(lambda _: self.schedule(self))
 
 
+class CriticalSection:
+    """Held entity locks; leaving the ``with`` block (or `release()`) unlocks them."""
+
+    def __init__(self, ctx: OrchestrationContext, request: pb.EntityLockRequestedEvent) -> None:
+        self._ctx = ctx
+        self._request = request
+        self.entity_ids = list(request.lockSet)
+        self._released = False
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        for entity_id in self.entity_ids:
+            action = self._ctx._new_action()
+            unlock = action.sendEntityMessage.entityUnlockSent
+            unlock.criticalSectionId = self._request.criticalSectionId
+            unlock.parentInstanceId.value = self._ctx.instance_id
+            unlock.targetInstanceId.value = entity_id
+
+    def __enter__(self) -> CriticalSection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class OrchestrationContext:
     """What an orchestrator may do. Everything it does goes through here, so that a replay
     does exactly the same; see the determinism rules in the README."""
@@ -102,6 +129,8 @@ class OrchestrationContext:
         self._tasks: dict[int, CompletableTask[Any]] = {}
         self._waiting: dict[str, list[CompletableTask[Any]]] = {}
         self._arrived: dict[str, list[Any]] = {}
+        self._replies: dict[str, CompletableTask[Any]] = {}
+        self._locks: dict[str, tuple[CompletableTask[CriticalSection], CriticalSection]] = {}
         self._custom_status: str | None = None
         self._completion: pb.OrchestratorAction | None = None
         self._continued: tuple[Any, bool] | None = None
@@ -176,6 +205,60 @@ class OrchestrationContext:
         action.sendEvent.name = name
         ev.set_str(action.sendEvent.data, encode(data))
 
+    def signal_entity(
+        self,
+        entity_id: str,
+        operation: str,
+        input: Any = None,
+        *,
+        signal_time: datetime | None = None,
+    ) -> None:
+        """Send an operation to an entity (`@name@key`, see `dt_trio.entity_id`) without
+        waiting for it; at `signal_time`, if given."""
+        action = self._new_action()
+        signaled = action.sendEntityMessage.entityOperationSignaled
+        signaled.requestId = self._request_id(action.id)
+        signaled.operation = operation
+        signaled.targetInstanceId.value = entity_id
+        ev.set_str(signaled.input, encode(input))
+        if signal_time is not None:
+            signaled.scheduledTime.FromDatetime(ev.utc(signal_time))
+
+    def call_entity(self, entity_id: str, operation: str, input: Any = None) -> Task[Any]:
+        """Run an operation on an entity; the task's result is what the operation returns."""
+        action = self._new_action()
+        called = action.sendEntityMessage.entityOperationCalled
+        called.requestId = self._request_id(action.id)
+        called.operation = operation
+        called.targetInstanceId.value = entity_id
+        called.parentInstanceId.value = self.instance_id
+        ev.set_str(called.input, encode(input))
+        task: CompletableTask[Any] = CompletableTask()
+        self._replies[called.requestId] = task
+        return task
+
+    def lock_entities(self, entity_ids: Collection[str]) -> Task[CriticalSection]:
+        """Lock entities for a critical section: the task completes once all are locked, with
+        a context manager that releases them (``with (yield ctx.lock_entities([...])):``).
+        While locked, only this orchestration's calls reach them. Locks are taken in one global
+        order, so critical sections never deadlock; they are released at the latest when the
+        orchestration ends."""
+        lock_set = sorted(set(entity_ids))
+        if not lock_set:
+            raise ValueError("lock_entities needs at least one entity id")
+        action = self._new_action()
+        request = action.sendEntityMessage.entityLockRequested
+        request.criticalSectionId = self._request_id(action.id)
+        request.lockSet.extend(lock_set)
+        request.parentInstanceId.value = self.instance_id
+        task: CompletableTask[CriticalSection] = CompletableTask()
+        self._locks[request.criticalSectionId] = (task, CriticalSection(self, request))
+        return task
+
+    def _request_id(self, action_id: int) -> str:
+        # Deterministic, so a replay names the same request; unique per execution.
+        return f"{self.instance_id}:{self.execution_id}:{action_id}"
+
     def set_custom_status(self, status: Any) -> None:
         """A JSON value clients can read while the orchestration runs."""
         self._custom_status = encode(status)
@@ -236,6 +319,23 @@ class OrchestrationContext:
         else:
             task.complete(result)
 
+    def _reply(
+        self, request_id: str, result: Any = None, error: BaseException | None = None
+    ) -> None:
+        task = self._replies.pop(request_id, None)
+        if task is None:
+            return  # an answer to an earlier execution's call
+        if error is not None:
+            task.fail(error)
+        else:
+            task.complete(result)
+
+    def _granted(self, section_id: str) -> None:
+        entry = self._locks.pop(section_id, None)
+        if entry is not None:
+            task, section = entry
+            task.complete(section)
+
     def _raised(self, name: str, data: Any) -> None:
         key = name.lower()
         waiting = self._waiting.get(key)
@@ -243,6 +343,11 @@ class OrchestrationContext:
             waiting.pop(0).complete(data)
         else:
             self._arrived.setdefault(key, []).append(data)
+
+
+_ENTITY_MESSAGES = frozenset(
+    {"entityOperationSignaled", "entityOperationCalled", "entityLockRequested", "entityUnlockSent"}
+)
 
 
 def _event_name(event: pb.HistoryEvent) -> str:
@@ -314,6 +419,16 @@ class _Run:
             ctx._resolve(failed_sub.taskScheduledId, error=failed(failed_sub.failureDetails))
         elif kind == "eventSent":
             ctx._confirm(event, "sendEvent", f"an event sent to '{event.eventSent.instanceId}'")
+        elif kind in _ENTITY_MESSAGES:
+            ctx._confirm(event, "sendEntityMessage", f"an entity message ({kind})")
+        elif kind == "entityOperationCompleted":
+            done_op = event.entityOperationCompleted
+            ctx._reply(done_op.requestId, decode(ev.opt_str(done_op, "output")))
+        elif kind == "entityOperationFailed":
+            failed_op = event.entityOperationFailed
+            ctx._reply(failed_op.requestId, error=failed(failed_op.failureDetails))
+        elif kind == "entityLockGranted":
+            ctx._granted(event.entityLockGranted.criticalSectionId)
         elif kind == "eventRaised":
             ctx._raised(event.eventRaised.name, decode(ev.opt_str(event.eventRaised, "input")))
         elif kind == "executionSuspended":
