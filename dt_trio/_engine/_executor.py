@@ -112,6 +112,8 @@ class _Worker:
             ENTITY: request.maxConcurrentEntityWorkItems or math.inf,
         }
         self.in_flight: collections.Counter[str] = collections.Counter()
+        # Items sent on this stream and not finished yet: abandoned if the stream ends.
+        self.held: dict[str, Pending] = {}
         self.send, self.receive = trio.open_memory_channel[Pending](math.inf)
 
     def accepts(self, route: Route) -> bool:
@@ -173,6 +175,7 @@ class RemoteExecutor:
         """Forget the item, free its worker's slot and release the rpc that completed it."""
         if self._pending.pop(pending.token, None) is not None and pending.worker is not None:
             pending.worker.in_flight[pending.route.kind] -= 1
+            pending.worker.held.pop(pending.token, None)
             self._dispatch()
         pending.ack(error)
 
@@ -181,15 +184,21 @@ class RemoteExecutor:
         if not self._workers or not self._queue:
             return
         waiting: collections.deque[Pending] = collections.deque()
+        full: set[str] = set()  # kinds no worker has room for: their items just wait
         while self._queue:
             pending = self._queue.popleft()
             if pending.answered.is_set():
                 continue  # withdrawn while queued
-            candidates = [
-                w
-                for w in self._workers
-                if w.has_room(pending.route.kind) and w.accepts(pending.route)
-            ]
+            kind = pending.route.kind
+            if kind in full:
+                waiting.append(pending)
+                continue
+            with_room = [w for w in self._workers if w.has_room(kind)]
+            if not with_room:
+                full.add(kind)
+                waiting.append(pending)
+                continue
+            candidates = [w for w in with_room if w.accepts(pending.route)]
             if not candidates:
                 waiting.append(pending)
                 continue
@@ -227,7 +236,6 @@ class RemoteExecutor:
     async def stream(self, request: pb.GetWorkItemsRequest) -> AsyncIterator[pb.WorkItem]:
         """The work items of one connected worker, with health pings while idle."""
         worker = _Worker(next(self._numbers), request)
-        held: dict[str, Pending] = {}
         self._workers.append(worker)
         log.info("worker stream %d connected (%s)", worker.number, worker.name)
         self._dispatch()
@@ -241,9 +249,7 @@ class RemoteExecutor:
                     continue
                 if pending.answered.is_set():
                     continue  # withdrawn while on its way
-                held[pending.token] = pending
-                for token in [t for t, p in held.items() if p.answered.is_set()]:
-                    del held[token]
+                worker.held[pending.token] = pending
                 yield pending.work_item
         finally:
             self._workers.remove(worker)
@@ -258,7 +264,7 @@ class RemoteExecutor:
                 worker.in_flight[pending.route.kind] -= 1
                 pending.worker = None
                 self._queue.appendleft(pending)
-            abandoned = [p for p in held.values() if not p.answered.is_set()]
+            abandoned = [p for p in worker.held.values() if not p.answered.is_set()]
             for pending in abandoned:
                 pending.abandon(0.0)
             log.info(
