@@ -37,6 +37,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import hpack
 import trio
 from google.protobuf.message import DecodeError
 from purerpc.grpclib.status import StatusCode
@@ -69,6 +70,14 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             if frame.stream_id:
                 return [], []
             raise
+
+
+class _PlainEncoder(hpack.Encoder):  # type: ignore[misc]
+    """HPACK without Huffman coding: our header values are short and mostly indexed after the
+    first response, and pure-Python Huffman coding is the costliest part of encoding them."""
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=False)  # type: ignore[no-any-return]
 
 
 class RpcError(Exception):
@@ -142,8 +151,17 @@ class _Connection:
         self._methods = methods
         self._status_for = status_for
         self._max_message_bytes = max_message_bytes
-        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding="utf-8",
+            # What we send is a handful of fixed, well-formed gRPC headers: checking and
+            # rewriting them on every message costs more than a step's store work. What we
+            # receive is still checked.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self._h2 = _H2Connection(config=config)
+        self._h2.encoder = _PlainEncoder()
         self._streams: dict[int, _Stream] = {}
         self._window_changed = trio.Event()
         # Writes: the bytes h2 queues go out through one writer task (see `_flush`).
