@@ -193,11 +193,11 @@ class _Connection:
                 events = self._h2.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
                 log.info("closing a connection after an HTTP/2 protocol error: %s", exc)
-                await self._flush()
+                await self._flush(wait=True)  # the GOAWAY, before the connection closes
                 return
             for event in events:
                 if not self._on_event(event, nursery):
-                    await self._flush()
+                    await self._flush(wait=True)
                     return
             await self._flush()
 
@@ -236,18 +236,20 @@ class _Connection:
         self._window_changed.set()
         self._window_changed = trio.Event()
 
-    async def _flush(self) -> None:
-        """Have everything h2 has queued so far written, and wait until it is.
+    async def _flush(self, wait: bool = False) -> None:
+        """Have everything h2 has queued so far written; with `wait`, until it is.
 
         Only the writer task touches the socket. Once bytes leave h2 (header blocks that
         changed the HPACK state, frames of other streams) they must reach the peer whole, so a
         stream whose deadline or reset cancels it mid-write must not own the write: cancelling
-        this wait is harmless, the writer carries on.
+        this wait is harmless, the writer carries on. Not waiting lets the frames of every
+        stream that answers in the same turn of the event loop go out in one send; h2's flow
+        control windows bound what can pile up.
         """
         self._requested += 1
         wanted = self._requested
         self._write_wanted.set()
-        while self._written < wanted:
+        while wait and self._written < wanted:
             await self._write_done.wait()
 
     async def _writer(self) -> None:
