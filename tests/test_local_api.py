@@ -490,3 +490,43 @@ async def test_entities_signal_entities_and_start_orchestrations(client: dt_trio
         started = await client.wait_for_completion("from-an-entity")
     assert entity.state == 7
     assert started.output == ["Hello, Tokyo!", "Hello, Seattle!", "Hello, London!"]
+
+
+async def test_closing_the_hub_cancels_async_activities_and_a_new_hub_runs_them_again(
+    tmp_path: pathlib.Path,
+) -> None:
+    db = str(tmp_path / "cancel.sqlite3")
+    entered = trio.Event()
+    cancelled: list[bool] = []
+    first = dt_trio.Registry()
+    second = dt_trio.Registry()
+
+    @first.activity
+    async def long_job(ctx: dt_trio.ActivityContext, _: Any) -> str:
+        entered.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.append(True)
+            raise
+        return "never"
+
+    @second.activity
+    async def long_job_again(ctx: dt_trio.ActivityContext, _: Any) -> str:
+        return "finished by the second hub"
+
+    def waits(ctx: dt_trio.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity("long_job"))
+
+    first.add_orchestrator(waits)
+    second.add_orchestrator(waits)
+    second.add_activity(long_job_again, name="long_job")
+    async with dt_trio.open_task_hub(db, registry=first) as c:
+        await c.schedule(waits, instance_id="job")
+        with trio.fail_after(10):
+            await entered.wait()
+    assert cancelled == [True]  # cancelled with the hub's nursery, not left running
+    async with dt_trio.open_task_hub(db, registry=second) as c:
+        with trio.fail_after(10):
+            state = await c.wait_for_completion("job")
+    assert state.output == "finished by the second hub"

@@ -1,4 +1,4 @@
-"""Store faults: a full disk and a database locked by another program.
+"""Store faults: a full disk, a database locked by another program, a read-only store.
 
 While the store cannot write, callers get UNAVAILABLE with the reason, the sidecar logs the
 fault once and keeps serving reads; when the fault clears, the work that waited goes on and
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pathlib
 import resource
+import shutil
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,4 +105,44 @@ def test_a_store_locked_by_another_program_answers_unavailable_until_released(
         assert state is not None and state.serialized_output == "4"
         assert c.get_orchestration_state("blocked") is None  # refused means not stored
     wait_until(lambda: "is writable again" in sidecar.log_text(), what="the recovery line")
+    assert integrity(sidecar.db) == "ok"
+
+
+def _immutable(paths: list[str], on: bool) -> bool:
+    """chattr +i/-i: writes fail even for root and through open files (a read-only store)."""
+    for path in paths:
+        done = subprocess.run(
+            ["chattr", "+i" if on else "-i", path], capture_output=True, check=False
+        )
+        if done.returncode != 0:
+            return False
+    return True
+
+
+def test_a_store_made_read_only_answers_unavailable_until_writable_again(
+    sidecar: Sidecar,
+) -> None:
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed: cannot make the store read-only for root")
+    sidecar.start()
+    files = [sidecar.db, f"{sidecar.db}-wal"]
+    with sdk_worker(sidecar.address, [echo]):
+        c = sdk_client(sidecar.address)
+        first = c.schedule_new_orchestration(echo, input="abc")
+        c.wait_for_orchestration_completion(first, timeout=30)
+        if not _immutable(files, True):
+            _immutable(files, False)
+            pytest.skip("this file system does not support the immutable attribute")
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                c.schedule_new_orchestration(echo, input="abcd", instance_id="refused")
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert c.get_orchestration_state(first) is not None  # reads go on
+        finally:
+            _immutable(files, False)
+        second = c.schedule_new_orchestration(echo, input="abcd")
+        state = c.wait_for_orchestration_completion(second, timeout=30)
+        assert state is not None and state.serialized_output == "4"
+        assert c.get_orchestration_state("refused") is None
+    assert "callers get UNAVAILABLE until it clears" in sidecar.log_text()
     assert integrity(sidecar.db) == "ok"
