@@ -231,6 +231,95 @@ async def local_workloads(quick: bool) -> dict[str, dict[str, float]]:
     return {f"hello cities (n={n_hello})": hello, f"fan-out/fan-in (n={n_fan})": fan}
 
 
+@local.orchestrator
+def local_echo(ctx: dt_trio.OrchestrationContext, n: int) -> Any:
+    return n
+
+
+async def fill_store(db: str, count: int) -> None:
+    """`count` completed instances, written through the engine itself (local API)."""
+    async with dt_trio.open_task_hub(db, registry=local) as c:
+
+        async def start(n: int, ids: list[str]) -> None:
+            ids.append(await c.schedule(local_echo, n, instance_id=f"scale-{n:07d}"))
+
+        for first in range(0, count, 1000):
+            ids: list[str] = []
+            async with trio.open_nursery() as nursery:
+                for n in range(first, min(count, first + 1000)):
+                    nursery.start_soon(start, n, ids)
+            for instance_id in ids:
+                await c.wait_for_completion(instance_id)
+
+
+def rss_mb(pid: int) -> dict[str, float]:
+    fields = dict(
+        line.split(":", 1)
+        for line in open(f"/proc/{pid}/status").read().splitlines()
+        if ":" in line
+    )
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def scale_run(count: int) -> dict[str, float]:
+    """QueryInstances and GetInstance on a store of `count` completed instances, and what the
+    sidecar's memory and the file weigh; the sidecar's memory on an empty store for contrast."""
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        db = os.path.join(tmp, "scale.sqlite3")
+        started = time.perf_counter()
+        trio.run(fill_store, db, count)
+        results["fill_s"] = time.perf_counter() - started
+        results["file_mb"] = sum(
+            os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp) if "scale" in f
+        ) / (1 << 20)
+        for label, path in (("empty", os.path.join(tmp, "empty.sqlite3")), ("full", db)):
+            port = free_port()
+            cmd = [sys.executable, "-m", "dt_trio", "--port", str(port), "--db", path]
+            proc = subprocess.Popen(
+                [*cmd, "--log-level", "WARNING"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                wait_listening(port, proc)
+                c = client.TaskHubGrpcClient(host_address=f"127.0.0.1:{port}")
+                if label == "full":
+                    pages, gets = [], []
+                    for _ in range(50):
+                        t = time.perf_counter()
+                        first_page(c)
+                        pages.append((time.perf_counter() - t) * 1000)
+                    for n in range(0, count, max(1, count // 200)):
+                        t = time.perf_counter()
+                        state = c.get_orchestration_state(f"scale-{n:07d}")
+                        gets.append((time.perf_counter() - t) * 1000)
+                        assert state is not None
+                    results["query_first_page_p50_ms"] = percentile(pages, 50)
+                    results["get_instance_p50_ms"] = percentile(gets, 50)
+                memory = rss_mb(proc.pid)
+                results[f"sidecar_rss_{label}_mb"] = memory["VmRSS"]
+                results[f"sidecar_peak_rss_{label}_mb"] = memory["VmHWM"]
+                c.close()
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    return results
+
+
+def first_page(c: client.TaskHubGrpcClient) -> None:
+    """One QueryInstances page of 100 (the SDK's query helper would fetch every page)."""
+    from durabletask.internal import orchestrator_service_pb2 as pb
+
+    request = pb.QueryInstancesRequest(
+        query=pb.InstanceQuery(
+            runtimeStatus=[pb.ORCHESTRATION_STATUS_COMPLETED], maxInstanceCount=100
+        )
+    )
+    response = c._stub.QueryInstances(request)  # the raw rpc: exactly one page
+    assert len(response.orchestrationState) == 100
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -258,6 +347,11 @@ def main() -> int:
     for workload, metrics in local_results.items():
         for metric, value in metrics.items():
             print(f"{workload:<24} {metric:<22} {value:>10.1f}")
+    count = 5_000 if args.quick else 100_000
+    scale = scale_run(count)
+    print(f"\nscale run: {count:,} completed instances in the store")
+    for metric, value in scale.items():
+        print(f"{metric:<30} {value:>10.1f}")
     report = {
         "machine": {
             "cores": os.cpu_count(),
@@ -267,6 +361,7 @@ def main() -> int:
         "quick": args.quick,
         "results": measured,
         "local": local_results,
+        "scale": {"instances": count, **scale},
     }
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
