@@ -126,3 +126,14 @@ async def test_an_activity_nobody_answers_fails_its_task_after_the_attempt_cap()
         assert handed_out == 3
     finally:
         await store.close()
+
+
+def test_work_given_back_again_and_again_waits_longer_each_time() -> None:
+    import itertools
+
+    from dt_trio._engine._processors import _backoff
+
+    delays = [_backoff(attempt) for attempt in range(1, 12)]
+    assert delays[0] == 0.0  # the first redelivery is immediate: a dead worker holds nothing
+    assert all(a < b for a, b in itertools.pairwise(delays))
+    assert delays[-1] == 30.0  # capped

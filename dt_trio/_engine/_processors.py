@@ -45,6 +45,15 @@ FAILED_STEP_RETRY_SECONDS = 5.0
 STORE_RETRY_SECONDS = 1.0
 
 
+def _backoff(attempt: int) -> float:
+    """How long work given back for the `attempt`-th time waits before it is handed out again.
+
+    Nothing the first time (a worker that dies takes nothing with it: another one gets the item
+    at once); then 0.1 s, doubling, at most 30 s, until the attempt cap turns it into a failure.
+    """
+    return 0.0 if attempt <= 1 else min(0.1 * 2 ** (attempt - 2), 30.0)
+
+
 def _log_failure(processor: str, what: str, exc: Exception) -> None:
     if isinstance(exc, StoreUnavailable):
         # the store logged the fault itself; no traceback for each item it hits
@@ -230,12 +239,13 @@ class OrchestrationProcessor(_Processor):
                 Route(ORCHESTRATION, state.name, state.version),
             )
         except WorkAbandoned as abandoned:
+            delay = max(abandoned.delay, _backoff(item.attempt))
             await self._release(
                 self._store.postpone,
                 self._owner,
                 state.instance_id,
                 plan.consumed,
-                _now() + timedelta(seconds=abandoned.delay),
+                _now() + timedelta(seconds=delay),
                 failed=True,
             )
             return
@@ -344,7 +354,8 @@ class ActivityProcessor(_Processor):
                 Route(ACTIVITY, scheduled.name, ev.opt_str(scheduled, "version")),
             )
         except WorkAbandoned as abandoned:
-            await self._release(self._store.abandon_activity, self._owner, item, abandoned.delay)
+            delay = max(abandoned.delay, _backoff(item.dequeue_count))
+            await self._release(self._store.abandon_activity, self._owner, item, delay)
             return
         except BaseException:
             await self._release(self._store.abandon_activity, self._owner, item, 0.0)
@@ -442,7 +453,7 @@ class EntityProcessor(_Processor):
                 Route(ENTITY, core.entity_name(entity_id)),
             )
         except WorkAbandoned as abandoned:
-            later = _now() + timedelta(seconds=abandoned.delay)
+            later = _now() + timedelta(seconds=max(abandoned.delay, _backoff(item.attempt)))
             await self._release(
                 self._store.postpone_entity, self._owner, entity_id, ids, later, failed=True
             )
