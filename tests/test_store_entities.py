@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from dt_trio import _core as core
-from dt_trio._core import EntityStepResult, InstanceState, OutboundMessage, Status
+from dt_trio._core import EntityStepResult, InstanceState, OutboundMessage, Status, StepResult
+from dt_trio._core import _events as ev
 from dt_trio._errors import LockLost
 from dt_trio._store import EntityFilter, EntityWorkItem, SqliteBackend
 
@@ -162,3 +163,32 @@ async def test_query_entities_pages_by_id(store: SqliteBackend) -> None:
     assert [e.instance_id for e in page] == ["@counter@q0", "@counter@q1", "@counter@q2"]
     rest, end = await store.query_entities(EntityFilter(id_prefix="@counter@q"), 3, after)
     assert [e.instance_id for e in rest] == ["@counter@q3"] and end is None
+
+
+async def test_cleaning_releases_a_lock_the_owners_current_execution_does_not_hold(
+    store: SqliteBackend,
+) -> None:
+    t = now()
+    owner = InstanceState("orch1", "o", "x2", Status.RUNNING, t, t)
+    started = ev.execution_started(t, name="o", instance_id="orch1", execution_id="x2", input=None)
+    await store.create_instance(owner, started, t)
+    [step] = await store.lease_orchestrations("me", now(), 1)
+    held = ev.new_event(t, 0)
+    held.entityLockRequested.criticalSectionId = "cs-now"
+    held.entityLockRequested.lockSet.append("@counter@held")
+    await store.commit_step(
+        "me",
+        StepResult(
+            state=step.state, consumed=(step.inbox[0].id,), history=[step.inbox[0].event, held]
+        ),
+    )
+    for entity_id, section in (("@counter@held", "cs-now"), ("@counter@stale", "cs-old")):
+        await store.signal_entity(entity_id, core.signal_event(t, entity_id, "x", None, "r"), t)
+        [item] = await store.lease_entities("me", now(), 10)
+        locked = dataclasses.replace(item.entity, locked_by=section, lock_owner="orch1")
+        await store.commit_entity("me", EntityStepResult(locked, (), (item.inbox[0].id,)))
+    # cs-old was requested by an earlier execution (before a continue-as-new): orphaned
+    assert await store.clean_entity_storage(False, True) == (0, 1)
+    stale, kept = await store.get_entity("@counter@stale"), await store.get_entity("@counter@held")
+    assert stale is not None and stale.locked_by is None
+    assert kept is not None and kept.locked_by == "cs-now"

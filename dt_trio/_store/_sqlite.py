@@ -34,6 +34,7 @@ from dt_trio._core import (
     OutboundMessage,
     Status,
     StepResult,
+    held_locks,
     is_entity_id,
 )
 from dt_trio._errors import (
@@ -70,7 +71,6 @@ _INSTANCE_COLUMNS = (
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_TERMINAL_MARKS = ",".join("?" * len(_TERMINAL))
 _ENTITY_COLUMNS = (
     "instance_id, state, last_modified_at, locked_by, lock_owner, "
     "(SELECT COUNT(*) FROM entity_inbox m WHERE m.instance_id = e.instance_id) AS backlog"
@@ -636,16 +636,19 @@ class SqliteBackend:
         def write(conn: sqlite3.Connection) -> tuple[int, int]:
             released = 0
             if release_orphaned_locks:
-                orphans = [
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT e.instance_id FROM entities e "
-                        "LEFT JOIN instances i ON i.instance_id = e.lock_owner "
-                        "WHERE e.locked_by IS NOT NULL AND e.leased_by IS NULL "
-                        f"AND (i.instance_id IS NULL OR i.status IN ({_TERMINAL_MARKS}))",
-                        _TERMINAL,
-                    )
-                ]
+                # A lock is orphaned when its orchestration is gone or finished, or when the
+                # orchestration's current execution does not hold it (it continued as new
+                # while the lock request was still on its way, say).
+                orphans = []
+                for entity_id, section, owner, status in conn.execute(
+                    "SELECT e.instance_id, e.locked_by, e.lock_owner, i.status FROM entities e "
+                    "LEFT JOIN instances i ON i.instance_id = e.lock_owner "
+                    "WHERE e.locked_by IS NOT NULL AND e.leased_by IS NULL"
+                ).fetchall():
+                    if status is None or status in _TERMINAL:
+                        orphans.append(entity_id)
+                    elif (section, entity_id) not in held_locks(_history(conn, owner)):
+                        orphans.append(entity_id)
                 for entity_id in orphans:
                     conn.execute(
                         "UPDATE entities SET locked_by = NULL, lock_owner = NULL "
