@@ -12,7 +12,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -74,21 +74,66 @@ def _new_id() -> str:
 LEASE_BATCH = 64
 
 
-class _Processor:
-    """What the three processors share: the lease loop, and releases that outlast a store
-    outage.
+class _Processor(Generic[W]):
+    """What the three processors share: the lease loop, one task per leased item, and
+    releases that outlast a store outage.
 
     A lease released while the store cannot write (disk full, locked by another program) is
     not lost: the release is kept and retried before the next lease, so the item becomes
     visible again once the fault clears instead of staying leased until a restart.
+
+    A processor says how it leases (`_lease`, `_next_time`, `_wakeup`), how it runs one item
+    (`_step`) and how it gives an item back after an unexpected failure (`_give_back`).
     """
 
     name = "processor"
 
-    def __init__(self, store: Backend, max_in_flight: int) -> None:
+    def __init__(
+        self, store: Backend, executor: Executor, signals: Signals, owner: str, max_in_flight: int
+    ) -> None:
         self._store = store
+        self._executor = executor
+        self._signals = signals
+        self._owner = owner
         self._slots = trio.Semaphore(max_in_flight)
         self._stranded: list[Callable[[], Awaitable[None]]] = []
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        log.info("%s: waiting for new work items...", self.name)
+        task_status.started()
+        await self._serve_leases(self._wakeup(), self._lease, self._next_time, self._process)
+
+    def _wakeup(self) -> Wakeup:
+        raise NotImplementedError
+
+    async def _lease(self, limit: int) -> Sequence[W]:
+        raise NotImplementedError
+
+    async def _next_time(self) -> datetime | None:
+        raise NotImplementedError
+
+    async def _step(self, item: W) -> None:
+        raise NotImplementedError
+
+    async def _give_back(self, item: W, delay: float) -> None:
+        raise NotImplementedError
+
+    def _describe(self, item: W) -> str:
+        """The item, for a log line (ids only: payloads are never logged)."""
+        raise NotImplementedError
+
+    async def _process(self, item: W) -> None:
+        try:
+            await self._step(item)
+        except LockLost as exc:
+            # e.g. the instance was purged while its leftover events were being dropped
+            log.info("%s: %s; the item is dropped", self.name, exc)
+        except Exception as exc:
+            # One work item's failure must not stop the hub: log it and retry the item later.
+            _log_failure(self.name, self._describe(item), exc)
+            await self._give_back(item, FAILED_STEP_RETRY_SECONDS)
+        finally:
+            self._slots.release()
 
     async def _release(self, fn: Callable[..., Awaitable[None]], *args: Any, **kw: Any) -> None:
         """Give a lease back (shielded from cancellation); kept for later if the store fails."""
@@ -165,7 +210,7 @@ async def _sleep_until_work(wakeup: Wakeup, next_time: datetime | None) -> None:
         await wakeup.wait()
 
 
-class OrchestrationProcessor(_Processor):
+class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
     """Runs orchestration steps: plan, execute on a worker, apply, commit."""
 
     name = "orchestration-processor"
@@ -178,43 +223,29 @@ class OrchestrationProcessor(_Processor):
         owner: str,
         max_in_flight: int = 256,
     ) -> None:
-        super().__init__(store, max_in_flight)
-        self._executor = executor
-        self._signals = signals
-        self._owner = owner
+        super().__init__(store, executor, signals, owner, max_in_flight)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        wakeup = self._signals.orchestration_work
-        log.info("%s: waiting for new work items...", self.name)
-        task_status.started()
-        await self._serve_leases(
-            wakeup,
-            lambda limit: self._store.lease_orchestrations(self._owner, _now(), limit),
-            self._store.next_visible_time,
-            self._process,
+    def _wakeup(self) -> Wakeup:
+        return self._signals.orchestration_work
+
+    async def _lease(self, limit: int) -> Sequence[OrchestrationWorkItem]:
+        return await self._store.lease_orchestrations(self._owner, _now(), limit)
+
+    async def _next_time(self) -> datetime | None:
+        return await self._store.next_visible_time()
+
+    def _describe(self, item: OrchestrationWorkItem) -> str:
+        return f"a step of {item.state.instance_id}"
+
+    async def _give_back(self, item: OrchestrationWorkItem, delay: float) -> None:
+        await self._release(
+            self._store.postpone,
+            self._owner,
+            item.state.instance_id,
+            [m.id for m in item.inbox],
+            _now() + timedelta(seconds=delay),
+            failed=True,
         )
-
-    async def _process(self, item: OrchestrationWorkItem) -> None:
-        instance_id = item.state.instance_id
-        try:
-            await self._step(item)
-        except LockLost as exc:
-            # e.g. the instance was purged while its leftover events were being dropped
-            log.info("%s: %s; the step is dropped", self.name, exc)
-        except Exception as exc:
-            # One work item's failure must not stop the hub: log it and retry the step later.
-            _log_failure(self.name, f"a step of {instance_id}", exc)
-            later = _now() + timedelta(seconds=FAILED_STEP_RETRY_SECONDS)
-            await self._release(
-                self._store.postpone,
-                self._owner,
-                instance_id,
-                [m.id for m in item.inbox],
-                later,
-                failed=True,
-            )
-        finally:
-            self._slots.release()
 
     async def _step(self, item: OrchestrationWorkItem) -> None:
         state = item.state
@@ -279,7 +310,7 @@ class OrchestrationProcessor(_Processor):
             log.info("%s: '%s' %s", state.instance_id, state.name, result.state.status.label)
 
 
-class ActivityProcessor(_Processor):
+class ActivityProcessor(_Processor[ActivityWorkItem]):
     """Runs activities on workers and delivers their results to the orchestrations."""
 
     name = "activity-processor"
@@ -293,35 +324,25 @@ class ActivityProcessor(_Processor):
         max_in_flight: int = 1024,
         max_attempts: int = MAX_ACTIVITY_ATTEMPTS,
     ) -> None:
-        super().__init__(store, max_in_flight)
-        self._executor = executor
-        self._signals = signals
-        self._owner = owner
+        super().__init__(store, executor, signals, owner, max_in_flight)
         self._max_attempts = max_attempts
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        wakeup = self._signals.activity_work
-        log.info("%s: waiting for new work items...", self.name)
-        task_status.started()
-        await self._serve_leases(
-            wakeup,
-            lambda limit: self._store.lease_activities(self._owner, _now(), limit),
-            self._store.next_activity_time,
-            self._process,
-        )
+    def _wakeup(self) -> Wakeup:
+        return self._signals.activity_work
 
-    async def _process(self, item: ActivityWorkItem) -> None:
-        try:
-            await self._run(item)
-        except Exception as exc:
-            _log_failure(self.name, f"activity {item.id} of {item.instance_id}", exc)
-            await self._release(
-                self._store.abandon_activity, self._owner, item, FAILED_STEP_RETRY_SECONDS
-            )
-        finally:
-            self._slots.release()
+    async def _lease(self, limit: int) -> Sequence[ActivityWorkItem]:
+        return await self._store.lease_activities(self._owner, _now(), limit)
 
-    async def _run(self, item: ActivityWorkItem) -> None:
+    async def _next_time(self) -> datetime | None:
+        return await self._store.next_activity_time()
+
+    def _describe(self, item: ActivityWorkItem) -> str:
+        return f"activity {item.scheduled.eventId} of {item.instance_id}"
+
+    async def _give_back(self, item: ActivityWorkItem, delay: float) -> None:
+        await self._release(self._store.abandon_activity, self._owner, item, delay)
+
+    async def _step(self, item: ActivityWorkItem) -> None:
         scheduled = item.scheduled.taskScheduled
         if item.dequeue_count > self._max_attempts:
             # Handed out again and again without an answer: its worker crashes on it or gives
@@ -381,7 +402,7 @@ class ActivityProcessor(_Processor):
             self._executor.finish(pending, error)
 
 
-class EntityProcessor(_Processor):
+class EntityProcessor(_Processor[EntityWorkItem]):
     """Runs entity batches: settle locks, run the operations on a worker, commit the result."""
 
     name = "entity-processor"
@@ -394,40 +415,29 @@ class EntityProcessor(_Processor):
         owner: str,
         max_in_flight: int = 256,
     ) -> None:
-        super().__init__(store, max_in_flight)
-        self._executor = executor
-        self._signals = signals
-        self._owner = owner
+        super().__init__(store, executor, signals, owner, max_in_flight)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        log.info("%s: waiting for new work items...", self.name)
-        task_status.started()
-        await self._serve_leases(
-            self._signals.entity_work,
-            lambda limit: self._store.lease_entities(self._owner, _now(), limit),
-            self._store.next_entity_time,
-            self._process,
+    def _wakeup(self) -> Wakeup:
+        return self._signals.entity_work
+
+    async def _lease(self, limit: int) -> Sequence[EntityWorkItem]:
+        return await self._store.lease_entities(self._owner, _now(), limit)
+
+    async def _next_time(self) -> datetime | None:
+        return await self._store.next_entity_time()
+
+    def _describe(self, item: EntityWorkItem) -> str:
+        return f"a batch of {item.entity.instance_id}"
+
+    async def _give_back(self, item: EntityWorkItem, delay: float) -> None:
+        await self._release(
+            self._store.postpone_entity,
+            self._owner,
+            item.entity.instance_id,
+            [m.id for m in item.inbox],
+            _now() + timedelta(seconds=delay),
+            failed=True,
         )
-
-    async def _process(self, item: EntityWorkItem) -> None:
-        entity_id = item.entity.instance_id
-        try:
-            await self._step(item)
-        except LockLost as exc:
-            log.info("%s: %s; the step is dropped", self.name, exc)
-        except Exception as exc:
-            _log_failure(self.name, f"a step of {entity_id}", exc)
-            later = _now() + timedelta(seconds=FAILED_STEP_RETRY_SECONDS)
-            await self._release(
-                self._store.postpone_entity,
-                self._owner,
-                entity_id,
-                [m.id for m in item.inbox],
-                later,
-                failed=True,
-            )
-        finally:
-            self._slots.release()
 
     async def _step(self, item: EntityWorkItem) -> None:
         entity_id = item.entity.instance_id
