@@ -89,7 +89,12 @@ class _Processor(Generic[W]):
     name = "processor"
 
     def __init__(
-        self, store: Backend, executor: Executor, signals: Signals, owner: str, max_in_flight: int
+        self,
+        store: Backend,
+        executor: Executor,
+        signals: Signals,
+        owner: str,
+        max_in_flight: int = 256,
     ) -> None:
         self._store = store
         self._executor = executor
@@ -214,16 +219,6 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
     """Runs orchestration steps: plan, execute on a worker, apply, commit."""
 
     name = "orchestration-processor"
-
-    def __init__(
-        self,
-        store: Backend,
-        executor: Executor,
-        signals: Signals,
-        owner: str,
-        max_in_flight: int = 256,
-    ) -> None:
-        super().__init__(store, executor, signals, owner, max_in_flight)
 
     def _wakeup(self) -> Wakeup:
         return self._signals.orchestration_work
@@ -406,16 +401,6 @@ class EntityProcessor(_Processor[EntityWorkItem]):
     """Runs entity batches: settle locks, run the operations on a worker, commit the result."""
 
     name = "entity-processor"
-
-    def __init__(
-        self,
-        store: Backend,
-        executor: Executor,
-        signals: Signals,
-        owner: str,
-        max_in_flight: int = 256,
-    ) -> None:
-        super().__init__(store, executor, signals, owner, max_in_flight)
 
     def _wakeup(self) -> Wakeup:
         return self._signals.entity_work
