@@ -37,6 +37,7 @@ from dt_trio._engine import (
     RemoteExecutor,
     RoutingExecutor,
     Signals,
+    link,
 )
 from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
@@ -148,6 +149,9 @@ async def _start_processors(
     local = LocalExecutor(registry) if registry is not None else None
     executor = RoutingExecutor(local, remote)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    await nursery.start(OrchestrationProcessor(store, executor, signals, owner).run)
-    await nursery.start(ActivityProcessor(store, executor, signals, owner).run)
+    orchestrations = OrchestrationProcessor(store, executor, signals, owner)
+    activities = ActivityProcessor(store, executor, signals, owner)
+    link(orchestrations, activities)
+    await nursery.start(orchestrations.run)
+    await nursery.start(activities.run)
     await nursery.start(EntityProcessor(store, executor, signals, owner).run)

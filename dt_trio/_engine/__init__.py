@@ -9,7 +9,12 @@ from dt_trio._engine._executor import (
     RoutingExecutor,
     WorkAbandoned,
 )
-from dt_trio._engine._processors import ActivityProcessor, EntityProcessor, OrchestrationProcessor
+from dt_trio._engine._processors import (
+    ActivityProcessor,
+    EntityProcessor,
+    OrchestrationProcessor,
+    link,
+)
 from dt_trio._engine._signals import Signals
 
 __all__ = [
@@ -24,4 +29,5 @@ __all__ = [
     "RoutingExecutor",
     "Signals",
     "WorkAbandoned",
+    "link",
 ]

@@ -102,6 +102,37 @@ class _Processor(Generic[W]):
         self._owner = owner
         self._slots = trio.Semaphore(max_in_flight)
         self._stranded: list[Callable[[], Awaitable[None]]] = []
+        self._nursery: trio.Nursery | None = None
+
+    # -- hand-over: work leased for this processor in another processor's commit -------------
+
+    def reserve(self, count: int) -> int:
+        """Take up to `count` free slots now, without waiting; 0 while not running. Slots the
+        lease loop is waiting for are never taken, so work waiting in the store goes first."""
+        if self._nursery is None or self._slots.statistics().tasks_waiting:
+            return 0
+        taken = 0
+        while taken < count:
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                break
+            taken += 1
+        return taken
+
+    def unreserve(self, count: int) -> None:
+        for _ in range(count):
+            self._slots.release()
+
+    def accept(self, items: Sequence[W]) -> None:
+        """Run items leased to this process by another commit, each on a reserved slot. If
+        the processor has stopped meanwhile (the hub is shutting down), the items stay leased
+        until the store is opened next, which releases every lease."""
+        if self._nursery is None:
+            self.unreserve(len(items))
+            return
+        for item in items:
+            self._nursery.start_soon(self._process, item)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         log.info("%s: waiting for new work items...", self.name)
@@ -147,6 +178,8 @@ class _Processor(Generic[W]):
                 await fn(*args, **kw)
             except StoreUnavailable:
                 self._stranded.append(functools.partial(fn, *args, **kw))
+            except LockLost:
+                pass  # the item moved on (purged, say): nothing left to give back
 
     async def _retry_stranded(self) -> bool:
         """Retry kept releases; False while the store still fails."""
@@ -171,27 +204,41 @@ class _Processor(Generic[W]):
         (which frees its slot), sleep until woken when there is nothing to do. While the store
         fails, wait and try again: the store logs the fault, callers get UNAVAILABLE."""
         async with trio.open_nursery() as nursery:
-            while True:
-                if not await self._retry_stranded():
-                    await trio.sleep(STORE_RETRY_SECONDS)
-                    continue
-                taken = await _take_slots(self._slots)
-                wakeup.clear()
+            self._nursery = nursery
+            try:
+                await self._lease_loop(nursery, wakeup, lease, next_time, process)
+            finally:
+                self._nursery = None
+
+    async def _lease_loop(
+        self,
+        nursery: trio.Nursery,
+        wakeup: Wakeup,
+        lease: Callable[[int], Awaitable[Sequence[W]]],
+        next_time: Callable[[], Awaitable[datetime | None]],
+        process: Callable[[W], Awaitable[None]],
+    ) -> None:
+        while True:
+            if not await self._retry_stranded():
+                await trio.sleep(STORE_RETRY_SECONDS)
+                continue
+            taken = await _take_slots(self._slots)
+            wakeup.clear()
+            try:
+                items = await lease(taken)
+            except StoreUnavailable:
+                items = []
+                await trio.sleep(STORE_RETRY_SECONDS)
+            for _ in range(taken - len(items)):
+                self._slots.release()
+            if not items:
                 try:
-                    items = await lease(taken)
+                    await _sleep_until_work(wakeup, await next_time())
                 except StoreUnavailable:
-                    items = []
                     await trio.sleep(STORE_RETRY_SECONDS)
-                for _ in range(taken - len(items)):
-                    self._slots.release()
-                if not items:
-                    try:
-                        await _sleep_until_work(wakeup, await next_time())
-                    except StoreUnavailable:
-                        await trio.sleep(STORE_RETRY_SECONDS)
-                    continue
-                for item in items:
-                    nursery.start_soon(process, item)
+                continue
+            for item in items:
+                nursery.start_soon(process, item)
 
 
 async def _take_slots(slots: trio.Semaphore) -> int:
@@ -219,6 +266,8 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
     """Runs orchestration steps: plan, execute on a worker, apply, commit."""
 
     name = "orchestration-processor"
+    # The activity processor that takes the activities a commit leases (see `link`).
+    activities: _Processor[ActivityWorkItem] | None = None
 
     def _wakeup(self) -> Wakeup:
         return self._signals.orchestration_work
@@ -287,8 +336,17 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
                     f"token belongs to instance '{state.instance_id}'"
                 )
             result = core.apply_response(state, plan, response, _now(), _new_id)
-            with trio.CancelScope(shield=True):
-                await self._store.commit_step(self._owner, result)
+            # The activities this step schedules are leased in its own commit, as many as the
+            # activity processor has room for: no second transaction, no wake-up in between.
+            helper = self.activities
+            reserved = helper.reserve(len(result.activities)) if helper is not None else 0
+            try:
+                with trio.CancelScope(shield=True):
+                    handed = await self._store.commit_step(self._owner, result, reserved)
+            except BaseException:
+                if helper is not None:
+                    helper.unreserve(reserved)
+                raise
         except BaseException as exc:
             self._executor.finish(pending, exc if isinstance(exc, Exception) else None)
             await self._release(self._store.abandon_orchestration, self._owner, state.instance_id)
@@ -301,6 +359,9 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
                 return
             raise
         self._executor.finish(pending)
+        if helper is not None:
+            helper.unreserve(reserved - len(handed))
+            helper.accept(handed)
         if result.state.status != state.status and result.state.status.is_terminal:
             log.info("%s: '%s' %s", state.instance_id, state.name, result.state.status.label)
 
@@ -309,6 +370,8 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
     """Runs activities on workers and delivers their results to the orchestrations."""
 
     name = "activity-processor"
+    # The orchestration processor that takes the steps a completion leases (see `link`).
+    orchestrations: _Processor[OrchestrationWorkItem] | None = None
 
     def __init__(
         self,
@@ -386,15 +449,36 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
                     f"{response.taskId}, but its token belongs to instance "
                     f"'{item.instance_id}' task {request.taskId}"
                 )
-            with trio.CancelScope(shield=True):
-                await self._store.complete_activity(
-                    self._owner, item, core.activity_result(response, _now())
-                )
+            # The orchestration, if idle, is leased in the same commit that delivers the
+            # result, and its step starts at once.
+            helper = self.orchestrations
+            reserved = helper.reserve(1) if helper is not None else 0
+            try:
+                with trio.CancelScope(shield=True):
+                    work = await self._store.complete_activity(
+                        self._owner,
+                        item,
+                        core.activity_result(response, _now()),
+                        lease_orchestration=reserved == 1,
+                    )
+            except BaseException:
+                if helper is not None:
+                    helper.unreserve(reserved)
+                raise
+            if helper is not None:
+                helper.unreserve(reserved - (work is not None))
+                helper.accept([work] if work is not None else [])
         except Exception as exc:
             error = exc
             await self._release(self._store.abandon_activity, self._owner, item, 0.0)
         finally:
             self._executor.finish(pending, error)
+
+
+def link(orchestrations: OrchestrationProcessor, activities: ActivityProcessor) -> None:
+    """Let each processor hand work it leases in its own commits to the other."""
+    orchestrations.activities = activities
+    activities.orchestrations = orchestrations
 
 
 class EntityProcessor(_Processor[EntityWorkItem]):

@@ -163,9 +163,13 @@ class Backend(Protocol):
     async def next_visible_time(self) -> datetime | None:
         """The earliest time a not-yet-visible message of an unleased instance becomes visible."""
 
-    async def commit_step(self, owner: str, result: StepResult) -> None:
+    async def commit_step(
+        self, owner: str, result: StepResult, lease_activities: int = 0
+    ) -> list[ActivityWorkItem]:
         """Commit one orchestration step atomically and release the lease (`LockLost` if the
-        lease is not `owner`'s)."""
+        lease is not `owner`'s). In the same transaction, lease up to `lease_activities` of the
+        activities it scheduled to `owner` and return them (a hand-over: no lease of their
+        own)."""
 
     async def commit_forced(self, result: StepResult, expected_update: datetime) -> bool:
         """Commit `result` over whatever the instance is doing, if the instance was not updated
@@ -198,11 +202,17 @@ class Backend(Protocol):
         """The earliest time an unleased activity that is not visible yet becomes visible."""
 
     async def complete_activity(
-        self, owner: str, item: ActivityWorkItem, result: pb.HistoryEvent
-    ) -> None:
+        self,
+        owner: str,
+        item: ActivityWorkItem,
+        result: pb.HistoryEvent,
+        lease_orchestration: bool = False,
+    ) -> OrchestrationWorkItem | None:
         """Delete the activity and deliver `result` to its orchestration in one transaction.
 
-        The result is dropped when the orchestration no longer runs that execution."""
+        The result is dropped when the orchestration no longer runs that execution. With
+        `lease_orchestration`, the orchestration, if nobody leases it, is leased to `owner` in
+        the same transaction and returned as a work item."""
 
     async def abandon_activity(self, owner: str, item: ActivityWorkItem, delay: float) -> None:
         """Release the activity; it becomes visible again after `delay` seconds."""

@@ -817,30 +817,7 @@ class SqliteBackend:
                 f"WHERE instance_id IN ({marks})",
                 (owner, *ids),
             )
-            rows = conn.execute(
-                f"SELECT {_INSTANCE_COLUMNS}, dequeue_count FROM instances "
-                f"WHERE instance_id IN ({marks})",
-                ids,
-            ).fetchall()
-            states = {r["instance_id"]: _row_to_state(r) for r in rows}
-            attempts = {r["instance_id"]: r["dequeue_count"] for r in rows}
-            inboxes: dict[str, list[InboxMessage]] = {i: [] for i in ids}
-            for r in conn.execute(
-                f"SELECT id, instance_id, event FROM inbox WHERE instance_id IN ({marks}) "
-                "AND visible_at <= ? ORDER BY id",
-                (*ids, now_us),
-            ):
-                inboxes[r[1]].append(InboxMessage(r[0], _event(r[2])))
-            histories: dict[str, list[pb.HistoryEvent]] = {i: [] for i in ids}
-            for r in conn.execute(
-                f"SELECT instance_id, event FROM history WHERE instance_id IN ({marks}) "
-                "ORDER BY instance_id, seq",
-                ids,
-            ):
-                histories[r[0]].append(_event(r[1]))
-            return [
-                OrchestrationWorkItem(states[i], histories[i], inboxes[i], attempts[i]) for i in ids
-            ]
+            return _load_orchestrations(conn, ids, now_us)
 
         return await self._run_write(write)
 
@@ -854,12 +831,24 @@ class SqliteBackend:
 
         return await self._run_read(read)
 
-    async def commit_step(self, owner: str, result: StepResult) -> None:
-        def write(conn: sqlite3.Connection) -> list[str]:
-            _check_lease(conn, owner, result.state.instance_id)
-            return _apply_step(conn, result)
+    async def commit_step(
+        self, owner: str, result: StepResult, lease_activities: int = 0
+    ) -> list[ActivityWorkItem]:
+        state = result.state
 
-        self._after_step(result, await self._run_write(write))
+        def write(conn: sqlite3.Connection) -> tuple[list[str], list[ActivityWorkItem]]:
+            _check_lease(conn, owner, state.instance_id)
+            changed = _apply_step(conn, result)
+            leased: list[ActivityWorkItem] = []
+            if lease_activities > 0 and result.activities:
+                leased = _lease_new_activities(
+                    conn, owner, state.instance_id, state.execution_id, lease_activities
+                )
+            return changed, leased
+
+        changed, leased = await self._run_write(write)
+        self._after_step(result, changed, handed_over=len(leased))
+        return leased
 
     async def commit_forced(self, result: StepResult, expected_update: datetime) -> bool:
         instance_id = result.state.instance_id
@@ -881,11 +870,11 @@ class SqliteBackend:
         self._after_step(result, changed)
         return True
 
-    def _after_step(self, result: StepResult, changed: list[str]) -> None:
+    def _after_step(self, result: StepResult, changed: list[str], handed_over: int = 0) -> None:
         # Even with an empty outbox: events that arrived while the instance was leased have just
         # become leasable.
         self.listener.orchestration_work_added()
-        if result.activities:
+        if len(result.activities) > handed_over:
             self.listener.activity_work_added()
         if any(is_entity_id(m.target_instance_id) for m in result.messages):
             self.listener.entity_work_added()
@@ -966,35 +955,50 @@ class SqliteBackend:
         return await self._run_read(read)
 
     async def complete_activity(
-        self, owner: str, item: ActivityWorkItem, result: pb.HistoryEvent
-    ) -> None:
+        self,
+        owner: str,
+        item: ActivityWorkItem,
+        result: pb.HistoryEvent,
+        lease_orchestration: bool = False,
+    ) -> OrchestrationWorkItem | None:
         blob = result.SerializeToString()
         delivered = False
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> OrchestrationWorkItem | None:
             nonlocal delivered
             deleted = conn.execute(
                 "DELETE FROM activities WHERE id = ? AND locked_by = ?", (item.id, owner)
             ).rowcount
             if deleted != 1:
                 raise LockLost(f"activity work item {item.id} is no longer leased by this worker")
+            now_us = _us(datetime.now(UTC))
             cursor = conn.execute(
                 "INSERT INTO inbox (instance_id, event, visible_at) "
                 "SELECT instance_id, ?, ? FROM instances WHERE instance_id = ? "
                 "AND execution_id = ?",
-                (blob, _us(datetime.now(UTC)), item.instance_id, item.execution_id),
+                (blob, now_us, item.instance_id, item.execution_id),
             )
             delivered = cursor.rowcount == 1
+            if not (delivered and lease_orchestration):
+                return None
+            leased = conn.execute(
+                "UPDATE instances SET locked_by = ?, dequeue_count = dequeue_count + 1 "
+                "WHERE instance_id = ? AND locked_by IS NULL",
+                (owner, item.instance_id),
+            ).rowcount
+            return _load_orchestrations(conn, [item.instance_id], now_us)[0] if leased else None
 
-        await self._run_write(write)
+        work = await self._run_write(write)
         if delivered:
-            self.listener.orchestration_work_added()
+            if work is None:  # not handed over: the orchestration processor leases it
+                self.listener.orchestration_work_added()
         else:
             log.warning(
                 "%s: dropped the result of activity %d: the execution that scheduled it is gone",
                 item.instance_id,
                 item.scheduled.eventId,
             )
+        return work
 
     async def abandon_activity(self, owner: str, item: ActivityWorkItem, delay: float) -> None:
         visible = datetime.now(UTC) + timedelta(seconds=delay)
@@ -1051,6 +1055,61 @@ def _history(conn: sqlite3.Connection, instance_id: str) -> list[pb.HistoryEvent
         for r in conn.execute(
             "SELECT event FROM history WHERE instance_id = ? ORDER BY seq", (instance_id,)
         )
+    ]
+
+
+def _load_orchestrations(
+    conn: sqlite3.Connection, ids: list[str], now_us: int
+) -> list[OrchestrationWorkItem]:
+    """The work items of instances just leased: row, history and visible inbox."""
+    marks = ",".join("?" * len(ids))
+    rows = conn.execute(
+        f"SELECT {_INSTANCE_COLUMNS}, dequeue_count FROM instances WHERE instance_id IN ({marks})",
+        ids,
+    ).fetchall()
+    states = {r["instance_id"]: _row_to_state(r) for r in rows}
+    attempts = {r["instance_id"]: r["dequeue_count"] for r in rows}
+    inboxes: dict[str, list[InboxMessage]] = {i: [] for i in ids}
+    for r in conn.execute(
+        f"SELECT id, instance_id, event FROM inbox WHERE instance_id IN ({marks}) "
+        "AND visible_at <= ? ORDER BY id",
+        (*ids, now_us),
+    ):
+        inboxes[r[1]].append(InboxMessage(r[0], _event(r[2])))
+    histories: dict[str, list[pb.HistoryEvent]] = {i: [] for i in ids}
+    for r in conn.execute(
+        f"SELECT instance_id, event FROM history WHERE instance_id IN ({marks}) "
+        "ORDER BY instance_id, seq",
+        ids,
+    ):
+        histories[r[0]].append(_event(r[1]))
+    return [OrchestrationWorkItem(states[i], histories[i], inboxes[i], attempts[i]) for i in ids]
+
+
+def _lease_new_activities(
+    conn: sqlite3.Connection, owner: str, instance_id: str, execution_id: str, limit: int
+) -> list[ActivityWorkItem]:
+    """Lease up to `limit` waiting activities of one execution (those a step just scheduled)."""
+    rows = conn.execute(
+        "SELECT id, instance_id, execution_id, event, dequeue_count FROM activities "
+        "WHERE instance_id = ? AND execution_id = ? AND locked_by IS NULL ORDER BY id LIMIT ?",
+        (instance_id, execution_id, limit),
+    ).fetchall()
+    if rows:
+        conn.execute(
+            "UPDATE activities SET locked_by = ?, dequeue_count = dequeue_count + 1 "
+            f"WHERE id IN ({','.join('?' * len(rows))})",
+            (owner, *(r["id"] for r in rows)),
+        )
+    return [
+        ActivityWorkItem(
+            id=r["id"],
+            instance_id=r["instance_id"],
+            execution_id=r["execution_id"],
+            scheduled=_event(r["event"]),
+            dequeue_count=r["dequeue_count"] + 1,
+        )
+        for r in rows
     ]
 
 
