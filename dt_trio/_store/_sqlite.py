@@ -678,25 +678,20 @@ class SqliteBackend:
         now_us = _us(now)
 
         def write(conn: sqlite3.Connection) -> list[EntityWorkItem]:
-            ids = list(
-                dict.fromkeys(
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT m.instance_id FROM entity_inbox m JOIN entities e "
-                        "USING (instance_id) WHERE m.deferred = 0 AND m.visible_at <= ? "
-                        "AND e.leased_by IS NULL ORDER BY m.visible_at LIMIT ?",
-                        (now_us, limit * 4),
-                    )
-                )
-            )[:limit]
+            ids = _lease_next(
+                conn,
+                "SELECT m.instance_id FROM entity_inbox m JOIN entities e "
+                "USING (instance_id) WHERE m.deferred = 0 AND m.visible_at <= ? "
+                "AND e.leased_by IS NULL ORDER BY m.visible_at LIMIT ?",
+                "UPDATE entities SET leased_by = ?, dequeue_count = dequeue_count + 1 "
+                "WHERE instance_id IN ({marks})",
+                owner,
+                now_us,
+                limit,
+            )
             if not ids:
                 return []
             marks = ",".join("?" * len(ids))
-            conn.execute(
-                "UPDATE entities SET leased_by = ?, dequeue_count = dequeue_count + 1 "
-                f"WHERE instance_id IN ({marks})",
-                (owner, *ids),
-            )
             rows = conn.execute(
                 f"SELECT {_ENTITY_COLUMNS}, dequeue_count FROM entities e "
                 f"WHERE instance_id IN ({marks})",
@@ -795,29 +790,18 @@ class SqliteBackend:
         now_us = _us(now)
 
         def write(conn: sqlite3.Connection) -> list[OrchestrationWorkItem]:
-            # Walk the visible messages in time order (index on visible_at) and take the first
-            # `limit` distinct unleased instances; a few extra rows cover instances that have
-            # several messages waiting.
-            ids = list(
-                dict.fromkeys(
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT m.instance_id FROM inbox m JOIN instances i USING (instance_id) "
-                        "WHERE m.visible_at <= ? AND i.locked_by IS NULL "
-                        "ORDER BY m.visible_at LIMIT ?",
-                        (now_us, limit * 4),
-                    )
-                )
-            )[:limit]
-            if not ids:
-                return []
-            marks = ",".join("?" * len(ids))
-            conn.execute(
+            ids = _lease_next(
+                conn,
+                "SELECT m.instance_id FROM inbox m JOIN instances i USING (instance_id) "
+                "WHERE m.visible_at <= ? AND i.locked_by IS NULL "
+                "ORDER BY m.visible_at LIMIT ?",
                 "UPDATE instances SET locked_by = ?, dequeue_count = dequeue_count + 1 "
-                f"WHERE instance_id IN ({marks})",
-                (owner, *ids),
+                "WHERE instance_id IN ({marks})",
+                owner,
+                now_us,
+                limit,
             )
-            return _load_orchestrations(conn, ids, now_us)
+            return _load_orchestrations(conn, ids, now_us) if ids else []
 
         return await self._run_write(write)
 
@@ -1056,6 +1040,20 @@ def _history(conn: sqlite3.Connection, instance_id: str) -> list[pb.HistoryEvent
             "SELECT event FROM history WHERE instance_id = ? ORDER BY seq", (instance_id,)
         )
     ]
+
+
+def _lease_next(
+    conn: sqlite3.Connection, pick: str, lease: str, owner: str, now_us: int, limit: int
+) -> list[str]:
+    """Lease the first `limit` distinct unleased owners of visible messages, in time order.
+
+    `pick` walks the visible messages by visible_at (an index) and names their owners; a few
+    extra rows cover owners with several messages waiting. `lease` marks the chosen ones
+    (its `{marks}` becomes their placeholders). Both are fixed statements of this module."""
+    ids = list(dict.fromkeys(r[0] for r in conn.execute(pick, (now_us, limit * 4))))[:limit]
+    if ids:
+        conn.execute(lease.format(marks=",".join("?" * len(ids))), (owner, *ids))
+    return ids
 
 
 def _load_orchestrations(
