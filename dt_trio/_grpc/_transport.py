@@ -1,4 +1,4 @@
-"""Our gRPC server: HTTP/2 (h2) on trio, dispatching to purerpc `Service` definitions.
+"""Our gRPC server: HTTP/2 (`_http2`) on trio, dispatching to purerpc `Service` definitions.
 
 purerpc 0.8.0 gives us the service definitions that protoc generates (`Servicer.service`:
 method names, cardinality, message types), but its `Server` is not fit to run a sidecar:
@@ -33,15 +33,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import hpack
 import trio
 from google.protobuf.message import DecodeError
 from purerpc.grpclib.status import StatusCode
 from purerpc.rpc import Cardinality
+
+from dt_trio._grpc import _http2 as http2
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +55,13 @@ _DECODERS: dict[str, Callable[[bytes], bytes]] = {
 }
 
 
-class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
-    """h2 3.x (the series purerpc pins) treats a WINDOW_UPDATE on a closed stream as a connection
-    error and tears down every stream of the connection; grpcio sends such frames routinely
-    under load. RFC 7540 section 6.9: a receiver MUST NOT treat this as an error."""
-
-    def _receive_window_update_frame(self, frame: Any) -> Any:
-        try:
-            return super()._receive_window_update_frame(frame)
-        except h2.exceptions.StreamClosedError:
-            if frame.stream_id:
-                return [], []
-            raise
-
-
-class _PlainEncoder(hpack.Encoder):  # type: ignore[misc]
-    """HPACK without Huffman coding: our header values are short and mostly indexed after the
-    first response, and pure-Python Huffman coding is the costliest part of encoding them."""
-
-    def encode(self, headers: Any, huffman: bool = False) -> bytes:
-        return super().encode(headers, huffman=False)  # type: ignore[no-any-return]
+_RESPONSE_HEADERS = [
+    (":status", "200"),
+    ("content-type", "application/grpc"),
+    ("grpc-accept-encoding", "identity,gzip,deflate"),
+]
+_RESPONSE_BLOCK = http2.encode_headers(_RESPONSE_HEADERS)
+_MESSAGE_PREFIX = struct.Struct(">?I")
 
 
 class RpcError(Exception):
@@ -108,8 +92,8 @@ class _Stream:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     reset: bool = False
     too_large: bool = False
-    # Response headers went to h2 (and so into the HPACK state): the status must follow as
-    # trailers, never as a second header block with pseudo-headers.
+    # Response headers went out: the status must follow as trailers, never as a second header
+    # block with pseudo-headers.
     headers_sent: bool = False
 
 
@@ -151,27 +135,17 @@ class _Connection:
         self._methods = methods
         self._status_for = status_for
         self._max_message_bytes = max_message_bytes
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding="utf-8",
-            # What we send is a handful of fixed, well-formed gRPC headers: checking and
-            # rewriting them on every message costs more than a step's store work. What we
-            # receive is still checked.
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        self._h2 = _H2Connection(config=config)
-        self._h2.encoder = _PlainEncoder()
+        self._http = http2.ServerConnection()
         self._streams: dict[int, _Stream] = {}
         self._window_changed = trio.Event()
-        # Writes: the bytes h2 queues go out through one writer task (see `_flush`).
+        # Writes: the bytes the HTTP/2 layer queues go out through one writer task (see `_flush`).
         self._write_wanted = trio.Event()
         self._write_done = trio.Event()
         self._requested = 0
         self._written = 0
 
     async def run(self) -> None:
-        self._h2.initiate_connection()
+        self._http.initiate()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer)
             try:
@@ -190,8 +164,8 @@ class _Connection:
             if not data:
                 return
             try:
-                events = self._h2.receive_data(data)
-            except h2.exceptions.ProtocolError as exc:
+                events = self._http.receive(data)
+            except http2.ProtocolError as exc:
                 log.info("closing a connection after an HTTP/2 protocol error: %s", exc)
                 await self._flush(wait=True)  # the GOAWAY, before the connection closes
                 return
@@ -201,34 +175,33 @@ class _Connection:
                     return
             await self._flush()
 
-    def _on_event(self, event: h2.events.Event, nursery: trio.Nursery) -> bool:
-        if isinstance(event, h2.events.RequestReceived):
-            stream = _Stream(event.stream_id, dict(event.headers))
-            self._streams[event.stream_id] = stream
-            nursery.start_soon(self._serve_stream, stream)
-            return True
-        found = self._streams.get(getattr(event, "stream_id", 0) or 0)
-        if isinstance(event, h2.events.DataReceived):
-            self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+    def _on_event(self, event: http2.Event, nursery: trio.Nursery) -> bool:
+        if isinstance(event, http2.Data):
+            found = self._streams.get(event.stream_id)
             if found is not None and not found.ended.is_set():
                 if len(found.buffer) + len(event.data) > self._max_message_bytes + 5:
                     found.too_large = True  # stop buffering; the handler answers the status
                     found.ended.set()
                 else:
                     found.buffer += event.data
-        elif isinstance(event, h2.events.StreamEnded):
+                    if event.end_stream:
+                        found.ended.set()
+        elif isinstance(event, http2.Request):
+            stream = _Stream(event.stream_id, event.headers)
+            if event.end_stream:
+                stream.ended.set()
+            self._streams[event.stream_id] = stream
+            nursery.start_soon(self._serve_stream, stream)
+        elif isinstance(event, http2.WindowOpened):
+            self._wake_senders()
+        elif isinstance(event, http2.Reset):
+            found = self._streams.pop(event.stream_id, None)
             if found is not None:
-                found.ended.set()
-        elif isinstance(event, h2.events.StreamReset):
-            if found is not None:
-                del self._streams[found.stream_id]
                 found.reset = True
                 found.scope.cancel()
                 found.ended.set()
             self._wake_senders()
-        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            self._wake_senders()
-        elif isinstance(event, h2.events.ConnectionTerminated):
+        elif isinstance(event, http2.GoAway):
             return False
         return True
 
@@ -237,13 +210,13 @@ class _Connection:
         self._window_changed = trio.Event()
 
     async def _flush(self, wait: bool = False) -> None:
-        """Have everything h2 has queued so far written; with `wait`, until it is.
+        """Have everything the HTTP/2 layer has queued so far written; with `wait`, until it is.
 
-        Only the writer task touches the socket. Once bytes leave h2 (header blocks that
-        changed the HPACK state, frames of other streams) they must reach the peer whole, so a
+        Only the writer task touches the socket. Once bytes are queued (frames of several
+        streams, a frame split across sends) they must reach the peer whole, so a
         stream whose deadline or reset cancels it mid-write must not own the write: cancelling
         this wait is harmless, the writer carries on. Not waiting lets the frames of every
-        stream that answers in the same turn of the event loop go out in one send; h2's flow
+        stream that answers in the same turn of the event loop go out in one send; HTTP/2 flow
         control windows bound what can pile up.
         """
         self._requested += 1
@@ -257,7 +230,7 @@ class _Connection:
             await self._write_wanted.wait()
             self._write_wanted = trio.Event()
             batch = self._requested
-            data = self._h2.data_to_send()
+            data = self._http.data_to_send()
             if data:
                 try:
                     await self._transport.send_all(data)
@@ -393,28 +366,17 @@ class _Connection:
         write per unary response instead of two)."""
         if not stream.headers_sent:
             stream.headers_sent = True
-            self._h2.send_headers(
-                stream.stream_id,
-                [
-                    (":status", "200"),
-                    ("content-type", "application/grpc"),
-                    ("grpc-accept-encoding", "identity,gzip,deflate"),
-                ],
-            )
+            self._http.send_headers(stream.stream_id, _RESPONSE_BLOCK)
         body = message.SerializeToString()
-        data = struct.pack(">?I", False, len(body)) + body
+        data = memoryview(_MESSAGE_PREFIX.pack(False, len(body)) + body)
         while data:
             if stream.reset:
                 await trio.lowlevel.checkpoint()  # the stream's scope is cancelled: raise here
-            window = min(
-                self._h2.local_flow_control_window(stream.stream_id),
-                self._h2.max_outbound_frame_size,
-            )
-            if window <= 0:
+            taken = self._http.send_data(stream.stream_id, data)
+            if not taken:
                 await self._window_changed.wait()
                 continue
-            self._h2.send_data(stream.stream_id, data[:window])
-            data = data[window:]
+            data = data[taken:]
             if flush or data:
                 await self._flush()
 
@@ -422,17 +384,9 @@ class _Connection:
         trailers = [("grpc-status", str(code.value))]
         if message:
             trailers.append(("grpc-message", _status_message(message)))
-        try:
-            if stream.headers_sent:
-                self._h2.send_headers(stream.stream_id, trailers, end_stream=True)
-            else:  # trailers-only response
-                self._h2.send_headers(
-                    stream.stream_id,
-                    [(":status", "200"), ("content-type", "application/grpc"), *trailers],
-                    end_stream=True,
-                )
-        except h2.exceptions.ProtocolError:
-            return  # the stream or the whole connection is already closed
+        if not stream.headers_sent:  # trailers-only response
+            trailers = [*_RESPONSE_HEADERS[:2], *trailers]
+        self._http.send_headers(stream.stream_id, http2.encode_headers(trailers), end_stream=True)
         await self._flush()
 
 

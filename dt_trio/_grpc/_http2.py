@@ -1,0 +1,508 @@
+"""The server side of HTTP/2 (RFC 9113), as much as gRPC uses, sans-IO.
+
+Bytes in (`receive`), events out; calls that answer streams queue bytes (`data_to_send`). No
+sockets and no event loop: `_transport` drives it, the tests feed it frames directly.
+
+Why not the h2 library: profiles of the sidecar under load put h2's generic per-frame and
+per-header machinery (stream state machines, header validation and normalisation, event objects)
+at more than a quarter of the sidecar's CPU, more than the whole orchestration engine. A gRPC
+server needs far less: requests are HEADERS (+ CONTINUATION), DATA and END_STREAM; responses are
+three fixed header blocks and DATA frames. HPACK decoding, the one intricate part, stays with the
+`hpack` library. Responses are encoded without touching HPACK's dynamic table (literal fields
+"without indexing"), so there is no encoder state to keep in step with the peer.
+
+What is enforced: the connection preface; frame sizes and the frame sequence rules (CONTINUATION,
+stream-id order, stream 0); flow control in both directions (with WINDOW_UPDATE overflow
+checks); SETTINGS validation; the concurrent-stream limit (REFUSED_STREAM). A connection error
+queues GOAWAY with its code and raises `ProtocolError`; a stream error resets that stream alone.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import hpack
+import hpack.exceptions
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# frame types
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
+PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x5, 0x6, 0x7, 0x8, 0x9
+# flags
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+# error codes
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
+COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
+# settings
+S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
+S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
+
+MAX_WINDOW = 2**31 - 1
+DEFAULT_WINDOW = 65535
+MIN_FRAME_SIZE = 16384
+MAX_FRAME_SIZE_LIMIT = 2**24 - 1
+
+_U32 = struct.Struct(">I")
+_SETTING = struct.Struct(">HI")
+
+
+class ProtocolError(Exception):
+    """A connection error: GOAWAY with `code` is queued; the connection must close."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class Request:
+    """A new stream's request headers (names lower-case, as HTTP/2 requires)."""
+
+    stream_id: int
+    headers: dict[str, str]
+    end_stream: bool
+
+
+@dataclass(slots=True)
+class Data:
+    """Request body bytes; `end_stream` once the client has sent everything (trailers from a
+    client, which gRPC never sends, also end the stream: they arrive as empty Data)."""
+
+    stream_id: int
+    data: bytes
+    end_stream: bool
+
+
+@dataclass(slots=True)
+class Reset:
+    """The client reset the stream, or a stream error made us reset it."""
+
+    stream_id: int
+    code: int
+
+
+@dataclass(slots=True)
+class WindowOpened:
+    """Flow-control room grew (WINDOW_UPDATE, a SETTINGS change): blocked senders may go on."""
+
+
+@dataclass(slots=True)
+class GoAway:
+    """The client is going away."""
+
+    code: int
+
+
+Event = Request | Data | Reset | WindowOpened | GoAway
+
+
+@dataclass(slots=True)
+class _Stream:
+    send_window: int
+    recv_window: int
+    remote_closed: bool = False
+    unacked: int = 0  # received bytes not yet given back by WINDOW_UPDATE
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return (
+        _U32.pack(len(payload) << 8 | kind)
+        + bytes((flags,))
+        + _U32.pack(stream_id & MAX_WINDOW)
+        + payload
+    )
+
+
+def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
+    """RFC 7541 5.1: an integer with an N-bit prefix; `first` holds the bits above the prefix."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_literal(name: str, value: str) -> bytes:
+    """One header field as "literal without indexing, new name" (RFC 7541 6.2.2), no Huffman:
+    decodable by any HPACK decoder whatever its dynamic table holds."""
+    raw_name, raw_value = name.encode(), value.encode()
+    return (
+        b"\x00"
+        + _hpack_int(len(raw_name), 7, 0)
+        + raw_name
+        + _hpack_int(len(raw_value), 7, 0)
+        + raw_value
+    )
+
+
+def encode_headers(fields: list[tuple[str, str]]) -> bytes:
+    out = []
+    for name, value in fields:
+        if name == ":status" and value == "200":
+            out.append(b"\x88")  # static table entry 8
+        else:
+            out.append(encode_literal(name, value))
+    return b"".join(out)
+
+
+class ServerConnection:
+    """One HTTP/2 connection, server side."""
+
+    def __init__(
+        self,
+        *,
+        max_concurrent_streams: int = 1000,
+        stream_window: int = 1 << 20,
+        connection_window: int = 16 << 20,
+        max_frame_size: int = 1 << 20,
+        max_header_block: int = 1 << 20,
+    ) -> None:
+        self._out = bytearray()
+        self._in = bytearray()
+        self._preface_seen = False
+        self._settings_seen = False
+        self._decoder = hpack.Decoder()
+        self._streams: dict[int, _Stream] = {}
+        self._last_stream_id = 0
+        self._max_streams = max_concurrent_streams
+        self._stream_window = stream_window
+        self._connection_window = connection_window
+        self._max_frame_size = max_frame_size
+        self._max_header_block = max_header_block
+        self._recv_window = DEFAULT_WINDOW
+        self._unacked = 0
+        # what the peer allows us
+        self._send_window = DEFAULT_WINDOW
+        self._peer_initial_window = DEFAULT_WINDOW
+        self.peer_max_frame_size = MIN_FRAME_SIZE
+        # a header block in progress: (stream id, end_stream, fragments)
+        self._block: tuple[int, bool, bytearray] | None = None
+        self.closed = False
+
+    # -- output --------------------------------------------------------------------------------
+
+    def initiate(self) -> None:
+        """Queue our SETTINGS and open the connection's receive window."""
+        settings = b"".join(
+            _SETTING.pack(k, v)
+            for k, v in (
+                (S_MAX_CONCURRENT_STREAMS, self._max_streams),
+                (S_INITIAL_WINDOW_SIZE, self._stream_window),
+                (S_MAX_FRAME_SIZE, self._max_frame_size),
+                (S_MAX_HEADER_LIST_SIZE, self._decoder.max_header_list_size),
+            )
+        )
+        self._out += _frame(SETTINGS, 0, 0, settings)
+        grow = self._connection_window - DEFAULT_WINDOW
+        if grow > 0:
+            self._out += _frame(WINDOW_UPDATE, 0, 0, _U32.pack(grow))
+            self._recv_window += grow
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def is_open(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    def send_room(self, stream_id: int) -> int:
+        """How many DATA bytes may go out on the stream now (0: wait for WindowOpened)."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return max(0, min(self._send_window, stream.send_window))
+
+    def send_headers(self, stream_id: int, block: bytes, end_stream: bool = False) -> None:
+        """Queue an encoded header block (see `encode_headers`); with `end_stream` the stream
+        is done on our side."""
+        if stream_id not in self._streams:
+            return
+        size = self.peer_max_frame_size
+        first, rest = block[:size], block[size:]
+        flags = (END_STREAM if end_stream else 0) | (0 if rest else END_HEADERS)
+        self._out += _frame(HEADERS, flags, stream_id, first)
+        while rest:
+            chunk, rest = rest[:size], rest[size:]
+            self._out += _frame(CONTINUATION, 0 if rest else END_HEADERS, stream_id, chunk)
+        if end_stream:
+            self._close_local(stream_id)
+
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
+        """Queue as much of `data` as flow control and the frame size allow; returns how many
+        bytes were taken."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        room = min(self._send_window, stream.send_window, len(data))
+        taken = 0
+        while taken < room:
+            chunk = bytes(data[taken : min(room, taken + self.peer_max_frame_size)])
+            self._out += _frame(DATA, 0, stream_id, chunk)
+            taken += len(chunk)
+        self._send_window -= taken
+        stream.send_window -= taken
+        return taken
+
+    def reset(self, stream_id: int, code: int) -> None:
+        if self._streams.pop(stream_id, None) is not None:
+            self._out += _frame(RST_STREAM, 0, stream_id, _U32.pack(code))
+
+    def _close_local(self, stream_id: int) -> None:
+        stream = self._streams.pop(stream_id)
+        if not stream.remote_closed:
+            # We answered before the whole request arrived (too large, say): tell the client
+            # to stop sending (RFC 9113 8.1).
+            self._out += _frame(RST_STREAM, 0, stream_id, _U32.pack(NO_ERROR))
+
+    def _fail(self, code: int, message: str) -> ProtocolError:
+        if not self.closed:
+            self.closed = True
+            self._out += _frame(
+                GOAWAY, 0, 0, _U32.pack(self._last_stream_id) + _U32.pack(code) + message.encode()
+            )
+        return ProtocolError(code, message)
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def receive(self, data: bytes | bytearray) -> list[Event]:
+        """Feed bytes from the peer; returns what happened. Raises ProtocolError (GOAWAY
+        queued) when the peer broke the protocol."""
+        if self.closed:
+            return []
+        self._in += data
+        events: list[Event] = []
+        if not self._preface_seen:
+            if len(self._in) < len(PREFACE):
+                if not PREFACE.startswith(bytes(self._in)):
+                    raise self._fail(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                return events
+            if self._in[: len(PREFACE)] != PREFACE:
+                raise self._fail(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+            del self._in[: len(PREFACE)]
+            self._preface_seen = True
+        buf = self._in
+        pos = 0
+        try:
+            while len(buf) - pos >= 9:
+                head = _U32.unpack_from(buf, pos)[0]
+                length, kind, flags = head >> 8, head & 0xFF, buf[pos + 4]
+                stream_id = _U32.unpack_from(buf, pos + 5)[0] & MAX_WINDOW
+                if length > self._max_frame_size:
+                    raise self._fail(FRAME_SIZE_ERROR, f"a frame of {length} bytes is too large")
+                if len(buf) - pos - 9 < length:
+                    break
+                payload = bytes(buf[pos + 9 : pos + 9 + length])
+                pos += 9 + length
+                self._frame(kind, flags, stream_id, payload, events)
+        finally:
+            del buf[:pos]
+        self._give_back_window()
+        return events
+
+    def _frame(
+        self, kind: int, flags: int, stream_id: int, payload: bytes, events: list[Event]
+    ) -> None:
+        if not self._settings_seen and kind != SETTINGS:
+            raise self._fail(PROTOCOL_ERROR, "the first frame must be SETTINGS")
+        if self._block is not None and (kind != CONTINUATION or stream_id != self._block[0]):
+            raise self._fail(PROTOCOL_ERROR, "a header block was interrupted")
+        if kind == DATA:
+            self._on_data(flags, stream_id, payload, events)
+        elif kind == HEADERS:
+            self._on_headers(flags, stream_id, payload, events)
+        elif kind == CONTINUATION:
+            if self._block is None:
+                raise self._fail(PROTOCOL_ERROR, "CONTINUATION without a header block")
+            self._block[2].extend(payload)
+            if len(self._block[2]) > self._max_header_block:
+                raise self._fail(ENHANCE_YOUR_CALM, "header block too large")
+            if flags & END_HEADERS:
+                block, self._block = self._block, None
+                self._on_header_block(block[0], block[1], bytes(block[2]), events)
+        elif kind == SETTINGS:
+            self._on_settings(flags, stream_id, payload, events)
+        elif kind == WINDOW_UPDATE:
+            self._on_window_update(stream_id, payload, events)
+        elif kind == PING:
+            if stream_id != 0 or len(payload) != 8:
+                raise self._fail(FRAME_SIZE_ERROR if stream_id == 0 else PROTOCOL_ERROR, "bad PING")
+            if not flags & ACK:
+                self._out += _frame(PING, ACK, 0, payload)
+        elif kind == RST_STREAM:
+            if stream_id == 0 or len(payload) != 4:
+                raise self._fail(PROTOCOL_ERROR, "bad RST_STREAM")
+            if stream_id > self._last_stream_id:
+                raise self._fail(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
+            if self._streams.pop(stream_id, None) is not None:
+                events.append(Reset(stream_id, _U32.unpack(payload)[0]))
+        elif kind == PRIORITY:
+            if stream_id == 0 or len(payload) != 5:
+                raise self._fail(PROTOCOL_ERROR, "bad PRIORITY")
+        elif kind == GOAWAY:
+            if stream_id != 0 or len(payload) < 8:
+                raise self._fail(PROTOCOL_ERROR, "bad GOAWAY")
+            events.append(GoAway(_U32.unpack_from(payload, 4)[0]))
+        elif kind == PUSH_PROMISE:
+            raise self._fail(PROTOCOL_ERROR, "a client must not send PUSH_PROMISE")
+        # other frame types are ignored (RFC 9113 5.5)
+
+    def _strip_padding(self, flags: int, payload: bytes) -> bytes:
+        if not flags & PADDED:
+            return payload
+        if not payload or payload[0] >= len(payload):
+            raise self._fail(PROTOCOL_ERROR, "padding longer than the frame")
+        return payload[1 : len(payload) - payload[0]]
+
+    def _on_data(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if stream_id == 0:
+            raise self._fail(PROTOCOL_ERROR, "DATA on stream 0")
+        size = len(payload)  # padding counts against flow control too
+        self._recv_window -= size
+        self._unacked += size
+        if self._recv_window < 0:
+            raise self._fail(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+        data = self._strip_padding(flags, payload)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if stream_id > self._last_stream_id:
+                raise self._fail(PROTOCOL_ERROR, "DATA on an idle stream")
+            return  # a stream already closed or reset on our side: dropped
+        if stream.remote_closed:
+            self.reset(stream_id, STREAM_CLOSED)
+            events.append(Reset(stream_id, STREAM_CLOSED))
+            return
+        stream.recv_window -= size
+        if stream.recv_window < 0:
+            self.reset(stream_id, FLOW_CONTROL_ERROR)
+            events.append(Reset(stream_id, FLOW_CONTROL_ERROR))
+            return
+        end = bool(flags & END_STREAM)
+        if end:
+            stream.remote_closed = True
+        else:
+            stream.unacked += size
+            if stream.unacked >= self._stream_window // 2:
+                self._out += _frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(stream.unacked))
+                stream.recv_window += stream.unacked
+                stream.unacked = 0
+        events.append(Data(stream_id, data, end))
+
+    def _give_back_window(self) -> None:
+        if self._unacked >= self._connection_window // 2:
+            self._out += _frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._unacked))
+            self._recv_window += self._unacked
+            self._unacked = 0
+
+    def _on_headers(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if stream_id == 0 or stream_id % 2 == 0:
+            raise self._fail(PROTOCOL_ERROR, f"HEADERS on stream {stream_id}")
+        fragment = self._strip_padding(flags, payload)
+        if flags & PRIORITY_FLAG:
+            if len(fragment) < 5:
+                raise self._fail(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            fragment = fragment[5:]
+        end_stream = bool(flags & END_STREAM)
+        if flags & END_HEADERS:
+            self._on_header_block(stream_id, end_stream, fragment, events)
+        else:
+            self._block = (stream_id, end_stream, bytearray(fragment))
+
+    def _on_header_block(
+        self, stream_id: int, end_stream: bool, block: bytes, events: list[Event]
+    ) -> None:
+        # Decoded whatever becomes of the stream: HPACK state is shared by the connection.
+        try:
+            fields = self._decoder.decode(block)
+        except (hpack.exceptions.HPACKError, UnicodeDecodeError, ValueError) as exc:
+            raise self._fail(COMPRESSION_ERROR, f"cannot decode a header block: {exc}") from exc
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            # trailers from the client: they must end the stream
+            if stream.remote_closed or not end_stream:
+                self.reset(stream_id, PROTOCOL_ERROR)
+                events.append(Reset(stream_id, PROTOCOL_ERROR))
+                return
+            stream.remote_closed = True
+            events.append(Data(stream_id, b"", True))
+            return
+        if stream_id <= self._last_stream_id:
+            return  # a stream we closed already; nothing more is wanted from it
+        self._last_stream_id = stream_id
+        headers: dict[str, str] = {}
+        for name, value in fields:
+            headers.setdefault(name, value)
+        if not all(k in headers for k in (":method", ":path", ":scheme")):
+            # malformed request (RFC 9113 8.1.1): a stream error
+            self._out += _frame(RST_STREAM, 0, stream_id, _U32.pack(PROTOCOL_ERROR))
+            return
+        if len(self._streams) >= self._max_streams:
+            self._out += _frame(RST_STREAM, 0, stream_id, _U32.pack(REFUSED_STREAM))
+            return
+        self._streams[stream_id] = _Stream(
+            self._peer_initial_window, self._stream_window, remote_closed=end_stream
+        )
+        events.append(Request(stream_id, headers, end_stream))
+
+    def _on_settings(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if stream_id != 0:
+            raise self._fail(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise self._fail(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            raise self._fail(FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
+        self._settings_seen = True
+        for offset in range(0, len(payload), 6):
+            key, value = _SETTING.unpack_from(payload, offset)
+            if key == S_ENABLE_PUSH and value > 1:
+                raise self._fail(PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
+            elif key == S_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise self._fail(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
+                delta = value - self._peer_initial_window
+                self._peer_initial_window = value
+                for stream in self._streams.values():
+                    stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise self._fail(FLOW_CONTROL_ERROR, "a stream window overflowed")
+                events.append(WindowOpened())
+            elif key == S_MAX_FRAME_SIZE:
+                if not MIN_FRAME_SIZE <= value <= MAX_FRAME_SIZE_LIMIT:
+                    raise self._fail(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value} out of range")
+                self.peer_max_frame_size = value
+            # HEADER_TABLE_SIZE needs nothing: we never use the dynamic table when encoding
+        self._out += _frame(SETTINGS, ACK, 0)
+
+    def _on_window_update(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if len(payload) != 4:
+            raise self._fail(FRAME_SIZE_ERROR, "WINDOW_UPDATE must carry 4 bytes")
+        increment = _U32.unpack(payload)[0] & MAX_WINDOW
+        if stream_id == 0:
+            if increment == 0:
+                raise self._fail(PROTOCOL_ERROR, "WINDOW_UPDATE of 0 on the connection")
+            self._send_window += increment
+            if self._send_window > MAX_WINDOW:
+                raise self._fail(FLOW_CONTROL_ERROR, "the connection window overflowed")
+            events.append(WindowOpened())
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if stream_id > self._last_stream_id:
+                raise self._fail(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
+            return  # a closed stream: allowed, and meaningless (RFC 9113 6.9)
+        if increment == 0 or stream.send_window + increment > MAX_WINDOW:
+            self.reset(stream_id, PROTOCOL_ERROR if increment == 0 else FLOW_CONTROL_ERROR)
+            events.append(Reset(stream_id, PROTOCOL_ERROR))
+            return
+        stream.send_window += increment
+        events.append(WindowOpened())
