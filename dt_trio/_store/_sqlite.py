@@ -228,6 +228,9 @@ class SqliteBackend:
             # loss can roll back the last commits.
             writer.execute("PRAGMA synchronous=NORMAL")
         writer.execute("PRAGMA foreign_keys=OFF")
+        # Statement journals (each write of a group commit runs in a savepoint) in memory,
+        # not in a temporary file created and unlinked per transaction.
+        writer.execute("PRAGMA temp_store=MEMORY")
         writer.executescript(SCHEMA)
         # A single process owns the store: leases left by a previous process are void.
         writer.execute("UPDATE instances SET locked_by = NULL WHERE locked_by IS NOT NULL")
@@ -820,7 +823,7 @@ class SqliteBackend:
     ) -> list[ActivityWorkItem]:
         state = result.state
 
-        def write(conn: sqlite3.Connection) -> tuple[list[str], list[ActivityWorkItem]]:
+        def write(conn: sqlite3.Connection) -> tuple[list[str], list[ActivityWorkItem], bool]:
             _check_lease(conn, owner, state.instance_id)
             changed = _apply_step(conn, result)
             leased: list[ActivityWorkItem] = []
@@ -828,10 +831,10 @@ class SqliteBackend:
                 leased = _lease_new_activities(
                     conn, owner, state.instance_id, state.execution_id, lease_activities
                 )
-            return changed, leased
+            return changed, leased, _has_inbox(conn, state.instance_id)
 
-        changed, leased = await self._run_write(write)
-        self._after_step(result, changed, handed_over=len(leased))
+        changed, leased, waiting = await self._run_write(write)
+        self._after_step(result, changed, len(leased), waiting)
         return leased
 
     async def commit_forced(self, result: StepResult, expected_update: datetime) -> bool:
@@ -851,13 +854,17 @@ class SqliteBackend:
         changed = await self._run_write(write)
         if changed is None:
             return False
-        self._after_step(result, changed)
+        self._after_step(result, changed, 0, waiting=True)
         return True
 
-    def _after_step(self, result: StepResult, changed: list[str], handed_over: int = 0) -> None:
-        # Even with an empty outbox: events that arrived while the instance was leased have just
-        # become leasable.
-        self.listener.orchestration_work_added()
+    def _after_step(
+        self, result: StepResult, changed: list[str], handed_over: int, waiting: bool
+    ) -> None:
+        # `waiting`: the instance has inbox events (arrived during the step, or timers), which
+        # its lease hid from the orchestration processor until now. Without them and without
+        # an outbox, waking the processor would only cost it a lease that finds nothing.
+        if waiting or result.messages or result.new_instances:
+            self.listener.orchestration_work_added()
         if len(result.activities) > handed_over:
             self.listener.activity_work_added()
         if any(is_entity_id(m.target_instance_id) for m in result.messages):
@@ -1202,6 +1209,11 @@ def _start_instances(
         )
         created.append(new.state.instance_id)
     return created
+
+
+def _has_inbox(conn: sqlite3.Connection, instance_id: str) -> bool:
+    row = conn.execute("SELECT 1 FROM inbox WHERE instance_id = ? LIMIT 1", (instance_id,))
+    return row.fetchone() is not None
 
 
 def _apply_step(conn: sqlite3.Connection, result: StepResult) -> list[str]:
