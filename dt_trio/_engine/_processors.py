@@ -227,18 +227,19 @@ class _Processor(Generic[W]):
             try:
                 items = await lease(taken)
             except StoreUnavailable:
-                items = []
+                self.unreserve(taken)
                 await trio.sleep(STORE_RETRY_SECONDS)
-            for _ in range(taken - len(items)):
-                self._slots.release()
-            if not items:
+                continue
+            self.unreserve(taken - len(items))
+            for item in items:
+                nursery.start_soon(process, item)
+            if len(items) < taken:
+                # The store had no more visible work: anything new sets `wakeup` (cleared
+                # before the lease), so sleep instead of leasing again to find nothing.
                 try:
                     await _sleep_until_work(wakeup, await next_time())
                 except StoreUnavailable:
                     await trio.sleep(STORE_RETRY_SECONDS)
-                continue
-            for item in items:
-                nursery.start_soon(process, item)
 
 
 async def _take_slots(slots: trio.Semaphore) -> int:
