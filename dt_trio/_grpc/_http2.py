@@ -143,6 +143,10 @@ def encode_literal(name: str, value: str) -> bytes:
     )
 
 
+# A dynamic table size update to 0 (RFC 7541 6.3): we keep no dynamic table.
+_TABLE_SIZE_ZERO = _hpack_int(0, 5, 0x20)
+
+
 def encode_headers(fields: list[tuple[str, str]]) -> bytes:
     out = []
     for name, value in fields:
@@ -186,6 +190,7 @@ class ServerConnection:
         # a header block in progress: (stream id, end_stream, fragments)
         self._block: tuple[int, bool, bytearray] | None = None
         self.closed = False
+        self._table_update = False
 
     # -- output --------------------------------------------------------------------------------
 
@@ -226,6 +231,9 @@ class ServerConnection:
         is done on our side."""
         if stream_id not in self._streams:
             return
+        if self._table_update:
+            self._table_update = False
+            block = _TABLE_SIZE_ZERO + block
         size = self.peer_max_frame_size
         first, rest = block[:size], block[size:]
         flags = (END_STREAM if end_stream else 0) | (0 if rest else END_HEADERS)
@@ -435,7 +443,11 @@ class ServerConnection:
             events.append(Data(stream_id, b"", True))
             return
         if stream_id <= self._last_stream_id:
-            return  # a stream we closed already; nothing more is wanted from it
+            # New requests take ever higher ids (RFC 9113 5.1.1); a gRPC client sends no
+            # trailers, so this is a reused or out-of-order id.
+            raise self._fail(
+                PROTOCOL_ERROR, f"HEADERS on closed or out-of-order stream {stream_id}"
+            )
         self._last_stream_id = stream_id
         headers: dict[str, str] = {}
         for name, value in fields:
@@ -480,7 +492,10 @@ class ServerConnection:
                 if not MIN_FRAME_SIZE <= value <= MAX_FRAME_SIZE_LIMIT:
                     raise self._fail(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value} out of range")
                 self.peer_max_frame_size = value
-            # HEADER_TABLE_SIZE needs nothing: we never use the dynamic table when encoding
+            elif key == S_HEADER_TABLE_SIZE:
+                # We never use the dynamic table when encoding, but a changed size must be
+                # acknowledged at the start of our next header block (RFC 7541 4.2).
+                self._table_update = True
         self._out += _frame(SETTINGS, ACK, 0)
 
     def _on_window_update(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
@@ -501,8 +516,9 @@ class ServerConnection:
                 raise self._fail(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
             return  # a closed stream: allowed, and meaningless (RFC 9113 6.9)
         if increment == 0 or stream.send_window + increment > MAX_WINDOW:
-            self.reset(stream_id, PROTOCOL_ERROR if increment == 0 else FLOW_CONTROL_ERROR)
-            events.append(Reset(stream_id, PROTOCOL_ERROR))
+            code = PROTOCOL_ERROR if increment == 0 else FLOW_CONTROL_ERROR
+            self.reset(stream_id, code)
+            events.append(Reset(stream_id, code))
             return
         stream.send_window += increment
         events.append(WindowOpened())
