@@ -99,8 +99,8 @@ async def test_deferred_messages_do_not_lease_the_entity_again(store: SqliteBack
 async def test_a_delayed_signal_is_leased_at_its_time(store: SqliteBackend) -> None:
     at = now() + timedelta(hours=1)
     await signal(store, at=at)
-    assert await lease(store) is None
-    assert await store.next_entity_time() == at
+    nothing = await store.lease_entities("me", now(), 10)
+    assert nothing == [] and nothing.next_at == at
 
 
 async def test_messages_reach_orchestrations_only_in_the_execution_they_name(

@@ -153,8 +153,10 @@ async def test_lease_commit_appends_history_and_enqueues_the_outbox(store: Sqlit
     ]
     assert (await store.get_instance("i1")).status == Status.RUNNING  # type: ignore[union-attr]
     assert (await store.get_instance("child")) is not None
-    # the timer is not visible yet; its time is the next wake-up for the processor
-    assert await store.next_visible_time() is not None
+    # the timer is not visible yet; a lease that takes less than it may says when to look again
+    leased = await store.lease_orchestrations("me", now(), 10)
+    assert [w.state.instance_id for w in leased] == ["child"]
+    assert leased.next_at is not None and leased.next_at > now()
     activity = await lease_one_activity(store, "me")
     assert activity is not None and activity.scheduled.taskScheduled.name == "act"
     assert await lease_one_activity(store, "me") is None

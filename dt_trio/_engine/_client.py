@@ -91,12 +91,19 @@ class HubClient:
     ) -> InstanceState | None:
         """The instance once `done` holds (None if it does not exist). Waits for as long as
         it takes: bound it with the caller's deadline or cancel scope."""
-        while True:
-            changed = self.signals.instance_event(instance_id)
+        change = self.signals.instance_event(instance_id)
+        state = await self.store.get_instance(instance_id)
+        while state is not None and not done(state):
+            await change.wait()
+            known = change.state
+            change = self.signals.instance_event(instance_id)
+            if known is not None and done(known):
+                # `done` held when that commit was made, after the wait began: the answer,
+                # without reading back what the commit just wrote. (A state that is not done
+                # may be stale by now: read the store.)
+                return known
             state = await self.store.get_instance(instance_id)
-            if state is None or done(state):
-                return state
-            await changed.wait()
+        return state
 
     async def signal_entity(
         self,

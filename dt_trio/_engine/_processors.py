@@ -29,7 +29,13 @@ from dt_trio._engine._executor import (
 from dt_trio._engine._signals import Signals, Wakeup
 from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import ActivityWorkItem, Backend, EntityWorkItem, OrchestrationWorkItem
+from dt_trio._store import (
+    ActivityWorkItem,
+    Backend,
+    EntityWorkItem,
+    Leased,
+    OrchestrationWorkItem,
+)
 
 log = logging.getLogger(__name__)
 W = TypeVar("W")
@@ -82,7 +88,7 @@ class _Processor(Generic[W]):
     not lost: the release is kept and retried before the next lease, so the item becomes
     visible again once the fault clears instead of staying leased until a restart.
 
-    A processor says how it leases (`_lease`, `_next_time`, `_wakeup`), how it runs one item
+    A processor says how it leases (`_lease`, `_wakeup`), how it runs one item
     (`_step`) and how it gives an item back after an unexpected failure (`_give_back`).
     """
 
@@ -137,15 +143,12 @@ class _Processor(Generic[W]):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         log.info("%s: waiting for new work items...", self.name)
         task_status.started()
-        await self._serve_leases(self._wakeup(), self._lease, self._next_time, self._process)
+        await self._serve_leases(self._wakeup(), self._lease, self._process)
 
     def _wakeup(self) -> Wakeup:
         raise NotImplementedError
 
-    async def _lease(self, limit: int) -> Sequence[W]:
-        raise NotImplementedError
-
-    async def _next_time(self) -> datetime | None:
+    async def _lease(self, limit: int) -> Leased[W]:
         raise NotImplementedError
 
     async def _step(self, item: W) -> None:
@@ -196,8 +199,7 @@ class _Processor(Generic[W]):
     async def _serve_leases(
         self,
         wakeup: Wakeup,
-        lease: Callable[[int], Awaitable[Sequence[W]]],
-        next_time: Callable[[], Awaitable[datetime | None]],
+        lease: Callable[[int], Awaitable[Leased[W]]],
         process: Callable[[W], Awaitable[None]],
     ) -> None:
         """Lease as many items as there are free slots, process each in a task of its own
@@ -206,7 +208,7 @@ class _Processor(Generic[W]):
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
-                await self._lease_loop(nursery, wakeup, lease, next_time, process)
+                await self._lease_loop(nursery, wakeup, lease, process)
             finally:
                 self._nursery = None
 
@@ -214,8 +216,7 @@ class _Processor(Generic[W]):
         self,
         nursery: trio.Nursery,
         wakeup: Wakeup,
-        lease: Callable[[int], Awaitable[Sequence[W]]],
-        next_time: Callable[[], Awaitable[datetime | None]],
+        lease: Callable[[int], Awaitable[Leased[W]]],
         process: Callable[[W], Awaitable[None]],
     ) -> None:
         while True:
@@ -236,10 +237,7 @@ class _Processor(Generic[W]):
             if len(items) < taken:
                 # The store had no more visible work: anything new sets `wakeup` (cleared
                 # before the lease), so sleep instead of leasing again to find nothing.
-                try:
-                    await _sleep_until_work(wakeup, await next_time())
-                except StoreUnavailable:
-                    await trio.sleep(STORE_RETRY_SECONDS)
+                await _sleep_until_work(wakeup, items.next_at)
 
 
 async def _take_slots(slots: trio.Semaphore) -> int:
@@ -273,11 +271,8 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
     def _wakeup(self) -> Wakeup:
         return self._signals.orchestration_work
 
-    async def _lease(self, limit: int) -> Sequence[OrchestrationWorkItem]:
+    async def _lease(self, limit: int) -> Leased[OrchestrationWorkItem]:
         return await self._store.lease_orchestrations(self._owner, _now(), limit)
-
-    async def _next_time(self) -> datetime | None:
-        return await self._store.next_visible_time()
 
     def _describe(self, item: OrchestrationWorkItem) -> str:
         return f"a step of {item.state.instance_id}"
@@ -389,11 +384,8 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
     def _wakeup(self) -> Wakeup:
         return self._signals.activity_work
 
-    async def _lease(self, limit: int) -> Sequence[ActivityWorkItem]:
+    async def _lease(self, limit: int) -> Leased[ActivityWorkItem]:
         return await self._store.lease_activities(self._owner, _now(), limit)
-
-    async def _next_time(self) -> datetime | None:
-        return await self._store.next_activity_time()
 
     def _describe(self, item: ActivityWorkItem) -> str:
         return f"activity {item.scheduled.eventId} of {item.instance_id}"
@@ -490,11 +482,8 @@ class EntityProcessor(_Processor[EntityWorkItem]):
     def _wakeup(self) -> Wakeup:
         return self._signals.entity_work
 
-    async def _lease(self, limit: int) -> Sequence[EntityWorkItem]:
+    async def _lease(self, limit: int) -> Leased[EntityWorkItem]:
         return await self._store.lease_entities(self._owner, _now(), limit)
-
-    async def _next_time(self) -> datetime | None:
-        return await self._store.next_entity_time()
 
     def _describe(self, item: EntityWorkItem) -> str:
         return f"a batch of {item.entity.instance_id}"

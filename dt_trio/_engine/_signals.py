@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import trio
 
+from dt_trio._core import InstanceState
+
 
 class Wakeup:
     """A level-triggered wake-up: `set` before `wait` is not lost.
@@ -26,6 +28,22 @@ class Wakeup:
         await self._event.wait()
 
 
+class InstanceChange:
+    """The next change of one instance. `state` is the instance's state as that change left it,
+    when the commit knew it (None: read the store)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self.state: InstanceState | None = None
+
+    def fire(self, state: InstanceState | None) -> None:
+        self.state = state
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
 class Signals:
     """Implements `dt_trio._store.StoreListener` with trio primitives."""
 
@@ -33,7 +51,7 @@ class Signals:
         self.orchestration_work = Wakeup()
         self.activity_work = Wakeup()
         self.entity_work = Wakeup()
-        self._instances: dict[str, trio.Event] = {}
+        self._instances: dict[str, InstanceChange] = {}
 
     def orchestration_work_added(self) -> None:
         self.orchestration_work.set()
@@ -44,15 +62,15 @@ class Signals:
     def entity_work_added(self) -> None:
         self.entity_work.set()
 
-    def instance_changed(self, instance_id: str) -> None:
-        event = self._instances.pop(instance_id, None)
-        if event is not None:
-            event.set()
+    def instance_changed(self, instance_id: str, state: InstanceState | None = None) -> None:
+        change = self._instances.pop(instance_id, None)
+        if change is not None:
+            change.fire(state)
 
-    def instance_event(self, instance_id: str) -> trio.Event:
-        """An event set at the next change of the instance. Take it *before* reading the
-        instance, so that a change between the read and the wait is not missed."""
-        event = self._instances.get(instance_id)
-        if event is None:
-            event = self._instances[instance_id] = trio.Event()
-        return event
+    def instance_event(self, instance_id: str) -> InstanceChange:
+        """The next change of the instance. Take it *before* reading the instance, so that a
+        change between the read and the wait is not missed."""
+        change = self._instances.get(instance_id)
+        if change is None:
+            change = self._instances[instance_id] = InstanceChange()
+        return change

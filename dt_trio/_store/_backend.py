@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from dt_trio._core import (
     EntityState,
@@ -20,6 +20,17 @@ from dt_trio._core import (
     StepResult,
 )
 from dt_trio._proto import orchestrator_service_pb2 as pb
+
+W = TypeVar("W")
+
+
+class Leased(list[W]):
+    """What a lease took, and, when it took fewer than it was allowed, `next_at`: the earliest
+    time a message that is not visible yet becomes visible (None: no such message). Found in
+    the lease's own transaction, so a processor with nothing to do knows how long to sleep
+    without asking the store again."""
+
+    next_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +95,8 @@ class StoreListener(Protocol):
     def orchestration_work_added(self) -> None: ...
     def activity_work_added(self) -> None: ...
     def entity_work_added(self) -> None: ...
-    def instance_changed(self, instance_id: str) -> None: ...
+    def instance_changed(self, instance_id: str, state: InstanceState | None = None) -> None:
+        """`state`: the instance's new state, when the commit knows it."""
 
 
 class Backend(Protocol):
@@ -156,12 +168,9 @@ class Backend(Protocol):
 
     async def lease_orchestrations(
         self, owner: str, now: datetime, limit: int
-    ) -> list[OrchestrationWorkItem]:
+    ) -> Leased[OrchestrationWorkItem]:
         """Lease up to `limit` unleased instances that have visible inbox messages, earliest
         message first, in one transaction."""
-
-    async def next_visible_time(self) -> datetime | None:
-        """The earliest time a not-yet-visible message of an unleased instance becomes visible."""
 
     async def commit_step(
         self, owner: str, result: StepResult, lease_activities: int = 0
@@ -195,11 +204,8 @@ class Backend(Protocol):
 
     async def lease_activities(
         self, owner: str, now: datetime, limit: int
-    ) -> list[ActivityWorkItem]:
+    ) -> Leased[ActivityWorkItem]:
         """Lease up to `limit` visible activities, oldest first, in one transaction."""
-
-    async def next_activity_time(self) -> datetime | None:
-        """The earliest time an unleased activity that is not visible yet becomes visible."""
 
     async def complete_activity(
         self,
@@ -238,11 +244,8 @@ class Backend(Protocol):
         """Delete entities with no state, lock or queue; release locks whose orchestration is
         gone or finished. Returns (entities removed, locks released)."""
 
-    async def lease_entities(self, owner: str, now: datetime, limit: int) -> list[EntityWorkItem]:
+    async def lease_entities(self, owner: str, now: datetime, limit: int) -> Leased[EntityWorkItem]:
         """Lease up to `limit` unleased entities with visible messages that are not deferred."""
-
-    async def next_entity_time(self) -> datetime | None:
-        """The earliest time a queued entity message that is not visible yet becomes visible."""
 
     async def commit_entity(self, owner: str, result: EntityStepResult) -> None:
         """Commit one entity step atomically and release the lease (`LockLost` if the lease is

@@ -50,6 +50,7 @@ from dt_trio._store._backend import (
     EntityFilter,
     EntityWorkItem,
     InstanceFilter,
+    Leased,
     OrchestrationWorkItem,
     PageKey,
     StoreListener,
@@ -174,7 +175,7 @@ class _NullListener:
     def entity_work_added(self) -> None:
         pass
 
-    def instance_changed(self, instance_id: str) -> None:
+    def instance_changed(self, instance_id: str, state: InstanceState | None = None) -> None:
         pass
 
 
@@ -677,10 +678,10 @@ class SqliteBackend:
             self.listener.entity_work_added()
         return removed, released
 
-    async def lease_entities(self, owner: str, now: datetime, limit: int) -> list[EntityWorkItem]:
+    async def lease_entities(self, owner: str, now: datetime, limit: int) -> Leased[EntityWorkItem]:
         now_us = _us(now)
 
-        def write(conn: sqlite3.Connection) -> list[EntityWorkItem]:
+        def write(conn: sqlite3.Connection) -> Leased[EntityWorkItem]:
             ids = _lease_next(
                 conn,
                 "SELECT m.instance_id FROM entity_inbox m JOIN entities e "
@@ -692,8 +693,11 @@ class SqliteBackend:
                 now_us,
                 limit,
             )
+            leased: Leased[EntityWorkItem] = Leased()
+            if len(ids) < limit:
+                leased.next_at = _next_at(conn, _NEXT_ENTITY)
             if not ids:
-                return []
+                return leased
             marks = ",".join("?" * len(ids))
             rows = conn.execute(
                 f"SELECT {_ENTITY_COLUMNS}, dequeue_count FROM entities e "
@@ -707,22 +711,13 @@ class SqliteBackend:
                 (*ids, now_us),
             ):
                 inboxes[r[1]].append(InboxMessage(r[0], _event(r[2])))
-            return [
+            leased.extend(
                 EntityWorkItem(_row_to_entity(r), inboxes[r["instance_id"]], r["dequeue_count"])
                 for r in rows
-            ]
+            )
+            return leased
 
         return await self._run_write(write)
-
-    async def next_entity_time(self) -> datetime | None:
-        def read(conn: sqlite3.Connection) -> datetime | None:
-            row = conn.execute(
-                "SELECT MIN(m.visible_at) FROM entity_inbox m JOIN entities e "
-                "USING (instance_id) WHERE m.deferred = 0 AND e.leased_by IS NULL"
-            ).fetchone()
-            return _dt(row[0])
-
-        return await self._run_read(read)
 
     async def commit_entity(self, owner: str, result: EntityStepResult) -> None:
         entity = result.entity
@@ -789,10 +784,10 @@ class SqliteBackend:
 
     async def lease_orchestrations(
         self, owner: str, now: datetime, limit: int
-    ) -> list[OrchestrationWorkItem]:
+    ) -> Leased[OrchestrationWorkItem]:
         now_us = _us(now)
 
-        def write(conn: sqlite3.Connection) -> list[OrchestrationWorkItem]:
+        def write(conn: sqlite3.Connection) -> Leased[OrchestrationWorkItem]:
             ids = _lease_next(
                 conn,
                 "SELECT m.instance_id FROM inbox m JOIN instances i USING (instance_id) "
@@ -804,19 +799,12 @@ class SqliteBackend:
                 now_us,
                 limit,
             )
-            return _load_orchestrations(conn, ids, now_us) if ids else []
+            leased = Leased(_load_orchestrations(conn, ids, now_us) if ids else [])
+            if len(ids) < limit:
+                leased.next_at = _next_at(conn, _NEXT_MESSAGE)
+            return leased
 
         return await self._run_write(write)
-
-    async def next_visible_time(self) -> datetime | None:
-        def read(conn: sqlite3.Connection) -> datetime | None:
-            row = conn.execute(
-                "SELECT MIN(m.visible_at) FROM inbox m JOIN instances i USING (instance_id) "
-                "WHERE i.locked_by IS NULL"
-            ).fetchone()
-            return _dt(row[0])
-
-        return await self._run_read(read)
 
     async def commit_step(
         self, owner: str, result: StepResult, lease_activities: int = 0
@@ -870,7 +858,8 @@ class SqliteBackend:
         if any(is_entity_id(m.target_instance_id) for m in result.messages):
             self.listener.entity_work_added()
         for instance_id in changed:
-            self.listener.instance_changed(instance_id)
+            own = instance_id == result.state.instance_id
+            self.listener.instance_changed(instance_id, result.state if own else None)
 
     async def postpone(
         self,
@@ -910,8 +899,8 @@ class SqliteBackend:
 
     async def lease_activities(
         self, owner: str, now: datetime, limit: int
-    ) -> list[ActivityWorkItem]:
-        def write(conn: sqlite3.Connection) -> list[ActivityWorkItem]:
+    ) -> Leased[ActivityWorkItem]:
+        def write(conn: sqlite3.Connection) -> Leased[ActivityWorkItem]:
             rows = conn.execute(
                 "SELECT id, instance_id, execution_id, event, dequeue_count FROM activities "
                 "WHERE locked_by IS NULL AND visible_at <= ? ORDER BY visible_at, id LIMIT ?",
@@ -923,7 +912,7 @@ class SqliteBackend:
                     f"WHERE id IN ({','.join('?' * len(rows))})",
                     (owner, *(r["id"] for r in rows)),
                 )
-            return [
+            leased = Leased(
                 ActivityWorkItem(
                     id=r["id"],
                     instance_id=r["instance_id"],
@@ -932,18 +921,12 @@ class SqliteBackend:
                     dequeue_count=r["dequeue_count"] + 1,
                 )
                 for r in rows
-            ]
+            )
+            if len(rows) < limit:
+                leased.next_at = _next_at(conn, _NEXT_ACTIVITY)
+            return leased
 
         return await self._run_write(write)
-
-    async def next_activity_time(self) -> datetime | None:
-        def read(conn: sqlite3.Connection) -> datetime | None:
-            row = conn.execute(
-                "SELECT MIN(visible_at) FROM activities WHERE locked_by IS NULL"
-            ).fetchone()
-            return _dt(row[0])
-
-        return await self._run_read(read)
 
     async def complete_activity(
         self,
@@ -1047,6 +1030,22 @@ def _history(conn: sqlite3.Connection, instance_id: str) -> list[pb.HistoryEvent
             "SELECT event FROM history WHERE instance_id = ? ORDER BY seq", (instance_id,)
         )
     ]
+
+
+# When the next message of an unleased owner becomes visible (asked after a short lease).
+_NEXT_MESSAGE = (
+    "SELECT MIN(m.visible_at) FROM inbox m JOIN instances i USING (instance_id) "
+    "WHERE i.locked_by IS NULL"
+)
+_NEXT_ACTIVITY = "SELECT MIN(visible_at) FROM activities WHERE locked_by IS NULL"
+_NEXT_ENTITY = (
+    "SELECT MIN(m.visible_at) FROM entity_inbox m JOIN entities e "
+    "USING (instance_id) WHERE m.deferred = 0 AND e.leased_by IS NULL"
+)
+
+
+def _next_at(conn: sqlite3.Connection, sql: str) -> datetime | None:
+    return _dt(conn.execute(sql).fetchone()[0])
 
 
 def _lease_next(
