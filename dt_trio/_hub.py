@@ -91,7 +91,8 @@ async def serve(
     log.info("backend started: %s", store.description)
     try:
         remote = RemoteExecutor()
-        service = SidecarService(store, remote, signals)
+        processors = _Processors(store, signals, registry, remote)
+        service = SidecarService(store, remote, processors.client)
         async with trio.open_nursery() as nursery:
             address: tuple[str, int] = await nursery.start(
                 functools.partial(
@@ -106,7 +107,7 @@ async def serve(
                 )
             )
             log.info("server listening at %s", format_address(*address))
-            await _start_processors(nursery, store, signals, registry, remote)
+            await processors.start(nursery)
             task_status.started(address)
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
@@ -129,8 +130,9 @@ async def open_task_hub(db: str = DEFAULT_DB, *, registry: Registry) -> AsyncIte
     log.info("backend started: %s", store.description)
     try:
         async with trio.open_nursery() as nursery:
-            await _start_processors(nursery, store, signals, registry, RemoteExecutor())
-            yield Client(HubClient(store, signals))
+            processors = _Processors(store, signals, registry, RemoteExecutor())
+            await processors.start(nursery)
+            yield Client(processors.client)
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
@@ -139,19 +141,27 @@ async def open_task_hub(db: str = DEFAULT_DB, *, registry: Registry) -> AsyncIte
         log.info("backend stopped: %s", store.description)
 
 
-async def _start_processors(
-    nursery: trio.Nursery,
-    store: SqliteBackend,
-    signals: Signals,
-    registry: Registry | None,
-    remote: RemoteExecutor,
-) -> None:
-    local = LocalExecutor(registry) if registry is not None else None
-    executor = RoutingExecutor(local, remote)
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    orchestrations = OrchestrationProcessor(store, executor, signals, owner)
-    activities = ActivityProcessor(store, executor, signals, owner)
-    link(orchestrations, activities)
-    await nursery.start(orchestrations.run)
-    await nursery.start(activities.run)
-    await nursery.start(EntityProcessor(store, executor, signals, owner).run)
+class _Processors:
+    """The three processors of a hub, linked for hand-overs, and the client whose starts hand
+    new instances straight to the orchestration processor."""
+
+    def __init__(
+        self,
+        store: SqliteBackend,
+        signals: Signals,
+        registry: Registry | None,
+        remote: RemoteExecutor,
+    ) -> None:
+        local = LocalExecutor(registry) if registry is not None else None
+        executor = RoutingExecutor(local, remote)
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.orchestrations = OrchestrationProcessor(store, executor, signals, owner)
+        self.activities = ActivityProcessor(store, executor, signals, owner)
+        self.entities = EntityProcessor(store, executor, signals, owner)
+        link(self.orchestrations, self.activities)
+        self.client = HubClient(store, signals, self.orchestrations)
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self.orchestrations.run)
+        await nursery.start(self.activities.run)
+        await nursery.start(self.entities.run)

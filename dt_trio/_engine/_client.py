@@ -11,13 +11,17 @@ import logging
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from dt_trio._core import InstanceState, Status, check_entity_id, signal_event
 from dt_trio._core import _events as ev
 from dt_trio._engine._signals import Signals
 from dt_trio._errors import InstanceNotFound, InvalidRequest
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import Backend
+from dt_trio._store import Backend, OrchestrationWorkItem
+
+if TYPE_CHECKING:
+    from dt_trio._engine._processors import Processor
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +33,16 @@ def _now() -> datetime:
 class HubClient:
     """Instance operations over a store; waits are woken by the store's commits."""
 
-    def __init__(self, store: Backend, signals: Signals) -> None:
+    def __init__(
+        self,
+        store: Backend,
+        signals: Signals,
+        orchestrations: Processor[OrchestrationWorkItem] | None = None,
+    ) -> None:
         self.store = store
         self.signals = signals
+        # Where an instance that starts now goes straight from its creation (see `start`).
+        self.orchestrations = orchestrations
 
     async def start(
         self,
@@ -82,7 +93,16 @@ class HubClient:
             parent_trace_context=trace,
         )
         visible = start_at if start_at is not None and start_at > now else now
-        await self.store.create_instance(state, started, visible, replaceable)
+
+        async def create(lease_to: str | None) -> OrchestrationWorkItem | None:
+            return await self.store.create_instance(state, started, visible, replaceable, lease_to)
+
+        if self.orchestrations is not None:
+            # Leased in its creation's transaction: its first step starts without a wake-up
+            # and a lease of its own.
+            await self.orchestrations.hand_over(create)
+        else:
+            await create(None)
         log.info("%s: created orchestration '%s'", instance_id, name)
         return instance_id
 
@@ -92,18 +112,18 @@ class HubClient:
         """The instance once `done` holds (None if it does not exist). Waits for as long as
         it takes: bound it with the caller's deadline or cancel scope."""
         change = self.signals.instance_event(instance_id)
-        state = await self.store.get_instance(instance_id)
-        while state is not None and not done(state):
-            await change.wait()
-            known = change.state
-            change = self.signals.instance_event(instance_id)
-            if known is not None and done(known):
-                # `done` held when that commit was made, after the wait began: the answer,
-                # without reading back what the commit just wrote. (A state that is not done
-                # may be stale by now: read the store.)
-                return known
+        try:
             state = await self.store.get_instance(instance_id)
-        return state
+            while state is not None and not done(state):
+                await change.wait()
+                # What the latest commit wrote (later ones fire the next change), else read.
+                known = change.state
+                self.signals.release(instance_id, change)
+                change = self.signals.instance_event(instance_id)
+                state = known if known is not None else await self.store.get_instance(instance_id)
+            return state
+        finally:
+            self.signals.release(instance_id, change)
 
     async def signal_entity(
         self,

@@ -80,7 +80,7 @@ def _new_id() -> str:
 LEASE_BATCH = 64
 
 
-class _Processor(Generic[W]):
+class Processor(Generic[W]):
     """What the three processors share: the lease loop, one task per leased item, and
     releases that outlast a store outage.
 
@@ -139,6 +139,24 @@ class _Processor(Generic[W]):
             return
         for item in items:
             self._nursery.start_soon(self._process, item)
+
+    async def hand_over(self, commit: Callable[[str | None], Awaitable[W | None]]) -> W | None:
+        """Run a store commit that may lease one item to this processor in its own
+        transaction: `commit` gets our owner name if we have a free slot (else None, and it
+        leases nothing); the item it returns starts at once, with no lease and no wake-up of
+        its own. Shielded: a commit that leased an item must reach `accept`."""
+        reserved = self.reserve(1)
+        try:
+            with trio.CancelScope(shield=True):
+                item = await commit(self._owner if reserved else None)
+        except BaseException:
+            self.unreserve(reserved)
+            raise
+        if item is None:
+            self.unreserve(reserved)
+        else:
+            self.accept([item])
+        return item
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         log.info("%s: waiting for new work items...", self.name)
@@ -261,12 +279,12 @@ async def _sleep_until_work(wakeup: Wakeup, next_time: datetime | None) -> None:
         await wakeup.wait()
 
 
-class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
+class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
     """Runs orchestration steps: plan, execute on a worker, apply, commit."""
 
     name = "orchestration-processor"
     # The activity processor that takes the activities a commit leases (see `link`).
-    activities: _Processor[ActivityWorkItem] | None = None
+    activities: Processor[ActivityWorkItem] | None = None
 
     def _wakeup(self) -> Wakeup:
         return self._signals.orchestration_work
@@ -362,12 +380,12 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
             log.info("%s: '%s' %s", state.instance_id, state.name, result.state.status.label)
 
 
-class ActivityProcessor(_Processor[ActivityWorkItem]):
+class ActivityProcessor(Processor[ActivityWorkItem]):
     """Runs activities on workers and delivers their results to the orchestrations."""
 
     name = "activity-processor"
     # The orchestration processor that takes the steps a completion leases (see `link`).
-    orchestrations: _Processor[OrchestrationWorkItem] | None = None
+    orchestrations: Processor[OrchestrationWorkItem] | None = None
 
     def __init__(
         self,
@@ -444,23 +462,18 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
                 )
             # The orchestration, if idle, is leased in the same commit that delivers the
             # result, and its step starts at once.
-            helper = self.orchestrations
-            reserved = helper.reserve(1) if helper is not None else 0
-            try:
+            result = core.activity_result(response, _now())
+
+            async def complete(lease_to: str | None) -> OrchestrationWorkItem | None:
+                return await self._store.complete_activity(
+                    self._owner, item, result, lease_orchestration=lease_to is not None
+                )
+
+            if self.orchestrations is not None:
+                await self.orchestrations.hand_over(complete)
+            else:
                 with trio.CancelScope(shield=True):
-                    work = await self._store.complete_activity(
-                        self._owner,
-                        item,
-                        core.activity_result(response, _now()),
-                        lease_orchestration=reserved == 1,
-                    )
-            except BaseException:
-                if helper is not None:
-                    helper.unreserve(reserved)
-                raise
-            if helper is not None:
-                helper.unreserve(reserved - (work is not None))
-                helper.accept([work] if work is not None else [])
+                    await complete(None)
         except Exception as exc:
             error = exc
             await self._release(self._store.abandon_activity, self._owner, item, 0.0)
@@ -474,7 +487,7 @@ def link(orchestrations: OrchestrationProcessor, activities: ActivityProcessor) 
     activities.orchestrations = orchestrations
 
 
-class EntityProcessor(_Processor[EntityWorkItem]):
+class EntityProcessor(Processor[EntityWorkItem]):
     """Runs entity batches: settle locks, run the operations on a worker, commit the result."""
 
     name = "entity-processor"

@@ -29,12 +29,18 @@ class Wakeup:
 
 
 class InstanceChange:
-    """The next change of one instance. `state` is the instance's state as that change left it,
-    when the commit knew it (None: read the store)."""
+    """The next change of one instance. `state` is the instance's state after the latest
+    change, when the commit knew it (None: read the store). A change that fired keeps taking
+    later ones until its waiters have looked at it, so what they read is never stale."""
 
     def __init__(self) -> None:
         self._event = trio.Event()
         self.state: InstanceState | None = None
+        self.waiters = 0
+
+    @property
+    def fired(self) -> bool:
+        return self._event.is_set()
 
     def fire(self, state: InstanceState | None) -> None:
         self.state = state
@@ -63,14 +69,21 @@ class Signals:
         self.entity_work.set()
 
     def instance_changed(self, instance_id: str, state: InstanceState | None = None) -> None:
-        change = self._instances.pop(instance_id, None)
+        change = self._instances.get(instance_id)
         if change is not None:
             change.fire(state)
 
     def instance_event(self, instance_id: str) -> InstanceChange:
-        """The next change of the instance. Take it *before* reading the instance, so that a
-        change between the read and the wait is not missed."""
+        """The next change of the instance, for one waiter, who must `release` it. Take it
+        *before* reading the instance, so that a change between the read and the wait is not
+        missed."""
         change = self._instances.get(instance_id)
-        if change is None:
+        if change is None or change.fired:
             change = self._instances[instance_id] = InstanceChange()
+        change.waiters += 1
         return change
+
+    def release(self, instance_id: str, change: InstanceChange) -> None:
+        change.waiters -= 1
+        if change.waiters == 0 and self._instances.get(instance_id) is change:
+            del self._instances[instance_id]

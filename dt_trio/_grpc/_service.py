@@ -14,7 +14,7 @@ from google.protobuf import empty_pb2
 from dt_trio import _core as core
 from dt_trio._core import EntityState, InstanceState, Status
 from dt_trio._core import _events as ev
-from dt_trio._engine import HubClient, RemoteExecutor, Signals
+from dt_trio._engine import HubClient, RemoteExecutor
 from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest
 from dt_trio._proto import orchestrator_service_grpc as grpc_stubs
 from dt_trio._proto import orchestrator_service_pb2 as pb
@@ -154,10 +154,10 @@ def _state_message(state: InstanceState, payloads: bool) -> pb.OrchestrationStat
 class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[misc]
     """Every rpc of TaskHubSidecarService (a test checks that none is missing)."""
 
-    def __init__(self, store: Backend, executor: RemoteExecutor, signals: Signals) -> None:
+    def __init__(self, store: Backend, executor: RemoteExecutor, client: HubClient) -> None:
         self._store = store
         self._executor = executor
-        self._client = HubClient(store, signals)
+        self._client = client
 
     # -- client rpcs -------------------------------------------------------------------------
 

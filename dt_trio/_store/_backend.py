@@ -117,11 +117,14 @@ class Backend(Protocol):
         started: pb.HistoryEvent,
         visible_at: datetime,
         replaceable: Collection[Status] | None = None,
-    ) -> None:
+        lease_to: str | None = None,
+    ) -> OrchestrationWorkItem | None:
         """Create an instance with its ExecutionStarted message.
 
         An existing instance is replaced when its status is in `replaceable` (default: any
-        terminal status); otherwise `InstanceExists` is raised and nothing changes.
+        terminal status); otherwise `InstanceExists` is raised and nothing changes. With
+        `lease_to`, an instance that can start now is leased to that owner in the same
+        transaction and returned as a work item (a hand-over: no lease of its own).
         """
 
     async def get_instance(self, instance_id: str) -> InstanceState | None: ...

@@ -372,10 +372,12 @@ class SqliteBackend:
         started: pb.HistoryEvent,
         visible_at: datetime,
         replaceable: Collection[Status] | None = None,
-    ) -> None:
+        lease_to: str | None = None,
+    ) -> OrchestrationWorkItem | None:
         allowed = set(_TERMINAL) if replaceable is None else {int(s) for s in replaceable}
+        visible_us = _us(visible_at)
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> OrchestrationWorkItem | None:
             row = conn.execute(
                 "SELECT status FROM instances WHERE instance_id = ?", (state.instance_id,)
             ).fetchone()
@@ -384,10 +386,20 @@ class SqliteBackend:
                     raise InstanceExists(state.instance_id, Status(row["status"]).label)
                 _delete_instances(conn, [state.instance_id])
             _insert_instance(conn, state, started, visible_at)
+            now_us = _us(datetime.now(UTC))
+            if lease_to is None or visible_us > now_us:
+                return None
+            conn.execute(
+                "UPDATE instances SET locked_by = ?, dequeue_count = 1 WHERE instance_id = ?",
+                (lease_to, state.instance_id),
+            )
+            return _load_orchestrations(conn, [state.instance_id], now_us)[0]
 
-        await self._run_write(write)
-        self.listener.orchestration_work_added()
+        work = await self._run_write(write)
+        if work is None:
+            self.listener.orchestration_work_added()
         self.listener.instance_changed(state.instance_id)
+        return work
 
     async def get_instance(self, instance_id: str) -> InstanceState | None:
         def read(conn: sqlite3.Connection) -> InstanceState | None:
