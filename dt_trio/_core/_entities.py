@@ -348,7 +348,7 @@ def signal_event(
     signaled.targetInstanceId.value = target
     ev.set_str(signaled.input, input)
     if scheduled is not None:
-        signaled.scheduledTime.FromDatetime(scheduled)
+        ev.set_time(signaled.scheduledTime, scheduled)
     return event
 
 

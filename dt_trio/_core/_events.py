@@ -3,27 +3,44 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 HistoryEvent = pb.HistoryEvent
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def utc(dt: datetime) -> datetime:
     """Return `dt` as an aware UTC datetime (naive values are taken as UTC)."""
+    if dt.tzinfo is UTC:
+        return dt
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def to_datetime(ts: object) -> datetime:
-    """A protobuf Timestamp as an aware UTC datetime."""
-    return ts.ToDatetime(tzinfo=UTC)  # type: ignore[attr-defined, no-any-return]
+    """A protobuf Timestamp as an aware UTC datetime (to the microsecond)."""
+    seconds: int = ts.seconds  # type: ignore[attr-defined]
+    nanos: int = ts.nanos  # type: ignore[attr-defined]
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+
+
+def set_time(ts: object, dt: datetime) -> None:
+    """Fill a protobuf Timestamp with `dt` (naive values are taken as UTC). Integer arithmetic
+    on the datetime: Timestamp.FromDatetime goes through a time tuple and costs several
+    times as much, on every event of every step."""
+    seconds, micros = divmod((utc(dt) - _EPOCH) // _MICROSECOND, 1_000_000)
+    ts.seconds = seconds  # type: ignore[attr-defined]
+    ts.nanos = micros * 1000  # type: ignore[attr-defined]
 
 
 def new_event(now: datetime, event_id: int = -1) -> pb.HistoryEvent:
     """An empty history event stamped `now`; the caller sets its oneof payload."""
     event = pb.HistoryEvent(eventId=event_id)
-    event.timestamp.FromDatetime(utc(now))
+    set_time(event.timestamp, now)
     return event
 
 
@@ -75,7 +92,7 @@ def execution_started(
     if tags:
         started.tags.update(tags)
     if scheduled_start is not None:
-        started.scheduledStartTimestamp.FromDatetime(utc(scheduled_start))
+        set_time(started.scheduledStartTimestamp, scheduled_start)
     if parent is not None:
         started.parentInstance.CopyFrom(parent)
     if parent_trace_context is not None and parent_trace_context.ByteSize():
@@ -144,7 +161,7 @@ def task_failed(now: datetime, task_id: int, failure: pb.TaskFailureDetails) -> 
 def timer_fired(now: datetime, timer_id: int, fire_at: datetime) -> pb.HistoryEvent:
     event = new_event(now)
     event.timerFired.timerId = timer_id
-    event.timerFired.fireAt.FromDatetime(utc(fire_at))
+    set_time(event.timerFired.fireAt, fire_at)
     return event
 
 

@@ -314,18 +314,18 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         if isinstance(plan, core.Postpone):
             await self._store.postpone(self._owner, state.instance_id, plan.message_ids, plan.until)
             return
-        request = pb.OrchestratorRequest(
-            instanceId=state.instance_id,
-            pastEvents=plan.past_events,
-            newEvents=plan.new_events,
-        )
+        # Built in place: a message passed to a constructor is copied, history and all.
+        work_item = pb.WorkItem()
+        request = work_item.orchestratorRequest
+        request.instanceId = state.instance_id
+        request.pastEvents.extend(plan.past_events)
+        request.newEvents.extend(plan.new_events)
         request.executionId.value = state.execution_id
         if state.trace_context is not None:
             request.orchestrationTraceContext.CopyFrom(state.trace_context)
         try:
             pending = await self._executor.execute(
-                pb.WorkItem(orchestratorRequest=request),
-                Route(ORCHESTRATION, state.name, state.version),
+                work_item, Route(ORCHESTRATION, state.name, state.version)
             )
         except WorkAbandoned as abandoned:
             delay = max(abandoned.delay, _backoff(item.attempt))
@@ -428,7 +428,10 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
                 self._owner, item, ev.task_failed(_now(), item.scheduled.eventId, failure)
             )
             return
-        request = pb.ActivityRequest(name=scheduled.name, taskId=item.scheduled.eventId)
+        work_item = pb.WorkItem()
+        request = work_item.activityRequest
+        request.name = scheduled.name
+        request.taskId = item.scheduled.eventId
         if scheduled.HasField("version"):
             request.version.CopyFrom(scheduled.version)
         if scheduled.HasField("input"):
@@ -440,8 +443,7 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
         request.orchestrationInstance.executionId.value = item.execution_id
         try:
             pending = await self._executor.execute(
-                pb.WorkItem(activityRequest=request),
-                Route(ACTIVITY, scheduled.name, ev.opt_str(scheduled, "version")),
+                work_item, Route(ACTIVITY, scheduled.name, ev.opt_str(scheduled, "version"))
             )
         except WorkAbandoned as abandoned:
             delay = max(abandoned.delay, _backoff(item.dequeue_count))

@@ -119,7 +119,7 @@ def _entity_prefix(value: str | None) -> str | None:
 
 def _entity_message(entity: EntityState, include_state: bool) -> pb.EntityMetadata:
     msg = pb.EntityMetadata(instanceId=entity.instance_id, backlogQueueSize=entity.backlog)
-    msg.lastModifiedTime.FromDatetime(entity.last_modified_at)
+    ev.set_time(msg.lastModifiedTime, entity.last_modified_at)
     ev.set_str(msg.lockedBy, entity.lock_owner)
     if include_state:
         ev.set_str(msg.serializedState, entity.state)
@@ -134,12 +134,12 @@ def _state_message(state: InstanceState, payloads: bool) -> pb.OrchestrationStat
     )
     msg.executionId.value = state.execution_id
     ev.set_str(msg.version, state.version)
-    msg.createdTimestamp.FromDatetime(state.created_at)
-    msg.lastUpdatedTimestamp.FromDatetime(state.last_updated_at)
+    ev.set_time(msg.createdTimestamp, state.created_at)
+    ev.set_time(msg.lastUpdatedTimestamp, state.last_updated_at)
     if state.completed_at is not None:
-        msg.completedTimestamp.FromDatetime(state.completed_at)
+        ev.set_time(msg.completedTimestamp, state.completed_at)
     if state.scheduled_start_at is not None:
-        msg.scheduledStartTimestamp.FromDatetime(state.scheduled_start_at)
+        ev.set_time(msg.scheduledStartTimestamp, state.scheduled_start_at)
     if payloads:
         ev.set_str(msg.input, state.input)
         ev.set_str(msg.output, state.output)

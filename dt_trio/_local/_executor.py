@@ -126,16 +126,16 @@ class LocalExecutor:
                 else:
                     returned = fn(ctx, value)  # entity operations are short: no thread
                 ev.set_str(outcome.success.result, encode(returned))
-                outcome.success.startTimeUtc.FromDatetime(started)
-                outcome.success.endTimeUtc.FromDatetime(datetime.now(UTC))
+                ev.set_time(outcome.success.startTimeUtc, started)
+                ev.set_time(outcome.success.endTimeUtc, datetime.now(UTC))
                 state = ctx._state
                 for action in ctx._actions:
                     action.id = len(result.actions)
                     result.actions.append(action)
             except Exception as exc:
                 outcome.failure.failureDetails.CopyFrom(failure_details(exc))
-                outcome.failure.startTimeUtc.FromDatetime(started)
-                outcome.failure.endTimeUtc.FromDatetime(datetime.now(UTC))
+                ev.set_time(outcome.failure.startTimeUtc, started)
+                ev.set_time(outcome.failure.endTimeUtc, datetime.now(UTC))
         ev.set_str(result.entityState, encode(state))
         return result
 

@@ -181,7 +181,7 @@ class OrchestrationContext:
         if isinstance(fire_at, timedelta):
             fire_at = self.current_utc_datetime + fire_at
         action = self._new_action()
-        action.createTimer.fireAt.FromDatetime(ev.utc(fire_at))
+        ev.set_time(action.createTimer.fireAt, fire_at)
         task: CompletableTask[None] = CompletableTask()
         self._tasks[action.id] = task
         return task
@@ -222,7 +222,7 @@ class OrchestrationContext:
         signaled.targetInstanceId.value = entity_id
         ev.set_str(signaled.input, encode(input))
         if signal_time is not None:
-            signaled.scheduledTime.FromDatetime(ev.utc(signal_time))
+            ev.set_time(signaled.scheduledTime, signal_time)
 
     def call_entity(self, entity_id: str, operation: str, input: Any = None) -> Task[Any]:
         """Run an operation on an entity; the task's result is what the operation returns."""
