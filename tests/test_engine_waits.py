@@ -22,6 +22,18 @@ async def pending_instance(store: SqliteBackend) -> InstanceState:
     return state
 
 
+async def parked(signals: Signals, instance_id: str, waiters: int) -> None:
+    """Until `waiters` wait on the instance's next change (their store reads, which run in
+    threads, done: wait_all_tasks_blocked counts a task waiting for a thread as blocked)."""
+    while True:
+        change = signals._instances.get(instance_id)
+        if change is not None and not change.fired and change.waiters == waiters:
+            await trio.testing.wait_all_tasks_blocked()
+            if not change.fired and change.waiters == waiters:
+                return
+        await trio.sleep(0.001)
+
+
 async def test_a_waiter_gets_the_latest_of_changes_made_before_it_woke() -> None:
     signals = Signals()
     store = SqliteBackend("", listener=signals)
@@ -69,7 +81,7 @@ async def test_a_change_without_a_state_is_read_from_the_store() -> None:
                 await trio.testing.wait_all_tasks_blocked()
                 signals.instance_changed("i1", dataclasses.replace(state, status=Status.RUNNING))
                 signals.instance_changed("i1")  # e.g. purged: only the store knows
-                await trio.testing.wait_all_tasks_blocked()
+                await parked(signals, "i1", waiters=2)
                 assert got == []  # both read the store, which still says PENDING, and wait on
                 signals.instance_changed("i1", dataclasses.replace(state, status=Status.FAILED))
         assert [s.status for s in got if s is not None] == [Status.FAILED, Status.FAILED]
