@@ -298,6 +298,26 @@ def test_request_missing_a_pseudo_header_is_reset_alone_and_hpack_stays_in_step(
     assert events == [Request(3, dict(REQUEST + extra), True)]
 
 
+def test_a_repeated_header_block_means_what_the_table_says_now() -> None:
+    # The same bytes, sent again after the dynamic table changed, name other fields: a
+    # remembered decoding must not outlive the table it was made with.
+    conn, client, reference = connect(), Client(), hpack.Decoder()
+    other = (*REQUEST[:2], (":path", "/TaskHubSidecarService/GetInstance"), *REQUEST[3:])
+    first = client.block()  # every field enters the table
+    repeated = client.block()  # all indexed now: decoding it changes nothing
+    shifting = client.block(other)  # adds an entry: the indices shift
+    for stream_id, block in zip(
+        (1, 3, 5, 7, 9), (first, repeated, repeated, shifting, repeated), strict=True
+    ):
+        events = conn.receive(frame(HEADERS, END_HEADERS | END_STREAM, stream_id, block))
+        (request,) = [e for e in events if isinstance(e, Request)]
+        expected: dict[str, str] = {}
+        for name, value in reference.decode(block):
+            expected.setdefault(name, value)
+        assert request.headers == expected
+    assert expected != dict(REQUEST)  # the last one really meant something else
+
+
 def test_stream_beyond_the_concurrent_limit_is_refused_and_its_headers_still_decoded() -> None:
     conn, client = connect(max_concurrent_streams=1), Client()
     second = (*REQUEST, ("x-request-id", "second"))

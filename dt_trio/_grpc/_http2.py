@@ -40,6 +40,8 @@ COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
 S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
 S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
 
+# At most this many distinct header blocks are remembered per connection (see `_decode`).
+_DECODED_BLOCKS = 256
 MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65535
 MIN_FRAME_SIZE = 16384
@@ -191,6 +193,7 @@ class ServerConnection:
         self._block: tuple[int, bool, bytearray] | None = None
         self.closed = False
         self._table_update = False
+        self._decoded: dict[bytes, dict[str, str]] = {}  # see `_decode`
 
     # -- output --------------------------------------------------------------------------------
 
@@ -428,10 +431,7 @@ class ServerConnection:
         self, stream_id: int, end_stream: bool, block: bytes, events: list[Event]
     ) -> None:
         # Decoded whatever becomes of the stream: HPACK state is shared by the connection.
-        try:
-            fields = self._decoder.decode(block)
-        except (hpack.exceptions.HPACKError, UnicodeDecodeError, ValueError) as exc:
-            raise self._fail(COMPRESSION_ERROR, f"cannot decode a header block: {exc}") from exc
+        fields = self._decode(block)
         stream = self._streams.get(stream_id)
         if stream is not None:
             # trailers from the client: they must end the stream
@@ -449,9 +449,7 @@ class ServerConnection:
                 PROTOCOL_ERROR, f"HEADERS on closed or out-of-order stream {stream_id}"
             )
         self._last_stream_id = stream_id
-        headers: dict[str, str] = {}
-        for name, value in fields:
-            headers.setdefault(name, value)
+        headers = dict(fields)
         if not all(k in headers for k in (":method", ":path", ":scheme")):
             # malformed request (RFC 9113 8.1.1): a stream error
             self._out += _frame(RST_STREAM, 0, stream_id, _U32.pack(PROTOCOL_ERROR))
@@ -463,6 +461,31 @@ class ServerConnection:
             self._peer_initial_window, self._stream_window, remote_closed=end_stream
         )
         events.append(Request(stream_id, headers, end_stream))
+
+    def _decode(self, block: bytes) -> dict[str, str]:
+        """A header block's fields (the first value of a repeated name).
+
+        A client repeats the same few blocks (after its first requests, every field is an
+        index into the dynamic table), and decoding a block that adds nothing to the table
+        has no effect on it: such blocks are decoded once and remembered, until a block
+        changes the table (and so, perhaps, what the remembered ones mean)."""
+        known = self._decoded.get(block)
+        if known is not None:
+            return known
+        table = self._decoder.header_table.dynamic_entries
+        before = (len(table), table[0] if table else None)
+        try:
+            fields = self._decoder.decode(block)
+        except (hpack.exceptions.HPACKError, UnicodeDecodeError, ValueError) as exc:
+            raise self._fail(COMPRESSION_ERROR, f"cannot decode a header block: {exc}") from exc
+        headers: dict[str, str] = {}
+        for name, value in fields:
+            headers.setdefault(name, value)
+        if len(table) != before[0] or (table[0] if table else None) is not before[1]:
+            self._decoded.clear()
+        elif len(self._decoded) < _DECODED_BLOCKS:
+            self._decoded[bytes(block)] = headers
+        return headers
 
     def _on_settings(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if stream_id != 0:
