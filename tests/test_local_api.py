@@ -140,6 +140,8 @@ def sender(ctx: dt_trio.OrchestrationContext, target: str) -> Any:
 async def client(tmp_path: pathlib.Path) -> AsyncIterator[dt_trio.Client]:
     async with dt_trio.open_task_hub(str(tmp_path / "local.sqlite3"), registry=registry) as c:
         yield c
+        # Every test here doubles as a check of the store's instance cache.
+        assert await c._hub.store.verify_cache() == []  # type: ignore[attr-defined]
 
 
 async def run(client: dt_trio.Client, orchestrator: Any, input: Any = None) -> Any:

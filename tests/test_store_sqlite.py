@@ -352,3 +352,32 @@ async def test_leases_count_attempts_until_a_step_commits_or_waits(store: Sqlite
     await store.postpone("me", "i1", [m.id for m in item.inbox], now())  # a decision: reset
     item = await lease_one(store, "me")
     assert item is not None and item.attempt == 1
+
+
+def test_the_instance_cache_keeps_only_what_commits() -> None:
+    from dt_trio._store._sqlite import _InstanceCache
+
+    t = now()
+    a = (InstanceState("a", "o", "e", Status.RUNNING, t, t), ())
+    b = (InstanceState("b", "o", "e", Status.RUNNING, t, t), ())
+    cache = _InstanceCache(capacity=2)
+    cache.put("a", a)
+    assert cache.get("a") == a  # the transaction sees its own writes
+    cache.rollback()
+    assert cache.get("a") is None
+    cache.put("a", a)
+    mark = cache.mark()
+    cache.put("a", None)  # a write that drops it, then fails: back to its savepoint
+    cache.put("b", b)
+    cache.undo_to(mark)
+    assert (cache.get("a"), cache.get("b")) == (a, None)
+    cache.commit()
+    assert cache.get("a") == a
+    cache.put("a", None)
+    assert cache.get("a") is None  # dropped within the transaction
+    cache.rollback()
+    assert cache.get("a") == a  # ... which rolled back
+    for key in ("b", "c", "d"):
+        cache.put(key, b)
+    cache.commit()
+    assert cache.get("a") is None and cache.get("d") == b  # bounded: the oldest go first

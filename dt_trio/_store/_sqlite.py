@@ -7,6 +7,7 @@ reader connections so that they never wait behind a write transaction.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SCHEMA = (pathlib.Path(__file__).parent / "schema.sql").read_text()
 READERS = 4
+# Running instances whose row and history the writer keeps in memory (see _InstanceCache).
+CACHED_INSTANCES = 4096
 _TERMINAL = tuple(int(s) for s in Status if s.is_terminal)
 
 _INSTANCE_FIELDS = 16
@@ -165,6 +168,79 @@ class _WriteSlot:
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
 
 
+_Cached = tuple[InstanceState, tuple[pb.HistoryEvent, ...]]
+
+
+class _InstanceCache:
+    """The rows and histories of running instances, as last committed.
+
+    Without it every step's lease (and every hand-over) reads the instance row and parses its
+    whole history again. Only write transactions use it, in the writer's turn: what a write
+    puts or drops is pending until its transaction commits (`commit`), undone with its
+    savepoint (`undo_to`) or its transaction (`rollback`); reads within the transaction see
+    the pending state. One process owns the store, so nothing changes a cached instance
+    behind its back. Bounded; finished instances are dropped.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._entries: collections.OrderedDict[str, _Cached] = collections.OrderedDict()
+        self._pending: dict[str, _Cached | None] = {}
+        # (instance, had a pending value, that value): how to undo a put
+        self._journal: list[tuple[str, bool, _Cached | None]] = []
+        self._capacity = capacity
+
+    def get(self, instance_id: str) -> _Cached | None:
+        if instance_id in self._pending:
+            return self._pending[instance_id]
+        return self._entries.get(instance_id)
+
+    def put(self, instance_id: str, entry: _Cached | None) -> None:
+        """Cache `entry` for the instance (None: forget it) once the transaction commits."""
+        had = instance_id in self._pending
+        self._journal.append((instance_id, had, self._pending.get(instance_id)))
+        self._pending[instance_id] = entry
+
+    def mark(self) -> int:
+        return len(self._journal)
+
+    def undo_to(self, mark: int) -> None:
+        while len(self._journal) > mark:
+            instance_id, had, previous = self._journal.pop()
+            if had:
+                self._pending[instance_id] = previous
+            else:
+                del self._pending[instance_id]
+
+    def commit(self) -> None:
+        for instance_id, entry in self._pending.items():
+            if entry is None:
+                self._entries.pop(instance_id, None)
+            else:
+                self._entries[instance_id] = entry
+                self._entries.move_to_end(instance_id)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+        self.rollback()
+
+    def rollback(self) -> None:
+        self._pending.clear()
+        self._journal.clear()
+
+    def forget_all(self) -> None:
+        self._entries.clear()
+        self.rollback()
+
+
+class _WriterConnection(sqlite3.Connection):
+    """The writer's connection, carrying the cache its transactions keep (see `_cache`)."""
+
+    cache: _InstanceCache
+
+
+def _cache(conn: sqlite3.Connection) -> _InstanceCache | None:
+    return conn.cache if isinstance(conn, _WriterConnection) else None
+
+
 class _NullListener:
     def orchestration_work_added(self) -> None:
         pass
@@ -202,14 +278,24 @@ class SqliteBackend:
 
     # -- connections -----------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(
+        self, factory: type[sqlite3.Connection] = sqlite3.Connection
+    ) -> sqlite3.Connection:
         if self.path:
             conn = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=5.0
+                self.path,
+                check_same_thread=False,
+                isolation_level=None,
+                timeout=5.0,
+                factory=factory,
             )
         else:
             conn = sqlite3.connect(
-                self._memory_uri, uri=True, check_same_thread=False, isolation_level=None
+                self._memory_uri,
+                uri=True,
+                check_same_thread=False,
+                isolation_level=None,
+                factory=factory,
             )
         conn.row_factory = sqlite3.Row
         self._all.append(conn)
@@ -222,7 +308,9 @@ class SqliteBackend:
             if not file.exists():
                 # Owner-only: the store holds every payload of every orchestration.
                 file.touch(mode=0o600)
-        writer = self._connect()
+        writer = self._connect(_WriterConnection)
+        assert isinstance(writer, _WriterConnection)
+        writer.cache = _InstanceCache(CACHED_INSTANCES)
         if self.path:
             writer.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode loses nothing when the process dies; only an OS crash or power
@@ -298,13 +386,17 @@ class SqliteBackend:
             for slot in batch:
                 slot.outcome = outcome.Error(StoreUnavailable("the store is not open"))
             return
+        assert isinstance(conn, _WriterConnection)
+        cache = conn.cache
         # A lone write needs no savepoint: its failure rolls back the whole transaction.
         alone = len(batch) == 1
+        committed = False
         try:
             with _transaction(conn):
                 for slot in batch:
                     if not alone:
                         conn.execute("SAVEPOINT one_write")
+                    mark = cache.mark()
                     try:
                         slot.outcome = outcome.Value(slot.fn(conn))
                     except Exception as exc:
@@ -314,14 +406,21 @@ class SqliteBackend:
                         if alone:
                             raise _Failed from exc
                         conn.execute("ROLLBACK TO one_write")
+                        cache.undo_to(mark)
                     if not alone:
                         conn.execute("RELEASE one_write")
+            committed = True
         except _Failed:
             pass  # the transaction was rolled back; the write's outcome says why
         except sqlite3.Error as exc:
             failed = StoreUnavailable(f"the store cannot write: {exc}")
             for slot in batch:
                 slot.outcome = outcome.Error(failed)
+        finally:
+            if committed:
+                cache.commit()
+            else:
+                cache.rollback()
         self._note_health(
             next(
                 (
@@ -363,6 +462,32 @@ class SqliteBackend:
                 self._readers.put(conn)
 
         return await trio.to_thread.run_sync(call, limiter=self._read_limiter)
+
+    async def verify_cache(self) -> list[str]:
+        """Compare every cached instance with the store, in the writer's turn; returns the
+        differences (empty when the cache is coherent). For tests and diagnosis."""
+
+        def check(conn: sqlite3.Connection) -> list[str]:
+            cache = _cache(conn)
+            assert cache is not None
+            problems = []
+            for instance_id in {*cache._entries, *cache._pending}:
+                entry = cache.get(instance_id)
+                if entry is None:
+                    continue
+                row = conn.execute(
+                    f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE instance_id = ?",
+                    (instance_id,),
+                ).fetchone()
+                if row is None:
+                    problems.append(f"{instance_id}: cached, but not in the store")
+                elif _row_to_state(row) != entry[0]:
+                    problems.append(f"{instance_id}: cached row {entry[0]} != {_row_to_state(row)}")
+                elif _history(conn, instance_id) != list(entry[1]):
+                    problems.append(f"{instance_id}: cached history differs from the store's")
+            return problems
+
+        return await self._run_write(check)
 
     # -- instances -------------------------------------------------------------------------
 
@@ -455,6 +580,9 @@ class SqliteBackend:
                 "completed_at = NULL, last_updated_at = ? WHERE instance_id = ?",
                 (int(Status.RUNNING), now_us, instance_id),
             )
+            cache = _cache(conn)
+            if cache is not None:
+                cache.put(instance_id, None)  # read again at the next lease
             conn.execute(
                 "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
                 (instance_id, blob, now_us),
@@ -594,6 +722,9 @@ class SqliteBackend:
                 "entities",
             ):
                 conn.execute(f"DELETE FROM {table}")
+            cache = _cache(conn)
+            if cache is not None:
+                cache.forget_all()
 
         await self._run_write(write)
 
@@ -1077,14 +1208,42 @@ def _lease_next(
 def _load_orchestrations(
     conn: sqlite3.Connection, ids: list[str], now_us: int
 ) -> list[OrchestrationWorkItem]:
-    """The work items of instances just leased: row, history and visible inbox."""
+    """The work items of instances just leased: row, history and visible inbox. Rows and
+    histories come from the cache where it has them."""
+    cache = _cache(conn)
+    known = {i: e for i in ids if cache is not None and (e := cache.get(i)) is not None}
     marks = ",".join("?" * len(ids))
-    rows = conn.execute(
-        f"SELECT {_INSTANCE_COLUMNS}, dequeue_count FROM instances WHERE instance_id IN ({marks})",
-        ids,
-    ).fetchall()
-    states = {r["instance_id"]: _row_to_state(r) for r in rows}
-    attempts = {r["instance_id"]: r["dequeue_count"] for r in rows}
+    attempts: dict[str, int] = {}
+    states = {i: e[0] for i, e in known.items()}
+    histories = {i: list(e[1]) for i, e in known.items()}
+    if known:
+        attempts.update(
+            conn.execute(
+                f"SELECT instance_id, dequeue_count FROM instances WHERE instance_id IN ({marks})",
+                ids,
+            ).fetchall()
+        )
+    missing = [i for i in ids if i not in known]
+    if missing:
+        unknown = ",".join("?" * len(missing))
+        for r in conn.execute(
+            f"SELECT {_INSTANCE_COLUMNS}, dequeue_count FROM instances "
+            f"WHERE instance_id IN ({unknown})",
+            missing,
+        ):
+            states[r["instance_id"]] = _row_to_state(r)
+            attempts[r["instance_id"]] = r["dequeue_count"]
+        for i in missing:
+            histories[i] = []
+        for r in conn.execute(
+            f"SELECT instance_id, event FROM history WHERE instance_id IN ({unknown}) "
+            "ORDER BY instance_id, seq",
+            missing,
+        ):
+            histories[r[0]].append(_event(r[1]))
+        if cache is not None:
+            for i in missing:
+                cache.put(i, (states[i], tuple(histories[i])))
     inboxes: dict[str, list[InboxMessage]] = {i: [] for i in ids}
     for r in conn.execute(
         f"SELECT id, instance_id, event FROM inbox WHERE instance_id IN ({marks}) "
@@ -1092,13 +1251,6 @@ def _load_orchestrations(
         (*ids, now_us),
     ):
         inboxes[r[1]].append(InboxMessage(r[0], _event(r[2])))
-    histories: dict[str, list[pb.HistoryEvent]] = {i: [] for i in ids}
-    for r in conn.execute(
-        f"SELECT instance_id, event FROM history WHERE instance_id IN ({marks}) "
-        "ORDER BY instance_id, seq",
-        ids,
-    ):
-        histories[r[0]].append(_event(r[1]))
     return [OrchestrationWorkItem(states[i], histories[i], inboxes[i], attempts[i]) for i in ids]
 
 
@@ -1156,6 +1308,9 @@ def _insert_instance(
         "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
         (state.instance_id, started.SerializeToString(), _us(visible_at)),
     )
+    cache = _cache(conn)
+    if cache is not None:
+        cache.put(state.instance_id, (state, ()))
 
 
 def _insert_message(
@@ -1278,6 +1433,15 @@ def _apply_step(conn: sqlite3.Connection, result: StepResult) -> list[str]:
         "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
         [(state.instance_id, row[0], row[1]) for row in arrived],
     )
+    cache = _cache(conn)
+    if cache is not None:
+        known = cache.get(state.instance_id)
+        if state.status.is_terminal:
+            cache.put(state.instance_id, None)  # no more steps to serve
+        elif result.reset_history:
+            cache.put(state.instance_id, (state, tuple(result.history)))
+        elif known is not None:
+            cache.put(state.instance_id, (state, known[1] + tuple(result.history)))
     return changed
 
 
@@ -1323,3 +1487,7 @@ def _with_finished_descendants(conn: sqlite3.Connection, ids: Sequence[str]) -> 
 def _delete_instances(conn: sqlite3.Connection, ids: Sequence[str]) -> None:
     for table in ("history", "inbox", "activities", "instances"):
         conn.executemany(f"DELETE FROM {table} WHERE instance_id = ?", [(i,) for i in ids])
+    cache = _cache(conn)
+    if cache is not None:
+        for instance_id in ids:
+            cache.put(instance_id, None)
