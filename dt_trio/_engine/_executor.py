@@ -1,10 +1,11 @@
 """The remote executor: hands work items to SDK workers connected over GetWorkItems.
 
 A processor calls `execute(work_item, route)` and gets the worker's answer back, or
-`WorkAbandoned`. Each connected worker runs `stream(request)`. Waiting items sit in one FIFO
-queue; an item goes to a connected worker whose work-item filters accept its route (kind, name,
-version) and that is below its concurrency hint for that kind, the least busy one first. Every
-item sent carries a fresh completion token; `complete()`/`abandon()` find it by that token.
+`WorkAbandoned`. Each connected worker runs `stream(request)`. Waiting items sit in a FIFO
+queue per kind; an item goes to a connected worker whose work-item filters accept its route
+(kind, name, version) and that is below its concurrency hint for that kind, the least busy one
+first. Every item sent carries a fresh completion token; `complete()`/`abandon()` find it by
+that token.
 
 When a stream ends for any reason, the items it had not been sent yet go back to the queue for
 another worker, and the items it held unanswered are abandoned at once, so the processor
@@ -133,7 +134,11 @@ class RemoteExecutor:
     """The bridge between the processors and the workers' GetWorkItems streams."""
 
     def __init__(self) -> None:
-        self._queue: collections.deque[Pending] = collections.deque()
+        # One queue per kind: when no worker has room for activities, say, the items behind
+        # them are not walked over at every dispatch.
+        self._queues: dict[str, collections.deque[Pending]] = {
+            kind: collections.deque() for kind in (ORCHESTRATION, ACTIVITY, ENTITY)
+        }
         self._pending: dict[str, Pending] = {}
         self._workers: list[_Worker] = []
         self._numbers = itertools.count(1)
@@ -155,7 +160,7 @@ class RemoteExecutor:
         work_item.completionToken = token
         pending = Pending(token, work_item, route)
         self._pending[token] = pending
-        self._queue.append(pending)
+        self._queues[route.kind].append(pending)
         self._dispatch()
         try:
             await pending.answered.wait()
@@ -181,32 +186,32 @@ class RemoteExecutor:
 
     def _dispatch(self) -> None:
         """Hand queued items to workers that accept them and have room."""
-        if not self._workers or not self._queue:
+        if not self._workers:
             return
-        waiting: collections.deque[Pending] = collections.deque()
-        full: set[str] = set()  # kinds no worker has room for: their items just wait
-        while self._queue:
-            pending = self._queue.popleft()
-            if pending.answered.is_set():
-                continue  # withdrawn while queued
-            kind = pending.route.kind
-            if kind in full:
-                waiting.append(pending)
-                continue
+        for kind, queue in self._queues.items():
+            if queue:
+                self._dispatch_kind(kind, queue)
+
+    def _dispatch_kind(self, kind: str, queue: collections.deque[Pending]) -> None:
+        """Items of one kind in order, while some worker has room for that kind; an item that
+        no worker with room accepts (work-item filters) waits without holding up the rest."""
+        skipped: list[Pending] = []
+        while queue:
             with_room = [w for w in self._workers if w.has_room(kind)]
             if not with_room:
-                full.add(kind)
-                waiting.append(pending)
-                continue
+                break
+            pending = queue.popleft()
+            if pending.answered.is_set():
+                continue  # withdrawn while queued
             candidates = [w for w in with_room if w.accepts(pending.route)]
             if not candidates:
-                waiting.append(pending)
+                skipped.append(pending)
                 continue
             worker = min(candidates, key=lambda w: sum(w.in_flight.values()))
-            worker.in_flight[pending.route.kind] += 1
+            worker.in_flight[kind] += 1
             pending.worker = worker
             worker.send.send_nowait(pending)
-        self._queue = waiting
+        queue.extendleft(reversed(skipped))
 
     # -- rpc side --------------------------------------------------------------------------
 
@@ -263,7 +268,7 @@ class RemoteExecutor:
             for pending in unsent:  # never seen by this worker: another may take it
                 worker.in_flight[pending.route.kind] -= 1
                 pending.worker = None
-                self._queue.appendleft(pending)
+                self._queues[pending.route.kind].appendleft(pending)
             abandoned = [p for p in worker.held.values() if not p.answered.is_set()]
             for pending in abandoned:
                 pending.abandon(0.0)

@@ -350,29 +350,34 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
                     f"token belongs to instance '{state.instance_id}'"
                 )
             result = core.apply_response(state, plan, response, _now(), _new_id)
-            # The activities this step schedules are leased in its own commit, as many as the
-            # activity processor has room for: no second transaction, no wake-up in between.
-            helper = self.activities
-            reserved = helper.reserve(len(result.activities)) if helper is not None else 0
-            try:
-                with trio.CancelScope(shield=True):
-                    handed = await self._store.commit_step(self._owner, result, reserved)
-            except BaseException:
-                if helper is not None:
-                    helper.unreserve(reserved)
-                raise
-        except BaseException as exc:
-            self._executor.finish(pending, exc if isinstance(exc, Exception) else None)
+        except Exception as exc:
+            self._executor.finish(pending, exc)  # a bad answer: the worker is told
             await self._release(self._store.abandon_orchestration, self._owner, state.instance_id)
-            if isinstance(exc, InvalidRequest | LockLost):
-                # a bad answer (the worker is told), or an instance purged or deleted meanwhile
+            log.info("%s: a step of %s is dropped: %s", self.name, state.instance_id, exc)
+            return
+        # The worker is done: its rpc is answered and its slot freed now, not after the
+        # commit. The instance stays leased until the commit; if the commit fails, the step
+        # runs again, so nothing is lost.
+        self._executor.finish(pending)
+        # The activities this step schedules are leased in its own commit, as many as the
+        # activity processor has room for: no second transaction, no wake-up in between.
+        helper = self.activities
+        reserved = helper.reserve(len(result.activities)) if helper is not None else 0
+        try:
+            with trio.CancelScope(shield=True):
+                handed = await self._store.commit_step(self._owner, result, reserved)
+        except BaseException as exc:
+            if helper is not None:
+                helper.unreserve(reserved)
+            await self._release(self._store.abandon_orchestration, self._owner, state.instance_id)
+            if isinstance(exc, LockLost):
+                # the instance was purged or deleted meanwhile
                 log.info("%s: a step of %s is dropped: %s", self.name, state.instance_id, exc)
                 return
             if isinstance(exc, Exception):
                 _log_failure(self.name, f"the commit of a step of {state.instance_id}", exc)
                 return
             raise
-        self._executor.finish(pending)
         if helper is not None:
             helper.unreserve(reserved - len(handed))
             helper.accept(handed)
@@ -454,33 +459,41 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
             raise
         response = pending.response
         assert isinstance(response, pb.ActivityResponse)
-        error: Exception | None = None
-        try:
-            if response.instanceId != item.instance_id or response.taskId != request.taskId:
-                raise InvalidRequest(
+        if response.instanceId != item.instance_id or response.taskId != request.taskId:
+            self._executor.finish(
+                pending,
+                InvalidRequest(
                     f"the completion names instance '{response.instanceId}' task "
                     f"{response.taskId}, but its token belongs to instance "
                     f"'{item.instance_id}' task {request.taskId}"
-                )
-            # The orchestration, if idle, is leased in the same commit that delivers the
-            # result, and its step starts at once.
-            result = core.activity_result(response, _now())
+                ),
+            )
+            await self._release(self._store.abandon_activity, self._owner, item, 0.0)
+            return
+        # The worker is done: its rpc is answered and its slot freed now, not after the
+        # commit (as durabletask-go does). The activity stays leased until the commit; if the
+        # commit fails, the activity is handed out again, so nothing is lost.
+        self._executor.finish(pending)
+        # The orchestration, if idle, is leased in the same commit that delivers the
+        # result, and its step starts at once.
+        result = core.activity_result(response, _now())
 
-            async def complete(lease_to: str | None) -> OrchestrationWorkItem | None:
-                return await self._store.complete_activity(
-                    self._owner, item, result, lease_orchestration=lease_to is not None
-                )
+        async def complete(lease_to: str | None) -> OrchestrationWorkItem | None:
+            return await self._store.complete_activity(
+                self._owner, item, result, lease_orchestration=lease_to is not None
+            )
 
+        try:
             if self.orchestrations is not None:
                 await self.orchestrations.hand_over(complete)
             else:
                 with trio.CancelScope(shield=True):
                     await complete(None)
+        except LockLost:
+            raise  # the activity row is gone (its instance was purged): nothing to give back
         except Exception as exc:
-            error = exc
+            _log_failure(self.name, f"the result of {self._describe(item)}", exc)
             await self._release(self._store.abandon_activity, self._owner, item, 0.0)
-        finally:
-            self._executor.finish(pending, error)
 
 
 def link(orchestrations: OrchestrationProcessor, activities: ActivityProcessor) -> None:
