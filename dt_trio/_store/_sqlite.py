@@ -510,15 +510,13 @@ class SqliteBackend:
                 if row["status"] not in allowed:
                     raise InstanceExists(state.instance_id, Status(row["status"]).label)
                 _delete_instances(conn, [state.instance_id])
-            _insert_instance(conn, state, started, visible_at)
-            now_us = _us(datetime.now(UTC))
-            if lease_to is None or visible_us > now_us:
+            # a scheduled start waits for its time: no hand-over
+            owner = lease_to if visible_us <= _us(datetime.now(UTC)) else None
+            message_id = _insert_instance(conn, state, started, visible_at, owner)
+            if owner is None:
                 return None
-            conn.execute(
-                "UPDATE instances SET locked_by = ?, dequeue_count = 1 WHERE instance_id = ?",
-                (lease_to, state.instance_id),
-            )
-            return _load_orchestrations(conn, [state.instance_id], now_us)[0]
+            # All of it is known: nothing to read back.
+            return OrchestrationWorkItem(state, [], [InboxMessage(message_id, started)], 1)
 
         work = await self._run_write(write)
         if work is None:
@@ -1298,19 +1296,28 @@ def _check_lease(conn: sqlite3.Connection, owner: str, instance_id: str) -> None
 
 
 def _insert_instance(
-    conn: sqlite3.Connection, state: InstanceState, started: pb.HistoryEvent, visible_at: datetime
-) -> None:
+    conn: sqlite3.Connection,
+    state: InstanceState,
+    started: pb.HistoryEvent,
+    visible_at: datetime,
+    lease_to: str | None = None,
+) -> int:
+    """Insert the instance (leased to `lease_to`, if given) and its ExecutionStarted message;
+    returns the message's id."""
     conn.execute(
-        f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES ({','.join('?' * _INSTANCE_FIELDS)})",
-        _state_values(state),
+        f"INSERT INTO instances ({_INSTANCE_COLUMNS}, locked_by, dequeue_count) "
+        f"VALUES ({','.join('?' * _INSTANCE_FIELDS)}, ?, ?)",
+        (*_state_values(state), lease_to, 0 if lease_to is None else 1),
     )
-    conn.execute(
+    cursor = conn.execute(
         "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
         (state.instance_id, started.SerializeToString(), _us(visible_at)),
     )
     cache = _cache(conn)
     if cache is not None:
         cache.put(state.instance_id, (state, ()))
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
 
 
 def _insert_message(
@@ -1390,11 +1397,18 @@ def _apply_step(conn: sqlite3.Connection, result: StepResult) -> list[str]:
     if result.reset_history:
         conn.execute("DELETE FROM history WHERE instance_id = ?", (state.instance_id,))
         conn.execute("DELETE FROM activities WHERE instance_id = ?", (state.instance_id,))
+    cache = _cache(conn)
+    known = cache.get(state.instance_id) if cache is not None else None
     if result.history:
-        start = conn.execute(
-            "SELECT COALESCE(MAX(seq), -1) + 1 FROM history WHERE instance_id = ?",
-            (state.instance_id,),
-        ).fetchone()[0]
+        if result.reset_history:
+            start = 0
+        elif known is not None:
+            start = len(known[1])
+        else:
+            start = conn.execute(
+                "SELECT COALESCE(MAX(seq), -1) + 1 FROM history WHERE instance_id = ?",
+                (state.instance_id,),
+            ).fetchone()[0]
         conn.executemany(
             "INSERT INTO history (instance_id, seq, event) VALUES (?, ?, ?)",
             [
@@ -1433,9 +1447,7 @@ def _apply_step(conn: sqlite3.Connection, result: StepResult) -> list[str]:
         "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
         [(state.instance_id, row[0], row[1]) for row in arrived],
     )
-    cache = _cache(conn)
     if cache is not None:
-        known = cache.get(state.instance_id)
         if state.status.is_terminal:
             cache.put(state.instance_id, None)  # no more steps to serve
         elif result.reset_history:
