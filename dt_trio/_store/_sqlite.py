@@ -954,12 +954,8 @@ class SqliteBackend:
 
         def write(conn: sqlite3.Connection) -> tuple[list[str], list[ActivityWorkItem], bool]:
             _check_lease(conn, owner, state.instance_id)
-            changed = _apply_step(conn, result)
             leased: list[ActivityWorkItem] = []
-            if lease_activities > 0 and result.activities:
-                leased = _lease_new_activities(
-                    conn, owner, state.instance_id, state.execution_id, lease_activities
-                )
+            changed = _apply_step(conn, result, owner, lease_activities, leased)
             return changed, leased, _has_inbox(conn, state.instance_id)
 
         changed, leased, waiting = await self._run_write(write)
@@ -1252,33 +1248,6 @@ def _load_orchestrations(
     return [OrchestrationWorkItem(states[i], histories[i], inboxes[i], attempts[i]) for i in ids]
 
 
-def _lease_new_activities(
-    conn: sqlite3.Connection, owner: str, instance_id: str, execution_id: str, limit: int
-) -> list[ActivityWorkItem]:
-    """Lease up to `limit` waiting activities of one execution (those a step just scheduled)."""
-    rows = conn.execute(
-        "SELECT id, instance_id, execution_id, event, dequeue_count FROM activities "
-        "WHERE instance_id = ? AND execution_id = ? AND locked_by IS NULL ORDER BY id LIMIT ?",
-        (instance_id, execution_id, limit),
-    ).fetchall()
-    if rows:
-        conn.execute(
-            "UPDATE activities SET locked_by = ?, dequeue_count = dequeue_count + 1 "
-            f"WHERE id IN ({','.join('?' * len(rows))})",
-            (owner, *(r["id"] for r in rows)),
-        )
-    return [
-        ActivityWorkItem(
-            id=r["id"],
-            instance_id=r["instance_id"],
-            execution_id=r["execution_id"],
-            scheduled=_event(r["event"]),
-            dequeue_count=r["dequeue_count"] + 1,
-        )
-        for r in rows
-    ]
-
-
 def _check_entity_lease(conn: sqlite3.Connection, owner: str, entity_id: str) -> None:
     row = conn.execute(
         "SELECT leased_by FROM entities WHERE instance_id = ?", (entity_id,)
@@ -1389,7 +1358,13 @@ def _has_inbox(conn: sqlite3.Connection, instance_id: str) -> bool:
     return row.fetchone() is not None
 
 
-def _apply_step(conn: sqlite3.Connection, result: StepResult) -> list[str]:
+def _apply_step(
+    conn: sqlite3.Connection,
+    result: StepResult,
+    owner: str | None = None,
+    lease_activities: int = 0,
+    leased: list[ActivityWorkItem] | None = None,
+) -> list[str]:
     """Write one step: history, inbox consumption, instance row (lease cleared), outbox.
     Returns the ids of the instances whose state changed."""
     state = result.state
@@ -1425,11 +1400,32 @@ def _apply_step(conn: sqlite3.Connection, result: StepResult) -> list[str]:
         (*_state_values(state), state.instance_id),
     )
     now_us = _us(state.last_updated_at)
+    # The first `lease_activities` activities go to `owner` as they are written (a hand-over;
+    # their work items are appended to `leased`), the rest wait for the activity processor.
+    handed = result.activities[:lease_activities] if leased is not None else []
+    for activity in handed:
+        cursor = conn.execute(
+            "INSERT INTO activities (instance_id, execution_id, event, visible_at, locked_by, "
+            "dequeue_count) VALUES (?, ?, ?, ?, ?, 1)",
+            (
+                activity.instance_id,
+                activity.execution_id,
+                activity.scheduled.SerializeToString(),
+                now_us,
+                owner,
+            ),
+        )
+        assert cursor.lastrowid is not None and leased is not None
+        leased.append(
+            ActivityWorkItem(
+                cursor.lastrowid, activity.instance_id, activity.execution_id, activity.scheduled, 1
+            )
+        )
     conn.executemany(
         "INSERT INTO activities (instance_id, execution_id, event, visible_at) VALUES (?, ?, ?, ?)",
         [
             (a.instance_id, a.execution_id, a.scheduled.SerializeToString(), now_us)
-            for a in result.activities
+            for a in result.activities[len(handed) :]
         ],
     )
     changed += _start_instances(conn, result.new_instances, now_us)
