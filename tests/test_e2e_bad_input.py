@@ -23,10 +23,25 @@ def hello(ctx: task.OrchestrationContext, name: str) -> Any:
     return f"hello {name}"
 
 
+def echo(ctx: task.ActivityContext, value: str) -> str:
+    return value
+
+
+def passes_on(ctx: task.OrchestrationContext, value: str) -> Any:
+    return (yield ctx.call_activity(echo, input=value))
+
+
+# More than a worker receives (gRPC's default limit, 4 MiB), less than the sidecar accepts.
+TOO_LARGE_FOR_A_WORKER = "x" * (5 * 1024 * 1024)
+
+
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sidecar, Any]]:
     tmp: pathlib.Path = tmp_path_factory.mktemp("bad")
-    with running_sidecar(tmp) as sidecar, sdk_worker(sidecar.address, [waits, hello]):
+    with (
+        running_sidecar(tmp) as sidecar,
+        sdk_worker(sidecar.address, [waits, hello, passes_on], [echo]),
+    ):
         with grpc.insecure_channel(sidecar.address) as channel:
             yield sidecar, stubs.TaskHubSidecarServiceStub(channel)
 
@@ -202,3 +217,16 @@ def test_an_id_reuse_policy_decides_which_statuses_may_be_replaced(
     )
     state = c.wait_for_orchestration_completion("reuse-2", timeout=20)
     assert state is not None and json.loads(state.serialized_output) == "hello new"
+
+
+@pytest.mark.parametrize("orchestrator", [hello, passes_on], ids=["orchestration", "activity"])
+def test_a_work_item_too_large_for_a_worker_fails_and_the_worker_serves_on(
+    c: client.TaskHubGrpcClient, orchestrator: Any
+) -> None:
+    # Sent, it would end the worker's stream (and every item it holds) again and again.
+    instance_id = c.schedule_new_orchestration(orchestrator, input=TOO_LARGE_FOR_A_WORKER)
+    state = c.wait_for_orchestration_completion(instance_id, fetch_payloads=False, timeout=30)
+    assert state is not None and state.runtime_status == client.OrchestrationStatus.FAILED
+    assert state.failure_details is not None
+    assert state.failure_details.error_type == "WorkItemTooLargeError"
+    assert "bytes a worker receives" in state.failure_details.message

@@ -243,6 +243,24 @@ def finish_without_worker(
     )
 
 
+def fail_undeliverable(
+    state: InstanceState, dispatch: Dispatch, now: datetime, failure: pb.TaskFailureDetails
+) -> StepResult:
+    """End the execution because its step can reach no worker (too large for one, say): the
+    events it would have been shown are recorded, then the failure."""
+    new = [e for e in dispatch.new_events if not e.HasField("orchestratorStarted")]
+    return finish_without_worker(
+        state,
+        [*dispatch.past_events, *new],
+        dispatch.consumed,
+        now,
+        Status.FAILED,
+        None,
+        failure,
+        new,
+    )
+
+
 def apply_response(
     state: InstanceState,
     dispatch: Dispatch,

@@ -8,6 +8,7 @@ from dt_trio._engine._executor import (
     Route,
     RoutingExecutor,
     WorkAbandoned,
+    WorkTooLarge,
 )
 from dt_trio._engine._processors import (
     ActivityProcessor,
@@ -29,5 +30,6 @@ __all__ = [
     "RoutingExecutor",
     "Signals",
     "WorkAbandoned",
+    "WorkTooLarge",
     "link",
 ]

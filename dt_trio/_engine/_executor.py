@@ -37,6 +37,16 @@ ACTIVITY = "activity"
 ENTITY = "entity"
 
 
+# The largest work item sent to a worker: gRPC's default limit on a received message, which
+# the SDKs keep. A bigger one would end the worker's stream (and every item it holds) each
+# time it is sent; it fails instead (see WorkTooLarge).
+MAX_WORK_ITEM_BYTES = 4 * 1024 * 1024
+
+
+class WorkTooLarge(Exception):
+    """The work item is larger than a worker can receive: no worker will ever take it."""
+
+
 class WorkAbandoned(Exception):
     """The worker gave the item back, or its stream ended before it answered."""
 
@@ -133,7 +143,8 @@ class _Worker:
 class RemoteExecutor:
     """The bridge between the processors and the workers' GetWorkItems streams."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_work_item_bytes: int = MAX_WORK_ITEM_BYTES) -> None:
+        self.max_work_item_bytes = max_work_item_bytes
         # One queue per kind: when no worker has room for activities, say, the items behind
         # them are not walked over at every dispatch.
         self._queues: dict[str, collections.deque[Pending]] = {
@@ -153,9 +164,18 @@ class RemoteExecutor:
         """Send `work_item` to a worker that accepts `route` and wait for its answer.
 
         Returns the answered `Pending`; the caller must `finish()` it once the result is
-        committed (or failed to commit). Raises `WorkAbandoned`. On cancellation the item is
+        committed (or failed to commit). Raises `WorkAbandoned`, or `WorkTooLarge` for an item
+        no worker can receive. On cancellation the item is
         withdrawn.
         """
+        size = work_item.ByteSize()
+        if size > self.max_work_item_bytes:
+            raise WorkTooLarge(
+                f"the {route.kind} work item for '{route.name}' is {size} bytes, more than the "
+                f"{self.max_work_item_bytes} bytes a worker receives (gRPC's default message "
+                "limit); keep inputs, outputs and histories smaller (the SDKs can store large "
+                "payloads outside the history)"
+            )
         token = secrets.token_hex(12)
         work_item.completionToken = token
         pending = Pending(token, work_item, route)

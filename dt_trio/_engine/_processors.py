@@ -25,6 +25,7 @@ from dt_trio._engine._executor import (
     Executor,
     Route,
     WorkAbandoned,
+    WorkTooLarge,
 )
 from dt_trio._engine._signals import Signals, Wakeup
 from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
@@ -327,6 +328,13 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             pending = await self._executor.execute(
                 work_item, Route(ORCHESTRATION, state.name, state.version)
             )
+        except WorkTooLarge as exc:
+            log.warning("%s: %s fails: %s", self.name, state.instance_id, exc)
+            failure = ev.failure("WorkItemTooLargeError", str(exc))
+            await self._store.commit_step(
+                self._owner, core.fail_undeliverable(state, plan, _now(), failure)
+            )
+            return
         except WorkAbandoned as abandoned:
             delay = max(abandoned.delay, _backoff(item.attempt))
             await self._release(
@@ -450,6 +458,13 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
             pending = await self._executor.execute(
                 work_item, Route(ACTIVITY, scheduled.name, ev.opt_str(scheduled, "version"))
             )
+        except WorkTooLarge as exc:
+            log.warning("%s: %s fails: %s", item.instance_id, self._describe(item), exc)
+            failure = ev.failure("WorkItemTooLargeError", str(exc))
+            await self._store.complete_activity(
+                self._owner, item, ev.task_failed(_now(), item.scheduled.eventId, failure)
+            )
+            return
         except WorkAbandoned as abandoned:
             delay = max(abandoned.delay, _backoff(item.dequeue_count))
             await self._release(self._store.abandon_activity, self._owner, item, delay)
@@ -549,6 +564,12 @@ class EntityProcessor(Processor[EntityWorkItem]):
                 pb.WorkItem(entityRequestV2=core.entity_request(batch)),
                 Route(ENTITY, core.entity_name(entity_id)),
             )
+        except WorkTooLarge as exc:
+            log.warning("%s: a batch of %s fails: %s", self.name, entity_id, exc)
+            await self._store.commit_entity(
+                self._owner, core.fail_entity_batch(batch, _now(), str(exc))
+            )
+            return
         except WorkAbandoned as abandoned:
             later = _now() + timedelta(seconds=max(abandoned.delay, _backoff(item.attempt)))
             await self._release(
