@@ -305,7 +305,8 @@ class _Connection:
         )
         deadline = trio.current_time() + timeout if timeout is not None else float("inf")
         with trio.move_on_at(deadline) as deadline_scope:
-            await stream.ended.wait()
+            if not stream.ended.is_set():  # a unary request usually came whole: no extra turn
+                await stream.ended.wait()
             request = self._parse(path, signature.request_type, self._one_message(stream, decode))
             if signature.cardinality == Cardinality.UNARY_UNARY:
                 response = await method.method_fn(request, request=info)
