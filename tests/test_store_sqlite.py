@@ -358,9 +358,9 @@ def test_the_instance_cache_keeps_only_what_commits() -> None:
     from dt_trio._store._sqlite import _InstanceCache
 
     t = now()
-    a = (InstanceState("a", "o", "e", Status.RUNNING, t, t), ())
-    b = (InstanceState("b", "o", "e", Status.RUNNING, t, t), ())
-    cache = _InstanceCache(capacity=2)
+    a = (InstanceState("a", "o", "e", Status.RUNNING, t, t), (), 10)
+    b = (InstanceState("b", "o", "e", Status.RUNNING, t, t), (), 10)
+    cache = _InstanceCache(capacity=2, max_bytes=25)
     cache.put("a", a)
     assert cache.get("a") == a  # the transaction sees its own writes
     cache.rollback()
@@ -381,3 +381,6 @@ def test_the_instance_cache_keeps_only_what_commits() -> None:
         cache.put(key, b)
     cache.commit()
     assert cache.get("a") is None and cache.get("d") == b  # bounded: the oldest go first
+    cache.put("d", (b[0], (), 20))  # a history that grew: the bytes bound evicts "c" too
+    cache.commit()
+    assert (cache.get("c"), cache.get("d")) == (None, (b[0], (), 20))

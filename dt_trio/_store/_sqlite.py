@@ -64,6 +64,7 @@ SCHEMA = (pathlib.Path(__file__).parent / "schema.sql").read_text()
 READERS = 4
 # Running instances whose row and history the writer keeps in memory (see _InstanceCache).
 CACHED_INSTANCES = 4096
+CACHED_BYTES = 64 * 1024 * 1024  # ... and at most this much serialized history
 _TERMINAL = tuple(int(s) for s in Status if s.is_terminal)
 
 _INSTANCE_FIELDS = 16
@@ -168,7 +169,8 @@ class _WriteSlot:
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
 
 
-_Cached = tuple[InstanceState, tuple[pb.HistoryEvent, ...]]
+# (row, history, the history's serialized size)
+_Cached = tuple[InstanceState, tuple[pb.HistoryEvent, ...], int]
 
 
 class _InstanceCache:
@@ -179,11 +181,13 @@ class _InstanceCache:
     puts or drops is pending until its transaction commits (`commit`), undone with its
     savepoint (`undo_to`) or its transaction (`rollback`); reads within the transaction see
     the pending state. One process owns the store, so nothing changes a cached instance
-    behind its back. Bounded; finished instances are dropped.
+    behind its back. Bounded in entries and in bytes; finished instances are dropped.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int = CACHED_BYTES) -> None:
         self._entries: collections.OrderedDict[str, _Cached] = collections.OrderedDict()
+        self._bytes = 0  # the histories' total serialized size
+        self._max_bytes = max_bytes
         self._pending: dict[str, _Cached | None] = {}
         # (instance, had a pending value, that value): how to undo a put
         self._journal: list[tuple[str, bool, _Cached | None]] = []
@@ -213,13 +217,14 @@ class _InstanceCache:
 
     def commit(self) -> None:
         for instance_id, entry in self._pending.items():
-            if entry is None:
-                self._entries.pop(instance_id, None)
-            else:
+            old = self._entries.pop(instance_id, None)
+            if old is not None:
+                self._bytes -= old[2]
+            if entry is not None:
                 self._entries[instance_id] = entry
-                self._entries.move_to_end(instance_id)
-        while len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
+                self._bytes += entry[2]
+        while len(self._entries) > self._capacity or self._bytes > self._max_bytes:
+            self._bytes -= self._entries.popitem(last=False)[1][2]
         self.rollback()
 
     def rollback(self) -> None:
@@ -228,6 +233,7 @@ class _InstanceCache:
 
     def forget_all(self) -> None:
         self._entries.clear()
+        self._bytes = 0
         self.rollback()
 
 
@@ -1227,6 +1233,7 @@ def _load_orchestrations(
         ):
             states[r["instance_id"]] = _row_to_state(r)
             attempts[r["instance_id"]] = r["dequeue_count"]
+        sizes = dict.fromkeys(missing, 0)
         for i in missing:
             histories[i] = []
         for r in conn.execute(
@@ -1235,9 +1242,10 @@ def _load_orchestrations(
             missing,
         ):
             histories[r[0]].append(_event(r[1]))
+            sizes[r[0]] += len(r[1])
         if cache is not None:
             for i in missing:
-                cache.put(i, (states[i], tuple(histories[i])))
+                cache.put(i, (states[i], tuple(histories[i]), sizes[i]))
     inboxes: dict[str, list[InboxMessage]] = {i: [] for i in ids}
     for r in conn.execute(
         f"SELECT id, instance_id, event FROM inbox WHERE instance_id IN ({marks}) "
@@ -1284,7 +1292,7 @@ def _insert_instance(
     )
     cache = _cache(conn)
     if cache is not None:
-        cache.put(state.instance_id, (state, ()))
+        cache.put(state.instance_id, (state, (), 0))
     assert cursor.lastrowid is not None
     return cursor.lastrowid
 
@@ -1374,6 +1382,7 @@ def _apply_step(
         conn.execute("DELETE FROM activities WHERE instance_id = ?", (state.instance_id,))
     cache = _cache(conn)
     known = cache.get(state.instance_id) if cache is not None else None
+    blobs = [e.SerializeToString() for e in result.history]
     if result.history:
         if result.reset_history:
             start = 0
@@ -1386,10 +1395,7 @@ def _apply_step(
             ).fetchone()[0]
         conn.executemany(
             "INSERT INTO history (instance_id, seq, event) VALUES (?, ?, ?)",
-            [
-                (state.instance_id, start + i, e.SerializeToString())
-                for i, e in enumerate(result.history)
-            ],
+            [(state.instance_id, start + i, blob) for i, blob in enumerate(blobs)],
         )
     if result.consumed:
         conn.executemany("DELETE FROM inbox WHERE id = ?", [(i,) for i in result.consumed])
@@ -1447,9 +1453,10 @@ def _apply_step(
         if state.status.is_terminal:
             cache.put(state.instance_id, None)  # no more steps to serve
         elif result.reset_history:
-            cache.put(state.instance_id, (state, tuple(result.history)))
+            cache.put(state.instance_id, (state, tuple(result.history), sum(map(len, blobs))))
         elif known is not None:
-            cache.put(state.instance_id, (state, known[1] + tuple(result.history)))
+            size = known[2] + sum(map(len, blobs))
+            cache.put(state.instance_id, (state, known[1] + tuple(result.history), size))
     return changed
 
 
