@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from dt_trio._core import InstanceState, Status, check_entity_id, signal_event
+from dt_trio._core import InboxMessage, InstanceState, Status, check_entity_id, signal_event
 from dt_trio._core import _events as ev
 from dt_trio._engine._signals import Signals
 from dt_trio._errors import InstanceNotFound, InvalidRequest
@@ -99,8 +99,14 @@ class HubClient:
 
         if self.orchestrations is not None:
             # Leased in its creation's transaction: its first step starts without a wake-up
-            # and a lease of its own.
-            await self.orchestrations.hand_over(create)
+            # and a lease of its own, and, if it starts now, beside that transaction: the
+            # message id is the store's to give (the step waits for it before its commit).
+            expected = (
+                OrchestrationWorkItem(state, [], [InboxMessage(0, started)])
+                if visible <= now
+                else None
+            )
+            await self.orchestrations.hand_over(create, expected)
         else:
             await create(None)
         log.info("%s: created orchestration '%s'", instance_id, name)

@@ -7,6 +7,7 @@ while it has capacity; when the store has nothing visible it sleeps until a comm
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import uuid
@@ -81,6 +82,26 @@ def _new_id() -> str:
 LEASE_BATCH = 64
 
 
+class Early(Generic[W]):
+    """Work started before the commit that leases it (see `Processor.hand_over`). The commit
+    settles it with the item it leased, or None if it leased nothing (it failed, or the
+    instance could not be leased); the worker runs meanwhile instead of after the commit."""
+
+    def __init__(self) -> None:
+        self._settled = trio.Event()
+        self._item: W | None = None
+
+    def settle(self, item: W | None) -> None:
+        self._item = item
+        self._settled.set()
+
+    async def leased(self) -> W | None:
+        # Shielded: the commit that settles it is shielded too, so this wait is short.
+        with trio.CancelScope(shield=True):
+            await self._settled.wait()
+        return self._item
+
+
 class Processor(Generic[W]):
     """What the three processors share: the lease loop, one task per leased item, and
     releases that outlast a store outage.
@@ -141,18 +162,42 @@ class Processor(Generic[W]):
         for item in items:
             self._nursery.start_soon(self._process, item)
 
-    async def hand_over(self, commit: Callable[[str | None], Awaitable[W | None]]) -> W | None:
+    def start_early(self, items: Sequence[W]) -> list[Early[W]]:
+        """Start items a commit not yet made will lease, each on a reserved slot: each waits
+        for its `Early` to be settled before it touches the store (see `_leased`)."""
+        assert self._nursery is not None, "slots are reserved only while running"
+        early: list[Early[W]] = []
+        for item in items:
+            early.append(Early())
+            self._nursery.start_soon(self._process, item, early[-1])
+        return early
+
+    async def hand_over(
+        self,
+        commit: Callable[[str | None], Awaitable[W | None]],
+        expected: W | None = None,
+    ) -> W | None:
         """Run a store commit that may lease one item to this processor in its own
         transaction: `commit` gets our owner name if we have a free slot (else None, and it
         leases nothing); the item it returns starts at once, with no lease and no wake-up of
-        its own. Shielded: a commit that leased an item must reach `accept`."""
+        its own. With `expected`, the item the commit will lease if it succeeds, its work
+        starts before the commit (see `start_early`). Shielded: a commit that leased an item
+        must reach `accept`."""
         reserved = self.reserve(1)
+        early = self.start_early([expected]) if reserved and expected is not None else []
+        item = None
         try:
             with trio.CancelScope(shield=True):
                 item = await commit(self._owner if reserved else None)
         except BaseException:
-            self.unreserve(reserved)
+            if not early:
+                self.unreserve(reserved)
             raise
+        finally:
+            for started in early:
+                started.settle(item)  # the early task owns the slot from here
+        if early:
+            return item
         if item is None:
             self.unreserve(reserved)
         else:
@@ -170,8 +215,15 @@ class Processor(Generic[W]):
     async def _lease(self, limit: int) -> Leased[W]:
         raise NotImplementedError
 
-    async def _step(self, item: W) -> None:
+    async def _step(self, item: W, early: Early[W] | None = None) -> None:
+        """Run `item`; with `early`, before the commit that leases it (see `_leased`)."""
         raise NotImplementedError
+
+    @staticmethod
+    async def _leased(item: W, early: Early[W] | None) -> W | None:
+        """The item as leased: a step started early calls this before it touches the store,
+        and stops if its commit leased nothing (the worker's answer is then dropped)."""
+        return item if early is None else await early.leased()
 
     async def _give_back(self, item: W, delay: float) -> None:
         raise NotImplementedError
@@ -180,16 +232,18 @@ class Processor(Generic[W]):
         """The item, for a log line (ids only: payloads are never logged)."""
         raise NotImplementedError
 
-    async def _process(self, item: W) -> None:
+    async def _process(self, item: W, early: Early[W] | None = None) -> None:
         try:
-            await self._step(item)
+            await self._step(item, early)
         except LockLost as exc:
             # e.g. the instance was purged while its leftover events were being dropped
             log.info("%s: %s; the item is dropped", self.name, exc)
         except Exception as exc:
             # One work item's failure must not stop the hub: log it and retry the item later.
             _log_failure(self.name, self._describe(item), exc)
-            await self._give_back(item, FAILED_STEP_RETRY_SECONDS)
+            leased = await self._leased(item, early)
+            if leased is not None:
+                await self._give_back(leased, FAILED_STEP_RETRY_SECONDS)
         finally:
             self._slots.release()
 
@@ -296,6 +350,11 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
     def _describe(self, item: OrchestrationWorkItem) -> str:
         return f"a step of {item.state.instance_id}"
 
+    async def _step_leased(self, early: Early[OrchestrationWorkItem]) -> None:
+        leased = await early.leased()
+        if leased is not None:
+            await self._step(leased)
+
     async def _give_back(self, item: OrchestrationWorkItem, delay: float) -> None:
         await self._release(
             self._store.postpone,
@@ -306,9 +365,15 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             failed=True,
         )
 
-    async def _step(self, item: OrchestrationWorkItem) -> None:
+    async def _step(
+        self, item: OrchestrationWorkItem, early: Early[OrchestrationWorkItem] | None = None
+    ) -> None:
         state = item.state
         plan = core.plan_step(state, item.history, item.inbox, _now(), item.attempt)
+        if early is not None and not isinstance(plan, core.Dispatch):
+            # Nothing for a worker to do early: wait for the lease, then the ordinary way.
+            await self._step_leased(early)
+            return
         if isinstance(plan, core.Settle):
             await self._store.commit_step(self._owner, plan.result)
             return
@@ -328,15 +393,19 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             pending = await self._executor.execute(
                 work_item, Route(ORCHESTRATION, state.name, state.version)
             )
-        except WorkTooLarge as exc:
-            log.warning("%s: %s fails: %s", self.name, state.instance_id, exc)
-            failure = ev.failure("WorkItemTooLargeError", str(exc))
-            await self._store.commit_step(
-                self._owner, core.fail_undeliverable(state, plan, _now(), failure)
-            )
-            return
-        except WorkAbandoned as abandoned:
-            delay = max(abandoned.delay, _backoff(item.attempt))
+        except (WorkTooLarge, WorkAbandoned) as exc:
+            if early is not None:
+                # The failure is handled for the item as leased, if it is leased.
+                await self._step_leased(early)
+                return
+            if isinstance(exc, WorkTooLarge):
+                log.warning("%s: %s fails: %s", self.name, state.instance_id, exc)
+                failure = ev.failure("WorkItemTooLargeError", str(exc))
+                await self._store.commit_step(
+                    self._owner, core.fail_undeliverable(state, plan, _now(), failure)
+                )
+                return
+            delay = max(exc.delay, _backoff(item.attempt))
             await self._release(
                 self._store.postpone,
                 self._owner,
@@ -347,8 +416,23 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             )
             return
         except BaseException:
-            await self._release(self._store.abandon_orchestration, self._owner, state.instance_id)
+            if await self._leased(item, early) is not None:
+                await self._release(
+                    self._store.abandon_orchestration, self._owner, state.instance_id
+                )
             raise
+        if early is not None:
+            leased = await early.leased()
+            if leased is None or not _same_work(item, leased):
+                # Nobody leased what the worker ran (the commit failed, say): its answer is
+                # dropped, and a lease of something else runs the ordinary way.
+                self._executor.finish(pending)
+                if leased is not None:
+                    await self._step(leased)
+                return
+            # The worker ran exactly the leased item: its messages now have the store's ids.
+            item = leased
+            plan = dataclasses.replace(plan, consumed=tuple(m.id for m in leased.inbox))
         response = pending.response
         assert isinstance(response, pb.OrchestratorResponse)
         try:
@@ -368,15 +452,27 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         # runs again, so nothing is lost.
         self._executor.finish(pending)
         # The activities this step schedules are leased in its own commit, as many as the
-        # activity processor has room for: no second transaction, no wake-up in between.
+        # activity processor has room for, and sent to workers beside that commit instead of
+        # after it: an activity's result is delivered only once the commit is made (see
+        # `ActivityProcessor._step`); if it fails, the step runs again and so do they.
         helper = self.activities
         reserved = helper.reserve(len(result.activities)) if helper is not None else 0
+        activities = (
+            helper.start_early(
+                [
+                    # the row id is the commit's to give (see `_leased`)
+                    ActivityWorkItem(0, a.instance_id, a.execution_id, a.scheduled, 1)
+                    for a in result.activities[:reserved]
+                ]
+            )
+            if helper is not None and reserved
+            else []
+        )
+        handed: list[ActivityWorkItem] = []
         try:
             with trio.CancelScope(shield=True):
                 handed = await self._store.commit_step(self._owner, result, reserved)
         except BaseException as exc:
-            if helper is not None:
-                helper.unreserve(reserved)
             await self._release(self._store.abandon_orchestration, self._owner, state.instance_id)
             if isinstance(exc, LockLost):
                 # the instance was purged or deleted meanwhile
@@ -386,9 +482,10 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
                 _log_failure(self.name, f"the commit of a step of {state.instance_id}", exc)
                 return
             raise
-        if helper is not None:
-            helper.unreserve(reserved - len(handed))
-            helper.accept(handed)
+        finally:
+            # in the order the commit wrote them; none if it failed
+            for i, started in enumerate(activities):
+                started.settle(handed[i] if i < len(handed) else None)
         if result.state.status != state.status and result.state.status.is_terminal:
             log.info("%s: '%s' %s", state.instance_id, state.name, result.state.status.label)
 
@@ -424,7 +521,23 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
     async def _give_back(self, item: ActivityWorkItem, delay: float) -> None:
         await self._release(self._store.abandon_activity, self._owner, item, delay)
 
-    async def _step(self, item: ActivityWorkItem) -> None:
+    async def _not_run(self, item: ActivityWorkItem, exc: BaseException) -> None:
+        """Settle a leased activity no worker answered; `exc` says why."""
+        if isinstance(exc, WorkTooLarge):
+            log.warning("%s: %s fails: %s", item.instance_id, self._describe(item), exc)
+            failure = ev.failure("WorkItemTooLargeError", str(exc))
+            await self._store.complete_activity(
+                self._owner, item, ev.task_failed(_now(), item.scheduled.eventId, failure)
+            )
+        elif isinstance(exc, WorkAbandoned):
+            delay = max(exc.delay, _backoff(item.dequeue_count))
+            await self._release(self._store.abandon_activity, self._owner, item, delay)
+        else:
+            await self._release(self._store.abandon_activity, self._owner, item, 0.0)
+
+    async def _step(
+        self, item: ActivityWorkItem, early: Early[ActivityWorkItem] | None = None
+    ) -> None:
         scheduled = item.scheduled.taskScheduled
         if item.dequeue_count > self._max_attempts:
             # Handed out again and again without an answer: its worker crashes on it or gives
@@ -458,20 +571,15 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
             pending = await self._executor.execute(
                 work_item, Route(ACTIVITY, scheduled.name, ev.opt_str(scheduled, "version"))
             )
-        except WorkTooLarge as exc:
-            log.warning("%s: %s fails: %s", item.instance_id, self._describe(item), exc)
-            failure = ev.failure("WorkItemTooLargeError", str(exc))
-            await self._store.complete_activity(
-                self._owner, item, ev.task_failed(_now(), item.scheduled.eventId, failure)
-            )
+        except BaseException as exc:
+            # Started early, the activity is touched in the store only as its step's commit
+            # wrote it, and only if that commit was made.
+            leased = await self._leased(item, early)
+            if leased is not None:
+                await self._not_run(leased, exc)
+            if not isinstance(exc, (WorkTooLarge, WorkAbandoned)):
+                raise
             return
-        except WorkAbandoned as abandoned:
-            delay = max(abandoned.delay, _backoff(item.dequeue_count))
-            await self._release(self._store.abandon_activity, self._owner, item, delay)
-            return
-        except BaseException:
-            await self._release(self._store.abandon_activity, self._owner, item, 0.0)
-            raise
         response = pending.response
         assert isinstance(response, pb.ActivityResponse)
         if response.instanceId != item.instance_id or response.taskId != request.taskId:
@@ -483,12 +591,23 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
                     f"'{item.instance_id}' task {request.taskId}"
                 ),
             )
-            await self._release(self._store.abandon_activity, self._owner, item, 0.0)
+            leased = await self._leased(item, early)
+            if leased is not None:
+                await self._release(self._store.abandon_activity, self._owner, leased, 0.0)
             return
         # The worker is done: its rpc is answered and its slot freed now, not after the
         # commit (as durabletask-go does). The activity stays leased until the commit; if the
         # commit fails, the activity is handed out again, so nothing is lost.
         self._executor.finish(pending)
+        leased = await self._leased(item, early)
+        if leased is None:
+            log.info(
+                "%s: the result of %s is dropped: the step that scheduled it was not committed",
+                item.instance_id,
+                self._describe(item),
+            )
+            return
+        item = leased
         # The orchestration, if idle, is leased in the same commit that delivers the
         # result, and its step starts at once.
         result = core.activity_result(response, _now())
@@ -509,6 +628,16 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
         except Exception as exc:
             _log_failure(self.name, f"the result of {self._describe(item)}", exc)
             await self._release(self._store.abandon_activity, self._owner, item, 0.0)
+
+
+def _same_work(ran: OrchestrationWorkItem, leased: OrchestrationWorkItem) -> bool:
+    """Whether a step started early ran on what its commit leased (message ids aside)."""
+    return (
+        ran.state == leased.state
+        and ran.attempt == leased.attempt
+        and ran.history == leased.history
+        and [m.event for m in ran.inbox] == [m.event for m in leased.inbox]
+    )
 
 
 def link(orchestrations: OrchestrationProcessor, activities: ActivityProcessor) -> None:
@@ -541,7 +670,8 @@ class EntityProcessor(Processor[EntityWorkItem]):
             failed=True,
         )
 
-    async def _step(self, item: EntityWorkItem) -> None:
+    async def _step(self, item: EntityWorkItem, early: Early[EntityWorkItem] | None = None) -> None:
+        assert early is None, "entity batches are leased before they run"
         entity_id = item.entity.instance_id
         batch = core.plan_entity_batch(item.entity, item.inbox, _now())
         if not batch.operations:
