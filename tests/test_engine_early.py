@@ -5,11 +5,14 @@ counts only once that commit is made; if it fails, the answer is dropped and not
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import trio
 
-from dt_trio._core import Status, StepResult
+from dt_trio._core import InstanceState, Status, StepResult
+from dt_trio._core import _events as ev
 from dt_trio._engine import (
     ActivityProcessor,
     HubClient,
@@ -20,27 +23,45 @@ from dt_trio._engine import (
 from dt_trio._engine._processors import link
 from dt_trio._errors import StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import ActivityWorkItem, SqliteBackend
+from dt_trio._store import ActivityWorkItem, Handed, SqliteBackend
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
 
 
 class GatedStore(SqliteBackend):
-    """Holds back commits until told, and fails the first commit that schedules activities."""
+    """A store whose commits the tests hold back (`gates`: method name -> event that lets it
+    through) or disturb (`fail_first_step`, `event_before_result`)."""
 
     def __init__(self) -> None:
         self.signals = Signals()
         super().__init__("", listener=self.signals)
-        self.open_gate = trio.Event()
+        self.gates: dict[str, trio.Event] = {}
+        self.fail_first_step = False
+        self.event_before_result = False
         self.failed_steps = 0
 
-    async def create_instance(self, *args: object, **kw: object) -> object:
-        with trio.fail_after(5):  # the first step must reach the worker before this
-            await self.open_gate.wait()
-        return await super().create_instance(*args, **kw)  # type: ignore[arg-type]
+    async def _gate(self, name: str) -> None:
+        if name in self.gates:
+            with trio.fail_after(5):  # the work must reach the worker before the commit
+                await self.gates[name].wait()
+
+    async def create_instance(self, *args: Any, **kw: Any) -> Any:
+        await self._gate("create_instance")
+        return await super().create_instance(*args, **kw)
+
+    async def complete_activity(self, *args: Any, **kw: Any) -> Any:
+        await self._gate("complete_activity")
+        if self.event_before_result:
+            # an event that reaches the instance just before the result does
+            await self.enqueue(args[1].instance_id, ev.event_raised(now(), "late", None), now())
+        return await super().complete_activity(*args, **kw)
 
     async def commit_step(
         self, owner: str, result: StepResult, lease_activities: int = 0
-    ) -> list[ActivityWorkItem]:
-        if result.activities and not self.failed_steps:
+    ) -> Handed[ActivityWorkItem]:
+        if self.fail_first_step and result.activities and not self.failed_steps:
             self.failed_steps += 1
             raise StoreUnavailable("disk full (a test)")
         return await super().commit_step(owner, result, lease_activities)
@@ -78,19 +99,23 @@ def answer(request: pb.OrchestratorRequest) -> pb.OrchestratorResponse:
     return response
 
 
-async def test_work_reaches_the_worker_before_its_commit_and_counts_only_after_it(
-    hub: tuple[GatedStore, RemoteExecutor, HubClient],
-) -> None:
-    store, executor, client = hub
+async def run_one(
+    store: GatedStore, executor: RemoteExecutor, client: HubClient
+) -> tuple[InstanceState, list[str]]:
+    """Start an orchestration of one activity and play its worker; opens the gates as the
+    work reaches the worker. Returns the final state and the work the worker ran."""
     runs: list[str] = []
 
     async def worker() -> None:
         async for item in executor.stream(pb.GetWorkItemsRequest()):
             pending = executor.lookup(item.completionToken)
             if item.HasField("orchestratorRequest"):
+                request = item.orchestratorRequest
                 runs.append("orchestrator")
-                store.open_gate.set()  # the instance is created only now
-                await executor.complete(pending, answer(item.orchestratorRequest))
+                store.gates.get("create_instance", trio.Event()).set()
+                if any(e.HasField("taskCompleted") for e in request.newEvents):
+                    store.gates.get("complete_activity", trio.Event()).set()
+                await executor.complete(pending, answer(request))
             elif item.HasField("activityRequest"):
                 runs.append("activity")
                 response = pb.ActivityResponse(
@@ -107,12 +132,48 @@ async def test_work_reaches_the_worker_before_its_commit_and_counts_only_after_i
             state = await client.wait(instance_id, lambda s: s.status.is_terminal)
             nursery.cancel_scope.cancel()
     assert state is not None and state.status == Status.COMPLETED
+    history = await store.get_history(instance_id)
+    assert sum(e.HasField("taskScheduled") for e in history) == 1
+    assert sum(e.HasField("taskCompleted") for e in history) == 1
+    await store.verify_cache()
+    return state, runs
+
+
+async def test_a_first_step_and_a_parked_step_reach_the_worker_before_their_commits(
+    hub: tuple[GatedStore, RemoteExecutor, HubClient],
+) -> None:
+    store, executor, client = hub
+    # Neither the creation nor the delivery of the result commits until the worker has the
+    # step that follows it: each step must start beside its commit.
+    store.gates = {"create_instance": trio.Event(), "complete_activity": trio.Event()}
+    state, runs = await run_one(store, executor, client)
+    assert state.output == '"run 1"'
+    assert runs == ["orchestrator", "activity", "orchestrator"]
+
+
+async def test_an_activity_sent_beside_a_failed_commit_runs_again_with_the_retried_step(
+    hub: tuple[GatedStore, RemoteExecutor, HubClient],
+) -> None:
+    store, executor, client = hub
+    store.fail_first_step = True
+    state, runs = await run_one(store, executor, client)
     # The first step's activity ran, but that step's commit failed: its answer was dropped,
     # the step ran again and so did the activity, whose second answer is the one delivered.
     assert store.failed_steps == 1
     assert runs.count("activity") == 2
     assert state.output == '"run 2"'
-    history = await store.get_history(instance_id)
-    assert sum(e.HasField("taskScheduled") for e in history) == 1
-    assert sum(e.HasField("taskCompleted") for e in history) == 1
-    await store.verify_cache()
+
+
+async def test_a_step_started_early_on_what_was_not_leased_is_dropped(
+    hub: tuple[GatedStore, RemoteExecutor, HubClient],
+) -> None:
+    store, executor, client = hub
+    # The instance's inbox holds an event besides the result when the result is delivered:
+    # the step started beside the delivery ran on less than what is leased (or the event's
+    # own lease came first); either way its answer is dropped and the leased step runs.
+    store.event_before_result = True
+    state, runs = await run_one(store, executor, client)
+    assert state.output == '"run 1"'
+    history = await store.get_history(state.instance_id)
+    assert sum(e.HasField("eventRaised") for e in history) == 1
+    assert runs.count("orchestrator") >= 3

@@ -7,6 +7,7 @@ while it has capacity; when the store has nothing visible it sleeps until a comm
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -18,6 +19,7 @@ from typing import Any, Generic, TypeVar
 import trio
 
 from dt_trio import _core as core
+from dt_trio._core import InboxMessage
 from dt_trio._core import _events as ev
 from dt_trio._engine._executor import (
     ACTIVITY,
@@ -35,6 +37,7 @@ from dt_trio._store import (
     ActivityWorkItem,
     Backend,
     EntityWorkItem,
+    Handed,
     Leased,
     OrchestrationWorkItem,
 )
@@ -334,12 +337,47 @@ async def _sleep_until_work(wakeup: Wakeup, next_time: datetime | None) -> None:
         await wakeup.wait()
 
 
+# At most this many instances are kept parked (see OrchestrationProcessor.expected_step).
+MAX_PARKED = 1024
+
+
 class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
     """Runs orchestration steps: plan, execute on a worker, apply, commit."""
 
     name = "orchestration-processor"
     # The activity processor that takes the activities a commit leases (see `link`).
     activities: Processor[ActivityWorkItem] | None = None
+
+    def __init__(
+        self,
+        store: Backend,
+        executor: Executor,
+        signals: Signals,
+        owner: str,
+        max_in_flight: int = 256,
+    ) -> None:
+        super().__init__(store, executor, signals, owner, max_in_flight)
+        # Instances whose last step this processor committed with nothing left in their
+        # inbox, as that commit left them (oldest first): what they wait for may start their
+        # next step beside its delivery.
+        self._parked: collections.OrderedDict[str, OrchestrationWorkItem] = (
+            collections.OrderedDict()
+        )
+
+    def expected_step(
+        self, instance_id: str, execution_id: str, event: pb.HistoryEvent
+    ) -> OrchestrationWorkItem | None:
+        """The work item a delivery of `event` would lease, if the instance is parked here
+        (else None): what `hand_over` needs to start that step beside the delivery."""
+        parked = self._parked.pop(instance_id, None)
+        if parked is None or parked.state.execution_id != execution_id:
+            return None
+        return dataclasses.replace(parked, inbox=[InboxMessage(0, event)])
+
+    def _park(self, item: OrchestrationWorkItem) -> None:
+        self._parked[item.state.instance_id] = item
+        if len(self._parked) > MAX_PARKED:
+            self._parked.popitem(last=False)
 
     def _wakeup(self) -> Wakeup:
         return self._signals.orchestration_work
@@ -369,6 +407,7 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         self, item: OrchestrationWorkItem, early: Early[OrchestrationWorkItem] | None = None
     ) -> None:
         state = item.state
+        self._parked.pop(state.instance_id, None)  # its state moves on
         plan = core.plan_step(state, item.history, item.inbox, _now(), item.attempt)
         if early is not None and not isinstance(plan, core.Dispatch):
             # Nothing for a worker to do early: wait for the lease, then the ordinary way.
@@ -468,7 +507,7 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             if helper is not None and reserved
             else []
         )
-        handed: list[ActivityWorkItem] = []
+        handed: Handed[ActivityWorkItem] = Handed()
         try:
             with trio.CancelScope(shield=True):
                 handed = await self._store.commit_step(self._owner, result, reserved)
@@ -486,6 +525,9 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             # in the order the commit wrote them; none if it failed
             for i, started in enumerate(activities):
                 started.settle(handed[i] if i < len(handed) else None)
+        if not (result.state.status.is_terminal or handed.waiting):
+            history = result.history if result.reset_history else [*item.history, *result.history]
+            self._park(OrchestrationWorkItem(result.state, history, []))
         if result.state.status != state.status and result.state.status.is_terminal:
             log.info("%s: '%s' %s", state.instance_id, state.name, result.state.status.label)
 
@@ -495,7 +537,7 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
 
     name = "activity-processor"
     # The orchestration processor that takes the steps a completion leases (see `link`).
-    orchestrations: Processor[OrchestrationWorkItem] | None = None
+    orchestrations: OrchestrationProcessor | None = None
 
     def __init__(
         self,
@@ -619,7 +661,11 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
 
         try:
             if self.orchestrations is not None:
-                await self.orchestrations.hand_over(complete)
+                # If the orchestration waits parked, its step starts beside this commit.
+                expected = self.orchestrations.expected_step(
+                    item.instance_id, item.execution_id, result
+                )
+                await self.orchestrations.hand_over(complete, expected)
             else:
                 with trio.CancelScope(shield=True):
                     await complete(None)

@@ -33,6 +33,13 @@ class Leased(list[W]):
     next_at: datetime | None = None
 
 
+class Handed(list[W]):
+    """The activities a step's commit leased to its owner (a hand-over), and whether
+    `waiting`: the instance has inbox events the orchestration processor will lease."""
+
+    waiting: bool = False
+
+
 @dataclass(frozen=True)
 class OrchestrationWorkItem:
     """A leased instance: its row, committed history and the visible inbox. `attempt` counts
@@ -177,11 +184,11 @@ class Backend(Protocol):
 
     async def commit_step(
         self, owner: str, result: StepResult, lease_activities: int = 0
-    ) -> list[ActivityWorkItem]:
+    ) -> Handed[ActivityWorkItem]:
         """Commit one orchestration step atomically and release the lease (`LockLost` if the
         lease is not `owner`'s). In the same transaction, lease up to `lease_activities` of the
         activities it scheduled to `owner` and return them (a hand-over: no lease of their
-        own)."""
+        own), in the order of `result.activities`."""
 
     async def commit_forced(self, result: StepResult, expected_update: datetime) -> bool:
         """Commit `result` over whatever the instance is doing, if the instance was not updated

@@ -50,6 +50,7 @@ from dt_trio._store._backend import (
     ActivityWorkItem,
     EntityFilter,
     EntityWorkItem,
+    Handed,
     InstanceFilter,
     Leased,
     OrchestrationWorkItem,
@@ -955,17 +956,18 @@ class SqliteBackend:
 
     async def commit_step(
         self, owner: str, result: StepResult, lease_activities: int = 0
-    ) -> list[ActivityWorkItem]:
+    ) -> Handed[ActivityWorkItem]:
         state = result.state
 
-        def write(conn: sqlite3.Connection) -> tuple[list[str], list[ActivityWorkItem], bool]:
+        def write(conn: sqlite3.Connection) -> tuple[list[str], Handed[ActivityWorkItem]]:
             _check_lease(conn, owner, state.instance_id)
-            leased: list[ActivityWorkItem] = []
+            leased: Handed[ActivityWorkItem] = Handed()
             changed = _apply_step(conn, result, owner, lease_activities, leased)
-            return changed, leased, _has_inbox(conn, state.instance_id)
+            leased.waiting = _has_inbox(conn, state.instance_id)
+            return changed, leased
 
-        changed, leased, waiting = await self._run_write(write)
-        self._after_step(result, changed, len(leased), waiting)
+        changed, leased = await self._run_write(write)
+        self._after_step(result, changed, len(leased), leased.waiting)
         return leased
 
     async def commit_forced(self, result: StepResult, expected_update: datetime) -> bool:
