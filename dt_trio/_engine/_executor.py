@@ -160,6 +160,9 @@ class RemoteExecutor:
 
     # -- processor side --------------------------------------------------------------------
 
+    def runs_here(self, route: Route) -> bool:
+        return False
+
     async def execute(self, work_item: pb.WorkItem, route: Route) -> Pending:
         """Send `work_item` to a worker that accepts `route` and wait for its answer.
 
@@ -315,6 +318,10 @@ class Executor(Protocol):
 
     def finish(self, answer: Answer, error: BaseException | None = None) -> None: ...
 
+    def runs_here(self, route: Route) -> bool:
+        """Whether work on `route` runs in this process (else on an SDK worker)."""
+        ...
+
 
 class LocalRunner(Executor, Protocol):
     """An executor for the work this process can run itself (dt_trio._local)."""
@@ -330,8 +337,12 @@ class RoutingExecutor:
         self.local = local
         self.remote = remote
 
+    def runs_here(self, route: Route) -> bool:
+        return self.local is not None and self.local.accepts(route)
+
     async def execute(self, work_item: pb.WorkItem, route: Route) -> Answer:
-        if self.local is not None and self.local.accepts(route):
+        if self.runs_here(route):
+            assert self.local is not None
             return await self.local.execute(work_item, route)
         return await self.remote.execute(work_item, route)
 

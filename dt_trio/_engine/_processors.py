@@ -165,15 +165,34 @@ class Processor(Generic[W]):
         for item in items:
             self._nursery.start_soon(self._process, item)
 
-    def start_early(self, items: Sequence[W]) -> list[Early[W]]:
-        """Start items a commit not yet made will lease, each on a reserved slot: each waits
-        for its `Early` to be settled before it touches the store (see `_leased`)."""
+    def start_early(self, items: Sequence[W]) -> list[Early[W] | None]:
+        """Start `items`, which a commit not yet made will lease, each on a reserved slot,
+        before that commit: each waits for its `Early` to be settled (`settle_early`) before
+        it touches the store (see `_leased`). Only work that runs in another process (an SDK
+        worker) starts early; work run here gets None and starts once leased, as it would
+        only compete with the commit for the interpreter."""
         assert self._nursery is not None, "slots are reserved only while running"
-        early: list[Early[W]] = []
+        early: list[Early[W] | None] = []
         for item in items:
-            early.append(Early())
-            self._nursery.start_soon(self._process, item, early[-1])
+            if self._executor.runs_here(self._route(item)):
+                early.append(None)
+            else:
+                early.append(Early())
+                self._nursery.start_soon(self._process, item, early[-1])
         return early
+
+    def settle_early(self, early: Sequence[Early[W] | None], leased: Sequence[W]) -> None:
+        """After the commit: what it leased, in the order of the items given to
+        `start_early` (those it did not lease are missing at the end). Early items learn
+        their fate; the others start now, or free their slot if not leased."""
+        for i, started in enumerate(early):
+            item = leased[i] if i < len(leased) else None
+            if started is not None:
+                started.settle(item)  # the early task owns the slot
+            elif item is not None:
+                self.accept([item])
+            else:
+                self.unreserve(1)
 
     async def hand_over(
         self,
@@ -183,28 +202,19 @@ class Processor(Generic[W]):
         """Run a store commit that may lease one item to this processor in its own
         transaction: `commit` gets our owner name if we have a free slot (else None, and it
         leases nothing); the item it returns starts at once, with no lease and no wake-up of
-        its own. With `expected`, the item the commit will lease if it succeeds, its work
-        starts before the commit (see `start_early`). Shielded: a commit that leased an item
+        its own. With `expected`, the item the commit will lease if it succeeds, its work may
+        start before the commit (see `start_early`). Shielded: a commit that leased an item
         must reach `accept`."""
-        reserved = self.reserve(1)
-        early = self.start_early([expected]) if reserved and expected is not None else []
+        if not self.reserve(1):
+            with trio.CancelScope(shield=True):
+                return await commit(None)
+        early = self.start_early([expected]) if expected is not None else [None]
         item = None
         try:
             with trio.CancelScope(shield=True):
-                item = await commit(self._owner if reserved else None)
-        except BaseException:
-            if not early:
-                self.unreserve(reserved)
-            raise
+                item = await commit(self._owner)
         finally:
-            for started in early:
-                started.settle(item)  # the early task owns the slot from here
-        if early:
-            return item
-        if item is None:
-            self.unreserve(reserved)
-        else:
-            self.accept([item])
+            self.settle_early(early, [] if item is None else [item])
         return item
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -213,6 +223,10 @@ class Processor(Generic[W]):
         await self._serve_leases(self._wakeup(), self._lease, self._process)
 
     def _wakeup(self) -> Wakeup:
+        raise NotImplementedError
+
+    def _route(self, item: W) -> Route:
+        """Where the item goes: what an executor and a worker's filters look at."""
         raise NotImplementedError
 
     async def _lease(self, limit: int) -> Leased[W]:
@@ -388,6 +402,9 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
     def _describe(self, item: OrchestrationWorkItem) -> str:
         return f"a step of {item.state.instance_id}"
 
+    def _route(self, item: OrchestrationWorkItem) -> Route:
+        return Route(ORCHESTRATION, item.state.name, item.state.version)
+
     async def _step_leased(self, early: Early[OrchestrationWorkItem]) -> None:
         leased = await early.leased()
         if leased is not None:
@@ -429,9 +446,7 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         if state.trace_context is not None:
             request.orchestrationTraceContext.CopyFrom(state.trace_context)
         try:
-            pending = await self._executor.execute(
-                work_item, Route(ORCHESTRATION, state.name, state.version)
-            )
+            pending = await self._executor.execute(work_item, self._route(item))
         except (WorkTooLarge, WorkAbandoned) as exc:
             if early is not None:
                 # The failure is handled for the item as leased, if it is leased.
@@ -491,12 +506,13 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         # runs again, so nothing is lost.
         self._executor.finish(pending)
         # The activities this step schedules are leased in its own commit, as many as the
-        # activity processor has room for, and sent to workers beside that commit instead of
-        # after it: an activity's result is delivered only once the commit is made (see
-        # `ActivityProcessor._step`); if it fails, the step runs again and so do they.
+        # activity processor has room for, and those for SDK workers are sent beside that
+        # commit instead of after it: an activity's result is delivered only once the commit
+        # is made (see `ActivityProcessor._step`); if it fails, the step runs again and so do
+        # they.
         helper = self.activities
         reserved = helper.reserve(len(result.activities)) if helper is not None else 0
-        activities = (
+        sent = (
             helper.start_early(
                 [
                     # the row id is the commit's to give (see `_leased`)
@@ -522,9 +538,8 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
                 return
             raise
         finally:
-            # in the order the commit wrote them; none if it failed
-            for i, started in enumerate(activities):
-                started.settle(handed[i] if i < len(handed) else None)
+            if helper is not None:
+                helper.settle_early(sent, handed)  # none if the commit failed
         if not (result.state.status.is_terminal or handed.waiting):
             history = result.history if result.reset_history else [*item.history, *result.history]
             self._park(OrchestrationWorkItem(result.state, history, []))
@@ -559,6 +574,10 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
 
     def _describe(self, item: ActivityWorkItem) -> str:
         return f"activity {item.scheduled.eventId} of {item.instance_id}"
+
+    def _route(self, item: ActivityWorkItem) -> Route:
+        scheduled = item.scheduled.taskScheduled
+        return Route(ACTIVITY, scheduled.name, ev.opt_str(scheduled, "version"))
 
     async def _give_back(self, item: ActivityWorkItem, delay: float) -> None:
         await self._release(self._store.abandon_activity, self._owner, item, delay)
@@ -610,9 +629,7 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
         request.orchestrationInstance.instanceId = item.instance_id
         request.orchestrationInstance.executionId.value = item.execution_id
         try:
-            pending = await self._executor.execute(
-                work_item, Route(ACTIVITY, scheduled.name, ev.opt_str(scheduled, "version"))
-            )
+            pending = await self._executor.execute(work_item, self._route(item))
         except BaseException as exc:
             # Started early, the activity is touched in the store only as its step's commit
             # wrote it, and only if that commit was made.
@@ -706,6 +723,9 @@ class EntityProcessor(Processor[EntityWorkItem]):
     def _describe(self, item: EntityWorkItem) -> str:
         return f"a batch of {item.entity.instance_id}"
 
+    def _route(self, item: EntityWorkItem) -> Route:
+        return Route(ENTITY, core.entity_name(item.entity.instance_id))
+
     async def _give_back(self, item: EntityWorkItem, delay: float) -> None:
         await self._release(
             self._store.postpone_entity,
@@ -738,7 +758,7 @@ class EntityProcessor(Processor[EntityWorkItem]):
         try:
             pending = await self._executor.execute(
                 pb.WorkItem(entityRequestV2=core.entity_request(batch)),
-                Route(ENTITY, core.entity_name(entity_id)),
+                self._route(item),
             )
         except WorkTooLarge as exc:
             log.warning("%s: a batch of %s fails: %s", self.name, entity_id, exc)

@@ -86,6 +86,9 @@ class LocalExecutor:
         self._registry = registry
         self._threads = trio.CapacityLimiter(thread_limit)
 
+    def runs_here(self, route: Route) -> bool:
+        return self.accepts(route)
+
     def accepts(self, route: Route) -> bool:
         if route.kind == ORCHESTRATION:
             return route.name in self._registry.orchestrators
