@@ -238,6 +238,40 @@ async def test_reopening_a_file_releases_leases_of_the_previous_process(
     assert oct(mode.st_mode & 0o777) == "0o600"
 
 
+async def test_work_held_by_processes_that_died_is_not_poisoned_by_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A sidecar killed again and again while it holds work (no worker connected yet, say)
+    has not tried that work: however many times it happens, the next lease is attempt 1."""
+    path = str(tmp_path / "hub.sqlite3")
+    for life in range(12):
+        store = SqliteBackend(path)
+        await store.open()
+        try:
+            if life == 0:
+                await create(store, new_state())
+                scheduled = ev.new_event(now(), 1)
+                scheduled.taskScheduled.name = "act"
+                item = await lease_one(store, "p")
+                assert item is not None
+                await store.commit_step(
+                    "p",
+                    StepResult(
+                        state=item.state,
+                        consumed=tuple(m.id for m in item.inbox),
+                        history=[m.event for m in item.inbox],
+                        activities=[ActivityTask("i1", "e0", scheduled)],
+                    ),
+                )
+                await store.enqueue("i1", ev.event_raised(now(), "e", None), now())
+            step = await lease_one(store, f"process {life}")
+            activity = await lease_one_activity(store, f"process {life}")
+            assert step is not None and step.attempt == 1
+            assert activity is not None and activity.dequeue_count == 1
+        finally:
+            await store.close()  # dies holding both leases
+
+
 async def test_continue_as_new_queues_its_start_and_carryover_before_late_arrivals(
     store: SqliteBackend,
 ) -> None:
@@ -338,12 +372,18 @@ async def test_leases_come_in_batches_earliest_first_and_never_twice(store: Sqli
     assert await store.lease_orchestrations("late", now(), 10) == []
 
 
-async def test_leases_count_attempts_until_a_step_commits_or_waits(store: SqliteBackend) -> None:
+async def test_failed_attempts_count_until_a_step_commits_or_waits(store: SqliteBackend) -> None:
     await create(store, new_state())
+    for _ in range(3):
+        # leases given back untried (a stopping hub), like leases a killed sidecar held
+        # before any worker saw them, do not count
+        item = await lease_one(store, "me")
+        assert item is not None and item.attempt == 1
+        await store.abandon_orchestration("me", "i1")
     for expected in (1, 2, 3):
         item = await lease_one(store, "me")
         assert item is not None and item.attempt == expected
-        await store.abandon_orchestration("me", "i1")
+        await store.abandon_orchestration("me", "i1", failed=True)
     item = await lease_one(store, "me")
     assert item is not None and item.attempt == 4
     await store.postpone("me", "i1", [m.id for m in item.inbox], now(), failed=True)

@@ -498,7 +498,9 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             result = core.apply_response(state, plan, response, _now(), _new_id)
         except Exception as exc:
             self._executor.finish(pending, exc)  # a bad answer: the worker is told
-            await self._release(self._store.abandon_orchestration, self._owner, state.instance_id)
+            await self._release(
+                self._store.abandon_orchestration, self._owner, state.instance_id, failed=True
+            )
             log.info("%s: a step of %s is dropped: %s", self.name, state.instance_id, exc)
             return
         # The worker is done: its rpc is answered and its slot freed now, not after the
@@ -528,7 +530,12 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             with trio.CancelScope(shield=True):
                 handed = await self._store.commit_step(self._owner, result, reserved)
         except BaseException as exc:
-            await self._release(self._store.abandon_orchestration, self._owner, state.instance_id)
+            await self._release(
+                self._store.abandon_orchestration,
+                self._owner,
+                state.instance_id,
+                failed=isinstance(exc, Exception),
+            )
             if isinstance(exc, LockLost):
                 # the instance was purged or deleted meanwhile
                 log.info("%s: a step of %s is dropped: %s", self.name, state.instance_id, exc)
@@ -580,7 +587,7 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
         return Route(ACTIVITY, scheduled.name, ev.opt_str(scheduled, "version"))
 
     async def _give_back(self, item: ActivityWorkItem, delay: float) -> None:
-        await self._release(self._store.abandon_activity, self._owner, item, delay)
+        await self._release(self._store.abandon_activity, self._owner, item, delay, failed=True)
 
     async def _not_run(self, item: ActivityWorkItem, exc: BaseException) -> None:
         """Settle a leased activity no worker answered; `exc` says why."""
@@ -592,8 +599,8 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
             )
         elif isinstance(exc, WorkAbandoned):
             delay = max(exc.delay, _backoff(item.dequeue_count))
-            await self._release(self._store.abandon_activity, self._owner, item, delay)
-        else:
+            await self._release(self._store.abandon_activity, self._owner, item, delay, failed=True)
+        else:  # cancelled: the hub is stopping, the activity was not tried
             await self._release(self._store.abandon_activity, self._owner, item, 0.0)
 
     async def _step(
@@ -652,7 +659,9 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
             )
             leased = await self._leased(item, early)
             if leased is not None:
-                await self._release(self._store.abandon_activity, self._owner, leased, 0.0)
+                await self._release(
+                    self._store.abandon_activity, self._owner, leased, 0.0, failed=True
+                )
             return
         # The worker is done: its rpc is answered and its slot freed now, not after the
         # commit (as durabletask-go does). The activity stays leased until the commit; if the
@@ -690,7 +699,7 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
             raise  # the activity row is gone (its instance was purged): nothing to give back
         except Exception as exc:
             _log_failure(self.name, f"the result of {self._describe(item)}", exc)
-            await self._release(self._store.abandon_activity, self._owner, item, 0.0)
+            await self._release(self._store.abandon_activity, self._owner, item, 0.0, failed=True)
 
 
 def _same_work(ran: OrchestrationWorkItem, leased: OrchestrationWorkItem) -> bool:

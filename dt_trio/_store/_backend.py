@@ -42,8 +42,8 @@ class Handed(list[W]):
 
 @dataclass(frozen=True)
 class OrchestrationWorkItem:
-    """A leased instance: its row, committed history and the visible inbox. `attempt` counts
-    the leases since its last committed step (1 for a fresh one)."""
+    """A leased instance: its row, committed history and the visible inbox. `attempt` is 1
+    plus the attempts at its next step that failed (see `Backend.postpone`)."""
 
     state: InstanceState
     history: list[pb.HistoryEvent]
@@ -53,7 +53,8 @@ class OrchestrationWorkItem:
 
 @dataclass(frozen=True)
 class ActivityWorkItem:
-    """A leased activity. `scheduled` is its TaskScheduled event (eventId = task id)."""
+    """A leased activity. `scheduled` is its TaskScheduled event (eventId = task id);
+    `dequeue_count` is this attempt's number: 1 plus the attempts that failed."""
 
     id: int
     instance_id: str
@@ -65,7 +66,8 @@ class ActivityWorkItem:
 @dataclass(frozen=True)
 class EntityWorkItem:
     """A leased entity: its row and its whole visible queue (deferred messages included, as
-    they keep their place in the order). `attempt` counts leases since its last commit."""
+    they keep their place in the order). `attempt` is 1 plus the failed attempts since its
+    last commit."""
 
     entity: EntityState
     inbox: list[InboxMessage]
@@ -207,8 +209,12 @@ class Backend(Protocol):
         step did not complete (it counts towards the poison limit); otherwise waiting was the
         decision and the count starts again."""
 
-    async def abandon_orchestration(self, owner: str, instance_id: str) -> None:
-        """Release the lease without consuming anything."""
+    async def abandon_orchestration(
+        self, owner: str, instance_id: str, failed: bool = False
+    ) -> None:
+        """Release the lease without consuming anything; `failed` counts the attempt towards
+        the poison limit (a lease by itself does not: a sidecar killed while holding work,
+        before any worker saw it, has not tried it)."""
 
     # -- activity work -------------------------------------------------------------------
 
@@ -230,8 +236,11 @@ class Backend(Protocol):
         `lease_orchestration`, the orchestration, if nobody leases it, is leased to `owner` in
         the same transaction and returned as a work item."""
 
-    async def abandon_activity(self, owner: str, item: ActivityWorkItem, delay: float) -> None:
-        """Release the activity; it becomes visible again after `delay` seconds."""
+    async def abandon_activity(
+        self, owner: str, item: ActivityWorkItem, delay: float, failed: bool = False
+    ) -> None:
+        """Release the activity; it becomes visible again after `delay` seconds. `failed`
+        counts the attempt towards the poison limit."""
 
     # -- entities ------------------------------------------------------------------------
 

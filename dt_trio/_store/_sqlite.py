@@ -835,8 +835,7 @@ class SqliteBackend:
                 "SELECT m.instance_id FROM entity_inbox m JOIN entities e "
                 "USING (instance_id) WHERE m.deferred = 0 AND m.visible_at <= ? "
                 "AND e.leased_by IS NULL ORDER BY m.visible_at LIMIT ?",
-                "UPDATE entities SET leased_by = ?, dequeue_count = dequeue_count + 1 "
-                "WHERE instance_id IN ({marks})",
+                "UPDATE entities SET leased_by = ? WHERE instance_id IN ({marks})",
                 owner,
                 now_us,
                 limit,
@@ -860,7 +859,7 @@ class SqliteBackend:
             ):
                 inboxes[r[1]].append(InboxMessage(r[0], _event(r[2])))
             leased.extend(
-                EntityWorkItem(_row_to_entity(r), inboxes[r["instance_id"]], r["dequeue_count"])
+                EntityWorkItem(_row_to_entity(r), inboxes[r["instance_id"]], r["dequeue_count"] + 1)
                 for r in rows
             )
             return leased
@@ -920,7 +919,7 @@ class SqliteBackend:
             )
             conn.execute(
                 "UPDATE entities SET leased_by = NULL, "
-                "dequeue_count = CASE WHEN ? THEN dequeue_count ELSE 0 END "
+                "dequeue_count = CASE WHEN ? THEN dequeue_count + 1 ELSE 0 END "
                 "WHERE instance_id = ?",
                 (failed, entity_id),
             )
@@ -941,8 +940,7 @@ class SqliteBackend:
                 "SELECT m.instance_id FROM inbox m JOIN instances i USING (instance_id) "
                 "WHERE m.visible_at <= ? AND i.locked_by IS NULL "
                 "ORDER BY m.visible_at LIMIT ?",
-                "UPDATE instances SET locked_by = ?, dequeue_count = dequeue_count + 1 "
-                "WHERE instance_id IN ({marks})",
+                "UPDATE instances SET locked_by = ? WHERE instance_id IN ({marks})",
                 owner,
                 now_us,
                 limit,
@@ -1022,7 +1020,7 @@ class SqliteBackend:
             )
             conn.execute(
                 "UPDATE instances SET locked_by = NULL, "
-                "dequeue_count = CASE WHEN ? THEN dequeue_count ELSE 0 END "
+                "dequeue_count = CASE WHEN ? THEN dequeue_count + 1 ELSE 0 END "
                 "WHERE instance_id = ?",
                 (failed, instance_id),
             )
@@ -1030,11 +1028,15 @@ class SqliteBackend:
         await self._run_write(write)
         self.listener.orchestration_work_added()
 
-    async def abandon_orchestration(self, owner: str, instance_id: str) -> None:
+    async def abandon_orchestration(
+        self, owner: str, instance_id: str, failed: bool = False
+    ) -> None:
         def write(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE instances SET locked_by = NULL WHERE instance_id = ? AND locked_by = ?",
-                (instance_id, owner),
+                "UPDATE instances SET locked_by = NULL, "
+                "dequeue_count = dequeue_count + (CASE WHEN ? THEN 1 ELSE 0 END) "
+                "WHERE instance_id = ? AND locked_by = ?",
+                (failed, instance_id, owner),
             )
 
         await self._run_write(write)
@@ -1053,7 +1055,7 @@ class SqliteBackend:
             ).fetchall()
             if rows:
                 conn.execute(
-                    "UPDATE activities SET locked_by = ?, dequeue_count = dequeue_count + 1 "
+                    "UPDATE activities SET locked_by = ? "
                     f"WHERE id IN ({','.join('?' * len(rows))})",
                     (owner, *(r["id"] for r in rows)),
                 )
@@ -1101,8 +1103,7 @@ class SqliteBackend:
             if not (delivered and lease_orchestration):
                 return None
             leased = conn.execute(
-                "UPDATE instances SET locked_by = ?, dequeue_count = dequeue_count + 1 "
-                "WHERE instance_id = ? AND locked_by IS NULL",
+                "UPDATE instances SET locked_by = ? WHERE instance_id = ? AND locked_by IS NULL",
                 (owner, item.instance_id),
             ).rowcount
             return _load_orchestrations(conn, [item.instance_id], now_us)[0] if leased else None
@@ -1119,14 +1120,17 @@ class SqliteBackend:
             )
         return work
 
-    async def abandon_activity(self, owner: str, item: ActivityWorkItem, delay: float) -> None:
+    async def abandon_activity(
+        self, owner: str, item: ActivityWorkItem, delay: float, failed: bool = False
+    ) -> None:
         visible = datetime.now(UTC) + timedelta(seconds=delay)
 
         def write(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE activities SET locked_by = NULL, visible_at = ? "
+                "UPDATE activities SET locked_by = NULL, visible_at = ?, "
+                "dequeue_count = dequeue_count + (CASE WHEN ? THEN 1 ELSE 0 END) "
                 "WHERE id = ? AND locked_by = ?",
-                (_us(visible), item.id, owner),
+                (_us(visible), failed, item.id, owner),
             )
 
         await self._run_write(write)
@@ -1220,10 +1224,11 @@ def _load_orchestrations(
     histories = {i: list(e[1]) for i, e in known.items()}
     if known:
         attempts.update(
-            conn.execute(
+            (r[0], r[1] + 1)
+            for r in conn.execute(
                 f"SELECT instance_id, dequeue_count FROM instances WHERE instance_id IN ({marks})",
                 ids,
-            ).fetchall()
+            )
         )
     missing = [i for i in ids if i not in known]
     if missing:
@@ -1234,7 +1239,7 @@ def _load_orchestrations(
             missing,
         ):
             states[r["instance_id"]] = _row_to_state(r)
-            attempts[r["instance_id"]] = r["dequeue_count"]
+            attempts[r["instance_id"]] = r["dequeue_count"] + 1
         sizes = dict.fromkeys(missing, 0)
         for i in missing:
             histories[i] = []
@@ -1286,7 +1291,7 @@ def _insert_instance(
     conn.execute(
         f"INSERT INTO instances ({_INSTANCE_COLUMNS}, locked_by, dequeue_count) "
         f"VALUES ({','.join('?' * _INSTANCE_FIELDS)}, ?, ?)",
-        (*_state_values(state), lease_to, 0 if lease_to is None else 1),
+        (*_state_values(state), lease_to, 0),
     )
     cursor = conn.execute(
         "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
@@ -1414,7 +1419,7 @@ def _apply_step(
     for activity in handed:
         cursor = conn.execute(
             "INSERT INTO activities (instance_id, execution_id, event, visible_at, locked_by, "
-            "dequeue_count) VALUES (?, ?, ?, ?, ?, 1)",
+            "dequeue_count) VALUES (?, ?, ?, ?, ?, 0)",
             (
                 activity.instance_id,
                 activity.execution_id,

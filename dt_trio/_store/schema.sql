@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS instances (
     tags                TEXT,
     trace_context       BLOB,
     locked_by           TEXT,
-    -- leases since the last committed step: a step that never commits is poison
+    -- failed attempts at the next step (its worker crashed, gave it back or answered badly,
+    -- or its commit failed; a lease alone does not count): too many and the step is poison
     dequeue_count       INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS instances_parent ON instances (parent_instance_id)
