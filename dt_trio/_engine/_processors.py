@@ -99,9 +99,10 @@ class Early(Generic[W]):
         self._settled.set()
 
     async def leased(self) -> W | None:
-        # Shielded: the commit that settles it is shielded too, so this wait is short.
-        with trio.CancelScope(shield=True):
-            await self._settled.wait()
+        if not self._settled.is_set():
+            # Shielded: the commit that settles it is shielded too, so this wait is short.
+            with trio.CancelScope(shield=True):
+                await self._settled.wait()
         return self._item
 
 
