@@ -20,10 +20,10 @@ from dt_trio._engine import (
     RemoteExecutor,
     Signals,
 )
-from dt_trio._engine._processors import link
+from dt_trio._engine._processors import Parking, link
 from dt_trio._errors import StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import ActivityWorkItem, Handed, SqliteBackend
+from dt_trio._store import ActivityWorkItem, Handed, OrchestrationWorkItem, SqliteBackend
 
 
 def now() -> datetime:
@@ -177,3 +177,23 @@ async def test_a_step_started_early_on_what_was_not_leased_is_dropped(
     history = await store.get_history(state.instance_id)
     assert sum(e.HasField("eventRaised") for e in history) == 1
     assert runs.count("orchestrator") >= 3
+
+
+def test_parked_instances_are_bounded_in_number_and_in_history_events() -> None:
+    def parked(instance_id: str, events: int) -> OrchestrationWorkItem:
+        t = now()
+        state = InstanceState(instance_id, "orch", "e", Status.RUNNING, t, t)
+        return OrchestrationWorkItem(state, [pb.HistoryEvent()] * events, [])
+
+    parking = Parking(max_items=3, max_events=10)
+    for name in "abcd":
+        parking.put(parked(name, 1))
+    assert len(parking) == 3 and parking.pop("a") is None  # the oldest went first
+    parking.put(parked("e", 8))  # 11 events: b goes (c, d, e: 10)
+    assert parking.pop("b") is None and len(parking) == 3
+    parking.put(parked("huge", 11))  # more than all of it: not parked, nothing evicted
+    assert parking.pop("huge") is None and len(parking) == 3
+    item = parking.pop("e")
+    assert item is not None and len(item.history) == 8
+    parking.put(parked("f", 9))  # c and d (1 each) + 9 = 11: c goes
+    assert parking.pop("c") is None and parking.pop("d") is not None

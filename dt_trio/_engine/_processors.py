@@ -352,8 +352,36 @@ async def _sleep_until_work(wakeup: Wakeup, next_time: datetime | None) -> None:
         await wakeup.wait()
 
 
-# At most this many instances are kept parked (see OrchestrationProcessor.expected_step).
-MAX_PARKED = 1024
+class Parking:
+    """Instances as their last step's commit left them, while they wait (see
+    `OrchestrationProcessor.expected_step`): at most `max_items` of them and `max_events`
+    history events in all, the oldest dropped first. Their histories are the store cache's
+    own events, but an evicted cache entry would live on here: hence the bound in events."""
+
+    def __init__(self, max_items: int = 1024, max_events: int = 100_000) -> None:
+        self._items: collections.OrderedDict[str, OrchestrationWorkItem] = collections.OrderedDict()
+        self._events = 0
+        self._max_items = max_items
+        self._max_events = max_events
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: OrchestrationWorkItem) -> None:
+        self.pop(item.state.instance_id)
+        if len(item.history) > self._max_events:
+            return
+        self._items[item.state.instance_id] = item
+        self._events += len(item.history)
+        while len(self._items) > self._max_items or self._events > self._max_events:
+            _, dropped = self._items.popitem(last=False)
+            self._events -= len(dropped.history)
+
+    def pop(self, instance_id: str) -> OrchestrationWorkItem | None:
+        item = self._items.pop(instance_id, None)
+        if item is not None:
+            self._events -= len(item.history)
+        return item
 
 
 class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
@@ -375,24 +403,17 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         # Instances whose last step this processor committed with nothing left in their
         # inbox, as that commit left them (oldest first): what they wait for may start their
         # next step beside its delivery.
-        self._parked: collections.OrderedDict[str, OrchestrationWorkItem] = (
-            collections.OrderedDict()
-        )
+        self._parked = Parking()
 
     def expected_step(
         self, instance_id: str, execution_id: str, event: pb.HistoryEvent
     ) -> OrchestrationWorkItem | None:
         """The work item a delivery of `event` would lease, if the instance is parked here
         (else None): what `hand_over` needs to start that step beside the delivery."""
-        parked = self._parked.pop(instance_id, None)
+        parked = self._parked.pop(instance_id)
         if parked is None or parked.state.execution_id != execution_id:
             return None
         return dataclasses.replace(parked, inbox=[InboxMessage(0, event)])
-
-    def _park(self, item: OrchestrationWorkItem) -> None:
-        self._parked[item.state.instance_id] = item
-        if len(self._parked) > MAX_PARKED:
-            self._parked.popitem(last=False)
 
     def _wakeup(self) -> Wakeup:
         return self._signals.orchestration_work
@@ -425,7 +446,7 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         self, item: OrchestrationWorkItem, early: Early[OrchestrationWorkItem] | None = None
     ) -> None:
         state = item.state
-        self._parked.pop(state.instance_id, None)  # its state moves on
+        self._parked.pop(state.instance_id)  # its state moves on
         plan = core.plan_step(state, item.history, item.inbox, _now(), item.attempt)
         if early is not None and not isinstance(plan, core.Dispatch):
             # Nothing for a worker to do early: wait for the lease, then the ordinary way.
@@ -550,7 +571,7 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
                 helper.settle_early(sent, handed)  # none if the commit failed
         if not (result.state.status.is_terminal or handed.waiting):
             history = result.history if result.reset_history else [*item.history, *result.history]
-            self._park(OrchestrationWorkItem(result.state, history, []))
+            self._parked.put(OrchestrationWorkItem(result.state, history, []))
         if result.state.status != state.status and result.state.status.is_terminal:
             log.info("%s: '%s' %s", state.instance_id, state.name, result.state.status.label)
 
