@@ -391,19 +391,12 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
     # The activity processor that takes the activities a commit leases (see `link`).
     activities: Processor[ActivityWorkItem] | None = None
 
-    def __init__(
-        self,
-        store: Backend,
-        executor: Executor,
-        signals: Signals,
-        owner: str,
-        max_in_flight: int = 256,
-    ) -> None:
-        super().__init__(store, executor, signals, owner, max_in_flight)
-        # Instances whose last step this processor committed with nothing left in their
-        # inbox, as that commit left them (oldest first): what they wait for may start their
-        # next step beside its delivery.
-        self._parked = Parking()
+    @functools.cached_property
+    def _parked(self) -> Parking:
+        """Instances whose last step this processor committed with nothing left in their
+        inbox, as that commit left them: what they wait for may start their next step beside
+        its delivery."""
+        return Parking()
 
     def expected_step(
         self, instance_id: str, execution_id: str, event: pb.HistoryEvent
