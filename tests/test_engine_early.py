@@ -86,16 +86,17 @@ async def hub() -> AsyncIterator[tuple[GatedStore, RemoteExecutor, HubClient]]:
 
 
 def answer(request: pb.OrchestratorRequest) -> pb.OrchestratorResponse:
-    """An orchestrator that calls activity 'act' once and returns its result."""
+    """An orchestrator that calls activity 'act' once and returns its result (as an SDK
+    would: on replay, only the actions that are new)."""
     response = pb.OrchestratorResponse(instanceId=request.instanceId)
     events = [*request.pastEvents, *request.newEvents]
     done = [e.taskCompleted.result.value for e in events if e.HasField("taskCompleted")]
-    action = response.actions.add(id=1 if done else 0)
     if done:
+        action = response.actions.add(id=1)
         action.completeOrchestration.orchestrationStatus = pb.ORCHESTRATION_STATUS_COMPLETED
         action.completeOrchestration.result.value = done[0]
-    else:
-        action.scheduleTask.name = "act"
+    elif not any(e.HasField("taskScheduled") for e in events):
+        response.actions.add(id=0).scheduleTask.name = "act"
     return response
 
 
