@@ -414,3 +414,18 @@ def test_a_step_handed_out_too_often_fails_the_orchestration_and_tells_the_paren
     assert message.target_instance_id == "dad" and message.event.HasField(
         "subOrchestrationInstanceFailed"
     )
+
+
+def test_running_activities_are_those_scheduled_without_a_result() -> None:
+    def scheduled(task_id: int) -> pb.HistoryEvent:
+        event = ev.new_event(NOW, task_id)
+        event.taskScheduled.name = "act"
+        return event
+
+    failure = ev.failure("Boom", "it failed")
+    events = [scheduled(i) for i in range(4)]
+    assert core.running_activities(events) == 4
+    events += [ev.task_completed(NOW, 0, '"a"'), ev.task_failed(NOW, 2, failure)]
+    assert core.running_activities(events) == 2
+    # a result for a task that was never scheduled does not count below zero
+    assert core.running_activities([ev.task_completed(NOW, 9, None)]) == 0

@@ -30,6 +30,7 @@ from dt_trio._core._runtime import (
     fail_undeliverable,
     parent_notification,
     plan_step,
+    running_activities,
     running_children,
     terminate_now,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "parent_notification",
     "plan_entity_batch",
     "plan_step",
+    "running_activities",
     "running_children",
     "settle_entity",
     "signal_event",

@@ -16,7 +16,7 @@ Everything here is pure: time and new ids come in as arguments.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -697,6 +697,20 @@ def running_children(events: Sequence[pb.HistoryEvent]) -> list[str]:
         elif event.HasField("subOrchestrationInstanceFailed"):
             created.pop(event.subOrchestrationInstanceFailed.taskScheduledId, None)
     return list(created.values())
+
+
+def running_activities(events: Iterable[pb.HistoryEvent]) -> int:
+    """How many activities scheduled in `events` have no result in them."""
+    running: set[int] = set()
+    for event in events:
+        kind = event.WhichOneof("eventType")
+        if kind == "taskScheduled":
+            running.add(event.eventId)
+        elif kind == "taskCompleted":
+            running.discard(event.taskCompleted.taskScheduledId)
+        elif kind == "taskFailed":
+            running.discard(event.taskFailed.taskScheduledId)
+    return len(running)
 
 
 def activity_result(response: pb.ActivityResponse, now: datetime) -> pb.HistoryEvent:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -384,6 +385,68 @@ class Parking:
         return item
 
 
+class Pacing:
+    """Fan-in coalescing: while an instance still waits for activities, its next step waits
+    for more of their results, at most as long as its last step kept the worker busy (and
+    at most `max_hold` seconds), or until all of them are in.
+
+    Every step replays the whole history on the worker, so a fan-out of a thousand
+    activities stepped once per result (or per handful of results) spends the worker's time
+    replaying a long history again and again instead of running the activities. Bounding the
+    wait by the last step's cost keeps the worker's share of time spent on the instance's
+    replays at about half at most, and adds little latency where steps are cheap. The
+    last step's cost is known only to this process, in memory: after a restart an instance
+    steps at once until it has been stepped here.
+    """
+
+    def __init__(
+        self, *, max_hold: float = 1.0, min_step: float = 0.002, max_items: int = 4096
+    ) -> None:
+        # instance -> (when its last step's worker answered, how long it took), trio clock
+        self._last: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+        self._holds: dict[str, tuple[list[int], trio.Event]] = {}
+        self._max_hold = max_hold
+        self._min_step = min_step
+        self._max_items = max_items
+
+    def stepped(self, instance_id: str, answered: float, took: float) -> None:
+        """A worker answered a step of the instance at `answered`, `took` seconds after the
+        step was sent."""
+        self._last.pop(instance_id, None)
+        if took >= self._min_step:
+            self._last[instance_id] = (answered, min(took, self._max_hold))
+            while len(self._last) > self._max_items:
+                self._last.popitem(last=False)
+
+    def forget(self, instance_id: str) -> None:
+        self._last.pop(instance_id, None)
+
+    def hold_until(self, instance_id: str, now: float) -> float | None:
+        """Until when the instance's next step may wait for more results (None: no wait)."""
+        last = self._last.get(instance_id)
+        if last is None or last[0] + last[1] <= now:
+            return None
+        return last[0] + last[1]
+
+    async def hold(self, instance_id: str, until: float, running: int) -> None:
+        """Wait until `until` or until `running` more results were delivered."""
+        remaining, done = [running], trio.Event()
+        self._holds[instance_id] = (remaining, done)
+        try:
+            with trio.move_on_at(until):
+                await done.wait()
+        finally:
+            self._holds.pop(instance_id, None)
+
+    def delivered(self, instance_id: str) -> None:
+        """An activity result for the instance was committed."""
+        held = self._holds.get(instance_id)
+        if held is not None:
+            held[0][0] -= 1
+            if held[0][0] <= 0:
+                held[1].set()
+
+
 class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
     """Runs orchestration steps: plan, execute on a worker, apply, commit."""
 
@@ -398,15 +461,50 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         its delivery."""
         return Parking()
 
+    @functools.cached_property
+    def pacing(self) -> Pacing:
+        """When a step may wait for more activity results (see `Pacing`)."""
+        return Pacing()
+
     def expected_step(
         self, instance_id: str, execution_id: str, event: pb.HistoryEvent
     ) -> OrchestrationWorkItem | None:
         """The work item a delivery of `event` would lease, if the instance is parked here
-        (else None): what `hand_over` needs to start that step beside the delivery."""
+        and its step would not wait for more results (else None): what `hand_over` needs to
+        start that step beside the delivery."""
         parked = self._parked.pop(instance_id)
         if parked is None or parked.state.execution_id != execution_id:
             return None
-        return dataclasses.replace(parked, inbox=[InboxMessage(0, event)])
+        item = dataclasses.replace(parked, inbox=[InboxMessage(0, event)])
+        if self._holds_for(item) is not None:
+            return None  # it is leased with the delivery and waits there (see `_coalesce`)
+        return item
+
+    def _holds_for(self, item: OrchestrationWorkItem) -> float | None:
+        """Until when the step of `item` waits for more activity results, if it does."""
+        until = self.pacing.hold_until(item.state.instance_id, trio.current_time())
+        if until is None:
+            return None
+        events = itertools.chain(item.history, (m.event for m in item.inbox))
+        return until if core.running_activities(events) else None
+
+    async def _coalesce(self, item: OrchestrationWorkItem) -> OrchestrationWorkItem:
+        """The leased `item`, after waiting for more activity results if it should (see
+        `Pacing`), with every message its inbox has by then."""
+        until = self._holds_for(item)
+        if until is None:
+            return item
+        instance_id = item.state.instance_id
+        events = itertools.chain(item.history, (m.event for m in item.inbox))
+        try:
+            await self.pacing.hold(instance_id, until, core.running_activities(events))
+            inbox = await self._store.read_inbox(self._owner, instance_id, _now())
+        except StoreUnavailable:
+            return item  # what arrived meanwhile waits for the next step
+        except BaseException:
+            await self._release(self._store.abandon_orchestration, self._owner, instance_id)
+            raise
+        return dataclasses.replace(item, inbox=inbox)
 
     def _wakeup(self) -> Wakeup:
         return self._signals.orchestration_work
@@ -438,8 +536,10 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
     async def _step(
         self, item: OrchestrationWorkItem, early: Early[OrchestrationWorkItem] | None = None
     ) -> None:
+        self._parked.pop(item.state.instance_id)  # its state moves on
+        if early is None:
+            item = await self._coalesce(item)
         state = item.state
-        self._parked.pop(state.instance_id)  # its state moves on
         plan = core.plan_step(state, item.history, item.inbox, _now(), item.attempt)
         if early is not None and not isinstance(plan, core.Dispatch):
             # Nothing for a worker to do early: wait for the lease, then the ordinary way.
@@ -460,6 +560,7 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         request.executionId.value = state.execution_id
         if state.trace_context is not None:
             request.orchestrationTraceContext.CopyFrom(state.trace_context)
+        dispatched = trio.current_time()
         try:
             pending = await self._executor.execute(work_item, self._route(item))
         except (WorkTooLarge, WorkAbandoned) as exc:
@@ -502,6 +603,8 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             # The worker ran exactly the leased item: its messages now have the store's ids.
             item = leased
             plan = dataclasses.replace(plan, consumed=tuple(m.id for m in leased.inbox))
+        answered = trio.current_time()
+        self.pacing.stepped(state.instance_id, answered, answered - dispatched)
         response = pending.response
         assert isinstance(response, pb.OrchestratorResponse)
         try:
@@ -562,7 +665,9 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         finally:
             if helper is not None:
                 helper.settle_early(sent, handed)  # none if the commit failed
-        if not (result.state.status.is_terminal or handed.waiting):
+        if result.state.status.is_terminal:
+            self.pacing.forget(state.instance_id)
+        elif not handed.waiting:
             history = result.history if result.reset_history else [*item.history, *result.history]
             self._parked.put(OrchestrationWorkItem(result.state, history, []))
         if result.state.status != state.status and result.state.status.is_terminal:
@@ -707,6 +812,7 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
                     item.instance_id, item.execution_id, result
                 )
                 await self.orchestrations.hand_over(complete, expected)
+                self.orchestrations.pacing.delivered(item.instance_id)
             else:
                 with trio.CancelScope(shield=True):
                     await complete(None)

@@ -184,6 +184,10 @@ class Backend(Protocol):
         """Lease up to `limit` unleased instances that have visible inbox messages, earliest
         message first, in one transaction."""
 
+    async def read_inbox(self, owner: str, instance_id: str, now: datetime) -> list[InboxMessage]:
+        """The visible inbox of an instance `owner` holds (`LockLost` if it does not), in
+        message order: what it leased, and what arrived since."""
+
     async def commit_step(
         self, owner: str, result: StepResult, lease_activities: int = 0
     ) -> Handed[ActivityWorkItem]:

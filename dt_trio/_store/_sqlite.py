@@ -952,6 +952,22 @@ class SqliteBackend:
 
         return await self._run_write(write)
 
+    async def read_inbox(self, owner: str, instance_id: str, now: datetime) -> list[InboxMessage]:
+        now_us = _us(now)
+
+        def read(conn: sqlite3.Connection) -> list[InboxMessage]:
+            _check_lease(conn, owner, instance_id)
+            return [
+                InboxMessage(r[0], _event(r[1]))
+                for r in conn.execute(
+                    "SELECT id, event FROM inbox WHERE instance_id = ? AND visible_at <= ? "
+                    "ORDER BY id",
+                    (instance_id, now_us),
+                )
+            ]
+
+        return await self._run_read(read)
+
     async def commit_step(
         self, owner: str, result: StepResult, lease_activities: int = 0
     ) -> Handed[ActivityWorkItem]:

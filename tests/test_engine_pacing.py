@@ -1,0 +1,155 @@
+"""Fan-in coalescing: while an orchestration still waits for activities, its next step waits
+for more results, at most as long as its last step kept the worker busy."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from dt_trio._core import Status
+from dt_trio._engine import (
+    ActivityProcessor,
+    HubClient,
+    OrchestrationProcessor,
+    RemoteExecutor,
+    Signals,
+)
+from dt_trio._engine._processors import Pacing, link
+from dt_trio._proto import orchestrator_service_pb2 as pb
+from dt_trio._store import SqliteBackend
+
+FAN = 10
+SLOW_STEP = 0.5
+
+
+def test_a_step_waits_at_most_as_long_as_the_last_one_took() -> None:
+    pacing = Pacing(max_hold=1.0, min_step=0.002)
+    assert pacing.hold_until("a", 10.0) is None  # never stepped here
+    pacing.stepped("a", answered=10.0, took=0.3)
+    assert pacing.hold_until("a", 10.1) == pytest.approx(10.3)
+    assert pacing.hold_until("a", 10.3) is None
+    pacing.stepped("a", answered=20.0, took=5.0)  # capped
+    assert pacing.hold_until("a", 20.5) == pytest.approx(21.0)
+    pacing.stepped("a", answered=30.0, took=0.001)  # too cheap to be worth a wait
+    assert pacing.hold_until("a", 30.0) is None
+    pacing.stepped("b", answered=40.0, took=0.3)
+    pacing.forget("b")
+    assert pacing.hold_until("b", 40.0) is None
+
+
+def test_what_is_remembered_is_bounded() -> None:
+    pacing = Pacing(max_items=3)
+    for i in range(5):
+        pacing.stepped(str(i), answered=1.0, took=0.5)
+    assert [pacing.hold_until(str(i), 1.0) is not None for i in range(5)] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
+
+
+async def test_a_hold_ends_once_every_result_is_in() -> None:
+    pacing = Pacing()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pacing.hold, "a", trio.current_time() + 60, 2)
+            await trio.testing.wait_all_tasks_blocked()
+            pacing.delivered("a")
+            pacing.delivered("other")
+            await trio.testing.wait_all_tasks_blocked()
+            assert nursery.child_tasks  # one result still missing
+            pacing.delivered("a")
+
+
+@pytest.fixture(params=["paced", "unpaced"])
+async def hub(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[SqliteBackend, RemoteExecutor, HubClient, str]]:
+    signals = Signals()
+    store = SqliteBackend("", listener=signals)
+    await store.open()
+    executor = RemoteExecutor()
+    orchestrations = OrchestrationProcessor(store, executor, signals, owner="me")
+    if request.param == "unpaced":
+        orchestrations.pacing = Pacing(max_hold=0.0)
+    activities = ActivityProcessor(store, executor, signals, owner="me")
+    link(orchestrations, activities)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(orchestrations.run)
+            await nursery.start(activities.run)
+            yield store, executor, HubClient(store, signals, orchestrations), request.param
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
+
+
+def answer(request: pb.OrchestratorRequest) -> pb.OrchestratorResponse:
+    """Fan out to FAN activities, complete once all are in (new actions only, as an SDK)."""
+    response = pb.OrchestratorResponse(instanceId=request.instanceId)
+    events = [*request.pastEvents, *request.newEvents]
+    if not any(e.HasField("taskScheduled") for e in events):
+        for i in range(FAN):
+            response.actions.add(id=i).scheduleTask.name = "act"
+    elif sum(e.HasField("taskCompleted") for e in events) == FAN:
+        done = response.actions.add(id=FAN).completeOrchestration
+        done.orchestrationStatus = pb.ORCHESTRATION_STATUS_COMPLETED
+    return response
+
+
+async def test_results_that_arrive_while_a_step_would_replay_are_taken_together(
+    hub: tuple[SqliteBackend, RemoteExecutor, HubClient, str],
+) -> None:
+    store, executor, client, mode = hub
+    steps: list[int] = []  # results new to each step
+    first_result_answered = trio.Event()
+    held: list[tuple[object, pb.ActivityResponse]] = []
+
+    async def slowly_answer_the_rest() -> None:
+        await first_result_answered.wait()
+        for pending, response in held:
+            await trio.sleep(0.01)
+            await executor.complete(pending, response)
+
+    async def worker() -> None:
+        async for item in executor.stream(pb.GetWorkItemsRequest()):
+            pending = executor.lookup(item.completionToken)
+            if item.HasField("orchestratorRequest"):
+                request = item.orchestratorRequest
+                steps.append(sum(e.HasField("taskCompleted") for e in request.newEvents))
+                if steps[-1] == 1 and len(steps) == 2:
+                    # The step with the first result keeps the worker busy (a long replay).
+                    await trio.sleep(SLOW_STEP)
+                    first_result_answered.set()
+                await executor.complete(pending, answer(request))
+            else:
+                request = item.activityRequest
+                response = pb.ActivityResponse(
+                    instanceId=request.orchestrationInstance.instanceId, taskId=request.taskId
+                )
+                if request.taskId == 0:
+                    await executor.complete(pending, response)
+                else:
+                    held.append((pending, response))
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker)
+            nursery.start_soon(slowly_answer_the_rest)
+            instance_id = await client.start("fan")
+            state = await client.wait(instance_id, lambda s: s.status.is_terminal)
+            nursery.cancel_scope.cancel()
+    assert state is not None and state.status == Status.COMPLETED
+    history = await store.get_history(instance_id)
+    assert sum(e.HasField("taskCompleted") for e in history) == FAN
+    assert steps[:2] == [0, 1]
+    if mode == "paced":
+        # the other nine results, which arrived one by one, in one step
+        assert steps[2:] == [FAN - 1]
+    else:
+        assert len(steps) > 3, steps
+    assert await store.verify_cache() == []
