@@ -2,18 +2,21 @@
 
     serve()                       open_task_hub()  (the same, without gRPC)
     └── store (opened first, closed last)
-        └── nursery
-            ├── gRPC server (purerpc, TaskHubSidecarService)   -- started 1st (serve only)
-            ├── orchestration processor  ─┐ share the store      -- started 2nd
-            ├── activity processor        │ and the executor    -- started 3rd
-            └── entity processor         ─┘                     -- started 4th
+        └── store nursery
+            ├── store writer: group commits in sqlite's thread  -- started 1st, stopped last
+            └── nursery
+                ├── gRPC server (purerpc, TaskHubSidecarService)   -- started 2nd (serve only)
+                ├── orchestration processor  ─┐ share the store      -- started 3rd
+                ├── activity processor        │ and the executor    -- started 4th
+                └── entity processor         ─┘                     -- started 5th
 
 The executor routes each work item to this process's own Python code (a `Registry`, run by the
 local executor) or to the SDK workers connected over gRPC (the remote executor, whose worker
 streams are served by the gRPC server). Commits wake the processors through `Signals`.
 Cancelling the hub (Ctrl-C, SIGTERM via the command, or the caller's cancel scope) cancels them
 all; in-flight work items that were not committed are simply not committed, and their leases
-are released when the store is opened next.
+are released when the store is opened next. The store writer stops once the rest has: what
+they queued on their way out (leases given back) is still committed.
 """
 
 from __future__ import annotations
@@ -59,8 +62,11 @@ def format_address(host: str, port: int) -> str:
 def lone_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """A nursery's group holding a single failure (Ctrl-C under trio.run, a port in use), as
     that failure itself, so callers can catch it the usual way; any other group unchanged."""
-    if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
-        return group.exceptions[0]
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner  # nested nurseries: the store's around the hub's
     return group
 
 
@@ -86,14 +92,11 @@ async def serve(
     processors and closes the store.
     """
     signals = Signals()
-    store = SqliteBackend(db, listener=signals)
-    await store.open()
-    log.info("backend started: %s", store.description)
     try:
-        remote = RemoteExecutor()
-        processors = _Processors(store, signals, registry, remote)
-        service = SidecarService(store, remote, processors.client)
-        async with trio.open_nursery() as nursery:
+        async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
+            remote = RemoteExecutor()
+            processors = _Processors(store, signals, registry, remote)
+            service = SidecarService(store, remote, processors.client)
             address: tuple[str, int] = await nursery.start(
                 functools.partial(
                     serve_grpc,
@@ -111,9 +114,6 @@ async def serve(
             task_status.started(address)
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
-    finally:
-        await store.close()
-        log.info("backend stopped: %s", store.description)
 
 
 @contextlib.asynccontextmanager
@@ -125,17 +125,28 @@ async def open_task_hub(db: str = DEFAULT_DB, *, registry: Registry) -> AsyncIte
     flight that was not committed runs again when a hub opens the store next.
     """
     signals = Signals()
-    store = SqliteBackend(db, listener=signals)
-    await store.open()
-    log.info("backend started: %s", store.description)
     try:
-        async with trio.open_nursery() as nursery:
+        async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
             processors = _Processors(store, signals, registry, RemoteExecutor())
             await processors.start(nursery)
             yield Client(processors.client)
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
+
+
+@contextlib.asynccontextmanager
+async def _running_store(db: str, signals: Signals) -> AsyncIterator[SqliteBackend]:
+    """The store, open and with its writer running, for the body; the writer stops (after
+    committing what the body queued) and the store closes when the body is done."""
+    store = SqliteBackend(db, listener=signals)
+    await store.open()
+    log.info("backend started: %s", store.description)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run_writer)
+            yield store
+            nursery.cancel_scope.cancel()
     finally:
         await store.close()
         log.info("backend stopped: %s", store.description)

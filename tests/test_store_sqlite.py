@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -424,3 +426,78 @@ def test_the_instance_cache_keeps_only_what_commits() -> None:
     cache.put("d", (b[0], (), 20))  # a history that grew: the bytes bound evicts "c" too
     cache.commit()
     assert (cache.get("c"), cache.get("d")) == (None, (b[0], (), 20))
+
+
+async def _one_write(
+    store: SqliteBackend,
+    value: int,
+    gate: threading.Event | None = None,
+    entered: threading.Event | None = None,
+) -> int:
+    def write(conn: sqlite3.Connection) -> int:
+        if entered is not None:
+            entered.set()
+        if gate is not None:
+            assert gate.wait(5), "the test never opened the gate"
+        conn.execute("CREATE TABLE IF NOT EXISTS t (v INTEGER)")
+        conn.execute("INSERT INTO t VALUES (?)", (value,))
+        return value
+
+    return await store._run_write(write)
+
+
+async def test_with_the_writer_running_a_write_returns_once_its_own_batch_is_committed() -> None:
+    store = SqliteBackend("")
+    await store.open()
+    entered, first_gate, second_gate = threading.Event(), threading.Event(), threading.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run_writer)
+            first_done = trio.Event()
+
+            async def first() -> None:
+                await _one_write(store, 1, first_gate, entered)
+                first_done.set()
+
+            nursery.start_soon(first)
+            assert await trio.to_thread.run_sync(entered.wait, 5)
+            # queued while the first batch runs: the next batch, held in the thread
+            nursery.start_soon(_one_write, store, 2, second_gate)
+            await trio.testing.wait_all_tasks_blocked()
+            first_gate.set()
+            with trio.fail_after(5):
+                # Without the writer task, the first write's caller drives the batches and
+                # waits for the second, held one too.
+                await first_done.wait()
+            second_gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    finally:
+        first_gate.set()
+        second_gate.set()
+        await store.close()
+
+
+async def test_writes_queued_when_the_writer_stops_are_committed() -> None:
+    store = SqliteBackend("")
+    await store.open()
+    results: list[int] = []
+    async with trio.open_nursery() as outer:
+        await outer.start(store.run_writer)
+
+        async def write(value: int) -> None:
+            with trio.CancelScope(shield=True):
+                results.append(await _one_write(store, value))
+
+        async with trio.open_nursery() as writers:
+            for value in range(20):
+                writers.start_soon(write, value)
+            await trio.lowlevel.checkpoint()
+            outer.cancel_scope.cancel()  # the writer stops while writes are queued
+    assert sorted(results) == list(range(20))
+
+    def count(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT COUNT(*) FROM t").fetchone()[0])
+
+    assert await store._run_write(count) == 20  # no writer now: this caller drives
+    await store.close()

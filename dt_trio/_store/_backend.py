@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, TypeVar
 
+import trio
+
 from dt_trio._core import (
     EntityState,
     EntityStepResult,
@@ -117,6 +119,13 @@ class Backend(Protocol):
         """Create the schema if needed and release leases left by a previous process."""
 
     async def close(self) -> None: ...
+
+    async def run_writer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Commit queued writes until cancelled, then what is still queued (a hub runs it
+        beside everything that writes, and stops it last). Without it, writes still work:
+        their callers commit them."""
 
     # -- instances -----------------------------------------------------------------------
 

@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SCHEMA = (pathlib.Path(__file__).parent / "schema.sql").read_text()
 READERS = 4
+WRITE_BATCHES_PER_TURN = 8
 # Running instances whose row and history the writer keeps in memory (see _InstanceCache).
 CACHED_INSTANCES = 4096
 CACHED_BYTES = 64 * 1024 * 1024  # ... and at most this much serialized history
@@ -155,6 +156,11 @@ def _state_values(state: InstanceState) -> tuple[object, ...]:
         json.dumps(dict(state.tags)) if state.tags else None,
         state.trace_context.SerializeToString() if state.trace_context is not None else None,
     )
+
+
+def _wake(batch: list[_WriteSlot]) -> None:
+    for slot in batch:
+        slot.done.set()
 
 
 class _Failed(Exception):
@@ -276,8 +282,9 @@ class SqliteBackend:
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all: list[sqlite3.Connection] = []
         self._write_limiter = trio.CapacityLimiter(1)
-        self._write_queue: list[_WriteSlot] = []
+        self._write_queue: collections.deque[_WriteSlot] = collections.deque()
         self._writing = False
+        self._writer_wakeup: trio.Event | None = None
         self._read_limiter = trio.CapacityLimiter(READERS)
         self._memory_uri = f"file:dt-trio-{uuid.uuid4().hex}?mode=memory&cache=shared"
         self._lock_file: IO[bytes] | None = None
@@ -359,33 +366,75 @@ class SqliteBackend:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(close_all, limiter=self._write_limiter)
 
+    async def run_writer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The store's writer: commits the queued writes (see `_run_write`) until cancelled,
+        then what is still queued. The hub runs it beside everything that writes, and stops
+        it last. Without it (a store used on its own) each write's caller drives the commits."""
+        wakeup = self._writer_wakeup = trio.Event()
+        task_status.started()
+        try:
+            while True:
+                await wakeup.wait()
+                wakeup = self._writer_wakeup = trio.Event()
+                await self._drive()
+        finally:
+            self._writer_wakeup = None
+            if self._writing:  # woken, but cancelled before it drove
+                await self._drive()
+
     async def _run_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in a write transaction, grouped with the writes waiting beside it.
 
         Group commit: writes that arrive while a transaction is running wait, then all run in
         the next one, each in a savepoint of its own, so one failing write (a lost lease, say)
-        rolls back alone. Whoever finds no transaction running drives the batches until none
-        are left; that loop is shielded, so a cancelled caller cannot strand the others.
+        rolls back alone. The writer task (`run_writer`) drives the batches, or, while it
+        does not run, whoever finds no transaction running; either way that loop is shielded,
+        so a cancelled caller cannot strand the others.
         """
         slot = _WriteSlot(fn)
         self._write_queue.append(slot)
-        if self._writing:
-            await slot.done.wait()
-        else:
+        if not self._writing:
             self._writing = True
-            try:
-                with trio.CancelScope(shield=True):
-                    while self._write_queue:
-                        batch, self._write_queue = self._write_queue, []
-                        await trio.to_thread.run_sync(
-                            self._write_batch, batch, limiter=self._write_limiter
-                        )
-                        for done in batch:
-                            done.done.set()
-            finally:
-                self._writing = False
+            if self._writer_wakeup is not None:
+                self._writer_wakeup.set()
+            else:
+                await self._drive()
+        if slot.outcome is None:
+            await slot.done.wait()
         assert slot.outcome is not None
         return slot.outcome.unwrap()  # type: ignore[no-any-return]
+
+    async def _drive(self) -> None:
+        """Commit batches until the queue is empty (shielded: others' writes are queued)."""
+        self._writing = True
+        token = trio.lowlevel.current_trio_token()
+        try:
+            with trio.CancelScope(shield=True):
+                while self._write_queue:
+                    await trio.to_thread.run_sync(
+                        self._write_batches, token, limiter=self._write_limiter
+                    )
+        finally:
+            self._writing = False
+
+    def _write_batches(self, token: trio.lowlevel.TrioToken) -> None:
+        """In the writer's thread: commit batches of the queued writes, a few at most (reads
+        of a memory database wait for the writer's turn), the next one as soon as the last
+        is committed, without a round trip through trio in between. Each batch's writers
+        are woken as soon as it is committed."""
+        for _ in range(WRITE_BATCHES_PER_TURN):
+            batch = []
+            try:
+                while True:
+                    batch.append(self._write_queue.popleft())  # appended to by trio's thread
+            except IndexError:
+                pass
+            if not batch:
+                return
+            self._write_batch(batch)
+            token.run_sync_soon(_wake, batch)
 
     def _write_batch(self, batch: list[_WriteSlot]) -> None:
         conn = self._writer
