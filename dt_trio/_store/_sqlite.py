@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SCHEMA = (pathlib.Path(__file__).parent / "schema.sql").read_text()
 READERS = 4
-WRITE_BATCHES_PER_TURN = 8
 # Running instances whose row and history the writer keeps in memory (see _InstanceCache).
 CACHED_INSTANCES = 4096
 CACHED_BYTES = 64 * 1024 * 1024  # ... and at most this much serialized history
@@ -156,11 +155,6 @@ def _state_values(state: InstanceState) -> tuple[object, ...]:
         json.dumps(dict(state.tags)) if state.tags else None,
         state.trace_context.SerializeToString() if state.trace_context is not None else None,
     )
-
-
-def _wake(batch: list[_WriteSlot]) -> None:
-    for slot in batch:
-        slot.done.set()
 
 
 class _Failed(Exception):
@@ -282,7 +276,7 @@ class SqliteBackend:
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all: list[sqlite3.Connection] = []
         self._write_limiter = trio.CapacityLimiter(1)
-        self._write_queue: collections.deque[_WriteSlot] = collections.deque()
+        self._write_queue: list[_WriteSlot] = []
         self._writing = False
         self._writer_wakeup: trio.Event | None = None
         self._read_limiter = trio.CapacityLimiter(READERS)
@@ -409,32 +403,17 @@ class SqliteBackend:
     async def _drive(self) -> None:
         """Commit batches until the queue is empty (shielded: others' writes are queued)."""
         self._writing = True
-        token = trio.lowlevel.current_trio_token()
         try:
             with trio.CancelScope(shield=True):
                 while self._write_queue:
+                    batch, self._write_queue = self._write_queue, []
                     await trio.to_thread.run_sync(
-                        self._write_batches, token, limiter=self._write_limiter
+                        self._write_batch, batch, limiter=self._write_limiter
                     )
+                    for slot in batch:
+                        slot.done.set()
         finally:
             self._writing = False
-
-    def _write_batches(self, token: trio.lowlevel.TrioToken) -> None:
-        """In the writer's thread: commit batches of the queued writes, a few at most (reads
-        of a memory database wait for the writer's turn), the next one as soon as the last
-        is committed, without a round trip through trio in between. Each batch's writers
-        are woken as soon as it is committed."""
-        for _ in range(WRITE_BATCHES_PER_TURN):
-            batch = []
-            try:
-                while True:
-                    batch.append(self._write_queue.popleft())  # appended to by trio's thread
-            except IndexError:
-                pass
-            if not batch:
-                return
-            self._write_batch(batch)
-            token.run_sync_soon(_wake, batch)
 
     def _write_batch(self, batch: list[_WriteSlot]) -> None:
         conn = self._writer
