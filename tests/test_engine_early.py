@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from dt_trio._core import InstanceState, Status, StepResult
 from dt_trio._core import _events as ev
@@ -20,6 +21,7 @@ from dt_trio._engine import (
     RemoteExecutor,
     Signals,
 )
+from dt_trio._engine._executor import ACTIVITY, Route
 from dt_trio._engine._processors import Parking, link
 from dt_trio._errors import StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
@@ -41,8 +43,12 @@ class GatedStore(SqliteBackend):
         self.fail_first_step = False
         self.event_before_result = False
         self.failed_steps = 0
+        # what a test worker took from its stream, and what it had taken at each commit
+        self.taken: list[str] = []
+        self.at_commit: list[tuple[str, list[str]]] = []
 
     async def _gate(self, name: str) -> None:
+        self.at_commit.append((name, list(self.taken)))
         if name in self.gates:
             with trio.fail_after(5):  # the work must reach the worker before the commit
                 await self.gates[name].wait()
@@ -61,6 +67,7 @@ class GatedStore(SqliteBackend):
     async def commit_step(
         self, owner: str, result: StepResult, lease_activities: int = 0
     ) -> Handed[ActivityWorkItem]:
+        self.at_commit.append(("commit_step", list(self.taken)))
         if self.fail_first_step and result.activities and not self.failed_steps:
             self.failed_steps += 1
             raise StoreUnavailable("disk full (a test)")
@@ -178,6 +185,82 @@ async def test_a_step_started_early_on_what_was_not_leased_is_dropped(
     history = await store.get_history(state.instance_id)
     assert sum(e.HasField("eventRaised") for e in history) == 1
     assert runs.count("orchestrator") >= 3
+
+
+async def test_a_commit_beside_early_work_starts_once_the_work_is_on_its_way(
+    hub: tuple[GatedStore, RemoteExecutor, HubClient],
+) -> None:
+    store, executor, client = hub
+
+    async def worker(nursery: trio.Nursery) -> None:
+        # As an SDK worker: the stream is read on while completions are sent beside it.
+        async for item in executor.stream(pb.GetWorkItemsRequest()):
+            store.taken.append(str(item.WhichOneof("request")))
+            pending = executor.lookup(item.completionToken)
+            if item.HasField("orchestratorRequest"):
+                response: Any = answer(item.orchestratorRequest)
+            else:
+                response = pb.ActivityResponse(
+                    instanceId=item.activityRequest.orchestrationInstance.instanceId,
+                    taskId=item.activityRequest.taskId,
+                )
+                response.result.value = '"done"'
+            nursery.start_soon(executor.complete, pending, response)
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker, nursery)
+            await trio.testing.wait_all_tasks_blocked()  # the stream waits for work
+            instance_id = await client.start("orch")
+            state = await client.wait(instance_id, lambda s: s.status.is_terminal)
+            nursery.cancel_scope.cancel()
+    assert state is not None and state.output == '"done"'
+    # Each commit beside work sent early began once the worker had that work: the creation
+    # with the first step, the step that scheduled the activity with the activity, the
+    # delivery of its result with the next step.
+    step, act = "orchestratorRequest", "activityRequest"
+    assert store.at_commit == [
+        ("create_instance", [step]),
+        ("commit_step", [step, act]),
+        ("complete_activity", [step, act, step]),
+        ("commit_step", [step, act, step]),
+    ]
+
+
+async def test_work_no_waiting_stream_takes_is_on_its_way_at_once() -> None:
+    """A commit never waits on a stalled worker, nor when no worker is connected."""
+    executor = RemoteExecutor()
+    route = Route(ACTIVITY, "act")
+
+    def work() -> pb.WorkItem:
+        return pb.WorkItem(activityRequest=pb.ActivityRequest(name="act"))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            queued = trio.Event()
+            nursery.start_soon(executor.execute, work(), route, queued)
+            await trio.testing.wait_all_tasks_blocked()
+            assert queued.is_set()  # no worker: it waits in the queue, nobody waits for it
+
+            stream = executor.stream(pb.GetWorkItemsRequest())
+            await stream.__anext__()  # a worker takes the queued item, then reads no more
+            behind = trio.Event()
+            nursery.start_soon(executor.execute, work(), route, behind)
+            await trio.testing.wait_all_tasks_blocked()
+            assert behind.is_set()  # its stream is not waiting for work: not waited for
+
+            async def read_two() -> None:
+                await stream.__anext__()  # the item behind
+                await stream.__anext__()  # waits for the next one
+
+            taken = trio.Event()
+            nursery.start_soon(read_two)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(executor.execute, work(), route, taken)
+            await trio.testing.wait_all_tasks_blocked()
+            assert taken.is_set()  # taken by the waiting stream
+            nursery.cancel_scope.cancel()
+        await stream.aclose()
 
 
 def test_parked_instances_are_bounded_in_number_and_in_history_events() -> None:

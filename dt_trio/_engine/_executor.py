@@ -77,6 +77,12 @@ class Pending:
     abandon_delay: float | None = None
     commit_error: BaseException | None = None
     worker: _Worker | None = None
+    # Set once the item is on its way to a worker (see `RemoteExecutor.execute`).
+    on_its_way: trio.Event | None = None
+
+    def went_out(self) -> None:
+        if self.on_its_way is not None:
+            self.on_its_way.set()
 
     def abandon(self, delay: float) -> None:
         if not self.answered.is_set():
@@ -123,6 +129,8 @@ class _Worker:
             ENTITY: request.maxConcurrentEntityWorkItems or math.inf,
         }
         self.in_flight: collections.Counter[str] = collections.Counter()
+        # The stream waits for its next item: one handed to it goes out in its next turn.
+        self.waiting = False
         # Items sent on this stream and not finished yet: abandoned if the stream ends.
         self.held: dict[str, Pending] = {}
         self.send, self.receive = trio.open_memory_channel[Pending](math.inf)
@@ -163,13 +171,19 @@ class RemoteExecutor:
     def runs_here(self, route: Route) -> bool:
         return False
 
-    async def execute(self, work_item: pb.WorkItem, route: Route) -> Pending:
+    async def execute(
+        self, work_item: pb.WorkItem, route: Route, on_its_way: trio.Event | None = None
+    ) -> Pending:
         """Send `work_item` to a worker that accepts `route` and wait for its answer.
 
         Returns the answered `Pending`; the caller must `finish()` it once the result is
         committed (or failed to commit). Raises `WorkAbandoned`, or `WorkTooLarge` for an item
         no worker can receive. On cancellation the item is
         withdrawn.
+
+        `on_its_way` is set once the item is on its way: taken by the stream of a worker that
+        was waiting for work, or at once if no such stream can take it now (it waits in the
+        queue, or behind the stream's other items).
         """
         size = work_item.ByteSize()
         if size > self.max_work_item_bytes:
@@ -181,10 +195,12 @@ class RemoteExecutor:
             )
         token = secrets.token_hex(12)
         work_item.completionToken = token
-        pending = Pending(token, work_item, route)
+        pending = Pending(token, work_item, route, on_its_way=on_its_way)
         self._pending[token] = pending
         self._queues[route.kind].append(pending)
         self._dispatch()
+        if pending.worker is None:
+            pending.went_out()  # queued: nothing to wait for
         try:
             await pending.answered.wait()
         except BaseException:
@@ -234,6 +250,8 @@ class RemoteExecutor:
             worker.in_flight[kind] += 1
             pending.worker = worker
             worker.send.send_nowait(pending)
+            if not worker.waiting:
+                pending.went_out()  # behind the stream's other items: not waited for
         queue.extendleft(reversed(skipped))
 
     # -- rpc side --------------------------------------------------------------------------
@@ -271,10 +289,15 @@ class RemoteExecutor:
             while True:
                 pending: Pending | None = None
                 with trio.move_on_after(HEALTH_PING_INTERVAL):
-                    pending = await worker.receive.receive()
+                    worker.waiting = True
+                    try:
+                        pending = await worker.receive.receive()
+                    finally:
+                        worker.waiting = False
                 if pending is None:
                     yield pb.WorkItem(healthPing=pb.HealthPing())
                     continue
+                pending.went_out()
                 if pending.answered.is_set():
                     continue  # withdrawn while on its way
                 worker.held[pending.token] = pending
@@ -314,7 +337,12 @@ class Executor(Protocol):
     """Runs work items for the processors: `execute` returns the answer, and `finish` is
     called once it is committed (or failed to commit), with the error if any."""
 
-    async def execute(self, work_item: pb.WorkItem, route: Route) -> Answer: ...
+    async def execute(
+        self, work_item: pb.WorkItem, route: Route, on_its_way: trio.Event | None = None
+    ) -> Answer:
+        """The answer to `work_item`; `on_its_way` is set once the item is on its way to
+        whoever runs it (see `RemoteExecutor.execute`)."""
+        ...
 
     def finish(self, answer: Answer, error: BaseException | None = None) -> None: ...
 
@@ -340,11 +368,13 @@ class RoutingExecutor:
     def runs_here(self, route: Route) -> bool:
         return self.local is not None and self.local.accepts(route)
 
-    async def execute(self, work_item: pb.WorkItem, route: Route) -> Answer:
+    async def execute(
+        self, work_item: pb.WorkItem, route: Route, on_its_way: trio.Event | None = None
+    ) -> Answer:
         if self.runs_here(route):
             assert self.local is not None
-            return await self.local.execute(work_item, route)
-        return await self.remote.execute(work_item, route)
+            return await self.local.execute(work_item, route, on_its_way)
+        return await self.remote.execute(work_item, route, on_its_way)
 
     def finish(self, answer: Answer, error: BaseException | None = None) -> None:
         if isinstance(answer, Pending):

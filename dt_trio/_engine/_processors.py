@@ -89,17 +89,21 @@ LEASE_BATCH = 64
 class Early(Generic[W]):
     """Work started before the commit that leases it (see `Processor.hand_over`). The commit
     settles it with the item it leased, or None if it leased nothing (it failed, or the
-    instance could not be leased); the worker runs meanwhile instead of after the commit."""
+    instance could not be leased); the worker runs meanwhile instead of after the commit.
+
+    The commit starts once the work is `on_its_way` to its worker (see `_commit_after`)."""
 
     def __init__(self) -> None:
         self._settled = trio.Event()
         self._item: W | None = None
+        self.on_its_way = trio.Event()
 
     def settle(self, item: W | None) -> None:
         self._item = item
         self._settled.set()
 
     async def leased(self) -> W | None:
+        self.on_its_way.set()  # waiting for the commit: nothing of it goes out before
         if not self._settled.is_set():
             # Shielded: the commit that settles it is shielded too, so this wait is short.
             with trio.CancelScope(shield=True):
@@ -214,6 +218,7 @@ class Processor(Generic[W]):
         item = None
         try:
             with trio.CancelScope(shield=True):
+                await _commit_after(early)
                 item = await commit(self._owner)
         finally:
             self.settle_early(early, [] if item is None else [item])
@@ -264,6 +269,8 @@ class Processor(Generic[W]):
             if leased is not None:
                 await self._give_back(leased, FAILED_STEP_RETRY_SECONDS)
         finally:
+            if early is not None:
+                early.on_its_way.set()
             self._slots.release()
 
     async def _release(self, fn: Callable[..., Awaitable[None]], *args: Any, **kw: Any) -> None:
@@ -330,6 +337,16 @@ class Processor(Generic[W]):
                 # The store had no more visible work: anything new sets `wakeup` (cleared
                 # before the lease), so sleep instead of leasing again to find nothing.
                 await _sleep_until_work(wakeup, items.next_at)
+
+
+async def _commit_after(early: Sequence[Early[Any] | None]) -> None:
+    """Wait until the first work started early is on its way to its worker (a turn or two of
+    the event loop: the worker's stream was waiting for it), so that the commit beside it
+    does not compete with sending it: the worker gets it sooner, and the commit is still
+    made long before the worker answers."""
+    first = next((e for e in early if e is not None), None)
+    if first is not None:
+        await first.on_its_way.wait()
 
 
 async def _take_slots(slots: trio.Semaphore) -> int:
@@ -562,7 +579,9 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             request.orchestrationTraceContext.CopyFrom(state.trace_context)
         dispatched = trio.current_time()
         try:
-            pending = await self._executor.execute(work_item, self._route(item))
+            pending = await self._executor.execute(
+                work_item, self._route(item), early.on_its_way if early is not None else None
+            )
         except (WorkTooLarge, WorkAbandoned) as exc:
             if early is not None:
                 # The failure is handled for the item as leased, if it is leased.
@@ -646,6 +665,7 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         handed: Handed[ActivityWorkItem] = Handed()
         try:
             with trio.CancelScope(shield=True):
+                await _commit_after(sent)
                 handed = await self._store.commit_step(self._owner, result, reserved)
         except BaseException as exc:
             await self._release(
@@ -756,7 +776,9 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
         request.orchestrationInstance.instanceId = item.instance_id
         request.orchestrationInstance.executionId.value = item.execution_id
         try:
-            pending = await self._executor.execute(work_item, self._route(item))
+            pending = await self._executor.execute(
+                work_item, self._route(item), early.on_its_way if early is not None else None
+            )
         except BaseException as exc:
             # Started early, the activity is touched in the store only as its step's commit
             # wrote it, and only if that commit was made.

@@ -96,7 +96,11 @@ class LocalExecutor:
             return route.name in self._registry.activities
         return route.name.lower() in self._registry.entities
 
-    async def execute(self, work_item: pb.WorkItem, route: Route) -> LocalAnswer:
+    async def execute(
+        self, work_item: pb.WorkItem, route: Route, on_its_way: trio.Event | None = None
+    ) -> LocalAnswer:
+        if on_its_way is not None:
+            on_its_way.set()  # it runs here and now
         if route.kind == ORCHESTRATION:
             fn = self._registry.orchestrators[route.name]
             response = run_orchestrator(fn, work_item.orchestratorRequest)
