@@ -421,7 +421,7 @@ class Pacing:
     ) -> None:
         # instance -> (when its last step's worker answered, how long it took), trio clock
         self._last: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
-        self._holds: dict[str, tuple[list[int], trio.Event]] = {}
+        self._holds: dict[str, _Hold] = {}
         self._max_hold = max_hold
         self._min_step = min_step
         self._max_items = max_items
@@ -447,21 +447,29 @@ class Pacing:
 
     async def hold(self, instance_id: str, until: float, running: int) -> None:
         """Wait until `until` or until `running` more results were delivered."""
-        remaining, done = [running], trio.Event()
-        self._holds[instance_id] = (remaining, done)
+        hold = _Hold(running)
+        self._holds[instance_id] = hold
         try:
             with trio.move_on_at(until):
-                await done.wait()
+                await hold.done.wait()
         finally:
             self._holds.pop(instance_id, None)
 
     def delivered(self, instance_id: str) -> None:
         """An activity result for the instance was committed."""
-        held = self._holds.get(instance_id)
-        if held is not None:
-            held[0][0] -= 1
-            if held[0][0] <= 0:
-                held[1].set()
+        hold = self._holds.get(instance_id)
+        if hold is not None:
+            hold.missing -= 1
+            if hold.missing <= 0:
+                hold.done.set()
+
+
+@dataclasses.dataclass
+class _Hold:
+    """A step waiting for `missing` more activity results (see `Pacing.hold`)."""
+
+    missing: int
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
 
 
 class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
@@ -497,24 +505,25 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             return None  # it is leased with the delivery and waits there (see `_coalesce`)
         return item
 
-    def _holds_for(self, item: OrchestrationWorkItem) -> float | None:
-        """Until when the step of `item` waits for more activity results, if it does."""
+    def _holds_for(self, item: OrchestrationWorkItem) -> tuple[float, int] | None:
+        """Until when the step of `item` waits for more activity results, and for how many
+        at most, if it does."""
         until = self.pacing.hold_until(item.state.instance_id, trio.current_time())
         if until is None:
             return None
         events = itertools.chain(item.history, (m.event for m in item.inbox))
-        return until if core.running_activities(events) else None
+        running = core.running_activities(events)
+        return (until, running) if running else None
 
     async def _coalesce(self, item: OrchestrationWorkItem) -> OrchestrationWorkItem:
         """The leased `item`, after waiting for more activity results if it should (see
         `Pacing`), with every message its inbox has by then."""
-        until = self._holds_for(item)
-        if until is None:
+        hold = self._holds_for(item)
+        if hold is None:
             return item
         instance_id = item.state.instance_id
-        events = itertools.chain(item.history, (m.event for m in item.inbox))
         try:
-            await self.pacing.hold(instance_id, until, core.running_activities(events))
+            await self.pacing.hold(instance_id, *hold)
             inbox = await self._store.read_inbox(self._owner, instance_id, _now())
         except StoreUnavailable:
             return item  # what arrived meanwhile waits for the next step
@@ -610,6 +619,8 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
                     self._store.abandon_orchestration, self._owner, state.instance_id
                 )
             raise
+        answered = trio.current_time()
+        self.pacing.stepped(state.instance_id, answered, answered - dispatched)
         if early is not None:
             leased = await early.leased()
             if leased is None or not _same_work(item, leased):
@@ -622,8 +633,6 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             # The worker ran exactly the leased item: its messages now have the store's ids.
             item = leased
             plan = dataclasses.replace(plan, consumed=tuple(m.id for m in leased.inbox))
-        answered = trio.current_time()
-        self.pacing.stepped(state.instance_id, answered, answered - dispatched)
         response = pending.response
         assert isinstance(response, pb.OrchestratorResponse)
         try:
