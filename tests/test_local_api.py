@@ -259,7 +259,7 @@ async def test_a_start_can_be_scheduled_for_later(client: dt_trio.Client) -> Non
 async def test_a_changed_orchestrator_fails_with_a_non_determinism_error(
     tmp_path: pathlib.Path,
 ) -> None:
-    versions = itertools.count()
+    deployed = ["ship first"]
     changing = dt_trio.Registry()
 
     @changing.activity
@@ -272,15 +272,21 @@ async def test_a_changed_orchestrator_fails_with_a_non_determinism_error(
 
     @changing.orchestrator
     def evolving(ctx: dt_trio.OrchestrationContext, _: Any) -> Any:
-        # The first run ships first; every replay after that bills first: a code change.
-        first = ship if next(versions) == 0 else bill
+        first = ship if deployed[0] == "ship first" else bill
         yield ctx.call_activity(first)
+        ctx.set_custom_status("waiting")
         yield ctx.wait_for_external_event("go")
         return "done"
 
-    async with dt_trio.open_task_hub(str(tmp_path / "nd.sqlite3"), registry=changing) as c:
+    db = str(tmp_path / "nd.sqlite3")
+    async with dt_trio.open_task_hub(db, registry=changing) as c:
         instance_id = await c.schedule(evolving)
-        # The activity's result replays the orchestrator; that replay already differs.
+        with trio.fail_after(10):
+            await c.wait_until(instance_id, lambda s: s.custom_status == "waiting")
+    # A new deployment bills first: the event replays the code, which now differs.
+    deployed[0] = "bill first"
+    async with dt_trio.open_task_hub(db, registry=changing) as c:
+        await c.raise_event(instance_id, "go")
         with trio.fail_after(10):
             state = await c.wait_for_completion(instance_id)
     assert state.status == Status.FAILED

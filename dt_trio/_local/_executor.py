@@ -20,7 +20,13 @@ from dt_trio._core import _events as ev
 from dt_trio._core import entity_name
 from dt_trio._engine._executor import ACTIVITY, ENTITY, ORCHESTRATION, Route
 from dt_trio._local._registry import Registry
-from dt_trio._local._replay import decode, encode, failure_details, run_orchestrator
+from dt_trio._local._replay import (
+    ReplayCache,
+    decode,
+    encode,
+    failure_details,
+    run_orchestrator,
+)
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 
@@ -85,6 +91,8 @@ class LocalExecutor:
     def __init__(self, registry: Registry, thread_limit: int = 16) -> None:
         self._registry = registry
         self._threads = trio.CapacityLimiter(thread_limit)
+        # Orchestrators wait suspended between steps instead of replaying from the start.
+        self._replays = ReplayCache()
 
     def runs_here(self, route: Route) -> bool:
         return self.accepts(route)
@@ -103,7 +111,7 @@ class LocalExecutor:
             on_its_way.set()  # it runs here and now
         if route.kind == ORCHESTRATION:
             fn = self._registry.orchestrators[route.name]
-            response = run_orchestrator(fn, work_item.orchestratorRequest)
+            response = run_orchestrator(fn, work_item.orchestratorRequest, self._replays)
             await trio.lowlevel.checkpoint()
             return LocalAnswer(response)
         if route.kind == ENTITY:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Generator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -357,25 +358,35 @@ def _event_name(event: pb.HistoryEvent) -> str:
 
 
 class _Run:
-    """One replay of one orchestrator over one step's events."""
+    """One orchestrator run over the history of one execution, step after step: each `run`
+    applies the events of a step's request that it has not seen yet."""
 
-    def __init__(self, fn: Orchestrator, request: pb.OrchestratorRequest) -> None:
+    def __init__(self, fn: Orchestrator, instance_id: str, execution_id: str) -> None:
         self.fn = fn
-        self.ctx = OrchestrationContext(
-            request.instanceId, ev.opt_str(request, "executionId") or ""
-        )
-        self.request = request
+        self.ctx = OrchestrationContext(instance_id, execution_id)
         self.generator: Generator[Task[Any], Any, Any] | None = None
         self.awaiting: Task[Any] | None = None
         self.suspended = False
         self.held: list[pb.HistoryEvent] = []
+        self.seen = 0  # how many events of the history it has applied
+        self.last_seen: pb.HistoryEvent | None = None  # a copy of the last of them
 
-    def run(self) -> pb.OrchestratorResponse:
+    def continues(self, fn: Orchestrator, request: pb.OrchestratorRequest) -> bool:
+        """Whether the request's past starts with exactly the events this run has seen (the
+        previous step's, committed): then only the rest needs applying."""
+        past = request.pastEvents
+        return (
+            fn is self.fn
+            and self.ctx._completion is None
+            and ev.opt_str(request, "executionId") == self.ctx.execution_id
+            and 0 < self.seen <= len(past)
+            and past[self.seen - 1] == self.last_seen
+        )
+
+    def run(self, request: pb.OrchestratorRequest) -> pb.OrchestratorResponse:
+        past, new = request.pastEvents, request.newEvents
         try:
-            for replaying, events in (
-                (True, self.request.pastEvents),
-                (False, self.request.newEvents),
-            ):
+            for replaying, events in ((True, past[self.seen :]), (False, new)):
                 self.ctx.is_replaying = replaying
                 for event in events:
                     if self.ctx._completion is not None:
@@ -383,7 +394,12 @@ class _Run:
                     self._apply(event)
         except NonDeterminismError as exc:
             self._finish(pb.ORCHESTRATION_STATUS_FAILED, failure=failure_details(exc))
-        return self._response()
+        self.seen = len(past) + len(new)
+        if self.seen:
+            # A copy: a reference would keep the whole request alive.
+            self.last_seen = pb.HistoryEvent()
+            self.last_seen.CopyFrom(new[-1] if new else past[-1])
+        return self._response(request.instanceId)
 
     def _apply(self, event: pb.HistoryEvent) -> None:
         kind = event.WhichOneof("eventType")
@@ -526,8 +542,8 @@ class _Run:
         self.ctx._completion = action
         return action
 
-    def _response(self) -> pb.OrchestratorResponse:
-        response = pb.OrchestratorResponse(instanceId=self.request.instanceId)
+    def _response(self, instance_id: str) -> pb.OrchestratorResponse:
+        response = pb.OrchestratorResponse(instanceId=instance_id)
         ev.set_str(response.customStatus, self.ctx._custom_status)
         completion = self.ctx._completion
         if completion is None or completion.completeOrchestration.orchestrationStatus in (
@@ -541,6 +557,44 @@ class _Run:
         return response
 
 
-def run_orchestrator(fn: Orchestrator, request: pb.OrchestratorRequest) -> pb.OrchestratorResponse:
-    """Replay `fn` over the request's history and new events; the actions of this step."""
-    return _Run(fn, request).run()
+class ReplayCache:
+    """Orchestrators kept suspended between their steps, the most recently run first (what
+    DTFx calls extended sessions): the next step of a kept one applies only the events it has
+    not seen, instead of replaying its code from the start. Only a history that continues the
+    kept one exactly is applied this way; any other (a step run again after its commit failed,
+    another execution) is replayed from the start."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._capacity = capacity
+        self._runs: OrderedDict[str, _Run] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def instances(self) -> list[str]:
+        return list(self._runs)
+
+    def take(self, fn: Orchestrator, request: pb.OrchestratorRequest) -> _Run | None:
+        run = self._runs.pop(request.instanceId, None)
+        return run if run is not None and run.continues(fn, request) else None
+
+    def keep(self, instance_id: str, run: _Run) -> None:
+        if run.ctx._completion is not None:
+            return  # finished: it has no next step
+        self._runs[instance_id] = run
+        if len(self._runs) > self._capacity:
+            self._runs.popitem(last=False)
+
+
+def run_orchestrator(
+    fn: Orchestrator, request: pb.OrchestratorRequest, cache: ReplayCache | None = None
+) -> pb.OrchestratorResponse:
+    """Run `fn` over the request's history and new events; the actions of this step. With a
+    cache, an orchestrator kept from its previous step resumes where it stopped."""
+    run = cache.take(fn, request) if cache is not None else None
+    if run is None:
+        run = _Run(fn, request.instanceId, ev.opt_str(request, "executionId") or "")
+    response = run.run(request)
+    if cache is not None:
+        cache.keep(request.instanceId, run)
+    return response
