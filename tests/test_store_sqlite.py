@@ -23,7 +23,13 @@ from dt_trio._core import (
 from dt_trio._core import _events as ev
 from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import ActivityWorkItem, OrchestrationWorkItem, SqliteBackend
+from dt_trio._store import (
+    ActivityWorkItem,
+    Handed,
+    OrchestrationWorkItem,
+    SqliteBackend,
+    StepAhead,
+)
 
 
 def now() -> datetime:
@@ -197,6 +203,128 @@ async def test_activity_results_reach_only_the_execution_that_scheduled_them(
     step = await lease_one(store, "me")
     assert step is not None
     assert [ev.kind(m.event) for m in step.inbox] == ["taskCompleted"]
+
+
+def scheduling_step(
+    state: InstanceState, history: list[pb.HistoryEvent], task_id: int
+) -> StepResult:
+    """A step that records `history` and schedules activity `task_id`."""
+    scheduled = ev.new_event(now(), task_id)
+    scheduled.taskScheduled.name = "act"
+    return StepResult(
+        state=dataclasses.replace(state, status=Status.RUNNING, last_updated_at=now()),
+        consumed=(),
+        history=[*history, scheduled],
+        activities=[ActivityTask(state.instance_id, state.execution_id, scheduled)],
+    )
+
+
+async def test_a_creation_commits_the_first_step_run_ahead_of_it(store: SqliteBackend) -> None:
+    state = new_state()
+    first = scheduling_step(state, [ev.orchestrator_started(now()), started(state)], 0)
+    handed = await store.create_instance(
+        state,
+        started(state),
+        state.created_at,
+        ahead=StepAhead(first, state.last_updated_at, "me", 1),
+    )
+    assert isinstance(handed, Handed) and [a.scheduled.eventId for a in handed] == [0]
+    assert not handed.waiting
+    assert (await store.get_instance("i1")).status == Status.RUNNING  # type: ignore[union-attr]
+    history = await store.get_history("i1")
+    assert [ev.kind(e) for e in history] == [
+        "orchestratorStarted",
+        "executionStarted",
+        "taskScheduled",
+    ]
+    # no ExecutionStarted message is left to lease, and the activity is ours already
+    assert await lease_one(store, "me") is None
+    assert await lease_one_activity(store, "me") is None
+    # a start that must wait for its time is created the ordinary way, step or no step
+    later = new_state("i2", scheduled_start_at=now() + timedelta(hours=1))
+    assert (
+        await store.create_instance(
+            later,
+            started(later),
+            now() + timedelta(hours=1),
+            ahead=StepAhead(scheduling_step(later, [], 0), later.last_updated_at, "me"),
+        )
+        is None
+    )
+    assert await store.get_history("i2") == []
+
+
+async def test_an_activity_result_commits_the_step_run_ahead_of_it_if_nothing_changed(
+    store: SqliteBackend,
+) -> None:
+    state = new_state()
+    first = scheduling_step(state, [ev.orchestrator_started(now()), started(state)], 0)
+    [activity] = await store.create_instance(  # type: ignore[misc]
+        state,
+        started(state),
+        state.created_at,
+        ahead=StepAhead(first, state.last_updated_at, "me", 1),
+    )
+    done = ev.task_completed(now(), 0, '"a"')
+    second = scheduling_step(first.state, [ev.orchestrator_started(now()), done], 1)
+    handed = await store.complete_activity(
+        "me", activity, done, ahead=StepAhead(second, first.state.last_updated_at, "me", 1)
+    )
+    assert isinstance(handed, Handed) and [a.scheduled.eventId for a in handed] == [1]
+    assert [ev.kind(e) for e in await store.get_history("i1")][-3:] == [
+        "orchestratorStarted",
+        "taskCompleted",
+        "taskScheduled",
+    ]
+    assert await lease_one(store, "me") is None  # the result went straight into history
+
+
+@pytest.mark.parametrize("change", ["event", "lease", "step"])
+async def test_an_activity_result_drops_a_step_run_ahead_of_a_change(
+    store: SqliteBackend, change: str
+) -> None:
+    state = new_state()
+    first = scheduling_step(state, [ev.orchestrator_started(now()), started(state)], 0)
+    [activity] = await store.create_instance(  # type: ignore[misc]
+        state,
+        started(state),
+        state.created_at,
+        ahead=StepAhead(first, state.last_updated_at, "me", 1),
+    )
+    if change == "event":  # something arrived: the step did not see it
+        await store.enqueue("i1", ev.event_raised(now(), "x", None), now())
+    elif change == "lease":  # someone else steps the instance
+        await store.enqueue("i1", ev.event_raised(now(), "x", None), now())
+        assert await lease_one(store, "other") is not None
+    else:  # a step was committed since
+        await store.enqueue("i1", ev.event_raised(now(), "x", None), now())
+        item = await lease_one(store, "me")
+        assert item is not None
+        await store.commit_step(
+            "me",
+            StepResult(
+                state=dataclasses.replace(item.state, last_updated_at=now()),
+                consumed=(item.inbox[0].id,),
+                history=[item.inbox[0].event],
+            ),
+        )
+    done = ev.task_completed(now(), 0, '"a"')
+    second = scheduling_step(first.state, [ev.orchestrator_started(now()), done], 1)
+    leased = await store.complete_activity(
+        "me",
+        activity,
+        done,
+        lease_orchestration=True,
+        ahead=StepAhead(second, first.state.last_updated_at, "me", 1),
+    )
+    # delivered the ordinary way, and leased to us with it unless someone else has it
+    assert "taskScheduled" not in [ev.kind(e) for e in (await store.get_history("i1"))[3:]]
+    assert await lease_one_activity(store, "me") is None
+    if change == "lease":
+        assert leased is None
+    else:
+        assert isinstance(leased, OrchestrationWorkItem)
+        assert ev.kind(leased.inbox[-1].event) == "taskCompleted"
 
 
 async def test_enqueue_to_a_missing_instance_is_not_found(store: SqliteBackend) -> None:

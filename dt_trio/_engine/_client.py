@@ -18,10 +18,10 @@ from dt_trio._core import _events as ev
 from dt_trio._engine._signals import Signals
 from dt_trio._errors import InstanceNotFound, InvalidRequest
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import Backend, OrchestrationWorkItem
+from dt_trio._store import Backend, OrchestrationWorkItem, StepAhead
 
 if TYPE_CHECKING:
-    from dt_trio._engine._processors import Processor
+    from dt_trio._engine._processors import Committed, OrchestrationProcessor
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class HubClient:
         self,
         store: Backend,
         signals: Signals,
-        orchestrations: Processor[OrchestrationWorkItem] | None = None,
+        orchestrations: OrchestrationProcessor | None = None,
     ) -> None:
         self.store = store
         self.signals = signals
@@ -94,13 +94,16 @@ class HubClient:
         )
         visible = start_at if start_at is not None and start_at > now else now
 
-        async def create(lease_to: str | None) -> OrchestrationWorkItem | None:
-            return await self.store.create_instance(state, started, visible, replaceable, lease_to)
+        async def create(lease_to: str | None, ahead: StepAhead | None) -> Committed:
+            return await self.store.create_instance(
+                state, started, visible, replaceable, lease_to, ahead
+            )
 
         if self.orchestrations is not None:
             # Leased in its creation's transaction: its first step starts without a wake-up
-            # and a lease of its own, and, if it starts now, beside that transaction: the
-            # message id is the store's to give (the step waits for it before its commit).
+            # and a lease of its own, and, if it starts now, beside that transaction (the
+            # message id is the store's to give: the step waits for it before its commit),
+            # or, run here, before it and committed in it.
             expected = (
                 OrchestrationWorkItem(state, [], [InboxMessage(0, started)])
                 if visible <= now
@@ -108,7 +111,7 @@ class HubClient:
             )
             await self.orchestrations.hand_over(create, expected)
         else:
-            await create(None)
+            await create(None, None)
         log.info("%s: created orchestration '%s'", instance_id, name)
         return instance_id
 

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 import trio
 
 from dt_trio import _core as core
-from dt_trio._core import InboxMessage
+from dt_trio._core import InboxMessage, InstanceState
 from dt_trio._core import _events as ev
 from dt_trio._engine._executor import (
     ACTIVITY,
@@ -41,10 +41,14 @@ from dt_trio._store import (
     Handed,
     Leased,
     OrchestrationWorkItem,
+    StepAhead,
 )
 
 log = logging.getLogger(__name__)
 W = TypeVar("W")
+# What a commit that may lease an instance returns: its work item if it leased it, the
+# activities it leased if it committed a step run ahead (see `OrchestrationProcessor.hand_over`).
+Committed = OrchestrationWorkItem | Handed[ActivityWorkItem] | None
 
 # Without a commit from this process, look at the store at least this often (another process
 # may share it, and a clock may jump).
@@ -87,7 +91,7 @@ LEASE_BATCH = 64
 
 
 class Early(Generic[W]):
-    """Work started before the commit that leases it (see `Processor.hand_over`). The commit
+    """Work started before the commit that leases it (see `Processor._hand_over`). The commit
     settles it with the item it leased, or None if it leased nothing (it failed, or the
     instance could not be leased); the worker runs meanwhile instead of after the commit.
 
@@ -200,7 +204,7 @@ class Processor(Generic[W]):
             else:
                 self.unreserve(1)
 
-    async def hand_over(
+    async def _hand_over(
         self,
         commit: Callable[[str | None], Awaitable[W | None]],
         expected: W | None = None,
@@ -577,19 +581,12 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         if isinstance(plan, core.Postpone):
             await self._store.postpone(self._owner, state.instance_id, plan.message_ids, plan.until)
             return
-        # Built in place: a message passed to a constructor is copied, history and all.
-        work_item = pb.WorkItem()
-        request = work_item.orchestratorRequest
-        request.instanceId = state.instance_id
-        request.pastEvents.extend(plan.past_events)
-        request.newEvents.extend(plan.new_events)
-        request.executionId.value = state.execution_id
-        if state.trace_context is not None:
-            request.orchestrationTraceContext.CopyFrom(state.trace_context)
         dispatched = trio.current_time()
         try:
             pending = await self._executor.execute(
-                work_item, self._route(item), early.on_its_way if early is not None else None
+                _work_item(state, plan),
+                self._route(item),
+                early.on_its_way if early is not None else None,
             )
         except (WorkTooLarge, WorkAbandoned) as exc:
             if early is not None:
@@ -653,29 +650,10 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         # commit. The instance stays leased until the commit; if the commit fails, the step
         # runs again, so nothing is lost.
         self._executor.finish(pending)
-        # The activities this step schedules are leased in its own commit, as many as the
-        # activity processor has room for, and those for SDK workers are sent beside that
-        # commit instead of after it: an activity's result is delivered only once the commit
-        # is made (see `ActivityProcessor._step`); if it fails, the step runs again and so do
-        # they.
-        helper = self.activities
-        reserved = helper.reserve(len(result.activities)) if helper is not None else 0
-        sent = (
-            helper.start_early(
-                [
-                    # the row id is the commit's to give (see `_leased`)
-                    ActivityWorkItem(0, a.instance_id, a.execution_id, a.scheduled, 1)
-                    for a in result.activities[:reserved]
-                ]
-            )
-            if helper is not None and reserved
-            else []
-        )
-        handed: Handed[ActivityWorkItem] = Handed()
         try:
-            with trio.CancelScope(shield=True):
-                await _commit_after(sent)
-                handed = await self._store.commit_step(self._owner, result, reserved)
+            await self._commit(
+                item, result, functools.partial(self._store.commit_step, self._owner, result)
+            )
         except BaseException as exc:
             await self._release(
                 self._store.abandon_orchestration,
@@ -691,9 +669,45 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
                 _log_failure(self.name, f"the commit of a step of {state.instance_id}", exc)
                 return
             raise
+
+    async def _commit(
+        self,
+        item: OrchestrationWorkItem,
+        result: core.StepResult,
+        commit: Callable[[int], Awaitable[Handed[ActivityWorkItem] | None]],
+    ) -> None:
+        """Commit the step of `item` that made `result` with `commit(n)`, which leases up to
+        `n` of its activities to us, then keep the instance parked if nothing waits for it.
+
+        The activities a step schedules are leased in its own commit, as many as the
+        activity processor has room for, and those for SDK workers are sent beside that
+        commit instead of after it: an activity's result is delivered only once the commit
+        is made (see `ActivityProcessor._step`); if it fails, the step runs again and so do
+        they. `commit` returns None if it did not commit the step after all."""
+        helper = self.activities
+        reserved = helper.reserve(len(result.activities)) if helper is not None else 0
+        sent = (
+            helper.start_early(
+                [
+                    # the row id is the commit's to give (see `_leased`)
+                    ActivityWorkItem(0, a.instance_id, a.execution_id, a.scheduled, 1)
+                    for a in result.activities[:reserved]
+                ]
+            )
+            if helper is not None and reserved
+            else []
+        )
+        handed: Handed[ActivityWorkItem] | None = None
+        try:
+            with trio.CancelScope(shield=True):
+                await _commit_after(sent)
+                handed = await commit(reserved)
         finally:
             if helper is not None:
-                helper.settle_early(sent, handed)  # none if the commit failed
+                helper.settle_early(sent, handed or [])  # none if the commit failed
+        if handed is None:
+            return
+        state = item.state
         if result.state.status.is_terminal:
             self.pacing.forget(state.instance_id)
         elif not handed.waiting:
@@ -701,6 +715,94 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             self._parked.put(OrchestrationWorkItem(result.state, history, []))
         if result.state.status != state.status and result.state.status.is_terminal:
             log.info("%s: '%s' %s", state.instance_id, state.name, result.state.status.label)
+
+    async def hand_over(
+        self,
+        commit: Callable[[str | None, StepAhead | None], Awaitable[Committed]],
+        expected: OrchestrationWorkItem | None = None,
+    ) -> None:
+        """Run a store commit that may lease an instance to us (its creation, an activity's
+        result): `commit(lease_to, ahead)` leases it to `lease_to` if given (see
+        `Processor._hand_over`: with a free slot, its step then starts at once, with no lease
+        and no wake-up of its own). `expected`: the work item the commit would lease, if it
+        would start a step now.
+
+        If that step runs in this process, it runs first, and `commit` gets it as `ahead`
+        to commit in the same transaction (one commit instead of two, and no lease); if the
+        instance changed meanwhile, the store drops the step and commits the ordinary way.
+        If it runs on an SDK worker, it is sent to the worker beside the commit instead."""
+
+        async def plain(lease_to: str | None) -> OrchestrationWorkItem | None:
+            done = await commit(lease_to, None)
+            assert not isinstance(done, Handed)
+            return done
+
+        if expected is not None and self._executor.runs_here(self._route(expected)):
+            result = await self._run_ahead(expected)
+            if result is not None:
+                await self._commit_ahead(commit, expected, result)
+                return
+            expected = None  # the ordinary step handles what went wrong
+        await self._hand_over(plain, expected)
+
+    async def _run_ahead(self, item: OrchestrationWorkItem) -> core.StepResult | None:
+        """The step of `item` (not leased) run here, or None if it cannot run this way."""
+        state = item.state
+        plan = core.plan_step(state, item.history, item.inbox, _now(), item.attempt)
+        if not isinstance(plan, core.Dispatch):
+            return None
+        dispatched = trio.current_time()
+        try:
+            pending = await self._executor.execute(_work_item(state, plan), self._route(item))
+            response = pending.response
+            assert isinstance(response, pb.OrchestratorResponse)
+            result = core.apply_response(state, plan, response, _now(), _new_id)
+        except Exception:
+            return None
+        self._executor.finish(pending)
+        answered = trio.current_time()
+        self.pacing.stepped(state.instance_id, answered, answered - dispatched)
+        return dataclasses.replace(result, consumed=())  # nothing came through the inbox
+
+    async def _commit_ahead(
+        self,
+        commit: Callable[[str | None, StepAhead | None], Awaitable[Committed]],
+        item: OrchestrationWorkItem,
+        result: core.StepResult,
+    ) -> None:
+        slot = self.reserve(1)  # for the lease of the ordinary way, if the store takes it
+        leased: OrchestrationWorkItem | None = None
+
+        async def commit_step(reserved: int) -> Handed[ActivityWorkItem] | None:
+            nonlocal leased
+            ahead = StepAhead(result, item.state.last_updated_at, self._owner, reserved)
+            done = await commit(self._owner if slot else None, ahead)
+            if isinstance(done, Handed):
+                return done
+            leased = done
+            return None
+
+        try:
+            await self._commit(item, result, commit_step)
+        finally:
+            if leased is not None:
+                self.accept([leased])
+            elif slot:
+                self.unreserve(1)
+
+
+def _work_item(state: InstanceState, plan: core.Dispatch) -> pb.WorkItem:
+    """The orchestrator request of a step. Built in place: a message passed to a constructor
+    is copied, history and all."""
+    work_item = pb.WorkItem()
+    request = work_item.orchestratorRequest
+    request.instanceId = state.instance_id
+    request.pastEvents.extend(plan.past_events)
+    request.newEvents.extend(plan.new_events)
+    request.executionId.value = state.execution_id
+    if state.trace_context is not None:
+        request.orchestrationTraceContext.CopyFrom(state.trace_context)
+    return work_item
 
 
 class ActivityProcessor(Processor[ActivityWorkItem]):
@@ -827,18 +929,18 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
             )
             return
         item = leased
-        # The orchestration, if idle, is leased in the same commit that delivers the
-        # result, and its step starts at once.
         result = core.activity_result(response, _now())
 
-        async def complete(lease_to: str | None) -> OrchestrationWorkItem | None:
+        async def complete(lease_to: str | None, ahead: StepAhead | None) -> Committed:
             return await self._store.complete_activity(
-                self._owner, item, result, lease_orchestration=lease_to is not None
+                self._owner, item, result, lease_orchestration=lease_to is not None, ahead=ahead
             )
 
         try:
             if self.orchestrations is not None:
-                # If the orchestration waits parked, its step starts beside this commit.
+                # The orchestration, if idle, is leased in the same commit that delivers the
+                # result and its step starts at once, or runs before it and is committed in
+                # it; if it waits parked, its step starts beside this commit.
                 expected = self.orchestrations.expected_step(
                     item.instance_id, item.execution_id, result
                 )
@@ -846,7 +948,7 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
                 self.orchestrations.pacing.delivered(item.instance_id)
             else:
                 with trio.CancelScope(shield=True):
-                    await complete(None)
+                    await complete(None, None)
         except LockLost:
             raise  # the activity row is gone (its instance was purged): nothing to give back
         except Exception as exc:

@@ -10,6 +10,7 @@ from dt_trio._store._backend import (
     Leased,
     OrchestrationWorkItem,
     PageKey,
+    StepAhead,
     StoreListener,
 )
 from dt_trio._store._sqlite import SqliteBackend
@@ -25,5 +26,6 @@ __all__ = [
     "OrchestrationWorkItem",
     "PageKey",
     "SqliteBackend",
+    "StepAhead",
     "StoreListener",
 ]

@@ -54,6 +54,20 @@ class OrchestrationWorkItem:
 
 
 @dataclass(frozen=True)
+class StepAhead:
+    """The step of an instance that a commit would lease it for (a creation, an activity's
+    result), run before that commit and committed in it, when the instance is as the step
+    found it (see `Backend.create_instance`, `Backend.complete_activity`): its `result`,
+    and how many of its activities to lease to `owner` in the same commit (a hand-over).
+    `found_update`: when the instance the step ran on was last updated."""
+
+    result: StepResult
+    found_update: datetime
+    owner: str
+    lease_activities: int = 0
+
+
+@dataclass(frozen=True)
 class ActivityWorkItem:
     """A leased activity. `scheduled` is its TaskScheduled event (eventId = task id);
     `dequeue_count` is this attempt's number: 1 plus the attempts that failed."""
@@ -136,13 +150,17 @@ class Backend(Protocol):
         visible_at: datetime,
         replaceable: Collection[Status] | None = None,
         lease_to: str | None = None,
-    ) -> OrchestrationWorkItem | None:
+        ahead: StepAhead | None = None,
+    ) -> OrchestrationWorkItem | Handed[ActivityWorkItem] | None:
         """Create an instance with its ExecutionStarted message.
 
         An existing instance is replaced when its status is in `replaceable` (default: any
         terminal status); otherwise `InstanceExists` is raised and nothing changes. With
         `lease_to`, an instance that can start now is leased to that owner in the same
-        transaction and returned as a work item (a hand-over: no lease of its own).
+        transaction and returned as a work item (a hand-over: no lease of its own). With
+        `ahead`, its first step run on the ExecutionStarted message, an instance that can
+        start now is created with that step committed instead (no message, no lease), and
+        the activities the step leased are returned.
         """
 
     async def get_instance(self, instance_id: str) -> InstanceState | None: ...
@@ -242,12 +260,17 @@ class Backend(Protocol):
         item: ActivityWorkItem,
         result: pb.HistoryEvent,
         lease_orchestration: bool = False,
-    ) -> OrchestrationWorkItem | None:
+        ahead: StepAhead | None = None,
+    ) -> OrchestrationWorkItem | Handed[ActivityWorkItem] | None:
         """Delete the activity and deliver `result` to its orchestration in one transaction.
 
         The result is dropped when the orchestration no longer runs that execution. With
         `lease_orchestration`, the orchestration, if nobody leases it, is leased to `owner` in
-        the same transaction and returned as a work item."""
+        the same transaction and returned as a work item. With `ahead`, the orchestration's
+        step on `result` alone: if the instance is as that step found it (nobody leases it,
+        it was last updated at `ahead.found_update`, its inbox is empty), the step is
+        committed with the result in its history (no inbox message, no lease) and the
+        activities it leased are returned; otherwise the step is dropped."""
 
     async def abandon_activity(
         self, owner: str, item: ActivityWorkItem, delay: float, failed: bool = False

@@ -55,6 +55,7 @@ from dt_trio._store._backend import (
     Leased,
     OrchestrationWorkItem,
     PageKey,
+    StepAhead,
     StoreListener,
 )
 
@@ -533,11 +534,15 @@ class SqliteBackend:
         visible_at: datetime,
         replaceable: Collection[Status] | None = None,
         lease_to: str | None = None,
-    ) -> OrchestrationWorkItem | None:
+        ahead: StepAhead | None = None,
+    ) -> OrchestrationWorkItem | Handed[ActivityWorkItem] | None:
         allowed = set(_TERMINAL) if replaceable is None else {int(s) for s in replaceable}
         visible_us = _us(visible_at)
+        changed: list[str] = []
 
-        def write(conn: sqlite3.Connection) -> OrchestrationWorkItem | None:
+        def write(
+            conn: sqlite3.Connection,
+        ) -> OrchestrationWorkItem | Handed[ActivityWorkItem] | None:
             row = conn.execute(
                 "SELECT status FROM instances WHERE instance_id = ?", (state.instance_id,)
             ).fetchone()
@@ -545,8 +550,11 @@ class SqliteBackend:
                 if row["status"] not in allowed:
                     raise InstanceExists(state.instance_id, Status(row["status"]).label)
                 _delete_instances(conn, [state.instance_id])
-            # a scheduled start waits for its time: no hand-over
-            owner = lease_to if visible_us <= _us(datetime.now(UTC)) else None
+            now = visible_us <= _us(datetime.now(UTC))  # a scheduled start waits for its time
+            if ahead is not None and now:
+                _insert_instance(conn, state)
+                return _commit_ahead(conn, ahead, changed)
+            owner = lease_to if now else None
             message_id = _insert_instance(conn, state, started, visible_at, owner)
             if owner is None:
                 return None
@@ -554,6 +562,10 @@ class SqliteBackend:
             return OrchestrationWorkItem(state, [], [InboxMessage(message_id, started)], 1)
 
         work = await self._run_write(write)
+        if isinstance(work, Handed):
+            assert ahead is not None
+            self._after_step(ahead.result, changed, len(work), work.waiting)
+            return work
         if work is None:
             self.listener.orchestration_work_added()
         self.listener.instance_changed(state.instance_id)
@@ -1125,34 +1137,32 @@ class SqliteBackend:
         item: ActivityWorkItem,
         result: pb.HistoryEvent,
         lease_orchestration: bool = False,
-    ) -> OrchestrationWorkItem | None:
+        ahead: StepAhead | None = None,
+    ) -> OrchestrationWorkItem | Handed[ActivityWorkItem] | None:
+        instance_id = item.instance_id
         blob = result.SerializeToString()
-        delivered = False
+        changed: list[str] = []
 
-        def write(conn: sqlite3.Connection) -> OrchestrationWorkItem | None:
-            nonlocal delivered
-            deleted = conn.execute(
-                "DELETE FROM activities WHERE id = ? AND locked_by = ?", (item.id, owner)
-            ).rowcount
-            if deleted != 1:
-                raise LockLost(f"activity work item {item.id} is no longer leased by this worker")
-            now_us = _us(datetime.now(UTC))
-            cursor = conn.execute(
-                "INSERT INTO inbox (instance_id, event, visible_at) "
-                "SELECT instance_id, ?, ? FROM instances WHERE instance_id = ? "
-                "AND execution_id = ?",
-                (blob, now_us, item.instance_id, item.execution_id),
-            )
-            delivered = cursor.rowcount == 1
-            if not (delivered and lease_orchestration):
-                return None
-            leased = conn.execute(
-                "UPDATE instances SET locked_by = ? WHERE instance_id = ? AND locked_by IS NULL",
-                (owner, item.instance_id),
-            ).rowcount
-            return _load_orchestrations(conn, [item.instance_id], now_us)[0] if leased else None
+        def write(
+            conn: sqlite3.Connection,
+        ) -> Handed[ActivityWorkItem] | tuple[bool, OrchestrationWorkItem | None]:
+            if ahead is None or not _as_found(conn, instance_id, item.execution_id, ahead):
+                return _complete_activity(conn, owner, item, blob, lease_orchestration)
+            _delete_activity(conn, owner, item)
+            return _commit_ahead(conn, ahead, changed)
 
-        work = await self._run_write(write)
+        done = await self._run_write(write)
+        if isinstance(done, Handed):
+            assert ahead is not None
+            self._after_step(ahead.result, changed, len(done), done.waiting)
+            return done
+        delivered, work = done
+        self._after_delivery(item, delivered, work)
+        return work
+
+    def _after_delivery(
+        self, item: ActivityWorkItem, delivered: bool, work: OrchestrationWorkItem | None
+    ) -> None:
         if delivered:
             if work is None:  # not handed over: the orchestration processor leases it
                 self.listener.orchestration_work_added()
@@ -1162,7 +1172,6 @@ class SqliteBackend:
                 item.instance_id,
                 item.scheduled.eventId,
             )
-        return work
 
     async def abandon_activity(
         self, owner: str, item: ActivityWorkItem, delay: float, failed: bool = False
@@ -1326,24 +1335,27 @@ def _check_lease(conn: sqlite3.Connection, owner: str, instance_id: str) -> None
 def _insert_instance(
     conn: sqlite3.Connection,
     state: InstanceState,
-    started: pb.HistoryEvent,
-    visible_at: datetime,
+    started: pb.HistoryEvent | None = None,
+    visible_at: datetime | None = None,
     lease_to: str | None = None,
 ) -> int:
-    """Insert the instance (leased to `lease_to`, if given) and its ExecutionStarted message;
-    returns the message's id."""
+    """Insert the instance (leased to `lease_to`, if given) and, if given, its
+    ExecutionStarted message, visible at `visible_at`; returns the message's id (0 without)."""
     conn.execute(
         f"INSERT INTO instances ({_INSTANCE_COLUMNS}, locked_by, dequeue_count) "
         f"VALUES ({','.join('?' * _INSTANCE_FIELDS)}, ?, ?)",
         (*_state_values(state), lease_to, 0),
     )
+    cache = _cache(conn)
+    if cache is not None:
+        cache.put(state.instance_id, (state, (), 0))
+    if started is None:
+        return 0
+    assert visible_at is not None
     cursor = conn.execute(
         "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
         (state.instance_id, started.SerializeToString(), _us(visible_at)),
     )
-    cache = _cache(conn)
-    if cache is not None:
-        cache.put(state.instance_id, (state, (), 0))
     assert cursor.lastrowid is not None
     return cursor.lastrowid
 
@@ -1410,6 +1422,71 @@ def _start_instances(
         )
         created.append(new.state.instance_id)
     return created
+
+
+def _delete_activity(conn: sqlite3.Connection, owner: str, item: ActivityWorkItem) -> None:
+    deleted = conn.execute(
+        "DELETE FROM activities WHERE id = ? AND locked_by = ?", (item.id, owner)
+    ).rowcount
+    if deleted != 1:
+        raise LockLost(f"activity work item {item.id} is no longer leased by this worker")
+
+
+def _as_found(
+    conn: sqlite3.Connection, instance_id: str, execution_id: str, ahead: StepAhead
+) -> bool:
+    """Whether the instance is as a step run ahead of its lease found it: running that
+    execution, leased by nobody, unchanged since, with nothing in its inbox."""
+    row = conn.execute(
+        "SELECT locked_by, last_updated_at FROM instances "
+        "WHERE instance_id = ? AND execution_id = ?",
+        (instance_id, execution_id),
+    ).fetchone()
+    return (
+        row is not None
+        and row[0] is None
+        and row[1] == _us(ahead.found_update)
+        and not _has_inbox(conn, instance_id)
+    )
+
+
+def _commit_ahead(
+    conn: sqlite3.Connection, ahead: StepAhead, changed: list[str]
+) -> Handed[ActivityWorkItem]:
+    """Commit a step run ahead of its lease (see `StepAhead`); `changed` gets the ids of the
+    instances whose state changed."""
+    leased: Handed[ActivityWorkItem] = Handed()
+    changed[:] = _apply_step(conn, ahead.result, ahead.owner, ahead.lease_activities, leased)
+    leased.waiting = _has_inbox(conn, ahead.result.state.instance_id)
+    return leased
+
+
+def _complete_activity(
+    conn: sqlite3.Connection,
+    owner: str,
+    item: ActivityWorkItem,
+    result: bytes,
+    lease_orchestration: bool,
+) -> tuple[bool, OrchestrationWorkItem | None]:
+    """Delete the activity and put its result in the inbox of its execution, if that still
+    runs; with `lease_orchestration`, lease the instance too if nobody does. Whether the result
+    was delivered, and the instance's work item if leased."""
+    _delete_activity(conn, owner, item)
+    now_us = _us(datetime.now(UTC))
+    cursor = conn.execute(
+        "INSERT INTO inbox (instance_id, event, visible_at) "
+        "SELECT instance_id, ?, ? FROM instances WHERE instance_id = ? "
+        "AND execution_id = ?",
+        (result, now_us, item.instance_id, item.execution_id),
+    )
+    delivered = cursor.rowcount == 1
+    if not (delivered and lease_orchestration):
+        return delivered, None
+    leased = conn.execute(
+        "UPDATE instances SET locked_by = ? WHERE instance_id = ? AND locked_by IS NULL",
+        (owner, item.instance_id),
+    ).rowcount
+    return delivered, _load_orchestrations(conn, [item.instance_id], now_us)[0] if leased else None
 
 
 def _has_inbox(conn: sqlite3.Connection, instance_id: str) -> bool:
