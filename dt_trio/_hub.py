@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import os
 import socket
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import trio
 
@@ -93,25 +94,26 @@ async def serve(
     """
     signals = Signals()
     try:
-        async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
-            remote = RemoteExecutor()
-            processors = _Processors(store, signals, registry, remote)
-            service = SidecarService(store, remote, processors.client)
-            address: tuple[str, int] = await nursery.start(
-                functools.partial(
-                    serve_grpc,
-                    [service],
-                    host=host,
-                    port=port,
-                    status_for=status_for,
-                    max_message_bytes=max_message_bytes,
-                    ssl_context=ssl_context,
-                    token=token,
+        with _collections_spaced():
+            async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
+                remote = RemoteExecutor()
+                processors = _Processors(store, signals, registry, remote)
+                service = SidecarService(store, remote, processors.client)
+                address: tuple[str, int] = await nursery.start(
+                    functools.partial(
+                        serve_grpc,
+                        [service],
+                        host=host,
+                        port=port,
+                        status_for=status_for,
+                        max_message_bytes=max_message_bytes,
+                        ssl_context=ssl_context,
+                        token=token,
+                    )
                 )
-            )
-            log.info("server listening at %s", format_address(*address))
-            await processors.start(nursery)
-            task_status.started(address)
+                log.info("server listening at %s", format_address(*address))
+                await processors.start(nursery)
+                task_status.started(address)
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
 
@@ -126,13 +128,41 @@ async def open_task_hub(db: str = DEFAULT_DB, *, registry: Registry) -> AsyncIte
     """
     signals = Signals()
     try:
-        async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
-            processors = _Processors(store, signals, registry, RemoteExecutor())
-            await processors.start(nursery)
-            yield Client(processors.client)
-            nursery.cancel_scope.cancel()
+        with _collections_spaced():
+            async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
+                processors = _Processors(store, signals, registry, RemoteExecutor())
+                await processors.start(nursery)
+                yield Client(processors.client)
+                nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
+
+
+# A hub's state in flight (histories, parked steps, orchestrators waiting between steps) lives
+# long and makes no cyclic garbage, but the collector's default first threshold (700 net
+# allocations) has it scanned again and again: 15% of a busy local hub's time, measured.
+GC_YOUNG_THRESHOLD = 50_000
+_hubs_running = 0
+_thresholds_before: tuple[int, int, int] | None = None
+
+
+@contextlib.contextmanager
+def _collections_spaced() -> Iterator[None]:
+    """While hubs run in this process, the garbage collector's youngest generation is
+    collected after GC_YOUNG_THRESHOLD net allocations instead of the default 700 (a higher
+    threshold set by the application stays); the last hub to stop restores the thresholds."""
+    global _hubs_running, _thresholds_before
+    if _hubs_running == 0:
+        _thresholds_before = gc.get_threshold()
+        if _thresholds_before[0] < GC_YOUNG_THRESHOLD:
+            gc.set_threshold(GC_YOUNG_THRESHOLD, *_thresholds_before[1:])
+    _hubs_running += 1
+    try:
+        yield
+    finally:
+        _hubs_running -= 1
+        if _hubs_running == 0 and _thresholds_before is not None:
+            gc.set_threshold(*_thresholds_before)
 
 
 @contextlib.asynccontextmanager

@@ -538,3 +538,28 @@ async def test_closing_the_hub_cancels_async_activities_and_a_new_hub_runs_them_
         with trio.fail_after(10):
             state = await c.wait_for_completion("job")
     assert state.output == "finished by the second hub"
+
+
+async def test_running_hubs_space_out_young_collections_and_restore_the_thresholds(
+    tmp_path: pathlib.Path,
+) -> None:
+    import gc
+
+    from dt_trio._hub import GC_YOUNG_THRESHOLD
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, *before[1:])
+    try:
+        registry = dt_trio.Registry()
+        async with dt_trio.open_task_hub(str(tmp_path / "a.sqlite3"), registry=registry):
+            assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+            async with dt_trio.open_task_hub(str(tmp_path / "b.sqlite3"), registry=registry):
+                assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+            assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD  # one hub still runs
+        assert gc.get_threshold() == (700, *before[1:])
+        # an application's own, higher threshold is left alone
+        gc.set_threshold(GC_YOUNG_THRESHOLD * 2, *before[1:])
+        async with dt_trio.open_task_hub(str(tmp_path / "c.sqlite3"), registry=registry):
+            assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD * 2
+    finally:
+        gc.set_threshold(*before)
