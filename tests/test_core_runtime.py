@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
+
+import pytest
 
 from dt_trio import _core as core
 from dt_trio._core import InboxMessage, InstanceState, Status
@@ -429,3 +432,23 @@ def test_running_activities_are_those_scheduled_without_a_result() -> None:
     assert core.running_activities(events) == 2
     # a result for a task that was never scheduled does not count below zero
     assert core.running_activities([ev.task_completed(NOW, 9, None)]) == 0
+
+
+def test_evolve_copies_a_value_with_changes_and_refuses_unknown_fields() -> None:
+    from dt_trio._core import evolve
+
+    state = InstanceState(
+        instance_id="i1",
+        name="o",
+        execution_id="e1",
+        status=Status.RUNNING,
+        created_at=NOW,
+        last_updated_at=NOW,
+        tags={"a": "b"},
+    )
+    later = NOW + timedelta(seconds=1)
+    moved = evolve(state, status=Status.COMPLETED, last_updated_at=later)
+    assert moved == dataclasses.replace(state, status=Status.COMPLETED, last_updated_at=later)
+    assert state.status == Status.RUNNING  # the original is untouched
+    with pytest.raises(AssertionError, match="no such field"):
+        evolve(state, stauts=Status.FAILED)

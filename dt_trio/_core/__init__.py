@@ -42,6 +42,7 @@ from dt_trio._core._state import (
     OutboundMessage,
     Status,
     StepResult,
+    evolve,
 )
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "check_entity_id",
     "entity_name",
     "entity_request",
+    "evolve",
     "fail_entity_batch",
     "fail_undeliverable",
     "held_locks",

@@ -31,6 +31,7 @@ from dt_trio._core._state import (
     OutboundMessage,
     Status,
     StepResult,
+    evolve,
 )
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
@@ -275,7 +276,7 @@ def apply_response(
     builder = _StepBuilder(state, dispatch, now, new_id)
     # One new row for what every step changes (a dataclass copy per field costs more than the
     # rest of a small step's bookkeeping).
-    builder.state = dataclasses.replace(
+    builder.state = evolve(
         state,
         last_updated_at=now,
         status=builder.status_after_new_events(),
@@ -573,7 +574,7 @@ class _StepBuilder:
         self, status: Status, result: str | None, failure: pb.TaskFailureDetails | None
     ) -> None:
         self.finished = True
-        self.state = dataclasses.replace(
+        self.state = evolve(
             self.state,
             status=status,
             output=result,

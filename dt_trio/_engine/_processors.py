@@ -504,7 +504,7 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         parked = self._parked.pop(instance_id)
         if parked is None or parked.state.execution_id != execution_id:
             return None
-        item = dataclasses.replace(parked, inbox=[InboxMessage(0, event)])
+        item = core.evolve(parked, inbox=[InboxMessage(0, event)])
         if self._holds_for(item) is not None:
             return None  # it is leased with the delivery and waits there (see `_coalesce`)
         return item
@@ -762,7 +762,7 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         self._executor.finish(pending)
         answered = trio.current_time()
         self.pacing.stepped(state.instance_id, answered, answered - dispatched)
-        return dataclasses.replace(result, consumed=())  # nothing came through the inbox
+        return core.evolve(result, consumed=())  # nothing came through the inbox
 
     async def _commit_ahead(
         self,
