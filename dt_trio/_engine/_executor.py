@@ -19,7 +19,7 @@ import itertools
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,6 +62,31 @@ class Route:
     kind: str
     name: str
     version: str | None = None
+
+
+@dataclass(frozen=True)
+class OrchestrationStep:
+    """One step for an orchestrator: the instance, its history so far and the new events.
+    `work_item()` is its protocol form, built for SDK workers only: a replay in this process
+    reads the events as they are."""
+
+    instance_id: str
+    execution_id: str
+    past_events: Sequence[pb.HistoryEvent]
+    new_events: Sequence[pb.HistoryEvent]
+    trace_context: pb.OrchestrationTraceContext | None = None
+
+    def work_item(self) -> pb.WorkItem:
+        # Built in place: a message passed to a constructor is copied, history and all.
+        work_item = pb.WorkItem()
+        request = work_item.orchestratorRequest
+        request.instanceId = self.instance_id
+        request.pastEvents.extend(self.past_events)
+        request.newEvents.extend(self.new_events)
+        request.executionId.value = self.execution_id
+        if self.trace_context is not None:
+            request.orchestrationTraceContext.CopyFrom(self.trace_context)
+        return work_item
 
 
 @dataclass(eq=False)
@@ -170,6 +195,11 @@ class RemoteExecutor:
 
     def runs_here(self, route: Route) -> bool:
         return False
+
+    async def execute_step(
+        self, step: OrchestrationStep, route: Route, on_its_way: trio.Event | None = None
+    ) -> Pending:
+        return await self.execute(step.work_item(), route, on_its_way)
 
     async def execute(
         self, work_item: pb.WorkItem, route: Route, on_its_way: trio.Event | None = None
@@ -344,6 +374,12 @@ class Executor(Protocol):
         whoever runs it (see `RemoteExecutor.execute`)."""
         ...
 
+    async def execute_step(
+        self, step: OrchestrationStep, route: Route, on_its_way: trio.Event | None = None
+    ) -> Answer:
+        """The orchestrator's answer to `step`, as `execute` answers a work item."""
+        ...
+
     def finish(self, answer: Answer, error: BaseException | None = None) -> None: ...
 
     def runs_here(self, route: Route) -> bool:
@@ -375,6 +411,14 @@ class RoutingExecutor:
             assert self.local is not None
             return await self.local.execute(work_item, route, on_its_way)
         return await self.remote.execute(work_item, route, on_its_way)
+
+    async def execute_step(
+        self, step: OrchestrationStep, route: Route, on_its_way: trio.Event | None = None
+    ) -> Answer:
+        if self.runs_here(route):
+            assert self.local is not None
+            return await self.local.execute_step(step, route, on_its_way)
+        return await self.remote.execute_step(step, route, on_its_way)
 
     def finish(self, answer: Answer, error: BaseException | None = None) -> None:
         if isinstance(answer, Pending):

@@ -27,6 +27,7 @@ from dt_trio._engine._executor import (
     ENTITY,
     ORCHESTRATION,
     Executor,
+    OrchestrationStep,
     Route,
     WorkAbandoned,
     WorkTooLarge,
@@ -583,8 +584,8 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             return
         dispatched = trio.current_time()
         try:
-            pending = await self._executor.execute(
-                _work_item(state, plan),
+            pending = await self._executor.execute_step(
+                _step_of(state, plan),
                 self._route(item),
                 early.on_its_way if early is not None else None,
             )
@@ -753,7 +754,7 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             return None
         dispatched = trio.current_time()
         try:
-            pending = await self._executor.execute(_work_item(state, plan), self._route(item))
+            pending = await self._executor.execute_step(_step_of(state, plan), self._route(item))
             response = pending.response
             assert isinstance(response, pb.OrchestratorResponse)
             result = core.apply_response(state, plan, response, _now(), _new_id)
@@ -791,18 +792,14 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
                 self.unreserve(1)
 
 
-def _work_item(state: InstanceState, plan: core.Dispatch) -> pb.WorkItem:
-    """The orchestrator request of a step. Built in place: a message passed to a constructor
-    is copied, history and all."""
-    work_item = pb.WorkItem()
-    request = work_item.orchestratorRequest
-    request.instanceId = state.instance_id
-    request.pastEvents.extend(plan.past_events)
-    request.newEvents.extend(plan.new_events)
-    request.executionId.value = state.execution_id
-    if state.trace_context is not None:
-        request.orchestrationTraceContext.CopyFrom(state.trace_context)
-    return work_item
+def _step_of(state: InstanceState, plan: core.Dispatch) -> OrchestrationStep:
+    return OrchestrationStep(
+        state.instance_id,
+        state.execution_id,
+        plan.past_events,
+        plan.new_events,
+        state.trace_context,
+    )
 
 
 class ActivityProcessor(Processor[ActivityWorkItem]):

@@ -18,14 +18,14 @@ import trio
 
 from dt_trio._core import _events as ev
 from dt_trio._core import entity_name
-from dt_trio._engine._executor import ACTIVITY, ENTITY, ORCHESTRATION, Route
+from dt_trio._engine._executor import ACTIVITY, ENTITY, ORCHESTRATION, OrchestrationStep, Route
 from dt_trio._local._registry import Registry
 from dt_trio._local._replay import (
     ReplayCache,
     decode,
     encode,
     failure_details,
-    run_orchestrator,
+    run_step,
 )
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
@@ -109,16 +109,23 @@ class LocalExecutor:
     ) -> LocalAnswer:
         if on_its_way is not None:
             on_its_way.set()  # it runs here and now
-        if route.kind == ORCHESTRATION:
-            fn = self._registry.orchestrators[route.name]
-            response = run_orchestrator(fn, work_item.orchestratorRequest, self._replays)
-            await trio.lowlevel.checkpoint()
-            return LocalAnswer(response)
+        assert route.kind != ORCHESTRATION, "orchestrator steps come through execute_step"
         if route.kind == ENTITY:
             fn = self._registry.entities[route.name.lower()]
             return LocalAnswer(await self._entity_batch(fn, work_item.entityRequestV2))
         request = work_item.activityRequest
         return LocalAnswer(await self._activity(self._registry.activities[route.name], request))
+
+    async def execute_step(
+        self, step: OrchestrationStep, route: Route, on_its_way: trio.Event | None = None
+    ) -> LocalAnswer:
+        """Orchestrators replay synchronously (pure CPU), from the events as they are."""
+        if on_its_way is not None:
+            on_its_way.set()
+        fn = self._registry.orchestrators[route.name]
+        response = run_step(fn, step, self._replays)
+        await trio.lowlevel.checkpoint()
+        return LocalAnswer(response)
 
     async def _entity_batch(self, fn: Any, request: pb.EntityRequest) -> pb.EntityBatchResult:
         """Run the batch's operations in order; each one that fails leaves the state and the

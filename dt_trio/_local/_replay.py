@@ -14,9 +14,10 @@ import functools
 import json
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Generator
+from collections.abc import Callable, Collection, Generator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from dt_trio._core import _events as ev
 from dt_trio._local._tasks import (
@@ -371,20 +372,20 @@ class _Run:
         self.seen = 0  # how many events of the history it has applied
         self.last_seen: pb.HistoryEvent | None = None  # a copy of the last of them
 
-    def continues(self, fn: Orchestrator, request: pb.OrchestratorRequest) -> bool:
-        """Whether the request's past starts with exactly the events this run has seen (the
+    def continues(self, fn: Orchestrator, step: Step) -> bool:
+        """Whether the step's past starts with exactly the events this run has seen (the
         previous step's, committed): then only the rest needs applying."""
-        past = request.pastEvents
+        past = step.past_events
         return (
             fn is self.fn
             and self.ctx._completion is None
-            and ev.opt_str(request, "executionId") == self.ctx.execution_id
+            and step.execution_id == self.ctx.execution_id
             and 0 < self.seen <= len(past)
             and past[self.seen - 1] == self.last_seen
         )
 
-    def run(self, request: pb.OrchestratorRequest) -> pb.OrchestratorResponse:
-        past, new = request.pastEvents, request.newEvents
+    def run(self, step: Step) -> pb.OrchestratorResponse:
+        past, new = step.past_events, step.new_events
         try:
             for replaying, events in ((True, past[self.seen :]), (False, new)):
                 self.ctx.is_replaying = replaying
@@ -396,10 +397,10 @@ class _Run:
             self._finish(pb.ORCHESTRATION_STATUS_FAILED, failure=failure_details(exc))
         self.seen = len(past) + len(new)
         if self.seen:
-            # A copy: a reference would keep the whole request alive.
+            # A copy: a reference would keep the whole history alive.
             self.last_seen = pb.HistoryEvent()
             self.last_seen.CopyFrom(new[-1] if new else past[-1])
-        return self._response(request.instanceId)
+        return self._response(step.instance_id)
 
     def _apply(self, event: pb.HistoryEvent) -> None:
         kind = event.WhichOneof("eventType")
@@ -574,9 +575,9 @@ class ReplayCache:
     def instances(self) -> list[str]:
         return list(self._runs)
 
-    def take(self, fn: Orchestrator, request: pb.OrchestratorRequest) -> _Run | None:
-        run = self._runs.pop(request.instanceId, None)
-        return run if run is not None and run.continues(fn, request) else None
+    def take(self, fn: Orchestrator, step: Step) -> _Run | None:
+        run = self._runs.pop(step.instance_id, None)
+        return run if run is not None and run.continues(fn, step) else None
 
     def keep(self, instance_id: str, run: _Run) -> None:
         if run.ctx._completion is not None:
@@ -586,15 +587,50 @@ class ReplayCache:
             self._runs.popitem(last=False)
 
 
+class Step(Protocol):
+    """What a step gives an orchestrator (an OrchestrationStep of the engine, or the protocol's
+    request through `run_orchestrator`)."""
+
+    @property
+    def instance_id(self) -> str: ...
+    @property
+    def execution_id(self) -> str: ...
+    @property
+    def past_events(self) -> Sequence[pb.HistoryEvent]: ...
+    @property
+    def new_events(self) -> Sequence[pb.HistoryEvent]: ...
+
+
+@dataclass(frozen=True)
+class _RequestStep:
+    instance_id: str
+    execution_id: str
+    past_events: Sequence[pb.HistoryEvent]
+    new_events: Sequence[pb.HistoryEvent]
+
+
+def run_step(
+    fn: Orchestrator, step: Step, cache: ReplayCache | None = None
+) -> pb.OrchestratorResponse:
+    """Run `fn` over the step's history and new events; the actions of this step. With a
+    cache, an orchestrator kept from its previous step resumes where it stopped."""
+    run = cache.take(fn, step) if cache is not None else None
+    if run is None:
+        run = _Run(fn, step.instance_id, step.execution_id)
+    response = run.run(step)
+    if cache is not None:
+        cache.keep(step.instance_id, run)
+    return response
+
+
 def run_orchestrator(
     fn: Orchestrator, request: pb.OrchestratorRequest, cache: ReplayCache | None = None
 ) -> pb.OrchestratorResponse:
-    """Run `fn` over the request's history and new events; the actions of this step. With a
-    cache, an orchestrator kept from its previous step resumes where it stopped."""
-    run = cache.take(fn, request) if cache is not None else None
-    if run is None:
-        run = _Run(fn, request.instanceId, ev.opt_str(request, "executionId") or "")
-    response = run.run(request)
-    if cache is not None:
-        cache.keep(request.instanceId, run)
-    return response
+    """`run_step` on the protocol's form of a step."""
+    step = _RequestStep(
+        request.instanceId,
+        ev.opt_str(request, "executionId") or "",
+        request.pastEvents,
+        request.newEvents,
+    )
+    return run_step(fn, step, cache)
