@@ -303,20 +303,32 @@ class _Connection:
             timeout,
             [(k, v) for k, v in headers.items() if not k.startswith(":")],
         )
-        deadline = trio.current_time() + timeout if timeout is not None else float("inf")
-        with trio.move_on_at(deadline) as deadline_scope:
-            if not stream.ended.is_set():  # a unary request usually came whole: no extra turn
-                await stream.ended.wait()
-            request = self._parse(path, signature.request_type, self._one_message(stream, decode))
-            if signature.cardinality == Cardinality.UNARY_UNARY:
-                response = await method.method_fn(request, request=info)
-                await self._send_message(stream, response, flush=False)
-                return
-            async for response in method.method_fn(request, request=info):
-                await self._send_message(stream, response)
+        if timeout is None:  # no cancel scope of its own: most calls come without a deadline
+            await self._run_method(stream, path, method, decode, info)
             return
-        if deadline_scope.cancelled_caught:
-            raise RpcError(StatusCode.DEADLINE_EXCEEDED, f"{path}: deadline exceeded")
+        with trio.move_on_after(timeout):
+            await self._run_method(stream, path, method, decode, info)
+            return
+        raise RpcError(StatusCode.DEADLINE_EXCEEDED, f"{path}: deadline exceeded")
+
+    async def _run_method(
+        self,
+        stream: _Stream,
+        path: str,
+        method: Any,
+        decode: Callable[[bytes], bytes],
+        info: RequestInfo,
+    ) -> None:
+        signature = method.signature
+        if not stream.ended.is_set():  # a unary request usually came whole: no extra turn
+            await stream.ended.wait()
+        request = self._parse(path, signature.request_type, self._one_message(stream, decode))
+        if signature.cardinality == Cardinality.UNARY_UNARY:
+            response = await method.method_fn(request, request=info)
+            await self._send_message(stream, response, flush=False)
+            return
+        async for response in method.method_fn(request, request=info):
+            await self._send_message(stream, response)
 
     @staticmethod
     def _parse(path: str, request_type: Any, data: bytes) -> Any:
