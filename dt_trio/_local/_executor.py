@@ -124,7 +124,8 @@ class LocalExecutor:
             on_its_way.set()
         fn = self._registry.orchestrators[route.name]
         response = run_step(fn, step, self._replays)
-        await trio.lowlevel.checkpoint()
+        # A cancellation point without a turn of the loop: the commit that follows is one.
+        await trio.lowlevel.checkpoint_if_cancelled()
         return LocalAnswer(response)
 
     async def _entity_batch(self, fn: Any, request: pb.EntityRequest) -> pb.EntityBatchResult:

@@ -1438,16 +1438,12 @@ def _as_found(
     """Whether the instance is as a step run ahead of its lease found it: running that
     execution, leased by nobody, unchanged since, with nothing in its inbox."""
     row = conn.execute(
-        "SELECT locked_by, last_updated_at FROM instances "
-        "WHERE instance_id = ? AND execution_id = ?",
+        "SELECT locked_by, last_updated_at, "
+        "EXISTS (SELECT 1 FROM inbox WHERE inbox.instance_id = instances.instance_id) "
+        "FROM instances WHERE instance_id = ? AND execution_id = ?",
         (instance_id, execution_id),
     ).fetchone()
-    return (
-        row is not None
-        and row[0] is None
-        and row[1] == _us(ahead.found_update)
-        and not _has_inbox(conn, instance_id)
-    )
+    return row is not None and row[0] is None and row[1] == _us(ahead.found_update) and not row[2]
 
 
 def _commit_ahead(
@@ -1555,14 +1551,17 @@ def _apply_step(
                 cursor.lastrowid, activity.instance_id, activity.execution_id, activity.scheduled, 1
             )
         )
-    conn.executemany(
-        "INSERT INTO activities (instance_id, execution_id, event, visible_at) VALUES (?, ?, ?, ?)",
-        [
-            (a.instance_id, a.execution_id, a.scheduled.SerializeToString(), now_us)
-            for a in result.activities[len(handed) :]
-        ],
-    )
-    changed += _start_instances(conn, result.new_instances, now_us)
+    if len(result.activities) > len(handed):
+        conn.executemany(
+            "INSERT INTO activities (instance_id, execution_id, event, visible_at) "
+            "VALUES (?, ?, ?, ?)",
+            [
+                (a.instance_id, a.execution_id, a.scheduled.SerializeToString(), now_us)
+                for a in result.activities[len(handed) :]
+            ],
+        )
+    if result.new_instances:
+        changed += _start_instances(conn, result.new_instances, now_us)
     arrived: list[sqlite3.Row] = []
     if result.reset_history:
         # The new execution's start and carried-over events go before the events that
@@ -1573,10 +1572,11 @@ def _apply_step(
         ).fetchall()
         conn.execute("DELETE FROM inbox WHERE instance_id = ?", (state.instance_id,))
     _send(conn, result.messages, now_us)
-    conn.executemany(
-        "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
-        [(state.instance_id, row[0], row[1]) for row in arrived],
-    )
+    if arrived:
+        conn.executemany(
+            "INSERT INTO inbox (instance_id, event, visible_at) VALUES (?, ?, ?)",
+            [(state.instance_id, row[0], row[1]) for row in arrived],
+        )
     if cache is not None:
         if state.status.is_terminal:
             cache.put(state.instance_id, None)  # no more steps to serve
