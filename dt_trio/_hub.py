@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -144,6 +145,7 @@ async def open_task_hub(db: str = DEFAULT_DB, *, registry: Registry) -> AsyncIte
 GC_YOUNG_THRESHOLD = 50_000
 _hubs_running = 0
 _thresholds_before: tuple[int, int, int] | None = None
+_hubs_lock = threading.Lock()  # hubs may run in several threads' trio runs
 
 
 @contextlib.contextmanager
@@ -152,17 +154,19 @@ def _collections_spaced() -> Iterator[None]:
     collected after GC_YOUNG_THRESHOLD net allocations instead of the default 700 (a higher
     threshold set by the application stays); the last hub to stop restores the thresholds."""
     global _hubs_running, _thresholds_before
-    if _hubs_running == 0:
-        _thresholds_before = gc.get_threshold()
-        if _thresholds_before[0] < GC_YOUNG_THRESHOLD:
-            gc.set_threshold(GC_YOUNG_THRESHOLD, *_thresholds_before[1:])
-    _hubs_running += 1
+    with _hubs_lock:
+        if _hubs_running == 0:
+            _thresholds_before = gc.get_threshold()
+            if _thresholds_before[0] < GC_YOUNG_THRESHOLD:
+                gc.set_threshold(GC_YOUNG_THRESHOLD, *_thresholds_before[1:])
+        _hubs_running += 1
     try:
         yield
     finally:
-        _hubs_running -= 1
-        if _hubs_running == 0 and _thresholds_before is not None:
-            gc.set_threshold(*_thresholds_before)
+        with _hubs_lock:
+            _hubs_running -= 1
+            if _hubs_running == 0 and _thresholds_before is not None:
+                gc.set_threshold(*_thresholds_before)
 
 
 @contextlib.asynccontextmanager
