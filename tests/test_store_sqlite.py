@@ -489,6 +489,9 @@ async def test_concurrent_writes_commit_together_and_a_failing_one_fails_alone(
         assert loaded is not None and loaded.input == f'"{instance_id}"'
     taken = await store.get_instance("taken")
     assert taken is not None and taken.input == '"x"'
+    # The batch ran whole first, failed, and ran again write by write: the writer's cache
+    # kept only what committed.
+    assert await store.verify_cache() == []
 
 
 async def test_leases_come_in_batches_earliest_first_and_never_twice(store: SqliteBackend) -> None:
