@@ -254,9 +254,9 @@ async def test_a_creation_commits_the_first_step_run_ahead_of_it(store: SqliteBa
     assert await store.get_history("i2") == []
 
 
-async def test_an_activity_result_commits_the_step_run_ahead_of_it_if_nothing_changed(
-    store: SqliteBackend,
-) -> None:
+async def created_with_first_step(store: SqliteBackend) -> tuple[StepResult, ActivityWorkItem]:
+    """Instance i1, created with its first step run ahead: it scheduled activity 0, leased
+    to "me"."""
     state = new_state()
     first = scheduling_step(state, [ev.orchestrator_started(now()), started(state)], 0)
     [activity] = await store.create_instance(  # type: ignore[misc]
@@ -265,6 +265,13 @@ async def test_an_activity_result_commits_the_step_run_ahead_of_it_if_nothing_ch
         state.created_at,
         ahead=StepAhead(first, state.last_updated_at, "me", 1),
     )
+    return first, activity
+
+
+async def test_an_activity_result_commits_the_step_run_ahead_of_it_if_nothing_changed(
+    store: SqliteBackend,
+) -> None:
+    first, activity = await created_with_first_step(store)
     done = ev.task_completed(now(), 0, '"a"')
     second = scheduling_step(first.state, [ev.orchestrator_started(now()), done], 1)
     handed = await store.complete_activity(
@@ -283,14 +290,7 @@ async def test_an_activity_result_commits_the_step_run_ahead_of_it_if_nothing_ch
 async def test_an_activity_result_drops_a_step_run_ahead_of_a_change(
     store: SqliteBackend, change: str
 ) -> None:
-    state = new_state()
-    first = scheduling_step(state, [ev.orchestrator_started(now()), started(state)], 0)
-    [activity] = await store.create_instance(  # type: ignore[misc]
-        state,
-        started(state),
-        state.created_at,
-        ahead=StepAhead(first, state.last_updated_at, "me", 1),
-    )
+    first, activity = await created_with_first_step(store)
     if change == "event":  # something arrived: the step did not see it
         await store.enqueue("i1", ev.event_raised(now(), "x", None), now())
     elif change == "lease":  # someone else steps the instance

@@ -771,6 +771,8 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         item: OrchestrationWorkItem,
         result: core.StepResult,
     ) -> None:
+        """Commit `result`, the step of `item` run ahead, with `commit`; if the store took
+        the ordinary way instead and leased the instance to us, its step starts now."""
         slot = self.reserve(1)  # for the lease of the ordinary way, if the store takes it
         leased: OrchestrationWorkItem | None = None
 
