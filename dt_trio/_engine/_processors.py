@@ -143,6 +143,7 @@ class Processor(Generic[W]):
         self._signals = signals
         self._owner = owner
         self._slots = trio.Semaphore(max_in_flight)
+        self._lease_waiting = False  # the lease loop waits for a slot (see `_take_slots`)
         self._stranded: list[Callable[[], Awaitable[None]]] = []
         self._nursery: trio.Nursery | None = None
 
@@ -151,7 +152,7 @@ class Processor(Generic[W]):
     def reserve(self, count: int) -> int:
         """Take up to `count` free slots now, without waiting; 0 while not running. Slots the
         lease loop is waiting for are never taken, so work waiting in the store goes first."""
-        if self._nursery is None or self._slots.statistics().tasks_waiting:
+        if self._nursery is None or self._lease_waiting:
             return 0
         taken = 0
         while taken < count:
@@ -300,6 +301,26 @@ class Processor(Generic[W]):
             self._stranded.pop(0)
         return True
 
+    async def _take_slots(self) -> int:
+        """Wait for one free slot, then take as many more as are free (up to LEASE_BATCH).
+        While it waits, `reserve` takes nothing: work waiting in the store goes first."""
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            self._lease_waiting = True
+            try:
+                await self._slots.acquire()
+            finally:
+                self._lease_waiting = False
+        taken = 1
+        while taken < LEASE_BATCH:
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                break
+            taken += 1
+        return taken
+
     async def _serve_leases(
         self,
         wakeup: Wakeup,
@@ -327,7 +348,7 @@ class Processor(Generic[W]):
             if not await self._retry_stranded():
                 await trio.sleep(STORE_RETRY_SECONDS)
                 continue
-            taken = await _take_slots(self._slots)
+            taken = await self._take_slots()
             wakeup.clear()
             try:
                 items = await lease(taken)
@@ -352,19 +373,6 @@ async def _commit_after(early: Sequence[Early[Any] | None]) -> None:
     first = next((e for e in early if e is not None), None)
     if first is not None:
         await first.on_its_way.wait()
-
-
-async def _take_slots(slots: trio.Semaphore) -> int:
-    """Wait for one free slot, then take as many more as are free (up to LEASE_BATCH)."""
-    await slots.acquire()
-    taken = 1
-    while taken < LEASE_BATCH:
-        try:
-            slots.acquire_nowait()
-        except trio.WouldBlock:
-            break
-        taken += 1
-    return taken
 
 
 async def _sleep_until_work(wakeup: Wakeup, next_time: datetime | None) -> None:
