@@ -154,6 +154,10 @@ class Processor(Generic[W]):
         lease loop is waiting for are never taken, so work waiting in the store goes first."""
         if self._nursery is None or self._lease_waiting:
             return 0
+        return self._take_free(count)
+
+    def _take_free(self, count: int) -> int:
+        """Take up to `count` slots that are free now."""
         taken = 0
         while taken < count:
             try:
@@ -304,22 +308,13 @@ class Processor(Generic[W]):
     async def _take_slots(self) -> int:
         """Wait for one free slot, then take as many more as are free (up to LEASE_BATCH).
         While it waits, `reserve` takes nothing: work waiting in the store goes first."""
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
+        if not self._take_free(1):
             self._lease_waiting = True
             try:
                 await self._slots.acquire()
             finally:
                 self._lease_waiting = False
-        taken = 1
-        while taken < LEASE_BATCH:
-            try:
-                self._slots.acquire_nowait()
-            except trio.WouldBlock:
-                break
-            taken += 1
-        return taken
+        return 1 + self._take_free(LEASE_BATCH - 1)
 
     async def _serve_leases(
         self,
