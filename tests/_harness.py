@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -167,3 +167,26 @@ class Gate:
     def wait(self, timeout: float = 30.0) -> None:
         self.entered.set()
         self.opened.wait(timeout)
+
+
+@contextlib.asynccontextmanager
+async def running_processors(store: Any, executor: Any) -> AsyncIterator[Any]:
+    """An opened in-memory store's orchestration and activity processors, linked and running
+    on `executor` (owner "me"), for the body; yields the HubClient that starts instances."""
+    import trio
+
+    from dt_trio._engine import ActivityProcessor, HubClient, OrchestrationProcessor
+    from dt_trio._engine._processors import link
+
+    await store.open()
+    orchestrations = OrchestrationProcessor(store, executor, store.signals, owner="me")
+    activities = ActivityProcessor(store, executor, store.signals, owner="me")
+    link(orchestrations, activities)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(orchestrations.run)
+            await nursery.start(activities.run)
+            yield HubClient(store, store.signals, orchestrations)
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()

@@ -11,19 +11,17 @@ from typing import Any
 
 import pytest
 import trio
+from _harness import running_processors
 
 import dt_trio
 from dt_trio._core import StepResult
 from dt_trio._core import _events as ev
 from dt_trio._engine import (
-    ActivityProcessor,
     HubClient,
-    OrchestrationProcessor,
     RemoteExecutor,
     RoutingExecutor,
     Signals,
 )
-from dt_trio._engine._processors import link
 from dt_trio._local import LocalExecutor
 from dt_trio._store import ActivityWorkItem, Handed, SqliteBackend
 
@@ -80,19 +78,9 @@ def now() -> datetime:
 @pytest.fixture
 async def hub() -> AsyncIterator[tuple[CountingStore, HubClient]]:
     store = CountingStore()
-    await store.open()
     executor = RoutingExecutor(LocalExecutor(registry), RemoteExecutor())
-    orchestrations = OrchestrationProcessor(store, executor, store.signals, owner="me")
-    activities = ActivityProcessor(store, executor, store.signals, owner="me")
-    link(orchestrations, activities)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(orchestrations.run)
-            await nursery.start(activities.run)
-            yield store, HubClient(store, store.signals, orchestrations)
-            nursery.cancel_scope.cancel()
-    finally:
-        await store.close()
+    async with running_processors(store, executor) as client:
+        yield store, client
 
 
 async def run_cities(client: HubClient) -> tuple[str, str | None]:

@@ -11,18 +11,17 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from _harness import running_processors
 
 from dt_trio._core import InstanceState, Status, StepResult
 from dt_trio._core import _events as ev
 from dt_trio._engine import (
-    ActivityProcessor,
     HubClient,
-    OrchestrationProcessor,
     RemoteExecutor,
     Signals,
 )
 from dt_trio._engine._executor import ACTIVITY, Route
-from dt_trio._engine._processors import Parking, link
+from dt_trio._engine._processors import Parking
 from dt_trio._errors import StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import ActivityWorkItem, Handed, OrchestrationWorkItem, SqliteBackend
@@ -77,19 +76,9 @@ class GatedStore(SqliteBackend):
 @pytest.fixture
 async def hub() -> AsyncIterator[tuple[GatedStore, RemoteExecutor, HubClient]]:
     store = GatedStore()
-    await store.open()
     executor = RemoteExecutor()
-    orchestrations = OrchestrationProcessor(store, executor, store.signals, owner="me")
-    activities = ActivityProcessor(store, executor, store.signals, owner="me")
-    link(orchestrations, activities)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(orchestrations.run)
-            await nursery.start(activities.run)
-            yield store, executor, HubClient(store, store.signals, orchestrations)
-            nursery.cancel_scope.cancel()
-    finally:
-        await store.close()
+    async with running_processors(store, executor) as client:
+        yield store, executor, client
 
 
 def answer(request: pb.OrchestratorRequest) -> pb.OrchestratorResponse:
