@@ -270,3 +270,52 @@ def test_parked_instances_are_bounded_in_number_and_in_history_events() -> None:
     assert item is not None and len(item.history) == 8
     parking.put(parked("f", 9))  # c and d (1 each) + 9 = 11: c goes
     assert parking.pop("c") is None and parking.pop("d") is not None
+
+
+async def test_results_arriving_together_start_one_step_not_one_per_result(
+    hub: tuple[GatedStore, RemoteExecutor, HubClient],
+) -> None:
+    store, executor, client = hub
+    fan = 20
+    steps_run = 0
+
+    def fan_in(request: pb.OrchestratorRequest) -> pb.OrchestratorResponse:
+        response = pb.OrchestratorResponse(instanceId=request.instanceId)
+        events = [*request.pastEvents, *request.newEvents]
+        if sum(e.HasField("taskCompleted") for e in events) == fan:
+            done = response.actions.add(id=fan).completeOrchestration
+            done.orchestrationStatus = pb.ORCHESTRATION_STATUS_COMPLETED
+        elif not any(e.HasField("taskScheduled") for e in events):
+            for i in range(fan):
+                response.actions.add(id=i).scheduleTask.name = "act"
+        return response
+
+    async def worker(nursery: trio.Nursery) -> None:
+        # As an SDK worker with a thread pool: every activity is answered at once, so their
+        # results reach the sidecar together while the instance is parked.
+        nonlocal steps_run
+        async for item in executor.stream(pb.GetWorkItemsRequest()):
+            pending = executor.lookup(item.completionToken)
+            if item.HasField("orchestratorRequest"):
+                steps_run += 1
+                response: Any = fan_in(item.orchestratorRequest)
+            else:
+                response = pb.ActivityResponse(
+                    instanceId=item.activityRequest.orchestrationInstance.instanceId,
+                    taskId=item.activityRequest.taskId,
+                )
+            nursery.start_soon(executor.complete, pending, response)
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker, nursery)
+            instance_id = await client.start("orch")
+            state = await client.wait(instance_id, lambda s: s.status.is_terminal)
+            nursery.cancel_scope.cancel()
+    assert state is not None and state.status == Status.COMPLETED
+    history = await store.get_history(instance_id)
+    assert sum(e.HasField("taskCompleted") for e in history) == fan
+    # Every step the worker ran was committed: none was started beside one result's delivery
+    # only for another result's delivery to lease the instance first (its answer dropped,
+    # a whole replay of the history wasted on the worker).
+    assert steps_run == sum(e.HasField("orchestratorStarted") for e in history)

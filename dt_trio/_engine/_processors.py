@@ -499,12 +499,28 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         """When a step may wait for more activity results (see `Pacing`)."""
         return Pacing()
 
-    def expected_step(
+    @functools.cached_property
+    def _starting(self) -> dict[str, trio.Event]:
+        """Instances whose step is starting beside a commit not yet made (see `hand_over`),
+        each with the event set once that commit is over."""
+        return {}
+
+    async def expected_step(
         self, instance_id: str, execution_id: str, event: pb.HistoryEvent
     ) -> OrchestrationWorkItem | None:
         """The work item a delivery of `event` would lease, if the instance is parked here
         and its step would not wait for more results (else None): what `hand_over` needs to
-        start that step beside the delivery."""
+        start that step beside the delivery.
+
+        If another delivery's commit is about to lease the instance for a step already
+        started, this one waits for that commit (one transaction): committed first, it would
+        lease the instance itself, and the started step (a whole replay on an SDK worker)
+        would be dropped for a step of its own. After it, the instance is leased and this
+        delivery only adds to its inbox, for the next step."""
+        starting = self._starting.get(instance_id)
+        if starting is not None:
+            with trio.CancelScope(shield=True):  # that commit is shielded: the wait is short
+                await starting.wait()
         parked = self._parked.pop(instance_id)
         if parked is None or parked.state.execution_id != execution_id:
             return None
@@ -741,13 +757,24 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             assert not isinstance(done, Handed)
             return done
 
-        if expected is not None and self._executor.runs_here(self._route(expected)):
-            result = await self._run_ahead(expected)
-            if result is not None:
-                await self._commit_ahead(commit, expected, result)
-                return
-            expected = None  # the ordinary step handles what went wrong
-        await self._hand_over(plain, expected)
+        if expected is None:
+            await self._hand_over(plain)
+            return
+        instance_id = expected.state.instance_id
+        starting = self._starting[instance_id] = trio.Event()  # see `expected_step`
+        try:
+            if self._executor.runs_here(self._route(expected)):
+                result = await self._run_ahead(expected)
+                if result is not None:
+                    await self._commit_ahead(commit, expected, result)
+                    return
+                await self._hand_over(plain)  # the ordinary step handles what went wrong
+            else:
+                await self._hand_over(plain, expected)
+        finally:
+            if self._starting.get(instance_id) is starting:
+                del self._starting[instance_id]
+            starting.set()
 
     async def _run_ahead(self, item: OrchestrationWorkItem) -> core.StepResult | None:
         """The step of `item` (not leased) run here, or None if it cannot run this way."""
@@ -943,7 +970,7 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
                 # The orchestration, if idle, is leased in the same commit that delivers the
                 # result and its step starts at once, or runs before it and is committed in
                 # it; if it waits parked, its step starts beside this commit.
-                expected = self.orchestrations.expected_step(
+                expected = await self.orchestrations.expected_step(
                     item.instance_id, item.execution_id, result
                 )
                 await self.orchestrations.hand_over(complete, expected)
