@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -190,3 +190,22 @@ async def running_processors(store: Any, executor: Any) -> AsyncIterator[Any]:
             nursery.cancel_scope.cancel()
     finally:
         await store.close()
+
+
+async def run_beside(client: Any, name: str, *tasks: Callable[[Any], Awaitable[None]]) -> Any:
+    """Start orchestration `name` through the HubClient `client` with `tasks` (test workers,
+    each given the nursery for tasks of its own) running beside it, started and waiting
+    before it starts; its state once it ends (within 15 s)."""
+    import trio
+    import trio.testing
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            for task in tasks:
+                nursery.start_soon(task, nursery)
+            await trio.testing.wait_all_tasks_blocked()
+            instance_id = await client.start(name)
+            state = await client.wait(instance_id, lambda s: s.status.is_terminal)
+            nursery.cancel_scope.cancel()
+    assert state is not None
+    return state

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from _harness import running_processors
+from _harness import run_beside, running_processors
 
 from dt_trio._core import InstanceState, Status, StepResult
 from dt_trio._core import _events as ev
@@ -103,7 +103,7 @@ async def run_one(
     work reaches the worker. Returns the final state and the work the worker ran."""
     runs: list[str] = []
 
-    async def worker() -> None:
+    async def worker(_: trio.Nursery) -> None:
         async for item in executor.stream(pb.GetWorkItemsRequest()):
             pending = executor.lookup(item.completionToken)
             if item.HasField("orchestratorRequest"):
@@ -122,14 +122,9 @@ async def run_one(
                 response.result.value = f'"run {runs.count("activity")}"'
                 await executor.complete(pending, response)
 
-    with trio.fail_after(15):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker)
-            instance_id = await client.start("orch")
-            state = await client.wait(instance_id, lambda s: s.status.is_terminal)
-            nursery.cancel_scope.cancel()
-    assert state is not None and state.status == Status.COMPLETED
-    history = await store.get_history(instance_id)
+    state = await run_beside(client, "orch", worker)
+    assert state.status == Status.COMPLETED
+    history = await store.get_history(state.instance_id)
     assert sum(e.HasField("taskScheduled") for e in history) == 1
     assert sum(e.HasField("taskCompleted") for e in history) == 1
     await store.verify_cache()
@@ -196,14 +191,8 @@ async def test_a_commit_beside_early_work_starts_once_the_work_is_on_its_way(
                 response.result.value = '"done"'
             nursery.start_soon(executor.complete, pending, response)
 
-    with trio.fail_after(15):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker, nursery)
-            await trio.testing.wait_all_tasks_blocked()  # the stream waits for work
-            instance_id = await client.start("orch")
-            state = await client.wait(instance_id, lambda s: s.status.is_terminal)
-            nursery.cancel_scope.cancel()
-    assert state is not None and state.output == '"done"'
+    state = await run_beside(client, "orch", worker)  # the stream waits for work first
+    assert state.output == '"done"'
     # Each commit beside work sent early began once the worker had that work: the creation
     # with the first step, the step that scheduled the activity with the activity, the
     # delivery of its result with the next step.
@@ -306,14 +295,9 @@ async def test_results_arriving_together_start_one_step_not_one_per_result(
                 )
             nursery.start_soon(executor.complete, pending, response)
 
-    with trio.fail_after(15):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker, nursery)
-            instance_id = await client.start("orch")
-            state = await client.wait(instance_id, lambda s: s.status.is_terminal)
-            nursery.cancel_scope.cancel()
-    assert state is not None and state.status == Status.COMPLETED
-    history = await store.get_history(instance_id)
+    state = await run_beside(client, "orch", worker)
+    assert state.status == Status.COMPLETED
+    history = await store.get_history(state.instance_id)
     assert sum(e.HasField("taskCompleted") for e in history) == fan
     # Every step the worker ran was committed: none was started beside one result's delivery
     # only for another result's delivery to lease the instance first (its answer dropped,

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from _harness import run_beside
 
 from dt_trio._core import Status
 from dt_trio._engine import (
@@ -109,13 +110,13 @@ async def test_results_that_arrive_while_a_step_would_replay_are_taken_together(
     first_result_answered = trio.Event()
     held: list[tuple[object, pb.ActivityResponse]] = []
 
-    async def slowly_answer_the_rest() -> None:
+    async def slowly_answer_the_rest(_: trio.Nursery) -> None:
         await first_result_answered.wait()
         for pending, response in held:
             await trio.sleep(0.01)
             await executor.complete(pending, response)
 
-    async def worker() -> None:
+    async def worker(_: trio.Nursery) -> None:
         async for item in executor.stream(pb.GetWorkItemsRequest()):
             pending = executor.lookup(item.completionToken)
             if item.HasField("orchestratorRequest"):
@@ -136,15 +137,9 @@ async def test_results_that_arrive_while_a_step_would_replay_are_taken_together(
                 else:
                     held.append((pending, response))
 
-    with trio.fail_after(15):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker)
-            nursery.start_soon(slowly_answer_the_rest)
-            instance_id = await client.start("fan")
-            state = await client.wait(instance_id, lambda s: s.status.is_terminal)
-            nursery.cancel_scope.cancel()
-    assert state is not None and state.status == Status.COMPLETED
-    history = await store.get_history(instance_id)
+    state = await run_beside(client, "fan", worker, slowly_answer_the_rest)
+    assert state.status == Status.COMPLETED
+    history = await store.get_history(state.instance_id)
     assert sum(e.HasField("taskCompleted") for e in history) == FAN
     assert steps[:2] == [0, 1]
     if mode == "paced":
