@@ -8,6 +8,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import trio
@@ -606,6 +607,51 @@ async def test_with_the_writer_running_a_write_returns_once_its_own_batch_is_com
     finally:
         first_gate.set()
         second_gate.set()
+        await store.close()
+
+
+async def test_writes_queued_during_a_commit_follow_it_in_the_writer_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch after a commit starts in the writer's thread as soon as that commit is
+    made: one hand-off to the thread, not one per batch with a turn of the event loop
+    between them."""
+    store = SqliteBackend("")
+    await store.open()
+    hand_offs = 0
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(fn: Any, *args: Any, limiter: Any = None, **kw: Any) -> Any:
+        nonlocal hand_offs
+        hand_offs += limiter is store._write_limiter
+        return await run_sync(fn, *args, limiter=limiter, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    entered, gate = threading.Event(), threading.Event()
+    results: list[int] = []
+    all_done = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run_writer)
+
+            async def write(value: int, *args: threading.Event) -> None:
+                results.append(await _one_write(store, value, *args))
+                if len(results) == 3:
+                    all_done.set()
+
+            nursery.start_soon(write, 1, gate, entered)
+            assert await trio.to_thread.run_sync(entered.wait, 5)
+            for value in (2, 3):  # queued while the first batch runs
+                nursery.start_soon(write, value)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+            with trio.fail_after(5):
+                await all_done.wait()
+            assert sorted(results) == [1, 2, 3]
+            assert hand_offs == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        gate.set()
         await store.close()
 
 

@@ -17,6 +17,7 @@ import os
 import pathlib
 import queue
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -277,6 +278,8 @@ class SqliteBackend:
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all: list[sqlite3.Connection] = []
         self._write_limiter = trio.CapacityLimiter(1)
+        # The queue and the flag are shared with the writer thread (see `_write_loop`).
+        self._queue_lock = threading.Lock()
         self._write_queue: list[_WriteSlot] = []
         self._writing = False
         self._writer_wakeup: trio.Event | None = None
@@ -389,32 +392,45 @@ class SqliteBackend:
         so a cancelled caller cannot strand the others.
         """
         slot = _WriteSlot(fn)
-        self._write_queue.append(slot)
-        if not self._writing:
-            self._writing = True
+        with self._queue_lock:
+            self._write_queue.append(slot)
+            idle, self._writing = not self._writing, True
+        if idle:
             if self._writer_wakeup is not None:
                 self._writer_wakeup.set()
             else:
                 await self._drive()
-        if slot.outcome is None:
+        if not slot.done.is_set():
             await slot.done.wait()
         assert slot.outcome is not None
         return slot.outcome.unwrap()  # type: ignore[no-any-return]
 
     async def _drive(self) -> None:
         """Commit batches until the queue is empty (shielded: others' writes are queued)."""
-        self._writing = True
-        try:
-            with trio.CancelScope(shield=True):
-                while self._write_queue:
-                    batch, self._write_queue = self._write_queue, []
-                    await trio.to_thread.run_sync(
-                        self._write_batch, batch, limiter=self._write_limiter
-                    )
-                    for slot in batch:
-                        slot.done.set()
-        finally:
-            self._writing = False
+        token = trio.lowlevel.current_trio_token()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._write_loop, token, limiter=self._write_limiter)
+
+    def _write_loop(self, token: trio.lowlevel.TrioToken) -> None:
+        """In the writer thread: commit batch after batch until the queue is empty.
+
+        The next batch starts as soon as the last one is committed, with what queued up
+        meanwhile: no round trip through the event loop between two transactions. Each
+        batch's writers are woken as it commits (`run_sync_soon` keeps their order)."""
+        while True:
+            with self._queue_lock:
+                batch, self._write_queue = self._write_queue, []
+                if not batch:
+                    self._writing = False
+                    return
+            try:
+                self._write_batch(batch)
+            except Exception as exc:  # a bug: fail this batch's writes, not the next ones
+                log.exception("the store's writer failed")
+                for slot in batch:
+                    if slot.outcome is None:
+                        slot.outcome = outcome.Error(exc)
+            token.run_sync_soon(_settle, batch)
 
     def _write_batch(self, batch: list[_WriteSlot]) -> None:
         conn = self._writer
@@ -483,12 +499,9 @@ class SqliteBackend:
 
     async def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self.path:
-            # A private memory database has one connection; reads share the writer's turn.
-            def call_memory() -> T:
-                assert self._writer is not None
-                return fn(self._writer)
-
-            return await trio.to_thread.run_sync(call_memory, limiter=self._write_limiter)
+            # A private memory database has one connection: its reads queue with the writes
+            # (the writer's thread runs batch after batch while writes keep coming).
+            return await self._run_write(fn)
 
         def call() -> T:
             conn = self._readers.get()
@@ -1191,6 +1204,11 @@ class SqliteBackend:
 
         await self._run_write(write)
         self.listener.activity_work_added()
+
+
+def _settle(batch: list[_WriteSlot]) -> None:
+    for slot in batch:
+        slot.done.set()
 
 
 def _commit_whole(conn: _WriterConnection, batch: list[_WriteSlot]) -> bool:
