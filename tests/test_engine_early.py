@@ -4,6 +4,7 @@ counts only once that commit is made; if it fails, the answer is dropped and not
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -33,7 +34,8 @@ def now() -> datetime:
 
 class GatedStore(SqliteBackend):
     """A store whose commits the tests hold back (`gates`: method name -> event that lets it
-    through) or disturb (`fail_first_step`, `event_before_result`)."""
+    through) or disturb (`fail_first_step`, `event_before_result`), and whose writer says it
+    is busy or idle as a test wants (`busy`; None: as it is)."""
 
     def __init__(self) -> None:
         self.signals = Signals()
@@ -45,6 +47,10 @@ class GatedStore(SqliteBackend):
         # what a test worker took from its stream, and what it had taken at each commit
         self.taken: list[str] = []
         self.at_commit: list[tuple[str, list[str]]] = []
+        self.busy: bool | None = None
+
+    def writer_busy(self) -> bool:
+        return super().writer_busy() if self.busy is None else self.busy
 
     async def _gate(self, name: str) -> None:
         self.at_commit.append((name, list(self.taken)))
@@ -171,26 +177,30 @@ async def test_a_step_started_early_on_what_was_not_leased_is_dropped(
     assert runs.count("orchestrator") >= 3
 
 
+async def _worker_answering_all(
+    store: GatedStore, executor: RemoteExecutor, nursery: trio.Nursery
+) -> None:
+    # As an SDK worker: the stream is read on while completions are sent beside it.
+    async for item in executor.stream(pb.GetWorkItemsRequest()):
+        store.taken.append(str(item.WhichOneof("request")))
+        pending = executor.lookup(item.completionToken)
+        if item.HasField("orchestratorRequest"):
+            response: Any = answer(item.orchestratorRequest)
+        else:
+            response = pb.ActivityResponse(
+                instanceId=item.activityRequest.orchestrationInstance.instanceId,
+                taskId=item.activityRequest.taskId,
+            )
+            response.result.value = '"done"'
+        nursery.start_soon(executor.complete, pending, response)
+
+
 async def test_a_commit_beside_early_work_starts_once_the_work_is_on_its_way(
     hub: tuple[GatedStore, RemoteExecutor, HubClient],
 ) -> None:
     store, executor, client = hub
-
-    async def worker(nursery: trio.Nursery) -> None:
-        # As an SDK worker: the stream is read on while completions are sent beside it.
-        async for item in executor.stream(pb.GetWorkItemsRequest()):
-            store.taken.append(str(item.WhichOneof("request")))
-            pending = executor.lookup(item.completionToken)
-            if item.HasField("orchestratorRequest"):
-                response: Any = answer(item.orchestratorRequest)
-            else:
-                response = pb.ActivityResponse(
-                    instanceId=item.activityRequest.orchestrationInstance.instanceId,
-                    taskId=item.activityRequest.taskId,
-                )
-                response.result.value = '"done"'
-            nursery.start_soon(executor.complete, pending, response)
-
+    store.busy = False  # nothing else is being committed
+    worker = functools.partial(_worker_answering_all, store, executor)
     state = await run_beside(client, "orch", worker)  # the stream waits for work first
     assert state.output == '"done"'
     # Each commit beside work sent early began once the worker had that work: the creation
@@ -201,6 +211,25 @@ async def test_a_commit_beside_early_work_starts_once_the_work_is_on_its_way(
         ("create_instance", [step]),
         ("commit_step", [step, act]),
         ("complete_activity", [step, act, step]),
+        ("commit_step", [step, act, step]),
+    ]
+
+
+async def test_with_the_writer_busy_a_commit_beside_early_work_queues_at_once(
+    hub: tuple[GatedStore, RemoteExecutor, HubClient],
+) -> None:
+    """Under load the commit would wait for its turn anyway: it queues without waiting for
+    the work to be on its way (a client's StartInstance is answered that much sooner)."""
+    store, executor, client = hub
+    store.busy = True
+    worker = functools.partial(_worker_answering_all, store, executor)
+    state = await run_beside(client, "orch", worker)
+    assert state.output == '"done"'
+    step, act = "orchestratorRequest", "activityRequest"
+    assert store.at_commit == [
+        ("create_instance", []),
+        ("commit_step", [step]),
+        ("complete_activity", [step, act]),
         ("commit_step", [step, act, step]),
     ]
 

@@ -228,7 +228,7 @@ class Processor(Generic[W]):
         item = None
         try:
             with trio.CancelScope(shield=True):
-                await _commit_after(early)
+                await _commit_after(self._store, early)
                 item = await commit(self._owner)
         finally:
             self.settle_early(early, [] if item is None else [item])
@@ -360,13 +360,15 @@ class Processor(Generic[W]):
                 await _sleep_until_work(wakeup, items.next_at)
 
 
-async def _commit_after(early: Sequence[Early[Any] | None]) -> None:
+async def _commit_after(store: Backend, early: Sequence[Early[Any] | None]) -> None:
     """Wait until the first work started early is on its way to its worker (a turn or two of
     the event loop: the worker's stream was waiting for it), so that the commit beside it
     does not compete with sending it: the worker gets it sooner, and the commit is still
-    made long before the worker answers."""
+    made long before the worker answers. Not while the store's writer is busy: the commit
+    would wait for its turn anyway, and waiting here first only delays it (and whoever waits
+    for it, a client's StartInstance say) by those turns of the event loop."""
     first = next((e for e in early if e is not None), None)
-    if first is not None:
+    if first is not None and not store.writer_busy():
         await first.on_its_way.wait()
 
 
@@ -720,7 +722,7 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         handed: Handed[ActivityWorkItem] | None = None
         try:
             with trio.CancelScope(shield=True):
-                await _commit_after(sent)
+                await _commit_after(self._store, sent)
                 handed = await commit(reserved)
         finally:
             if helper is not None:

@@ -141,6 +141,9 @@ class Backend(Protocol):
         beside everything that writes, and stops it last). Without it, writes still work:
         their callers commit them."""
 
+    def writer_busy(self) -> bool:
+        """Whether commits are running or queued: a write queued now waits for them."""
+
     # -- instances -----------------------------------------------------------------------
 
     async def create_instance(

@@ -382,6 +382,9 @@ class SqliteBackend:
             if self._writing:  # woken, but cancelled before it drove
                 await self._drive()
 
+    def writer_busy(self) -> bool:
+        return self._writing
+
     async def _run_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in a write transaction, grouped with the writes waiting beside it.
 
