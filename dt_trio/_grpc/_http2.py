@@ -219,6 +219,9 @@ class ServerConnection:
         self._out.clear()
         return out
 
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
+
     def is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
 

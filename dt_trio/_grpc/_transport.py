@@ -219,9 +219,12 @@ class _Connection:
         stream that answers in the same turn of the event loop go out in one send; HTTP/2 flow
         control windows bound what can pile up.
         """
-        self._requested += 1
+        if self._http.has_data_to_send():
+            # (Most reads queue nothing, window updates going out by the half window: then
+            # the writer is not woken for nothing.)
+            self._requested += 1
+            self._write_wanted.set()
         wanted = self._requested
-        self._write_wanted.set()
         while wait and self._written < wanted:
             await self._write_done.wait()
 
