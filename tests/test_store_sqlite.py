@@ -206,6 +206,48 @@ async def test_activity_results_reach_only_the_execution_that_scheduled_them(
     assert [ev.kind(m.event) for m in step.inbox] == ["taskCompleted"]
 
 
+async def test_a_step_with_more_activities_than_one_statement_writes_them_all_in_order(
+    store: SqliteBackend,
+) -> None:
+    """Steps write their rows many to a statement (500): a fan-out of 1,201 activities, some
+    handed over in the commit, the rest queued, keeps every event, id and inbox message."""
+    await create(store, new_state())
+    for n in range(3):
+        await store.enqueue("i1", ev.event_raised(now(), f"e{n}", None), now())
+    item = await lease_one(store, "me")
+    assert item is not None and len(item.inbox) == 4
+    tasks = []
+    for task_id in range(1, 1202):
+        scheduled = ev.new_event(now(), task_id)
+        scheduled.taskScheduled.name = f"act{task_id}"
+        tasks.append(ActivityTask("i1", "e0", scheduled))
+    handed = await store.commit_step(
+        "me",
+        StepResult(
+            state=dataclasses.replace(item.state, status=Status.RUNNING),
+            consumed=tuple(m.id for m in item.inbox),
+            history=[*(m.event for m in item.inbox), *(t.scheduled for t in tasks)],
+            activities=tasks,
+        ),
+        lease_activities=1001,
+    )
+    history = await store.get_history("i1")
+    assert [e.eventId for e in history[4:]] == list(range(1, 1202))
+    assert await lease_one(store, "me") is None  # every inbox message consumed
+    # The handed-over work items carry their rows' ids: each completes its own activity.
+    assert [a.scheduled.taskScheduled.name for a in handed] == [f"act{i}" for i in range(1, 1002)]
+    assert len({a.id for a in handed}) == 1001
+    for activity in (handed[0], handed[499], handed[500], handed[-1]):
+        await store.complete_activity(
+            "me", activity, ev.task_completed(now(), activity.scheduled.eventId, "1")
+        )
+    step = await lease_one(store, "me")
+    assert step is not None
+    assert [m.event.taskCompleted.taskScheduledId for m in step.inbox] == [1, 500, 501, 1001]
+    queued = await store.lease_activities("worker", now(), 500)
+    assert [a.scheduled.eventId for a in queued] == list(range(1002, 1202))
+
+
 def scheduling_step(
     state: InstanceState, history: list[pb.HistoryEvent], task_id: int
 ) -> StepResult:
