@@ -352,7 +352,7 @@ def main() -> int:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=5,
         help="runs of each server (alternating which goes first) and of the local API; "
         "medians are reported",
     )
