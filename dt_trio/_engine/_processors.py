@@ -368,8 +368,8 @@ async def _commit_after(store: Backend, early: Sequence[Early[Any] | None]) -> N
     would wait for its turn anyway, and waiting here first only delays it (and whoever waits
     for it, a client's StartInstance say) by those turns of the event loop."""
     first = next((e for e in early if e is not None), None)
-    if first is not None and not store.writer_busy():
-        await first.on_its_way.wait()
+    if first is not None and not store.writer_busy() and not first.on_its_way.is_set():
+        await first.on_its_way.wait()  # (waiting on a set event would still take a turn)
 
 
 async def _sleep_until_work(wakeup: Wakeup, next_time: datetime | None) -> None:
