@@ -16,7 +16,6 @@ from typing import Any
 
 import trio
 
-from dt_trio import _threads as threads
 from dt_trio._core import _events as ev
 from dt_trio._core import entity_name
 from dt_trio._engine._executor import ACTIVITY, ENTITY, ORCHESTRATION, OrchestrationStep, Route
@@ -29,7 +28,6 @@ from dt_trio._local._replay import (
     run_step,
 )
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._threads import ThreadLimiter
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,7 @@ class LocalExecutor:
 
     def __init__(self, registry: Registry, thread_limit: int = 16) -> None:
         self._registry = registry
-        self._threads = ThreadLimiter(thread_limit)
+        self._threads = trio.CapacityLimiter(thread_limit)
         # Orchestrators wait suspended between steps instead of replaying from the start.
         self._replays = ReplayCache()
 
@@ -176,7 +174,7 @@ class LocalExecutor:
             else:
                 # A blocking activity never stalls the hub; on shutdown the hub stops waiting
                 # for it and the activity runs again after a restart (at-least-once).
-                result = await threads.run_sync(
+                result = await trio.to_thread.run_sync(
                     fn, ctx, value, limiter=self._threads, abandon_on_cancel=True
                 )
             ev.set_str(response.result, encode(result))

@@ -1,8 +1,8 @@
 """The sqlite store: WAL on a file, or a private in-memory database.
 
-Every call runs in a worker thread through `trio.to_thread.run_sync` (see `dt_trio._threads`).
-Writes go through one writer connection, serialised by a limiter of one; on a file, reads use
-a small pool of reader connections so that they never wait behind a write transaction.
+Every call runs in a worker thread through `trio.to_thread.run_sync`. Writes go through one
+writer connection, serialised by a CapacityLimiter of one; on a file, reads use a small pool of
+reader connections so that they never wait behind a write transaction.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from typing import IO, Any, TypeVar
 import outcome
 import trio
 
-from dt_trio import _threads as threads
 from dt_trio._core import (
     EntityState,
     EntityStepResult,
@@ -61,7 +60,6 @@ from dt_trio._store._backend import (
     StepAhead,
     StoreListener,
 )
-from dt_trio._threads import ThreadLimiter
 
 log = logging.getLogger(__name__)
 
@@ -280,13 +278,13 @@ class SqliteBackend:
         self._writer: sqlite3.Connection | None = None
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all: list[sqlite3.Connection] = []
-        self._write_limiter = ThreadLimiter(1)
+        self._write_limiter = trio.CapacityLimiter(1)
         # The queue and the flag are shared with the writer thread (see `_write_loop`).
         self._queue_lock = threading.Lock()
         self._write_queue: list[_WriteSlot] = []
         self._writing = False
         self._writer_wakeup: trio.Event | None = None
-        self._read_limiter = ThreadLimiter(READERS)
+        self._read_limiter = trio.CapacityLimiter(READERS)
         self._memory_uri = f"file:dt-trio-{uuid.uuid4().hex}?mode=memory&cache=shared"
         self._lock_file: IO[bytes] | None = None
         self._faulty = False  # the last write failed for want of a usable store
@@ -347,7 +345,7 @@ class SqliteBackend:
 
     async def open(self) -> None:
         try:
-            await threads.run_sync(self._open_sync, limiter=self._write_limiter)
+            await trio.to_thread.run_sync(self._open_sync, limiter=self._write_limiter)
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open the store {self.description}: {exc}") from exc
@@ -365,7 +363,7 @@ class SqliteBackend:
                 self._lock_file = None
 
         with trio.CancelScope(shield=True):
-            await threads.run_sync(close_all, limiter=self._write_limiter)
+            await trio.to_thread.run_sync(close_all, limiter=self._write_limiter)
 
     async def run_writer(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -415,7 +413,7 @@ class SqliteBackend:
         """Commit batches until the queue is empty (shielded: others' writes are queued)."""
         token = trio.lowlevel.current_trio_token()
         with trio.CancelScope(shield=True):
-            await threads.run_sync(self._write_loop, token, limiter=self._write_limiter)
+            await trio.to_thread.run_sync(self._write_loop, token, limiter=self._write_limiter)
 
     def _write_loop(self, token: trio.lowlevel.TrioToken) -> None:
         """In the writer thread: commit batch after batch until the queue is empty.
@@ -519,7 +517,7 @@ class SqliteBackend:
             finally:
                 self._readers.put(conn)
 
-        return await threads.run_sync(call, limiter=self._read_limiter)
+        return await trio.to_thread.run_sync(call, limiter=self._read_limiter)
 
     async def verify_cache(self) -> list[str]:
         """Compare every cached instance with the store, in the writer's turn; returns the
