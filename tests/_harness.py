@@ -29,8 +29,6 @@ class Sidecar:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
-        # Runs in the child before exec (resource limits for fault tests, say).
-        self.preexec: Callable[[], None] | None = None
 
     @property
     def address(self) -> str:
@@ -45,7 +43,6 @@ class Sidecar:
             stdout=subprocess.DEVNULL,
             stderr=log,
             env=env,
-            preexec_fn=self.preexec,
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -47,13 +47,13 @@ def integrity(path: str) -> str:
 def test_a_full_disk_answers_unavailable_and_work_resumes_when_space_returns(
     sidecar: Sidecar,
 ) -> None:
-    # RLIMIT_FSIZE makes writes past the limit fail with EFBIG, which sqlite reports as
-    # "database or disk is full": a full disk, as far as the store can tell.
-    sidecar.preexec = lambda: resource.setrlimit(
-        resource.RLIMIT_FSIZE, (FILE_LIMIT, resource.RLIM_INFINITY)
-    )
     sidecar.start()
     assert sidecar.proc is not None
+    # RLIMIT_FSIZE makes writes past the limit fail with EFBIG, which sqlite reports as
+    # "database or disk is full": a full disk, as far as the store can tell. Set from here
+    # once the sidecar runs: a limit set between fork and exec (preexec_fn) ran the atfork
+    # handlers of this process's gRPC threads in the child, which once killed it at birth.
+    resource.prlimit(sidecar.proc.pid, resource.RLIMIT_FSIZE, (FILE_LIMIT, resource.RLIM_INFINITY))
     accepted: list[str] = []
     with sdk_worker(sidecar.address, [echo]):
         c = sdk_client(sidecar.address)
