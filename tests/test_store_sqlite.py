@@ -123,6 +123,60 @@ async def test_a_finished_instance_may_be_replaced(store: SqliteBackend) -> None
     assert loaded is not None and loaded.status == Status.PENDING and loaded.input == '"again"'
 
 
+async def finish(
+    store: SqliteBackend, instance_id: str = "i1", status: Status = Status.COMPLETED
+) -> InstanceState:
+    item = await lease_one(store, "me")
+    assert item is not None and item.state.instance_id == instance_id
+    done = dataclasses.replace(
+        item.state, status=status, completed_at=now(), last_updated_at=now(), output='"y"'
+    )
+    await store.commit_step("me", StepResult(state=done, consumed=(item.inbox[0].id,), history=[]))
+    return done
+
+
+async def test_a_finished_instance_reads_back_without_a_store_read(
+    store: SqliteBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clients ask for instances as they finish (GetInstance, the waits): the writer keeps
+    the rows it last committed for finished instances, and those reads need no read."""
+    await create(store, new_state())
+    done = await finish(store)
+
+    async def no_read(fn: Any) -> Any:
+        raise AssertionError("the store was read")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "_run_read", no_read)
+        assert await store.get_instance("i1") == done
+    assert await store.verify_cache() == []
+
+
+async def test_every_change_of_a_finished_instance_reaches_its_kept_row(
+    store: SqliteBackend,
+) -> None:
+    await create(store, new_state())
+    await finish(store)
+    await create(store, new_state(input='"again"'))  # replaced
+    loaded = await store.get_instance("i1")
+    assert loaded is not None and loaded.status == Status.PENDING and loaded.input == '"again"'
+    await finish(store, status=Status.FAILED)
+    rewound = ev.new_event(now())
+    rewound.executionRewound.SetInParent()
+    await store.rewind("i1", rewound)
+    loaded = await store.get_instance("i1")
+    assert loaded is not None and loaded.status == Status.RUNNING and loaded.output is None
+    assert await store.verify_cache() == []
+    await finish(store)
+    assert await store.purge("i1", recursive=False) == 1
+    assert await store.get_instance("i1") is None
+    await create(store, new_state())
+    await finish(store)
+    await store.delete_everything()
+    assert await store.get_instance("i1") is None
+    assert await store.verify_cache() == []
+
+
 async def test_lease_commit_appends_history_and_enqueues_the_outbox(store: SqliteBackend) -> None:
     await create(store, new_state())
     await create(store, new_state("target"))
@@ -600,6 +654,36 @@ def test_the_instance_cache_keeps_only_what_commits() -> None:
     cache.put("d", (b[0], (), 20))  # a history that grew: the bytes bound evicts "c" too
     cache.commit()
     assert (cache.get("c"), cache.get("d")) == (None, (b[0], (), 20))
+
+
+def test_the_rows_of_finished_instances_are_kept_within_bounds() -> None:
+    from dt_trio._store._sqlite import _InstanceCache
+
+    t = now()
+    running = (InstanceState("a", "o", "e", Status.RUNNING, t, t), (), 10)
+    cache = _InstanceCache(capacity=2, max_bytes=100)
+    cache.put("a", running)
+    cache.commit()
+    done = dataclasses.replace(running[0], status=Status.COMPLETED, output="x" * 40)
+    cache.put("a", done)  # finished: no more steps to serve, the row for readers
+    assert cache.get("a") is None and cache.finished("a") is None  # not before the commit
+    cache.commit()
+    assert cache.get("a") is None and cache.finished("a") == done
+    cache.put("a", None)  # deleted
+    cache.rollback()
+    assert cache.finished("a") == done  # ... by a transaction that rolled back
+    for key in ("b", "c"):
+        cache.put(key, dataclasses.replace(done, instance_id=key))
+    cache.commit()
+    assert cache.finished("a") is None  # bounded in rows, the oldest go first
+    cache.put("d", dataclasses.replace(done, instance_id="d", output="x" * 70))
+    cache.commit()
+    # bounded in rows (b goes) and in bytes (c too)
+    assert (cache.finished("b"), cache.finished("c")) == (None, None)
+    assert cache.finished("d") is not None
+    cache.put("d", running)  # running again (rewound, say)
+    cache.commit()
+    assert cache.finished("d") is None and cache.get("d") == running
 
 
 async def _one_write(

@@ -66,9 +66,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SCHEMA = (pathlib.Path(__file__).parent / "schema.sql").read_text()
 READERS = 4
-# Running instances whose row and history the writer keeps in memory (see _InstanceCache).
+# Running instances whose row and history the writer keeps in memory (see _InstanceCache),
+# and as many rows of finished instances.
 CACHED_INSTANCES = 4096
-CACHED_BYTES = 64 * 1024 * 1024  # ... and at most this much serialized history
+CACHED_BYTES = 64 * 1024 * 1024  # ... and at most this much serialized history, and payload
 _TERMINAL = tuple(int(s) for s in Status if s.is_terminal)
 
 _INSTANCE_FIELDS = 16
@@ -175,35 +176,56 @@ class _WriteSlot:
 
 # (row, history, the history's serialized size)
 _Cached = tuple[InstanceState, tuple[pb.HistoryEvent, ...], int]
+# What a write leaves for an instance: a running one's row and history, a finished one's row,
+# or nothing (forget it).
+_Entry = _Cached | InstanceState | None
+
+
+def _payload_size(state: InstanceState) -> int:
+    failure = state.failure.ByteSize() if state.failure is not None else 0
+    return sum(len(v) for v in (state.input, state.output, state.custom_status) if v) + failure
 
 
 class _InstanceCache:
-    """The rows and histories of running instances, as last committed.
+    """The rows and histories of running instances, and the rows of finished ones, as last
+    committed.
 
     Without it every step's lease (and every hand-over) reads the instance row and parses its
-    whole history again. Only write transactions use it, in the writer's turn: what a write
-    puts or drops is pending until its transaction commits (`commit`), undone with its
-    savepoint (`undo_to`) or its transaction (`rollback`); reads within the transaction see
-    the pending state. One process owns the store, so nothing changes a cached instance
-    behind its back. Bounded in entries and in bytes; finished instances are dropped.
+    whole history again, and every client that asks for an instance as it finishes
+    (GetInstance, the waits) reads its row again. Only write transactions change it, in the
+    writer's turn: what a write puts or drops is pending until its transaction commits
+    (`commit`), undone with its savepoint (`undo_to`) or its transaction (`rollback`); reads
+    within the transaction see the pending state. One process owns the store, so nothing
+    changes a cached instance behind its back. Bounded in entries and in bytes, running and
+    finished instances each.
     """
 
     def __init__(self, capacity: int, max_bytes: int = CACHED_BYTES) -> None:
         self._entries: collections.OrderedDict[str, _Cached] = collections.OrderedDict()
         self._bytes = 0  # the histories' total serialized size
+        self._finished: collections.OrderedDict[str, InstanceState] = collections.OrderedDict()
+        self._finished_bytes = 0  # their inputs, outputs, custom statuses and failures
         self._max_bytes = max_bytes
-        self._pending: dict[str, _Cached | None] = {}
+        self._pending: dict[str, _Entry] = {}
         # (instance, had a pending value, that value): how to undo a put
-        self._journal: list[tuple[str, bool, _Cached | None]] = []
+        self._journal: list[tuple[str, bool, _Entry]] = []
         self._capacity = capacity
 
     def get(self, instance_id: str) -> _Cached | None:
+        """A running instance's row and history, for a step of it (None: read the store)."""
         if instance_id in self._pending:
-            return self._pending[instance_id]
+            entry = self._pending[instance_id]
+            return entry if isinstance(entry, tuple) else None
         return self._entries.get(instance_id)
 
-    def put(self, instance_id: str, entry: _Cached | None) -> None:
-        """Cache `entry` for the instance (None: forget it) once the transaction commits."""
+    def finished(self, instance_id: str) -> InstanceState | None:
+        """A finished instance's row as committed (None: read the store). Safe from any
+        thread: a reader that runs beside a commit finds the row before or after it."""
+        return self._finished.get(instance_id)
+
+    def put(self, instance_id: str, entry: _Entry) -> None:
+        """Cache `entry` for the instance once the transaction commits: its row and history
+        while it runs, its row alone once finished, None to forget it."""
         had = instance_id in self._pending
         self._journal.append((instance_id, had, self._pending.get(instance_id)))
         self._pending[instance_id] = entry
@@ -224,11 +246,26 @@ class _InstanceCache:
             old = self._entries.pop(instance_id, None)
             if old is not None:
                 self._bytes -= old[2]
+            if isinstance(entry, InstanceState):
+                # (replaced, not popped first: a reader meanwhile finds the old row or this)
+                previous = self._finished.get(instance_id)
+                if previous is not None:
+                    self._finished_bytes -= _payload_size(previous)
+                    self._finished.move_to_end(instance_id)
+                self._finished[instance_id] = entry
+                self._finished_bytes += _payload_size(entry)
+                continue
+            dropped = self._finished.pop(instance_id, None)
+            if dropped is not None:
+                self._finished_bytes -= _payload_size(dropped)
             if entry is not None:
                 self._entries[instance_id] = entry
                 self._bytes += entry[2]
         while len(self._entries) > self._capacity or self._bytes > self._max_bytes:
             self._bytes -= self._entries.popitem(last=False)[1][2]
+        finished = self._finished
+        while len(finished) > self._capacity or self._finished_bytes > self._max_bytes:
+            self._finished_bytes -= _payload_size(finished.popitem(last=False)[1])
         self.rollback()
 
     def rollback(self) -> None:
@@ -238,6 +275,8 @@ class _InstanceCache:
     def forget_all(self) -> None:
         self._entries.clear()
         self._bytes = 0
+        self._finished.clear()
+        self._finished_bytes = 0
         self.rollback()
 
 
@@ -527,9 +566,10 @@ class SqliteBackend:
             cache = _cache(conn)
             assert cache is not None
             problems = []
-            for instance_id in {*cache._entries, *cache._pending}:
+            for instance_id in {*cache._entries, *cache._pending, *cache._finished}:
                 entry = cache.get(instance_id)
-                if entry is None:
+                kept = entry[0] if entry is not None else cache.finished(instance_id)
+                if kept is None:
                     continue
                 row = conn.execute(
                     f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE instance_id = ?",
@@ -537,9 +577,9 @@ class SqliteBackend:
                 ).fetchone()
                 if row is None:
                     problems.append(f"{instance_id}: cached, but not in the store")
-                elif _row_to_state(row) != entry[0]:
-                    problems.append(f"{instance_id}: cached row {entry[0]} != {_row_to_state(row)}")
-                elif _history(conn, instance_id) != list(entry[1]):
+                elif _row_to_state(row) != kept:
+                    problems.append(f"{instance_id}: cached row {kept} != {_row_to_state(row)}")
+                elif entry is not None and _history(conn, instance_id) != list(entry[1]):
                     problems.append(f"{instance_id}: cached history differs from the store's")
             return problems
 
@@ -592,6 +632,12 @@ class SqliteBackend:
         return work
 
     async def get_instance(self, instance_id: str) -> InstanceState | None:
+        writer = self._writer
+        if isinstance(writer, _WriterConnection):
+            kept = writer.cache.finished(instance_id)
+            if kept is not None:
+                return kept
+
         def read(conn: sqlite3.Connection) -> InstanceState | None:
             row = conn.execute(
                 f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE instance_id = ?",
@@ -1659,7 +1705,7 @@ def _apply_step(
         )
     if cache is not None:
         if state.status.is_terminal:
-            cache.put(state.instance_id, None)  # no more steps to serve
+            cache.put(state.instance_id, state)  # no more steps to serve; the row for readers
         elif result.reset_history:
             cache.put(state.instance_id, (state, tuple(result.history), sum(map(len, blobs))))
         elif known is not None:
