@@ -135,17 +135,21 @@ async def finish(
     return done
 
 
-async def test_a_finished_instance_reads_back_without_a_store_read(
+async def test_running_and_finished_instances_read_back_without_a_store_read(
     store: SqliteBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Clients ask for instances as they finish (GetInstance, the waits): the writer keeps
-    the rows it last committed for finished instances, and those reads need no read."""
-    await create(store, new_state())
-    done = await finish(store)
+    """Clients ask for instances while they run and as they finish (GetInstance, the waits):
+    the writer keeps the rows it last committed, and those reads need no read."""
+    state = new_state()
+    await create(store, state)
 
     async def no_read(fn: Any) -> Any:
         raise AssertionError("the store was read")
 
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "_run_read", no_read)
+        assert await store.get_instance("i1") == state
+    done = await finish(store)
     with monkeypatch.context() as patched:
         patched.setattr(store, "_run_read", no_read)
         assert await store.get_instance("i1") == done
@@ -666,24 +670,25 @@ def test_the_rows_of_finished_instances_are_kept_within_bounds() -> None:
     cache.commit()
     done = dataclasses.replace(running[0], status=Status.COMPLETED, output="x" * 40)
     cache.put("a", done)  # finished: no more steps to serve, the row for readers
-    assert cache.get("a") is None and cache.finished("a") is None  # not before the commit
+    # readers see the committed row until the commit; a step, nothing to replay
+    assert cache.get("a") is None and cache.row("a") == running[0]
     cache.commit()
-    assert cache.get("a") is None and cache.finished("a") == done
+    assert cache.get("a") is None and cache.row("a") == done
     cache.put("a", None)  # deleted
     cache.rollback()
-    assert cache.finished("a") == done  # ... by a transaction that rolled back
+    assert cache.row("a") == done  # ... by a transaction that rolled back
     for key in ("b", "c"):
         cache.put(key, dataclasses.replace(done, instance_id=key))
     cache.commit()
-    assert cache.finished("a") is None  # bounded in rows, the oldest go first
+    assert cache.row("a") is None  # bounded in rows, the oldest go first
     cache.put("d", dataclasses.replace(done, instance_id="d", output="x" * 70))
     cache.commit()
     # bounded in rows (b goes) and in bytes (c too)
-    assert (cache.finished("b"), cache.finished("c")) == (None, None)
-    assert cache.finished("d") is not None
+    assert (cache.row("b"), cache.row("c")) == (None, None)
+    assert cache.row("d") is not None
     cache.put("d", running)  # running again (rewound, say)
     cache.commit()
-    assert cache.finished("d") is None and cache.get("d") == running
+    assert cache.row("d") == running[0] and cache.get("d") == running
 
 
 async def _one_write(

@@ -218,10 +218,11 @@ class _InstanceCache:
             return entry if isinstance(entry, tuple) else None
         return self._entries.get(instance_id)
 
-    def finished(self, instance_id: str) -> InstanceState | None:
-        """A finished instance's row as committed (None: read the store). Safe from any
-        thread: a reader that runs beside a commit finds the row before or after it."""
-        return self._finished.get(instance_id)
+    def row(self, instance_id: str) -> InstanceState | None:
+        """The instance's row as committed (None: read the store). Safe from any thread: a
+        reader beside a commit finds the row before or after it, or nothing."""
+        entry = self._entries.get(instance_id)
+        return entry[0] if entry is not None else self._finished.get(instance_id)
 
     def put(self, instance_id: str, entry: _Entry) -> None:
         """Cache `entry` for the instance once the transaction commits: its row and history
@@ -568,7 +569,7 @@ class SqliteBackend:
             problems = []
             for instance_id in {*cache._entries, *cache._pending, *cache._finished}:
                 entry = cache.get(instance_id)
-                kept = entry[0] if entry is not None else cache.finished(instance_id)
+                kept = entry[0] if entry is not None else cache.row(instance_id)
                 if kept is None:
                     continue
                 row = conn.execute(
@@ -634,7 +635,7 @@ class SqliteBackend:
     async def get_instance(self, instance_id: str) -> InstanceState | None:
         writer = self._writer
         if isinstance(writer, _WriterConnection):
-            kept = writer.cache.finished(instance_id)
+            kept = writer.cache.row(instance_id)
             if kept is not None:
                 return kept
 
