@@ -22,7 +22,7 @@ from dt_trio._core import (
     StepResult,
 )
 from dt_trio._core import _events as ev
-from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost
+from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost, StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import (
     ActivityWorkItem,
@@ -154,6 +154,17 @@ async def test_running_and_finished_instances_read_back_without_a_store_read(
         patched.setattr(store, "_run_read", no_read)
         assert await store.get_instance("i1") == done
     assert await store.verify_cache() == []
+
+
+async def test_a_closed_store_answers_no_read_from_its_cache(tmp_path: pathlib.Path) -> None:
+    store = SqliteBackend(str(tmp_path / "closed.sqlite3"))
+    await store.open()
+    await create(store, new_state())
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await store.get_instance("i1")
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await create(store, new_state("i2"))
 
 
 async def test_every_change_of_a_finished_instance_reaches_its_kept_row(

@@ -395,6 +395,7 @@ class SqliteBackend:
 
     async def close(self) -> None:
         def close_all() -> None:
+            self._writer = None  # writes, and reads from its cache, now fail: not open
             for conn in self._all:
                 conn.close()
             self._all.clear()
@@ -542,6 +543,8 @@ class SqliteBackend:
             log.warning("the store %s is writable again", self.description)
 
     async def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            raise StoreUnavailable("the store is not open")
         if not self.path:
             # A private memory database has one connection: its reads queue with the writes
             # (the writer's thread runs batch after batch while writes keep coming).
