@@ -53,3 +53,34 @@ async def test_items_queued_for_a_stream_cancelled_between_them_are_given_back()
             assert (await replacement.__anext__()).activityRequest.name == "c"
         await replacement.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_an_activity_result_is_answered_as_it_is_delivered() -> None:
+    """The worker's CompleteActivityTask does not wait for the processor to take the result:
+    a result that matches its item needs no more checking, and its commit (or, if that
+    fails, the activity's redelivery) is the processor's."""
+    executor = RemoteExecutor()
+    item = activity("a")
+    item.activityRequest.taskId = 3
+    item.activityRequest.orchestrationInstance.instanceId = "i1"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(executor.execute, item, Route("activity", "a"))
+        stream = executor.stream(pb.GetWorkItemsRequest())
+        sent = await stream.__anext__()
+        pending = executor.lookup(sent.completionToken)
+        response = pb.ActivityResponse(
+            instanceId="i1", taskId=3, completionToken=sent.completionToken
+        )
+        answered = trio.Event()
+
+        async def complete() -> None:
+            await executor.complete(pending, response)
+            answered.set()
+
+        nursery.start_soon(complete)
+        await trio.testing.wait_all_tasks_blocked()
+        at_once = answered.is_set()  # nobody has taken the result yet
+        executor.finish(pending)  # (lets a waiting answer go, so that the test ends)
+        assert at_once and pending.response is response
+        await stream.aclose()
+        nursery.cancel_scope.cancel()

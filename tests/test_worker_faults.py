@@ -130,3 +130,49 @@ def test_a_late_completion_for_redelivered_work_is_refused_and_changes_nothing(
         assert "redelivered" in (info.value.details() or "")
     after = c.get_orchestration_state(instance_id)
     assert after is not None and after.serialized_output == '"done 1 by the survivor"'
+
+
+def test_an_activity_result_naming_another_task_is_refused_and_the_activity_runs_again(
+    sidecar: Sidecar,
+) -> None:
+    c = sdk_client(sidecar.address)
+    with grpc.insecure_channel(sidecar.address) as channel:
+        stub = stubs.TaskHubSidecarServiceStub(channel)
+        only_activities = pb.GetWorkItemsRequest()
+        only_activities.workItemFilters.activities.add(name="slow_step")
+        stream = stub.GetWorkItems(only_activities)
+        orchestrations = worker.TaskHubGrpcWorker(host_address=sidecar.address)
+        orchestrations.add_orchestrator(stepper)
+        orchestrations.use_work_item_filters()
+        orchestrations.start()
+        try:
+            instance_id = c.schedule_new_orchestration(stepper, input=2)
+            items = (item for item in stream if item.HasField("activityRequest"))
+            first = next(items)
+            wrong = pb.ActivityResponse(
+                instanceId=instance_id,
+                taskId=first.activityRequest.taskId + 5,
+                completionToken=first.completionToken,
+            )
+            wrong.result.value = '"for another task"'
+            with pytest.raises(grpc.RpcError) as info:
+                stub.CompleteActivityTask(wrong)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            details = info.value.details() or ""
+            assert f"task {first.activityRequest.taskId + 5}" in details
+            assert f"task {first.activityRequest.taskId}" in details
+            # Nothing is lost: the activity is handed out again, and its right answer counts.
+            again = next(items)
+            assert again.activityRequest.taskId == first.activityRequest.taskId
+            right = pb.ActivityResponse(
+                instanceId=instance_id,
+                taskId=again.activityRequest.taskId,
+                completionToken=again.completionToken,
+            )
+            right.result.value = '"done 2 by hand"'
+            stub.CompleteActivityTask(right)
+            state = c.wait_for_orchestration_completion(instance_id, timeout=30)
+        finally:
+            stream.cancel()
+            orchestrations.stop()
+    assert state is not None and state.serialized_output == '"done 2 by hand"'

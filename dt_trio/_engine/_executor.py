@@ -298,9 +298,25 @@ class RemoteExecutor:
         return pending
 
     async def complete(self, pending: Pending, response: object) -> None:
-        """Deliver a worker's answer and wait until it is committed."""
+        """Deliver a worker's answer. An activity's result is checked here and answered at
+        once: its commit, and the activity's redelivery if that fails, are its processor's.
+        Other answers wait until their processor has taken them (see `finish`): only it can
+        tell whether an orchestrator's actions or an entity's results hold."""
         if pending.answered.is_set():
             raise UnknownWorkItem(f"work item '{pending.token}' was already answered")
+        if isinstance(response, pb.ActivityResponse):
+            request = pending.work_item.activityRequest
+            instance_id = request.orchestrationInstance.instanceId
+            if response.instanceId != instance_id or response.taskId != request.taskId:
+                pending.abandon(0.0)  # handed out again: nothing is lost
+                raise InvalidRequest(
+                    f"the completion names instance '{response.instanceId}' task "
+                    f"{response.taskId}, but its token belongs to instance '{instance_id}' "
+                    f"task {request.taskId}"
+                )
+            pending.response = response
+            pending.answered.set()
+            return
         pending.response = response
         pending.answered.set()
         with trio.CancelScope(shield=True):

@@ -931,25 +931,11 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
                 raise
             return
         response = pending.response
-        assert isinstance(response, pb.ActivityResponse)
-        if response.instanceId != item.instance_id or response.taskId != request.taskId:
-            self._executor.finish(
-                pending,
-                InvalidRequest(
-                    f"the completion names instance '{response.instanceId}' task "
-                    f"{response.taskId}, but its token belongs to instance "
-                    f"'{item.instance_id}' task {request.taskId}"
-                ),
-            )
-            leased = await self._leased(item, early)
-            if leased is not None:
-                await self._release(
-                    self._store.abandon_activity, self._owner, leased, 0.0, failed=True
-                )
-            return
-        # The worker is done: its rpc is answered and its slot freed now, not after the
-        # commit (as durabletask-go does). The activity stays leased until the commit; if the
-        # commit fails, the activity is handed out again, so nothing is lost.
+        assert isinstance(response, pb.ActivityResponse)  # checked against the item
+        # The worker is done (its rpc was answered as it delivered the result, as
+        # durabletask-go does): its slot is freed now, not after the commit. The activity
+        # stays leased until the commit; if the commit fails, the activity is handed out
+        # again, so nothing is lost.
         self._executor.finish(pending)
         leased = await self._leased(item, early)
         if leased is None:
