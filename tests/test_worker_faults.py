@@ -8,6 +8,7 @@ A completion sent with the token of an item that was redelivered is refused and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -96,29 +97,38 @@ def test_work_held_by_a_killed_worker_goes_to_another_at_once(
         doomed.wait(10)
 
 
-def test_a_late_completion_for_redelivered_work_is_refused_and_changes_nothing(
-    sidecar: Sidecar,
-) -> None:
-    c = sdk_client(sidecar.address)
-    with grpc.insecure_channel(sidecar.address) as channel:
+@contextlib.contextmanager
+def raw_activity_worker(address: str) -> Iterator[tuple[Any, Any]]:
+    """A raw worker's stream that takes activities only (the test answers them by hand),
+    beside an SDK worker that takes the orchestrations only: yields (stub, stream)."""
+    with grpc.insecure_channel(address) as channel:
         stub = stubs.TaskHubSidecarServiceStub(channel)
-        # A raw worker that takes activities only, and holds the first one without answering;
-        # an SDK worker that takes the orchestration only.
         only_activities = pb.GetWorkItemsRequest()
         only_activities.workItemFilters.activities.add(name="slow_step")
         stream = stub.GetWorkItems(only_activities)
-        orchestrations = worker.TaskHubGrpcWorker(host_address=sidecar.address)
+        orchestrations = worker.TaskHubGrpcWorker(host_address=address)
         orchestrations.add_orchestrator(stepper)
         orchestrations.use_work_item_filters()
         orchestrations.start()
         try:
-            instance_id = c.schedule_new_orchestration(stepper, input=1)
-            token = next(
-                item.completionToken for item in stream if item.HasField("activityRequest")
-            )
-            stream.cancel()  # the raw worker "dies" holding the activity
+            yield stub, stream
         finally:
+            stream.cancel()
             orchestrations.stop()
+
+
+def activity_items(stream: Any) -> Iterator[Any]:
+    return (item for item in stream if item.HasField("activityRequest"))
+
+
+def test_a_late_completion_for_redelivered_work_is_refused_and_changes_nothing(
+    sidecar: Sidecar,
+) -> None:
+    c = sdk_client(sidecar.address)
+    with raw_activity_worker(sidecar.address) as (stub, stream):
+        instance_id = c.schedule_new_orchestration(stepper, input=1)
+        token = next(activity_items(stream)).completionToken
+        stream.cancel()  # the raw worker "dies" holding the activity
         with sdk_worker(sidecar.address, [stepper], [slow_step]):
             state = c.wait_for_orchestration_completion(instance_id, timeout=30)
         assert state is not None and state.serialized_output == '"done 1 by the survivor"'
@@ -136,43 +146,27 @@ def test_an_activity_result_naming_another_task_is_refused_and_the_activity_runs
     sidecar: Sidecar,
 ) -> None:
     c = sdk_client(sidecar.address)
-    with grpc.insecure_channel(sidecar.address) as channel:
-        stub = stubs.TaskHubSidecarServiceStub(channel)
-        only_activities = pb.GetWorkItemsRequest()
-        only_activities.workItemFilters.activities.add(name="slow_step")
-        stream = stub.GetWorkItems(only_activities)
-        orchestrations = worker.TaskHubGrpcWorker(host_address=sidecar.address)
-        orchestrations.add_orchestrator(stepper)
-        orchestrations.use_work_item_filters()
-        orchestrations.start()
-        try:
-            instance_id = c.schedule_new_orchestration(stepper, input=2)
-            items = (item for item in stream if item.HasField("activityRequest"))
-            first = next(items)
-            wrong = pb.ActivityResponse(
-                instanceId=instance_id,
-                taskId=first.activityRequest.taskId + 5,
-                completionToken=first.completionToken,
-            )
-            wrong.result.value = '"for another task"'
-            with pytest.raises(grpc.RpcError) as info:
-                stub.CompleteActivityTask(wrong)
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            details = info.value.details() or ""
-            assert f"task {first.activityRequest.taskId + 5}" in details
-            assert f"task {first.activityRequest.taskId}" in details
-            # Nothing is lost: the activity is handed out again, and its right answer counts.
-            again = next(items)
-            assert again.activityRequest.taskId == first.activityRequest.taskId
-            right = pb.ActivityResponse(
-                instanceId=instance_id,
-                taskId=again.activityRequest.taskId,
-                completionToken=again.completionToken,
-            )
-            right.result.value = '"done 2 by hand"'
-            stub.CompleteActivityTask(right)
-            state = c.wait_for_orchestration_completion(instance_id, timeout=30)
-        finally:
-            stream.cancel()
-            orchestrations.stop()
+    with raw_activity_worker(sidecar.address) as (stub, stream):
+        instance_id = c.schedule_new_orchestration(stepper, input=2)
+        items = activity_items(stream)
+        first = next(items)
+        task_id = first.activityRequest.taskId
+        wrong = pb.ActivityResponse(
+            instanceId=instance_id, taskId=task_id + 5, completionToken=first.completionToken
+        )
+        wrong.result.value = '"for another task"'
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CompleteActivityTask(wrong)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = info.value.details() or ""
+        assert f"task {task_id + 5}" in details and f"task {task_id}" in details
+        # Nothing is lost: the activity is handed out again, and its right answer counts.
+        again = next(items)
+        assert again.activityRequest.taskId == task_id
+        right = pb.ActivityResponse(
+            instanceId=instance_id, taskId=task_id, completionToken=again.completionToken
+        )
+        right.result.value = '"done 2 by hand"'
+        stub.CompleteActivityTask(right)
+        state = c.wait_for_orchestration_completion(instance_id, timeout=30)
     assert state is not None and state.serialized_output == '"done 2 by hand"'
