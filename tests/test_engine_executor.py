@@ -55,22 +55,30 @@ async def test_items_queued_for_a_stream_cancelled_between_them_are_given_back()
         nursery.cancel_scope.cancel()
 
 
-async def test_an_activity_result_is_answered_as_it_is_delivered() -> None:
-    """The worker's CompleteActivityTask does not wait for the processor to take the result:
-    a result that matches its item needs no more checking, and its commit (or, if that
-    fails, the activity's redelivery) is the processor's."""
+async def test_an_answer_its_check_accepts_is_answered_as_it_is_delivered() -> None:
+    """A worker's Complete*Task rpc does not wait for the processor to take the answer: the
+    item's check runs in the rpc, and the processor gets what it made of the answer. (Its
+    commit, or if that fails the item's redelivery, is the processor's.)"""
     executor = RemoteExecutor()
-    item = activity("a")
-    item.activityRequest.taskId = 3
-    item.activityRequest.orchestrationInstance.instanceId = "i1"
+    checked: list[object] = []
+
+    def check(response: object) -> object:
+        checked.append(response)
+        return "what the processor needs"
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(executor.execute, item, Route("activity", "a"))
+        answers: list[object] = []
+
+        async def processor() -> None:
+            answers.append(
+                await executor.execute(activity("a"), Route("activity", "a"), None, check)
+            )
+
+        nursery.start_soon(processor)
         stream = executor.stream(pb.GetWorkItemsRequest())
         sent = await stream.__anext__()
         pending = executor.lookup(sent.completionToken)
-        response = pb.ActivityResponse(
-            instanceId="i1", taskId=3, completionToken=sent.completionToken
-        )
+        response = pb.ActivityResponse(completionToken=sent.completionToken)
         answered = trio.Event()
 
         async def complete() -> None:
@@ -79,8 +87,36 @@ async def test_an_activity_result_is_answered_as_it_is_delivered() -> None:
 
         nursery.start_soon(complete)
         await trio.testing.wait_all_tasks_blocked()
-        at_once = answered.is_set()  # nobody has taken the result yet
-        executor.finish(pending)  # (lets a waiting answer go, so that the test ends)
-        assert at_once and pending.response is response
+        assert answered.is_set()  # without the processor's turn, nor any commit
+        assert checked == [response]
+        assert answers == [pending] and pending.checked == "what the processor needs"
+        executor.finish(pending)
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_answer_its_check_refuses_is_refused_and_the_item_handed_out_again() -> None:
+    executor = RemoteExecutor()
+
+    def check(response: object) -> object:
+        raise ValueError("not the answer to this item")
+
+    async with trio.open_nursery() as nursery:
+        outcomes: list[str] = []
+
+        async def processor() -> None:
+            try:
+                await executor.execute(activity("a"), Route("activity", "a"), None, check)
+            except WorkAbandoned as exc:
+                outcomes.append(f"abandoned, again in {exc.delay} s")
+
+        nursery.start_soon(processor)
+        stream = executor.stream(pb.GetWorkItemsRequest())
+        sent = await stream.__anext__()
+        pending = executor.lookup(sent.completionToken)
+        with pytest.raises(ValueError, match="not the answer"):
+            await executor.complete(pending, pb.ActivityResponse())
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcomes == ["abandoned, again in 0.0 s"]
         await stream.aclose()
         nursery.cancel_scope.cancel()

@@ -98,36 +98,41 @@ def test_work_held_by_a_killed_worker_goes_to_another_at_once(
 
 
 @contextlib.contextmanager
-def raw_activity_worker(address: str) -> Iterator[tuple[Any, Any]]:
-    """A raw worker's stream that takes activities only (the test answers them by hand),
-    beside an SDK worker that takes the orchestrations only: yields (stub, stream)."""
+def raw_worker(address: str, takes: str) -> Iterator[tuple[Any, Any]]:
+    """A raw worker's stream that takes only the activities, or only the orchestrator steps
+    (`takes`), which the test answers by hand, beside an SDK worker that takes the rest:
+    yields (stub, stream)."""
     with grpc.insecure_channel(address) as channel:
         stub = stubs.TaskHubSidecarServiceStub(channel)
-        only_activities = pb.GetWorkItemsRequest()
-        only_activities.workItemFilters.activities.add(name="slow_step")
-        stream = stub.GetWorkItems(only_activities)
-        orchestrations = worker.TaskHubGrpcWorker(host_address=address)
-        orchestrations.add_orchestrator(stepper)
-        orchestrations.use_work_item_filters()
-        orchestrations.start()
+        raw = pb.GetWorkItemsRequest()
+        rest = worker.TaskHubGrpcWorker(host_address=address)
+        if takes == "activities":
+            raw.workItemFilters.activities.add(name="slow_step")
+            rest.add_orchestrator(stepper)
+        else:
+            raw.workItemFilters.orchestrations.add(name="stepper")
+            rest.add_activity(slow_step)
+        stream = stub.GetWorkItems(raw)
+        rest.use_work_item_filters()
+        rest.start()
         try:
             yield stub, stream
         finally:
             stream.cancel()
-            orchestrations.stop()
+            rest.stop()
 
 
-def activity_items(stream: Any) -> Iterator[Any]:
-    return (item for item in stream if item.HasField("activityRequest"))
+def items_of(stream: Any, kind: str) -> Iterator[Any]:
+    return (item for item in stream if item.HasField(kind))
 
 
 def test_a_late_completion_for_redelivered_work_is_refused_and_changes_nothing(
     sidecar: Sidecar,
 ) -> None:
     c = sdk_client(sidecar.address)
-    with raw_activity_worker(sidecar.address) as (stub, stream):
+    with raw_worker(sidecar.address, "activities") as (stub, stream):
         instance_id = c.schedule_new_orchestration(stepper, input=1)
-        token = next(activity_items(stream)).completionToken
+        token = next(items_of(stream, "activityRequest")).completionToken
         stream.cancel()  # the raw worker "dies" holding the activity
         with sdk_worker(sidecar.address, [stepper], [slow_step]):
             state = c.wait_for_orchestration_completion(instance_id, timeout=30)
@@ -146,9 +151,9 @@ def test_an_activity_result_naming_another_task_is_refused_and_the_activity_runs
     sidecar: Sidecar,
 ) -> None:
     c = sdk_client(sidecar.address)
-    with raw_activity_worker(sidecar.address) as (stub, stream):
+    with raw_worker(sidecar.address, "activities") as (stub, stream):
         instance_id = c.schedule_new_orchestration(stepper, input=2)
-        items = activity_items(stream)
+        items = items_of(stream, "activityRequest")
         first = next(items)
         task_id = first.activityRequest.taskId
         wrong = pb.ActivityResponse(
@@ -170,3 +175,33 @@ def test_an_activity_result_naming_another_task_is_refused_and_the_activity_runs
         stub.CompleteActivityTask(right)
         state = c.wait_for_orchestration_completion(instance_id, timeout=30)
     assert state is not None and state.serialized_output == '"done 2 by hand"'
+
+
+def test_an_orchestrator_answer_naming_another_instance_is_refused_and_the_step_runs_again(
+    sidecar: Sidecar,
+) -> None:
+    c = sdk_client(sidecar.address)
+    with raw_worker(sidecar.address, "orchestrations") as (stub, stream):
+        instance_id = c.schedule_new_orchestration(stepper, input=3)
+        steps = items_of(stream, "orchestratorRequest")
+        first = next(steps)
+        wrong = pb.OrchestratorResponse(
+            instanceId="someone-else", completionToken=first.completionToken
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CompleteOrchestratorTask(wrong)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = info.value.details() or ""
+        assert "'someone-else'" in details and f"'{instance_id}'" in details
+        # Nothing is lost: the step is handed out again, and its right answer counts.
+        again = next(steps)
+        assert again.orchestratorRequest.instanceId == instance_id
+        right = pb.OrchestratorResponse(
+            instanceId=instance_id, completionToken=again.completionToken
+        )
+        done = right.actions.add(id=0).completeOrchestration
+        done.orchestrationStatus = pb.ORCHESTRATION_STATUS_COMPLETED
+        done.result.value = '"done 3 by hand"'
+        stub.CompleteOrchestratorTask(right)
+        state = c.wait_for_orchestration_completion(instance_id, timeout=30)
+    assert state is not None and state.serialized_output == '"done 3 by hand"'

@@ -19,7 +19,7 @@ import itertools
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,6 +53,12 @@ class WorkAbandoned(Exception):
     def __init__(self, message: str, delay: float) -> None:
         super().__init__(message)
         self.delay = delay  # how long the item should stay invisible before it is retried
+
+
+# What a processor makes of a worker's answer to one of its items: it returns what the
+# processor needs from the answer, or raises if the answer does not fit the item (see
+# `RemoteExecutor.complete`).
+Check = Callable[[object], object]
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,9 @@ class Pending:
     answered: trio.Event = field(default_factory=trio.Event)
     committed: trio.Event = field(default_factory=trio.Event)
     response: object = None
+    # The item's check (see `RemoteExecutor.execute`), and what it made of the response.
+    check: Check | None = None
+    checked: object = None
     abandon_delay: float | None = None
     commit_error: BaseException | None = None
     worker: _Worker | None = None
@@ -197,12 +206,20 @@ class RemoteExecutor:
         return False
 
     async def execute_step(
-        self, step: OrchestrationStep, route: Route, on_its_way: trio.Event | None = None
+        self,
+        step: OrchestrationStep,
+        route: Route,
+        on_its_way: trio.Event | None = None,
+        check: Check | None = None,
     ) -> Pending:
-        return await self.execute(step.work_item(), route, on_its_way)
+        return await self.execute(step.work_item(), route, on_its_way, check)
 
     async def execute(
-        self, work_item: pb.WorkItem, route: Route, on_its_way: trio.Event | None = None
+        self,
+        work_item: pb.WorkItem,
+        route: Route,
+        on_its_way: trio.Event | None = None,
+        check: Check | None = None,
     ) -> Pending:
         """Send `work_item` to a worker that accepts `route` and wait for its answer.
 
@@ -210,6 +227,11 @@ class RemoteExecutor:
         committed (or failed to commit). Raises `WorkAbandoned`, or `WorkTooLarge` for an item
         no worker can receive. On cancellation the item is
         withdrawn.
+
+        With `check`, the answer is checked as the worker delivers it, and the worker's rpc
+        answered at once (see `complete`); the answered `Pending` then carries what the
+        check made of it (`checked`). An answer the check refuses is refused to the worker,
+        and the item abandoned (handed out again).
 
         `on_its_way` is set once the item is on its way: taken by the stream of a worker that
         was waiting for work, or at once if no such stream can take it now (it waits in the
@@ -225,7 +247,7 @@ class RemoteExecutor:
             )
         token = secrets.token_hex(12)
         work_item.completionToken = token
-        pending = Pending(token, work_item, route, on_its_way=on_its_way)
+        pending = Pending(token, work_item, route, on_its_way=on_its_way, check=check)
         self._pending[token] = pending
         self._queues[route.kind].append(pending)
         self._dispatch()
@@ -298,22 +320,20 @@ class RemoteExecutor:
         return pending
 
     async def complete(self, pending: Pending, response: object) -> None:
-        """Deliver a worker's answer. An activity's result is checked here and answered at
-        once: its commit, and the activity's redelivery if that fails, are its processor's.
-        Other answers wait until their processor has taken them (see `finish`): only it can
-        tell whether an orchestrator's actions or an entity's results hold."""
+        """Deliver a worker's answer. An item that came with a check (see `execute`) is
+        checked here and the rpc answered at once, as durabletask-go answers: the commit, and
+        the item's redelivery if that fails, are its processor's. An answer the check refuses
+        is refused to the worker (the check's error), and the item is handed out again.
+        Without a check (an entity batch), the rpc waits until the processor has committed
+        the answer (see `finish`): only the commit tells whether the results hold."""
         if pending.answered.is_set():
             raise UnknownWorkItem(f"work item '{pending.token}' was already answered")
-        if isinstance(response, pb.ActivityResponse):
-            request = pending.work_item.activityRequest
-            instance_id = request.orchestrationInstance.instanceId
-            if response.instanceId != instance_id or response.taskId != request.taskId:
+        if pending.check is not None:
+            try:
+                pending.checked = pending.check(response)
+            except BaseException:
                 pending.abandon(0.0)  # handed out again: nothing is lost
-                raise InvalidRequest(
-                    f"the completion names instance '{response.instanceId}' task "
-                    f"{response.taskId}, but its token belongs to instance '{instance_id}' "
-                    f"task {request.taskId}"
-                )
+                raise
             pending.response = response
             pending.answered.set()
             return
@@ -390,20 +410,34 @@ class Answer(Protocol):
     @property
     def response(self) -> object: ...
 
+    @property
+    def checked(self) -> object:
+        """What the check given to `execute` made of the response."""
+        ...
+
 
 class Executor(Protocol):
     """Runs work items for the processors: `execute` returns the answer, and `finish` is
     called once it is committed (or failed to commit), with the error if any."""
 
     async def execute(
-        self, work_item: pb.WorkItem, route: Route, on_its_way: trio.Event | None = None
+        self,
+        work_item: pb.WorkItem,
+        route: Route,
+        on_its_way: trio.Event | None = None,
+        check: Check | None = None,
     ) -> Answer:
         """The answer to `work_item`; `on_its_way` is set once the item is on its way to
-        whoever runs it (see `RemoteExecutor.execute`)."""
+        whoever runs it; the answer's `checked` is what `check` made of it (see
+        `RemoteExecutor.execute`)."""
         ...
 
     async def execute_step(
-        self, step: OrchestrationStep, route: Route, on_its_way: trio.Event | None = None
+        self,
+        step: OrchestrationStep,
+        route: Route,
+        on_its_way: trio.Event | None = None,
+        check: Check | None = None,
     ) -> Answer:
         """The orchestrator's answer to `step`, as `execute` answers a work item."""
         ...
@@ -433,20 +467,28 @@ class RoutingExecutor:
         return self.local is not None and self.local.accepts(route)
 
     async def execute(
-        self, work_item: pb.WorkItem, route: Route, on_its_way: trio.Event | None = None
+        self,
+        work_item: pb.WorkItem,
+        route: Route,
+        on_its_way: trio.Event | None = None,
+        check: Check | None = None,
     ) -> Answer:
         if self.runs_here(route):
             assert self.local is not None
-            return await self.local.execute(work_item, route, on_its_way)
-        return await self.remote.execute(work_item, route, on_its_way)
+            return await self.local.execute(work_item, route, on_its_way, check)
+        return await self.remote.execute(work_item, route, on_its_way, check)
 
     async def execute_step(
-        self, step: OrchestrationStep, route: Route, on_its_way: trio.Event | None = None
+        self,
+        step: OrchestrationStep,
+        route: Route,
+        on_its_way: trio.Event | None = None,
+        check: Check | None = None,
     ) -> Answer:
         if self.runs_here(route):
             assert self.local is not None
-            return await self.local.execute_step(step, route, on_its_way)
-        return await self.remote.execute_step(step, route, on_its_way)
+            return await self.local.execute_step(step, route, on_its_way, check)
+        return await self.remote.execute_step(step, route, on_its_way, check)
 
     def finish(self, answer: Answer, error: BaseException | None = None) -> None:
         if isinstance(answer, Pending):

@@ -609,6 +609,7 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
                 _step_of(state, plan),
                 self._route(item),
                 early.on_its_way if early is not None else None,
+                functools.partial(_check_step, state, plan),
             )
         except (WorkTooLarge, WorkAbandoned) as exc:
             if early is not None:
@@ -640,6 +641,8 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             raise
         answered = trio.current_time()
         self.pacing.stepped(state.instance_id, answered, answered - dispatched)
+        result = pending.checked
+        assert isinstance(result, core.StepResult)
         if early is not None:
             leased = await early.leased()
             if leased is None or not _same_work(item, leased):
@@ -651,26 +654,10 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
                 return
             # The worker ran exactly the leased item: its messages now have the store's ids.
             item = leased
-            plan = dataclasses.replace(plan, consumed=tuple(m.id for m in leased.inbox))
-        response = pending.response
-        assert isinstance(response, pb.OrchestratorResponse)
-        try:
-            if response.instanceId != state.instance_id:
-                raise InvalidRequest(
-                    f"the response names instance '{response.instanceId}', but its completion "
-                    f"token belongs to instance '{state.instance_id}'"
-                )
-            result = core.apply_response(state, plan, response, _now(), _new_id)
-        except Exception as exc:
-            self._executor.finish(pending, exc)  # a bad answer: the worker is told
-            await self._release(
-                self._store.abandon_orchestration, self._owner, state.instance_id, failed=True
-            )
-            log.info("%s: a step of %s is dropped: %s", self.name, state.instance_id, exc)
-            return
-        # The worker is done: its rpc is answered and its slot freed now, not after the
-        # commit. The instance stays leased until the commit; if the commit fails, the step
-        # runs again, so nothing is lost.
+            result = core.evolve(result, consumed=tuple(m.id for m in leased.inbox))
+        # The worker is done (its rpc was answered as it delivered the answer): its slot is
+        # freed now, not after the commit. The instance stays leased until the commit; if the
+        # commit fails, the step runs again, so nothing is lost.
         self._executor.finish(pending)
         try:
             await self._commit(
@@ -786,12 +773,16 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             return None
         dispatched = trio.current_time()
         try:
-            pending = await self._executor.execute_step(_step_of(state, plan), self._route(item))
-            response = pending.response
-            assert isinstance(response, pb.OrchestratorResponse)
-            result = core.apply_response(state, plan, response, _now(), _new_id)
+            pending = await self._executor.execute_step(
+                _step_of(state, plan),
+                self._route(item),
+                None,
+                functools.partial(_check_step, state, plan),
+            )
         except Exception:
             return None
+        result = pending.checked
+        assert isinstance(result, core.StepResult)
         self._executor.finish(pending)
         answered = trio.current_time()
         self.pacing.stepped(state.instance_id, answered, answered - dispatched)
@@ -919,7 +910,10 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
         request.orchestrationInstance.executionId.value = item.execution_id
         try:
             pending = await self._executor.execute(
-                work_item, self._route(item), early.on_its_way if early is not None else None
+                work_item,
+                self._route(item),
+                early.on_its_way if early is not None else None,
+                functools.partial(_check_activity_result, request),
             )
         except BaseException as exc:
             # Started early, the activity is touched in the store only as its step's commit
@@ -930,8 +924,8 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
             if not isinstance(exc, (WorkTooLarge, WorkAbandoned)):
                 raise
             return
-        response = pending.response
-        assert isinstance(response, pb.ActivityResponse)  # checked against the item
+        response = pending.checked
+        assert isinstance(response, pb.ActivityResponse)
         # The worker is done (its rpc was answered as it delivered the result, as
         # durabletask-go does): its slot is freed now, not after the commit. The activity
         # stays leased until the commit; if the commit fails, the activity is handed out
@@ -971,6 +965,30 @@ class ActivityProcessor(Processor[ActivityWorkItem]):
         except Exception as exc:
             _log_failure(self.name, f"the result of {self._describe(item)}", exc)
             await self._release(self._store.abandon_activity, self._owner, item, 0.0, failed=True)
+
+
+def _check_step(state: InstanceState, plan: core.Dispatch, response: object) -> core.StepResult:
+    """An orchestrator's answer to the step `plan` of `state`, as that step's result; run as
+    the worker delivers it (see `RemoteExecutor.complete`)."""
+    assert isinstance(response, pb.OrchestratorResponse)
+    if response.instanceId != state.instance_id:
+        raise InvalidRequest(
+            f"the response names instance '{response.instanceId}', but its completion token "
+            f"belongs to instance '{state.instance_id}'"
+        )
+    return core.apply_response(state, plan, response, _now(), _new_id)
+
+
+def _check_activity_result(request: pb.ActivityRequest, response: object) -> pb.ActivityResponse:
+    """A worker's result for the activity `request`, if it is that activity's."""
+    assert isinstance(response, pb.ActivityResponse)
+    instance_id = request.orchestrationInstance.instanceId
+    if response.instanceId != instance_id or response.taskId != request.taskId:
+        raise InvalidRequest(
+            f"the completion names instance '{response.instanceId}' task {response.taskId}, "
+            f"but its token belongs to instance '{instance_id}' task {request.taskId}"
+        )
+    return response
 
 
 def _same_work(ran: OrchestrationWorkItem, leased: OrchestrationWorkItem) -> bool:

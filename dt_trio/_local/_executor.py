@@ -18,7 +18,14 @@ import trio
 
 from dt_trio._core import _events as ev
 from dt_trio._core import entity_name
-from dt_trio._engine._executor import ACTIVITY, ENTITY, ORCHESTRATION, OrchestrationStep, Route
+from dt_trio._engine._executor import (
+    ACTIVITY,
+    ENTITY,
+    ORCHESTRATION,
+    Check,
+    OrchestrationStep,
+    Route,
+)
 from dt_trio._local._registry import Registry
 from dt_trio._local._replay import (
     ReplayCache,
@@ -83,6 +90,7 @@ class LocalAnswer:
     """An answer computed in this process (nobody waits for `finish`)."""
 
     response: object
+    checked: object = None
 
 
 class LocalExecutor:
@@ -105,19 +113,30 @@ class LocalExecutor:
         return route.name.lower() in self._registry.entities
 
     async def execute(
-        self, work_item: pb.WorkItem, route: Route, on_its_way: trio.Event | None = None
+        self,
+        work_item: pb.WorkItem,
+        route: Route,
+        on_its_way: trio.Event | None = None,
+        check: Check | None = None,
     ) -> LocalAnswer:
         if on_its_way is not None:
             on_its_way.set()  # it runs here and now
         assert route.kind != ORCHESTRATION, "orchestrator steps come through execute_step"
+        response: object
         if route.kind == ENTITY:
             fn = self._registry.entities[route.name.lower()]
-            return LocalAnswer(await self._entity_batch(fn, work_item.entityRequestV2))
-        request = work_item.activityRequest
-        return LocalAnswer(await self._activity(self._registry.activities[route.name], request))
+            response = await self._entity_batch(fn, work_item.entityRequestV2)
+        else:
+            request = work_item.activityRequest
+            response = await self._activity(self._registry.activities[route.name], request)
+        return _answer(response, check)
 
     async def execute_step(
-        self, step: OrchestrationStep, route: Route, on_its_way: trio.Event | None = None
+        self,
+        step: OrchestrationStep,
+        route: Route,
+        on_its_way: trio.Event | None = None,
+        check: Check | None = None,
     ) -> LocalAnswer:
         """Orchestrators replay synchronously (pure CPU), from the events as they are."""
         if on_its_way is not None:
@@ -126,7 +145,7 @@ class LocalExecutor:
         response = run_step(fn, step, self._replays)
         # A cancellation point without a turn of the loop: the commit that follows is one.
         await trio.lowlevel.checkpoint_if_cancelled()
-        return LocalAnswer(response)
+        return _answer(response, check)
 
     async def _entity_batch(self, fn: Any, request: pb.EntityRequest) -> pb.EntityBatchResult:
         """Run the batch's operations in order; each one that fails leaves the state and the
@@ -184,3 +203,8 @@ class LocalExecutor:
 
     def finish(self, answer: object, error: BaseException | None = None) -> None:
         """Nothing waits on a local answer's commit."""
+
+
+def _answer(response: object, check: Check | None) -> LocalAnswer:
+    """The answer, checked as a remote one is (a refusal here is a bug: it propagates)."""
+    return LocalAnswer(response, check(response) if check is not None else None)
