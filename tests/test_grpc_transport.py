@@ -18,7 +18,7 @@ from google.protobuf import empty_pb2
 
 from dt_trio._errors import InstanceNotFound
 from dt_trio._grpc._status import status_for
-from dt_trio._grpc._transport import serve_grpc
+from dt_trio._grpc._transport import immediate, serve_grpc
 from dt_trio._proto import orchestrator_service_grpc as stubs
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
@@ -30,6 +30,7 @@ class Probe(stubs.TaskHubSidecarServiceServicer):  # type: ignore[misc]
         self.stream_started = trio.Event()
         self.stream_cancelled = trio.Event()
         self.slow_cancelled = trio.Event()
+        self.ran_in: list[str] = []
 
     async def Hello(self, request: empty_pb2.Empty) -> empty_pb2.Empty:
         return empty_pb2.Empty()
@@ -48,6 +49,33 @@ class Probe(stubs.TaskHubSidecarServiceServicer):  # type: ignore[misc]
         response.orchestrationState.instanceId = request.instanceId
         response.orchestrationState.input.value = "x" * len(request.instanceId)
         return response
+
+    # Immediate handlers (answered in the connection's own task, without a task per call).
+    # Each records the task it ran in.
+
+    @immediate
+    async def CompleteActivityTask(self, request: pb.ActivityResponse) -> pb.CompleteTaskResponse:
+        self.ran_in.append(trio.lowlevel.current_task().name)
+        if request.completionToken == "boom":
+            raise ValueError("secret detail that must not leak")
+        if request.completionToken == "mapped":
+            raise InstanceNotFound("mapped")
+        return pb.CompleteTaskResponse()
+
+    @immediate
+    async def QueryInstances(self, request: pb.QueryInstancesRequest) -> pb.QueryInstancesResponse:
+        self.ran_in.append(trio.lowlevel.current_task().name)
+        response = pb.QueryInstancesResponse()
+        for n in range(request.query.maxInstanceCount):
+            response.orchestrationState.add(instanceId=f"{n:06d}").input.value = "x" * 1000
+        return response
+
+    @immediate
+    async def AbandonTaskActivityWorkItem(
+        self, request: pb.AbandonActivityTaskRequest
+    ) -> pb.AbandonActivityTaskResponse:
+        await trio.lowlevel.checkpoint()  # breaks the promise of `immediate`
+        return pb.AbandonActivityTaskResponse()
 
     async def GetWorkItems(self, request: pb.GetWorkItemsRequest) -> AsyncIterator[pb.WorkItem]:
         try:
@@ -148,6 +176,59 @@ async def test_dt_trio_errors_are_mapped_to_their_status(
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "'mapped'" in error.details()
+
+
+async def test_an_immediate_method_is_answered_in_the_connections_own_task(
+    server: tuple[Probe, int, trio.CancelScope],
+) -> None:
+    probe, port, _ = server
+    response = await call(
+        port, lambda s: s.CompleteActivityTask(spb.ActivityResponse(completionToken="t"))
+    )
+    assert response == spb.CompleteTaskResponse()
+    [task] = probe.ran_in
+    # not a task of the call's own (`_serve_stream`), as an ordinary method runs in
+    assert "_serve_stream" not in task and "_Connection" not in task, task
+
+
+async def test_an_immediate_methods_errors_are_answered_as_any_others(
+    server: tuple[Probe, int, trio.CancelScope],
+) -> None:
+    _, port, _ = server
+    error = await rpc_error(
+        port, lambda s: s.CompleteActivityTask(spb.ActivityResponse(completionToken="boom"))
+    )
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "ValueError" in error.details() and "secret" not in error.details()
+    error = await rpc_error(
+        port, lambda s: s.CompleteActivityTask(spb.ActivityResponse(completionToken="mapped"))
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "'mapped'" in error.details()
+    # an immediate handler that suspends is a bug: INTERNAL, and the connection serves on
+    error = await rpc_error(
+        port, lambda s: s.AbandonTaskActivityWorkItem(spb.AbandonActivityTaskRequest())
+    )
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert (await call(port, lambda s: s.Hello(empty_pb2.Empty()))) == empty_pb2.Empty()
+
+
+async def test_an_immediate_answer_larger_than_the_flow_control_window_arrives_whole(
+    server: tuple[Probe, int, trio.CancelScope],
+) -> None:
+    """The answer does not fit the client's window (64 KiB): the rest goes out from a task as
+    the client reads, and the connection serves on."""
+    _, port, _ = server
+    request = spb.QueryInstancesRequest()
+    request.query.maxInstanceCount = 1000  # about 1 MB
+
+    def twice(s: Any) -> Any:
+        return s.QueryInstances(request), s.QueryInstances(request)
+
+    # (without BDP probing, grpcio keeps the window HTTP/2 starts with)
+    for response in await call(port, twice, options=[("grpc.http2.bdp_probe", 0)]):
+        assert len(response.orchestrationState) == 1000
+        assert response.orchestrationState[999].instanceId == "000999"
+        assert response.orchestrationState[999].input.value == "x" * 1000
 
 
 async def test_deadline_cancels_the_handler_and_answers_deadline_exceeded(

@@ -319,24 +319,32 @@ class RemoteExecutor:
             )
         return pending
 
-    async def complete(self, pending: Pending, response: object) -> None:
-        """Deliver a worker's answer. An item that came with a check (see `execute`) is
-        checked here and the rpc answered at once, as durabletask-go answers: the commit, and
-        the item's redelivery if that fails, are its processor's. An answer the check refuses
-        is refused to the worker (the check's error), and the item is handed out again.
-        Without a check (an entity batch), the rpc waits until the processor has committed
-        the answer (see `finish`): only the commit tells whether the results hold."""
+    def deliver(self, pending: Pending, response: object) -> None:
+        """Deliver a worker's answer to an item that came with a check (see `execute`): the
+        answer is checked here, and the worker's rpc can be answered at once, as
+        durabletask-go answers: the commit, and the item's redelivery if that fails, are its
+        processor's. An answer the check refuses is refused to the worker (the check's error
+        propagates), and the item is handed out again."""
         if pending.answered.is_set():
             raise UnknownWorkItem(f"work item '{pending.token}' was already answered")
+        assert pending.check is not None, "an item without a check is answered by `complete`"
+        try:
+            pending.checked = pending.check(response)
+        except BaseException:
+            pending.abandon(0.0)  # handed out again: nothing is lost
+            raise
+        pending.response = response
+        pending.answered.set()
+
+    async def complete(self, pending: Pending, response: object) -> None:
+        """Deliver a worker's answer and wait until its processor has committed it (see
+        `finish`): for an item without a check (an entity batch), only the commit tells
+        whether the results hold. An item with a check is answered at once (`deliver`)."""
         if pending.check is not None:
-            try:
-                pending.checked = pending.check(response)
-            except BaseException:
-                pending.abandon(0.0)  # handed out again: nothing is lost
-                raise
-            pending.response = response
-            pending.answered.set()
+            self.deliver(pending, response)
             return
+        if pending.answered.is_set():
+            raise UnknownWorkItem(f"work item '{pending.token}' was already answered")
         pending.response = response
         pending.answered.set()
         with trio.CancelScope(shield=True):

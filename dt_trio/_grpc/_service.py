@@ -15,7 +15,9 @@ from dt_trio import _core as core
 from dt_trio._core import EntityState, InstanceState, Status
 from dt_trio._core import _events as ev
 from dt_trio._engine import HubClient, RemoteExecutor
+from dt_trio._engine._executor import Pending
 from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest
+from dt_trio._grpc._transport import immediate
 from dt_trio._proto import orchestrator_service_grpc as grpc_stubs
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Backend, EntityFilter, InstanceFilter, PageKey
@@ -161,6 +163,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
 
     # -- client rpcs -------------------------------------------------------------------------
 
+    @immediate
     async def Hello(self, request: empty_pb2.Empty) -> empty_pb2.Empty:
         return empty_pb2.Empty()
 
@@ -481,41 +484,49 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         async for item in self._executor.stream(request):
             yield item
 
+    @immediate
     async def CompleteOrchestratorTask(
         self, request: pb.OrchestratorResponse
     ) -> pb.CompleteTaskResponse:
-        await self._complete(request.completionToken, "orchestratorRequest", request)
+        pending = self._pending(request.completionToken, "orchestratorRequest")
+        self._executor.deliver(pending, request)
         return pb.CompleteTaskResponse()
 
+    @immediate
     async def CompleteActivityTask(self, request: pb.ActivityResponse) -> pb.CompleteTaskResponse:
-        await self._complete(request.completionToken, "activityRequest", request)
+        self._executor.deliver(self._pending(request.completionToken, "activityRequest"), request)
         return pb.CompleteTaskResponse()
 
     async def CompleteEntityTask(self, request: pb.EntityBatchResult) -> pb.CompleteTaskResponse:
-        await self._complete(request.completionToken, "entityRequestV2", request)
+        pending = self._pending(request.completionToken, "entityRequestV2")
+        await self._executor.complete(pending, request)
         return pb.CompleteTaskResponse()
 
-    async def _complete(self, token: str, kind: str, response: object) -> None:
+    def _pending(self, token: str, kind: str) -> Pending:
+        """The work item waiting for completion token `token`, which must be of `kind`."""
         pending = self._executor.lookup(token)
         if pending.work_item.WhichOneof("request") != kind:
             raise InvalidRequest(
                 f"completion token '{token}' belongs to an "
                 f"{pending.work_item.WhichOneof('request')} work item, not an {kind}"
             )
-        await self._executor.complete(pending, response)
+        return pending
 
+    @immediate
     async def AbandonTaskOrchestratorWorkItem(
         self, request: pb.AbandonOrchestrationTaskRequest
     ) -> pb.AbandonOrchestrationTaskResponse:
         self._abandon(request.completionToken, "orchestratorRequest")
         return pb.AbandonOrchestrationTaskResponse()
 
+    @immediate
     async def AbandonTaskActivityWorkItem(
         self, request: pb.AbandonActivityTaskRequest
     ) -> pb.AbandonActivityTaskResponse:
         self._abandon(request.completionToken, "activityRequest")
         return pb.AbandonActivityTaskResponse()
 
+    @immediate
     async def AbandonTaskEntityWorkItem(
         self, request: pb.AbandonEntityTaskRequest
     ) -> pb.AbandonEntityTaskResponse:
@@ -523,7 +534,5 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         return pb.AbandonEntityTaskResponse()
 
     def _abandon(self, token: str, kind: str) -> None:
-        pending = self._executor.lookup(token)
-        if pending.work_item.WhichOneof("request") != kind:
-            raise InvalidRequest(f"completion token '{token}' does not belong to an {kind}")
+        pending = self._pending(token, kind)
         pending.abandon(WORKER_ABANDON_DELAY_SECONDS)

@@ -17,7 +17,9 @@ method names, cardinality, message types), but its `Server` is not fit to run a 
 
 It also honours `grpc-timeout` (DEADLINE_EXCEEDED) and bounds request messages
 (RESOURCE_EXHAUSTED). Only what the Durable Task protocol uses is served: unary and
-server-streaming rpcs.
+server-streaming rpcs. A unary handler marked `immediate` (one that never waits: a worker's
+completion, say) is run in the turn that read its request, its answer queued there; every other
+call runs in a task of its own.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import ssl
 import struct
 import urllib.parse
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from google.protobuf.message import DecodeError
@@ -41,6 +43,7 @@ from purerpc.rpc import Cardinality
 from dt_trio._grpc import _http2 as http2
 
 log = logging.getLogger(__name__)
+H = TypeVar("H", bound=Callable[..., Any])
 
 StatusFor = Callable[[BaseException], "tuple[StatusCode, str] | None"]
 
@@ -73,6 +76,25 @@ class RpcError(Exception):
         self.message = message
 
 
+def immediate(handler: H) -> H:
+    """Mark a unary rpc handler that never suspends (it awaits nothing that waits): its
+    connection runs it to its end in the turn of the event loop that read its request, and
+    queues the answer there, instead of starting a task for the call and answering in a later
+    turn. One that suspends all the same is a bug: its call fails with INTERNAL."""
+    handler._dt_trio_immediate = True  # type: ignore[attr-defined]
+    return handler
+
+
+def _run_to_end(coro: Coroutine[Any, Any, Any]) -> Any:
+    """What an immediate handler's coroutine returns, run without the event loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("an rpc handler marked immediate suspended")
+
+
 @dataclass
 class RequestInfo:
     """What a handler may learn about its call (passed as `request=` to 2-argument methods)."""
@@ -92,6 +114,8 @@ class _Stream:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     reset: bool = False
     too_large: bool = False
+    # Its method is immediate: answered as its request ends, by the read loop (no task).
+    inline: bool = False
     # Response headers went out: the status must follow as trailers, never as a second header
     # block with pseudo-headers.
     headers_sent: bool = False
@@ -126,6 +150,7 @@ class _Connection:
         self,
         transport: trio.abc.Stream,
         methods: dict[str, Any],
+        immediate: frozenset[str],
         status_for: StatusFor,
         max_message_bytes: int,
         token: str | None,
@@ -133,6 +158,7 @@ class _Connection:
         self._transport = transport
         self._expected_authorization = f"Bearer {token}".encode() if token else None
         self._methods = methods
+        self._immediate = immediate  # the paths of immediate unary methods
         self._status_for = status_for
         self._max_message_bytes = max_message_bytes
         self._http = http2.ServerConnection()
@@ -186,12 +212,19 @@ class _Connection:
                     found.buffer += event.data
                     if event.end_stream:
                         found.ended.set()
+                if found.inline and found.ended.is_set():
+                    self._answer_inline(found, nursery)
         elif isinstance(event, http2.Request):
             stream = _Stream(event.stream_id, event.headers)
+            self._streams[event.stream_id] = stream
             if event.end_stream:
                 stream.ended.set()
-            self._streams[event.stream_id] = stream
-            nursery.start_soon(self._serve_stream, stream)
+            if event.headers.get(":path") in self._immediate:
+                stream.inline = True
+                if event.end_stream:
+                    self._answer_inline(stream, nursery)
+            else:
+                nursery.start_soon(self._serve_stream, stream)
         elif isinstance(event, http2.WindowOpened):
             self._wake_senders()
         elif isinstance(event, http2.Reset):
@@ -256,25 +289,71 @@ class _Connection:
             with stream.scope:
                 try:
                     await self._call(stream, path)
-                except RpcError as exc:
-                    code, message = exc.code, exc.message
                 except Exception as exc:  # a handler's error: answer it, keep serving
-                    mapped = self._status_for(exc)
-                    if mapped is None:
-                        log.exception("unexpected error in %s", path)
-                        code = StatusCode.INTERNAL
-                        message = f"internal error in {path}: {type(exc).__name__}"
-                    else:
-                        code, message = mapped
+                    code, message = self._status_of(exc, path)
             if stream.reset:
                 return
             await self._finish(stream, code, message)
         finally:
             self._streams.pop(stream.stream_id, None)
 
+    def _answer_inline(self, stream: _Stream, nursery: trio.Nursery) -> None:
+        """Answer a whole request for an immediate method now, in the read loop's turn (see
+        `immediate`); the read loop's flush sends the answer with whatever else it read."""
+        path = stream.headers[":path"]
+        try:
+            method, decode, info = self._prepare(stream.headers, path)
+            request = self._parse(
+                path, method.signature.request_type, self._one_message(stream, decode)
+            )
+            response = _run_to_end(method.method_fn(request, request=info))
+        except Exception as exc:
+            self._streams.pop(stream.stream_id, None)
+            self._queue_trailers(stream, *self._status_of(exc, path))
+            return
+        rest = self._queue_message(stream, response)
+        if rest:
+            # No room in the flow-control windows for all of it yet: a task sends the rest
+            # as they open (the stream stays registered, so a reset reaches it).
+            nursery.start_soon(self._send_rest_and_finish, stream, rest)
+            return
+        self._streams.pop(stream.stream_id, None)
+        self._queue_trailers(stream, StatusCode.OK, "")
+
+    async def _send_rest_and_finish(self, stream: _Stream, rest: memoryview) -> None:
+        try:
+            with stream.scope:
+                await self._send_rest(stream, rest)
+            if not stream.reset:
+                await self._finish(stream, StatusCode.OK, "")
+        finally:
+            self._streams.pop(stream.stream_id, None)
+
+    def _status_of(self, exc: Exception, path: str) -> tuple[StatusCode, str]:
+        """The status that answers a call whose handler raised `exc`."""
+        if isinstance(exc, RpcError):
+            return exc.code, exc.message
+        mapped = self._status_for(exc)
+        if mapped is None:
+            log.error("unexpected error in %s", path, exc_info=exc)
+            return StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}"
+        return mapped
+
     async def _call(self, stream: _Stream, path: str) -> None:
         """Run the handler, sending its responses."""
-        headers = stream.headers
+        method, decode, info = self._prepare(stream.headers, path)
+        if info.timeout is None:  # no cancel scope of its own: most calls come without a deadline
+            await self._run_method(stream, path, method, decode, info)
+            return
+        with trio.move_on_after(info.timeout):
+            await self._run_method(stream, path, method, decode, info)
+            return
+        raise RpcError(StatusCode.DEADLINE_EXCEEDED, f"{path}: deadline exceeded")
+
+    def _prepare(
+        self, headers: dict[str, str], path: str
+    ) -> tuple[Any, Callable[[bytes], bytes], RequestInfo]:
+        """The call's method, request decoder and `RequestInfo`; RpcError if it cannot run."""
         if self._expected_authorization is not None:
             given = headers.get("authorization", "").encode()
             # compare_digest: the time taken does not tell how much of the token matched
@@ -306,13 +385,7 @@ class _Connection:
             timeout,
             [(k, v) for k, v in headers.items() if not k.startswith(":")],
         )
-        if timeout is None:  # no cancel scope of its own: most calls come without a deadline
-            await self._run_method(stream, path, method, decode, info)
-            return
-        with trio.move_on_after(timeout):
-            await self._run_method(stream, path, method, decode, info)
-            return
-        raise RpcError(StatusCode.DEADLINE_EXCEEDED, f"{path}: deadline exceeded")
+        return method, decode, info
 
     async def _run_method(
         self,
@@ -380,29 +453,43 @@ class _Connection:
     async def _send_message(self, stream: _Stream, message: Any, *, flush: bool = True) -> None:
         """Queue a response message; `flush=False` leaves it to go out with the trailers (one
         write per unary response instead of two)."""
+        if stream.reset:
+            await trio.lowlevel.checkpoint()  # the stream's scope is cancelled: raise here
+        await self._send_rest(stream, self._queue_message(stream, message))
+        if flush:
+            await self._flush()
+
+    def _queue_message(self, stream: _Stream, message: Any) -> memoryview:
+        """Queue as much of a response message as the flow-control windows take; returns the
+        rest."""
         if not stream.headers_sent:
             stream.headers_sent = True
             self._http.send_headers(stream.stream_id, _RESPONSE_BLOCK)
         body = message.SerializeToString()
         data = memoryview(_MESSAGE_PREFIX.pack(False, len(body)) + body)
+        return data[self._http.send_data(stream.stream_id, data) :]
+
+    async def _send_rest(self, stream: _Stream, data: memoryview) -> None:
+        """Queue the rest of a message as the peer opens the flow-control windows."""
         while data:
+            await self._flush()  # what is queued goes out; the peer opens windows as it reads
             if stream.reset:
                 await trio.lowlevel.checkpoint()  # the stream's scope is cancelled: raise here
             taken = self._http.send_data(stream.stream_id, data)
             if not taken:
                 await self._window_changed.wait()
-                continue
             data = data[taken:]
-            if flush or data:
-                await self._flush()
 
-    async def _finish(self, stream: _Stream, code: StatusCode, message: str) -> None:
+    def _queue_trailers(self, stream: _Stream, code: StatusCode, message: str) -> None:
         trailers = [("grpc-status", str(code.value))]
         if message:
             trailers.append(("grpc-message", _status_message(message)))
         if not stream.headers_sent:  # trailers-only response
             trailers = [*_RESPONSE_HEADERS[:2], *trailers]
         self._http.send_headers(stream.stream_id, http2.encode_headers(trailers), end_stream=True)
+
+    async def _finish(self, stream: _Stream, code: StatusCode, message: str) -> None:
+        self._queue_trailers(stream, code, message)
         await self._flush()
 
 
@@ -426,10 +513,17 @@ async def serve_grpc(
     every handler and closes every connection.
     """
     methods: dict[str, Any] = {}
+    immediate: set[str] = set()
     for servicer in servicers:
         service = servicer.service
         for name, method in service.methods.items():
-            methods[f"/{service.name}/{name}"] = method
+            path = f"/{service.name}/{name}"
+            methods[path] = method
+            # (purerpc wraps the handler: the mark is on the servicer's own method)
+            if method.signature.cardinality == Cardinality.UNARY_UNARY and getattr(
+                getattr(servicer, name, None), "_dt_trio_immediate", False
+            ):
+                immediate.add(path)
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
@@ -451,7 +545,9 @@ async def serve_grpc(
                         await stream.do_handshake()
                     if stream.selected_alpn_protocol() != "h2":  # also a timed-out handshake
                         return
-                connection = _Connection(stream, methods, status_for, max_message_bytes, token)
+                connection = _Connection(
+                    stream, methods, frozenset(immediate), status_for, max_message_bytes, token
+                )
                 await connection.run()
             except trio.BrokenResourceError:
                 pass  # e.g. a client that does not speak TLS
