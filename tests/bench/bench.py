@@ -5,9 +5,10 @@
 Both servers run in their own process; this process runs the official Python SDK's worker and
 client against each in turn and prints one table with the ratio dt-trio / reference. dt-trio
 runs on an sqlite file in WAL mode (durable); the reference keeps everything in memory. The
-servers take turns for N rounds (3 by default; each round the other one goes first) and the
-table gives the medians, with each round's ratio beside them: on a shared machine one run of
-each can be 20% off either way.
+servers take turns for N rounds (5 by default; each round the other one goes first, after a
+round of each that warms this process up and is not counted) and the table gives the medians,
+with each round's ratio beside them: on a shared machine one run of each can be 20% off either
+way.
 
 Then the same hello-cities and fan-out workloads run through dt-trio's local Python API (no
 gRPC: orchestrations and activities in the hub's own process, on an sqlite file; each round in
@@ -362,6 +363,11 @@ def main() -> int:
         return 0
     # A shared machine drifts: the servers take turns, each round the other goes first, and
     # each figure is the median of the rounds; the ratio of each round shows the spread.
+    # The first runs in this process are slower for the SDK worker and client that run here
+    # (the first 1,000-activity fan-out of the process, say): whichever server went first
+    # paid for it. A round of each, not counted, warms them up.
+    for kind in ("dt-trio", "reference"):
+        run(kind, args.quick)
     rounds: list[dict[str, dict[str, dict[str, float]]]] = []
     for i in range(args.rounds):
         order = ("dt-trio", "reference") if i % 2 == 0 else ("reference", "dt-trio")
