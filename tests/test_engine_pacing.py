@@ -3,10 +3,14 @@ for more results, at most as long as its last step kept the worker busy."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from _harness import run_beside
 
 from dt_trio._core import Status
@@ -53,40 +57,49 @@ def test_what_is_remembered_is_bounded() -> None:
     ]
 
 
-async def test_a_hold_ends_once_every_result_is_in() -> None:
+def test_a_watch_counts_results_from_its_start_and_is_done_once_the_missing_are_in() -> None:
     pacing = Pacing()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pacing.hold, "a", trio.current_time() + 60, 2)
-            await trio.testing.wait_all_tasks_blocked()
-            pacing.delivered("a")
-            pacing.delivered("other")
-            await trio.testing.wait_all_tasks_blocked()
-            assert nursery.child_tasks  # one result still missing
-            pacing.delivered("a")
+    pacing.delivered("a")  # not watched: nothing counts it
+    with pacing.watch("a") as watch:
+        pacing.delivered("a")  # counted before the step knows how many it waits for
+        pacing.delivered("other")
+        watch.expect(2)
+        assert not watch.done.is_set()  # one result still missing
+        pacing.delivered("a")
+        assert watch.done.is_set()
+    with pacing.watch("a") as watch:
+        watch.expect(0)
+        assert watch.done.is_set()
 
 
-@pytest.fixture(params=["paced", "unpaced"])
-async def hub(
-    request: pytest.FixtureRequest,
-) -> AsyncIterator[tuple[SqliteBackend, RemoteExecutor, HubClient, str]]:
+@contextlib.asynccontextmanager
+async def open_hub(
+    pacing: Pacing,
+) -> AsyncIterator[tuple[SqliteBackend, RemoteExecutor, HubClient]]:
     signals = Signals()
     store = SqliteBackend("", listener=signals)
     await store.open()
     executor = RemoteExecutor()
     orchestrations = OrchestrationProcessor(store, executor, signals, owner="me")
-    if request.param == "unpaced":
-        orchestrations.pacing = Pacing(max_hold=0.0)
+    orchestrations.pacing = pacing
     activities = ActivityProcessor(store, executor, signals, owner="me")
     link(orchestrations, activities)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(orchestrations.run)
             await nursery.start(activities.run)
-            yield store, executor, HubClient(store, signals, orchestrations), request.param
+            yield store, executor, HubClient(store, signals, orchestrations)
             nursery.cancel_scope.cancel()
     finally:
         await store.close()
+
+
+@pytest.fixture(params=["paced", "unpaced"])
+async def hub(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[SqliteBackend, RemoteExecutor, HubClient, str]]:
+    async with open_hub(Pacing(max_hold=0.0 if request.param == "unpaced" else 1.0)) as hub:
+        yield (*hub, request.param)
 
 
 def answer(request: pb.OrchestratorRequest) -> pb.OrchestratorResponse:
@@ -148,3 +161,50 @@ async def test_results_that_arrive_while_a_step_would_replay_are_taken_together(
     else:
         assert len(steps) > 3, steps
     assert await store.verify_cache() == []
+
+
+class LongHolds(Pacing):
+    """Every step may hold a minute: a hold that misses a result is seen to wait."""
+
+    def __init__(self) -> None:
+        super().__init__(max_hold=60.0)
+
+    def stepped(self, instance_id: str, answered: float, took: float) -> None:
+        super().stepped(instance_id, answered, 60.0)
+
+
+async def test_results_committed_with_the_lease_that_starts_a_hold_are_not_missed() -> None:
+    """All the results of a fan-out are committed in one transaction, the first of them
+    leasing the instance for its next step, which holds for the rest: they are all in
+    already, so the step goes out at once (not a minute later, when its hold runs out)."""
+    async with open_hub(LongHolds()) as (store, executor, client):
+        steps: list[int] = []  # results new to each step
+        results: list[tuple[Any, pb.ActivityResponse]] = []
+        gate = threading.Event()
+
+        async def worker(nursery: trio.Nursery) -> None:
+            async for item in executor.stream(pb.GetWorkItemsRequest()):
+                pending = executor.lookup(item.completionToken)
+                if item.HasField("orchestratorRequest"):
+                    request = item.orchestratorRequest
+                    steps.append(sum(e.HasField("taskCompleted") for e in request.newEvents))
+                    await executor.complete(pending, answer(request))
+                    continue
+                request = item.activityRequest
+                instance_id = request.orchestrationInstance.instanceId
+                results.append(
+                    (pending, pb.ActivityResponse(instanceId=instance_id, taskId=request.taskId))
+                )
+                if len(results) == FAN:
+                    # The store's writer is held while every result is delivered, so that
+                    # their commits wait, then run together.
+                    nursery.start_soon(store._run_write, lambda _: gate.wait(10))
+                    await trio.testing.wait_all_tasks_blocked()
+                    for answered, response in results:
+                        executor.deliver(answered, response)
+                    await trio.testing.wait_all_tasks_blocked()
+                    gate.set()
+
+        state = await run_beside(client, "fan", worker)
+    assert state.status == Status.COMPLETED
+    assert steps == [0, FAN]

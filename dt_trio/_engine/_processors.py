@@ -8,12 +8,13 @@ while it has capacity; when the store has nothing visible it sleeps until a comm
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
@@ -455,31 +456,42 @@ class Pacing:
             return None
         return last[0] + last[1]
 
-    async def hold(self, instance_id: str, until: float, running: int) -> None:
-        """Wait until `until` or until `running` more results were delivered."""
-        hold = _Hold(running)
-        self._holds[instance_id] = hold
+    @contextlib.contextmanager
+    def watch(self, instance_id: str) -> Iterator[_Hold]:
+        """Count the instance's activity results delivered from now on (see `_Hold`)."""
+        hold = self._holds[instance_id] = _Hold()
         try:
-            with trio.move_on_at(until):
-                await hold.done.wait()
+            yield hold
         finally:
-            self._holds.pop(instance_id, None)
+            if self._holds.get(instance_id) is hold:
+                del self._holds[instance_id]
 
     def delivered(self, instance_id: str) -> None:
         """An activity result for the instance was committed."""
         hold = self._holds.get(instance_id)
         if hold is not None:
-            hold.missing -= 1
-            if hold.missing <= 0:
-                hold.done.set()
+            hold.seen += 1
+            hold.check()
 
 
 @dataclasses.dataclass
 class _Hold:
-    """A step waiting for `missing` more activity results (see `Pacing.hold`)."""
+    """The activity results of an instance delivered since it was being watched (`seen`),
+    and how many its step waits for (`missing`, once known): `done` once they are in. A
+    result committed before the watch began but counted by it makes `done` early, never
+    late: the store has the last word (see `OrchestrationProcessor._coalesce`)."""
 
-    missing: int
+    seen: int = 0
+    missing: int | None = None
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+    def expect(self, missing: int) -> None:
+        self.missing = missing
+        self.check()
+
+    def check(self) -> None:
+        if self.missing is not None and self.seen >= self.missing:
+            self.done.set()
 
 
 class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
@@ -531,28 +543,37 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
             return None  # it is leased with the delivery and waits there (see `_coalesce`)
         return item
 
-    def _holds_for(self, item: OrchestrationWorkItem) -> tuple[float, int] | None:
-        """Until when the step of `item` waits for more activity results, and for how many
-        at most, if it does."""
+    def _holds_for(self, item: OrchestrationWorkItem) -> float | None:
+        """Until when the step of `item` waits for more activity results, if it does."""
         until = self.pacing.hold_until(item.state.instance_id, trio.current_time())
-        if until is None:
+        if until is None or not _running(item.history, item.inbox):
             return None
-        events = itertools.chain(item.history, (m.event for m in item.inbox))
-        running = core.running_activities(events)
-        return (until, running) if running else None
+        return until
 
     async def _coalesce(self, item: OrchestrationWorkItem) -> OrchestrationWorkItem:
         """The leased `item`, after waiting for more activity results if it should (see
-        `Pacing`), with every message its inbox has by then."""
-        hold = self._holds_for(item)
-        if hold is None:
+        `Pacing`), with every message its inbox has by then.
+
+        Results are counted as their deliveries are committed, from before a read of the
+        inbox: one delivered meanwhile is never missed (it is in the read or counted after
+        it), and one counted twice only ends the wait early, to read again."""
+        until = self._holds_for(item)
+        if until is None:
             return item
         instance_id = item.state.instance_id
+        inbox = item.inbox
         try:
-            await self.pacing.hold(instance_id, *hold)
-            inbox = await self._store.read_inbox(self._owner, instance_id, _now())
+            while True:
+                with self.pacing.watch(instance_id) as watch:
+                    inbox = await self._store.read_inbox(self._owner, instance_id, _now())
+                    running = _running(item.history, inbox)
+                    if not running or trio.current_time() >= until:
+                        break
+                    watch.expect(running)
+                    with trio.move_on_at(until):
+                        await watch.done.wait()
         except StoreUnavailable:
-            return item  # what arrived meanwhile waits for the next step
+            pass  # what arrived meanwhile waits for the next step
         except BaseException:
             await self._release(self._store.abandon_orchestration, self._owner, instance_id)
             raise
@@ -989,6 +1010,11 @@ def _check_activity_result(request: pb.ActivityRequest, response: object) -> pb.
             f"but its token belongs to instance '{instance_id}' task {request.taskId}"
         )
     return response
+
+
+def _running(history: Sequence[pb.HistoryEvent], inbox: Sequence[InboxMessage]) -> int:
+    """How many of the activities in `history` have no result yet, in it or in `inbox`."""
+    return core.running_activities(itertools.chain(history, (m.event for m in inbox)))
 
 
 def _same_work(ran: OrchestrationWorkItem, leased: OrchestrationWorkItem) -> bool:
