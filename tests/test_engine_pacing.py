@@ -102,6 +102,16 @@ async def hub(
         yield (*hub, request.param)
 
 
+def new_results(request: pb.OrchestratorRequest) -> int:
+    """How many activity results a step is the first to see."""
+    return sum(e.HasField("taskCompleted") for e in request.newEvents)
+
+
+def result_of(request: pb.ActivityRequest) -> pb.ActivityResponse:
+    instance_id = request.orchestrationInstance.instanceId
+    return pb.ActivityResponse(instanceId=instance_id, taskId=request.taskId)
+
+
 def answer(request: pb.OrchestratorRequest) -> pb.OrchestratorResponse:
     """Fan out to FAN activities, complete once all are in (new actions only, as an SDK)."""
     response = pb.OrchestratorResponse(instanceId=request.instanceId)
@@ -134,7 +144,7 @@ async def test_results_that_arrive_while_a_step_would_replay_are_taken_together(
             pending = executor.lookup(item.completionToken)
             if item.HasField("orchestratorRequest"):
                 request = item.orchestratorRequest
-                steps.append(sum(e.HasField("taskCompleted") for e in request.newEvents))
+                steps.append(new_results(request))
                 if steps[-1] == 1 and len(steps) == 2:
                     # The step with the first result keeps the worker busy (a long replay).
                     await trio.sleep(SLOW_STEP)
@@ -142,9 +152,7 @@ async def test_results_that_arrive_while_a_step_would_replay_are_taken_together(
                 await executor.complete(pending, answer(request))
             else:
                 request = item.activityRequest
-                response = pb.ActivityResponse(
-                    instanceId=request.orchestrationInstance.instanceId, taskId=request.taskId
-                )
+                response = result_of(request)
                 if request.taskId == 0:
                     await executor.complete(pending, response)
                 else:
@@ -187,14 +195,10 @@ async def test_results_committed_with_the_lease_that_starts_a_hold_are_not_misse
                 pending = executor.lookup(item.completionToken)
                 if item.HasField("orchestratorRequest"):
                     request = item.orchestratorRequest
-                    steps.append(sum(e.HasField("taskCompleted") for e in request.newEvents))
+                    steps.append(new_results(request))
                     await executor.complete(pending, answer(request))
                     continue
-                request = item.activityRequest
-                instance_id = request.orchestrationInstance.instanceId
-                results.append(
-                    (pending, pb.ActivityResponse(instanceId=instance_id, taskId=request.taskId))
-                )
+                results.append((pending, result_of(item.activityRequest)))
                 if len(results) == FAN:
                     # The store's writer is held while every result is delivered, so that
                     # their commits wait, then run together.
