@@ -154,8 +154,8 @@ async def test_unknown_method_is_unimplemented_with_its_name(
     assert "/TaskHubSidecarService/NoSuchRpc" in error.details()
 
 
-# Each Probe handler that fails raises what its argument names; an ordinary one and one
-# marked immediate.
+# An ordinary Probe handler and one marked immediate, called with an argument that names what
+# they raise ("boom", "mapped"; anything else succeeds).
 FAILING = {
     "ordinary": lambda s, key: s.GetInstance(spb.GetInstanceRequest(instanceId=key)),
     "immediate": lambda s, key: s.CompleteActivityTask(spb.ActivityResponse(completionToken=key)),
@@ -320,14 +320,15 @@ async def test_compressed_requests_are_decompressed(
     assert response.orchestrationState.instanceId == "zipped" * 20
 
 
+@pytest.mark.parametrize("handler", FAILING)
 async def test_an_oversized_message_is_resource_exhausted_and_the_connection_survives(
-    server: tuple[Probe, int, trio.CancelScope],
+    server: tuple[Probe, int, trio.CancelScope], handler: str
 ) -> None:
     _, port, _ = server
 
     def big_then_small(stub: sgrpc.TaskHubSidecarServiceStub) -> tuple[grpc.StatusCode, Any]:
         try:
-            stub.GetInstance(spb.GetInstanceRequest(instanceId="y" * 5000))
+            FAILING[handler](stub, "y" * 5000)
         except grpc.RpcError as exc:
             code = exc.code()
         return code, stub.Hello(empty_pb2.Empty())
