@@ -22,7 +22,7 @@ from dt_trio._engine import (
     Signals,
 )
 from dt_trio._engine._executor import ACTIVITY, Route
-from dt_trio._engine._processors import Parking
+from dt_trio._engine._processors import EARLY_FIRST, Parking
 from dt_trio._errors import StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import ActivityWorkItem, Handed, OrchestrationWorkItem, SqliteBackend
@@ -332,3 +332,47 @@ async def test_results_arriving_together_start_one_step_not_one_per_result(
     # only for another result's delivery to lease the instance first (its answer dropped,
     # a whole replay of the history wasted on the worker).
     assert steps_run == sum(e.HasField("orchestratorStarted") for e in history)
+
+
+async def test_a_fan_outs_first_activities_reach_the_worker_before_the_rest_are_started(
+    hub: tuple[GatedStore, RemoteExecutor, HubClient],
+) -> None:
+    """A step that schedules many activities sends the first few on their own: the worker
+    gets its first activity before the rest have even been handed to the executor (building
+    them all first kept the worker waiting 20 ms for 256)."""
+    store, executor, client = hub
+    fan = EARLY_FIRST * 3
+    started_at_first: list[int] = []  # activities the executor held when the first went out
+
+    def fan_out(request: pb.OrchestratorRequest) -> pb.OrchestratorResponse:
+        response = pb.OrchestratorResponse(instanceId=request.instanceId)
+        events = [*request.pastEvents, *request.newEvents]
+        if not any(e.HasField("taskScheduled") for e in events):
+            for i in range(fan):
+                response.actions.add(id=i).scheduleTask.name = "act"
+        elif sum(e.HasField("taskCompleted") for e in events) == fan:
+            done = response.actions.add(id=fan).completeOrchestration
+            done.orchestrationStatus = pb.ORCHESTRATION_STATUS_COMPLETED
+        return response
+
+    async def worker(nursery: trio.Nursery) -> None:
+        async for item in executor.stream(pb.GetWorkItemsRequest()):
+            pending = executor.lookup(item.completionToken)
+            if item.HasField("orchestratorRequest"):
+                response: Any = fan_out(item.orchestratorRequest)
+            else:
+                if not started_at_first:
+                    kinds = [p.route.kind for p in executor._pending.values()]
+                    started_at_first.append(kinds.count(ACTIVITY))
+                request = item.activityRequest
+                response = pb.ActivityResponse(
+                    instanceId=request.orchestrationInstance.instanceId, taskId=request.taskId
+                )
+            nursery.start_soon(executor.complete, pending, response)
+
+    state = await run_beside(client, "fan", worker)
+    assert state.status == Status.COMPLETED
+    assert started_at_first == [EARLY_FIRST]
+    history = await store.get_history(state.instance_id)
+    assert sum(e.HasField("taskCompleted") for e in history) == fan
+    assert await store.verify_cache() == []
