@@ -189,6 +189,22 @@ async def running_processors(store: Any, executor: Any) -> AsyncIterator[Any]:
         await store.close()
 
 
+def fan_out_answer(request: Any, fan: int) -> Any:
+    """A test orchestrator's answer to the step `request`: fan out to `fan` activities 'act',
+    complete once all their results are in (only the new actions, as an SDK answers)."""
+    from dt_trio._proto import orchestrator_service_pb2 as pb
+
+    response = pb.OrchestratorResponse(instanceId=request.instanceId)
+    events = [*request.pastEvents, *request.newEvents]
+    if not any(e.HasField("taskScheduled") for e in events):
+        for i in range(fan):
+            response.actions.add(id=i).scheduleTask.name = "act"
+    elif sum(e.HasField("taskCompleted") for e in events) == fan:
+        done = response.actions.add(id=fan).completeOrchestration
+        done.orchestrationStatus = pb.ORCHESTRATION_STATUS_COMPLETED
+    return response
+
+
 async def run_beside(client: Any, name: str, *tasks: Callable[[Any], Awaitable[None]]) -> Any:
     """Start orchestration `name` through the HubClient `client` with `tasks` (test workers,
     each given the nursery for tasks of its own) running beside it, started and waiting

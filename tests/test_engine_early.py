@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from _harness import run_beside, running_processors
+from _harness import fan_out_answer, run_beside, running_processors
 
 from dt_trio._core import InstanceState, Status, StepResult
 from dt_trio._core import _events as ev
@@ -344,22 +344,11 @@ async def test_a_fan_outs_first_activities_reach_the_worker_before_the_rest_are_
     fan = EARLY_FIRST * 3
     started_at_first: list[int] = []  # activities the executor held when the first went out
 
-    def fan_out(request: pb.OrchestratorRequest) -> pb.OrchestratorResponse:
-        response = pb.OrchestratorResponse(instanceId=request.instanceId)
-        events = [*request.pastEvents, *request.newEvents]
-        if not any(e.HasField("taskScheduled") for e in events):
-            for i in range(fan):
-                response.actions.add(id=i).scheduleTask.name = "act"
-        elif sum(e.HasField("taskCompleted") for e in events) == fan:
-            done = response.actions.add(id=fan).completeOrchestration
-            done.orchestrationStatus = pb.ORCHESTRATION_STATUS_COMPLETED
-        return response
-
     async def worker(nursery: trio.Nursery) -> None:
         async for item in executor.stream(pb.GetWorkItemsRequest()):
             pending = executor.lookup(item.completionToken)
             if item.HasField("orchestratorRequest"):
-                response: Any = fan_out(item.orchestratorRequest)
+                response: Any = fan_out_answer(item.orchestratorRequest, fan)
             else:
                 if not started_at_first:
                     kinds = [p.route.kind for p in executor._pending.values()]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from _harness import run_beside
+from _harness import fan_out_answer, run_beside
 
 from dt_trio._core import Status
 from dt_trio._engine import (
@@ -112,19 +112,6 @@ def result_of(request: pb.ActivityRequest) -> pb.ActivityResponse:
     return pb.ActivityResponse(instanceId=instance_id, taskId=request.taskId)
 
 
-def answer(request: pb.OrchestratorRequest) -> pb.OrchestratorResponse:
-    """Fan out to FAN activities, complete once all are in (new actions only, as an SDK)."""
-    response = pb.OrchestratorResponse(instanceId=request.instanceId)
-    events = [*request.pastEvents, *request.newEvents]
-    if not any(e.HasField("taskScheduled") for e in events):
-        for i in range(FAN):
-            response.actions.add(id=i).scheduleTask.name = "act"
-    elif sum(e.HasField("taskCompleted") for e in events) == FAN:
-        done = response.actions.add(id=FAN).completeOrchestration
-        done.orchestrationStatus = pb.ORCHESTRATION_STATUS_COMPLETED
-    return response
-
-
 async def test_results_that_arrive_while_a_step_would_replay_are_taken_together(
     hub: tuple[SqliteBackend, RemoteExecutor, HubClient, str],
 ) -> None:
@@ -149,7 +136,7 @@ async def test_results_that_arrive_while_a_step_would_replay_are_taken_together(
                     # The step with the first result keeps the worker busy (a long replay).
                     await trio.sleep(SLOW_STEP)
                     first_result_answered.set()
-                await executor.complete(pending, answer(request))
+                await executor.complete(pending, fan_out_answer(request, FAN))
             else:
                 request = item.activityRequest
                 response = result_of(request)
@@ -196,7 +183,7 @@ async def test_results_committed_with_the_lease_that_starts_a_hold_are_not_misse
                 if item.HasField("orchestratorRequest"):
                     request = item.orchestratorRequest
                     steps.append(new_results(request))
-                    await executor.complete(pending, answer(request))
+                    await executor.complete(pending, fan_out_answer(request, FAN))
                     continue
                 results.append((pending, result_of(item.activityRequest)))
                 if len(results) == FAN:
