@@ -745,7 +745,7 @@ class OrchestrationProcessor(Processor[OrchestrationWorkItem]):
         finally:
             if helper is not None:
                 helper.settle_early(sent, handed or [])  # none if the commit failed
-                helper.unreserve(len(items) - len(sent))  # not started (the commit failed)
+                helper.unreserve(len(items) - len(sent))  # never started (what came before failed)
         if handed is None:
             return
         state = item.state
