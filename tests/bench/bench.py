@@ -398,12 +398,12 @@ def main() -> int:
     print(f"medians of {args.rounds} rounds; ratios are to the reference")
     print(
         f"{'workload':<24} {'metric':<22} {'dt-trio':>10} {'reference':>10} {'no-op':>10} "
-        f"{'ratio':>7} {'no-op':>7}  round ratios"
+        f"{'dt-trio/ref':>11} {'no-op/ref':>9}  dt-trio/ref by round"
     )
     for workload, metric, ours, ref, noop, ratio, noop_ratio, spread in rows:
         print(
             f"{workload:<24} {metric:<22} {ours:>10.1f} {ref:>10.1f} {noop:>10.1f} "
-            f"{ratio:>7.2f} {noop_ratio:>7.2f}  {' '.join(f'{x:.2f}' for x in spread)}"
+            f"{ratio:>11.2f} {noop_ratio:>9.2f}  {' '.join(f'{x:.2f}' for x in spread)}"
         )
     local_rounds = [local_round(args.quick) for _ in range(args.rounds)]
     local_results = medians(local_rounds)
