@@ -5,10 +5,10 @@
 Both servers run in their own process; this process runs the official Python SDK's worker and
 client against each in turn and prints one table with the ratio dt-trio / reference. dt-trio
 runs on an sqlite file in WAL mode (durable); the reference keeps everything in memory. A
-third server, the no-op (noop.py), stores nothing and does next to nothing: where the SDK
-worker is the bottleneck (the fan-out), what it does against the no-op is about the most any
-server could get out of it here, and the no-op's ratio to the reference about the most any
-server could lead the reference by. The servers take turns for N rounds (5 by
+third server, the no-op (noop.py), stores nothing and does next to nothing: what the SDK
+worker does against it shows what a server costing nothing gets out of that worker. Where the
+worker is the bottleneck (the fan-out), no server gets much more: the no-op's ratio to the
+reference is about as far as any server could lead it. The servers take turns for N rounds (5 by
 default; each round another one goes first, after a round of each that warms this process up
 and is not counted) and the table gives the medians, with each round's ratio of dt-trio to the
 reference beside them: on a shared machine one run of each can be 20% off either way.

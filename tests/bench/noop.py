@@ -6,10 +6,10 @@ does most of the work of a fan-out: every activity and every replay goes through
 and its event loop. This server hands work out the moment it exists (grpcio, like the
 reference), keeps instances in a dict, and steps an orchestration only once every activity it
 waits for is in, so the worker replays each history as few times as possible. Where the
-worker is the bottleneck, what the bench measures against it is about the most any server
-can get out of that worker. It is no server otherwise: it knows only what the bench's
-orchestrations do (schedule activities, complete), keeps nothing, and would stall an
-orchestration that waits for any one of its activities.
+worker is the bottleneck, no server gets much more out of it than this one does. It is no
+server otherwise: it knows only what the bench's orchestrations do (schedule activities,
+complete), keeps nothing, and would stall an orchestration that waits for any one of its
+activities.
 
     python tests/bench/noop.py --port 4001
 """
