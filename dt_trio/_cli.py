@@ -33,6 +33,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dt-trio",
         description="Durable Task sidecar: serves TaskHubSidecarService over gRPC on sqlite.",
+        epilog="To operate a running sidecar: dt-trio instances --help, dt-trio entities --help.",
     )
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)"
