@@ -277,6 +277,41 @@ async def test_activity_results_reach_only_the_execution_that_scheduled_them(
     assert [ev.kind(m.event) for m in step.inbox] == ["taskCompleted"]
 
 
+async def test_the_step_that_ends_an_execution_drops_the_activities_it_waited_for(
+    store: SqliteBackend,
+) -> None:
+    def activity(task_id: int) -> ActivityTask:
+        scheduled = ev.new_event(now(), task_id)
+        scheduled.taskScheduled.name = f"act{task_id}"
+        return ActivityTask("i1", "e0", scheduled)
+
+    await create(store, new_state())
+    item = await lease_one(store, "me")
+    assert item is not None
+    running = dataclasses.replace(item.state, status=Status.RUNNING)
+    first = [activity(1), activity(2)]
+    await store.commit_step(
+        "me", StepResult(running, (item.inbox[0].id,), [], activities=first)
+    )
+    in_flight = await lease_one_activity(store, "worker")  # act1 runs, act2 is queued
+    assert in_flight is not None
+    await store.enqueue("i1", ev.execution_terminated(now(), None, False), now())
+    item = await lease_one(store, "me")
+    assert item is not None
+    ended = dataclasses.replace(running, status=Status.TERMINATED, completed_at=now())
+    # the last step's own activity (fire and forget) still runs
+    await store.commit_step("me", StepResult(ended, (item.inbox[0].id,), [], activities=[activity(3)]))
+    # later events for the finished instance are dropped without touching it
+    await store.enqueue("i1", ev.event_raised(now(), "late", None), now())
+    item = await lease_one(store, "me")
+    assert item is not None
+    await store.commit_step("me", StepResult(ended, (item.inbox[0].id,), []))
+    left = await store.lease_activities("worker", now(), 10)
+    assert [a.scheduled.taskScheduled.name for a in left] == ["act3"]
+    with pytest.raises(LockLost):  # act1's result has nowhere to go
+        await store.complete_activity("worker", in_flight, ev.task_completed(now(), 1, "1"))
+
+
 async def test_a_step_with_more_activities_than_one_statement_writes_them_all_in_order(
     store: SqliteBackend,
 ) -> None:

@@ -1457,6 +1457,10 @@ _NEXT_MESSAGE = (
     "WHERE i.locked_by IS NULL"
 )
 _NEXT_ACTIVITY = "SELECT MIN(visible_at) FROM activities WHERE locked_by IS NULL"
+_DROP_ACTIVITIES_OF_ENDING = (
+    "DELETE FROM activities WHERE instance_id = ? AND EXISTS (SELECT 1 FROM instances "
+    f"WHERE instance_id = ? AND status NOT IN ({','.join(map(str, _TERMINAL))}))"
+)
 _NEXT_ENTITY = (
     "SELECT MIN(m.visible_at) FROM entity_inbox m JOIN entities e "
     "USING (instance_id) WHERE m.deferred = 0 AND e.leased_by IS NULL"
@@ -1646,7 +1650,10 @@ def _delete_activity(conn: sqlite3.Connection, owner: str, item: ActivityWorkIte
         "DELETE FROM activities WHERE id = ? AND locked_by = ?", (item.id, owner)
     ).rowcount
     if deleted != 1:
-        raise LockLost(f"activity work item {item.id} is no longer leased by this worker")
+        raise LockLost(
+            f"activity work item {item.id} is no longer leased by this worker (its "
+            "orchestration ended or was purged meanwhile)"
+        )
 
 
 def _as_found(
@@ -1762,6 +1769,11 @@ def _apply_step(
     if result.reset_history:
         conn.execute("DELETE FROM history WHERE instance_id = ?", (state.instance_id,))
         conn.execute("DELETE FROM activities WHERE instance_id = ?", (state.instance_id,))
+    elif state.status.is_terminal:
+        # The step that ends the execution drops the activities it was waiting for, queued
+        # or running: nobody waits for them any more. (This step's own are written below and
+        # run, as the SDKs' servers run them; their results are dropped.)
+        conn.execute(_DROP_ACTIVITIES_OF_ENDING, (state.instance_id, state.instance_id))
     cache = _cache(conn)
     known = cache.get(state.instance_id) if cache is not None else None
     blobs = [e.SerializeToString() for e in result.history]
