@@ -247,6 +247,23 @@ async def test_terminate_purge_and_query(client: dt_trio.Client) -> None:
         await client.terminate("nobody", None)
 
 
+async def test_scheduling_an_orchestrator_the_hub_does_not_have_is_refused(
+    client: dt_trio.Client,
+) -> None:
+    """A hub without gRPC runs only what its registry has: anything else would stay
+    pending forever."""
+
+    def unregistered(ctx: dt_trio.OrchestrationContext, _: Any) -> Any:
+        return None
+        yield
+
+    for orchestrator in ("nonexistent", unregistered):
+        with pytest.raises(dt_trio.InvalidRequest, match="no orchestrator named '(nonexistent|unregistered)'"):
+            await client.schedule(orchestrator, instance_id="never")
+        assert await client.get("never") is None
+    assert (await run(client, "hello_cities")).status == Status.COMPLETED
+
+
 async def test_a_start_can_be_scheduled_for_later(client: dt_trio.Client) -> None:
     at = datetime.now(UTC) + timedelta(seconds=0.3)
     instance_id = await client.schedule(hello_cities, start_at=at)
