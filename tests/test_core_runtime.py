@@ -313,9 +313,7 @@ def test_only_suspends_and_resumes_that_change_the_status_are_delivered(
     running orchestration and spin on a suspend of a suspended one."""
     make = {"S": ev.execution_suspended, "R": ev.execution_resumed}
     history = [ev.orchestrator_started(NOW), started()]
-    plan = core.plan_step(
-        state(status), history, inbox(*(make[e](NOW, None) for e in events)), NOW
-    )
+    plan = core.plan_step(state(status), history, inbox(*(make[e](NOW, None) for e in events)), NOW)
     consumed = tuple(range(1, len(events) + 1))
     if not delivered:
         assert isinstance(plan, core.Settle)

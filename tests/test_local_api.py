@@ -258,7 +258,7 @@ async def test_scheduling_an_orchestrator_the_hub_does_not_have_is_refused(
         yield
 
     for orchestrator in ("nonexistent", unregistered):
-        with pytest.raises(dt_trio.InvalidRequest, match="no orchestrator named '(nonexistent|unregistered)'"):
+        with pytest.raises(dt_trio.InvalidRequest, match=r"no orchestrator named '\w+' is"):
             await client.schedule(orchestrator, instance_id="never")
         assert await client.get("never") is None
     assert (await run(client, "hello_cities")).status == Status.COMPLETED

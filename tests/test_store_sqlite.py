@@ -25,7 +25,6 @@ from dt_trio._core import (
 from dt_trio._core import _events as ev
 from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost, StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store._sqlite import APPLICATION_ID
 from dt_trio._store import (
     ActivityWorkItem,
     Handed,
@@ -33,6 +32,7 @@ from dt_trio._store import (
     SqliteBackend,
     StepAhead,
 )
+from dt_trio._store._sqlite import APPLICATION_ID
 
 
 def now() -> datetime:
@@ -290,9 +290,7 @@ async def test_the_step_that_ends_an_execution_drops_the_activities_it_waited_fo
     assert item is not None
     running = dataclasses.replace(item.state, status=Status.RUNNING)
     first = [activity(1), activity(2)]
-    await store.commit_step(
-        "me", StepResult(running, (item.inbox[0].id,), [], activities=first)
-    )
+    await store.commit_step("me", StepResult(running, (item.inbox[0].id,), [], activities=first))
     in_flight = await lease_one_activity(store, "worker")  # act1 runs, act2 is queued
     assert in_flight is not None
     await store.enqueue("i1", ev.execution_terminated(now(), None, False), now())
@@ -300,7 +298,9 @@ async def test_the_step_that_ends_an_execution_drops_the_activities_it_waited_fo
     assert item is not None
     ended = dataclasses.replace(running, status=Status.TERMINATED, completed_at=now())
     # the last step's own activity (fire and forget) still runs
-    await store.commit_step("me", StepResult(ended, (item.inbox[0].id,), [], activities=[activity(3)]))
+    await store.commit_step(
+        "me", StepResult(ended, (item.inbox[0].id,), [], activities=[activity(3)])
+    )
     # later events for the finished instance are dropped without touching it
     await store.enqueue("i1", ev.event_raised(now(), "late", None), now())
     item = await lease_one(store, "me")
@@ -540,7 +540,7 @@ async def test_a_store_is_held_by_one_store_object_whatever_the_path_spelling(
     second = SqliteBackend(str(tmp_path / "link.sqlite3"))
     await second.open()
     await second.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(p.name for p in await trio.Path(tmp_path).iterdir()) == [
         "hard.sqlite3",
         "hub.sqlite3",
         "link.sqlite3",
@@ -557,7 +557,7 @@ async def test_a_file_that_open_created_is_removed_when_the_open_fails(
     store = SqliteBackend(str(deep / "hub.sqlite3"))
     with pytest.raises(StoreUnavailable, match="unable to open database file"):
         await store.open()
-    assert list(deep.iterdir()) == []
+    assert list(await trio.Path(deep).iterdir()) == []
 
 
 async def test_an_empty_file_becomes_a_store_and_a_store_of_before_its_mark_opens(
@@ -603,7 +603,7 @@ async def test_a_database_that_is_not_a_store_is_refused_unchanged(
     with pytest.raises(StoreUnavailable, match=what):
         await store.open()
     assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["other.db"]
+    assert [p.name for p in await trio.Path(tmp_path).iterdir()] == ["other.db"]
 
 
 async def test_work_held_by_processes_that_died_is_not_poisoned_by_it(

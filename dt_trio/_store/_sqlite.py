@@ -395,9 +395,7 @@ class SqliteBackend:
         except BaseException as exc:
             await self._close(discard=True)
             if isinstance(exc, (sqlite3.Error, OSError)):
-                raise StoreUnavailable(
-                    f"cannot open the store {self.description}: {exc}"
-                ) from exc
+                raise StoreUnavailable(f"cannot open the store {self.description}: {exc}") from exc
             raise
 
     async def close(self) -> None:
