@@ -133,7 +133,7 @@ async def open_task_hub(db: str = DEFAULT_DB, *, registry: Registry) -> AsyncIte
             async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
                 processors = _Processors(store, signals, registry, RemoteExecutor())
                 await processors.start(nursery)
-                yield Client(processors.client)
+                yield Client(processors.client, registry)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise lone_error(group) from None

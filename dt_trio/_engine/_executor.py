@@ -195,6 +195,8 @@ class RemoteExecutor:
         self._pending: dict[str, Pending] = {}
         self._workers: list[_Worker] = []
         self._numbers = itertools.count(1)
+        # Routes said to wait for a worker (see `_report_waiting`), until a worker connects.
+        self._reported: set[Route] = set()
 
     @property
     def connected(self) -> int:
@@ -253,6 +255,7 @@ class RemoteExecutor:
         self._dispatch()
         if pending.worker is None:
             pending.went_out()  # queued: nothing to wait for
+            self._report_waiting(route)
         try:
             await pending.answered.wait()
         except BaseException:
@@ -266,6 +269,20 @@ class RemoteExecutor:
             self.finish(pending)
             raise WorkAbandoned(f"work item {token} was abandoned", pending.abandon_delay)
         return pending
+
+    def _report_waiting(self, route: Route) -> None:
+        """Say once that work waits because no connected worker takes it at all (none is
+        connected, or none whose filters accept it), not merely none with room: a name no
+        worker registers would otherwise wait in silence. Said again after a worker
+        connects."""
+        if route in self._reported or any(w.accepts(route) for w in self._workers):
+            return
+        self._reported.add(route)
+        log.info(
+            "%s '%s' waits: no code in this process and no connected SDK worker takes it",
+            route.kind,
+            route.name,
+        )
 
     def finish(self, pending: Pending, error: BaseException | None = None) -> None:
         """Forget the item, free its worker's slot and release the rpc that completed it."""
@@ -357,6 +374,7 @@ class RemoteExecutor:
         """The work items of one connected worker, with health pings while idle."""
         worker = _Worker(next(self._numbers), request)
         self._workers.append(worker)
+        self._reported.clear()
         log.info("worker stream %d connected (%s)", worker.number, worker.name)
         self._dispatch()
         try:

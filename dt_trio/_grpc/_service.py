@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import empty_pb2
 
@@ -17,6 +17,7 @@ from dt_trio._core import _events as ev
 from dt_trio._engine import HubClient, RemoteExecutor
 from dt_trio._engine._executor import Pending
 from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest
+from dt_trio._grpc import _bounds as bounds
 from dt_trio._grpc._transport import immediate
 from dt_trio._proto import orchestrator_service_grpc as grpc_stubs
 from dt_trio._proto import orchestrator_service_pb2 as pb
@@ -128,6 +129,42 @@ def _entity_message(entity: EntityState, include_state: bool) -> pb.EntityMetada
     return msg
 
 
+T = TypeVar("T")
+K = TypeVar("K")
+
+
+async def _bounded_page(
+    fetch: Callable[[int], Awaitable[tuple[list[T], K | None]]],
+    size: int,
+    cost: Callable[[T], int],
+) -> tuple[list[T], K | None]:
+    """`fetch(size)`: a page and the key after it, as long as its elements (`cost` each, see
+    `bounds.item_cost`) fit in one answer; if they do not, the page is fetched again, as
+    long as they fit, so that its continuation starts where it ends."""
+    while True:
+        items, after = await fetch(size)
+        count = bounds.page_length([cost(item) for item in items])
+        if count == len(items):
+            return items, after
+        size = count
+
+
+def _bounded_state(state: InstanceState, payloads: bool) -> pb.OrchestrationState:
+    """An instance as one element of a page (see `bounds.fit`)."""
+    msg = _state_message(state, payloads)
+    limit = bounds.item_limit(state.instance_id)
+    bounds.fit(msg, limit, f"the state of instance '{state.instance_id[:100]}'")
+    return msg
+
+
+def _bounded_entity(entity: EntityState, include_state: bool) -> pb.EntityMetadata:
+    """An entity as one element of a page (see `bounds.fit`)."""
+    msg = _entity_message(entity, include_state)
+    limit = bounds.item_limit(entity.instance_id)
+    bounds.fit(msg, limit, f"entity '{entity.instance_id[:100]}'")
+    return msg
+
+
 def _state_message(state: InstanceState, payloads: bool) -> pb.OrchestrationState:
     msg = pb.OrchestrationState(
         instanceId=state.instance_id,
@@ -151,6 +188,15 @@ def _state_message(state: InstanceState, payloads: bool) -> pb.OrchestrationStat
     ev.set_str(msg.parentInstanceId, state.parent_instance_id)
     msg.tags.update(state.tags)
     return msg
+
+
+def _bounded_event(event: pb.HistoryEvent) -> pb.HistoryEvent:
+    """A copy of a history event too large for an answer, its payloads left out (the
+    stored event, which the store may keep in memory, is not touched)."""
+    copy = pb.HistoryEvent()
+    copy.CopyFrom(event)
+    bounds.fit(copy, bounds.item_limit(""), f"history event {event.eventId}")
+    return copy
 
 
 class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[misc]
@@ -276,6 +322,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
             return pb.GetInstanceResponse(exists=False)
         response = pb.GetInstanceResponse(exists=True)
         response.orchestrationState.CopyFrom(_state_message(state, payloads))
+        bounds.fit(response, what=f"the state of instance '{state.instance_id[:100]}'")
         return response
 
     async def RaiseEvent(self, request: pb.RaiseEventRequest) -> pb.RaiseEventResponse:
@@ -353,12 +400,17 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
             id_prefix=ev.opt_str(query, "instanceIdPrefix") or None,
         )
         after = _page_key(ev.opt_str(query, "continuationToken"), "query.continuationToken")
-        states, next_key = await self._store.query_instances(
-            where, _page_size(query.maxInstanceCount, "query.maxInstanceCount"), after
+
+        async def fetch(size: int) -> tuple[list[pb.OrchestrationState], PageKey | None]:
+            states, next_key = await self._store.query_instances(where, size, after)
+            return [_bounded_state(s, query.fetchInputsAndOutputs) for s in states], next_key
+
+        messages, next_key = await _bounded_page(
+            fetch,
+            _page_size(query.maxInstanceCount, "query.maxInstanceCount"),
+            lambda m: bounds.item_cost(m.ByteSize(), m.instanceId),
         )
-        response = pb.QueryInstancesResponse()
-        for state in states:
-            response.orchestrationState.append(_state_message(state, query.fetchInputsAndOutputs))
+        response = pb.QueryInstancesResponse(orchestrationState=messages)
         if next_key is not None:
             response.continuationToken.value = _page_token(next_key)
         return response
@@ -366,12 +418,20 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     async def ListInstanceIds(
         self, request: pb.ListInstanceIdsRequest
     ) -> pb.ListInstanceIdsResponse:
-        ids, next_key = await self._store.list_finished_ids(
-            _statuses(request.runtimeStatus, "runtimeStatus"),
-            _timestamp(request, "completedTimeFrom"),
-            _timestamp(request, "completedTimeTo"),
+        statuses = _statuses(request.runtimeStatus, "runtimeStatus")
+        completed_from = _timestamp(request, "completedTimeFrom")
+        completed_to = _timestamp(request, "completedTimeTo")
+        after = _page_key(ev.opt_str(request, "lastInstanceKey"), "lastInstanceKey")
+
+        async def fetch(size: int) -> tuple[list[str], PageKey | None]:
+            return await self._store.list_finished_ids(
+                statuses, completed_from, completed_to, size, after
+            )
+
+        ids, next_key = await _bounded_page(
+            fetch,
             _page_size(request.pageSize, "pageSize"),
-            _page_key(ev.opt_str(request, "lastInstanceKey"), "lastInstanceKey"),
+            lambda i: bounds.item_cost(len(i.encode()), i),
         )
         response = pb.ListInstanceIdsResponse(instanceIds=ids)
         if next_key is not None:
@@ -409,6 +469,9 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         size = 0
         for event in history:
             event_size = event.ByteSize()
+            if event_size > bounds.item_limit(""):
+                event = _bounded_event(event)
+                event_size = event.ByteSize()
             if chunk and (
                 len(chunk) >= HISTORY_CHUNK_EVENTS or size + event_size > HISTORY_CHUNK_BYTES
             ):
@@ -437,9 +500,11 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         # operations is transient (QueryEntities shows it when asked).
         if entity is None or entity.state is None:
             return pb.GetEntityResponse(exists=False)
-        return pb.GetEntityResponse(
+        response = pb.GetEntityResponse(
             exists=True, entity=_entity_message(entity, request.includeState)
         )
+        bounds.fit(response, what=f"entity '{entity.instance_id[:100]}'")
+        return response
 
     async def QueryEntities(self, request: pb.QueryEntitiesRequest) -> pb.QueryEntitiesResponse:
         query = request.query
@@ -458,12 +523,17 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
                 raise InvalidRequest(
                     f"continuationToken '{token[:100]}' is not a continuation token of this sidecar"
                 )
-        entities, next_after = await self._store.query_entities(
-            where, _page_size(size, "pageSize"), after
+
+        async def fetch(size: int) -> tuple[list[pb.EntityMetadata], str | None]:
+            entities, next_after = await self._store.query_entities(where, size, after)
+            return [_bounded_entity(e, query.includeState) for e in entities], next_after
+
+        messages, next_after = await _bounded_page(
+            fetch,
+            _page_size(size, "pageSize"),
+            lambda m: bounds.item_cost(m.ByteSize(), m.instanceId),
         )
-        response = pb.QueryEntitiesResponse(
-            entities=[_entity_message(e, query.includeState) for e in entities]
-        )
+        response = pb.QueryEntitiesResponse(entities=messages)
         if next_after is not None:
             response.continuationToken.value = f"{ENTITY_PAGE_TOKEN_VERSION}:{next_after}"
         return response
