@@ -8,7 +8,7 @@ import shutil
 
 import nox
 
-nox.options.sessions = ["tests", "js", "torture"]
+nox.options.sessions = ["tests", "generations", "js", "torture"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -17,6 +17,14 @@ def tests(session: nox.Session) -> None:
     """The whole test suite: core, store, gRPC and end-to-end with the official SDK."""
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def generations(session: nox.Session) -> None:
+    """dt-trio with the Python SDK 0.1.0, of the protocol generation before completion tokens
+    and health pings (durabletask-go's worker answers as it does)."""
+    session.install("-e", ".", "pytest>=8", "pytest-trio>=0.8", "durabletask==0.1.0")
+    session.run("pytest", "tests/generations/old_python_sdk.py", *session.posargs)
 
 
 @nox.session(python="3.11")

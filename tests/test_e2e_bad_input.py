@@ -170,10 +170,27 @@ def test_unknown_completion_tokens_are_not_found(stub: Any, rpc: str, request_: 
     assert "completion token" in details
 
 
-def test_an_empty_completion_token_is_invalid_argument(stub: Any) -> None:
-    code, details = status_of(lambda: stub.CompleteActivityTask(pb.ActivityResponse()))
+def test_an_answer_without_a_token_that_names_no_waiting_work_is_not_found(stub: Any) -> None:
+    # Matched by what it names, as durabletask-go's worker answers (tests/test_e2e_generations.py)
+    answer = pb.ActivityResponse(instanceId="nobody", taskId=3)
+    code, details = status_of(lambda: stub.CompleteActivityTask(answer))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "activity 3 of instance 'nobody'" in details
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_"),
+    [
+        ("AbandonTaskActivityWorkItem", pb.AbandonActivityTaskRequest()),
+        ("CompleteEntityTask", pb.EntityBatchResult()),  # it names no entity
+    ],
+)
+def test_a_request_that_only_a_token_can_match_needs_one(
+    stub: Any, rpc: str, request_: Any
+) -> None:
+    code, details = status_of(lambda: getattr(stub, rpc)(request_))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "completionToken" in details
+    assert "completionToken is empty" in details
 
 
 def test_restarting_a_running_instance_is_failed_precondition(
@@ -228,13 +245,18 @@ def test_an_id_reuse_policy_decides_which_statuses_may_be_replaced(
 
 @pytest.mark.parametrize("orchestrator", [hello, passes_on], ids=["orchestration", "activity"])
 def test_a_work_item_too_large_for_a_worker_fails_and_the_worker_serves_on(
-    c: client.TaskHubGrpcClient, orchestrator: Any
+    hub: tuple[Sidecar, Any], c: client.TaskHubGrpcClient, orchestrator: Any
 ) -> None:
     # Sent, it would end the worker's stream (and every item it holds) again and again.
     instance_id = c.schedule_new_orchestration(orchestrator, input=TOO_LARGE_FOR_A_WORKER)
-    state = c.wait_for_orchestration_completion(instance_id, fetch_payloads=False, timeout=30)
-    assert state is not None and state.runtime_status == client.OrchestrationStatus.FAILED
-    assert state.failure_details is not None
+    done = c.wait_for_orchestration_completion(instance_id, fetch_payloads=False, timeout=30)
+    assert done is not None and done.runtime_status == client.OrchestrationStatus.FAILED
+    # The failure comes with the payloads, the input among them: read by a client that
+    # takes messages over gRPC's default 4 MiB.
+    options = [("grpc.max_receive_message_length", -1)]
+    with grpc.insecure_channel(hub[0].address, options=options) as channel:
+        state = client.TaskHubGrpcClient(channel=channel).get_orchestration_state(instance_id)
+    assert state is not None and state.failure_details is not None
     assert state.failure_details.error_type == "WorkItemTooLargeError"
     assert "bytes a worker receives" in state.failure_details.message
 

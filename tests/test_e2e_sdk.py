@@ -248,6 +248,9 @@ def test_custom_status_is_visible_while_running(c: client.TaskHubGrpcClient) -> 
     c.raise_orchestration_event(instance_id, "go")
     done = c.wait_for_orchestration_completion(instance_id, timeout=10)
     assert done is not None and json.loads(done.serialized_custom_status) == {"stage": "done"}
+    # Without payloads the custom status is left out, as durabletask-go and .NET leave it out.
+    bare = c.get_orchestration_state(instance_id, fetch_payloads=False)
+    assert bare is not None and bare.serialized_custom_status is None
 
 
 def test_activity_failure_fails_the_orchestration_with_details(c: client.TaskHubGrpcClient) -> None:
@@ -256,6 +259,14 @@ def test_activity_failure_fails_the_orchestration_with_details(c: client.TaskHub
     assert state.failure_details is not None
     assert "kaboom" in state.failure_details.message
     assert state.failure_details.error_type.endswith("TaskFailedError")
+    # The failure is a payload too (so the .NET client documents it), left out unless asked.
+    bare = c.get_orchestration_state(state.instance_id, fetch_payloads=False)
+    assert bare is not None and bare.runtime_status == OrchestrationStatus.FAILED
+    assert bare.failure_details is None
+    (queried,) = c.get_all_orchestration_states(
+        client.OrchestrationQuery(instance_id_prefix=state.instance_id)
+    )
+    assert queried.failure_details is None and queried.serialized_custom_status is None
 
 
 def test_retry_policy_retries_a_flaky_activity(c: client.TaskHubGrpcClient) -> None:

@@ -15,7 +15,7 @@ from dt_trio import _core as core
 from dt_trio._core import EntityState, InstanceState, Status
 from dt_trio._core import _events as ev
 from dt_trio._engine import HubClient, RemoteExecutor
-from dt_trio._engine._executor import Pending
+from dt_trio._engine._executor import ACTIVITY, ORCHESTRATION
 from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest
 from dt_trio._grpc import _bounds as bounds
 from dt_trio._grpc._transport import immediate
@@ -180,11 +180,13 @@ def _state_message(state: InstanceState, payloads: bool) -> pb.OrchestrationStat
     if state.scheduled_start_at is not None:
         ev.set_time(msg.scheduledStartTimestamp, state.scheduled_start_at)
     if payloads:
+        # What durabletask-go and the .NET backends count as payloads: without
+        # getInputsAndOutputs (fetchInputsAndOutputs) they leave all four out.
         ev.set_str(msg.input, state.input)
         ev.set_str(msg.output, state.output)
-    ev.set_str(msg.customStatus, state.custom_status)
-    if state.failure is not None:
-        msg.failureDetails.CopyFrom(state.failure)
+        ev.set_str(msg.customStatus, state.custom_status)
+        if state.failure is not None:
+            msg.failureDetails.CopyFrom(state.failure)
     ev.set_str(msg.parentInstanceId, state.parent_instance_id)
     msg.tags.update(state.tags)
     return msg
@@ -554,33 +556,38 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         async for item in self._executor.stream(request):
             yield item
 
+    # An answer is matched by its completion token; one without (durabletask-go's worker and
+    # other SDKs of its generation) by what it names, as durabletask-go's sidecar matches it
+    # (see dt_trio._engine._executor).
+
     @immediate
     async def CompleteOrchestratorTask(
         self, request: pb.OrchestratorResponse
     ) -> pb.CompleteTaskResponse:
-        pending = self._pending(request.completionToken, "orchestratorRequest")
+        pending = self._executor.lookup(
+            request.completionToken,
+            (ORCHESTRATION, request.instanceId, -1),
+            "orchestratorRequest",
+        )
         self._executor.deliver(pending, request)
         return pb.CompleteTaskResponse()
 
     @immediate
     async def CompleteActivityTask(self, request: pb.ActivityResponse) -> pb.CompleteTaskResponse:
-        self._executor.deliver(self._pending(request.completionToken, "activityRequest"), request)
+        pending = self._executor.lookup(
+            request.completionToken,
+            (ACTIVITY, request.instanceId, request.taskId),
+            "activityRequest",
+        )
+        self._executor.deliver(pending, request)
         return pb.CompleteTaskResponse()
 
     async def CompleteEntityTask(self, request: pb.EntityBatchResult) -> pb.CompleteTaskResponse:
-        pending = self._pending(request.completionToken, "entityRequestV2")
+        # An EntityBatchResult names no entity: only its token can match it (every SDK that
+        # reads entityRequestV2, the form dt-trio sends, answers with it).
+        pending = self._executor.lookup(request.completionToken, None, "entityRequestV2")
         await self._executor.complete(pending, request)
         return pb.CompleteTaskResponse()
-
-    def _pending(self, token: str, kind: str) -> Pending:
-        """The work item waiting for completion token `token`, which must be of `kind`."""
-        pending = self._executor.lookup(token)
-        if pending.work_item.WhichOneof("request") != kind:
-            raise InvalidRequest(
-                f"completion token '{token}' belongs to an "
-                f"{pending.work_item.WhichOneof('request')} work item, not an {kind}"
-            )
-        return pending
 
     @immediate
     async def AbandonTaskOrchestratorWorkItem(
@@ -604,5 +611,5 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         return pb.AbandonEntityTaskResponse()
 
     def _abandon(self, token: str, kind: str) -> None:
-        pending = self._pending(token, kind)
+        pending = self._executor.lookup(token, None, kind)
         pending.abandon(WORKER_ABANDON_DELAY_SECONDS)
