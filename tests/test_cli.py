@@ -143,7 +143,7 @@ def test_a_second_sidecar_on_the_same_store_is_refused(tmp_path: pathlib.Path) -
     first = Sidecar(db, tmp_path / "first.log").start()
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "dt_trio", "--port", "0", "--db", db],
+            [sys.executable, "-m", "dt_trio", "--port", "0", "--db", db, "--no-ui"],
             capture_output=True,
             text=True,
             timeout=30,

@@ -107,17 +107,6 @@ def _entity_id(value: str, field: str = "instanceId") -> str:
         raise InvalidRequest(str(exc)) from None
 
 
-def _entity_prefix(value: str | None) -> str | None:
-    """An id prefix as the SDKs' entity queries give it: '@name@key...' or a bare name start;
-    entity names are matched in lower case, as ids store them."""
-    if not value:
-        return None
-    if not value.startswith("@"):
-        value = "@" + value
-    name, sep, key = value[1:].partition("@")
-    return f"@{name.lower()}{sep}{key}"
-
-
 def _entity_message(entity: EntityState, include_state: bool) -> pb.EntityMetadata:
     msg = pb.EntityMetadata(instanceId=entity.instance_id, backlogQueueSize=entity.backlog)
     ev.set_time(msg.lastModifiedTime, entity.last_modified_at)
@@ -426,7 +415,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     async def QueryEntities(self, request: pb.QueryEntitiesRequest) -> pb.QueryEntitiesResponse:
         query = request.query
         where = EntityFilter(
-            id_prefix=_entity_prefix(ev.opt_str(query, "instanceIdStartsWith")),
+            id_prefix=core.entity_id_prefix(ev.opt_str(query, "instanceIdStartsWith")),
             modified_from=_timestamp(query, "lastModifiedFrom"),
             modified_to=_timestamp(query, "lastModifiedTo"),
             include_transient=query.includeTransient,

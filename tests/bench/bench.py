@@ -303,7 +303,7 @@ def scale_run(count: int) -> dict[str, float]:
         ) / (1 << 20)
         for label, path in (("empty", os.path.join(tmp, "empty.sqlite3")), ("full", db)):
             port = free_port()
-            cmd = [sys.executable, "-m", "dt_trio", "--port", str(port), "--db", path]
+            cmd = [sys.executable, "-m", "dt_trio", "--port", str(port), "--db", path, "--no-ui"]
             proc = subprocess.Popen(
                 [*cmd, "--log-level", "WARNING"],
                 stdout=subprocess.DEVNULL,
