@@ -11,10 +11,11 @@
                 ├── activity processor        │ and the executor    -- started 5th
                 └── entity processor         ─┘                     -- started 6th
 
-The dashboard reads through the store and acts through the processors' client, as the gRPC
-service does; the commits' signals drive its live pages. The executor routes each work item to this process's own Python code (a `Registry`, run by the
+The executor routes each work item to this process's own Python code (a `Registry`, run by the
 local executor) or to the SDK workers connected over gRPC (the remote executor, whose worker
-streams are served by the gRPC server). Commits wake the processors through `Signals`.
+streams are served by the gRPC server). Commits wake the processors through `Signals`. The
+dashboard reads through the store and acts through the processors' client, as the gRPC
+service does; the same signals drive its live pages.
 Cancelling the hub (Ctrl-C, SIGTERM via the command, or the caller's cancel scope) cancels them
 all; in-flight work items that were not committed are simply not committed, and their leases
 are released when the store is opened next. The store writer stops once the rest has: what
@@ -96,8 +97,8 @@ async def serve(
     process, everything else on connected SDK workers. With `ui` ('HOST:PORT', port 0 for
     any) the web dashboard is served there too (with the same TLS and token; `ui_read_only`
     hides and refuses its actions); the `dt-trio` command serves it by default, this function
-    does not. Reports `(host, port)` through `task_status` once everything is running. Cancellation stops the server and the
-    processors and closes the store.
+    does not. Reports `(host, port)` through `task_status` once everything is running.
+    Cancellation stops the servers and the processors and closes the store.
     """
     signals = Signals()
     try:

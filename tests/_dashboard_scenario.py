@@ -81,9 +81,7 @@ def get_json(url: str, token: str | None = None) -> Any:
         return json.loads(response.read())
 
 
-def post_json(
-    url: str, body: Any, headers: dict[str, str] | None = None
-) -> tuple[int, Any]:
+def post_json(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """POST JSON; (status, decoded answer) whatever the status."""
     request = urllib.request.Request(
         url,

@@ -74,7 +74,7 @@ def _json_text(body: dict[str, Any], key: str) -> str | None:
         try:
             json.loads(value)
         except ValueError as exc:
-            raise InvalidRequest(f"{key} is not JSON ({exc}); quote a string: \"text\"") from None
+            raise InvalidRequest(f'{key} is not JSON ({exc}); quote a string: "text"') from None
     return value
 
 

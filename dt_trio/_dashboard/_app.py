@@ -20,7 +20,7 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 import jinja2
 import trio
@@ -137,7 +137,7 @@ class Dashboard:
             applies=lambda action, state: APPLIES[Action(action)](state),
         )
         self.templates.filters["url"] = lambda value: quote(str(value), safe="")
-        self.macros = self.templates.get_template("_macros.html").module
+        self._macros = self.templates.get_template("_macros.html").module
         self.static = {
             f.name: (f.read_bytes(), _STATIC_TYPES[f.suffix])
             for f in (_HERE / "static").iterdir()
@@ -179,6 +179,10 @@ class Dashboard:
             return JSONResponse({"error": message}, status)
         return self.page("error.html", status=status, title="Error", message=message)
 
+    def fragment(self, macro: str, *args: object) -> str:
+        """One region of a page, drawn by its macro in _macros.html."""
+        return str(getattr(self._macros, macro)(*args))
+
     def page(self, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         html = self.templates.get_template(name).render(**context)
         return HTMLResponse(html, status, headers={"cache-control": "no-store"})
@@ -219,9 +223,9 @@ class Dashboard:
             return RedirectResponse(target, 303)
         if request.method == "GET":
             return self.page("login.html", title="Log in", next=target, refused=False)
-        form = await request.form()
-        given = form.get("token")
-        if isinstance(given, str) and self.guard.authenticated({"authorization": f"Bearer {given}"}):
+        # A urlencoded form of one field (Starlette's form parser needs another package).
+        given = parse_qs((await request.body()).decode("utf-8", "replace")).get("token", [""])[-1]
+        if self.guard.authenticated({"authorization": f"Bearer {given}"}):
             response = RedirectResponse(target, 303)
             response.headers["set-cookie"] = self.guard.cookie_header()
             return response
@@ -246,9 +250,9 @@ class Dashboard:
 
     def list_regions(self, page: InstancePage) -> dict[str, str]:
         return {
-            "counts": str(self.macros.counts(page)),
-            "rows": str(self.macros.instance_rows(page.instances)),
-            "pager": str(self.macros.pager(page)),
+            "counts": self.fragment("counts", page),
+            "rows": self.fragment("instance_rows", page.instances),
+            "pager": self.fragment("pager", page),
         }
 
     async def instances_page(self, request: Request) -> Response:
@@ -303,12 +307,12 @@ class Dashboard:
     def instance_regions(self, details: dict[str, Any]) -> dict[str, str]:
         return {
             "summary": str(
-                self.macros.summary(
-                    details["state"], details["children"], details["more_children"]
+                self.fragment(
+                    "summary", details["state"], details["children"], details["more_children"]
                 )
             ),
-            "payloads": str(self.macros.payloads(details["state"])),
-            "timeline": str(self.macros.timeline(details["geometry"])),
+            "payloads": self.fragment("payloads", details["state"]),
+            "timeline": self.fragment("timeline", details["geometry"]),
         }
 
     async def instance_page(self, request: Request) -> Response:
@@ -405,11 +409,11 @@ class Dashboard:
             if which is hist.EventFilter.ALL:
                 if len(history) > shown:
                     update.append["history-rows"] = str(
-                        self.macros.history_rows(hist.rows(history, shown))
+                        self.fragment("history_rows", hist.rows(history, shown))
                     )
             elif len(history) != shown:
                 kept = [r for r in hist.rows(history) if hist.keep(r, which)]
-                update.replace["history-rows"] = str(self.macros.history_rows(kept))
+                update.replace["history-rows"] = self.fragment("history_rows", kept)
             shown = len(history)
             return update
 
@@ -478,7 +482,7 @@ class Dashboard:
 
         async def render() -> dict[str, str]:
             entities, _ = await self.entity_list(query)
-            return {"entity-rows": str(self.macros.entity_rows(entities))}
+            return {"entity-rows": self.fragment("entity_rows", entities)}
 
         return EventStream(
             lambda emit, ping: follow_hub(self.client.signals.changes, render, emit, ping)
@@ -495,7 +499,11 @@ class Dashboard:
         entity_id, entity = await self.entity_or_none(request.path_params["entity_id"])
         live = f"/api/live/entity/{quote(entity_id, safe='')}"
         return self.page(
-            "entity.html", title=f"Entity {entity_id}", entity_id=entity_id, entity=entity, live=live
+            "entity.html",
+            title=f"Entity {entity_id}",
+            entity_id=entity_id,
+            entity=entity,
+            live=live,
         )
 
     async def entity_api(self, request: Request) -> Response:
@@ -524,7 +532,7 @@ class Dashboard:
 
         async def render() -> dict[str, str]:
             entity = await self.store.get_entity(entity_id)
-            return {"entity": str(self.macros.entity_details(entity_id, entity))}
+            return {"entity": self.fragment("entity_details", entity_id, entity)}
 
         return EventStream(
             lambda emit, ping: follow_hub(self.client.signals.changes, render, emit, ping)
@@ -552,4 +560,3 @@ def create_app(client: HubClient, guard: Guard) -> ASGIApp:
         exception_handlers={DtTrioError: dashboard.on_error, HTTPException: dashboard.on_error},
     )
     return GuardMiddleware(app, guard)
-

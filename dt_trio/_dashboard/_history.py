@@ -96,11 +96,16 @@ def status_name(value: int) -> str:
 def _short(text: str | None) -> str:
     if text is None:
         return ""
+    text = text.strip()
     return text if len(text) <= DETAIL_CHARS else text[: DETAIL_CHARS - 1] + "…"
 
 
 def _failure_text(details: pb.TaskFailureDetails) -> str:
-    return f"{details.errorType}: {details.errorMessage}" if details.errorType else details.errorMessage
+    return (
+        f"{details.errorType}: {details.errorMessage}"
+        if details.errorType
+        else details.errorMessage
+    )
 
 
 @dataclass(frozen=True)
@@ -133,16 +138,14 @@ def _name_and_details(
     if kind == "taskScheduled":
         return event.taskScheduled.name, _short(ev.opt_str(event.taskScheduled, "input"))
     if kind == "subOrchestrationInstanceCreated":
-        s = event.subOrchestrationInstanceCreated
-        return s.name, _short(f"{s.instanceId} {ev.opt_str(s, 'input') or ''}".strip())
+        created = event.subOrchestrationInstanceCreated
+        return created.name, _short(f"{created.instanceId} {ev.opt_str(created, 'input') or ''}")
     if kind == "timerCreated":
         return "", "fires at " + ev.to_datetime(event.timerCreated.fireAt).isoformat()
-    if kind == "entityOperationCalled":
-        c = event.entityOperationCalled
-        return c.operation, _short(f"{ev.opt_str(c, 'targetInstanceId') or ''} {ev.opt_str(c, 'input') or ''}".strip())
-    if kind == "entityOperationSignaled":
-        s = event.entityOperationSignaled
-        return s.operation, _short(f"{ev.opt_str(s, 'targetInstanceId') or ''} {ev.opt_str(s, 'input') or ''}".strip())
+    if kind in ("entityOperationCalled", "entityOperationSignaled"):
+        operation = getattr(event, kind)
+        target = ev.opt_str(operation, "targetInstanceId") or ""
+        return operation.operation, _short(f"{target} {ev.opt_str(operation, 'input') or ''}")
     if kind in _CLOSERS:
         name = names.get(_key(event, kind), "")
         payload = getattr(event, kind)
@@ -155,8 +158,8 @@ def _name_and_details(
     if kind == "eventRaised":
         return event.eventRaised.name, _short(ev.opt_str(event.eventRaised, "input"))
     if kind == "eventSent":
-        s = event.eventSent
-        return s.name, _short(f"to {s.instanceId} {ev.opt_str(s, 'input') or ''}".strip())
+        sent = event.eventSent
+        return sent.name, _short(f"to {sent.instanceId} {ev.opt_str(sent, 'input') or ''}")
     if kind == "executionTerminated":
         return "", _short(ev.opt_str(event.executionTerminated, "input"))
     if kind in ("executionSuspended", "executionResumed"):
@@ -188,7 +191,7 @@ def rows(history: Sequence[pb.HistoryEvent], start: int = 0) -> list[Row]:
         name, details = _name_and_details(event, kind, names)
         failed = kind in _FAILURES or (
             kind == "executionCompleted"
-            and event.executionCompleted.orchestrationStatus == Status.FAILED
+            and int(event.executionCompleted.orchestrationStatus) == int(Status.FAILED)
         )
         out.append(
             Row(

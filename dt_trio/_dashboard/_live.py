@@ -7,11 +7,13 @@ instance started a new execution, say). List refreshes come at most once per int
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from dt_trio._engine._signals import Changes, Signals
@@ -37,11 +39,15 @@ class Update:
 Emit = Callable[[Update], Awaitable[None]]
 
 
-class EventStream:
-    """An ASGI response: a text/event-stream that `produce(emit)` writes until it returns or
-    the client goes away (then `produce` is cancelled)."""
+Ping = Callable[[], Awaitable[None]]
 
-    def __init__(self, produce: Callable[[Emit, Callable[[], Awaitable[None]]], Awaitable[None]]):
+
+class EventStream(Response):
+    """A text/event-stream that `produce(emit, ping)` writes until it returns or the client
+    goes away (then `produce` is cancelled)."""
+
+    def __init__(self, produce: Callable[[Emit, Ping], Awaitable[None]]) -> None:
+        super().__init__(media_type="text/event-stream")
         self._produce = produce
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -83,7 +89,9 @@ class EventStream:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _wait_pinging(wait: Callable[[], Awaitable[None]], ping: Callable[[], Awaitable[None]]) -> None:
+async def _wait_pinging(
+    wait: Callable[[], Awaitable[None]], ping: Callable[[], Awaitable[None]]
+) -> None:
     while True:
         with trio.move_on_after(PING_SECONDS):
             await wait()
@@ -95,7 +103,7 @@ async def follow_hub(
     changes: Changes,
     render: Callable[[], Awaitable[dict[str, str]]],
     emit: Emit,
-    ping: Callable[[], Awaitable[None]],
+    ping: Ping,
     interval: float = LIST_INTERVAL,
 ) -> None:
     """Send the regions `render` draws whenever they change, after any change of the hub,
@@ -109,7 +117,7 @@ async def follow_hub(
         if changed:
             await emit(Update(replace=changed))
             shown = regions
-        await _wait_pinging(lambda: changes.wait_past(seen), ping)
+        await _wait_pinging(functools.partial(changes.wait_past, seen), ping)
         await trio.sleep_until(rendered_at + interval)
 
 
@@ -118,7 +126,7 @@ async def follow_instance(
     instance_id: str,
     render: Callable[[], Awaitable[Update | None]],
     emit: Emit,
-    ping: Callable[[], Awaitable[None]],
+    ping: Ping,
     interval: float = INSTANCE_INTERVAL,
 ) -> None:
     """Send what `render` draws of the instance now and after every commit that changes it

@@ -67,9 +67,7 @@ class Guard:
     def cookie_header(self) -> str:
         assert self.token is not None
         secure = "; Secure" if self.tls else ""
-        return (
-            f"{COOKIE}={session_value(self.token)}; Path=/; HttpOnly; SameSite=Strict{secure}"
-        )
+        return f"{COOKIE}={session_value(self.token)}; Path=/; HttpOnly; SameSite=Strict{secure}"
 
 
 def _names_loopback(host: str) -> bool:
@@ -104,8 +102,12 @@ class GuardMiddleware:
         if refusal is not None:
             status, message = refusal
             if status == 401 and method == "GET" and not path.startswith("/api/"):
-                target = path + ("?" + scope["query_string"].decode() if scope["query_string"] else "")
-                await _send(send, 303, b"", [(b"location", f"/login?next={quote(target)}".encode())])
+                target = path + (
+                    "?" + scope["query_string"].decode() if scope["query_string"] else ""
+                )
+                await _send(
+                    send, 303, b"", [(b"location", f"/login?next={quote(target)}".encode())]
+                )
             else:
                 body = json.dumps({"error": message}).encode()
                 await _send(send, status, body, [(b"content-type", b"application/json")])

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.logging import Logger
 from hypercorn.trio.run import worker_serve
+from hypercorn.typing import ASGIFramework
 from hypercorn.utils import wrap_app
 
 from dt_trio._dashboard._address import is_loopback, parse_address
@@ -19,6 +21,7 @@ from dt_trio._dashboard._security import Guard
 from dt_trio._engine import HubClient
 
 log = logging.getLogger("dt_trio")
+
 
 class _Log(Logger):
     """hypercorn's messages in dt-trio's log, its start-up banner ("Running on ...") at
@@ -74,8 +77,10 @@ async def serve_dashboard(
     until cancelled. Reports its URL through `task_status`."""
     host, port = parse_address(address)
     sock = _listen(host, port)
-    guard = Guard(token=token, read_only=read_only, loopback=is_loopback(host), tls=ssl_context is not None)
-    app = wrap_app(create_app(client, guard), wsgi_max_body_size=0, mode="asgi")
+    guard = Guard(
+        token=token, read_only=read_only, loopback=is_loopback(host), tls=ssl_context is not None
+    )
+    app = wrap_app(cast(ASGIFramework, create_app(client, guard)), 0, "asgi")
     config = _Config(ssl_context)
     sockets = Sockets(
         secure_sockets=[sock] if ssl_context is not None else [],
@@ -86,12 +91,9 @@ async def serve_dashboard(
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"{'https' if ssl_context else 'http'}://{shown}:{bound_port}"
 
-    async def serve(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        await worker_serve(app, config, sockets=sockets, task_status=task_status)
-
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve)
+            await nursery.start(functools.partial(worker_serve, app, config, sockets=sockets))
             log.info("dashboard at %s", url)
             task_status.started(url)
     finally:

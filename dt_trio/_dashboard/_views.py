@@ -197,9 +197,7 @@ class InstancePage:
 
     def __post_init__(self) -> None:
         wanted = self.query.statuses or frozenset(Status)
-        object.__setattr__(
-            self, "matching", sum(n for s, n in self.counts.items() if s in wanted)
-        )
+        object.__setattr__(self, "matching", sum(n for s, n in self.counts.items() if s in wanted))
 
 
 def failure_json(details: pb.TaskFailureDetails | None) -> dict[str, Any] | None:
@@ -274,4 +272,3 @@ class EntityQuery:
             [(k, v) for k, v in (("prefix", moved.prefix), ("after", moved.after)) if v]
         )
         return f"/entities?{query}" if query else "/entities"
-
