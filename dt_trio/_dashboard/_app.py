@@ -395,10 +395,12 @@ class Dashboard:
             raise InvalidRequest("shown must be a number of history events") from None
         previous: dict[str, str] = {}
 
-        async def render() -> Update | None:
+        async def render() -> Update:
             nonlocal shown, previous
             state = await self.store.get_instance(instance_id)
-            if state is None or state.execution_id != execution:
+            if state is None:
+                return Update(gone=True)
+            if state.execution_id != execution:
                 return Update(reload=True)
             history = await self.store.get_history(instance_id)
             if len(history) < shown:
@@ -417,11 +419,9 @@ class Dashboard:
             shown = len(history)
             return update
 
-        async def produce(emit: Any, ping: Any) -> None:
-            await follow_instance(self.client.signals, instance_id, render, emit, ping)
-            await emit(Update(reload=True))
-
-        return EventStream(produce)
+        return EventStream(
+            lambda emit, ping: follow_instance(self.client.signals, instance_id, render, emit, ping)
+        )
 
     async def bulk_api(self, request: Request) -> Response:
         body = await _body(request)

@@ -1,8 +1,9 @@
 """Live pages: server-sent event streams woken by the engine's commit signals (no polling).
 
 A page names the regions it shows (element ids); a stream sends the regions whose HTML
-changed (`replace`), rows to add (`append`), or `reload` when the page no longer fits (the
-instance started a new execution, say). List refreshes come at most once per interval.
+changed (`replace`), rows to add (`append`), `reload` when the page no longer fits (the
+instance started a new execution, say), or `gone` when what it shows was deleted. List
+refreshes come at most once per interval.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ class Update:
     replace: dict[str, str] = field(default_factory=dict)
     append: dict[str, str] = field(default_factory=dict)
     reload: bool = False
+    gone: bool = False  # what the page shows no longer exists (a purged instance)
 
     def __bool__(self) -> bool:
-        return bool(self.replace or self.append or self.reload)
+        return bool(self.replace or self.append or self.reload or self.gone)
 
 
 Emit = Callable[[Update], Awaitable[None]]
@@ -66,7 +68,9 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
 
         async def emit(update: Update) -> None:
-            if update.reload:
+            if update.gone:
+                await write("event: gone\ndata: {}\n\n")
+            elif update.reload:
                 await write("event: reload\ndata: {}\n\n")
             else:
                 data = json.dumps({"replace": update.replace, "append": update.append})
@@ -124,22 +128,23 @@ async def follow_hub(
 async def follow_instance(
     signals: Signals,
     instance_id: str,
-    render: Callable[[], Awaitable[Update | None]],
+    render: Callable[[], Awaitable[Update]],
     emit: Emit,
     ping: Ping,
     interval: float = INSTANCE_INTERVAL,
 ) -> None:
     """Send what `render` draws of the instance now and after every commit that changes it
-    (at most once per `interval`); stop once `render` returns None."""
+    (at most once per `interval`); stop after an update that reloads the page or says the
+    instance is gone."""
     while True:
         change = signals.instance_event(instance_id)  # before the read: no change is missed
         try:
             rendered_at = trio.current_time()
             update = await render()
-            if update is None:
-                return
             if update:
                 await emit(update)
+            if update.reload or update.gone:
+                return
             await _wait_pinging(change.wait, ping)
         finally:
             signals.release(instance_id, change)

@@ -22,7 +22,7 @@ _HEADERS = [
     (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),  # "no-referrer" would make form posts say Origin: null
     (b"cross-origin-opener-policy", b"same-origin"),
 ]
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

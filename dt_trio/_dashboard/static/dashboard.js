@@ -92,12 +92,23 @@
     body.dataset.updates = String(parseInt(body.dataset.updates || "0", 10) + 1);
   }
 
+  let source = null;
+
+  function stopLive() {
+    if (source) source.close();
+    source = null;
+  }
+
   if (body.dataset.live) {
-    const source = new EventSource(body.dataset.live);
+    source = new EventSource(body.dataset.live);
     source.addEventListener("update", function (event) { apply(JSON.parse(event.data)); });
-    source.addEventListener("reload", function () { source.close(); window.location.reload(); });
+    source.addEventListener("reload", function () { stopLive(); window.location.reload(); });
+    source.addEventListener("gone", function () {
+      stopLive();
+      flash("this instance no longer exists (purged)", true);
+    });
     source.addEventListener("open", function () { body.dataset.liveOpen = "1"; });
-    window.addEventListener("pagehide", function () { source.close(); });
+    window.addEventListener("pagehide", stopLive);
   }
 
   // -- actions on one instance -------------------------------------------------------------
@@ -109,6 +120,7 @@
     const id = box.dataset.instance;
     const action = button.dataset.action;
     if (button.dataset.confirm && !(await confirmed(button.dataset.confirm))) return;
+    if (action === "purge") stopLive();
     try {
       const answer = await post("/api/instances/" + encodeURIComponent(id), { action: action });
       if (action === "purge") {
