@@ -53,6 +53,12 @@ def parent(ctx: task.OrchestrationContext, _: Any) -> Any:
     return {"child": child}
 
 
+def fan_out(ctx: task.OrchestrationContext, n: int) -> Any:
+    return len(
+        (yield task.when_all([ctx.call_activity(say_hello, input=str(i)) for i in range(n)]))
+    )
+
+
 def counter(ctx: entities.EntityContext, value: Any) -> Any:
     current = ctx.get_state(int, 0)
     if ctx.operation == "add":
@@ -62,7 +68,7 @@ def counter(ctx: entities.EntityContext, value: Any) -> Any:
     return None
 
 
-ORCHESTRATORS = [hello_cities, checkout, approval, nap, parent]
+ORCHESTRATORS = [hello_cities, checkout, approval, nap, parent, fan_out]
 ACTIVITIES = [say_hello, charge_card]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import pathlib
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -21,6 +22,7 @@ import pytest
 from _dashboard_scenario import (
     approval,
     checkout,
+    fan_out,
     get_json,
     hello_cities,
     parent,
@@ -221,6 +223,49 @@ def test_the_history_is_what_stream_instance_history_returns(
     status, headers, body = raw(url + "?download=1")
     assert status == 200 and json.loads(body) == expected
     assert headers["content-disposition"] == f'attachment; filename="{instance_id}-history.json"'
+
+
+def test_a_long_history_is_streamed_in_chunks_with_every_event(
+    hub: Sidecar, c: client.TaskHubGrpcClient
+) -> None:
+    instance_id = c.schedule_new_orchestration(fan_out, input=300, instance_id=f"{key()}-fan")
+    state = c.wait_for_orchestration_completion(instance_id, timeout=60)
+    assert state is not None and state.serialized_output == "300"
+    history = get_json(f"{hub.ui_url}/api/history/{quoted(instance_id)}")
+    assert len(history) > 600
+    status, headers, body = raw(f"{hub.ui_url}/instances/{quoted(instance_id)}")
+    assert status == 200 and headers.get("transfer-encoding") == "chunked"
+    page = body.decode()
+    assert page.count('<tr class="event') == len(history)
+    assert page.count('class="bar bar-activity') == 300
+    assert page.rstrip().endswith("</html>")
+    pending = raw(f"{hub.ui_url}/instances/{quoted(instance_id)}?events=pending")[2].decode()
+    assert pending.count('<tr class="event') == 0
+
+
+def test_the_dashboard_serves_tls_with_the_sidecars_certificate(tmp_path: pathlib.Path) -> None:
+    cert, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+            *("-keyout", str(key_file), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    sidecar = Sidecar(
+        "", tmp_path / "log.txt", "--tls-cert", str(cert), "--tls-key", str(key_file)
+    ).start()
+    try:
+        assert sidecar.ui_url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(f"{sidecar.ui_url}/api/instances", context=context) as r:
+            assert json.loads(r.read())["instances"] == []
+        with pytest.raises(OSError):  # plain HTTP is not served
+            urllib.request.urlopen(sidecar.ui_url.replace("https", "http") + "/api/instances")
+    finally:
+        assert sidecar.stop() == 0
 
 
 def test_entities_show_state_and_take_signals(hub: Sidecar, c: client.TaskHubGrpcClient) -> None:

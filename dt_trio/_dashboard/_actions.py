@@ -109,7 +109,6 @@ async def act(client: HubClient, instance_id: str, action: Action, body: dict[st
             raise InstanceNotFound(instance_id)
         deleted = await client.store.purge(instance_id, recursive=False)
         return Done(instance_id, deleted > 0)
-    log.info("%s: %s from the dashboard", instance_id, action.value)
     return Done(instance_id, True)
 
 

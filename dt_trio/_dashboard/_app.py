@@ -343,7 +343,9 @@ class Dashboard:
         instance_id = request.path_params["instance_id"]
         if request.method == "POST":
             body = await _body(request)
-            done = await act(self.client, instance_id, Action.parse(body.get("action")), body)
+            action = Action.parse(body.get("action"))
+            done = await act(self.client, instance_id, action, body)
+            log.info("%s: %s from the dashboard", instance_id, action.value)
             return JSONResponse({"instanceId": done.instance_id, "changed": done.changed})
         state, history = await self._instance(instance_id)
         line = hist.timeline(history)

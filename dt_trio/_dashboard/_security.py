@@ -8,7 +8,7 @@ import hmac
 import ipaddress
 import json
 from dataclasses import dataclass
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
 from urllib.parse import quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -57,7 +57,7 @@ class Guard:
         cookie = SimpleCookie()
         try:
             cookie.load(headers.get("cookie", ""))
-        except Exception:  # a malformed Cookie header is no session
+        except CookieError:  # a malformed Cookie header is no session
             return False
         morsel = cookie.get(COOKIE)
         return morsel is not None and hmac.compare_digest(
