@@ -173,7 +173,7 @@ def test_a_second_sidecar_on_the_same_store_is_refused_whatever_the_path_spellin
             files = sorted(p.name for p in tmp_path.iterdir())
             for path in spellings:
                 out = subprocess.run(
-                    [sys.executable, "-m", "dt_trio", "--port", "0", "--db", path],
+                    [sys.executable, "-m", "dt_trio", "--port", "0", "--db", path, "--no-ui"],
                     capture_output=True,
                     text=True,
                     timeout=15,
@@ -215,7 +215,7 @@ def test_another_programs_database_is_refused_and_left_unchanged(
         conn.commit()
     before = db.read_bytes()
     out = subprocess.run(
-        [sys.executable, "-m", "dt_trio", "--port", "0", "--db", str(db)],
+        [sys.executable, "-m", "dt_trio", "--port", "0", "--db", str(db), "--no-ui"],
         capture_output=True,
         text=True,
         timeout=15,

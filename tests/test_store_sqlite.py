@@ -28,6 +28,7 @@ from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import (
     ActivityWorkItem,
     Handed,
+    InstanceFilter,
     OrchestrationWorkItem,
     SqliteBackend,
     StepAhead,
@@ -497,6 +498,41 @@ async def test_purge_deletes_finished_trees_and_keeps_running_instances(
     assert await store.get_instance("running") is not None
 
 
+async def test_queries_page_newest_first_and_filter_by_name(store: SqliteBackend) -> None:
+    base = now()
+    for n in range(5):
+        at = base + timedelta(seconds=n)
+        name = "even" if n % 2 == 0 else "odd"
+        await create(store, new_state(f"i{n}", name=name, created_at=at, last_updated_at=at))
+    page, key = await store.query_instances(InstanceFilter(), 2, None, newest_first=True)
+    assert [s.instance_id for s in page] == ["i4", "i3"]
+    page, key = await store.query_instances(InstanceFilter(), 2, key, newest_first=True)
+    assert [s.instance_id for s in page] == ["i2", "i1"]
+    page, key = await store.query_instances(InstanceFilter(), 2, key, newest_first=True)
+    assert [s.instance_id for s in page] == ["i0"] and key is None
+    evens, _ = await store.query_instances(InstanceFilter(name="even"), 10, None)
+    assert [s.instance_id for s in evens] == ["i0", "i2", "i4"]
+
+
+async def test_counts_per_status_follow_the_filter(store: SqliteBackend) -> None:
+    for instance_id, status in [
+        ("a1", Status.COMPLETED),
+        ("a2", Status.COMPLETED),
+        ("a3", Status.FAILED),
+        ("b1", Status.COMPLETED),
+    ]:
+        await create(store, new_state(instance_id, status=status))
+    assert await store.count_instances(InstanceFilter()) == {
+        Status.COMPLETED: 3,
+        Status.FAILED: 1,
+    }
+    assert await store.count_instances(InstanceFilter(id_prefix="a")) == {
+        Status.COMPLETED: 2,
+        Status.FAILED: 1,
+    }
+    assert await store.count_instances(InstanceFilter(name="nobody")) == {}
+
+
 async def test_reopening_a_file_releases_leases_of_the_previous_process(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -684,6 +720,8 @@ async def test_queries_and_the_lease_are_served_by_indexes(tmp_path: pathlib.Pat
         "AND (created_at, instance_id) > (0, '') ORDER BY created_at, instance_id LIMIT 100",
         "query by prefix": "SELECT instance_id FROM instances WHERE instance_id >= 'a' "
         "AND instance_id < 'b' ORDER BY created_at, instance_id LIMIT 100",
+        "query newest first": "SELECT instance_id FROM instances WHERE (created_at, instance_id) "
+        "< (9, 'z') ORDER BY created_at DESC, instance_id DESC LIMIT 50",
         "list finished": "SELECT completed_at, instance_id FROM instances WHERE completed_at IS "
         "NOT NULL AND status IN (1) ORDER BY completed_at, instance_id LIMIT 100",
         "get": "SELECT * FROM instances WHERE instance_id = 'x'",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -16,7 +15,7 @@ from dt_trio._core import EntityState, InstanceState, Status
 from dt_trio._core import _events as ev
 from dt_trio._engine import HubClient, RemoteExecutor
 from dt_trio._engine._executor import ACTIVITY, ORCHESTRATION
-from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest
+from dt_trio._errors import InstanceNotFound, InvalidRequest
 from dt_trio._grpc import _bounds as bounds
 from dt_trio._grpc._transport import immediate
 from dt_trio._proto import orchestrator_service_grpc as grpc_stubs
@@ -107,17 +106,6 @@ def _entity_id(value: str, field: str = "instanceId") -> str:
         return core.check_entity_id(_require(value, field), field)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
-
-
-def _entity_prefix(value: str | None) -> str | None:
-    """An id prefix as the SDKs' entity queries give it: '@name@key...' or a bare name start;
-    entity names are matched in lower case, as ids store them."""
-    if not value:
-        return None
-    if not value.startswith("@"):
-        value = "@" + value
-    name, sep, key = value[1:].partition("@")
-    return f"@{name.lower()}{sep}{key}"
 
 
 def _entity_message(entity: EntityState, include_state: bool) -> pb.EntityMetadata:
@@ -240,32 +228,15 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     async def RestartInstance(
         self, request: pb.RestartInstanceRequest
     ) -> pb.RestartInstanceResponse:
-        _require(request.instanceId, "instanceId")
-        old = await self._store.get_instance(request.instanceId)
-        if old is None:
-            raise InstanceNotFound(request.instanceId)
-        if not old.status.is_terminal:
-            raise FailedPrecondition(
-                f"instance '{old.instance_id}' is {old.status.label}; only a finished "
-                "instance can be restarted"
-            )
-        instance_id = await self._client.start(
-            old.name,
-            instance_id=uuid.uuid4().hex if request.restartWithNewInstanceId else old.instance_id,
-            input=old.input,
-            version=old.version,
-            tags=dict(old.tags),
-            replaceable={old.status},
+        instance_id = await self._client.restart(
+            _require(request.instanceId, "instanceId"), request.restartWithNewInstanceId
         )
         return pb.RestartInstanceResponse(instanceId=instance_id)
 
     async def RewindInstance(self, request: pb.RewindInstanceRequest) -> pb.RewindInstanceResponse:
-        """Run a failed instance again from its failed steps; the SDK rewrites the history."""
-        _require(request.instanceId, "instanceId")
-        event = ev.new_event(_now())
-        event.executionRewound.SetInParent()
-        ev.set_str(event.executionRewound.reason, ev.opt_str(request, "reason"))
-        await self._store.rewind(request.instanceId, event)
+        await self._client.rewind(
+            _require(request.instanceId, "instanceId"), ev.opt_str(request, "reason")
+        )
         return pb.RewindInstanceResponse()
 
     async def SkipGracefulOrchestrationTerminations(
@@ -511,7 +482,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     async def QueryEntities(self, request: pb.QueryEntitiesRequest) -> pb.QueryEntitiesResponse:
         query = request.query
         where = EntityFilter(
-            id_prefix=_entity_prefix(ev.opt_str(query, "instanceIdStartsWith")),
+            id_prefix=core.entity_id_prefix(ev.opt_str(query, "instanceIdStartsWith")),
             modified_from=_timestamp(query, "lastModifiedFrom"),
             modified_to=_timestamp(query, "lastModifiedTo"),
             include_transient=query.includeTransient,

@@ -757,16 +757,21 @@ class SqliteBackend:
         return count
 
     async def query_instances(
-        self, where: InstanceFilter, page_size: int, after: PageKey | None
+        self,
+        where: InstanceFilter,
+        page_size: int,
+        after: PageKey | None,
+        newest_first: bool = False,
     ) -> tuple[list[InstanceState], PageKey | None]:
         clauses, params = _filter_sql(where)
+        beyond, order = ("<", " DESC") if newest_first else (">", "")
         if after is not None:
-            clauses.append("(created_at, instance_id) > (?, ?)")
+            clauses.append(f"(created_at, instance_id) {beyond} (?, ?)")
             params += [after[0], after[1]]
         sql = (
             f"SELECT {_INSTANCE_COLUMNS} FROM instances"
             f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''}"
-            " ORDER BY created_at, instance_id LIMIT ?"
+            f" ORDER BY created_at{order}, instance_id{order} LIMIT ?"
         )
 
         def read(conn: sqlite3.Connection) -> list[sqlite3.Row]:
@@ -777,6 +782,18 @@ class SqliteBackend:
         rows = rows[:page_size]
         next_key = (rows[-1]["created_at"], rows[-1]["instance_id"]) if more and rows else None
         return [_row_to_state(r) for r in rows], next_key
+
+    async def count_instances(self, where: InstanceFilter) -> dict[Status, int]:
+        clauses, params = _filter_sql(where)
+        sql = (
+            "SELECT status, COUNT(*) FROM instances"
+            f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''} GROUP BY status"
+        )
+
+        def read(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            return conn.execute(sql, params).fetchall()
+
+        return {Status(status): count for status, count in await self._run_read(read)}
 
     async def list_finished_ids(
         self,
@@ -1867,6 +1884,9 @@ def _filter_sql(where: InstanceFilter) -> tuple[list[str], list[object]]:
     if where.created_to is not None:
         clauses.append("created_at < ?")
         params.append(_us(where.created_to))
+    if where.name is not None:
+        clauses.append("name = ?")
+        params.append(where.name)
     if where.id_prefix:
         # A range on the primary key, so the prefix filter uses the index.
         clauses.append("instance_id >= ? AND instance_id < ?")
