@@ -135,7 +135,13 @@ def _check_lease(conn: sqlite3.Connection, guard: Holds) -> LockLost | None:
         held, what = _instances.holder(conn, guard.key), f"instance '{guard.key}'"
     elif guard.kind is WorkKind.ACTIVITY:
         assert isinstance(guard.key, int)
-        held, what = _work.holder(conn, guard.key), f"activity work item {guard.key}"
+        held = _work.holder(conn, guard.key)
+        if held != guard.lease:
+            return LockLost(
+                f"activity work item {guard.key} is no longer leased by {guard.lease.owner} "
+                "(its orchestration ended or was purged meanwhile)"
+            )
+        return None
     else:
         assert isinstance(guard.key, str)
         held, what = _entities.holder(conn, guard.key), f"entity '{guard.key}'"
