@@ -329,6 +329,8 @@ class RemoteExecutor:
         self._workers: list[_Worker] = []
         self._numbers = itertools.count(1)
         self._workers_changed = trio.Event()
+        # How many connected workers take each kind (see `has_workers`).
+        self._takers: collections.Counter[WorkKind] = collections.Counter()
         # Routes said to wait for a worker (see `_report_waiting`), until a worker connects.
         self._reported: set[Route] = set()
 
@@ -343,13 +345,14 @@ class RemoteExecutor:
 
     def has_workers(self, kind: WorkKind) -> bool:
         """Whether a connected worker takes work of `kind`."""
-        return any(w.takes(kind) for w in self._workers)
+        return self._takers[kind] > 0
 
     async def workers_changed(self) -> None:
         """Return once a worker connects or leaves."""
         await self._workers_changed.wait()
 
     def _note_workers_changed(self) -> None:
+        self._takers = collections.Counter(k for w in self._workers for k in WorkKind if w.takes(k))
         self._workers_changed.set()
         self._workers_changed = trio.Event()
 
@@ -832,8 +835,9 @@ class RoutingExecutor:
         return self.local is not None and self.local.accepts(route)
 
     def has_workers(self, kind: WorkKind) -> bool:
-        local = self.local is not None and self.local.has_workers(kind)
-        return local or self.remote.has_workers(kind)
+        if self.local is not None and self.local.has_workers(kind):
+            return True
+        return self.remote.has_workers(kind)
 
     async def workers_changed(self) -> None:
         await self.remote.workers_changed()  # this process's code does not change

@@ -268,16 +268,24 @@ def lease(
 
 
 def take(
-    conn: sqlite3.Connection, owner: str, epoch: int, instance_id: str, now_us: int
+    conn: sqlite3.Connection, instance_id: str, lease: Lease, now_us: int
 ) -> OrchestrationWorkItem | None:
     """Lease the instance if nobody leases it and it has a visible message."""
     taken = conn.execute(
         "UPDATE instances SET leased_by = ?, lease_epoch = ? "
         "WHERE instance_id = ? AND leased_by IS NULL AND EXISTS "
         "(SELECT 1 FROM inbox WHERE inbox.instance_id = ? AND visible_at <= ?)",
-        (owner, epoch, instance_id, instance_id, now_us),
+        (lease.owner, lease.epoch, instance_id, instance_id, now_us),
     ).rowcount
-    return load(conn, [instance_id], now_us, Lease(owner, epoch))[0] if taken else None
+    return load(conn, [instance_id], now_us, lease)[0] if taken else None
+
+
+def take_created(conn: sqlite3.Connection, instance_id: str, lease: Lease) -> None:
+    """Lease an instance created in this transaction with a visible start."""
+    conn.execute(
+        "UPDATE instances SET leased_by = ?, lease_epoch = ? WHERE instance_id = ?",
+        (lease.owner, lease.epoch, instance_id),
+    )
 
 
 def load(
