@@ -11,7 +11,7 @@ import trio.testing
 
 from dt_trio._core._commit import WorkKind
 from dt_trio._engine import RemoteExecutor
-from dt_trio._engine._executor import HEALTH_PING_INTERVAL, Route, WorkAbandoned
+from dt_trio._engine._executor import HEALTH_PING_INTERVAL, Route, WorkAbandoned, WorkUnclaimed
 from dt_trio._errors import UnknownWorkItem
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
@@ -231,3 +231,71 @@ async def test_two_items_an_answer_without_token_would_both_name_never_wait_at_s
         await trio.testing.wait_all_tasks_blocked()
         assert answers[4] == answer("fourth") and answers[5].result.value == "fifth"  # type: ignore[attr-defined]
         nursery.cancel_scope.cancel()
+
+
+async def test_work_no_connected_worker_takes_goes_back_untried_after_a_while(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """An item waits `unclaimed_seconds` for a worker that takes it (none is connected, or
+    their filters leave it out), then goes back untried (`WorkUnclaimed`), for whoever can
+    run it. One behind busy workers that take it waits as long as it must."""
+    executor = RemoteExecutor(unclaimed_seconds=1.5)
+    only_b = pb.GetWorkItemsRequest(maxConcurrentActivityWorkItems=1)
+    only_b.workItemFilters.activities.add(name="b")
+    outcomes: dict[str, tuple[str, float]] = {}
+    start = trio.current_time()
+
+    async def run(name: str) -> None:
+        try:
+            pending = await executor.execute(activity(name), Route(WorkKind.ACTIVITY, name))
+            outcomes[name] = ("answered", trio.current_time() - start)
+            executor.finish(pending)
+        except WorkUnclaimed:
+            outcomes[name] = ("unclaimed", trio.current_time() - start)
+
+    async with trio.open_nursery() as nursery:
+        taken: list[pb.WorkItem] = []
+        nursery.start_soon(read, executor.stream(only_b), taken)  # takes only "b"
+        await trio.testing.wait_all_tasks_blocked()
+        for name in ("a", "b", "c"):
+            nursery.start_soon(run, name)
+        await trio.sleep(60)
+        # "b" waits for its answer; nobody would ever take "a" or "c"
+        assert [i.activityRequest.name for i in taken if i.HasField("activityRequest")] == ["b"]
+        assert outcomes == {"a": ("unclaimed", 1.5), "c": ("unclaimed", 1.5)}
+        nursery.cancel_scope.cancel()
+
+
+async def read(stream: Any, into: list[pb.WorkItem]) -> None:
+    async for item in stream:
+        into.append(item)
+
+
+async def test_work_waiting_for_busy_workers_goes_back_once_the_last_that_takes_it_leaves(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    executor = RemoteExecutor(unclaimed_seconds=1.5)
+    one_at_a_time = pb.GetWorkItemsRequest(maxConcurrentActivityWorkItems=1)
+    outcomes: dict[str, str] = {}
+
+    async def run(name: str) -> None:
+        try:
+            await executor.execute(activity(name), Route(WorkKind.ACTIVITY, name))
+            outcomes[name] = "answered"
+        except WorkAbandoned:
+            outcomes[name] = "abandoned"
+        except WorkUnclaimed:
+            outcomes[name] = f"unclaimed after {trio.current_time() - left:.1f} s"
+
+    async with trio.open_nursery() as nursery:
+        stream = executor.stream(one_at_a_time)
+        nursery.start_soon(run, "first")
+        assert (await stream.__anext__()).activityRequest.name == "first"
+        nursery.start_soon(run, "queued")
+        await trio.sleep(60)
+        assert outcomes == {}  # queued behind the busy worker, which takes it: it waits
+        left = trio.current_time()
+        await stream.aclose()
+        await trio.sleep(60)
+        # The item it held is abandoned (tried, and counted); the queued one was never tried.
+        assert outcomes == {"first": "abandoned", "queued": "unclaimed after 1.5 s"}
