@@ -16,8 +16,9 @@ import trio
 from dt_trio._errors import StoreUnavailable
 from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, server_ssl_context
 from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, lone_error, serve
+from dt_trio._log import get_logger
 
-log = logging.getLogger("dt_trio")
+log = get_logger("dt_trio")
 
 
 def _is_loopback(host: str) -> bool:
@@ -69,8 +70,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--log-level",
         default="INFO",
+        type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="(default: %(default)s)",
+        help="of dt-trio's own log lines; other libraries log at INFO or above "
+        "(default: %(default)s)",
     )
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -115,11 +118,15 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # DEBUG is for dt-trio's own loggers only: other libraries' debug output is not ours to
+    # vouch for (hpack's shows every header block, the token included).
+    level = logging.getLevelName(args.log_level)
     logging.basicConfig(
-        level=args.log_level,
+        level=max(level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    log.setLevel(level)
     try:
         trio.run(run, args)
     except (OSError, StoreUnavailable) as exc:

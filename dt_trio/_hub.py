@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import logging
 import os
 import socket
 import ssl
@@ -48,9 +47,10 @@ from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
 from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, serve_grpc
 from dt_trio._local import Client, LocalExecutor, Registry
+from dt_trio._log import get_logger
 from dt_trio._store import SqliteBackend
 
-log = logging.getLogger("dt_trio")
+log = get_logger("dt_trio")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4001

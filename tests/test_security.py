@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from _harness import Sidecar
+from _harness import Sidecar, running_sidecar, sdk_client, sdk_worker
 from durabletask import client, task
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
@@ -108,3 +108,63 @@ def test_tls_serves_http2_over_tls(tmp_path: pathlib.Path) -> None:
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         assert sidecar.stop() == 0
+
+
+def test_debug_logging_never_shows_the_token(tmp_path: pathlib.Path) -> None:
+    # (lower-case levels are accepted as well)
+    sidecar = Sidecar("", tmp_path / "log.txt", "--log-level", "debug", "--token", "s3cret")
+    sidecar.start()
+    try:
+        auth = [("authorization", "Bearer s3cret")]
+        c = client.TaskHubGrpcClient(host_address=sidecar.address, metadata=auth)
+        with sdk_worker_with_metadata(sidecar.address, auth):
+            instance_id = c.schedule_new_orchestration(greet, input="friend")
+            state = c.wait_for_orchestration_completion(instance_id, timeout=20)
+        assert state is not None and json.loads(state.serialized_output) == "hi friend"
+    finally:
+        assert sidecar.stop() == 0
+    log = sidecar.log_text()
+    assert "s3cret" not in log
+    assert "created orchestration" in log
+
+
+def test_instance_ids_cannot_forge_or_flood_log_lines(tmp_path: pathlib.Path) -> None:
+    forged = "x\n2020-01-01 00:00:00,000 INFO dt_trio: forged\r\x1b[2J"
+    huge = "y" * 100_000
+    with running_sidecar(tmp_path) as sidecar, sdk_worker(sidecar.address, [greet]):
+        c = sdk_client(sidecar.address)
+        for instance_id in (forged, huge):
+            c.schedule_new_orchestration(greet, input="id", instance_id=instance_id)
+            state = c.wait_for_orchestration_completion(instance_id, timeout=20)
+            assert state is not None and state.instance_id == instance_id  # stored as given
+    log = sidecar.log_text()
+    lines = log.splitlines()
+    assert not [line for line in lines if line.startswith("2020-01-01")]
+    assert "\x1b" not in log and "\r" not in log
+    assert r"x\n2020-01-01 00:00:00,000 INFO dt_trio: forged\r\x1b[2J" in log  # escaped
+    assert max(len(line) for line in lines) < 1000
+    assert "y" * 100 in log  # (cut, not dropped)
+
+
+def test_every_dt_trio_logger_escapes_and_cuts_what_it_logs() -> None:
+    import importlib
+    import logging
+    import pkgutil
+
+    import dt_trio
+
+    for module in pkgutil.walk_packages(dt_trio.__path__, "dt_trio."):
+        if module.name != "dt_trio.__main__":  # (that one runs the command)
+            importlib.import_module(module.name)
+    loggers = [
+        logger
+        for name, logger in logging.root.manager.loggerDict.items()
+        if (name == "dt_trio" or name.startswith("dt_trio.")) and isinstance(logger, logging.Logger)
+    ]
+    assert len(loggers) >= 5
+    for logger in loggers:
+        record = logger.makeRecord(
+            logger.name, logging.INFO, "f", 1, "%s|%s", ("a\nb", "c" * 300), None
+        )
+        assert logger.filter(record)
+        assert record.getMessage() == "a\\nb|" + "c" * 200 + "...[100 more characters]", logger.name

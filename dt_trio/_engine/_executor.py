@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -26,9 +25,10 @@ from typing import Protocol
 import trio
 
 from dt_trio._errors import InvalidRequest, StoreUnavailable, UnknownWorkItem
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # The SDKs treat 120 s without a message on the stream as a silent disconnect; ping well inside.
 HEALTH_PING_INTERVAL = 30.0

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gzip
 import hmac
-import logging
 import ssl
 import struct
 import urllib.parse
@@ -41,8 +40,9 @@ from purerpc.grpclib.status import StatusCode
 from purerpc.rpc import Cardinality
 
 from dt_trio._grpc import _http2 as http2
+from dt_trio._log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 H = TypeVar("H", bound=Callable[..., Any])
 
 StatusFor = Callable[[BaseException], "tuple[StatusCode, str] | None"]

@@ -13,7 +13,6 @@ import dataclasses
 import fcntl
 import functools
 import json
-import logging
 import os
 import pathlib
 import queue
@@ -47,6 +46,7 @@ from dt_trio._errors import (
     LockLost,
     StoreUnavailable,
 )
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store._backend import (
     ActivityWorkItem,
@@ -61,7 +61,7 @@ from dt_trio._store._backend import (
     StoreListener,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 SCHEMA = (pathlib.Path(__file__).parent / "schema.sql").read_text()
