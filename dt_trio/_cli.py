@@ -14,7 +14,13 @@ from collections.abc import Sequence
 import trio
 
 from dt_trio._errors import StoreUnavailable
-from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, server_ssl_context
+from dt_trio._grpc._transport import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    server_ssl_context,
+)
 from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, lone_error, serve
 from dt_trio._log import get_logger
 
@@ -55,6 +61,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_MAX_MESSAGE_BYTES,
         help="largest request message; bigger ones get RESOURCE_EXHAUSTED (default: %(default)s)",
     )
+    parser.add_argument(
+        "--max-buffered-bytes",
+        type=int,
+        help="request bytes held at once across all connections; a request that would go "
+        "beyond gets RESOURCE_EXHAUSTED (default: 4 x --max-message-bytes)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="connections served at once; more are refused (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection that has not begun HTTP/2 (and TLS) by then "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection without calls for that long (default: %(default)s)",
+    )
     parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument(
@@ -87,6 +120,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     if args.max_message_bytes < 1024:
         parser.error(f"--max-message-bytes must be at least 1024, not {args.max_message_bytes}")
+    if args.max_buffered_bytes is not None and args.max_buffered_bytes < args.max_message_bytes:
+        parser.error(
+            f"--max-buffered-bytes must be at least --max-message-bytes "
+            f"({args.max_message_bytes}), not {args.max_buffered_bytes}"
+        )
+    if args.max_connections < 1:
+        parser.error(f"--max-connections must be at least 1, not {args.max_connections}")
+    for flag, seconds in (
+        ("--handshake-timeout", args.handshake_timeout),
+        ("--idle-timeout", args.idle_timeout),
+    ):
+        if not seconds > 0:  # (NaN too)
+            parser.error(f"{flag} must be a positive number of seconds, not {seconds}")
     return args
 
 
@@ -102,6 +148,10 @@ async def run(args: argparse.Namespace) -> None:
                         port=args.port,
                         db=args.db,
                         max_message_bytes=args.max_message_bytes,
+                        max_buffered_bytes=args.max_buffered_bytes,
+                        max_connections=args.max_connections,
+                        handshake_timeout=args.handshake_timeout,
+                        idle_timeout=args.idle_timeout,
                         ssl_context=server_ssl_context(args.tls_cert, args.tls_key)
                         if args.tls_cert
                         else None,

@@ -1,7 +1,9 @@
 """THE nursery: what runs in a dt-trio task hub, in which order it starts and stops.
 
     serve()                       open_task_hub()  (the same, without gRPC)
-    └── store (opened first, closed last)
+    └── gRPC listening sockets (bound first: a port in use fails the start before any file
+        │                       is made; serve only)
+        store (opened next, closed last)
         └── store nursery
             ├── store writer: group commits in sqlite's thread  -- started 1st, stopped last
             └── nursery
@@ -45,7 +47,15 @@ from dt_trio._engine import (
 )
 from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
-from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, serve_grpc
+from dt_trio._grpc._transport import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    bound_port,
+    open_listeners,
+    serve_grpc,
+)
 from dt_trio._local import Client, LocalExecutor, Registry
 from dt_trio._log import get_logger
 from dt_trio._store import SqliteBackend
@@ -78,6 +88,10 @@ async def serve(
     port: int = DEFAULT_PORT,
     db: str = DEFAULT_DB,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_buffered_bytes: int | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ssl_context: ssl.SSLContext | None = None,
     token: str | None = None,
     registry: Registry | None = None,
@@ -87,36 +101,50 @@ async def serve(
 
     `db` is an sqlite file (created if missing) or "" for an in-memory store. `port` 0 picks a
     free port. A request message larger than `max_message_bytes` is answered
-    RESOURCE_EXHAUSTED. `ssl_context` serves TLS; `token` requires every call to carry
-    `authorization: Bearer <token>`. Orchestrators and activities in `registry` run in this
-    process, everything else on connected SDK workers. Reports `(host, port)` through
-    `task_status` once everything is running. Cancellation stops the server and the
+    RESOURCE_EXHAUSTED, and so is one that would take the request bytes held across all
+    connections beyond `max_buffered_bytes` (default 4 x `max_message_bytes`). At most
+    `max_connections` connections are served at once; one that has not begun HTTP/2 (TLS
+    included) `handshake_timeout` seconds after it was accepted is closed, and so is one
+    without calls for `idle_timeout` seconds. `ssl_context` serves TLS; `token` requires every
+    call to carry `authorization: Bearer <token>`. Orchestrators and activities in `registry`
+    run in this process, everything else on connected SDK workers. Reports `(host, port)`
+    through `task_status` once everything is running. Cancellation stops the server and the
     processors and closes the store.
     """
     signals = Signals()
+    # The address first: a start that fails for want of it (a port in use) must not have
+    # created the store's files.
+    listeners = await open_listeners(host, port)
     try:
         with _collections_spaced():
             async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
                 remote = RemoteExecutor()
                 processors = _Processors(store, signals, registry, remote)
                 service = SidecarService(store, remote, processors.client)
-                address: tuple[str, int] = await nursery.start(
+                await nursery.start(
                     functools.partial(
                         serve_grpc,
                         [service],
-                        host=host,
-                        port=port,
+                        listeners,
                         status_for=status_for,
                         max_message_bytes=max_message_bytes,
+                        max_buffered_bytes=max_buffered_bytes,
+                        max_connections=max_connections,
+                        handshake_timeout=handshake_timeout,
+                        idle_timeout=idle_timeout,
                         ssl_context=ssl_context,
                         token=token,
                     )
                 )
+                address = (host, bound_port(listeners))
                 log.info("server listening at %s", format_address(*address))
                 await processors.start(nursery)
                 task_status.started(address)
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
+    finally:
+        for listener in listeners:  # (serve_grpc closes them, if it got to run)
+            listener.socket.close()
 
 
 @contextlib.asynccontextmanager

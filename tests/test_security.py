@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -68,15 +69,18 @@ def sdk_worker_with_metadata(address: str, metadata: list[tuple[str, str]]) -> A
     return Running()
 
 
-def test_tls_serves_http2_over_tls(tmp_path: pathlib.Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+def self_signed(directory: pathlib.Path, name: str = "") -> tuple[pathlib.Path, pathlib.Path]:
+    """A certificate for localhost and 127.0.0.1, and its key (as the README makes one)."""
+    cert, key = directory / f"{name}cert.pem", directory / f"{name}key.pem"
     subprocess.run(
         [
             "openssl",
             "req",
             "-x509",
             "-newkey",
-            "rsa:2048",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-days",
             "1",
@@ -92,6 +96,11 @@ def test_tls_serves_http2_over_tls(tmp_path: pathlib.Path) -> None:
         check=True,
         capture_output=True,
     )
+    return cert, key
+
+
+def test_tls_serves_http2_over_tls(tmp_path: pathlib.Path) -> None:
+    cert, key = self_signed(tmp_path)
     sidecar = Sidecar("", tmp_path / "log.txt", "--tls-cert", str(cert), "--tls-key", str(key))
     sidecar.start()
     try:
@@ -168,3 +177,77 @@ def test_every_dt_trio_logger_escapes_and_cuts_what_it_logs() -> None:
         )
         assert logger.filter(record)
         assert record.getMessage() == "a\\nb|" + "c" * 200 + "...[100 more characters]", logger.name
+
+
+def test_the_bearer_scheme_is_case_insensitive(tmp_path: pathlib.Path) -> None:
+    sidecar = Sidecar("", tmp_path / "log.txt", "--token", "s3cret").start()
+    try:
+        with grpc.insecure_channel(sidecar.address) as channel:
+            stub = stubs.TaskHubSidecarServiceStub(channel)
+            for scheme in ("bearer", "BEARER", "bEaReR"):
+                metadata = [("authorization", f"{scheme} s3cret")]
+                response = stub.GetInstance(
+                    pb.GetInstanceRequest(instanceId="x"), metadata=metadata
+                )
+                assert response.exists is False
+            for wrong in ("Bearer S3CRET", "Basic s3cret", "Bearers3cret", "s3cret"):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.GetInstance(
+                        pb.GetInstanceRequest(instanceId="x"), metadata=[("authorization", wrong)]
+                    )
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        assert sidecar.stop() == 0
+
+
+# What the README shows: the official SDK over TLS with a self-signed certificate and a token.
+SDK_OVER_TLS = """
+import json, os, sys
+from durabletask import client, task, worker
+
+def greet(ctx: task.OrchestrationContext, name: str) -> str:
+    return f"hi {name}"
+
+address = sys.argv[1]
+metadata = [("authorization", f"Bearer {os.environ['DT_TRIO_TOKEN']}")]
+w = worker.TaskHubGrpcWorker(host_address=address, secure_channel=True, metadata=metadata)
+w.add_orchestrator(greet)
+c = client.TaskHubGrpcClient(host_address=address, secure_channel=True, metadata=metadata)
+instance_id = c.schedule_new_orchestration(greet, input="tls")
+w.start()
+state = c.wait_for_orchestration_completion(instance_id, timeout=20)
+w.stop()
+print(state.runtime_status.name, state.serialized_output)
+"""
+
+
+def test_the_sdk_reaches_a_tls_sidecar_with_a_self_signed_certificate_and_a_token(
+    tmp_path: pathlib.Path,
+) -> None:
+    cert, key = self_signed(tmp_path)
+    sidecar = Sidecar("", tmp_path / "log.txt", "--tls-cert", str(cert), "--tls-key", str(key))
+    sidecar.extra_args += ["--token", "s3cret"]
+    sidecar.start()
+    try:
+        env = dict(os.environ, GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=str(cert), DT_TRIO_TOKEN="s3cret")
+        out = subprocess.run(
+            [sys.executable, "-c", SDK_OVER_TLS, f"localhost:{sidecar.port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["COMPLETED", '"hi', 'tls"'], out.stdout
+        # the same without the token: refused
+        env["DT_TRIO_TOKEN"] = "wrong"
+        out = subprocess.run(
+            [sys.executable, "-c", SDK_OVER_TLS, f"localhost:{sidecar.port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert out.returncode != 0 and "UNAUTHENTICATED" in out.stderr, out.stderr
+    finally:
+        assert sidecar.stop() == 0

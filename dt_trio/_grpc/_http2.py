@@ -222,6 +222,11 @@ class ServerConnection:
     def has_data_to_send(self) -> bool:
         return bool(self._out)
 
+    @property
+    def handshake_done(self) -> bool:
+        """The client's connection preface and first SETTINGS have arrived."""
+        return self._settings_seen
+
     def is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
@@ -277,12 +282,18 @@ class ServerConnection:
             # to stop sending (RFC 9113 8.1).
             self._out += _frame(RST_STREAM, 0, stream_id, _U32.pack(NO_ERROR))
 
-    def _fail(self, code: int, message: str) -> ProtocolError:
+    def go_away(self, code: int, message: str) -> None:
+        """Queue GOAWAY (`message` as its debug data): the connection takes no new stream and
+        reads nothing more; streams up to the last one the peer opened were seen (those above
+        it, the peer may retry elsewhere)."""
         if not self.closed:
             self.closed = True
             self._out += _frame(
                 GOAWAY, 0, 0, _U32.pack(self._last_stream_id) + _U32.pack(code) + message.encode()
             )
+
+    def _fail(self, code: int, message: str) -> ProtocolError:
+        self.go_away(code, message)
         return ProtocolError(code, message)
 
     # -- input ---------------------------------------------------------------------------------
