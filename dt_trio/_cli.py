@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import trio
 
@@ -27,13 +27,20 @@ from dt_trio._log import get_logger
 log = get_logger("dt_trio")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def _is_loopback(parser: argparse.ArgumentParser, host: str) -> bool:
+    """Whether `host` (an address or a name) is served on loopback only; a parser error if it
+    is no valid address and no name this machine can resolve."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        addresses = [ipaddress.ip_address(host)]
     except ValueError:
-        return False  # a host name: assume it is reachable
+        if not host or all(char in "0123456789." for char in host) or ":" in host:
+            parser.error(f"--host {host} is not a valid IP address")
+        try:
+            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            parser.error(f"--host {host}: cannot resolve this name ({exc.strerror})")
+        addresses = [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in found]
+    return all(address.is_loopback for address in addresses)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -113,7 +120,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--port must be between 0 and 65535, not {args.port}")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    if not _is_loopback(args.host) and not args.tls_cert and not args.insecure:
+    if not _is_loopback(parser, args.host) and not args.tls_cert and not args.insecure:
         parser.error(
             f"--host {args.host} is reachable from other machines: give --tls-cert and "
             "--tls-key (and preferably --token), or --insecure to serve plaintext anyway"
@@ -133,17 +140,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ):
         if not seconds > 0:  # (NaN too)
             parser.error(f"{flag} must be a positive number of seconds, not {seconds}")
+    args.ssl_context = None
+    if args.tls_cert:
+        try:
+            args.ssl_context = server_ssl_context(args.tls_cert, args.tls_key)
+        except ValueError as exc:
+            parser.error(str(exc))
     return args
 
 
+def _signal_while_shutting_down(signum: int, frame: object) -> None:
+    log.info("received %s while shutting down; the shutdown goes on", signal.Signals(signum).name)
+
+
 async def run(args: argparse.Namespace) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down cleanly."""
+    """Serve until SIGINT or SIGTERM, then shut down cleanly. A further signal during the
+    shutdown is logged and changes nothing: the shutdown is short, and a user who cannot wait
+    may kill -9 (which loses nothing committed)."""
+    # In force once the receiver below is closed: a signal still queued in it when it
+    # closes is delivered again, and must not kill the process on its way out.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _signal_while_shutting_down)
+    serving = trio.CancelScope()
+
+    async def watch(signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            if serving.cancel_called:
+                _signal_while_shutting_down(signum, None)
+            else:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                serving.cancel()
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    functools.partial(
-                        serve,
+                nursery.start_soon(watch, signals)
+                with serving:
+                    await serve(
                         host=args.host,
                         port=args.port,
                         db=args.db,
@@ -152,16 +185,10 @@ async def run(args: argparse.Namespace) -> None:
                         max_connections=args.max_connections,
                         handshake_timeout=args.handshake_timeout,
                         idle_timeout=args.idle_timeout,
-                        ssl_context=server_ssl_context(args.tls_cert, args.tls_key)
-                        if args.tls_cert
-                        else None,
+                        ssl_context=args.ssl_context,
                         token=args.token,
                     )
-                )
-                async for signum in signals:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
+                nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise lone_error(group) from None
 

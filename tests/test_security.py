@@ -119,6 +119,90 @@ def test_tls_serves_http2_over_tls(tmp_path: pathlib.Path) -> None:
         assert sidecar.stop() == 0
 
 
+def dt_trio_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dt_trio", *args], capture_output=True, text=True, timeout=30
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("999.1.1.1", "--host 999.1.1.1 is not a valid IP address"),
+        ("1.2.3", "--host 1.2.3 is not a valid IP address"),
+        ("no-such-host.invalid", "--host no-such-host.invalid: cannot resolve this name"),
+    ],
+)
+def test_a_host_that_cannot_be_bound_is_named_as_such(host: str, problem: str) -> None:
+    out = dt_trio_command("--host", host, "--port", "0", "--db", "")
+    assert out.returncode == 2
+    assert problem in out.stderr, out.stderr
+    assert "reachable from other machines" not in out.stderr
+
+
+def test_a_name_of_the_loopback_interface_needs_no_tls(tmp_path: pathlib.Path) -> None:
+    sidecar = Sidecar("", tmp_path / "log.txt", "--host", "localhost").start()
+    assert sidecar.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def pems(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
+    directory = tmp_path_factory.mktemp("pems")
+    cert, key = self_signed(directory)
+    _, other_key = self_signed(directory, "other-")
+    garbage = directory / "garbage.pem"
+    garbage.write_text("this is not PEM\n")
+    encrypted = directory / "encrypted-key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "pkey",
+            "-in",
+            str(key),
+            "-aes256",
+            "-passout",
+            "pass:pw",
+            "-out",
+            str(encrypted),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    missing = directory / "missing.pem"
+    return {
+        "cert": cert,
+        "key": key,
+        "other_key": other_key,
+        "garbage": garbage,
+        "encrypted": encrypted,
+        "missing": missing,
+    }
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "problem"),
+    [
+        ("missing", "key", "cannot read the certificate chain {missing}: No such file"),
+        ("cert", "missing", "cannot read the private key {missing}: No such file"),
+        ("garbage", "key", "{garbage} is not a PEM certificate chain"),
+        ("key", "key", "{key} is not a PEM certificate chain"),
+        ("cert", "garbage", "{garbage} is not a PEM private key"),
+        ("cert", "cert", "{cert} is not a PEM private key"),
+        ("cert", "other_key", "the private key {other_key} does not match the certificate {cert}"),
+        ("cert", "encrypted", "the private key {encrypted} is encrypted"),
+    ],
+)
+def test_tls_files_that_cannot_serve_are_named_with_the_reason(
+    pems: dict[str, pathlib.Path], cert: str, key: str, problem: str
+) -> None:
+    out = dt_trio_command(
+        "--tls-cert", str(pems[cert]), "--tls-key", str(pems[key]), "--port", "0", "--db", ""
+    )
+    assert out.returncode == 2
+    assert problem.format(**pems) in out.stderr, out.stderr
+    assert "PEM lib" not in out.stderr and "Traceback" not in out.stderr
+
+
 def test_debug_logging_never_shows_the_token(tmp_path: pathlib.Path) -> None:
     # (lower-case levels are accepted as well)
     sidecar = Sidecar("", tmp_path / "log.txt", "--log-level", "debug", "--token", "s3cret")
@@ -135,48 +219,6 @@ def test_debug_logging_never_shows_the_token(tmp_path: pathlib.Path) -> None:
     log = sidecar.log_text()
     assert "s3cret" not in log
     assert "created orchestration" in log
-
-
-def test_instance_ids_cannot_forge_or_flood_log_lines(tmp_path: pathlib.Path) -> None:
-    forged = "x\n2020-01-01 00:00:00,000 INFO dt_trio: forged\r\x1b[2J"
-    huge = "y" * 100_000
-    with running_sidecar(tmp_path) as sidecar, sdk_worker(sidecar.address, [greet]):
-        c = sdk_client(sidecar.address)
-        for instance_id in (forged, huge):
-            c.schedule_new_orchestration(greet, input="id", instance_id=instance_id)
-            state = c.wait_for_orchestration_completion(instance_id, timeout=20)
-            assert state is not None and state.instance_id == instance_id  # stored as given
-    log = sidecar.log_text()
-    lines = log.splitlines()
-    assert not [line for line in lines if line.startswith("2020-01-01")]
-    assert "\x1b" not in log and "\r" not in log
-    assert r"x\n2020-01-01 00:00:00,000 INFO dt_trio: forged\r\x1b[2J" in log  # escaped
-    assert max(len(line) for line in lines) < 1000
-    assert "y" * 100 in log  # (cut, not dropped)
-
-
-def test_every_dt_trio_logger_escapes_and_cuts_what_it_logs() -> None:
-    import importlib
-    import logging
-    import pkgutil
-
-    import dt_trio
-
-    for module in pkgutil.walk_packages(dt_trio.__path__, "dt_trio."):
-        if module.name != "dt_trio.__main__":  # (that one runs the command)
-            importlib.import_module(module.name)
-    loggers = [
-        logger
-        for name, logger in logging.root.manager.loggerDict.items()
-        if (name == "dt_trio" or name.startswith("dt_trio.")) and isinstance(logger, logging.Logger)
-    ]
-    assert len(loggers) >= 5
-    for logger in loggers:
-        record = logger.makeRecord(
-            logger.name, logging.INFO, "f", 1, "%s|%s", ("a\nb", "c" * 300), None
-        )
-        assert logger.filter(record)
-        assert record.getMessage() == "a\\nb|" + "c" * 200 + "...[100 more characters]", logger.name
 
 
 def test_the_bearer_scheme_is_case_insensitive(tmp_path: pathlib.Path) -> None:
@@ -251,3 +293,45 @@ def test_the_sdk_reaches_a_tls_sidecar_with_a_self_signed_certificate_and_a_toke
         assert out.returncode != 0 and "UNAUTHENTICATED" in out.stderr, out.stderr
     finally:
         assert sidecar.stop() == 0
+
+
+def test_instance_ids_cannot_forge_or_flood_log_lines(tmp_path: pathlib.Path) -> None:
+    forged = "x\n2020-01-01 00:00:00,000 INFO dt_trio: forged\r\x1b[2J"
+    huge = "y" * 100_000
+    with running_sidecar(tmp_path) as sidecar, sdk_worker(sidecar.address, [greet]):
+        c = sdk_client(sidecar.address)
+        for instance_id in (forged, huge):
+            c.schedule_new_orchestration(greet, input="id", instance_id=instance_id)
+            state = c.wait_for_orchestration_completion(instance_id, timeout=20)
+            assert state is not None and state.instance_id == instance_id  # stored as given
+    log = sidecar.log_text()
+    lines = log.splitlines()
+    assert not [line for line in lines if line.startswith("2020-01-01")]
+    assert "\x1b" not in log and "\r" not in log
+    assert r"x\n2020-01-01 00:00:00,000 INFO dt_trio: forged\r\x1b[2J" in log  # escaped
+    assert max(len(line) for line in lines) < 1000
+    assert "y" * 100 in log  # (cut, not dropped)
+
+
+def test_every_dt_trio_logger_escapes_and_cuts_what_it_logs() -> None:
+    import importlib
+    import logging
+    import pkgutil
+
+    import dt_trio
+
+    for module in pkgutil.walk_packages(dt_trio.__path__, "dt_trio."):
+        if module.name != "dt_trio.__main__":  # (that one runs the command)
+            importlib.import_module(module.name)
+    loggers = [
+        logger
+        for name, logger in logging.root.manager.loggerDict.items()
+        if (name == "dt_trio" or name.startswith("dt_trio.")) and isinstance(logger, logging.Logger)
+    ]
+    assert len(loggers) >= 5
+    for logger in loggers:
+        record = logger.makeRecord(
+            logger.name, logging.INFO, "f", 1, "%s|%s", ("a\nb", "c" * 300), None
+        )
+        assert logger.filter(record)
+        assert record.getMessage() == "a\\nb|" + "c" * 200 + "...[100 more characters]", logger.name

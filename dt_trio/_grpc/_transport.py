@@ -147,13 +147,55 @@ def _status_message(message: str) -> str:
     return urllib.parse.quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> str:
+    # (without a password callback OpenSSL would prompt for one on the terminal)
+    raise _EncryptedKey
+
+
 def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """A TLS server context for gRPC: TLS 1.2 or later, HTTP/2 by ALPN."""
+    """A TLS server context for gRPC: TLS 1.2 or later, HTTP/2 by ALPN.
+
+    ValueError, naming the file and what is wrong with it, if the files cannot serve."""
+    for what, path in (("certificate chain", cert_file), ("private key", key_file)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot read the {what} {path}: {exc.strerror}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_file, key_file)
+    try:
+        context.load_cert_chain(cert_file, key_file, password=_no_password)
+    except _EncryptedKey:
+        raise ValueError(
+            f"the private key {key_file} is encrypted: give it without a passphrase "
+            f"(openssl pkey -in {key_file} -out KEY)"
+        ) from None
+    except ssl.SSLError as exc:
+        raise ValueError(_tls_files_problem(cert_file, key_file, exc)) from None
     context.set_alpn_protocols(["h2"])
     return context
+
+
+def _tls_files_problem(cert_file: str, key_file: str, exc: ssl.SSLError) -> str:
+    """What is wrong with a certificate chain and key that OpenSSL refused as `exc`."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert_file)
+    except ssl.SSLError:
+        return (
+            f"{cert_file} is not a PEM certificate chain "
+            "(it should hold -----BEGIN CERTIFICATE----- blocks)"
+        )
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return f"the private key {key_file} does not match the certificate {cert_file}"
+    return (
+        f"{key_file} is not a PEM private key "
+        "(it should hold a -----BEGIN ...PRIVATE KEY----- block)"
+    )
 
 
 def _parse_timeout(value: str) -> float:

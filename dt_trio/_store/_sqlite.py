@@ -388,7 +388,9 @@ class SqliteBackend:
             await trio.to_thread.run_sync(self._open_sync, limiter=self._write_limiter)
         except (sqlite3.Error, OSError) as exc:
             await self.close()
-            raise StoreUnavailable(f"cannot open the store {self.description}: {exc}") from exc
+            raise StoreUnavailable(
+                f"cannot open the store {self.description}: {_open_problem(self.path, exc)}"
+            ) from exc
         except BaseException:
             await self.close()
             raise
@@ -1299,6 +1301,21 @@ def _exclusive_lock(path: str) -> IO[bytes]:
             "stop that process or give this one another --db"
         ) from None
     return lock_file
+
+
+def _open_problem(path: str, exc: sqlite3.Error | OSError) -> str:
+    """Why the store `path` cannot be opened, in terms of what the user gave (the store and
+    its directory), not of the files made beside it."""
+    if path:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            return f"the directory {directory} does not exist"
+        if not os.access(directory, os.W_OK):
+            return (
+                f"the directory {directory} is not writable (sqlite keeps the store's journal "
+                "beside it): give --db a file in a writable directory"
+            )
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 @contextlib.contextmanager
