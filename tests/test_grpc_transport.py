@@ -429,7 +429,8 @@ class RawPeer:
         await self.stream.send_all(data)
 
     async def request(self, stream_id: int, path: str, body: bytes, *, end: bool) -> None:
-        """HEADERS of a gRPC call, then its body (all of it or not) in one DATA frame."""
+        """HEADERS of a gRPC call, then its body (all of it or not) in DATA frames of 16 KiB
+        (the largest the server takes)."""
         fields = [
             (":method", "POST"),
             (":scheme", "http"),
@@ -438,9 +439,11 @@ class RawPeer:
             ("content-type", "application/grpc"),
             ("te", "trailers"),
         ]
+        chunks = [body[at : at + 16384] for at in range(0, len(body), 16384)] or [b""]
         await self.send(
             frame(HEADERS, END_HEADERS, stream_id, self.encoder.encode(fields))
-            + frame(DATA, END_STREAM if end else 0, stream_id, body)
+            + b"".join(frame(DATA, 0, stream_id, chunk) for chunk in chunks[:-1])
+            + frame(DATA, END_STREAM if end else 0, stream_id, chunks[-1])
         )
 
     async def next_frame(self, wanted: Callable[[Frame], bool]) -> Frame:

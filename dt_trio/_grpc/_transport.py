@@ -368,8 +368,9 @@ class _Connection:
                     self._answer_inline(found, nursery)
         elif isinstance(event, http2.Request):
             stream = _Stream(event.stream_id, event.headers)
+            if not self._streams:  # the idle timer runs: stop it
+                self._timer.deadline = math.inf
             self._streams[event.stream_id] = stream
-            self._timer.deadline = math.inf
             if event.end_stream:
                 stream.ended.set()
             if event.headers.get(":path") in self._immediate:
