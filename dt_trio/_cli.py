@@ -19,6 +19,7 @@ from dt_trio._grpc._transport import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_MESSAGE_BYTES,
+    min_buffered_bytes,
     server_ssl_context,
 )
 from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, lone_error, serve
@@ -71,8 +72,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-buffered-bytes",
         type=int,
-        help="request bytes held at once across all connections; a request that would go "
-        "beyond gets RESOURCE_EXHAUSTED (default: 4 x --max-message-bytes)",
+        help="request bytes held at once across all connections (a call waiting for its "
+        "request counts 4096); a call that would go beyond gets RESOURCE_EXHAUSTED "
+        "(default: 64 MiB, or 4 x --max-message-bytes if more)",
     )
     parser.add_argument(
         "--max-connections",
@@ -127,10 +129,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     if args.max_message_bytes < 1024:
         parser.error(f"--max-message-bytes must be at least 1024, not {args.max_message_bytes}")
-    if args.max_buffered_bytes is not None and args.max_buffered_bytes < args.max_message_bytes:
+    least = min_buffered_bytes(args.max_message_bytes)
+    if args.max_buffered_bytes is not None and args.max_buffered_bytes < least:
         parser.error(
-            f"--max-buffered-bytes must be at least --max-message-bytes "
-            f"({args.max_message_bytes}), not {args.max_buffered_bytes}"
+            f"--max-buffered-bytes must be at least {least} (a request of --max-message-bytes "
+            f"and its call), not {args.max_buffered_bytes}"
         )
     if args.max_connections < 1:
         parser.error(f"--max-connections must be at least 1, not {args.max_connections}")

@@ -102,7 +102,8 @@ async def serve(
     `db` is an sqlite file (created if missing) or "" for an in-memory store. `port` 0 picks a
     free port. A request message larger than `max_message_bytes` is answered
     RESOURCE_EXHAUSTED, and so is one that would take the request bytes held across all
-    connections beyond `max_buffered_bytes` (default 4 x `max_message_bytes`). At most
+    connections beyond `max_buffered_bytes` (default 64 MiB, or 4 x `max_message_bytes` if
+    more). At most
     `max_connections` connections are served at once; one that has not begun HTTP/2 (TLS
     included) `handshake_timeout` seconds after it was accepted is closed, and so is one
     without calls for `idle_timeout` seconds. `ssl_context` serves TLS; `token` requires every

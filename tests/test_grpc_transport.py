@@ -45,6 +45,7 @@ from test_security import self_signed
 from dt_trio._errors import InstanceNotFound
 from dt_trio._grpc._status import status_for
 from dt_trio._grpc._transport import (
+    UNFINISHED_REQUEST_COST,
     bound_port,
     immediate,
     open_listeners,
@@ -668,11 +669,40 @@ def test_the_connection_limits_are_flags_of_the_command(tmp_path: pathlib.Path) 
         assert kinds[1][-1] == GOAWAY
     finally:
         assert sidecar.stop() == 0
-    out = subprocess.run(
-        [sys.executable, "-m", "dt_trio", "--idle-timeout", "0", "--db", ""],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 2
-    assert "--idle-timeout must be a positive number of seconds, not 0.0" in out.stderr
+    for flags, problem in (
+        (["--idle-timeout", "0"], "--idle-timeout must be a positive number of seconds, not 0.0"),
+        (
+            ["--max-message-bytes", "2048", "--max-buffered-bytes", "4096"],
+            "--max-buffered-bytes must be at least 6149",
+        ),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "dt_trio", *flags, "--db", ""],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 2
+        assert problem in out.stderr, out.stderr
+
+
+async def test_calls_waiting_for_their_request_count_against_the_same_bound(
+    nursery: trio.Nursery,
+) -> None:
+    # A call whose request never comes holds a task and its state, though no bytes: each
+    # counts as UNFINISHED_REQUEST_COST, so stalled calls cannot pile up without end either.
+    limit = 10 * UNFINISHED_REQUEST_COST
+    _, port, _ = await start_server(nursery, max_buffered_bytes=limit)
+    stalling = await RawPeer.connect(port)
+    for n in range(10):
+        await stalling.request(2 * n + 1, GET_INSTANCE, b"", end=False)
+    await stalling.request(21, GET_INSTANCE, b"", end=False)
+    with trio.fail_after(5):
+        refused = await stalling.trailers(21)
+    assert refused["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+    error = await rpc_error(port, lambda s: s.Hello(empty_pb2.Empty()))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # what they held is given back when they go
+    await stalling.stream.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert (await call(port, lambda s: s.Hello(empty_pb2.Empty()))) == empty_pb2.Empty()

@@ -59,6 +59,7 @@ H = TypeVar("H", bound=Callable[..., Any])
 StatusFor = Callable[[BaseException], "tuple[StatusCode, str] | None"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_BUFFERED_BYTES = 64 * 1024 * 1024  # (or 4 x max_message_bytes, if more)
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -68,6 +69,17 @@ _CLOSE_GRACE = 1.0
 # doubled up to the second number while it goes on.
 _ACCEPT_RETRY = (0.05, 1.0)
 _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# What a call holds while its request is unfinished, besides the request's bytes (its task and
+# state), counted against the bound on buffered request bytes: calls whose request never
+# comes cannot pile up without end either.
+UNFINISHED_REQUEST_COST = 4096
+
+
+def min_buffered_bytes(max_message_bytes: int) -> int:
+    """The least bound on buffered request bytes that holds one request of the largest size."""
+    return max_message_bytes + 5 + UNFINISHED_REQUEST_COST
+
+
 _READ_SIZE = 65536
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _DECODERS: dict[str, Callable[[bytes], bytes]] = {
@@ -135,6 +147,7 @@ class _Stream:
     # Its request could not be buffered (too large, or over the server's budget): the status
     # it is answered with.
     refusal: RpcError | None = None
+    held: int = 0  # charged to the budget: the request's bytes, and the cost of waiting for them
     # Its method is immediate: answered as its request ends, by the read loop (no task).
     inline: bool = False
     # Response headers went out: the status must follow as trailers, never as a second header
@@ -304,9 +317,17 @@ class _Connection:
             self._timer.deadline = trio.current_time() + self._idle_timeout
 
     def _release(self, stream: _Stream) -> None:
-        if stream.buffer:
-            self._budget.give(len(stream.buffer))
+        if stream.held:
+            self._budget.give(stream.held)
+            stream.held = 0
             stream.buffer = bytearray()
+
+    def _over_budget(self) -> RpcError:
+        return RpcError(
+            StatusCode.RESOURCE_EXHAUSTED,
+            f"the server holds as many request bytes as it may ({self._budget.limit} across "
+            "all calls in progress, --max-buffered-bytes): retry once some are answered",
+        )
 
     def _refuse(self, stream: _Stream, refusal: RpcError) -> None:
         """Buffer no more of the stream's request: its handler answers `refusal`."""
@@ -351,16 +372,9 @@ class _Connection:
                         ),
                     )
                 elif not self._budget.take(size):
-                    self._refuse(
-                        found,
-                        RpcError(
-                            StatusCode.RESOURCE_EXHAUSTED,
-                            "the server holds as many request bytes as it may "
-                            f"({self._budget.limit}, across all calls in progress): retry "
-                            "once some are answered",
-                        ),
-                    )
+                    self._refuse(found, self._over_budget())
                 else:
+                    found.held += size
                     found.buffer += event.data
                     if event.end_stream:
                         found.ended.set()
@@ -373,9 +387,13 @@ class _Connection:
             self._streams[event.stream_id] = stream
             if event.end_stream:
                 stream.ended.set()
+            elif self._budget.take(UNFINISHED_REQUEST_COST):
+                stream.held = UNFINISHED_REQUEST_COST
+            else:
+                self._refuse(stream, self._over_budget())
             if event.headers.get(":path") in self._immediate:
                 stream.inline = True
-                if event.end_stream:
+                if stream.ended.is_set():
                     self._answer_inline(stream, nursery)
             else:
                 nursery.start_soon(self._serve_stream, stream)
@@ -688,7 +706,9 @@ async def serve_grpc(
     With `ssl_context` every connection is TLS (HTTP/2 negotiated by ALPN); with `token` every
     call must carry the metadata `authorization: Bearer <token>` (else UNAUTHENTICATED). The
     limits: a request message of at most `max_message_bytes`; at most `max_buffered_bytes`
-    (default 4 x `max_message_bytes`) of requests held across all connections; at most
+    (default 64 MiB, or 4 x `max_message_bytes` if more; ValueError if it cannot hold one
+    request of that size) of requests held across all connections, a call still waiting for
+    its request counting UNFINISHED_REQUEST_COST; at most
     `max_connections` connections; `handshake_timeout` seconds from accepting a connection
     to its HTTP/2 preface (TLS included), `idle_timeout` seconds for a connection without
     calls.
@@ -696,6 +716,15 @@ async def serve_grpc(
     Reports once accepting. Cancellation closes the listeners, cancels every handler and
     closes every connection.
     """
+    if max_buffered_bytes is None:
+        budget = max(DEFAULT_MAX_BUFFERED_BYTES, 4 * max_message_bytes)
+    elif max_buffered_bytes < min_buffered_bytes(max_message_bytes):
+        raise ValueError(
+            f"max_buffered_bytes must be at least {min_buffered_bytes(max_message_bytes)} "
+            f"(one request of max_message_bytes and its call), not {max_buffered_bytes}"
+        )
+    else:
+        budget = max_buffered_bytes
     methods: dict[str, Any] = {}
     immediate: set[str] = set()
     for servicer in servicers:
@@ -713,7 +742,7 @@ async def serve_grpc(
         frozenset(immediate),
         status_for,
         max_message_bytes,
-        _Budget(4 * max_message_bytes if max_buffered_bytes is None else max_buffered_bytes),
+        _Budget(budget),
         token,
         idle_timeout,
     )
