@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import trio
 
+from dt_trio._dashboard import DEFAULT_UI, parse_address
 from dt_trio._errors import StoreUnavailable
 from dt_trio._grpc._transport import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -28,18 +29,18 @@ from dt_trio._log import get_logger
 log = get_logger("dt_trio")
 
 
-def _is_loopback(parser: argparse.ArgumentParser, host: str) -> bool:
-    """Whether `host` (an address or a name) is served on loopback only; a parser error if it
-    is no valid address and no name this machine can resolve."""
+def _is_loopback(parser: argparse.ArgumentParser, flag: str, host: str) -> bool:
+    """Whether `host` (an address or a name, given with `flag`) is served on loopback only; a
+    parser error if it is no valid address and no name this machine can resolve."""
     try:
         addresses = [ipaddress.ip_address(host)]
     except ValueError:
         if not host or all(char in "0123456789." for char in host) or ":" in host:
-            parser.error(f"--host {host} is not a valid IP address")
+            parser.error(f"{flag} {host} is not a valid IP address")
         try:
             found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            parser.error(f"--host {host}: cannot resolve this name ({exc.strerror})")
+            parser.error(f"{flag} {host}: cannot resolve this name ({exc.strerror})")
         addresses = [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in found]
     return all(address.is_loopback for address in addresses)
 
@@ -48,6 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dt-trio",
         description="Durable Task sidecar: serves TaskHubSidecarService over gRPC on sqlite.",
+        epilog="To operate a running sidecar: dt-trio instances --help, dt-trio entities --help.",
     )
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)"
@@ -110,6 +112,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="allow a non-loopback --host without TLS",
     )
     parser.add_argument(
+        "--ui",
+        default=DEFAULT_UI,
+        metavar="HOST:PORT",
+        help="serve the web dashboard here, port 0 for any (default: %(default)s)",
+    )
+    parser.add_argument("--no-ui", action="store_true", help="do not serve the dashboard")
+    parser.add_argument(
+        "--ui-read-only", action="store_true", help="a dashboard that shows but cannot act"
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -122,10 +134,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--port must be between 0 and 65535, not {args.port}")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    if not _is_loopback(parser, args.host) and not args.tls_cert and not args.insecure:
+    if not _is_loopback(parser, "--host", args.host) and not args.tls_cert and not args.insecure:
         parser.error(
             f"--host {args.host} is reachable from other machines: give --tls-cert and "
             "--tls-key (and preferably --token), or --insecure to serve plaintext anyway"
+        )
+    try:
+        ui_host = parse_address(args.ui)[0]
+    except ValueError as exc:
+        parser.error(f"--ui {exc}")
+    if (
+        not args.no_ui
+        and not _is_loopback(parser, "--ui", ui_host)
+        and not args.tls_cert
+        and not args.insecure
+    ):
+        parser.error(
+            f"--ui {args.ui} is reachable from other machines: give --tls-cert and --tls-key "
+            "(and preferably --token), or --insecure to serve plaintext anyway, or --no-ui"
         )
     if args.max_message_bytes < 1024:
         parser.error(f"--max-message-bytes must be at least 1024, not {args.max_message_bytes}")
@@ -190,6 +216,8 @@ async def run(args: argparse.Namespace) -> None:
                         idle_timeout=args.idle_timeout,
                         ssl_context=args.ssl_context,
                         token=args.token,
+                        ui=None if args.no_ui else args.ui,
+                        ui_read_only=args.ui_read_only,
                     )
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
