@@ -120,9 +120,15 @@ async def serve(
     processors and closes the store.
     """
     signals = Signals()
-    # The address first: a start that fails for want of it (a port in use) must not have
+    # The addresses first: a start that fails for want of one (a port in use) must not have
     # created the store's files.
     listeners = await open_listeners(host, port)
+    try:
+        ui_socket = _listen_dashboard(ui)
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
     try:
         with _collections_spaced():
             async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
@@ -146,14 +152,14 @@ async def serve(
                 )
                 address = (host, bound_port(listeners))
                 log.info("server listening at %s", format_address(*address))
-                if ui is not None:
-                    from dt_trio._dashboard._server import serve_dashboard  # its imports take 0.1 s
+                if ui_socket is not None:
+                    from dt_trio._dashboard._server import serve_dashboard
 
                     await nursery.start(
                         functools.partial(
                             serve_dashboard,
                             processors.client,
-                            ui,
+                            ui_socket,
                             read_only=ui_read_only,
                             token=token,
                             ssl_context=ssl_context,
@@ -164,8 +170,11 @@ async def serve(
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
     finally:
-        for listener in listeners:  # (serve_grpc closes them, if it got to run)
+        # (serve_grpc and serve_dashboard close them, if they got to run)
+        for listener in listeners:
             listener.socket.close()
+        if ui_socket is not None:
+            ui_socket.close()
 
 
 @contextlib.asynccontextmanager
@@ -185,16 +194,17 @@ async def open_task_hub(
     work in flight that was not committed runs again when a hub opens the store next.
     """
     signals = Signals()
+    ui_socket = _listen_dashboard(ui)  # (before the store: see serve)
     try:
         with _collections_spaced():
             async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
                 processors = _Processors(store, signals, registry, RemoteExecutor())
-                if ui is not None:
+                if ui_socket is not None:
                     from dt_trio._dashboard._server import serve_dashboard
 
                     await nursery.start(
                         functools.partial(
-                            serve_dashboard, processors.client, ui, read_only=ui_read_only
+                            serve_dashboard, processors.client, ui_socket, read_only=ui_read_only
                         )
                     )
                 await processors.start(nursery)
@@ -202,6 +212,18 @@ async def open_task_hub(
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
+    finally:
+        if ui_socket is not None:
+            ui_socket.close()
+
+
+def _listen_dashboard(ui: str | None) -> socket.socket | None:
+    """The dashboard's listening socket, if there is to be one."""
+    if ui is None:
+        return None
+    from dt_trio._dashboard._server import listen_dashboard  # its imports take 0.1 s
+
+    return listen_dashboard(ui)
 
 
 # A hub's state in flight (histories, parked steps, orchestrators waiting between steps) lives

@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -280,17 +281,25 @@ def test_a_second_signal_during_shutdown_is_logged_and_the_stop_stays_clean(
     assert Sidecar(sidecar.db, tmp_path / "again.txt").start().stop() == 0
 
 
-def test_a_failed_start_leaves_no_file_behind(tmp_path: pathlib.Path) -> None:
-    first = Sidecar("", tmp_path / "a.log").start()
-    try:
+@pytest.mark.parametrize("taken", ["--port", "--ui"])
+def test_a_start_that_finds_its_port_taken_leaves_no_file_behind(
+    tmp_path: pathlib.Path, taken: str
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
         store_dir = tmp_path / "stores"
         store_dir.mkdir()
-        out = dt_trio_command("--port", str(first.port), "--db", str(store_dir / "hub.sqlite3"))
-        assert out.returncode == 1
-        assert "cannot listen on" in out.stderr
-        assert list(store_dir.iterdir()) == []
-    finally:
-        assert first.stop() == 0
+        ports = {"--port": "0", "--ui": "127.0.0.1:0"}
+        ports[taken] = str(port) if taken == "--port" else f"127.0.0.1:{port}"
+        out = dt_trio_command(
+            *("--port", ports["--port"], "--ui", ports["--ui"]),
+            *("--db", str(store_dir / "hub.sqlite3")),
+        )
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert list(store_dir.iterdir()) == []
 
 
 def _make_unwritable(directory: pathlib.Path) -> bool:
