@@ -126,15 +126,16 @@ def dt_trio_command(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(
-    ("host", "problem"),
+    ("flags", "problem"),
     [
-        ("999.1.1.1", "--host 999.1.1.1 is not a valid IP address"),
-        ("1.2.3", "--host 1.2.3 is not a valid IP address"),
-        ("no-such-host.invalid", "--host no-such-host.invalid: cannot resolve this name"),
+        (["--host", "999.1.1.1"], "--host 999.1.1.1 is not a valid IP address"),
+        (["--host", "1.2.3"], "--host 1.2.3 is not a valid IP address"),
+        (["--host", "no-such-host.invalid"], "--host no-such-host.invalid: cannot resolve"),
+        (["--ui", "999.1.1.1:0"], "--ui 999.1.1.1 is not a valid IP address"),
     ],
 )
-def test_a_host_that_cannot_be_bound_is_named_as_such(host: str, problem: str) -> None:
-    out = dt_trio_command("--host", host, "--port", "0", "--db", "")
+def test_a_host_that_cannot_be_bound_is_named_as_such(flags: list[str], problem: str) -> None:
+    out = dt_trio_command(*flags, "--port", "0", "--db", "")
     assert out.returncode == 2
     assert problem in out.stderr, out.stderr
     assert "reachable from other machines" not in out.stderr
