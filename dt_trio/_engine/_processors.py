@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -36,6 +35,7 @@ from dt_trio._engine._executor import (
 )
 from dt_trio._engine._signals import Signals, Wakeup
 from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import (
     ActivityWorkItem,
@@ -47,7 +47,7 @@ from dt_trio._store import (
     StepAhead,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 W = TypeVar("W")
 # What a commit that may lease an instance returns: its work item if it leased it, the
 # activities it leased if it committed a step run ahead (see `OrchestrationProcessor.hand_over`).

@@ -13,7 +13,6 @@ import dataclasses
 import fcntl
 import functools
 import json
-import logging
 import os
 import pathlib
 import queue
@@ -47,6 +46,7 @@ from dt_trio._errors import (
     LockLost,
     StoreUnavailable,
 )
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store._backend import (
     ActivityWorkItem,
@@ -61,7 +61,7 @@ from dt_trio._store._backend import (
     StoreListener,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 SCHEMA = (pathlib.Path(__file__).parent / "schema.sql").read_text()
@@ -395,7 +395,9 @@ class SqliteBackend:
         except BaseException as exc:
             await self._close(discard=True)
             if isinstance(exc, (sqlite3.Error, OSError)):
-                raise StoreUnavailable(f"cannot open the store {self.description}: {exc}") from exc
+                raise StoreUnavailable(
+                    f"cannot open the store {self.description}: {_open_problem(self.path, exc)}"
+                ) from exc
             raise
 
     async def close(self) -> None:
@@ -1441,6 +1443,21 @@ def _is_unmarked_store(conn: sqlite3.Connection, tables: list[str]) -> bool:
         return False
     columns = {row[1] for row in conn.execute("PRAGMA table_info(instances)")}
     return {"instance_id", "execution_id", "status", "locked_by", "dequeue_count"} <= columns
+
+
+def _open_problem(path: str, exc: sqlite3.Error | OSError) -> str:
+    """Why the store `path` cannot be opened, in terms of what the user gave (the store and
+    its directory), not of the files made beside it."""
+    if path:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            return f"the directory {directory} does not exist"
+        if not os.access(directory, os.W_OK):
+            return (
+                f"the directory {directory} is not writable (sqlite keeps the store's journal "
+                "beside it): give --db a file in a writable directory"
+            )
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 @contextlib.contextmanager
