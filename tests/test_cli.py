@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -243,3 +246,97 @@ def test_the_message_size_limit_is_configurable(tmp_path: pathlib.Path) -> None:
             assert state is not None and json.loads(state.serialized_output) == "hi small"
     finally:
         assert sidecar.stop() == 0
+
+
+def dt_trio_command(
+    *args: str, cwd: pathlib.Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dt_trio", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+    )
+
+
+def test_a_second_signal_during_shutdown_is_logged_and_the_stop_stays_clean(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Two signals back to back (a terminal's Ctrl-C reaching the sidecar and the wrapper that
+    # forwards it, say): the second arrives while the first one's shutdown runs.
+    sidecar = Sidecar(str(tmp_path / "hub.sqlite3"), tmp_path / "log.txt").start()
+    assert sidecar.proc is not None
+    sidecar.proc.send_signal(signal.SIGINT)
+    sidecar.proc.send_signal(signal.SIGTERM)
+    assert sidecar.stop() == 0
+    log = sidecar.log_text()
+    # (which of the two the process handles first is up to the OS)
+    assert any(
+        in_order(log, [f"received {first}, shutting down", f"received {then} while shutting down"])
+        for first, then in (("SIGINT", "SIGTERM"), ("SIGTERM", "SIGINT"))
+    ), log
+    assert "Traceback" not in log
+    # the stop was whole: the next start finds the store as a clean stop leaves it
+    assert Sidecar(sidecar.db, tmp_path / "again.txt").start().stop() == 0
+
+
+@pytest.mark.parametrize("taken", ["--port", "--ui"])
+def test_a_start_that_finds_its_port_taken_leaves_no_file_behind(
+    tmp_path: pathlib.Path, taken: str
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        store_dir = tmp_path / "stores"
+        store_dir.mkdir()
+        ports = {"--port": "0", "--ui": "127.0.0.1:0"}
+        ports[taken] = str(port) if taken == "--port" else f"127.0.0.1:{port}"
+        out = dt_trio_command(
+            *("--port", ports["--port"], "--ui", ports["--ui"]),
+            *("--db", str(store_dir / "hub.sqlite3")),
+        )
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert list(store_dir.iterdir()) == []
+
+
+def _make_unwritable(directory: pathlib.Path) -> bool:
+    """True if `directory` now refuses new files (for root too: chattr +i)."""
+    if os.geteuid() != 0:
+        directory.chmod(0o500)
+        return True
+    if shutil.which("chattr") is None:
+        return False
+    done = subprocess.run(["chattr", "+i", str(directory)], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def test_an_unwritable_directory_is_named_with_the_store(tmp_path: pathlib.Path) -> None:
+    store_dir = tmp_path / "readonly"
+    store_dir.mkdir()
+    if not _make_unwritable(store_dir):
+        pytest.skip("cannot make a directory unwritable for root here (no chattr +i)")
+    try:
+        db = store_dir / "hub.sqlite3"
+        out = dt_trio_command("--port", "0", "--db", str(db))
+    finally:
+        subprocess.run(["chattr", "-i", str(store_dir)], capture_output=True, check=False)
+        store_dir.chmod(0o700)
+    assert out.returncode == 1
+    assert f"cannot open the store sqlite::{db}" in out.stderr, out.stderr
+    assert f"the directory {store_dir} is not writable" in out.stderr, out.stderr
+    assert ".lock" not in out.stderr
+    assert "Traceback" not in out.stderr
+    assert list(store_dir.iterdir()) == []
+
+
+def test_a_store_in_a_missing_directory_is_named_with_it(tmp_path: pathlib.Path) -> None:
+    db = tmp_path / "no-such-dir" / "hub.sqlite3"
+    out = dt_trio_command("--port", "0", "--db", str(db))
+    assert out.returncode == 1
+    assert f"cannot open the store sqlite::{db}: the directory {db.parent} does not exist" in (
+        out.stderr
+    ), out.stderr
+    assert list(tmp_path.iterdir()) == []

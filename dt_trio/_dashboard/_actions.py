@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import enum
 import json
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -16,9 +15,10 @@ import trio
 from dt_trio._core import InstanceState, Status
 from dt_trio._engine import HubClient
 from dt_trio._errors import DtTrioError, InstanceNotFound, InvalidRequest
+from dt_trio._log import get_logger
 from dt_trio._store import InstanceFilter
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Instances acted on at once in a bulk action (their writes share the store's group commits).
 BULK_CONCURRENCY = 16

@@ -14,7 +14,6 @@ Live updates: GET /api/live/instances?..., /api/live/instance/{id}, /api/live/en
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -67,10 +66,11 @@ from dt_trio._errors import (
     InvalidRequest,
     StoreUnavailable,
 )
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import EntityFilter
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _HERE = pathlib.Path(__file__).parent
 _STATIC_TYPES = {

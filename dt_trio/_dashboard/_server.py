@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import socket
 import ssl
 from typing import Any, cast
@@ -19,8 +18,9 @@ from dt_trio._dashboard._address import is_loopback, parse_address
 from dt_trio._dashboard._app import create_app
 from dt_trio._dashboard._security import Guard
 from dt_trio._engine import HubClient
+from dt_trio._log import get_logger
 
-log = logging.getLogger("dt_trio")
+log = get_logger("dt_trio")
 
 
 class _Log(Logger):
@@ -37,7 +37,7 @@ class _Config(Config):
     def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
         super().__init__()
         self._context = ssl_context
-        self.errorlog = logging.getLogger("dt_trio._dashboard.http")
+        self.errorlog = get_logger("dt_trio._dashboard.http")
         self.accesslog = None
         self.logger_class = _Log
         self.graceful_timeout = 1.0
@@ -46,15 +46,18 @@ class _Config(Config):
         return self._context
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen_dashboard(address: str) -> socket.socket:
+    """A listening socket at `address` ('HOST:PORT', port 0 for any) for `serve_dashboard`;
+    OSError naming the address if it cannot be bound."""
+    host, port = parse_address(address)
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
+        family, kind, proto, _, bound = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(address)
+            sock.bind(bound)
             sock.listen(128)
         except OSError:
             sock.close()
@@ -66,19 +69,21 @@ def _listen(host: str, port: int) -> socket.socket:
 
 async def serve_dashboard(
     client: HubClient,
-    address: str,
+    sock: socket.socket,
     *,
     read_only: bool = False,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the dashboard of `client`'s hub at `address` ('HOST:PORT', port 0 for any)
-    until cancelled. Reports its URL through `task_status`."""
-    host, port = parse_address(address)
-    sock = _listen(host, port)
+    """Serve the dashboard of `client`'s hub on `sock` (see `listen_dashboard`; closed when
+    this ends) until cancelled. Reports its URL through `task_status`."""
+    bound_host, bound_port = sock.getsockname()[:2]
     guard = Guard(
-        token=token, read_only=read_only, loopback=is_loopback(host), tls=ssl_context is not None
+        token=token,
+        read_only=read_only,
+        loopback=is_loopback(bound_host),
+        tls=ssl_context is not None,
     )
     app = wrap_app(cast(ASGIFramework, create_app(client, guard)), 0, "asgi")
     config = _Config(ssl_context)
@@ -87,7 +92,6 @@ async def serve_dashboard(
         insecure_sockets=[] if ssl_context is not None else [sock],
         quic_sockets=[],
     )
-    bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"{'https' if ssl_context else 'http'}://{shown}:{bound_port}"
 

@@ -7,7 +7,6 @@ and results.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
@@ -18,10 +17,11 @@ from dt_trio._core import _operations as ops
 from dt_trio._engine._dispatch import Dispatcher
 from dt_trio._engine._signals import Signals
 from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Backend
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def _now() -> datetime:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -49,10 +48,11 @@ from dt_trio._engine._executor import Answer, Executor, OrchestrationStep, Route
 from dt_trio._engine._pacing import Pacing, Parking
 from dt_trio._engine._signals import Wakeup
 from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Backend, Leased
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 W = TypeVar("W")
 
 # Without a commit from this process, look at the store at least this often (another process

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -44,9 +43,10 @@ import trio
 
 from dt_trio._core._commit import WorkKind
 from dt_trio._errors import InvalidRequest, StoreUnavailable, UnknownWorkItem
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # The .NET SDK and the Python SDK from 1.5 treat 120 s without a message on the stream as a
 # silent disconnect; idle streams of workers that know the health ping get one well inside it.

@@ -9,7 +9,6 @@ another commit, started early or run ahead is the dispatcher's business.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
@@ -30,10 +29,11 @@ from dt_trio._engine._dispatch import Dispatcher, Early, Lane, leased, route_of
 from dt_trio._engine._executor import WorkAbandoned, WorkTooLarge, WorkUnclaimed, escaped
 from dt_trio._engine._signals import Signals, Wakeup
 from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Leased
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 W = TypeVar("W")
 
 # An activity handed out this many times without an answer fails its task.

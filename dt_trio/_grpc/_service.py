@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -19,11 +18,12 @@ from dt_trio._engine import HubClient, RemoteExecutor
 from dt_trio._errors import InstanceNotFound, InvalidRequest
 from dt_trio._grpc import _bounds as bounds
 from dt_trio._grpc._transport import immediate
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_grpc as grpc_stubs
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Backend, EntityFilter, InstanceFilter, PageKey
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 Predicate = Callable[[InstanceState], bool]
 

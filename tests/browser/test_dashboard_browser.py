@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import pathlib
+import subprocess
+import sys
 import threading
 import urllib.parse
 import uuid
@@ -59,12 +62,24 @@ def quoted(instance_id: str) -> str:
 
 
 def raise_event_as_an_operator(hub: Hub, instance_id: str, name: str, data: str) -> None:
-    # CLI SPOT (issue 22): the issue says `dt-trio instances raise-event`; the CLI is built on
-    # branch i22cli. Until both land this raises the event with the official SDK's client;
-    # then replace the body with:
-    #   subprocess.run([sys.executable, "-m", "dt_trio", "instances", "raise-event",
-    #                   "--address", hub.address, instance_id, name, "--data", data], check=True)
-    hub.c.raise_orchestration_event(instance_id, name, data=data)
+    """As an operator raises it: `dt-trio instances raise-event`, in its own process."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dt_trio",
+            "instances",
+            "raise-event",
+            "--address",
+            hub.sidecar.address,
+            instance_id,
+            name,
+            "--input",
+            json.dumps(data),
+        ],
+        check=True,
+        timeout=60,
+    )
 
 
 def rows(page: Page) -> list[str]:

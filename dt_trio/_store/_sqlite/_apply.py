@@ -3,7 +3,6 @@ guards first, then the writes in order, then the leases it takes."""
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 
@@ -47,10 +46,11 @@ from dt_trio._errors import (
     InstanceNotFound,
     LockLost,
 )
+from dt_trio._log import get_logger
 from dt_trio._store._sqlite import _entities, _instances, _work
 from dt_trio._store._sqlite._rows import us
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 _UNLEASED = Lease("", 0)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import logging
 import os
 import queue
 import sqlite3
@@ -24,9 +23,10 @@ import outcome
 import trio
 
 from dt_trio._errors import StoreUnavailable
+from dt_trio._log import get_logger
 from dt_trio._store._sqlite._cache import InstanceCache, WriterConnection
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 READERS = 4
@@ -145,7 +145,9 @@ class Connections:
         except BaseException as exc:
             await self._close(discard=True)
             if isinstance(exc, (sqlite3.Error, OSError)):
-                raise StoreUnavailable(f"cannot open the store {self.description}: {exc}") from exc
+                raise StoreUnavailable(
+                    f"cannot open the store {self.description}: {_open_problem(self.path, exc)}"
+                ) from exc
             raise
 
     async def close(self) -> None:
@@ -436,6 +438,21 @@ def _in_use(path: str, holder: str) -> StoreUnavailable:
         f"the store {spelled} is in use by {holder}; stop that process or give this one "
         "another --db"
     )
+
+
+def _open_problem(path: str, exc: sqlite3.Error | OSError) -> str:
+    """Why the store `path` cannot be opened, in terms of what the user gave (the store and
+    its directory), not of the files made beside it."""
+    if path:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            return f"the directory {directory} does not exist"
+        if not os.access(directory, os.W_OK):
+            return (
+                f"the directory {directory} is not writable (sqlite keeps the store's journal "
+                "beside it): give --db a file in a writable directory"
+            )
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 @contextlib.contextmanager
