@@ -6,18 +6,18 @@ queue per kind; an item goes to a connected worker whose work-item filters accep
 (kind, name, version) and that is below its concurrency hint for that kind, the least busy one
 first. Every item sent carries a fresh completion token; an answer is found by that token.
 
-Workers of older protocol generations (durabletask-go's; the Python SDK before 0.2, .NET
-before 1.6, Java before 1.5.1, the JavaScript SDK's 0.1 alphas) answer without a token: an
-orchestration step names its instance, an activity its instance and task id. Such an answer is
-matched as durabletask-go's sidecar matches it, by that key, but only among the items handed to
-workers not seen to answer with tokens, and never while two of those items share the key: an
-item whose key such a worker already holds waits for it to be settled (or goes to a worker that
-answers with tokens). A late answer for work a stream held when it ended names nothing that
+Workers of older protocol generations (durabletask-go's; the Python SDK before 0.2, .NET before
+1.6, Java before 1.5.1, the JavaScript SDK's 0.1 alphas) answer without a token: an orchestration
+step names its instance, an activity its instance and task id. Such an answer is matched as
+durabletask-go's sidecar matches it, by that key, but only among the items handed to workers not
+seen to answer with tokens, and never while two of those items share the key: an item whose key
+such a worker already holds waits until that one is answered or given back (or goes to a worker
+that answers with tokens). A late answer for work a stream held when it ended names nothing that
 waits (NOT_FOUND), unless the same work has meanwhile been handed to another worker of that
 generation: the answer cannot be told apart from that worker's own, and is taken for it, as
-durabletask-go takes it (an activity then counts as having run twice, as at-least-once allows;
-a step's answer was computed from the same history and new events, and those that arrived
-since come after them in the history, so its next replay sees them).
+durabletask-go takes it (an activity then counts as having run twice, as at-least-once allows; a
+step's answer was computed from the same history and new events, and those that arrived since come
+after them in the history, so its next replay sees them).
 
 When a stream ends for any reason, the items it had not been sent yet go back to the queue for
 another worker, and the items it held unanswered are abandoned at once, so the processor
