@@ -18,7 +18,7 @@ import time
 from collections import Counter
 
 import pytest
-from _harness import Sidecar
+from _harness import Sidecar, running_sidecar, sdk_client, sdk_worker
 from _otlp import Receiver, Span, otlp_receiver
 
 pytestmark = pytest.mark.slow
@@ -176,3 +176,48 @@ def test_the_sdk_spans_form_one_tree_across_a_kill_9(tmp_path: pathlib.Path) -> 
     # ... and nothing is left out of the tree.
     for span in spans:
         assert span is create or create in _ancestors(span, by_id), span
+
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_a_restarted_instance_runs_in_the_trace_of_its_first_start(
+    tmp_path: pathlib.Path,
+) -> None:
+    """RestartInstance carries no trace context of its own: the new run is started under the
+    context of the first start, so that its SDK spans form a tree again (without any, each
+    activity's span would be a trace of its own)."""
+    import grpc
+    from durabletask import task
+    from durabletask.internal import orchestrator_service_pb2 as pb
+    from durabletask.internal import orchestrator_service_pb2_grpc as stubs
+
+    def quick(ctx: task.OrchestrationContext, _: object) -> str:
+        return "done"
+
+    def started_under(stub: stubs.TaskHubSidecarServiceStub, instance_id: str) -> str:
+        request = pb.StreamInstanceHistoryRequest(instanceId=instance_id)
+        for chunk in stub.StreamInstanceHistory(request):
+            for event in chunk.events:
+                if event.HasField("executionStarted"):
+                    return event.executionStarted.parentTraceContext.traceParent
+        raise AssertionError("no ExecutionStarted")
+
+    with (
+        running_sidecar(tmp_path) as sidecar,
+        grpc.insecure_channel(sidecar.address) as channel,
+        sdk_worker(sidecar.address, [quick]),
+    ):
+        stub = stubs.TaskHubSidecarServiceStub(channel)
+        c = sdk_client(sidecar.address)
+        start = pb.CreateInstanceRequest(instanceId="again", name="quick")
+        start.parentTraceContext.traceParent = TRACEPARENT
+        stub.StartInstance(start)
+        c.wait_for_orchestration_completion("again", timeout=30)
+        assert started_under(stub, "again") == TRACEPARENT
+        c.restart_orchestration("again")
+        c.wait_for_orchestration_completion("again", timeout=30)
+        assert started_under(stub, "again") == TRACEPARENT
+        other = c.restart_orchestration("again", restart_with_new_instance_id=True)
+        c.wait_for_orchestration_completion(other, timeout=30)
+        assert started_under(stub, other) == TRACEPARENT

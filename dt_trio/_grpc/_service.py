@@ -201,12 +201,19 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
                 f"instance '{old.instance_id}' is {old.status.label}; only a finished "
                 "instance can be restarted"
             )
+        # The request carries no trace context: the new run goes on in the trace the first one
+        # was started in (the SDK's spans need one to form a tree).
+        history = await self._store.get_history(old.instance_id)
+        first = next((e.executionStarted for e in history if e.HasField("executionStarted")), None)
         instance_id = await self._client.start(
             old.name,
             instance_id=uuid.uuid4().hex if request.restartWithNewInstanceId else old.instance_id,
             input=old.input,
             version=old.version,
             tags=dict(old.tags),
+            trace=first.parentTraceContext
+            if first is not None and first.HasField("parentTraceContext")
+            else None,
             replaceable={old.status},
         )
         return pb.RestartInstanceResponse(instanceId=instance_id)
