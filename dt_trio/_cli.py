@@ -15,6 +15,7 @@ import trio
 
 from dt_trio._errors import StoreUnavailable
 from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, server_ssl_context
+from dt_trio._health import Health
 from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, lone_error, serve
 
 log = logging.getLogger("dt_trio")
@@ -88,7 +89,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down cleanly."""
+    """Serve until SIGINT or SIGTERM, then shut down cleanly (health watchers told first)."""
+    health = Health()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             async with trio.open_nursery() as nursery:
@@ -103,10 +105,12 @@ async def run(args: argparse.Namespace) -> None:
                         if args.tls_cert
                         else None,
                         token=args.token,
+                        health=health,
                     )
                 )
                 async for signum in signals:
                     log.info("received %s, shutting down", signal.Signals(signum).name)
+                    await health.drain()
                     nursery.cancel_scope.cancel()
                     break
         except BaseExceptionGroup as group:

@@ -5,7 +5,8 @@
         └── store nursery
             ├── store writer: group commits in sqlite's thread  -- started 1st, stopped last
             └── nursery
-                ├── gRPC server (purerpc, TaskHubSidecarService)   -- started 2nd (serve only)
+                ├── gRPC server (TaskHubSidecarService, Health)    -- started 2nd (serve only)
+                ├── store watch: while the store has a fault, tries a write now and then
                 ├── orchestration processor  ─┐ share the store      -- started 3rd
                 ├── activity processor        │ and the executor    -- started 4th
                 └── entity processor         ─┘                     -- started 5th
@@ -44,9 +45,11 @@ from dt_trio._engine import (
     Signals,
     link,
 )
+from dt_trio._grpc._health import HealthService
 from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
 from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, serve_grpc
+from dt_trio._health import Health, watch_store
 from dt_trio._local import Client, LocalExecutor, Registry
 from dt_trio._store import SqliteBackend
 
@@ -81,6 +84,7 @@ async def serve(
     ssl_context: ssl.SSLContext | None = None,
     token: str | None = None,
     registry: Registry | None = None,
+    health: Health | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a task hub sidecar until cancelled.
@@ -91,19 +95,22 @@ async def serve(
     `authorization: Bearer <token>`. Orchestrators and activities in `registry` run in this
     process, everything else on connected SDK workers. Reports `(host, port)` through
     `task_status` once everything is running. Cancellation stops the server and the
-    processors and closes the store.
+    processors and closes the store. `health` is the readiness the gRPC health service reports
+    (the command drains its watchers before it cancels); a new one if not given.
     """
-    signals = Signals()
+    signals = Signals(health)
     try:
         with _collections_spaced():
             async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
                 remote = RemoteExecutor()
                 processors = _Processors(store, signals, registry, remote)
                 service = SidecarService(store, remote, processors.client)
+                checks = HealthService(signals.health, [service.service.name])
+                nursery.start_soon(watch_store, signals.health, store.try_write)
                 address: tuple[str, int] = await nursery.start(
                     functools.partial(
                         serve_grpc,
-                        [service],
+                        [service, checks],
                         host=host,
                         port=port,
                         status_for=status_for,
@@ -114,6 +121,7 @@ async def serve(
                 )
                 log.info("server listening at %s", format_address(*address))
                 await processors.start(nursery)
+                signals.health.update(listening=True)
                 task_status.started(address)
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
@@ -176,12 +184,14 @@ async def _running_store(db: str, signals: Signals) -> AsyncIterator[SqliteBacke
     store = SqliteBackend(db, listener=signals)
     await store.open()
     log.info("backend started: %s", store.description)
+    signals.health.update(store_open=True)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run_writer)
             yield store
             nursery.cancel_scope.cancel()
     finally:
+        signals.health.update(store_open=False)
         await store.close()
         log.info("backend stopped: %s", store.description)
 

@@ -73,9 +73,7 @@ class Receiver:
                             parent_id=span.parent_span_id.hex(),
                             start_ns=span.start_time_unix_nano,
                             end_ns=span.end_time_unix_nano,
-                            attributes={
-                                a.key: a.value.string_value for a in span.attributes
-                            },
+                            attributes={a.key: a.value.string_value for a in span.attributes},
                             error=span.status.code == trace_pb2.Status.STATUS_CODE_ERROR,
                         )
                     )

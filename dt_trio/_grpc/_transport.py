@@ -49,6 +49,9 @@ StatusFor = Callable[[BaseException], "tuple[StatusCode, str] | None"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 TLS_HANDSHAKE_SECONDS = 10.0
+# What a cancelled connection had queued (a server stopping: a health watcher's last status) is
+# written within this long, if it can be.
+LAST_WRITE_SECONDS = 0.5
 _READ_SIZE = 65536
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _DECODERS: dict[str, Callable[[bytes], bytes]] = {
@@ -154,9 +157,11 @@ class _Connection:
         status_for: StatusFor,
         max_message_bytes: int,
         token: str | None,
+        open_paths: frozenset[str] = frozenset(),
     ) -> None:
         self._transport = transport
         self._expected_authorization = f"Bearer {token}".encode() if token else None
+        self._open_paths = open_paths  # methods of servicers that need no token
         self._methods = methods
         self._immediate = immediate  # the paths of immediate unary methods
         self._status_for = status_for
@@ -169,17 +174,50 @@ class _Connection:
         self._write_done = trio.Event()
         self._requested = 0
         self._written = 0
+        # Frames taken from the HTTP/2 layer are written whole, shielded (see `_send`); once
+        # the connection is cancelled, for LAST_WRITE_SECONDS at most.
+        self._sending = False
+        self._send_scope: trio.CancelScope | None = None
+        self._last_write_by: float | None = None
 
     async def run(self) -> None:
         self._http.initiate()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._writer)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                try:
+                    await self._flush()
+                    await self._read_loop(nursery)
+                finally:
+                    # The peer is gone or misbehaved: nothing it started may outlive it.
+                    nursery.cancel_scope.cancel()
+                    self._last_write_by = trio.current_time() + LAST_WRITE_SECONDS
+                    if self._send_scope is not None:
+                        self._send_scope.deadline = self._last_write_by
+        finally:
+            # What was queued after the writer's last send (a server stopping: a health
+            # watcher's last status), unless that send was cut.
+            if not self._sending and self._http.has_data_to_send():
+                await self._send(self._http.data_to_send())
+
+    async def _send(self, data: bytes) -> bool:
+        """Write frames taken from the HTTP/2 layer whole (cut, they would garble the
+        connection): shielded, so that a cancelled connection still gets them, but for
+        LAST_WRITE_SECONDS at most once it is. False if the peer is gone or the send was cut."""
+        self._sending = True
+        scope = self._send_scope = trio.CancelScope(shield=True)
+        if self._last_write_by is not None:
+            scope.deadline = self._last_write_by
+        with scope:
             try:
-                await self._flush()
-                await self._read_loop(nursery)
-            finally:
-                # The peer is gone or misbehaved: nothing it started may outlive it.
-                nursery.cancel_scope.cancel()
+                await self._transport.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+        self._send_scope = None
+        if scope.cancelled_caught:
+            return False  # cut: nothing more may be written
+        self._sending = False
+        return True
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
@@ -267,15 +305,12 @@ class _Connection:
             self._write_wanted = trio.Event()
             batch = self._requested
             data = self._http.data_to_send()
-            if data:
-                try:
-                    await self._transport.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    # The read loop sees the end of the connection and cleans up; flushes
-                    # from now on return at once.
-                    self._written = 1 << 62
-                    self._write_done.set()
-                    return
+            if data and not await self._send(data):
+                # The read loop sees the end of the connection and cleans up; flushes from
+                # now on return at once.
+                self._written = 1 << 62
+                self._write_done.set()
+                return
             self._written = batch
             self._write_done.set()
             self._write_done = trio.Event()
@@ -354,7 +389,7 @@ class _Connection:
         self, headers: dict[str, str], path: str
     ) -> tuple[Any, Callable[[bytes], bytes], RequestInfo]:
         """The call's method, request decoder and `RequestInfo`; RpcError if it cannot run."""
-        if self._expected_authorization is not None:
+        if self._expected_authorization is not None and path not in self._open_paths:
             given = headers.get("authorization", "").encode()
             # compare_digest: the time taken does not tell how much of the token matched
             if not hmac.compare_digest(given, self._expected_authorization):
@@ -507,18 +542,22 @@ async def serve_grpc(
     """Serve the purerpc `servicers` on exactly `host`:`port` until cancelled.
 
     With `ssl_context` every connection is TLS (HTTP/2 negotiated by ALPN); with `token` every
-    call must carry the metadata `authorization: Bearer <token>` (else UNAUTHENTICATED).
+    call must carry the metadata `authorization: Bearer <token>` (else UNAUTHENTICATED), except
+    calls of a servicer whose `needs_token` is False (health checks: probes send no metadata).
 
     Reports `(host, bound_port)` once listening. Cancellation closes the listeners, cancels
     every handler and closes every connection.
     """
     methods: dict[str, Any] = {}
     immediate: set[str] = set()
+    open_paths: set[str] = set()
     for servicer in servicers:
         service = servicer.service
         for name, method in service.methods.items():
             path = f"/{service.name}/{name}"
             methods[path] = method
+            if not getattr(servicer, "needs_token", True):
+                open_paths.add(path)
             # (purerpc wraps the handler: the mark is on the servicer's own method)
             if method.signature.cardinality == Cardinality.UNARY_UNARY and getattr(
                 getattr(servicer, name, None), "_dt_trio_immediate", False
@@ -546,7 +585,13 @@ async def serve_grpc(
                     if stream.selected_alpn_protocol() != "h2":  # also a timed-out handshake
                         return
                 connection = _Connection(
-                    stream, methods, frozenset(immediate), status_for, max_message_bytes, token
+                    stream,
+                    methods,
+                    frozenset(immediate),
+                    status_for,
+                    max_message_bytes,
+                    token,
+                    frozenset(open_paths),
                 )
                 await connection.run()
             except trio.BrokenResourceError:
