@@ -17,6 +17,7 @@ from dt_trio._errors import StoreUnavailable
 from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, server_ssl_context
 from dt_trio._health import Health
 from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, lone_error, serve
+from dt_trio._log_json import JsonFormatter
 
 log = logging.getLogger("dt_trio")
 
@@ -73,6 +74,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="(default: %(default)s)",
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object a line, event fields as keys (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, not {args.port}")
@@ -124,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     try:
         trio.run(run, args)
     except (OSError, StoreUnavailable) as exc:

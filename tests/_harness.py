@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from durabletask import client, worker
 
-LISTENING = re.compile(r"server listening at (\S+):(\d+)$")
+LISTENING = re.compile(r"server listening at (\S+):(\d+)(?:$|\")")  # text or JSON lines
 
 
 class Sidecar:

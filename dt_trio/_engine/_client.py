@@ -112,7 +112,12 @@ class HubClient:
             await self.orchestrations.hand_over(create, expected)
         else:
             await create(None, None)
-        log.info("%s: created orchestration '%s'", instance_id, name)
+        log.info(
+            "%s: created orchestration '%s'",
+            instance_id,
+            name,
+            extra={"instance_id": instance_id, "orchestration": name},
+        )
         return instance_id
 
     async def wait(
