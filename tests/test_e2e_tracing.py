@@ -103,6 +103,47 @@ def test_the_sdk_spans_form_one_tree_across_a_kill_9(tmp_path: pathlib.Path) -> 
                 assert sidecar.stop() == 0
         spans = list(receiver.spans)
 
+    check_hello_tree(out, spans, killed_at, "traced", "hello-client")
+
+
+def test_the_local_api_emits_the_same_tree_across_a_kill_9(tmp_path: pathlib.Path) -> None:
+    """The local Python API has no SDK: dt-trio emits the same spans itself."""
+    db = str(tmp_path / "hub.sqlite3")
+    app = str(APP.with_name("otel_local_app.py"))
+    with otlp_receiver() as receiver:
+        started = subprocess.run(
+            [sys.executable, app, "start", db, "local"],
+            env=_env(receiver, "hello-local"),
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert started.returncode == -9, started.stderr[-4000:]  # it killed itself
+        killed_at = time.time_ns()
+        finished = subprocess.run(
+            [sys.executable, app, "finish", db, "local"],
+            env=_env(receiver, "hello-local"),
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert finished.returncode == 0, finished.stderr[-4000:]
+        spans = list(receiver.spans)
+    spans = [s for s in spans if s.scope != "hello-app"]
+    user = [s for s in receiver.spans if s.scope == "hello-app"]
+    check_hello_tree(finished.stdout, spans, killed_at, "local", "hello-local")
+    # The application's own spans in activities (run in threads) nest under their run.
+    by_id = {s.span_id: s for s in spans}
+    assert len(user) == 5
+    for span in user:
+        run = by_id[span.parent_id]
+        assert (run.name, run.kind) == ("activity:say_hello", "SERVER")
+
+
+def check_hello_tree(
+    out: str, spans: list[Span], killed_at: int, instance_id: str, client: str
+) -> None:
+    """The spans of one hello-cities run (tests/otel_*_app.py) form the SDK's tree."""
     status, output = out.split(" ", 1)
     assert status == "COMPLETED"
     assert json.loads(output) == [
@@ -116,7 +157,7 @@ def test_the_sdk_spans_form_one_tree_across_a_kill_9(tmp_path: pathlib.Path) -> 
     # A raised event carries no trace context in the protocol: the client's span for it is
     # a trace of its own.
     (raised,) = [s for s in spans if s.name == "orchestration_event:continue"]
-    assert raised.attributes["durabletask.event.target_instance_id"] == "traced-waiter"
+    assert raised.attributes["durabletask.event.target_instance_id"] == f"{instance_id}-waiter"
     spans.remove(raised)
     by_id = {s.span_id: s for s in spans}
     assert len(by_id) == len(spans), "no span was exported twice"
@@ -126,7 +167,7 @@ def test_the_sdk_spans_form_one_tree_across_a_kill_9(tmp_path: pathlib.Path) -> 
         return [s for s in spans if s.name == name and s.kind == kind]
 
     (create,) = named("create_orchestration:hello_cities", "PRODUCER")
-    assert create.service == "hello-client" and create.parent_id == ""
+    assert create.service == client and create.parent_id == ""
 
     # One orchestration span each, emitted once, with the start of its first step.
     orchestrations = Counter(s.name for s in spans if s.kind == "SERVER" and "orch" in s.name)
@@ -141,8 +182,8 @@ def test_the_sdk_spans_form_one_tree_across_a_kill_9(tmp_path: pathlib.Path) -> 
     assert parent.parent_id == create.span_id
     assert create.start_ns <= parent.start_ns < waiter.start_ns < killed_at < waiter.end_ns
     assert parent.start_ns < greet.start_ns < greet.end_ns < killed_at < parent.end_ns
-    assert parent.attributes["durabletask.task.instance_id"] == "traced"
-    assert waiter.attributes["durabletask.task.instance_id"] == "traced-waiter"
+    assert parent.attributes["durabletask.task.instance_id"] == instance_id
+    assert waiter.attributes["durabletask.task.instance_id"] == f"{instance_id}-waiter"
     assert not parent.error and not waiter.error
 
     # Each child orchestration under its parent's call span, under the parent's span.
@@ -173,6 +214,19 @@ def test_the_sdk_spans_form_one_tree_across_a_kill_9(tmp_path: pathlib.Path) -> 
 
     (timer,) = named("orchestration:hello_cities:timer", "INTERNAL")
     assert timer.parent_id == parent.span_id
+    # The attributes of each kind of span, as the SDK writes them (both runs are held to it).
+    base = {"durabletask.type", "durabletask.task.name", "durabletask.task.instance_id"}
+    shapes = {
+        ("PRODUCER", "orchestration"): base,
+        ("SERVER", "orchestration"): base | {"durabletask.task.status"},
+        ("CLIENT", "orchestration"): base | {"durabletask.task.task_id"},
+        ("CLIENT", "activity"): base | {"durabletask.task.task_id"},
+        ("SERVER", "activity"): base | {"durabletask.task.task_id"},
+        ("INTERNAL", "timer"): base | {"durabletask.task.task_id", "durabletask.fire_at"},
+    }
+    for span in spans:
+        assert set(span.attributes) == shapes[span.kind, span.attributes["durabletask.type"]]
+    assert timer.attributes["durabletask.task.name"] == "hello_cities"
     # ... and nothing is left out of the tree.
     for span in spans:
         assert span is create or create in _ancestors(span, by_id), span
