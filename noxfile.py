@@ -1,5 +1,5 @@
-"""Developer sessions: `nox` runs the tests (Python and JavaScript SDKs) and a small crash
-torture; `nox -s NAME` the rest."""
+"""Developer sessions: `nox` runs the tests (Python and JavaScript SDKs, the dashboard in a
+browser) and a small crash torture; `nox -s NAME` the rest."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shutil
 
 import nox
 
-nox.options.sessions = ["tests", "js", "torture"]
+nox.options.sessions = ["tests", "generations", "browser", "js", "torture"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -16,7 +16,28 @@ nox.options.reuse_existing_virtualenvs = True
 def tests(session: nox.Session) -> None:
     """The whole test suite: core, store, gRPC and end-to-end with the official SDK."""
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "--ignore=tests/browser", *session.posargs)
+
+
+@nox.session(python="3.11")
+def browser(session: nox.Session) -> None:
+    """The dashboard in Debian's Chromium, driven by Playwright (installs chromium with
+    apt-get where it is missing): -- [pytest args] [--screenshots DIR]."""
+    if shutil.which("chromium") is None:
+        if shutil.which("apt-get") is None:
+            session.error("chromium is missing and there is no apt-get to install it with")
+        session.run("apt-get", "update", "-qq", external=True)
+        session.run("apt-get", "install", "-y", "-qq", "chromium", external=True)
+    session.install("-e", ".[test]", "playwright>=1.50,<2")
+    session.run("pytest", "tests/browser", *session.posargs)
+
+
+@nox.session(python="3.11")
+def generations(session: nox.Session) -> None:
+    """dt-trio with the Python SDK 0.1.0, of the protocol generation before completion tokens
+    and health pings (durabletask-go's worker answers as it does)."""
+    session.install("-e", ".", "pytest>=8", "pytest-trio>=0.8", "durabletask==0.1.0")
+    session.run("pytest", "tests/generations/old_python_sdk.py", *session.posargs)
 
 
 @nox.session(python="3.11")
@@ -36,7 +57,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[otel]", "mypy==2.4.1", "types-protobuf")
+    session.install("-e", ".", "mypy==2.4.1", "types-protobuf")
     session.run("mypy")
 
 
@@ -75,6 +96,7 @@ def js(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
     """dt-trio against the SDK's in-memory reference server (and a no-op server, for the SDK
-    worker's own limit): -- [--quick] [--rounds N] [--json FILE]."""
+    worker's own limit), and what the dashboard costs: -- [--quick] [--rounds N] [--json FILE]
+    [--only-dashboard]."""
     session.install("-e", ".[test]")
     session.run("python", "tests/bench/bench.py", *session.posargs)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import trio
 
+from dt_trio._dashboard import DEFAULT_UI, parse_address
 from dt_trio._errors import StoreUnavailable
 from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, server_ssl_context
 from dt_trio._health import Health
@@ -35,6 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dt-trio",
         description="Durable Task sidecar: serves TaskHubSidecarService over gRPC on sqlite.",
+        epilog="To operate a running sidecar: dt-trio instances --help, dt-trio entities --help.",
     )
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)"
@@ -69,6 +71,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="allow a non-loopback --host without TLS",
     )
     parser.add_argument(
+        "--ui",
+        default=DEFAULT_UI,
+        metavar="HOST:PORT",
+        help="serve the web dashboard here, port 0 for any (default: %(default)s)",
+    )
+    parser.add_argument("--no-ui", action="store_true", help="do not serve the dashboard")
+    parser.add_argument(
+        "--ui-read-only", action="store_true", help="a dashboard that shows but cannot act"
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -89,6 +101,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--host {args.host} is reachable from other machines: give --tls-cert and "
             "--tls-key (and preferably --token), or --insecure to serve plaintext anyway"
+        )
+    try:
+        ui_host = parse_address(args.ui)[0]
+    except ValueError as exc:
+        parser.error(f"--ui {exc}")
+    if not args.no_ui and not _is_loopback(ui_host) and not args.tls_cert and not args.insecure:
+        parser.error(
+            f"--ui {args.ui} is reachable from other machines: give --tls-cert and --tls-key "
+            "(and preferably --token), or --insecure to serve plaintext anyway, or --no-ui"
         )
     if args.max_message_bytes < 1024:
         parser.error(f"--max-message-bytes must be at least 1024, not {args.max_message_bytes}")
@@ -112,6 +133,8 @@ async def run(args: argparse.Namespace) -> None:
                         if args.tls_cert
                         else None,
                         token=args.token,
+                        ui=None if args.no_ui else args.ui,
+                        ui_read_only=args.ui_read_only,
                         health=health,
                     )
                 )

@@ -7,13 +7,16 @@
             └── nursery
                 ├── gRPC server (TaskHubSidecarService, Health)    -- started 2nd (serve only)
                 ├── store watch: while the store has a fault, tries a write now and then
-                ├── orchestration processor  ─┐ share the store      -- started 3rd
-                ├── activity processor        │ and the executor    -- started 4th
-                └── entity processor         ─┘                     -- started 5th
+                ├── dashboard (hypercorn, Starlette; with `ui`)    -- started 3rd
+                ├── orchestration processor  ─┐ share the store      -- started 4th
+                ├── activity processor        │ and the executor    -- started 5th
+                └── entity processor         ─┘                     -- started 6th
 
 The executor routes each work item to this process's own Python code (a `Registry`, run by the
 local executor) or to the SDK workers connected over gRPC (the remote executor, whose worker
-streams are served by the gRPC server). Commits wake the processors through `Signals`.
+streams are served by the gRPC server). Commits wake the processors through `Signals`. The
+dashboard reads through the store and acts through the processors' client, as the gRPC
+service does; the same signals drive its live pages.
 Cancelling the hub (Ctrl-C, SIGTERM via the command, or the caller's cancel scope) cancels them
 all; in-flight work items that were not committed are simply not committed, and their leases
 are released when the store is opened next. The store writer stops once the rest has: what
@@ -84,6 +87,8 @@ async def serve(
     ssl_context: ssl.SSLContext | None = None,
     token: str | None = None,
     registry: Registry | None = None,
+    ui: str | None = None,
+    ui_read_only: bool = False,
     health: Health | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -93,10 +98,13 @@ async def serve(
     free port. A request message larger than `max_message_bytes` is answered
     RESOURCE_EXHAUSTED. `ssl_context` serves TLS; `token` requires every call to carry
     `authorization: Bearer <token>`. Orchestrators and activities in `registry` run in this
-    process, everything else on connected SDK workers. Reports `(host, port)` through
-    `task_status` once everything is running. Cancellation stops the server and the
-    processors and closes the store. `health` is the readiness the gRPC health service reports
-    (the command drains its watchers before it cancels); a new one if not given.
+    process, everything else on connected SDK workers. With `ui` ('HOST:PORT', port 0 for
+    any) the web dashboard is served there too (with the same TLS and token; `ui_read_only`
+    hides and refuses its actions); the `dt-trio` command serves it by default, this function
+    does not. Reports `(host, port)` through `task_status` once everything is running.
+    Cancellation stops the servers and the processors and closes the store. `health` is the
+    readiness the gRPC health service reports (the command drains its watchers before it
+    cancels); a new one if not given.
     """
     signals = Signals(health)
     try:
@@ -120,6 +128,19 @@ async def serve(
                     )
                 )
                 log.info("server listening at %s", format_address(*address))
+                if ui is not None:
+                    from dt_trio._dashboard._server import serve_dashboard  # its imports take 0.1 s
+
+                    await nursery.start(
+                        functools.partial(
+                            serve_dashboard,
+                            processors.client,
+                            ui,
+                            read_only=ui_read_only,
+                            token=token,
+                            ssl_context=ssl_context,
+                        )
+                    )
                 await processors.start(nursery)
                 signals.health.update(listening=True)
                 task_status.started(address)
@@ -128,20 +149,36 @@ async def serve(
 
 
 @contextlib.asynccontextmanager
-async def open_task_hub(db: str = DEFAULT_DB, *, registry: Registry) -> AsyncIterator[Client]:
+async def open_task_hub(
+    db: str = DEFAULT_DB,
+    *,
+    registry: Registry,
+    ui: str | None = None,
+    ui_read_only: bool = False,
+) -> AsyncIterator[Client]:
     """Run a task hub in this process, without gRPC, for the body of an ``async with``.
 
     Yields the `Client` of the hub. Orchestrators and activities in `registry` run here; the
-    store is `db` (an sqlite file, or "" in memory). Leaving the block stops the hub: work in
-    flight that was not committed runs again when a hub opens the store next.
+    store is `db` (an sqlite file, or "" in memory). With `ui` ('HOST:PORT', port 0 for any;
+    off by default) the web dashboard is served there, plain HTTP without a token (keep it on
+    loopback); `ui_read_only` hides and refuses its actions. Leaving the block stops the hub:
+    work in flight that was not committed runs again when a hub opens the store next.
     """
     signals = Signals()
     try:
         with _collections_spaced():
             async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
                 processors = _Processors(store, signals, registry, RemoteExecutor())
+                if ui is not None:
+                    from dt_trio._dashboard._server import serve_dashboard
+
+                    await nursery.start(
+                        functools.partial(
+                            serve_dashboard, processors.client, ui, read_only=ui_read_only
+                        )
+                    )
                 await processors.start(nursery)
-                yield Client(processors.client)
+                yield Client(processors.client, registry)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise lone_error(group) from None

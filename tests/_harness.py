@@ -18,6 +18,7 @@ import pytest
 from durabletask import client, worker
 
 LISTENING = re.compile(r"server listening at (\S+):(\d+)(?:$|\")")  # text or JSON lines
+DASHBOARD = re.compile(r"dashboard at (\S+?)(?:$|\")")
 
 
 class Sidecar:
@@ -29,6 +30,7 @@ class Sidecar:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.ui_url = ""  # the dashboard's, when it serves one
 
     @property
     def address(self) -> str:
@@ -53,6 +55,11 @@ class Sidecar:
                 if match:
                     self.port = int(match.group(2))
                     break
+            for line in self.log_text()[seen:].splitlines()[::-1]:
+                found = DASHBOARD.search(line)
+                if found:
+                    self.ui_url = found.group(1)
+                    break
             if self.port and "activity-processor: waiting" in self.log_text()[seen:]:
                 return self
             if self.proc.poll() is not None:
@@ -71,6 +78,8 @@ class Sidecar:
             str(port),
             "--db",
             self.db,
+            "--ui",
+            "127.0.0.1:0",  # the dashboard on a port of its own (see `ui_url`)
         ]
 
     def log_text(self) -> str:

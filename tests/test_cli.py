@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import signal
+import sqlite3
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import trio
-from _harness import Sidecar, sdk_client, sdk_worker
+from _harness import Gate, Sidecar, sdk_client, sdk_worker
 from durabletask import task
 
 import dt_trio
@@ -138,30 +141,90 @@ def test_hello_cities_example_runs_against_the_sidecar(tmp_path: pathlib.Path) -
         assert sidecar.stop() == 0
 
 
-def test_a_second_sidecar_on_the_same_store_is_refused(tmp_path: pathlib.Path) -> None:
-    db = str(tmp_path / "hub.sqlite3")
-    first = Sidecar(db, tmp_path / "first.log").start()
+def test_a_second_sidecar_on_the_same_store_is_refused_whatever_the_path_spelling(
+    tmp_path: pathlib.Path,
+) -> None:
+    """One process per store, by the file's identity: the same path, a symlink and a hard
+    link are all refused, leave no file behind, and the first sidecar's activity in flight
+    is neither released nor run twice."""
+    db = tmp_path / "hub.sqlite3"
+    first = Sidecar(str(db), tmp_path / "first.log").start()
+    (tmp_path / "link.sqlite3").symlink_to(db)
+    spellings = [str(db), str(tmp_path / "link.sqlite3")]
+    gate = Gate()
+    runs: list[str] = []
+
+    def held(ctx: task.ActivityContext, name: str) -> str:
+        runs.append(name)
+        gate.wait()
+        return f"held {name}"
+
+    def holds(ctx: task.OrchestrationContext, name: str) -> Any:
+        return (yield ctx.call_activity(held, input=name))
+
     try:
-        out = subprocess.run(
-            [sys.executable, "-m", "dt_trio", "--port", "0", "--db", db],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert out.returncode == 1
-        assert f"cannot start: the store {db} is in use by another dt-trio process" in out.stderr
-        assert "Traceback" not in out.stderr
-        with sdk_worker(first.address, [greet]):  # the first one still serves
+        with sdk_worker(first.address, [holds], [held]):
             c = sdk_client(first.address)
-            instance_id = c.schedule_new_orchestration(greet, input="first")
+            instance_id = c.schedule_new_orchestration(holds, input="first")
+            assert gate.entered.wait(20)
+            # the hard link is made while the first sidecar runs: it has its files open
+            (tmp_path / "hard.sqlite3").hardlink_to(db)
+            spellings.append(str(tmp_path / "hard.sqlite3"))
+            files = sorted(p.name for p in tmp_path.iterdir())
+            for path in spellings:
+                out = subprocess.run(
+                    [sys.executable, "-m", "dt_trio", "--port", "0", "--db", path, "--no-ui"],
+                    capture_output=True,
+                    text=True,
+                    timeout=15,
+                )
+                assert out.returncode == 1, out.stderr
+                assert f"cannot start: the store {path}" in out.stderr
+                assert "is in use by another dt-trio process" in out.stderr
+                assert "Traceback" not in out.stderr
+                assert sorted(p.name for p in tmp_path.iterdir()) == files
+            gate.opened.set()
             state = c.wait_for_orchestration_completion(instance_id, timeout=20)
-            assert state is not None and json.loads(state.serialized_output) == "hi first"
+            assert state is not None and json.loads(state.serialized_output) == "held first"
+            assert runs == ["first"]
     finally:
+        gate.opened.set()
         assert first.stop() == 0
     # the lock goes with the process, even after kill -9
-    second = Sidecar(db, tmp_path / "second.log").start()
+    second = Sidecar(str(tmp_path / "link.sqlite3"), tmp_path / "second.log").start()
     second.kill()
-    assert Sidecar(db, tmp_path / "third.log").start().stop() == 0
+    assert Sidecar(str(db), tmp_path / "third.log").start().stop() == 0
+
+
+FOREIGN = {
+    "tables": "PRAGMA user_version = 42; CREATE TABLE customers (id INTEGER PRIMARY KEY, "
+    "name TEXT); CREATE TABLE orders (id INTEGER PRIMARY KEY, total REAL); "
+    "INSERT INTO customers VALUES (1, 'ana');",
+    "instances": "CREATE TABLE instances (id INTEGER PRIMARY KEY, host TEXT); "
+    "INSERT INTO instances VALUES (1, 'web-1');",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FOREIGN))
+def test_another_programs_database_is_refused_and_left_unchanged(
+    tmp_path: pathlib.Path, kind: str
+) -> None:
+    db = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.executescript(FOREIGN[kind])
+        conn.commit()
+    before = db.read_bytes()
+    out = subprocess.run(
+        [sys.executable, "-m", "dt_trio", "--port", "0", "--db", str(db), "--no-ui"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert out.returncode == 1, out.stderr
+    assert f"cannot start: {db} is an sqlite database of another program" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert db.read_bytes() == before  # no table, user_version or journal mode changed
+    assert [p.name for p in tmp_path.iterdir()] == ["other.db"]
 
 
 def test_the_message_size_limit_is_configurable(tmp_path: pathlib.Path) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from dt_trio._core import InboxMessage, InstanceState, Status, check_entity_id, signal_event
 from dt_trio._core import _events as ev
 from dt_trio._engine._signals import Signals
-from dt_trio._errors import InstanceNotFound, InvalidRequest
+from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Backend, OrchestrationWorkItem, StepAhead
 
@@ -164,6 +164,40 @@ class HubClient:
             raise InvalidRequest("the event name is required and must not be empty")
         now = _now()
         await self.store.enqueue(instance_id, ev.event_raised(now, name, data), now)
+
+    async def restart(self, instance_id: str, new_instance_id: bool = False) -> str:
+        """Start a finished instance again with its name, input, version and tags, under its
+        own id or (`new_instance_id`) a new one; returns the id it runs under."""
+        old = await self.store.get_instance(instance_id) if instance_id else None
+        if old is None:
+            raise InstanceNotFound(instance_id)
+        if not old.status.is_terminal:
+            raise FailedPrecondition(
+                f"instance '{old.instance_id}' is {old.status.label}; only a finished "
+                "instance can be restarted"
+            )
+        # A restart carries no trace context: the new run goes on in the trace the first one
+        # was started in (the SDK's spans need one to form a tree).
+        history = await self.store.get_history(old.instance_id)
+        first = next((e.executionStarted for e in history if e.HasField("executionStarted")), None)
+        return await self.start(
+            old.name,
+            instance_id=uuid.uuid4().hex if new_instance_id else old.instance_id,
+            input=old.input,
+            version=old.version,
+            tags=dict(old.tags),
+            trace=first.parentTraceContext
+            if first is not None and first.HasField("parentTraceContext")
+            else None,
+            replaceable={old.status},
+        )
+
+    async def rewind(self, instance_id: str, reason: str | None) -> None:
+        """Run a failed instance again from its failed steps; the SDK rewrites the history."""
+        event = ev.new_event(_now())
+        event.executionRewound.SetInParent()
+        ev.set_str(event.executionRewound.reason, reason)
+        await self.store.rewind(instance_id, event)
 
     async def terminate(self, instance_id: str, output: str | None, recursive: bool) -> None:
         await self._control(instance_id, ev.execution_terminated(_now(), output, recursive))

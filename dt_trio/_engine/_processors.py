@@ -32,6 +32,7 @@ from dt_trio._engine._executor import (
     Route,
     WorkAbandoned,
     WorkTooLarge,
+    escaped,
 )
 from dt_trio._engine._signals import Signals, Wakeup
 from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
@@ -1128,11 +1129,16 @@ class EntityProcessor(Processor[EntityWorkItem]):
             with trio.CancelScope(shield=True):
                 await self._store.commit_entity(self._owner, result)
         except core.InvalidEntityResult as exc:
-            # The batch runs again later from the state before it; a worker that keeps
-            # failing it reaches the poison limit above.
+            # The batch runs again from the state before it, handed out again at once; a
+            # worker that keeps failing it reaches the poison limit above.
             self._executor.finish(pending, InvalidRequest(f"entity '{entity_id}': {exc}"))
-            log.warning("%s: %s: %s; retrying the batch", self.name, entity_id, exc)
-            later = _now() + timedelta(seconds=FAILED_STEP_RETRY_SECONDS)
+            log.warning(
+                "'%s': a worker's answer to an entity batch is refused, and the item handed "
+                "out again: %s",
+                escaped(entity_id),
+                escaped(str(exc), 1000),
+            )
+            later = _now() + timedelta(seconds=_backoff(item.attempt))
             await self._release(
                 self._store.postpone_entity, self._owner, entity_id, ids, later, failed=True
             )

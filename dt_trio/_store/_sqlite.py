@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import outcome
 import trio
@@ -329,7 +329,9 @@ class SqliteBackend:
         self._writer_wakeup: trio.Event | None = None
         self._read_limiter = trio.CapacityLimiter(READERS)
         self._memory_uri = f"file:dt-trio-{uuid.uuid4().hex}?mode=memory&cache=shared"
-        self._lock_file: IO[bytes] | None = None
+        # The database file, open and locked while this store owns it (see `_hold`), and
+        # whether this store created it.
+        self._held: _Held | None = None
         self._faulty = False  # the last write failed for want of a usable store
         self._token: trio.lowlevel.TrioToken | None = None  # to tell the listener of faults
 
@@ -360,15 +362,13 @@ class SqliteBackend:
 
     def _open_sync(self) -> None:
         if self.path:
-            self._lock_file = _exclusive_lock(self.path)
-            file = pathlib.Path(self.path)
-            if not file.exists():
-                # Owner-only: the store holds every payload of every orchestration.
-                file.touch(mode=0o600)
+            self._held = _hold(self.path)
         writer = self._connect(_WriterConnection)
         assert isinstance(writer, _WriterConnection)
         writer.cache = _InstanceCache(CACHED_INSTANCES)
         if self.path:
+            # Before anything is written: another program's database stays as it is.
+            _check_is_store(writer, self.path)
             writer.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode loses nothing when the process dies; only an OS crash or power
             # loss can roll back the last commits.
@@ -388,25 +388,40 @@ class SqliteBackend:
                 self._readers.put(self._connect())
 
     async def open(self) -> None:
+        """Open the store: create the file (owner-only) if it does not exist, take it for
+        this process, check that it is a dt-trio store, and create the schema. On failure
+        nothing is left behind: a file this call created is removed again.
+
+        StoreUnavailable if the file is held by another store (in this process or another),
+        is not a dt-trio store, or cannot be opened."""
         self._token = trio.lowlevel.current_trio_token()
         try:
             await trio.to_thread.run_sync(self._open_sync, limiter=self._write_limiter)
-        except (sqlite3.Error, OSError) as exc:
-            await self.close()
-            raise StoreUnavailable(f"cannot open the store {self.description}: {exc}") from exc
-        except BaseException:
-            await self.close()
+        except BaseException as exc:
+            await self._close(discard=True)
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise StoreUnavailable(f"cannot open the store {self.description}: {exc}") from exc
             raise
 
     async def close(self) -> None:
+        await self._close()
+
+    async def _close(self, discard: bool = False) -> None:
+        """Close every connection, then let go of the file; with `discard`, a file this store
+        created is removed first (with the lock still held, so nobody has taken it)."""
+
         def close_all() -> None:
             self._writer = None  # writes, and reads from its cache, now fail: not open
             for conn in self._all:
                 conn.close()
             self._all.clear()
-            if self._lock_file is not None:
-                self._lock_file.close()  # releases the lock
-                self._lock_file = None
+            held, self._held = self._held, None
+            if held is not None:
+                if discard and held.created:
+                    for suffix in ("", "-wal", "-shm", "-journal"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self.path + suffix)
+                held.release()
 
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(close_all, limiter=self._write_limiter)
@@ -763,16 +778,21 @@ class SqliteBackend:
         return count
 
     async def query_instances(
-        self, where: InstanceFilter, page_size: int, after: PageKey | None
+        self,
+        where: InstanceFilter,
+        page_size: int,
+        after: PageKey | None,
+        newest_first: bool = False,
     ) -> tuple[list[InstanceState], PageKey | None]:
         clauses, params = _filter_sql(where)
+        beyond, order = ("<", " DESC") if newest_first else (">", "")
         if after is not None:
-            clauses.append("(created_at, instance_id) > (?, ?)")
+            clauses.append(f"(created_at, instance_id) {beyond} (?, ?)")
             params += [after[0], after[1]]
         sql = (
             f"SELECT {_INSTANCE_COLUMNS} FROM instances"
             f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''}"
-            " ORDER BY created_at, instance_id LIMIT ?"
+            f" ORDER BY created_at{order}, instance_id{order} LIMIT ?"
         )
 
         def read(conn: sqlite3.Connection) -> list[sqlite3.Row]:
@@ -783,6 +803,18 @@ class SqliteBackend:
         rows = rows[:page_size]
         next_key = (rows[-1]["created_at"], rows[-1]["instance_id"]) if more and rows else None
         return [_row_to_state(r) for r in rows], next_key
+
+    async def count_instances(self, where: InstanceFilter) -> dict[Status, int]:
+        clauses, params = _filter_sql(where)
+        sql = (
+            "SELECT status, COUNT(*) FROM instances"
+            f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''} GROUP BY status"
+        )
+
+        def read(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            return conn.execute(sql, params).fetchall()
+
+        return {Status(status): count for status, count in await self._run_read(read)}
 
     async def list_finished_ids(
         self,
@@ -1301,25 +1333,135 @@ def _commit_whole(conn: _WriterConnection, batch: list[_WriteSlot]) -> bool:
     return True
 
 
-def _exclusive_lock(path: str) -> IO[bytes]:
-    """Hold `path`.lock for the life of the store.
+# The stores this process holds, by their database file's identity (st_dev, st_ino).
+_held_here: set[tuple[int, int]] = set()
+_held_here_lock = threading.Lock()
+
+
+@dataclasses.dataclass
+class _Held:
+    """A database file this store holds: open, and locked for the life of the store."""
+
+    fd: int
+    identity: tuple[int, int]
+    created: bool  # this store made the file
+
+    def release(self) -> None:
+        os.close(self.fd)  # drops the lock
+        with _held_here_lock:
+            _held_here.discard(self.identity)
+
+
+def _hold(path: str) -> _Held:
+    """Open the database file `path` (creating it, owner-only, if it does not exist) and take
+    it for this store: an exclusive flock on the file itself.
 
     One process owns a store: it releases every lease it finds when it opens, so a second
-    sidecar on the same file would steal work from the first. The OS drops the lock when the
-    process dies, kill -9 included, so a crash never leaves the store locked.
+    sidecar on the same file would steal work from the first. The lock is on the file, not on
+    a name beside it, so no spelling of its path (a symlink, a hard link, `..`) gets around it;
+    the OS drops it when the process dies, kill -9 included, so a crash never leaves the store
+    locked. A file that another store of this process holds is refused before it is opened:
+    closing a descriptor of it would drop the sqlite locks that store holds on it.
     """
-    lock_path = f"{path}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    lock_file = os.fdopen(fd, "r+b")
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_file.close()
-        raise StoreUnavailable(
-            f"the store {path} is in use by another dt-trio process (it holds {lock_path}); "
-            "stop that process or give this one another --db"
-        ) from None
-    return lock_file
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            _check_not_held_here(path, _identity(os.stat(path)))
+        created = False
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue  # made meanwhile: open that one
+            created = True
+        try:
+            info = os.fstat(fd)
+            with _held_here_lock:
+                _check_not_held_here(path, _identity(info))
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise _in_use(path, "another dt-trio process") from None
+                # A start that failed may have removed the file between our open and our
+                # lock: then lock the file that the path names now.
+                try:
+                    same = os.path.samestat(info, os.stat(path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    _held_here.add(_identity(info))
+                    return _Held(fd, _identity(info), created)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _check_not_held_here(path: str, identity: tuple[int, int]) -> None:
+    if identity in _held_here:
+        raise _in_use(path, "another store of this process")
+
+
+def _in_use(path: str, holder: str) -> StoreUnavailable:
+    real = os.path.realpath(path)
+    spelled = path if real == os.path.abspath(path) else f"{path} (that is {real})"
+    return StoreUnavailable(
+        f"the store {spelled} is in use by {holder}; stop that process or give this one "
+        "another --db"
+    )
+
+
+# The schema version this code writes and reads (PRAGMA user_version), and the mark of a
+# dt-trio store (PRAGMA application_id: "dttr").
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x64747472
+_TABLES = frozenset(
+    {"instances", "history", "inbox", "activities", "entities", "entity_inbox", "sqlite_sequence"}
+)
+
+
+def _check_is_store(conn: sqlite3.Connection, path: str) -> None:
+    """Refuse, before anything is written, a database that is neither empty nor a dt-trio
+    store: another program's tables are never touched, nor its user_version or journal mode.
+
+    A store is marked by its application_id; stores made before the mark are recognised by
+    their tables (and get the mark with the schema)."""
+    application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    objects = conn.execute("SELECT type, name FROM sqlite_schema").fetchall()
+    if application_id == APPLICATION_ID:
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"the store {path} has schema version {version}, made by a newer dt-trio "
+                f"(this one knows version {SCHEMA_VERSION}); run that version on it"
+            )
+        return
+    if application_id == 0 and version == 0 and not objects:
+        return  # empty: a new store
+    tables = sorted(name for kind, name in objects if kind == "table")
+    if application_id == 0 and version == SCHEMA_VERSION and _is_unmarked_store(conn, tables):
+        return
+    held = f"the tables {', '.join(tables[:10])}" if tables else "no table"
+    if len(tables) > 10:
+        held += f" and {len(tables) - 10} more"
+    raise StoreUnavailable(
+        f"{path} is an sqlite database of another program, not a dt-trio store (it has "
+        f"{held}; application_id {application_id}, user_version {version}); dt-trio leaves "
+        "it unchanged: give --db a new file or a dt-trio store"
+    )
+
+
+def _is_unmarked_store(conn: sqlite3.Connection, tables: list[str]) -> bool:
+    if "instances" not in tables or not set(tables) <= _TABLES:
+        return False
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(instances)")}
+    return {"instance_id", "execution_id", "status", "locked_by", "dequeue_count"} <= columns
 
 
 @contextlib.contextmanager
@@ -1351,6 +1493,10 @@ _NEXT_MESSAGE = (
     "WHERE i.locked_by IS NULL"
 )
 _NEXT_ACTIVITY = "SELECT MIN(visible_at) FROM activities WHERE locked_by IS NULL"
+_DROP_ACTIVITIES_OF_ENDING = (
+    "DELETE FROM activities WHERE instance_id = ? AND EXISTS (SELECT 1 FROM instances "
+    f"WHERE instance_id = ? AND status NOT IN ({','.join(map(str, _TERMINAL))}))"
+)
 _NEXT_ENTITY = (
     "SELECT MIN(m.visible_at) FROM entity_inbox m JOIN entities e "
     "USING (instance_id) WHERE m.deferred = 0 AND e.leased_by IS NULL"
@@ -1540,7 +1686,10 @@ def _delete_activity(conn: sqlite3.Connection, owner: str, item: ActivityWorkIte
         "DELETE FROM activities WHERE id = ? AND locked_by = ?", (item.id, owner)
     ).rowcount
     if deleted != 1:
-        raise LockLost(f"activity work item {item.id} is no longer leased by this worker")
+        raise LockLost(
+            f"activity work item {item.id} is no longer leased by this worker (its "
+            "orchestration ended or was purged meanwhile)"
+        )
 
 
 def _as_found(
@@ -1656,6 +1805,11 @@ def _apply_step(
     if result.reset_history:
         conn.execute("DELETE FROM history WHERE instance_id = ?", (state.instance_id,))
         conn.execute("DELETE FROM activities WHERE instance_id = ?", (state.instance_id,))
+    elif state.status.is_terminal:
+        # The step that ends the execution drops the activities it was waiting for, queued
+        # or running: nobody waits for them any more. (This step's own are written below and
+        # run, as the SDKs' servers run them; their results are dropped.)
+        conn.execute(_DROP_ACTIVITIES_OF_ENDING, (state.instance_id, state.instance_id))
     cache = _cache(conn)
     known = cache.get(state.instance_id) if cache is not None else None
     blobs = [e.SerializeToString() for e in result.history]
@@ -1751,6 +1905,9 @@ def _filter_sql(where: InstanceFilter) -> tuple[list[str], list[object]]:
     if where.created_to is not None:
         clauses.append("created_at < ?")
         params.append(_us(where.created_to))
+    if where.name is not None:
+        clauses.append("name = ?")
+        params.append(where.name)
     if where.id_prefix:
         # A range on the primary key, so the prefix filter uses the index.
         clauses.append("instance_id >= ? AND instance_id < ?")

@@ -1,5 +1,7 @@
 -- dt-trio sqlite schema. Times are integer microseconds since the Unix epoch (UTC).
 PRAGMA user_version = 1;
+-- what marks a dt-trio store ("dttr"): another program's database is never taken for one
+PRAGMA application_id = 1685353586;
 
 -- One row per orchestration instance: the current execution's summary and its lease.
 CREATE TABLE IF NOT EXISTS instances (

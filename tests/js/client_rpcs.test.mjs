@@ -19,7 +19,7 @@ let fragileBroken = true;
 
 function startSidecar() {
   return new Promise((resolve, reject) => {
-    const proc = spawn(python, ["-m", "dt_trio", "--port", "0", "--db", ""], {
+    const proc = spawn(python, ["-m", "dt_trio", "--port", "0", "--db", "", "--no-ui"], {
       stdio: ["ignore", "ignore", "pipe"],
     });
     let log = "";
