@@ -23,8 +23,10 @@ from dt_trio._grpc._transport import (
     min_buffered_bytes,
     server_ssl_context,
 )
+from dt_trio._health import Health
 from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, lone_error, serve
 from dt_trio._log import get_logger
+from dt_trio._log_json import JsonFormatter
 
 log = get_logger("dt_trio")
 
@@ -129,6 +131,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="of dt-trio's own log lines; other libraries log at INFO or above "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object a line, event fields as keys (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, not {args.port}")
@@ -183,13 +191,14 @@ def _signal_while_shutting_down(signum: int, frame: object) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down cleanly. A further signal during the
-    shutdown is logged and changes nothing: the shutdown is short, and a user who cannot wait
-    may kill -9 (which loses nothing committed)."""
+    """Serve until SIGINT or SIGTERM, then shut down cleanly (health watchers told first). A
+    further signal during the shutdown is logged and changes nothing: the shutdown is short,
+    and a user who cannot wait may kill -9 (which loses nothing committed)."""
     # In force once the receiver below is closed: a signal still queued in it when it
     # closes is delivered again, and must not kill the process on its way out.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _signal_while_shutting_down)
+    health = Health()
     serving = trio.CancelScope()
 
     async def watch(signals: AsyncIterator[int]) -> None:
@@ -198,6 +207,7 @@ async def run(args: argparse.Namespace) -> None:
                 _signal_while_shutting_down(signum, None)
             else:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
+                await health.drain()
                 serving.cancel()
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -218,6 +228,7 @@ async def run(args: argparse.Namespace) -> None:
                         token=args.token,
                         ui=None if args.no_ui else args.ui,
                         ui_read_only=args.ui_read_only,
+                        health=health,
                     )
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -235,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     log.setLevel(level)
+    if args.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     try:
         trio.run(run, args)
     except (OSError, StoreUnavailable) as exc:

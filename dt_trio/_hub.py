@@ -7,7 +7,8 @@
         └── store nursery
             ├── store writer: group commits in sqlite's thread  -- started 1st, stopped last
             └── nursery
-                ├── gRPC server (purerpc, TaskHubSidecarService)   -- started 2nd (serve only)
+                ├── gRPC server (TaskHubSidecarService, Health)    -- started 2nd (serve only)
+                ├── store watch: while the store has a fault, tries a write now and then
                 ├── dashboard (hypercorn, Starlette; with `ui`)    -- started 3rd
                 ├── orchestration processor  ─┐ share the store      -- started 4th
                 ├── activity processor        │ and the executor    -- started 5th
@@ -48,6 +49,7 @@ from dt_trio._engine import (
     Signals,
     link,
 )
+from dt_trio._grpc._health import HealthService
 from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
 from dt_trio._grpc._transport import (
@@ -59,6 +61,7 @@ from dt_trio._grpc._transport import (
     open_listeners,
     serve_grpc,
 )
+from dt_trio._health import Health, watch_store
 from dt_trio._local import Client, LocalExecutor, Registry
 from dt_trio._log import get_logger
 from dt_trio._store import SqliteBackend
@@ -100,6 +103,7 @@ async def serve(
     registry: Registry | None = None,
     ui: str | None = None,
     ui_read_only: bool = False,
+    health: Health | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a task hub sidecar until cancelled.
@@ -117,9 +121,10 @@ async def serve(
     same TLS and token; `ui_read_only` hides and refuses its actions); the `dt-trio` command
     serves it by default, this function does not. Reports `(host, port)` through
     `task_status` once everything is running. Cancellation stops the servers and the
-    processors and closes the store.
+    processors and closes the store. `health` is the readiness the gRPC health service
+    reports (the command drains its watchers before it cancels); a new one if not given.
     """
-    signals = Signals()
+    signals = Signals(health)
     # The addresses first: a start that fails for want of one (a port in use) must not have
     # created the store's files.
     listeners = await open_listeners(host, port)
@@ -135,10 +140,12 @@ async def serve(
                 remote = RemoteExecutor()
                 processors = _Processors(store, signals, registry, remote)
                 service = SidecarService(store, remote, processors.client)
+                checks = HealthService(signals.health, [service.service.name])
+                nursery.start_soon(watch_store, signals.health, store.try_write)
                 await nursery.start(
                     functools.partial(
                         serve_grpc,
-                        [service],
+                        [service, checks],
                         listeners,
                         status_for=status_for,
                         max_message_bytes=max_message_bytes,
@@ -166,6 +173,7 @@ async def serve(
                         )
                     )
                 await processors.start(nursery)
+                signals.health.update(listening=True)
                 task_status.started(address)
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
@@ -263,12 +271,14 @@ async def _running_store(db: str, signals: Signals) -> AsyncIterator[SqliteBacke
     store = SqliteBackend(db, listener=signals)
     await store.open()
     log.info("backend started: %s", store.description)
+    signals.health.update(store_open=True)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run_writer)
             yield store
             nursery.cancel_scope.cancel()
     finally:
+        signals.health.update(store_open=False)
         await store.close()
         log.info("backend stopped: %s", store.description)
 

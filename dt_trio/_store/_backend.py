@@ -124,6 +124,10 @@ class StoreListener(Protocol):
     def instance_changed(self, instance_id: str, state: InstanceState | None = None) -> None:
         """`state`: the instance's new state, when the commit knows it."""
 
+    def store_fault(self, reason: str | None) -> None:
+        """Writes began failing for want of a usable store (`reason`), or work again (None).
+        Called in the event loop's thread, once per change."""
+
 
 class Backend(Protocol):
     """A durable task hub store."""

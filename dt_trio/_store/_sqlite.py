@@ -304,6 +304,9 @@ class _NullListener:
     def instance_changed(self, instance_id: str, state: InstanceState | None = None) -> None:
         pass
 
+    def store_fault(self, reason: str | None) -> None:
+        pass
+
 
 class SqliteBackend:
     """The sqlite implementation of `dt_trio._store.Backend`.
@@ -330,6 +333,7 @@ class SqliteBackend:
         # whether this store created it.
         self._held: _Held | None = None
         self._faulty = False  # the last write failed for want of a usable store
+        self._token: trio.lowlevel.TrioToken | None = None  # to tell the listener of faults
 
     # -- connections -----------------------------------------------------------------------
 
@@ -390,6 +394,7 @@ class SqliteBackend:
 
         StoreUnavailable if the file is held by another store (in this process or another),
         is not a dt-trio store, or cannot be opened."""
+        self._token = trio.lowlevel.current_trio_token()
         try:
             await trio.to_thread.run_sync(self._open_sync, limiter=self._write_limiter)
         except BaseException as exc:
@@ -551,13 +556,29 @@ class SqliteBackend:
         )
 
     def _note_health(self, fault: BaseException | None) -> None:
-        """Log the start and the end of a store fault once each, not once per write."""
+        """Log the start and the end of a store fault once each, not once per write, and tell
+        the listener (in the event loop's thread)."""
         if fault is not None and not self._faulty:
             self._faulty = True
             log.error("%s (%s); callers get UNAVAILABLE until it clears", fault, self.description)
         elif fault is None and self._faulty:
             self._faulty = False
             log.warning("the store %s is writable again", self.description)
+        else:
+            return
+        if self._token is not None:
+            reason = str(fault) if fault is not None else None
+            self._token.run_sync_soon(self.listener.store_fault, reason)
+
+    async def try_write(self) -> None:
+        """Commit a write that changes nothing anyone reads (the schema version, rewritten),
+        so that a store fault shows or clears (StoreUnavailable while it lasts)."""
+
+        def rewrite(conn: sqlite3.Connection) -> None:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+
+        await self._run_write(rewrite)
 
     async def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None:
