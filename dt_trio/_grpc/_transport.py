@@ -816,22 +816,27 @@ class _Acceptor:
         self._failed = 0  # accepts failed in a row for want of resources
 
     async def accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                transport = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _CAPACITY_ERRNOS:
-                    raise
-                await self._back_off(exc)
-                continue
-            if self._failed:
-                log.warning("accepting connections again (%d attempts failed)", self._failed)
-                self._failed = 0
-            if self._open >= self._max_connections:
-                await self._refuse(transport)
-            else:
-                self._open += 1
-                nursery.start_soon(self._serve, transport)
+        try:
+            while True:
+                try:
+                    transport = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _CAPACITY_ERRNOS:
+                        raise
+                    await self._back_off(exc)
+                    continue
+                if self._failed:
+                    log.warning("accepting connections again (%d attempts failed)", self._failed)
+                    self._failed = 0
+                if self._open >= self._max_connections:
+                    await self._refuse(transport)
+                else:
+                    self._open += 1
+                    nursery.start_soon(self._serve, transport)
+        finally:
+            # A server stopping refuses new connections at once, not once the connections it
+            # has are through with their last writes.
+            listener.socket.close()
 
     async def _back_off(self, exc: OSError) -> None:
         """Wait for descriptors or memory to free up; said once, not at every attempt."""
