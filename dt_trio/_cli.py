@@ -16,6 +16,7 @@ import trio
 from dt_trio._errors import StoreUnavailable
 from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, server_ssl_context
 from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, lone_error, serve
+from dt_trio._store import Durability
 
 log = logging.getLogger("dt_trio")
 
@@ -48,6 +49,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--db",
         default=f"./{DEFAULT_DB}",
         help='sqlite file of the task hub; "" for an in-memory store (default: %(default)s)',
+    )
+    parser.add_argument(
+        "--durability",
+        type=Durability,
+        choices=list(Durability),
+        default=Durability.NORMAL,
+        help="normal: a commit survives the sidecar's crash; full: also an OS crash or power "
+        "loss (sqlite synchronous=FULL: a sync per group commit; needs a file) "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--max-message-bytes",
@@ -83,6 +93,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--host {args.host} is reachable from other machines: give --tls-cert and "
             "--tls-key (and preferably --token), or --insecure to serve plaintext anyway"
         )
+    if args.durability is Durability.FULL and not args.db:
+        parser.error("--durability full needs a store file: an in-memory store keeps nothing")
     if args.max_message_bytes < 1024:
         parser.error(f"--max-message-bytes must be at least 1024, not {args.max_message_bytes}")
     return args
@@ -99,6 +111,7 @@ async def run(args: argparse.Namespace) -> None:
                         host=args.host,
                         port=args.port,
                         db=args.db,
+                        durability=args.durability,
                         max_message_bytes=args.max_message_bytes,
                         ssl_context=server_ssl_context(args.tls_cert, args.tls_key)
                         if args.tls_cert

@@ -48,7 +48,7 @@ from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
 from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, serve_grpc
 from dt_trio._local import Client, LocalExecutor, Registry
-from dt_trio._store import SqliteBackend
+from dt_trio._store import Durability, SqliteBackend
 
 log = logging.getLogger("dt_trio")
 
@@ -81,6 +81,7 @@ async def serve(
     ssl_context: ssl.SSLContext | None = None,
     token: str | None = None,
     registry: Registry | None = None,
+    durability: Durability = Durability.NORMAL,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a task hub sidecar until cancelled.
@@ -89,14 +90,18 @@ async def serve(
     free port. A request message larger than `max_message_bytes` is answered
     RESOURCE_EXHAUSTED. `ssl_context` serves TLS; `token` requires every call to carry
     `authorization: Bearer <token>`. Orchestrators and activities in `registry` run in this
-    process, everything else on connected SDK workers. Reports `(host, port)` through
-    `task_status` once everything is running. Cancellation stops the server and the
-    processors and closes the store.
+    process, everything else on connected SDK workers. `durability` FULL makes every commit
+    survive an OS crash or power loss too (see `Durability`; needs a file). Reports
+    `(host, port)` through `task_status` once everything is running. Cancellation stops the
+    server and the processors and closes the store.
     """
     signals = Signals()
     try:
         with _collections_spaced():
-            async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
+            async with (
+                _running_store(db, signals, durability) as store,
+                trio.open_nursery() as nursery,
+            ):
                 remote = RemoteExecutor()
                 processors = _Processors(store, signals, registry, remote)
                 service = SidecarService(store, remote, processors.client)
@@ -120,17 +125,23 @@ async def serve(
 
 
 @contextlib.asynccontextmanager
-async def open_task_hub(db: str = DEFAULT_DB, *, registry: Registry) -> AsyncIterator[Client]:
+async def open_task_hub(
+    db: str = DEFAULT_DB, *, registry: Registry, durability: Durability = Durability.NORMAL
+) -> AsyncIterator[Client]:
     """Run a task hub in this process, without gRPC, for the body of an ``async with``.
 
     Yields the `Client` of the hub. Orchestrators and activities in `registry` run here; the
-    store is `db` (an sqlite file, or "" in memory). Leaving the block stops the hub: work in
-    flight that was not committed runs again when a hub opens the store next.
+    store is `db` (an sqlite file, or "" in memory), committed with `durability` (see `serve`).
+    Leaving the block stops the hub: work in flight that was not committed runs again when a
+    hub opens the store next.
     """
     signals = Signals()
     try:
         with _collections_spaced():
-            async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
+            async with (
+                _running_store(db, signals, durability) as store,
+                trio.open_nursery() as nursery,
+            ):
                 processors = _Processors(store, signals, registry, RemoteExecutor())
                 await processors.start(nursery)
                 yield Client(processors.client, registry)
@@ -170,10 +181,12 @@ def _collections_spaced() -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _running_store(db: str, signals: Signals) -> AsyncIterator[SqliteBackend]:
+async def _running_store(
+    db: str, signals: Signals, durability: Durability
+) -> AsyncIterator[SqliteBackend]:
     """The store, open and with its writer running, for the body; the writer stops (after
     committing what the body queued) and the store closes when the body is done."""
-    store = SqliteBackend(db, listener=signals)
+    store = SqliteBackend(db, listener=signals, durability=durability)
     await store.open()
     log.info("backend started: %s", store.description)
     try:
