@@ -75,6 +75,7 @@ def js(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
     """dt-trio against the SDK's in-memory reference server (and a no-op server, for the SDK
-    worker's own limit): -- [--quick] [--rounds N] [--json FILE]."""
+    worker's own limit): -- [--quick] [--rounds N] [--json FILE]; a full run writes
+    docs/bench-results/DATE-COMMIT.json and .md (the markdown table of the targets)."""
     session.install("-e", ".[test]")
     session.run("python", "tests/bench/bench.py", *session.posargs)
