@@ -97,6 +97,7 @@ def js(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """dt-trio against the SDK's in-memory reference server (and a no-op server, for the SDK
     worker's own limit), and what the dashboard costs: -- [--quick] [--rounds N] [--json FILE]
-    [--only-dashboard]."""
+    [--only-dashboard]; a full run writes docs/bench-results/DATE-COMMIT.json and .md (the
+    markdown table of the targets)."""
     session.install("-e", ".[test]")
     session.run("python", "tests/bench/bench.py", *session.posargs)

@@ -27,6 +27,7 @@ from dt_trio._health import Health
 from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, lone_error, serve
 from dt_trio._log import get_logger
 from dt_trio._log_json import JsonFormatter
+from dt_trio._store import Durability
 
 log = get_logger("dt_trio")
 
@@ -66,6 +67,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--db",
         default=f"./{DEFAULT_DB}",
         help='sqlite file of the task hub; "" for an in-memory store (default: %(default)s)',
+    )
+    parser.add_argument(
+        "--durability",
+        type=Durability,
+        choices=list(Durability),
+        default=Durability.NORMAL,
+        help="normal: a commit survives the sidecar's crash; full: also an OS crash or power "
+        "loss (sqlite synchronous=FULL: a sync per group commit; needs a file) "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--max-message-bytes",
@@ -161,6 +171,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--ui {args.ui} is reachable from other machines: give --tls-cert and --tls-key "
             "(and preferably --token), or --insecure to serve plaintext anyway, or --no-ui"
         )
+    if args.durability is Durability.FULL and not args.db:
+        parser.error("--durability full needs a store file: an in-memory store keeps nothing")
     if args.max_message_bytes < 1024:
         parser.error(f"--max-message-bytes must be at least 1024, not {args.max_message_bytes}")
     least = min_buffered_bytes(args.max_message_bytes)
@@ -219,6 +231,7 @@ async def run(args: argparse.Namespace) -> None:
                         host=args.host,
                         port=args.port,
                         db=args.db,
+                        durability=args.durability,
                         max_message_bytes=args.max_message_bytes,
                         max_buffered_bytes=args.max_buffered_bytes,
                         max_connections=args.max_connections,

@@ -64,7 +64,7 @@ from dt_trio._grpc._transport import (
 from dt_trio._health import Health, watch_store
 from dt_trio._local import Client, LocalExecutor, Registry
 from dt_trio._log import get_logger
-from dt_trio._store import SqliteBackend
+from dt_trio._store import Durability, SqliteBackend
 
 log = get_logger("dt_trio")
 
@@ -104,6 +104,7 @@ async def serve(
     ui: str | None = None,
     ui_read_only: bool = False,
     health: Health | None = None,
+    durability: Durability = Durability.NORMAL,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a task hub sidecar until cancelled.
@@ -120,9 +121,11 @@ async def serve(
     With `ui` ('HOST:PORT', port 0 for any) the web dashboard is served there too (with the
     same TLS and token; `ui_read_only` hides and refuses its actions); the `dt-trio` command
     serves it by default, this function does not. Reports `(host, port)` through
-    `task_status` once everything is running. Cancellation stops the servers and the
-    processors and closes the store. `health` is the readiness the gRPC health service
-    reports (the command drains its watchers before it cancels); a new one if not given.
+    `task_status` once everything is running. `durability` FULL makes every commit survive an
+    OS crash or power loss too (see `Durability`; needs a file). Cancellation stops the
+    servers and the processors and closes the store. `health` is the readiness the gRPC
+    health service reports (the command drains its watchers before it cancels); a new one if
+    not given.
     """
     signals = Signals(health)
     # The addresses first: a start that fails for want of one (a port in use) must not have
@@ -136,7 +139,10 @@ async def serve(
         raise
     try:
         with _collections_spaced():
-            async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
+            async with (
+                _running_store(db, signals, durability) as store,
+                trio.open_nursery() as nursery,
+            ):
                 remote = RemoteExecutor()
                 processors = _Processors(store, signals, registry, remote)
                 service = SidecarService(store, remote, processors.client)
@@ -192,11 +198,13 @@ async def open_task_hub(
     registry: Registry,
     ui: str | None = None,
     ui_read_only: bool = False,
+    durability: Durability = Durability.NORMAL,
 ) -> AsyncIterator[Client]:
     """Run a task hub in this process, without gRPC, for the body of an ``async with``.
 
     Yields the `Client` of the hub. Orchestrators and activities in `registry` run here; the
-    store is `db` (an sqlite file, or "" in memory). With `ui` ('HOST:PORT', port 0 for any;
+    store is `db` (an sqlite file, or "" in memory), committed with `durability`
+    (see `serve`). With `ui` ('HOST:PORT', port 0 for any;
     off by default) the web dashboard is served there, plain HTTP without a token (keep it on
     loopback); `ui_read_only` hides and refuses its actions. Leaving the block stops the hub:
     work in flight that was not committed runs again when a hub opens the store next.
@@ -205,7 +213,10 @@ async def open_task_hub(
     ui_socket = _listen_dashboard(ui)  # (before the store: see serve)
     try:
         with _collections_spaced():
-            async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
+            async with (
+                _running_store(db, signals, durability) as store,
+                trio.open_nursery() as nursery,
+            ):
                 processors = _Processors(store, signals, registry, RemoteExecutor())
                 if ui_socket is not None:
                     from dt_trio._dashboard._server import serve_dashboard
@@ -265,10 +276,12 @@ def _collections_spaced() -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _running_store(db: str, signals: Signals) -> AsyncIterator[SqliteBackend]:
+async def _running_store(
+    db: str, signals: Signals, durability: Durability
+) -> AsyncIterator[SqliteBackend]:
     """The store, open and with its writer running, for the body; the writer stops (after
     committing what the body queued) and the store closes when the body is done."""
-    store = SqliteBackend(db, listener=signals)
+    store = SqliteBackend(db, listener=signals, durability=durability)
     await store.open()
     log.info("backend started: %s", store.description)
     signals.health.update(store_open=True)

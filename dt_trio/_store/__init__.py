@@ -13,11 +13,13 @@ from dt_trio._store._backend import (
     StepAhead,
     StoreListener,
 )
+from dt_trio._store._durability import Durability
 from dt_trio._store._sqlite import SqliteBackend
 
 __all__ = [
     "ActivityWorkItem",
     "Backend",
+    "Durability",
     "EntityFilter",
     "EntityWorkItem",
     "Handed",

@@ -60,6 +60,7 @@ from dt_trio._store._backend import (
     StepAhead,
     StoreListener,
 )
+from dt_trio._store._durability import Durability
 
 log = get_logger(__name__)
 
@@ -311,11 +312,20 @@ class _NullListener:
 class SqliteBackend:
     """The sqlite implementation of `dt_trio._store.Backend`.
 
-    `path` is a file name, or "" for an in-memory database private to this object.
+    `path` is a file name, or "" for an in-memory database private to this object (which
+    survives nothing: `durability` FULL asks for a file).
     """
 
-    def __init__(self, path: str, listener: StoreListener | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        listener: StoreListener | None = None,
+        durability: Durability = Durability.NORMAL,
+    ) -> None:
+        if durability is Durability.FULL and not path:
+            raise ValueError("durability full needs a store file: a memory store keeps nothing")
         self.path = path
+        self.durability = durability
         self.description = f"sqlite::{path}" if path else "sqlite::memory"
         self.listener: StoreListener = listener or _NullListener()
         self._writer: sqlite3.Connection | None = None
@@ -371,8 +381,8 @@ class SqliteBackend:
             _check_is_store(writer, self.path)
             writer.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode loses nothing when the process dies; only an OS crash or power
-            # loss can roll back the last commits.
-            writer.execute("PRAGMA synchronous=NORMAL")
+            # loss can roll back the last commits. FULL syncs the WAL at every commit.
+            writer.execute(f"PRAGMA synchronous={self.durability.name}")
         writer.execute("PRAGMA foreign_keys=OFF")
         # Statement journals (each write of a group commit runs in a savepoint) in memory,
         # not in a temporary file created and unlinked per transaction.
