@@ -57,7 +57,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".", "mypy==2.4.1", "types-protobuf")
+    session.install("-e", ".[otel]", "mypy==2.4.1", "types-protobuf")
     session.run("mypy")
 
 
@@ -97,6 +97,7 @@ def js(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """dt-trio against the SDK's in-memory reference server (and a no-op server, for the SDK
     worker's own limit), and what the dashboard costs: -- [--quick] [--rounds N] [--json FILE]
-    [--only-dashboard]."""
+    [--only-dashboard]; a full run writes docs/bench-results/DATE-COMMIT.json and .md (the
+    markdown table of the targets)."""
     session.install("-e", ".[test]")
     session.run("python", "tests/bench/bench.py", *session.posargs)

@@ -43,16 +43,18 @@ if TYPE_CHECKING:
         when_all,
         when_any,
     )
+    from dt_trio._store import Durability
 
 # The modules the names below come from, imported on first use (PEP 562) so that the operator
 # commands (`dt-trio instances ...`) start without loading the engine.
-_HOMES = ("dt_trio._core", "dt_trio._errors", "dt_trio._hub", "dt_trio._local")
+_HOMES = ("dt_trio._core", "dt_trio._errors", "dt_trio._hub", "dt_trio._local", "dt_trio._store")
 
 __all__ = [
     "ActivityContext",
     "Client",
     "CriticalSection",
     "DtTrioError",
+    "Durability",
     "EntityContext",
     "EntityMetadata",
     "FailedPrecondition",

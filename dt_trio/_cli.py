@@ -23,8 +23,11 @@ from dt_trio._grpc._transport import (
     min_buffered_bytes,
     server_ssl_context,
 )
+from dt_trio._health import Health
 from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, lone_error, serve
 from dt_trio._log import get_logger
+from dt_trio._log_json import JsonFormatter
+from dt_trio._store import Durability
 
 log = get_logger("dt_trio")
 
@@ -64,6 +67,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--db",
         default=f"./{DEFAULT_DB}",
         help='sqlite file of the task hub; "" for an in-memory store (default: %(default)s)',
+    )
+    parser.add_argument(
+        "--durability",
+        type=Durability,
+        choices=list(Durability),
+        default=Durability.NORMAL,
+        help="normal: a commit survives the sidecar's crash; full: also an OS crash or power "
+        "loss (sqlite synchronous=FULL: a sync per group commit; needs a file) "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--max-message-bytes",
@@ -129,6 +141,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="of dt-trio's own log lines; other libraries log at INFO or above "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object a line, event fields as keys (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, not {args.port}")
@@ -153,6 +171,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--ui {args.ui} is reachable from other machines: give --tls-cert and --tls-key "
             "(and preferably --token), or --insecure to serve plaintext anyway, or --no-ui"
         )
+    if args.durability is Durability.FULL and not args.db:
+        parser.error("--durability full needs a store file: an in-memory store keeps nothing")
     if args.max_message_bytes < 1024:
         parser.error(f"--max-message-bytes must be at least 1024, not {args.max_message_bytes}")
     least = min_buffered_bytes(args.max_message_bytes)
@@ -183,13 +203,14 @@ def _signal_while_shutting_down(signum: int, frame: object) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down cleanly. A further signal during the
-    shutdown is logged and changes nothing: the shutdown is short, and a user who cannot wait
-    may kill -9 (which loses nothing committed)."""
+    """Serve until SIGINT or SIGTERM, then shut down cleanly (health watchers told first). A
+    further signal during the shutdown is logged and changes nothing: the shutdown is short,
+    and a user who cannot wait may kill -9 (which loses nothing committed)."""
     # In force once the receiver below is closed: a signal still queued in it when it
     # closes is delivered again, and must not kill the process on its way out.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _signal_while_shutting_down)
+    health = Health()
     serving = trio.CancelScope()
 
     async def watch(signals: AsyncIterator[int]) -> None:
@@ -198,6 +219,7 @@ async def run(args: argparse.Namespace) -> None:
                 _signal_while_shutting_down(signum, None)
             else:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
+                await health.drain()
                 serving.cancel()
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -209,6 +231,7 @@ async def run(args: argparse.Namespace) -> None:
                         host=args.host,
                         port=args.port,
                         db=args.db,
+                        durability=args.durability,
                         max_message_bytes=args.max_message_bytes,
                         max_buffered_bytes=args.max_buffered_bytes,
                         max_connections=args.max_connections,
@@ -218,6 +241,7 @@ async def run(args: argparse.Namespace) -> None:
                         token=args.token,
                         ui=None if args.no_ui else args.ui,
                         ui_read_only=args.ui_read_only,
+                        health=health,
                     )
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -235,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     log.setLevel(level)
+    if args.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     try:
         trio.run(run, args)
     except (OSError, StoreUnavailable) as exc:

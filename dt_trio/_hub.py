@@ -8,7 +8,8 @@
             ├── store's own duties (`Backend.run`): sqlite's group-commit writer
             │                                                    -- started 1st, stopped last
             └── nursery
-                ├── gRPC server (purerpc, TaskHubSidecarService)   -- started 2nd (serve only)
+                ├── gRPC server (TaskHubSidecarService, Health)    -- started 2nd (serve only)
+                ├── store watch: while the store has a fault, tries a write now and then
                 ├── dashboard (hypercorn, Starlette; with `ui`)    -- started 3rd
                 ├── orchestration processor  ─┐ serve the lanes of  -- started 4th
                 ├── activity processor        │ one dispatcher      -- started 5th
@@ -50,6 +51,7 @@ from dt_trio._engine import (
     RoutingExecutor,
     Signals,
 )
+from dt_trio._grpc._health import HealthService
 from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
 from dt_trio._grpc._transport import (
@@ -61,9 +63,10 @@ from dt_trio._grpc._transport import (
     open_listeners,
     serve_grpc,
 )
+from dt_trio._health import Health, watch_store
 from dt_trio._local import Client, LocalExecutor, Registry
 from dt_trio._log import get_logger
-from dt_trio._store import SqliteBackend
+from dt_trio._store import Durability, SqliteBackend
 
 log = get_logger("dt_trio")
 
@@ -102,6 +105,8 @@ async def serve(
     registry: Registry | None = None,
     ui: str | None = None,
     ui_read_only: bool = False,
+    health: Health | None = None,
+    durability: Durability = Durability.NORMAL,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a task hub sidecar until cancelled.
@@ -118,10 +123,13 @@ async def serve(
     With `ui` ('HOST:PORT', port 0 for any) the web dashboard is served there too (with the
     same TLS and token; `ui_read_only` hides and refuses its actions); the `dt-trio` command
     serves it by default, this function does not. Reports `(host, port)` through
-    `task_status` once everything is running. Cancellation stops the servers and the
-    processors and closes the store.
+    `task_status` once everything is running. `durability` FULL makes every commit survive an
+    OS crash or power loss too (see `Durability`; needs a file). Cancellation stops the
+    servers and the processors and closes the store. `health` is the readiness the gRPC
+    health service reports (the command drains its watchers before it cancels); a new one if
+    not given.
     """
-    signals = Signals()
+    signals = Signals(health)
     # The addresses first: a start that fails for want of one (a port in use) must not have
     # created the store's files.
     listeners = await open_listeners(host, port)
@@ -133,14 +141,19 @@ async def serve(
         raise
     try:
         with _collections_spaced():
-            async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
+            async with (
+                _running_store(db, signals, durability) as store,
+                trio.open_nursery() as nursery,
+            ):
                 remote = RemoteExecutor()
                 processors = _Processors(store, signals, registry, remote)
                 service = SidecarService(store, remote, processors.client)
+                checks = HealthService(signals.health, [service.service.name])
+                nursery.start_soon(watch_store, signals.health, store.try_write)
                 await nursery.start(
                     functools.partial(
                         serve_grpc,
-                        [service],
+                        [service, checks],
                         listeners,
                         status_for=status_for,
                         max_message_bytes=max_message_bytes,
@@ -168,6 +181,7 @@ async def serve(
                         )
                     )
                 await processors.start(nursery)
+                signals.health.update(listening=True)
                 task_status.started(address)
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
@@ -186,11 +200,13 @@ async def open_task_hub(
     registry: Registry,
     ui: str | None = None,
     ui_read_only: bool = False,
+    durability: Durability = Durability.NORMAL,
 ) -> AsyncIterator[Client]:
     """Run a task hub in this process, without gRPC, for the body of an ``async with``.
 
     Yields the `Client` of the hub. Orchestrators and activities in `registry` run here; the
-    store is `db` (an sqlite file, or "" in memory). With `ui` ('HOST:PORT', port 0 for any;
+    store is `db` (an sqlite file, or "" in memory), committed with `durability`
+    (see `serve`). With `ui` ('HOST:PORT', port 0 for any;
     off by default) the web dashboard is served there, plain HTTP without a token (keep it on
     loopback); `ui_read_only` hides and refuses its actions. Leaving the block stops the hub:
     work in flight that was not committed runs again when a hub opens the store next.
@@ -199,7 +215,10 @@ async def open_task_hub(
     ui_socket = _listen_dashboard(ui)  # (before the store: see serve)
     try:
         with _collections_spaced():
-            async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
+            async with (
+                _running_store(db, signals, durability) as store,
+                trio.open_nursery() as nursery,
+            ):
                 processors = _Processors(store, signals, registry, RemoteExecutor())
                 if ui_socket is not None:
                     from dt_trio._dashboard._server import serve_dashboard
@@ -259,18 +278,22 @@ def _collections_spaced() -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _running_store(db: str, signals: Signals) -> AsyncIterator[SqliteBackend]:
+async def _running_store(
+    db: str, signals: Signals, durability: Durability
+) -> AsyncIterator[SqliteBackend]:
     """The store, open and with its writer running, for the body; the writer stops (after
     committing what the body queued) and the store closes when the body is done."""
-    store = SqliteBackend(db, listener=signals)
+    store = SqliteBackend(db, listener=signals, durability=durability)
     await store.open()
     log.info("backend started: %s", store.description)
+    signals.health.update(store_open=True)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             yield store
             nursery.cancel_scope.cancel()
     finally:
+        signals.health.update(store_open=False)
         await store.close()
         log.info("backend stopped: %s", store.description)
 

@@ -1,4 +1,4 @@
-"""Generate dt_trio/_proto from protos/orchestrator_service.proto.
+"""Generate dt_trio/_proto from protos/*.proto (the Durable Task protocol, gRPC health).
 
     python protos/generate.py           # rewrite dt_trio/_proto
     python protos/generate.py --check   # exit 1 if the committed code is stale
@@ -9,7 +9,8 @@ mechanical rewrites so that it can live privately inside dt_trio:
 * the purerpc stub imports its sibling module relatively;
 * the messages are registered in a private descriptor pool. The protocol's messages have no
   package, so registering them in protobuf's default pool would clash with any official SDK
-  imported in the same process ("duplicate symbol 'OrchestrationStatus'").
+  imported in the same process ("duplicate symbol 'OrchestrationStatus'"); grpc.health.v1's
+  would clash with grpcio-health-checking's.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ import sys
 import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
-PROTO = HERE / "orchestrator_service.proto"
 OUT_DIR = HERE.parent / "dt_trio" / "_proto"
 GRPCIO_TOOLS = "grpcio-tools==1.85.1"
-WELL_KNOWN = ("timestamp", "duration", "wrappers", "empty", "struct")
-FILES = (
-    "orchestrator_service_pb2.py",
-    "orchestrator_service_pb2.pyi",
-    "orchestrator_service_grpc.py",
+# Each proto file, with the well-known types it imports.
+PROTOS = {
+    "orchestrator_service": ("timestamp", "duration", "wrappers", "empty", "struct"),
+    "health": (),
+}
+FILES = tuple(
+    f"{name}{suffix}" for name in PROTOS for suffix in ("_pb2.py", "_pb2.pyi", "_grpc.py")
 )
 
 
@@ -50,25 +52,29 @@ def render() -> dict[str, str]:
                 f"--pyi_out={tmp}",
                 f"--purerpc_out={tmp}",
                 f"--plugin=protoc-gen-purerpc={plugin}",
-                str(PROTO),
+                *(str(HERE / f"{name}.proto") for name in PROTOS),
             ],
             check=True,
         )
         out = {name: (pathlib.Path(tmp) / name).read_text() for name in FILES}
-    out["orchestrator_service_pb2.py"] = _private_pool(out["orchestrator_service_pb2.py"])
-    out["orchestrator_service_grpc.py"] = out["orchestrator_service_grpc.py"].replace(
-        "import orchestrator_service_pb2 as", "from . import orchestrator_service_pb2 as"
-    )
+    for name, well_known in PROTOS.items():
+        out[f"{name}_pb2.py"] = _private_pool(out[f"{name}_pb2.py"], well_known)
+        out[f"{name}_grpc.py"] = out[f"{name}_grpc.py"].replace(
+            f"import {name}_pb2 as", f"from . import {name}_pb2 as"
+        )
     return out
 
 
-def _private_pool(source: str) -> str:
-    deps = ", ".join(f"google_dot_protobuf_dot_{name}__pb2" for name in WELL_KNOWN)
+def _private_pool(source: str, well_known: tuple[str, ...]) -> str:
+    deps = ", ".join(f"google_dot_protobuf_dot_{name}__pb2" for name in well_known)
     replacement = (
         "_POOL = _descriptor_pool.DescriptorPool()\n"
-        f"for _dep in ({deps}):\n"
-        "  _POOL.AddSerializedFile(_dep.DESCRIPTOR.serialized_pb)\n"
-        "DESCRIPTOR = _POOL.AddSerializedFile("
+        + (
+            f"for _dep in ({deps}):\n  _POOL.AddSerializedFile(_dep.DESCRIPTOR.serialized_pb)\n"
+            if well_known
+            else ""
+        )
+        + "DESCRIPTOR = _POOL.AddSerializedFile("
     )
     new, count = re.subn(
         r"^DESCRIPTOR = _descriptor_pool\.Default\(\)\.AddSerializedFile\(",
@@ -87,7 +93,11 @@ def main() -> int:
     args = parser.parse_args()
     rendered = render()
     if args.check:
-        stale = [n for n, text in rendered.items() if (OUT_DIR / n).read_text() != text]
+        stale = [
+            n
+            for n, text in rendered.items()
+            if not (OUT_DIR / n).exists() or (OUT_DIR / n).read_text() != text
+        ]
         if stale:
             print(f"stale generated code: {', '.join(stale)}; run `nox -s protos`")
             return 1

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from durabletask import client, worker
 
-LISTENING = re.compile(r"server listening at (\S+):(\d+)$")
-DASHBOARD = re.compile(r"dashboard at (\S+)$")
+LISTENING = re.compile(r"server listening at (\S+):(\d+)(?:$|\")")  # text or JSON lines
+DASHBOARD = re.compile(r"dashboard at (\S+?)(?:$|\")")
 
 
 class Sidecar:

@@ -340,3 +340,39 @@ def test_a_store_in_a_missing_directory_is_named_with_it(tmp_path: pathlib.Path)
         out.stderr
     ), out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_json_log_lines_are_one_object_each_with_the_instance_id_as_a_key(
+    tmp_path: pathlib.Path,
+) -> None:
+    from datetime import datetime
+
+    def hello(ctx: task.OrchestrationContext, _: object) -> str:
+        return "hi"
+
+    sidecar = Sidecar("", tmp_path / "log.txt", "--log-format", "json").start()
+    try:
+        with sdk_worker(sidecar.address, [hello]):
+            c = sdk_client(sidecar.address)
+            c.schedule_new_orchestration(hello, instance_id="json-1")
+            state = c.wait_for_orchestration_completion("json-1", timeout=30)
+            assert state is not None
+    finally:
+        assert sidecar.stop() == 0
+    lines = [json.loads(line) for line in sidecar.log_text().splitlines()]
+    for line in lines:
+        assert {"time", "level", "logger", "message"} <= line.keys(), line
+        assert datetime.fromisoformat(line["time"]).tzinfo is not None
+    assert in_order("\n".join(line["message"] for line in lines), STARTUP_LINES)
+    (created,) = [line for line in lines if "created orchestration" in line["message"]]
+    assert created["message"] == "json-1: created orchestration 'hello'"  # as in text
+    assert (created["level"], created["logger"]) == ("INFO", "dt_trio._engine._client")
+    assert (created["instance_id"], created["orchestration"]) == ("json-1", "hello")
+    (ended,) = [line for line in lines if line.get("status") == "completed"]
+    assert (ended["instance_id"], ended["orchestration"]) == ("json-1", "hello")
+
+
+def test_the_text_log_format_stays_the_default(tmp_path: pathlib.Path) -> None:
+    sidecar = Sidecar("", tmp_path / "log.txt").start()
+    assert sidecar.stop() == 0
+    assert not sidecar.log_text().startswith("{")

@@ -426,6 +426,22 @@ def test_applying_the_rewritten_history_restarts_failed_children_and_wakes_the_i
     assert [ev.kind(m.event) for m in result.messages] == ["orchestratorStarted"]
 
 
+def test_a_rewind_starts_a_new_sdk_span_so_the_failed_run_keeps_its_own() -> None:
+    # The SDK emitted the failed run's orchestration span (its id, its start) when it failed;
+    # the rewound run gets an id and a start of its own instead of emitting that id again.
+    kept = pb.OrchestrationTraceContext()
+    kept.spanID.value = "failed-run"
+    before = state(Status.RUNNING, trace_context=kept)
+    action = pb.OrchestratorAction(id=-1)
+    action.rewindOrchestration.newHistory.extend([*failed_history()[:2], rewound()])
+    plan = core.plan_step(before, failed_history(), inbox(rewound()), NOW)
+    assert isinstance(plan, core.Dispatch)
+    response = respond(action)
+    response.orchestrationTraceContext.spanID.value = "failed-run"  # the SDK hands it back
+    result = core.apply_response(before, plan, response, NOW, ids())
+    assert result.state.status == Status.RUNNING and result.state.trace_context is None
+
+
 def test_a_completed_child_asked_to_rewind_reports_its_result_again() -> None:
     parent = pb.ParentInstanceInfo(taskScheduledId=5)
     parent.orchestrationInstance.instanceId = "dad"

@@ -479,8 +479,14 @@ class _StepBuilder:
         self.reset_history = True
         self.history = list(action.rewindOrchestration.newHistory)
         self.completion = []
+        # The failed run's span was emitted when it failed: the rewound run gets its own.
         self.state = dataclasses.replace(
-            self.state, status=Status.RUNNING, output=None, failure=None, completed_at=None
+            self.state,
+            status=Status.RUNNING,
+            output=None,
+            failure=None,
+            completed_at=None,
+            trace_context=None,
         )
         rewound = next(
             (e for e in reversed(self.dispatch.new_events) if e.HasField("executionRewound")),

@@ -96,7 +96,12 @@ class HubClient:
             await self.dispatch.start(state, started, visible, now, allowed)
         else:
             await self.store.apply(ops.start(state, started, visible, now, allowed))
-        log.info("%s: created orchestration '%s'", instance_id, name)
+        log.info(
+            "%s: created orchestration '%s'",
+            instance_id,
+            name,
+            extra={"instance_id": instance_id, "orchestration": name},
+        )
         return instance_id
 
     async def wait(
@@ -156,12 +161,19 @@ class HubClient:
                 f"instance '{old.instance_id}' is {old.status.label}; only a finished "
                 "instance can be restarted"
             )
+        # A restart carries no trace context: the new run goes on in the trace the first one
+        # was started in (the SDK's spans need one to form a tree).
+        history = await self.store.get_history(old.instance_id)
+        first = next((e.executionStarted for e in history if e.HasField("executionStarted")), None)
         return await self.start(
             old.name,
             instance_id=uuid.uuid4().hex if new_instance_id else old.instance_id,
             input=old.input,
             version=old.version,
             tags=dict(old.tags),
+            trace=first.parentTraceContext
+            if first is not None and first.HasField("parentTraceContext")
+            else None,
             replaceable={old.status},
         )
 

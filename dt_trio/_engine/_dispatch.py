@@ -465,7 +465,18 @@ class Dispatcher:
             history = result.history if result.reset_history else [*item.history, *result.history]
             self._parked.put(OrchestrationWorkItem(result.state, history, [], unleased))
         if result.state.status != state.status and result.state.status.is_terminal:
-            log.info("%s: '%s' %s", state.instance_id, state.name, result.state.status.label)
+            status = result.state.status.label
+            log.info(
+                "%s: '%s' %s",
+                state.instance_id,
+                state.name,
+                status,
+                extra={
+                    "instance_id": state.instance_id,
+                    "orchestration": state.name,
+                    "status": status,
+                },
+            )
         return applied
 
     async def _commit_after(self, early: Sequence[Early[Any] | None]) -> None:

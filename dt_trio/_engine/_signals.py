@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 
 from dt_trio._core import InstanceState
+from dt_trio._health import Health
 
 
 class Wakeup:
@@ -75,12 +76,13 @@ class Changes:
 class Signals:
     """Implements `dt_trio._store.StoreListener` with trio primitives."""
 
-    def __init__(self) -> None:
+    def __init__(self, health: Health | None = None) -> None:
         self.orchestration_work = Wakeup()
         self.activity_work = Wakeup()
         self.entity_work = Wakeup()
         self.changes = Changes()
         self._instances: dict[str, InstanceChange] = {}
+        self.health = health or Health()  # the store's faults are part of it
 
     def orchestration_work_added(self) -> None:
         self.orchestration_work.set()
@@ -97,6 +99,9 @@ class Signals:
         change = self._instances.get(instance_id)
         if change is not None:
             change.fire(state)
+
+    def store_fault(self, reason: str | None) -> None:
+        self.health.store_fault(reason)
 
     def instance_event(self, instance_id: str) -> InstanceChange:
         """The next change of the instance, for one waiter, who must `release` it. Take it

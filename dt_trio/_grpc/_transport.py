@@ -63,6 +63,9 @@ DEFAULT_MAX_BUFFERED_BYTES = 64 * 1024 * 1024  # (or 4 x max_message_bytes, if m
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 300.0
+# What a cancelled connection had queued (a server stopping: a health watcher's last status) is
+# written within this long, if it can be.
+LAST_WRITE_SECONDS = 0.5
 # After our GOAWAY, how long the peer has to read it and close its side.
 _CLOSE_GRACE = 1.0
 # accept(2) failing for want of descriptors or memory: retried after this many seconds,
@@ -247,6 +250,7 @@ class _Server:
     budget: _Budget
     token: str | None
     idle_timeout: float
+    open_paths: frozenset[str] = frozenset()  # methods of servicers that need no token
 
 
 class _Connection:
@@ -257,6 +261,7 @@ class _Connection:
     ) -> None:
         self._transport = transport
         self._token = server.token.encode() if server.token else None
+        self._open_paths = server.open_paths
         self._methods = server.methods
         self._immediate = server.immediate
         self._status_for = server.status_for
@@ -275,22 +280,55 @@ class _Connection:
         self._write_done = trio.Event()
         self._requested = 0
         self._written = 0
+        # Frames taken from the HTTP/2 layer are written whole, shielded (see `_send`); once
+        # the connection is cancelled, for LAST_WRITE_SECONDS at most.
+        self._sending = False
+        self._send_scope: trio.CancelScope | None = None
+        self._last_write_by: float | None = None
 
     async def run(self) -> None:
         self._http.initiate()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._writer)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                try:
+                    await self._flush()
+                    with self._timer:
+                        await self._read_loop(nursery)
+                    if self._timer.cancelled_caught:
+                        await self._timed_out()
+                finally:
+                    # The peer is gone or misbehaved: nothing it started may outlive it.
+                    nursery.cancel_scope.cancel()
+                    for stream in list(self._streams.values()):
+                        self._forget(stream)
+                    self._last_write_by = trio.current_time() + LAST_WRITE_SECONDS
+                    if self._send_scope is not None:
+                        self._send_scope.deadline = self._last_write_by
+        finally:
+            # What was queued after the writer's last send (a server stopping: a health
+            # watcher's last status), unless that send was cut.
+            if not self._sending and self._http.has_data_to_send():
+                await self._send(self._http.data_to_send())
+
+    async def _send(self, data: bytes) -> bool:
+        """Write frames taken from the HTTP/2 layer whole (cut, they would garble the
+        connection): shielded, so that a cancelled connection still gets them, but for
+        LAST_WRITE_SECONDS at most once it is. False if the peer is gone or the send was cut."""
+        self._sending = True
+        scope = self._send_scope = trio.CancelScope(shield=True)
+        if self._last_write_by is not None:
+            scope.deadline = self._last_write_by
+        with scope:
             try:
-                await self._flush()
-                with self._timer:
-                    await self._read_loop(nursery)
-                if self._timer.cancelled_caught:
-                    await self._timed_out()
-            finally:
-                # The peer is gone or misbehaved: nothing it started may outlive it.
-                nursery.cancel_scope.cancel()
-                for stream in list(self._streams.values()):
-                    self._forget(stream)
+                await self._transport.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+        self._send_scope = None
+        if scope.cancelled_caught:
+            return False  # cut: nothing more may be written
+        self._sending = False
+        return True
 
     async def _timed_out(self) -> None:
         if self._handshaking:
@@ -440,15 +478,12 @@ class _Connection:
             self._write_wanted = trio.Event()
             batch = self._requested
             data = self._http.data_to_send()
-            if data:
-                try:
-                    await self._transport.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    # The read loop sees the end of the connection and cleans up; flushes
-                    # from now on return at once.
-                    self._written = 1 << 62
-                    self._write_done.set()
-                    return
+            if data and not await self._send(data):
+                # The read loop sees the end of the connection and cleans up; flushes from
+                # now on return at once.
+                self._written = 1 << 62
+                self._write_done.set()
+                return
             self._written = batch
             self._write_done.set()
             self._write_done = trio.Event()
@@ -527,7 +562,7 @@ class _Connection:
         self, headers: dict[str, str], path: str
     ) -> tuple[Any, Callable[[bytes], bytes], RequestInfo]:
         """The call's method, request decoder and `RequestInfo`; RpcError if it cannot run."""
-        if self._token is not None:
+        if self._token is not None and path not in self._open_paths:
             # The scheme is case-insensitive (RFC 6750 2.1, RFC 9110 11.1).
             scheme, _, given = headers.get("authorization", "").partition(" ")
             # compare_digest: the time taken does not tell how much of the token matched
@@ -704,8 +739,9 @@ async def serve_grpc(
     """Serve the purerpc `servicers` on `listeners` (see `open_listeners`) until cancelled.
 
     With `ssl_context` every connection is TLS (HTTP/2 negotiated by ALPN); with `token` every
-    call must carry the metadata `authorization: Bearer <token>` (else UNAUTHENTICATED). The
-    limits: a request message of at most `max_message_bytes`; at most `max_buffered_bytes`
+    call must carry the metadata `authorization: Bearer <token>` (else UNAUTHENTICATED), except
+    calls of a servicer whose `needs_token` is False (health checks: probes send no metadata).
+    The limits: a request message of at most `max_message_bytes`; at most `max_buffered_bytes`
     (default 64 MiB, or 4 x `max_message_bytes` if more; ValueError if it cannot hold one
     request of that size) of requests held across all connections, a call still waiting for
     its request counting UNFINISHED_REQUEST_COST; at most
@@ -727,11 +763,14 @@ async def serve_grpc(
         budget = max_buffered_bytes
     methods: dict[str, Any] = {}
     immediate: set[str] = set()
+    open_paths: set[str] = set()
     for servicer in servicers:
         service = servicer.service
         for name, method in service.methods.items():
             path = f"/{service.name}/{name}"
             methods[path] = method
+            if not getattr(servicer, "needs_token", True):
+                open_paths.add(path)
             # (purerpc wraps the handler: the mark is on the servicer's own method)
             if method.signature.cardinality == Cardinality.UNARY_UNARY and getattr(
                 getattr(servicer, name, None), "_dt_trio_immediate", False
@@ -745,6 +784,7 @@ async def serve_grpc(
         _Budget(budget),
         token,
         idle_timeout,
+        frozenset(open_paths),
     )
     acceptor = _Acceptor(server, ssl_context, max_connections, handshake_timeout)
     try:
@@ -776,22 +816,27 @@ class _Acceptor:
         self._failed = 0  # accepts failed in a row for want of resources
 
     async def accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                transport = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _CAPACITY_ERRNOS:
-                    raise
-                await self._back_off(exc)
-                continue
-            if self._failed:
-                log.warning("accepting connections again (%d attempts failed)", self._failed)
-                self._failed = 0
-            if self._open >= self._max_connections:
-                await self._refuse(transport)
-            else:
-                self._open += 1
-                nursery.start_soon(self._serve, transport)
+        try:
+            while True:
+                try:
+                    transport = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _CAPACITY_ERRNOS:
+                        raise
+                    await self._back_off(exc)
+                    continue
+                if self._failed:
+                    log.warning("accepting connections again (%d attempts failed)", self._failed)
+                    self._failed = 0
+                if self._open >= self._max_connections:
+                    await self._refuse(transport)
+                else:
+                    self._open += 1
+                    nursery.start_soon(self._serve, transport)
+        finally:
+            # A server stopping refuses new connections at once, not once the connections it
+            # has are through with their last writes.
+            listener.socket.close()
 
     async def _back_off(self, exc: OSError) -> None:
         """Wait for descriptors or memory to free up; said once, not at every attempt."""

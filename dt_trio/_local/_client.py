@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,6 +11,7 @@ from typing import Any
 from dt_trio._core import InstanceState, Status, check_entity_id
 from dt_trio._engine import HubClient
 from dt_trio._errors import InstanceNotFound, InvalidRequest
+from dt_trio._local import _tracing as tracing
 from dt_trio._local._registry import Registry
 from dt_trio._local._replay import Orchestrator, decode, encode, failed, name_of
 from dt_trio._local._tasks import TaskFailedError
@@ -94,13 +96,16 @@ class Client:
                 f"only its registry's ({', '.join(sorted(known)[:20]) or 'none'}); register "
                 "it, or serve SDK workers with dt_trio.serve"
             )
-        return await self._hub.start(
-            name,
-            instance_id=instance_id,
-            input=encode(input),
-            tags=tags,
-            start_at=start_at,
-        )
+        instance_id = instance_id or uuid.uuid4().hex
+        with tracing.create_span(name, instance_id, None) as trace:
+            return await self._hub.start(
+                name,
+                instance_id=instance_id,
+                input=encode(input),
+                tags=tags,
+                start_at=start_at,
+                trace=trace,
+            )
 
     async def get(self, instance_id: str) -> OrchestrationState | None:
         state = await self._hub.store.get_instance(instance_id)
@@ -147,6 +152,7 @@ class Client:
         )
 
     async def raise_event(self, instance_id: str, name: str, data: Any = None) -> None:
+        tracing.event_span(name, instance_id)
         await self._hub.raise_event(instance_id, name, encode(data))
 
     async def terminate(

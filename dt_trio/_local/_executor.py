@@ -20,6 +20,7 @@ from dt_trio._core import _events as ev
 from dt_trio._core import entity_name
 from dt_trio._core._commit import WorkKind
 from dt_trio._engine._executor import Check, OrchestrationStep, Route
+from dt_trio._local import _tracing as tracing
 from dt_trio._local._registry import Registry
 from dt_trio._local._replay import (
     ReplayCache,
@@ -152,6 +153,7 @@ class LocalExecutor:
             on_its_way.set()
         fn = self._registry.orchestrators[route.name]
         response = run_step(fn, step, self._replays)
+        tracing.trace_step(step, response)
         # A cancellation point without a turn of the loop: the commit that follows is one.
         await trio.lowlevel.checkpoint_if_cancelled()
         return _answer(response, check)
@@ -195,19 +197,22 @@ class LocalExecutor:
             instanceId=request.orchestrationInstance.instanceId, taskId=request.taskId
         )
         ctx = ActivityContext(request.orchestrationInstance.instanceId, request.taskId)
-        try:
-            value = decode(ev.opt_str(request, "input"))
-            if inspect.iscoroutinefunction(fn):
-                result = await fn(ctx, value)
-            else:
-                # A blocking activity never stalls the hub; on shutdown the hub stops waiting
-                # for it and the activity runs again after a restart (at-least-once).
-                result = await trio.to_thread.run_sync(
-                    fn, ctx, value, limiter=self._threads, abandon_on_cancel=True
-                )
-            ev.set_str(response.result, encode(result))
-        except Exception as exc:
-            response.failureDetails.CopyFrom(failure_details(exc))
+        with tracing.activity_span(request) as span:
+            try:
+                value = decode(ev.opt_str(request, "input"))
+                if inspect.iscoroutinefunction(fn):
+                    result = await fn(ctx, value)
+                else:
+                    # A blocking activity never stalls the hub; on shutdown the hub stops
+                    # waiting for it and the activity runs again after a restart
+                    # (at-least-once). The thread sees the span as current, as the task does.
+                    result = await trio.to_thread.run_sync(
+                        fn, ctx, value, limiter=self._threads, abandon_on_cancel=True
+                    )
+                ev.set_str(response.result, encode(result))
+            except Exception as exc:
+                response.failureDetails.CopyFrom(failure_details(exc))
+                tracing.activity_failed(span, exc)
         return response
 
     def finish(self, answer: object, error: BaseException | None = None) -> None:

@@ -10,10 +10,12 @@ from dt_trio._store._backend import (
     StoreListener,
     notify,
 )
+from dt_trio._store._durability import Durability
 from dt_trio._store._sqlite import SqliteBackend
 
 __all__ = [
     "Backend",
+    "Durability",
     "EntityFilter",
     "InstanceFilter",
     "Leased",

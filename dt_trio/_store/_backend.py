@@ -72,6 +72,10 @@ class StoreListener(Protocol):
     def instance_changed(self, instance_id: str, state: InstanceState | None = None) -> None:
         """`state`: the instance's new state, when the commit knows it."""
 
+    def store_fault(self, reason: str | None) -> None:
+        """Writes began failing for want of a usable store (`reason`), or work again (None).
+        Called in the event loop's thread, once per change."""
+
 
 def notify(listener: StoreListener, wakeups: Wakeups) -> None:
     """Tell `listener` what a commit woke (see `dt_trio._core._commit.wakeups`)."""
@@ -100,6 +104,9 @@ class NullListener:
     def instance_changed(self, instance_id: str, state: InstanceState | None = None) -> None:
         pass
 
+    def store_fault(self, reason: str | None) -> None:
+        pass
+
 
 class Backend(Protocol):
     """A durable task hub store (see docs/store.md)."""
@@ -118,6 +125,11 @@ class Backend(Protocol):
 
     def busy(self) -> bool:
         """Whether a commit queued now would wait behind others."""
+
+    async def try_write(self) -> None:
+        """Commit a write that changes nothing anyone reads, so that a store fault shows or
+        clears (StoreUnavailable while it lasts): the hub's health watch calls it while the
+        listener has been told of a fault (`StoreListener.store_fault`)."""
 
     # -- writes --------------------------------------------------------------------------
 

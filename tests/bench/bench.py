@@ -2,21 +2,30 @@
 
     python tests/bench/bench.py [--quick] [--rounds N] [--json FILE]
 
-Both servers run in their own process; this process runs the official Python SDK's worker and
-client against each in turn and prints one table with the ratio dt-trio / reference. dt-trio
-runs on an sqlite file in WAL mode (durable); the reference keeps everything in memory. A
-third server, the no-op (noop.py), stores nothing and does next to nothing: what the SDK
-worker does against it shows what a server costing nothing gets out of that worker. Where the
-worker is the bottleneck (the fan-out), no server gets much more: the no-op's ratio to the
-reference is about as far as any server could lead it. The servers take turns for N rounds (5 by
+The servers run in their own processes; this process runs the official Python SDK's worker and
+client against each in turn. dt-trio runs on an sqlite file in WAL mode (durable), once more
+with --durability full for the hello cities (a sync per commit); the reference keeps everything
+in memory. A third server, the no-op (noop.py), stores nothing and does next to nothing: what
+the SDK worker does against it shows what a server costing nothing gets out of that worker.
+Where the worker is the bottleneck (the fan-out), no server gets much more: the no-op's ratio
+to the reference is about as far as any server could lead it.
+
+Each server in turn: StartInstance one after another from one thread with no worker connected;
+then with the worker: hello cities started one after another (the starts meet a busy worker,
+as a web application's starts do) then awaited; a fan-out/fan-in; single-activity and
+3-activity orchestrations one after another on the idle server, each from its start to its
+completion seen by the client; the server process's own CPU time per 1,000 hello-cities
+orchestrations and per 1,000 fan-out activities. The servers take turns for N rounds (5 by
 default; each round another one goes first, after a round of each that warms this process up
-and is not counted) and the table gives the medians, with each round's ratio of dt-trio to the
+and is not counted); figures are the medians, with each round's ratio of dt-trio to the
 reference beside them: on a shared machine one run of each can be 20% off either way.
 
 Then the same hello-cities and fan-out workloads run through dt-trio's local Python API (no
 gRPC: orchestrations and activities in the hub's own process, on an sqlite file; each round in
-a fresh interpreter, as a user's script), which the reference has no counterpart for; they are
-reported on their own.
+a fresh interpreter, as a user's script), in normal and full durability, and a scale run
+(100,000 completed instances). The run ends with a markdown table of each target of the
+performance issues with its ratio, and the figures: printed, and written beside the JSON
+results (a full run's go to docs/bench-results/DATE-COMMIT.json and .md, to be committed).
 
 Last, what the web dashboard costs: hello cities on dt-trio without it, and with three
 clients on its instance list (the page, then its live stream, as a browser keeps it open),
@@ -27,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import datetime
 import http.client
 import json
 import logging
@@ -72,6 +83,10 @@ def one_activity(ctx: task.OrchestrationContext, _: Any) -> Any:
     return (yield ctx.call_activity(say_hello, input="x"))
 
 
+def echo(ctx: task.OrchestrationContext, n: Any) -> Any:
+    return n
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,22 +106,25 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("the server did not start")
 
 
-# The process of each running server, by address (for its CPU time).
-SERVER_PIDS: dict[str, int] = {}
+@dataclasses.dataclass(frozen=True)
+class Server:
+    address: str
+    pid: int
 
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time a process has used so far."""
-    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def cpu_seconds(self) -> float:
+        """The server process's own CPU time so far (user + system, all its threads)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            # the fields after the command name, which is in parentheses and may hold spaces
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
-def server(kind: str, ui: str | None = None) -> Iterator[str]:
+def server(kind: str, ui: str | None = None) -> Iterator[Server]:
     """A server of `kind` on a free port; dt-trio serves its dashboard at `ui` if given."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        if kind == "dt-trio":
+        if kind.startswith("dt-trio"):
             cmd = [
                 sys.executable,
                 "-m",
@@ -117,6 +135,8 @@ def server(kind: str, ui: str | None = None) -> Iterator[str]:
                 "WARNING",
                 "--db",
                 os.path.join(tmp, "bench.sqlite3"),
+                "--durability",
+                "full" if kind == FULL else "normal",
                 *(["--ui", ui] if ui else ["--no-ui"]),
             ]
         elif kind == "reference":
@@ -131,8 +151,7 @@ def server(kind: str, ui: str | None = None) -> Iterator[str]:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_listening(port, proc)
-            SERVER_PIDS[f"127.0.0.1:{port}"] = proc.pid
-            yield f"127.0.0.1:{port}"
+            yield Server(f"127.0.0.1:{port}", proc.pid)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -143,9 +162,29 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def hello_workload(c: client.TaskHubGrpcClient, n: int) -> dict[str, float]:
+def spread(values: list[float], prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}p{p}_ms": percentile(values, p) for p in (50, 90, 99)}
+
+
+def timed_starts(
+    c: client.TaskHubGrpcClient, orchestrator: Any, n: int
+) -> tuple[list[str], list[float]]:
+    """`n` StartInstance calls one after another from this thread, as a web application
+    starts work: the ids and each call's latency (ms)."""
+    ids, latencies = [], []
+    for _ in range(n):
+        started = time.perf_counter()
+        ids.append(c.schedule_new_orchestration(orchestrator))
+        latencies.append((time.perf_counter() - started) * 1000)
+    return ids, latencies
+
+
+def hello_workload(c: client.TaskHubGrpcClient, n: int, server: Server) -> dict[str, float]:
+    """`n` hello cities started one after another, then awaited. The starts after the first
+    few meet a busy worker (and server): their latency is the start loop's with a busy worker."""
+    cpu = server.cpu_seconds()
     started = time.perf_counter()
-    ids = [c.schedule_new_orchestration(hello_cities) for _ in range(n)]
+    ids, starts = timed_starts(c, hello_cities, n)
     latencies = []
     for instance_id in ids:
         state = c.wait_for_orchestration_completion(instance_id, timeout=600)
@@ -156,57 +195,90 @@ def hello_workload(c: client.TaskHubGrpcClient, n: int) -> dict[str, float]:
         "orchestrations_per_s": n / elapsed,
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
+        **spread(starts, "start_"),
+        "cpu_s_per_1000": (server.cpu_seconds() - cpu) * 1000 / n,
     }
 
 
-def fan_out_workload(c: client.TaskHubGrpcClient, n: int) -> dict[str, float]:
+def fan_out_workload(c: client.TaskHubGrpcClient, n: int, server: Server) -> dict[str, float]:
     """One orchestration fanning out to `n` activities and in, three times in a row: the
     median. One takes under a second, too short to stand alone on a shared machine."""
     rates = []
+    cpu = server.cpu_seconds()
     for _ in range(3):
         started = time.perf_counter()
         instance_id = c.schedule_new_orchestration(fan_out, input=n)
         state = c.wait_for_orchestration_completion(instance_id, timeout=600)
         assert state is not None and state.serialized_output == str(n)
         rates.append(n / (time.perf_counter() - started))
-    return {"activities_per_s": percentile(rates, 50)}
+    return {
+        "activities_per_s": percentile(rates, 50),
+        "cpu_s_per_1000": (server.cpu_seconds() - cpu) * 1000 / (3 * n),
+    }
 
 
-def idle_workload(c: client.TaskHubGrpcClient, n: int) -> dict[str, float]:
-    latencies = []
-    for _ in range(n):
-        started = time.perf_counter()
-        instance_id = c.schedule_new_orchestration(one_activity)
-        c.wait_for_orchestration_completion(instance_id, timeout=60)
-        latencies.append((time.perf_counter() - started) * 1000)
-    return {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
+def sequential(
+    orchestrator: Any,
+) -> Callable[[client.TaskHubGrpcClient, int, Server], dict[str, float]]:
+    """`n` instances of `orchestrator` one after another on an idle server, each from its
+    start to its completion seen by the client."""
+
+    def workload(c: client.TaskHubGrpcClient, n: int, server: Server) -> dict[str, float]:
+        latencies = []
+        for _ in range(n):
+            started = time.perf_counter()
+            instance_id = c.schedule_new_orchestration(orchestrator)
+            state = c.wait_for_orchestration_completion(instance_id, timeout=60)
+            assert (
+                state is not None and state.runtime_status == client.OrchestrationStatus.COMPLETED
+            )
+            latencies.append((time.perf_counter() - started) * 1000)
+        return {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
+
+    return workload
 
 
-WORKLOADS: dict[
-    str, tuple[Callable[[client.TaskHubGrpcClient, int], dict[str, float]], int, int]
-] = {
+Workload = Callable[[client.TaskHubGrpcClient, int, Server], dict[str, float]]
+# StartInstance one after another with no worker connected (before the others, see `run`):
+# how many, in a full run and in a --quick one
+STARTS_NO_WORKER = "starts, no worker"
+NO_WORKER_SIZES = (300, 50)
+WORKLOADS: dict[str, tuple[Workload, int, int]] = {
     # name: (function, full size, --quick size)
     "hello cities": (hello_workload, 1000, 100),
     "fan-out/fan-in": (fan_out_workload, 1000, 200),
-    "idle latency": (idle_workload, 200, 30),
+    "idle latency": (sequential(one_activity), 200, 30),
+    "idle 3-activity chain": (sequential(hello_cities), 100, 20),
 }
-# dt-trio; the SDK's in-memory test server; a server that stores nothing (see noop.py)
-KINDS = ("dt-trio", "reference", "no-op")
+FULL = "dt-trio (full)"
+# dt-trio; the SDK's in-memory test server; a server that stores nothing (see noop.py); and
+# dt-trio with --durability full, for the workloads that say what a sync per commit costs
+KINDS = ("dt-trio", "reference", "no-op", FULL)
+ONLY: dict[str, tuple[str, ...]] = {FULL: ("hello cities",)}
 
 
 def run(kind: str, quick: bool) -> dict[str, dict[str, float]]:
     results = {}
-    with server(kind) as address:
-        w = worker.TaskHubGrpcWorker(host_address=address)
-        for o in (hello_cities, fan_out, one_activity):
-            w.add_orchestrator(o)
-        w.add_activity(say_hello)
-        w.start()
-        c = client.TaskHubGrpcClient(host_address=address)
+    names = ONLY.get(kind, tuple(WORKLOADS))
+    with server(kind) as s:
+        c = client.TaskHubGrpcClient(host_address=s.address)
+        w = worker.TaskHubGrpcWorker(host_address=s.address)
         try:
-            idle_workload(c, 5)  # warm-up: connections, imports
-            for name, (fn, full, small) in WORKLOADS.items():
-                results[name] = fn(c, small if quick else full)
+            # Start latency with no worker connected: the instances wait for one; the first
+            # starts open the channel and are not counted.
+            early, _ = timed_starts(c, echo, 10)
+            ids, starts = timed_starts(c, echo, NO_WORKER_SIZES[quick])
+            results[STARTS_NO_WORKER] = spread(starts)
+            for o in (hello_cities, fan_out, one_activity, echo):
+                w.add_orchestrator(o)
+            w.add_activity(say_hello)
+            w.start()
+            for instance_id in early + ids:
+                c.wait_for_orchestration_completion(instance_id, timeout=60)
+            sequential(one_activity)(c, 5, s)  # warm-up: the worker's connection, imports
+            for name in names:
+                fn, full, small = WORKLOADS[name]
+                results[name] = fn(c, small if quick else full, s)
         finally:
             # A channel left open keeps reconnecting to the stopped server, in this process,
             # through every run after it.
@@ -238,13 +310,14 @@ def local_fan_out(ctx: dt_trio.OrchestrationContext, n: int) -> Any:
     )
 
 
-async def local_workloads(quick: bool) -> dict[str, dict[str, float]]:
+async def local_workloads(quick: bool, durability: str) -> dict[str, dict[str, float]]:
     """The local API on an sqlite file: all started at once (concurrent schedules, as
     concurrent clients would), then waited for."""
     n_hello, n_fan = (100, 200) if quick else (1000, 1000)
     with tempfile.TemporaryDirectory() as tmp:
         db = os.path.join(tmp, "local.sqlite3")
-        async with dt_trio.open_task_hub(db, registry=local) as c:
+        mode = dt_trio.Durability(durability)
+        async with dt_trio.open_task_hub(db, registry=local, durability=mode) as c:
             await c.wait_for_completion(await c.schedule(local_hello_cities))  # warm-up
             started = time.perf_counter()
             ids: list[str] = []
@@ -269,7 +342,7 @@ async def local_workloads(quick: bool) -> dict[str, dict[str, float]]:
             state = await c.wait_for_completion(await c.schedule(local_fan_out, n_fan))
             assert state.output == n_fan
             fan = {"activities_per_s": n_fan / (time.perf_counter() - started)}
-    return {f"hello cities (n={n_hello})": hello, f"fan-out/fan-in (n={n_fan})": fan}
+    return {"hello cities": hello, "fan-out/fan-in": fan}
 
 
 @local.orchestrator
@@ -369,6 +442,263 @@ def first_page(c: client.TaskHubGrpcClient) -> None:
     assert len(response.orchestrationState) == 100
 
 
+def local_round(quick: bool, durability: str) -> dict[str, dict[str, float]]:
+    """One round of `local_workloads` in an interpreter of its own, as a user's script would
+    run it: not in this one, which carries the SDK's worker, clients and earlier rounds."""
+    cmd = [sys.executable, __file__, "--local-round", durability, *(["--quick"] if quick else [])]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    result: dict[str, dict[str, float]] = json.loads(done.stdout)
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One target of the performance issues: dt-trio's figure against a baseline's."""
+
+    what: str
+    ours: float
+    baseline: float
+    baseline_name: str
+    unit: str
+    goal: str  # "<= 1.5" or ">= 1.2": the ratio ours / baseline
+    by_round: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.baseline
+
+    @property
+    def met(self) -> bool:
+        sign, bound = self.goal.split()
+        return self.ratio <= float(bound) if sign == "<=" else self.ratio >= float(bound)
+
+
+def targets(
+    rounds: list[dict[str, dict[str, dict[str, float]]]],
+    local_rounds: list[dict[str, dict[str, dict[str, float]]]],
+    scale: dict[str, float],
+    sizes: dict[str, int],
+) -> list[Target]:
+    def server(kind: str, name: str, metric: str) -> list[float]:
+        return [r[kind][name][metric] for r in rounds]
+
+    def against(
+        what: str, name: str, metric: str, unit: str, goal: str, baseline: str = "reference"
+    ) -> Target:
+        ours, theirs = (
+            server(FULL if baseline == "dt-trio" else "dt-trio", name, metric),
+            (server(baseline, name, metric)),
+        )
+        return Target(
+            what,
+            percentile(ours, 50),
+            percentile(theirs, 50),
+            baseline,
+            unit,
+            goal,
+            [a / b for a, b in zip(ours, theirs, strict=True)],
+        )
+
+    local_hello = [r["normal"]["hello cities"]["orchestrations_per_s"] for r in local_rounds]
+    local_full = [r["full"]["hello cities"]["orchestrations_per_s"] for r in local_rounds]
+    found = [
+        against(
+            "StartInstance from one thread, busy worker: p50",
+            "hello cities",
+            "start_p50_ms",
+            "ms",
+            "<= 1.5",
+        ),
+        against(
+            "StartInstance from one thread, busy worker: p99",
+            "hello cities",
+            "start_p99_ms",
+            "ms",
+            "<= 2.0",
+        ),
+        against(
+            "idle 3-activity chain, start to completion seen: p50",
+            "idle 3-activity chain",
+            "p50_ms",
+            "ms",
+            "<= 1.0",
+        ),
+        against(
+            "idle single activity, start to completion seen: p99",
+            "idle latency",
+            "p99_ms",
+            "ms",
+            "<= 1.2",
+        ),
+        against(
+            "sidecar CPU per 1,000 hello-cities orchestrations",
+            "hello cities",
+            "cpu_s_per_1000",
+            "s",
+            "<= 1.0",
+        ),
+        against(
+            "sidecar CPU per 1,000 fan-out activities",
+            "fan-out/fan-in",
+            "cpu_s_per_1000",
+            "s",
+            "<= 1.0",
+        ),
+        against(
+            f"hello cities, {sizes['hello cities']:,} started then awaited",
+            "hello cities",
+            "orchestrations_per_s",
+            "/s",
+            ">= 1.2",
+        ),
+        against(
+            f"fan-out/fan-in, {sizes['fan-out/fan-in']:,} activities",
+            "fan-out/fan-in",
+            "activities_per_s",
+            "/s",
+            ">= 1.1",
+        ),
+        against(
+            "hello cities with --durability full",
+            "hello cities",
+            "orchestrations_per_s",
+            "/s",
+            ">= 0.85",
+            "dt-trio",
+        ),
+        Target(
+            "local API: hello cities with durability full",
+            percentile(local_full, 50),
+            percentile(local_hello, 50),
+            "normal",
+            "/s",
+            ">= 0.85",
+            [a / b for a, b in zip(local_full, local_hello, strict=True)],
+        ),
+        Target(
+            f"local API: hello cities, {sizes['hello cities']:,} started at once",
+            percentile(local_hello, 50),
+            2000,
+            "2,000/s",
+            "/s",
+            ">= 1.0",
+            [x / 2000 for x in local_hello],
+        ),
+    ]
+    for what, metric, bound, unit in (
+        ("first QueryInstances page, p50", "query_first_page_p50_ms", 20, "ms"),
+        ("GetInstance, p50", "get_instance_p50_ms", 20, "ms"),
+        ("sidecar peak RSS", "sidecar_peak_rss_full_mb", 250, "MB"),
+    ):
+        what = f"{scale['instances']:,} instances in the store: {what}"
+        found.append(Target(what, scale[metric], bound, f"{bound} {unit}", unit, "<= 1.0", []))
+    return found
+
+
+def number(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.2f}" if x < 10 else f"{x:.1f}"
+
+
+def machine() -> dict[str, Any]:
+    """What ran the bench: cores, CPU, Python, and the file system of the stores' files."""
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    tmp = os.path.realpath(tempfile.gettempdir())
+    mounts = [line.split()[1:3] for line in open("/proc/mounts")]
+    fs = max(
+        (
+            (point, kind)
+            for point, kind in mounts
+            if tmp == point or tmp.startswith(point.rstrip("/") + "/")
+        ),
+        key=lambda m: len(m[0]),
+    )
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "temp_dir": f"{tmp} ({fs[1]})",
+    }
+
+
+def commit() -> str:
+    """The checked-out commit, marked if tracked files differ from it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = ["git", "-C", here]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown"
+    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD"]).returncode != 0
+    return head.stdout.strip() + ("+changes" if dirty else "")
+
+
+def markdown(report: dict[str, Any], found: list[Target]) -> str:
+    """The run as markdown tables, to paste: the targets, then every figure."""
+    m = report["machine"]
+    rounds = report["rounds"]
+    out = [
+        f"Run of {report['date']}, commit {report['commit']}, `python3 -m nox -s bench`"
+        f"{' -- --quick' if report['quick'] else ''}: {m['cores']} cores ({m['cpu']}), "
+        f"Python {m['python']}, stores in {m['temp_dir']}; medians of {rounds} rounds.",
+        "",
+        "| target | dt-trio | against | ratio | goal | met | ratio by round |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for t in found:
+        against = f"{number(t.baseline)} {t.unit} ({t.baseline_name})"
+        if t.baseline_name.endswith(t.unit) or t.baseline_name.endswith(t.unit.strip("/")):
+            against = t.baseline_name
+        out.append(
+            f"| {t.what} | {number(t.ours)} {t.unit} | {against} | {t.ratio:.2f} | {t.goal} "
+            f"| {'yes' if t.met else 'no'} | {' '.join(f'{x:.2f}' for x in t.by_round)} |"
+        )
+    results = report["results"]
+    out += [
+        "",
+        "| workload (n) | metric | " + " | ".join(KINDS) + " | dt-trio / reference |",
+        "| --- | --- |" + " ---: |" * (len(KINDS) + 1),
+    ]
+    for name, metrics in results["dt-trio"].items():
+        for metric, ours in metrics.items():
+            cells = [
+                number(results[kind][name][metric]) if name in results[kind] else ""
+                for kind in KINDS
+            ]
+            ratio = ours / results["reference"][name][metric]
+            size = report["sizes"][name]
+            out.append(f"| {name} ({size}) | {metric} | {' | '.join(cells)} | {ratio:.2f} |")
+    out += [
+        "",
+        "| local API (no gRPC), sqlite file | metric | normal | full |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    local_results = report["local"]
+    for name, metrics in local_results["normal"].items():
+        for metric, value in metrics.items():
+            full = local_results["full"][name][metric]
+            size = report["sizes"][name]
+            out.append(f"| {name} ({size}) | {metric} | {number(value)} | {number(full)} |")
+    scale = report["scale"]
+    out += [
+        "",
+        f"| scale run: {scale['instances']:,} completed instances | dt-trio |",
+        "| --- | ---: |",
+    ]
+    out += [
+        f"| {metric} | {number(value)} |"
+        for metric, value in scale.items()
+        if metric != "instances"
+    ]
+    return "\n".join(out) + "\n"
+
+
 class LiveClients:
     """`count` clients on the dashboard's instance list, as a browser keeps it open: the page
     once, then its live stream (a redraw of the list at most once a second while the hub
@@ -417,7 +747,8 @@ def dashboard_round(quick: bool, clients: int) -> dict[str, float]:
     on its instance list."""
     ui = f"127.0.0.1:{free_port()}" if clients else None
     n = WORKLOADS["hello cities"][2 if quick else 1]
-    with server("dt-trio", ui) as address:
+    with server("dt-trio", ui) as s:
+        address = s.address
         w = worker.TaskHubGrpcWorker(host_address=address)
         w.add_orchestrator(hello_cities)
         w.add_orchestrator(one_activity)
@@ -425,15 +756,13 @@ def dashboard_round(quick: bool, clients: int) -> dict[str, float]:
         w.start()
         c = client.TaskHubGrpcClient(host_address=address)
         try:
-            idle_workload(c, 5)
-            pid = SERVER_PIDS[address]
+            sequential(one_activity)(c, 5, s)  # warm the worker and the sidecar up
             with contextlib.ExitStack() as stack:
                 live = (
                     stack.enter_context(LiveClients(f"http://{ui}", clients)) if clients else None
                 )
-                cpu = cpu_seconds(pid)
-                result = hello_workload(c, n)
-                result["sidecar_cpu_ms_per_orchestration"] = (cpu_seconds(pid) - cpu) * 1000 / n
+                result = hello_workload(c, n, s)
+                result["sidecar_cpu_ms_per_orchestration"] = result["cpu_s_per_1000"]
             if live is not None:
                 # the first update of each is the page as it was before the run
                 result["list_updates_per_client"] = sum(live.updates) / clients - 1
@@ -476,20 +805,28 @@ def dashboard_cost(quick: bool, rounds: int) -> dict[str, Any]:
     }
 
 
-def local_round(quick: bool) -> dict[str, dict[str, float]]:
-    """One round of `local_workloads` in an interpreter of its own, as a user's script would
-    run it: not in this one, which carries the SDK's worker, clients and earlier rounds."""
-    cmd = [sys.executable, __file__, "--local-round", *(["--quick"] if quick else [])]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    result: dict[str, dict[str, float]] = json.loads(done.stdout)
-    return result
+def dashboard_line(dashboard: dict[str, Any], rounds: int) -> str:
+    return (
+        f"dashboard: hello cities {dashboard['orchestrations_per_s_without']:.1f}/s without it, "
+        f"{dashboard['orchestrations_per_s_with']:.1f}/s with {DASHBOARD_CLIENTS} clients on "
+        f"its live instance list ({dashboard['list_updates_per_client']:.0f} list updates "
+        f"each): costs {dashboard['cost']:.1%} of the throughput and "
+        f"{dashboard['cpu_cost']:.1%} more sidecar CPU per orchestration "
+        f"({dashboard['sidecar_cpu_ms_per_orchestration_without']:.2f} -> "
+        f"{dashboard['sidecar_cpu_ms_per_orchestration_with']:.2f} ms per 1,000; "
+        f"medians of {rounds} rounds)\n"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--local-round", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--json", default="bench-results.json", help="where to write results")
+    parser.add_argument("--local-round", choices=["normal", "full"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--json",
+        help="where to write the results; the markdown tables go beside it (.md) "
+        "(default: docs/bench-results/DATE-COMMIT.json, bench-results.json with --quick)",
+    )
     parser.add_argument(
         "--rounds",
         type=int,
@@ -504,84 +841,70 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.local_round:
-        print(json.dumps(trio.run(local_workloads, args.quick)))
+        print(json.dumps(trio.run(local_workloads, args.quick, args.local_round)))
         return 0
-    dashboard = dashboard_cost(args.quick, args.rounds)
-    print(
-        f"dashboard: hello cities {dashboard['orchestrations_per_s_without']:.1f}/s without it, "
-        f"{dashboard['orchestrations_per_s_with']:.1f}/s with {DASHBOARD_CLIENTS} clients on "
-        f"its live instance list ({dashboard['list_updates_per_client']:.0f} list updates "
-        f"each): costs {dashboard['cost']:.1%} of the throughput and "
-        f"{dashboard['cpu_cost']:.1%} more sidecar CPU per orchestration "
-        f"({dashboard['sidecar_cpu_ms_per_orchestration_without']:.2f} -> "
-        f"{dashboard['sidecar_cpu_ms_per_orchestration_with']:.2f} ms; "
-        f"medians of {args.rounds} rounds)\n"
-    )
-    if args.only_dashboard:
-        with open(args.json, "w") as f:
-            json.dump({"rounds": args.rounds, "quick": args.quick, "dashboard": dashboard}, f)
-        return 0
-    # A shared machine drifts: the servers take turns, each round the other goes first, and
+    date = datetime.date.today().isoformat()
+    at = commit()
+    if args.json is None:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        args.json = (
+            "bench-results.json"
+            if args.quick
+            else os.path.join(root, "docs", "bench-results", f"{date}-{at}.json")
+        )
+    # A shared machine drifts: the servers take turns, each round another goes first, and
     # each figure is the median of the rounds; the ratio of each round shows the spread.
     # The first runs in this process are slower for the SDK worker and client that run here
     # (the first 1,000-activity fan-out of the process, say): whichever server went first
     # paid for it. A round of each, not counted, warms them up.
+    if args.only_dashboard:
+        dashboard = dashboard_cost(args.quick, args.rounds)
+        print(dashboard_line(dashboard, args.rounds))
+        with open(args.json, "w") as f:
+            json.dump({"rounds": args.rounds, "quick": args.quick, "dashboard": dashboard}, f)
+        return 0
     for kind in KINDS:
         run(kind, args.quick)
     rounds: list[dict[str, dict[str, dict[str, float]]]] = []
     for i in range(args.rounds):
         order = KINDS[i % len(KINDS) :] + KINDS[: i % len(KINDS)]
         rounds.append({kind: run(kind, args.quick) for kind in order})
+        print(f"round {i + 1} of {args.rounds} done", file=sys.stderr)
     measured = {kind: medians([r[kind] for r in rounds]) for kind in KINDS}
-    rows = []
-    for name, (_, full, small) in WORKLOADS.items():
-        size = small if args.quick else full
-        for metric, ours in measured["dt-trio"][name].items():
-            ref = measured["reference"][name][metric]
-            noop = measured["no-op"][name][metric]
-            spread = [r["dt-trio"][name][metric] / r["reference"][name][metric] for r in rounds]
-            rows.append(
-                (f"{name} (n={size})", metric, ours, ref, noop, ours / ref, noop / ref, spread)
-            )
-    print(f"medians of {args.rounds} rounds; ratios are to the reference")
-    print(
-        f"{'workload':<24} {'metric':<22} {'dt-trio':>10} {'reference':>10} {'no-op':>10} "
-        f"{'dt-trio/ref':>11} {'no-op/ref':>9}  dt-trio/ref by round"
-    )
-    for workload, metric, ours, ref, noop, ratio, noop_ratio, spread in rows:
-        print(
-            f"{workload:<24} {metric:<22} {ours:>10.1f} {ref:>10.1f} {noop:>10.1f} "
-            f"{ratio:>11.2f} {noop_ratio:>9.2f}  {' '.join(f'{x:.2f}' for x in spread)}"
-        )
-    local_rounds = [local_round(args.quick) for _ in range(args.rounds)]
-    local_results = medians(local_rounds)
-    print(f"\nlocal Python API (no gRPC), sqlite file, medians of {args.rounds} rounds")
-    for workload, metrics in local_results.items():
-        for metric, value in metrics.items():
-            values = " ".join(f"{r[workload][metric]:.0f}" for r in local_rounds)
-            print(f"{workload:<24} {metric:<22} {value:>10.1f}  ({values})")
+    local_rounds = []
+    for i in range(args.rounds):
+        modes = ("normal", "full") if i % 2 == 0 else ("full", "normal")
+        local_rounds.append({mode: local_round(args.quick, mode) for mode in modes})
+    local_results = {mode: medians([r[mode] for r in local_rounds]) for mode in ("normal", "full")}
     count = 5_000 if args.quick else 100_000
     scale = scale_run(count)
-    print(f"\nscale run: {count:,} completed instances in the store")
-    for metric, value in scale.items():
-        print(f"{metric:<30} {value:>10.1f}")
+    dashboard = dashboard_cost(args.quick, args.rounds)
+    print(dashboard_line(dashboard, args.rounds))
+    sizes = {name: small if args.quick else full for name, (_, full, small) in WORKLOADS.items()}
+    sizes[STARTS_NO_WORKER] = NO_WORKER_SIZES[args.quick]
     report = {
-        "machine": {
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "date": date,
+        "commit": at,
+        "machine": machine(),
         "quick": args.quick,
         "rounds": args.rounds,
+        "sizes": sizes,
         "results": measured,
         "local": local_results,
         "each_round": {"servers": rounds, "local": local_rounds},
         "scale": {"instances": count, **scale},
         "dashboard": dashboard,
     }
+    found = targets(rounds, local_rounds, report["scale"], sizes)
+    report["targets"] = [{**dataclasses.asdict(t), "ratio": t.ratio, "met": t.met} for t in found]
+    table = markdown(report, found)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"\n{os.cpu_count()} cores, Python {platform.python_version()}; written to {args.json}")
+    with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
+        f.write(table)
+    print(table)
+    print(f"written to {args.json} and its .md")
     return 0
 
 

@@ -44,6 +44,7 @@ from dt_trio._store._backend import (
     StoreListener,
     notify,
 )
+from dt_trio._store._durability import Durability
 from dt_trio._store._sqlite import _apply, _entities, _instances, _schema, _work
 from dt_trio._store._sqlite._cache import cache_of
 from dt_trio._store._sqlite._rows import us
@@ -55,18 +56,32 @@ W = TypeVar("W")
 class SqliteBackend:
     """The sqlite implementation of `dt_trio._store.Backend`.
 
-    `path` is a file name, or "" for an in-memory database private to this object.
+    `path` is a file name, or "" for an in-memory database private to this object (which
+    survives nothing: `durability` FULL asks for a file).
 
     One process owns a store (it holds the file's lock): a lease never expires, and opening
     the store voids the leases of the process before. Epochs come from a counter of this
     object: after the opening's voiding, no lease of an earlier one is left to compare with.
     """
 
-    def __init__(self, path: str, listener: StoreListener | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        listener: StoreListener | None = None,
+        durability: Durability = Durability.NORMAL,
+    ) -> None:
+        if durability is Durability.FULL and not path:
+            raise ValueError("durability full needs a store file: a memory store keeps nothing")
         self.path = path
+        self.durability = durability
         self.description = f"sqlite::{path}" if path else "sqlite::memory"
         self.listener: StoreListener = listener or NullListener()
-        self._db = Connections(path, self.description)
+        self._db = Connections(
+            path,
+            self.description,
+            durability.name,
+            lambda reason: self.listener.store_fault(reason),
+        )
         self._next_epoch = functools.partial(next, itertools.count(1))
 
     async def open(self) -> None:
@@ -87,6 +102,14 @@ class SqliteBackend:
 
     def busy(self) -> bool:
         return self._db.busy()
+
+    async def try_write(self) -> None:
+        def rewrite(conn: sqlite3.Connection) -> None:
+            # the schema version, rewritten as it is: a write that changes nothing
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+
+        await self._db.write(rewrite)
 
     # -- writes ----------------------------------------------------------------------------
 

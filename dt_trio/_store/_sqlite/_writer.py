@@ -49,9 +49,20 @@ class Connections:
     """The connections of one store: `path` is a file name, or "" for an in-memory database
     private to this object. `description` names the store in log lines and errors."""
 
-    def __init__(self, path: str, description: str) -> None:
+    def __init__(
+        self,
+        path: str,
+        description: str,
+        synchronous: str = "NORMAL",
+        on_fault: Callable[[str | None], None] | None = None,
+    ) -> None:
         self.path = path
         self.description = description
+        self._synchronous = synchronous
+        # Told, in the event loop's thread, when writes begin failing for want of a usable
+        # store (the reason) and when they work again (None).
+        self._on_fault = on_fault
+        self._token: trio.lowlevel.TrioToken | None = None
         self._writer: WriterConnection | None = None
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all: list[sqlite3.Connection] = []
@@ -114,8 +125,8 @@ class Connections:
             check(writer)
             writer.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode loses nothing when the process dies; only an OS crash or power
-            # loss can roll back the last commits.
-            writer.execute("PRAGMA synchronous=NORMAL")
+            # loss can roll back the last commits. FULL syncs the WAL at every commit.
+            writer.execute(f"PRAGMA synchronous={self._synchronous}")
         writer.execute("PRAGMA foreign_keys=OFF")
         # Statement journals (each write of a group commit runs in a savepoint) in memory,
         # not in a temporary file created and unlinked per transaction.
@@ -138,6 +149,7 @@ class Connections:
 
         StoreUnavailable if the file is held by another store (in this process or another),
         is refused by `check`, or cannot be opened."""
+        self._token = trio.lowlevel.current_trio_token()
         try:
             await trio.to_thread.run_sync(
                 self._open_sync, check, prepare, limiter=self._write_limiter
@@ -301,13 +313,19 @@ class Connections:
         )
 
     def _note_health(self, fault: BaseException | None) -> None:
-        """Log the start and the end of a store fault once each, not once per write."""
+        """Log the start and the end of a store fault once each, not once per write, and tell
+        `on_fault` (in the event loop's thread)."""
         if fault is not None and not self._faulty:
             self._faulty = True
             log.error("%s (%s); callers get UNAVAILABLE until it clears", fault, self.description)
         elif fault is None and self._faulty:
             self._faulty = False
             log.warning("the store %s is writable again", self.description)
+        else:
+            return
+        if self._on_fault is not None and self._token is not None:
+            reason = str(fault) if fault is not None else None
+            self._token.run_sync_soon(self._on_fault, reason)
 
     # -- reads ---------------------------------------------------------------------------
 
