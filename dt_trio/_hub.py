@@ -5,19 +5,21 @@
         │                       is made; serve only)
         store (opened next, closed last)
         └── store nursery
-            ├── store writer: group commits in sqlite's thread  -- started 1st, stopped last
+            ├── store's own duties (`Backend.run`): sqlite's group-commit writer
+            │                                                    -- started 1st, stopped last
             └── nursery
                 ├── gRPC server (TaskHubSidecarService, Health)    -- started 2nd (serve only)
                 ├── store watch: while the store has a fault, tries a write now and then
                 ├── dashboard (hypercorn, Starlette; with `ui`)    -- started 3rd
-                ├── orchestration processor  ─┐ share the store      -- started 4th
-                ├── activity processor        │ and the executor    -- started 5th
+                ├── orchestration processor  ─┐ serve the lanes of  -- started 4th
+                ├── activity processor        │ one dispatcher      -- started 5th
                 └── entity processor         ─┘                     -- started 6th
 
 The executor routes each work item to this process's own Python code (a `Registry`, run by the
 local executor) or to the SDK workers connected over gRPC (the remote executor, whose worker
-streams are served by the gRPC server). Commits wake the processors through `Signals`. The
-dashboard reads through the store and acts through the processors' client, as the gRPC
+streams are served by the gRPC server). Commits wake the processors through `Signals`; the
+dispatcher hands the work a commit makes for this process straight to the processor's lane.
+The dashboard reads through the store and acts through the processors' client, as the gRPC
 service does; the same signals drive its live pages.
 Cancelling the hub (Ctrl-C, SIGTERM via the command, or the caller's cancel scope) cancels them
 all; in-flight work items that were not committed are simply not committed, and their leases
@@ -41,13 +43,13 @@ import trio
 
 from dt_trio._engine import (
     ActivityProcessor,
+    Dispatcher,
     EntityProcessor,
     HubClient,
     OrchestrationProcessor,
     RemoteExecutor,
     RoutingExecutor,
     Signals,
-    link,
 )
 from dt_trio._grpc._health import HealthService
 from dt_trio._grpc._service import SidecarService
@@ -287,7 +289,7 @@ async def _running_store(
     signals.health.update(store_open=True)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(store.run_writer)
+            await nursery.start(store.run)
             yield store
             nursery.cancel_scope.cancel()
     finally:
@@ -297,8 +299,8 @@ async def _running_store(
 
 
 class _Processors:
-    """The three processors of a hub, linked for hand-overs, and the client whose starts hand
-    new instances straight to the orchestration processor."""
+    """The three processors of a hub on one dispatcher, and the client whose starts hand new
+    instances straight to the orchestration processor."""
 
     def __init__(
         self,
@@ -310,11 +312,11 @@ class _Processors:
         local = LocalExecutor(registry) if registry is not None else None
         executor = RoutingExecutor(local, remote)
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.orchestrations = OrchestrationProcessor(store, executor, signals, owner)
-        self.activities = ActivityProcessor(store, executor, signals, owner)
-        self.entities = EntityProcessor(store, executor, signals, owner)
-        link(self.orchestrations, self.activities)
-        self.client = HubClient(store, signals, self.orchestrations)
+        dispatch = Dispatcher(store, executor, owner)
+        self.orchestrations = OrchestrationProcessor(dispatch, signals)
+        self.activities = ActivityProcessor(dispatch, signals)
+        self.entities = EntityProcessor(dispatch, signals)
+        self.client = HubClient(store, signals, dispatch)
 
     async def start(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.orchestrations.run)

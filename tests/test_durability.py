@@ -68,7 +68,7 @@ async def test_the_store_file_is_synced_as_asked(
     store = SqliteBackend(str(tmp_path / "hub.sqlite3"), durability=durability)
     await store.open()
     try:
-        level = await store._run_write(lambda conn: conn.execute("PRAGMA synchronous").fetchone())
+        level = await store._db.write(lambda conn: conn.execute("PRAGMA synchronous").fetchone())
     finally:
         await store.close()
     assert level[0] == {Durability.NORMAL: 1, Durability.FULL: 2}[durability]

@@ -9,8 +9,9 @@ import pytest
 import trio
 import trio.testing
 
+from dt_trio._core._commit import WorkKind
 from dt_trio._engine import RemoteExecutor
-from dt_trio._engine._executor import HEALTH_PING_INTERVAL, Route, WorkAbandoned
+from dt_trio._engine._executor import HEALTH_PING_INTERVAL, Route, WorkAbandoned, WorkUnclaimed
 from dt_trio._errors import UnknownWorkItem
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
@@ -29,7 +30,7 @@ async def test_items_queued_for_a_stream_cancelled_between_them_are_given_back()
 
     async def run(name: str) -> None:
         try:
-            await executor.execute(activity(name), Route("activity", name))
+            await executor.execute(activity(name), Route(WorkKind.ACTIVITY, name))
         except WorkAbandoned:
             outcomes[name] = "abandoned"
 
@@ -76,7 +77,7 @@ async def test_an_answer_its_check_accepts_is_answered_as_it_is_delivered() -> N
 
         async def processor() -> None:
             answers.append(
-                await executor.execute(activity("a"), Route("activity", "a"), None, check)
+                await executor.execute(activity("a"), Route(WorkKind.ACTIVITY, "a"), None, check)
             )
 
         nursery.start_soon(processor)
@@ -111,7 +112,7 @@ async def test_an_answer_its_check_refuses_is_refused_and_the_item_handed_out_ag
 
         async def processor() -> None:
             try:
-                await executor.execute(activity("a"), Route("activity", "a"), None, check)
+                await executor.execute(activity("a"), Route(WorkKind.ACTIVITY, "a"), None, check)
             except WorkAbandoned as exc:
                 outcomes.append(f"abandoned, again in {exc.delay} s")
 
@@ -144,7 +145,7 @@ async def test_idle_streams_get_health_pings_only_once_their_worker_is_known_to_
 
     async def processor() -> None:
         await trio.sleep(3 * HEALTH_PING_INTERVAL)
-        pending = await executor.execute(activity("a"), Route("activity", "a"), None, str)
+        pending = await executor.execute(activity("a"), Route(WorkKind.ACTIVITY, "a"), None, str)
         executor.finish(pending)
 
     async with trio.open_nursery() as nursery:
@@ -169,7 +170,7 @@ async def test_two_items_an_answer_without_token_would_both_name_never_wait_at_s
 
     async def processor(n: int, name: str, task_id: int = 7) -> None:
         item = activity(name, "i", task_id)
-        pending = await executor.execute(item, Route("activity", name), None, lambda r: r)
+        pending = await executor.execute(item, Route(WorkKind.ACTIVITY, name), None, lambda r: r)
         answers[n] = pending.checked
         executor.finish(pending)
 
@@ -182,7 +183,7 @@ async def test_two_items_an_answer_without_token_would_both_name_never_wait_at_s
         response.result.value = result
         return response
 
-    key = ("activity", "i", 7)
+    key = (WorkKind.ACTIVITY, "i", 7)
     old: list[pb.WorkItem] = []
     modern: list[pb.WorkItem] = []
     only_b = pb.GetWorkItemsRequest()
@@ -230,3 +231,71 @@ async def test_two_items_an_answer_without_token_would_both_name_never_wait_at_s
         await trio.testing.wait_all_tasks_blocked()
         assert answers[4] == answer("fourth") and answers[5].result.value == "fifth"  # type: ignore[attr-defined]
         nursery.cancel_scope.cancel()
+
+
+async def test_work_no_connected_worker_takes_goes_back_untried_after_a_while(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """An item waits `unclaimed_seconds` for a worker that takes it (none is connected, or
+    their filters leave it out), then goes back untried (`WorkUnclaimed`), for whoever can
+    run it. One behind busy workers that take it waits as long as it must."""
+    executor = RemoteExecutor(unclaimed_seconds=1.5)
+    only_b = pb.GetWorkItemsRequest(maxConcurrentActivityWorkItems=1)
+    only_b.workItemFilters.activities.add(name="b")
+    outcomes: dict[str, tuple[str, float]] = {}
+    start = trio.current_time()
+
+    async def run(name: str) -> None:
+        try:
+            pending = await executor.execute(activity(name), Route(WorkKind.ACTIVITY, name))
+            outcomes[name] = ("answered", trio.current_time() - start)
+            executor.finish(pending)
+        except WorkUnclaimed:
+            outcomes[name] = ("unclaimed", trio.current_time() - start)
+
+    async with trio.open_nursery() as nursery:
+        taken: list[pb.WorkItem] = []
+        nursery.start_soon(read, executor.stream(only_b), taken)  # takes only "b"
+        await trio.testing.wait_all_tasks_blocked()
+        for name in ("a", "b", "c"):
+            nursery.start_soon(run, name)
+        await trio.sleep(60)
+        # "b" waits for its answer; nobody would ever take "a" or "c"
+        assert [i.activityRequest.name for i in taken if i.HasField("activityRequest")] == ["b"]
+        assert outcomes == {"a": ("unclaimed", 1.5), "c": ("unclaimed", 1.5)}
+        nursery.cancel_scope.cancel()
+
+
+async def read(stream: Any, into: list[pb.WorkItem]) -> None:
+    async for item in stream:
+        into.append(item)
+
+
+async def test_work_waiting_for_busy_workers_goes_back_once_the_last_that_takes_it_leaves(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    executor = RemoteExecutor(unclaimed_seconds=1.5)
+    one_at_a_time = pb.GetWorkItemsRequest(maxConcurrentActivityWorkItems=1)
+    outcomes: dict[str, str] = {}
+
+    async def run(name: str) -> None:
+        try:
+            await executor.execute(activity(name), Route(WorkKind.ACTIVITY, name))
+            outcomes[name] = "answered"
+        except WorkAbandoned:
+            outcomes[name] = "abandoned"
+        except WorkUnclaimed:
+            outcomes[name] = f"unclaimed after {trio.current_time() - left:.1f} s"
+
+    async with trio.open_nursery() as nursery:
+        stream = executor.stream(one_at_a_time)
+        nursery.start_soon(run, "first")
+        assert (await stream.__anext__()).activityRequest.name == "first"
+        nursery.start_soon(run, "queued")
+        await trio.sleep(60)
+        assert outcomes == {}  # queued behind the busy worker, which takes it: it waits
+        left = trio.current_time()
+        await stream.aclose()
+        await trio.sleep(60)
+        # The item it held is abandoned (tried, and counted); the queued one was never tried.
+        assert outcomes == {"first": "abandoned", "queued": "unclaimed after 1.5 s"}

@@ -6,22 +6,27 @@ queue per kind; an item goes to a connected worker whose work-item filters accep
 (kind, name, version) and that is below its concurrency hint for that kind, the least busy one
 first. Every item sent carries a fresh completion token; an answer is found by that token.
 
-Workers of older protocol generations (durabletask-go's; the Python SDK before 0.2, .NET
-before 1.6, Java before 1.5.1, the JavaScript SDK's 0.1 alphas) answer without a token: an
-orchestration step names its instance, an activity its instance and task id. Such an answer is
-matched as durabletask-go's sidecar matches it, by that key, but only among the items handed to
-workers not seen to answer with tokens, and never while two of those items share the key: an
-item whose key such a worker already holds waits for it to be settled (or goes to a worker that
-answers with tokens). A late answer for work a stream held when it ended names nothing that
+Workers of older protocol generations (durabletask-go's; the Python SDK before 0.2, .NET before
+1.6, Java before 1.5.1, the JavaScript SDK's 0.1 alphas) answer without a token: an orchestration
+step names its instance, an activity its instance and task id. Such an answer is matched as
+durabletask-go's sidecar matches it, by that key, but only among the items handed to workers not
+seen to answer with tokens, and never while two of those items share the key: an item whose key
+such a worker already holds waits until that one is answered or given back (or goes to a worker
+that answers with tokens). A late answer for work a stream held when it ended names nothing that
 waits (NOT_FOUND), unless the same work has meanwhile been handed to another worker of that
 generation: the answer cannot be told apart from that worker's own, and is taken for it, as
-durabletask-go takes it (an activity then counts as having run twice, as at-least-once allows;
-a step's answer was computed from the same history and new events, and those that arrived
-since come after them in the history, so its next replay sees them).
+durabletask-go takes it (an activity then counts as having run twice, as at-least-once allows; a
+step's answer was computed from the same history and new events, and those that arrived since come
+after them in the history, so its next replay sees them).
 
 When a stream ends for any reason, the items it had not been sent yet go back to the queue for
 another worker, and the items it held unanswered are abandoned at once, so the processor
 releases the lease and the item is redelivered.
+
+An item no connected worker accepts (none is connected, or their filters leave it out) waits
+`unclaimed_seconds`, then goes back untried (`WorkUnclaimed`): its lease is released with its
+attempts kept, so that another process's workers can take it. The processors lease only work
+of a kind some worker takes (`has_workers`), so an idle hub without workers leases nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from typing import Protocol
 
 import trio
 
+from dt_trio._core._commit import WorkKind
+from dt_trio._core._state import value
 from dt_trio._errors import InvalidRequest, StoreUnavailable, UnknownWorkItem
 from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
@@ -45,9 +52,8 @@ log = get_logger(__name__)
 # The .NET SDK and the Python SDK from 1.5 treat 120 s without a message on the stream as a
 # silent disconnect; idle streams of workers that know the health ping get one well inside it.
 HEALTH_PING_INTERVAL = 30.0
-ORCHESTRATION = "orchestration"
-ACTIVITY = "activity"
-ENTITY = "entity"
+# How long an item no connected worker accepts waits for one before it is given back.
+UNCLAIMED_SECONDS = 1.5
 
 
 # The largest orchestrator answer taken in chunks (`isPartial`): the SDKs chunk answers over
@@ -56,7 +62,7 @@ MAX_CHUNKED_ANSWER_BYTES = 64 * 1024 * 1024
 
 # What an answer without a completion token names: the item's kind, its instance id and (for
 # an activity) its task id, -1 otherwise. See the module docstring.
-AnswerKey = tuple[str, str, int]
+AnswerKey = tuple[WorkKind, str, int]
 
 # The largest work item sent to a worker: gRPC's default limit on a received message, which
 # the SDKs keep. A bigger one would end the worker's stream (and every item it holds) each
@@ -76,22 +82,27 @@ class WorkAbandoned(Exception):
         self.delay = delay  # how long the item should stay invisible before it is retried
 
 
+class WorkUnclaimed(Exception):
+    """No connected worker accepts the item, and none that does connected in time: it was
+    never tried, and goes back for whoever can run it."""
+
+
 # What a processor makes of a worker's answer to one of its items: it returns what the
 # processor needs from the answer, or raises if the answer does not fit the item (see
 # `RemoteExecutor.complete`).
 Check = Callable[[object], object]
 
 
-@dataclass(frozen=True)
+@value
 class Route:
     """What a worker's filters look at: the item's kind, name and version."""
 
-    kind: str
+    kind: WorkKind
     name: str
     version: str | None = None
 
 
-@dataclass(frozen=True)
+@value
 class OrchestrationStep:
     """One step for an orchestrator: the instance, its history so far and the new events.
     `work_item()` is its protocol form, built for SDK workers only: a replay in this process
@@ -121,10 +132,10 @@ def answer_key(work_item: pb.WorkItem) -> AnswerKey | None:
     answer names nothing (an EntityBatchResult carries no entity id)."""
     kind = work_item.WhichOneof("request")
     if kind == "orchestratorRequest":
-        return ORCHESTRATION, work_item.orchestratorRequest.instanceId, -1
+        return WorkKind.ORCHESTRATION, work_item.orchestratorRequest.instanceId, -1
     if kind == "activityRequest":
         request = work_item.activityRequest
-        return ACTIVITY, request.orchestrationInstance.instanceId, request.taskId
+        return WorkKind.ACTIVITY, request.orchestrationInstance.instanceId, request.taskId
     return None
 
 
@@ -137,7 +148,7 @@ def escaped(text: str, limit: int = 200) -> str:
 
 def _named(key: AnswerKey) -> str:
     kind, instance_id, task_id = key
-    if kind == ACTIVITY:
+    if kind is WorkKind.ACTIVITY:
         return f"activity {task_id} of instance '{escaped(instance_id)}'"
     return f"a step of instance '{escaped(instance_id)}'"
 
@@ -187,6 +198,11 @@ class Pending:
     worker: _Worker | None = None
     # Set once the item is on its way to a worker (see `RemoteExecutor.execute`).
     on_its_way: trio.Event | None = None
+    # Given back because no worker accepts it (see `RemoteExecutor._answer`).
+    unclaimed: bool = False
+    # The wait for the answer while some worker accepts the item: cancelled when the last
+    # one leaves, so that the wait for another one starts.
+    watch: trio.CancelScope | None = None
     # An orchestrator answer coming in chunks: the chunks so far, merged (see `_whole`).
     chunks: pb.OrchestratorResponse | None = None
     chunk_count: int = 0
@@ -248,19 +264,21 @@ class _Worker:
         self.name = request.worker_instance_id or f"stream {number}"
         opted_in = request.HasField("workItemFilters")
         filters = request.workItemFilters
-        self.filters: dict[str, NameFilter] = {
-            ORCHESTRATION: _name_filter(filters.orchestrations, opted_in),
-            ACTIVITY: _name_filter(filters.activities, opted_in),
+        self.filters: dict[WorkKind, NameFilter] = {
+            WorkKind.ORCHESTRATION: _name_filter(filters.orchestrations, opted_in),
+            WorkKind.ACTIVITY: _name_filter(filters.activities, opted_in),
             # Entity names are case-insensitive (ids carry them in lower case) and unversioned.
-            ENTITY: {f.name.lower(): frozenset() for f in filters.entities} if opted_in else None,
+            WorkKind.ENTITY: {f.name.lower(): frozenset() for f in filters.entities}
+            if opted_in
+            else None,
         }
         # The SDKs' maxConcurrent*WorkItems: 0 (unset) means no limit.
         self.limits = {
-            ORCHESTRATION: request.maxConcurrentOrchestrationWorkItems or math.inf,
-            ACTIVITY: request.maxConcurrentActivityWorkItems or math.inf,
-            ENTITY: request.maxConcurrentEntityWorkItems or math.inf,
+            WorkKind.ORCHESTRATION: request.maxConcurrentOrchestrationWorkItems or math.inf,
+            WorkKind.ACTIVITY: request.maxConcurrentActivityWorkItems or math.inf,
+            WorkKind.ENTITY: request.maxConcurrentEntityWorkItems or math.inf,
         }
-        self.in_flight: collections.Counter[str] = collections.Counter()
+        self.in_flight: collections.Counter[WorkKind] = collections.Counter()
         # Whether the worker answers with completion tokens: known from its first answer that
         # carries one. Until then its items may be answered without one (see `lookup`).
         self.tokens = False
@@ -281,19 +299,29 @@ class _Worker:
             return False
         return not versions or (route.version or "") in versions
 
-    def has_room(self, kind: str) -> bool:
+    def takes(self, kind: WorkKind) -> bool:
+        """Whether the worker takes any work of `kind` (its filters may leave a kind out)."""
+        accepted = self.filters[kind]
+        return accepted is None or bool(accepted)
+
+    def has_room(self, kind: WorkKind) -> bool:
         return self.in_flight[kind] < self.limits[kind]
 
 
 class RemoteExecutor:
     """The bridge between the processors and the workers' GetWorkItems streams."""
 
-    def __init__(self, max_work_item_bytes: int = MAX_WORK_ITEM_BYTES) -> None:
+    def __init__(
+        self,
+        max_work_item_bytes: int = MAX_WORK_ITEM_BYTES,
+        unclaimed_seconds: float = UNCLAIMED_SECONDS,
+    ) -> None:
         self.max_work_item_bytes = max_work_item_bytes
+        self.unclaimed_seconds = unclaimed_seconds
         # One queue per kind: when no worker has room for activities, say, the items behind
         # them are not walked over at every dispatch.
-        self._queues: dict[str, collections.deque[Pending]] = {
-            kind: collections.deque() for kind in (ORCHESTRATION, ACTIVITY, ENTITY)
+        self._queues: dict[WorkKind, collections.deque[Pending]] = {
+            kind: collections.deque() for kind in WorkKind
         }
         self._pending: dict[str, Pending] = {}
         # The items handed to workers not seen to answer with tokens, by what an answer
@@ -301,6 +329,9 @@ class RemoteExecutor:
         self._tokenless: dict[AnswerKey, Pending] = {}
         self._workers: list[_Worker] = []
         self._numbers = itertools.count(1)
+        self._workers_changed = trio.Event()
+        # How many connected workers take each kind (see `has_workers`).
+        self._takers: collections.Counter[WorkKind] = collections.Counter()
         # Routes said to wait for a worker (see `_report_waiting`), until a worker connects.
         self._reported: set[Route] = set()
 
@@ -312,6 +343,19 @@ class RemoteExecutor:
 
     def runs_here(self, route: Route) -> bool:
         return False
+
+    def has_workers(self, kind: WorkKind) -> bool:
+        """Whether a connected worker takes work of `kind`."""
+        return self._takers[kind] > 0
+
+    async def workers_changed(self) -> None:
+        """Return once a worker connects or leaves."""
+        await self._workers_changed.wait()
+
+    def _note_workers_changed(self) -> None:
+        self._takers = collections.Counter(k for w in self._workers for k in WorkKind if w.takes(k))
+        self._workers_changed.set()
+        self._workers_changed = trio.Event()
 
     async def execute_step(
         self,
@@ -365,7 +409,7 @@ class RemoteExecutor:
             pending.went_out()  # queued: nothing to wait for
             self._report_waiting(route)
         try:
-            await pending.answered.wait()
+            await self._answer(pending)
         except BaseException:
             pending.abandon(0.0)
             self.finish(
@@ -373,10 +417,34 @@ class RemoteExecutor:
                 StoreUnavailable("the sidecar withdrew the work item; it will be redelivered"),
             )
             raise
+        if pending.unclaimed:
+            self.finish(pending)
+            raise WorkUnclaimed(
+                f"no connected worker takes the {route.kind.value} work item for "
+                f"'{route.name}'; it goes back untried"
+            )
         if pending.abandon_delay is not None:
             self.finish(pending)
             raise WorkAbandoned(f"work item {token} was abandoned", pending.abandon_delay)
         return pending
+
+    async def _answer(self, pending: Pending) -> None:
+        """Wait until the item is answered or abandoned, or, while no connected worker
+        accepts it, at most `unclaimed_seconds` (then it is abandoned as `unclaimed`)."""
+        while not pending.answered.is_set():
+            if pending.worker is None and not self._claimable(pending.route):
+                with trio.move_on_after(self.unclaimed_seconds):
+                    await pending.answered.wait()
+                if pending.worker is None and not self._claimable(pending.route):
+                    pending.unclaimed = True
+                    pending.abandon(0.0)
+                continue
+            with trio.CancelScope() as pending.watch:
+                await pending.answered.wait()
+            pending.watch = None
+
+    def _claimable(self, route: Route) -> bool:
+        return any(w.accepts(route) for w in self._workers)
 
     def _report_waiting(self, route: Route) -> None:
         """Say once that work waits because no connected worker takes it at all (none is
@@ -388,7 +456,7 @@ class RemoteExecutor:
         self._reported.add(route)
         log.info(
             "%s '%s' waits: no code in this process and no connected SDK worker takes it",
-            route.kind,
+            route.kind.value,
             route.name,
         )
 
@@ -421,7 +489,7 @@ class RemoteExecutor:
             if queue:
                 self._dispatch_kind(kind, queue)
 
-    def _dispatch_kind(self, kind: str, queue: collections.deque[Pending]) -> None:
+    def _dispatch_kind(self, kind: WorkKind, queue: collections.deque[Pending]) -> None:
         """Items of one kind in order, while some worker has room for that kind; an item that
         no worker with room accepts (work-item filters) waits without holding up the rest."""
         skipped: list[Pending] = []
@@ -631,6 +699,7 @@ class RemoteExecutor:
         self._workers.append(worker)
         self._reported.clear()
         log.info("worker stream %d connected (%s)", worker.number, worker.name)
+        self._note_workers_changed()
         self._dispatch()
         try:
             while True:
@@ -684,6 +753,12 @@ class RemoteExecutor:
                 worker.number,
                 len(abandoned) + len(unsent),
             )
+            self._note_workers_changed()
+            for pending in self._pending.values():
+                # Waiting for a worker no connected one is any more: wait for one in time.
+                if pending.watch is not None and pending.worker is None:
+                    if not self._claimable(pending.route):
+                        pending.watch.cancel()
             self._dispatch()
 
 
@@ -731,11 +806,22 @@ class Executor(Protocol):
         """Whether work on `route` runs in this process (else on an SDK worker)."""
         ...
 
+    def has_workers(self, kind: WorkKind) -> bool:
+        """Whether anything (this process's code, a connected worker) runs work of `kind`:
+        a processor leases only work that some worker can take."""
+        ...
+
+    async def workers_changed(self) -> None:
+        """Return once `has_workers` may answer differently."""
+        ...
+
 
 class LocalRunner(Executor, Protocol):
     """An executor for the work this process can run itself (dt_trio._local)."""
 
-    def accepts(self, route: Route) -> bool: ...
+    def accepts(self, route: Route) -> bool:
+        """Whether this process has the code for work on `route`."""
+        ...
 
 
 class RoutingExecutor:
@@ -748,6 +834,14 @@ class RoutingExecutor:
 
     def runs_here(self, route: Route) -> bool:
         return self.local is not None and self.local.accepts(route)
+
+    def has_workers(self, kind: WorkKind) -> bool:
+        if self.local is not None and self.local.has_workers(kind):
+            return True
+        return self.remote.has_workers(kind)
+
+    async def workers_changed(self) -> None:
+        await self.remote.workers_changed()  # this process's code does not change
 
     async def execute(
         self,

@@ -12,8 +12,9 @@ from google.protobuf import empty_pb2
 from dt_trio import _core as core
 from dt_trio._core import EntityState, InstanceState, Status
 from dt_trio._core import _events as ev
+from dt_trio._core import _operations as ops
+from dt_trio._core._commit import WorkKind
 from dt_trio._engine import HubClient, RemoteExecutor
-from dt_trio._engine._executor import ACTIVITY, ORCHESTRATION
 from dt_trio._errors import InstanceNotFound, InvalidRequest
 from dt_trio._grpc import _bounds as bounds
 from dt_trio._grpc._transport import immediate
@@ -263,8 +264,10 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
             if state is None or state.status.is_terminal:
                 return False
             history = await self._store.get_history(instance_id)
-            result = core.terminate_now(state, history, reason, _now())
-            if await self._store.commit_forced(result, state.last_updated_at):
+            now = _now()
+            result = core.terminate_now(state, history, reason, now)
+            forced = ops.terminate_forced(result, state.last_updated_at, now)
+            if not (await self._store.apply(forced)).alternative:
                 log.info("%s: terminated without the orchestrator", instance_id)
                 return True
         return False
@@ -537,7 +540,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     ) -> pb.CompleteTaskResponse:
         pending = self._executor.lookup(
             request.completionToken,
-            (ORCHESTRATION, request.instanceId, -1),
+            (WorkKind.ORCHESTRATION, request.instanceId, -1),
             "orchestratorRequest",
         )
         self._executor.deliver(pending, request)
@@ -547,7 +550,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     async def CompleteActivityTask(self, request: pb.ActivityResponse) -> pb.CompleteTaskResponse:
         pending = self._executor.lookup(
             request.completionToken,
-            (ACTIVITY, request.instanceId, request.taskId),
+            (WorkKind.ACTIVITY, request.instanceId, request.taskId),
             "activityRequest",
         )
         self._executor.deliver(pending, request)

@@ -1,33 +1,27 @@
 """Persistence: the Backend protocol and its sqlite implementation."""
 
 from dt_trio._store._backend import (
-    ActivityWorkItem,
     Backend,
     EntityFilter,
-    EntityWorkItem,
-    Handed,
     InstanceFilter,
     Leased,
-    OrchestrationWorkItem,
+    NullListener,
     PageKey,
-    StepAhead,
     StoreListener,
+    notify,
 )
 from dt_trio._store._durability import Durability
 from dt_trio._store._sqlite import SqliteBackend
 
 __all__ = [
-    "ActivityWorkItem",
     "Backend",
     "Durability",
     "EntityFilter",
-    "EntityWorkItem",
-    "Handed",
     "InstanceFilter",
     "Leased",
-    "OrchestrationWorkItem",
+    "NullListener",
     "PageKey",
     "SqliteBackend",
-    "StepAhead",
     "StoreListener",
+    "notify",
 ]

@@ -1,0 +1,487 @@
+"""The sqlite store's connections: one writer with group commit, and a pool of readers.
+
+Every call runs in a worker thread through `trio.to_thread.run_sync`. Writes go through one
+writer connection, serialised by a CapacityLimiter of one; on a file, reads use a small pool of
+reader connections so that they never wait behind a write transaction. A private in-memory
+database has the writer connection alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import queue
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import outcome
+import trio
+
+from dt_trio._errors import StoreUnavailable
+from dt_trio._log import get_logger
+from dt_trio._store._sqlite._cache import InstanceCache, WriterConnection
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+READERS = 4
+
+
+class _Failed(Exception):
+    """Rolls back the transaction of a lone write that failed."""
+
+
+@dataclasses.dataclass(eq=False)
+class _WriteSlot:
+    """One write waiting for its turn in a group commit."""
+
+    fn: Callable[[sqlite3.Connection], Any]
+    outcome: outcome.Outcome[Any] | None = None
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+
+class Connections:
+    """The connections of one store: `path` is a file name, or "" for an in-memory database
+    private to this object. `description` names the store in log lines and errors."""
+
+    def __init__(
+        self,
+        path: str,
+        description: str,
+        synchronous: str = "NORMAL",
+        on_fault: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.description = description
+        self._synchronous = synchronous
+        # Told, in the event loop's thread, when writes begin failing for want of a usable
+        # store (the reason) and when they work again (None).
+        self._on_fault = on_fault
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._writer: WriterConnection | None = None
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._all: list[sqlite3.Connection] = []
+        self._write_limiter = trio.CapacityLimiter(1)
+        # The queue and the flag are shared with the writer thread (see `_write_loop`).
+        self._queue_lock = threading.Lock()
+        self._write_queue: list[_WriteSlot] = []
+        self._writing = False
+        self._writer_wakeup: trio.Event | None = None
+        self._read_limiter = trio.CapacityLimiter(READERS)
+        self._memory_uri = f"file:dt-trio-{uuid.uuid4().hex}?mode=memory&cache=shared"
+        # The database file, open and locked while this store owns it (see `_hold`), and
+        # whether this store created it.
+        self._held: _Held | None = None
+        self._faulty = False  # the last write failed for want of a usable store
+
+    @property
+    def cache(self) -> InstanceCache | None:
+        """The writer's cache while the store is open (its `row` is safe from any thread)."""
+        writer = self._writer
+        return writer.cache if writer is not None else None
+
+    # -- opening and closing -----------------------------------------------------------------
+
+    def _connect(
+        self, factory: type[sqlite3.Connection] = sqlite3.Connection
+    ) -> sqlite3.Connection:
+        if self.path:
+            conn = sqlite3.connect(
+                self.path,
+                check_same_thread=False,
+                isolation_level=None,
+                timeout=5.0,
+                factory=factory,
+            )
+        else:
+            conn = sqlite3.connect(
+                self._memory_uri,
+                uri=True,
+                check_same_thread=False,
+                isolation_level=None,
+                factory=factory,
+            )
+        conn.row_factory = sqlite3.Row
+        self._all.append(conn)
+        return conn
+
+    def _open_sync(
+        self,
+        check: Callable[[sqlite3.Connection], None],
+        prepare: Callable[[sqlite3.Connection], None],
+    ) -> None:
+        if self.path:
+            self._held = _hold(self.path)
+        writer = self._connect(WriterConnection)
+        assert isinstance(writer, WriterConnection)
+        writer.cache = InstanceCache()
+        if self.path:
+            # Before anything is written: another program's database stays as it is.
+            check(writer)
+            writer.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode loses nothing when the process dies; only an OS crash or power
+            # loss can roll back the last commits. FULL syncs the WAL at every commit.
+            writer.execute(f"PRAGMA synchronous={self._synchronous}")
+        writer.execute("PRAGMA foreign_keys=OFF")
+        # Statement journals (each write of a group commit runs in a savepoint) in memory,
+        # not in a temporary file created and unlinked per transaction.
+        writer.execute("PRAGMA temp_store=MEMORY")
+        prepare(writer)
+        self._writer = writer
+        if self.path:
+            for _ in range(READERS):
+                self._readers.put(self._connect())
+
+    async def open(
+        self,
+        check: Callable[[sqlite3.Connection], None],
+        prepare: Callable[[sqlite3.Connection], None],
+    ) -> None:
+        """Open the store: create the file (owner-only) if it does not exist, take it for
+        this process, `check` that it is a store (before anything is written to it), then
+        `prepare` it (the schema). On failure nothing is left behind: a file this call
+        created is removed again.
+
+        StoreUnavailable if the file is held by another store (in this process or another),
+        is refused by `check`, or cannot be opened."""
+        self._token = trio.lowlevel.current_trio_token()
+        try:
+            await trio.to_thread.run_sync(
+                self._open_sync, check, prepare, limiter=self._write_limiter
+            )
+        except BaseException as exc:
+            await self._close(discard=True)
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise StoreUnavailable(
+                    f"cannot open the store {self.description}: {_open_problem(self.path, exc)}"
+                ) from exc
+            raise
+
+    async def close(self) -> None:
+        await self._close()
+
+    async def _close(self, discard: bool = False) -> None:
+        """Close every connection, then let go of the file; with `discard`, a file this store
+        created is removed first (with the lock still held, so nobody has taken it)."""
+
+        def close_all() -> None:
+            self._writer = None  # writes, and reads from its cache, now fail: not open
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+            held, self._held = self._held, None
+            if held is not None:
+                if discard and held.created:
+                    for suffix in ("", "-wal", "-shm", "-journal"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self.path + suffix)
+                held.release()
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(close_all, limiter=self._write_limiter)
+
+    # -- writes: group commit ----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer: commits the queued writes (see `write`) until cancelled, then what is
+        still queued. The hub runs it beside everything that writes, and stops it last.
+        Without it (a store used on its own) each write's caller drives the commits."""
+        wakeup = self._writer_wakeup = trio.Event()
+        task_status.started()
+        try:
+            while True:
+                await wakeup.wait()
+                wakeup = self._writer_wakeup = trio.Event()
+                await self._drive()
+        finally:
+            self._writer_wakeup = None
+            if self._writing:  # woken, but cancelled before it drove
+                await self._drive()
+
+    def busy(self) -> bool:
+        return self._writing
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in a write transaction, grouped with the writes waiting beside it.
+
+        Group commit: writes that arrive while a transaction is running wait, then all run in
+        the next one, each in a savepoint of its own, so one failing write (a lost lease, say)
+        rolls back alone. The writer task (`run`) drives the batches, or, while it does not
+        run, whoever finds no transaction running; either way that loop is shielded, so a
+        cancelled caller cannot strand the others. `fn` must be a function of the store
+        alone: a batch that fails is run again, write by write.
+        """
+        slot = _WriteSlot(fn)
+        with self._queue_lock:
+            self._write_queue.append(slot)
+            idle, self._writing = not self._writing, True
+        if idle:
+            if self._writer_wakeup is not None:
+                self._writer_wakeup.set()
+            else:
+                await self._drive()
+        if not slot.done.is_set():
+            await slot.done.wait()
+        assert slot.outcome is not None
+        return slot.outcome.unwrap()  # type: ignore[no-any-return]
+
+    async def _drive(self) -> None:
+        """Commit batches until the queue is empty (shielded: others' writes are queued)."""
+        token = trio.lowlevel.current_trio_token()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._write_loop, token, limiter=self._write_limiter)
+
+    def _write_loop(self, token: trio.lowlevel.TrioToken) -> None:
+        """In the writer thread: commit batch after batch until the queue is empty.
+
+        The next batch starts as soon as the last one is committed, with what queued up
+        meanwhile: no round trip through the event loop between two transactions. Each
+        batch's writers are woken as it commits (`run_sync_soon` keeps their order)."""
+        while True:
+            with self._queue_lock:
+                batch, self._write_queue = self._write_queue, []
+                if not batch:
+                    self._writing = False
+                    return
+            try:
+                self._write_batch(batch)
+            except Exception as exc:  # a bug: fail this batch's writes, not the next ones
+                log.exception("the store's writer failed")
+                for slot in batch:
+                    if slot.outcome is None:
+                        slot.outcome = outcome.Error(exc)
+            token.run_sync_soon(_wake_writers, batch)
+
+    def _write_batch(self, batch: list[_WriteSlot]) -> None:
+        conn = self._writer
+        if conn is None:
+            for slot in batch:
+                slot.outcome = outcome.Error(StoreUnavailable("the store is not open"))
+            return
+        if len(batch) > 1 and _commit_whole(conn, batch):
+            self._note_health(None)
+            return
+        cache = conn.cache
+        # A lone write needs no savepoint: its failure rolls back the whole transaction.
+        alone = len(batch) == 1
+        committed = False
+        try:
+            with transaction(conn):
+                for slot in batch:
+                    if not alone:
+                        conn.execute("SAVEPOINT one_write")
+                    mark = cache.mark()
+                    try:
+                        slot.outcome = outcome.Value(slot.fn(conn))
+                    except Exception as exc:
+                        if isinstance(exc, sqlite3.OperationalError):
+                            exc = StoreUnavailable(f"the store cannot write: {exc}")
+                        slot.outcome = outcome.Error(exc)
+                        if alone:
+                            raise _Failed from exc
+                        conn.execute("ROLLBACK TO one_write")
+                        cache.undo_to(mark)
+                    if not alone:
+                        conn.execute("RELEASE one_write")
+            committed = True
+        except _Failed:
+            pass  # the transaction was rolled back; the write's outcome says why
+        except sqlite3.Error as exc:
+            failed = StoreUnavailable(f"the store cannot write: {exc}")
+            for slot in batch:
+                slot.outcome = outcome.Error(failed)
+        finally:
+            if committed:
+                cache.commit()
+            else:
+                cache.rollback()
+        self._note_health(
+            next(
+                (
+                    slot.outcome.error
+                    for slot in batch
+                    if isinstance(slot.outcome, outcome.Error)
+                    and isinstance(slot.outcome.error, StoreUnavailable)
+                ),
+                None,
+            )
+        )
+
+    def _note_health(self, fault: BaseException | None) -> None:
+        """Log the start and the end of a store fault once each, not once per write, and tell
+        `on_fault` (in the event loop's thread)."""
+        if fault is not None and not self._faulty:
+            self._faulty = True
+            log.error("%s (%s); callers get UNAVAILABLE until it clears", fault, self.description)
+        elif fault is None and self._faulty:
+            self._faulty = False
+            log.warning("the store %s is writable again", self.description)
+        else:
+            return
+        if self._on_fault is not None and self._token is not None:
+            reason = str(fault) if fault is not None else None
+            self._token.run_sync_soon(self._on_fault, reason)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in a read transaction of its own (on a file, beside the writer's)."""
+        if self._writer is None:
+            raise StoreUnavailable("the store is not open")
+        if not self.path:
+            # A private memory database has one connection: its reads queue with the writes
+            # (the writer's thread runs batch after batch while writes keep coming).
+            return await self.write(fn)
+
+        def call() -> T:
+            conn = self._readers.get()
+            try:
+                with transaction(conn, mode="DEFERRED"):
+                    return fn(conn)
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"the store cannot read: {exc}") from exc
+            finally:
+                self._readers.put(conn)
+
+        return await trio.to_thread.run_sync(call, limiter=self._read_limiter)
+
+
+def _wake_writers(batch: list[_WriteSlot]) -> None:
+    for slot in batch:
+        slot.done.set()
+
+
+def _commit_whole(conn: WriterConnection, batch: list[_WriteSlot]) -> bool:
+    """Run a batch's writes in one transaction without a savepoint each. Writes seldom fail
+    (a lost lease, an existing instance id); when one does, nothing of the batch is kept and
+    False is returned, and the writes run again, each in a savepoint of its own, so that only
+    the failing one rolls back. Writes are functions of the store alone, safe to run again."""
+    try:
+        with transaction(conn):
+            for slot in batch:
+                slot.outcome = outcome.Value(slot.fn(conn))
+    except Exception:
+        conn.cache.rollback()
+        for slot in batch:
+            slot.outcome = None
+        return False
+    conn.cache.commit()
+    return True
+
+
+# The stores this process holds, by their database file's identity (st_dev, st_ino).
+_held_here: set[tuple[int, int]] = set()
+_held_here_lock = threading.Lock()
+
+
+@dataclasses.dataclass
+class _Held:
+    """A database file this store holds: open, and locked for the life of the store."""
+
+    fd: int
+    identity: tuple[int, int]
+    created: bool  # this store made the file
+
+    def release(self) -> None:
+        os.close(self.fd)  # drops the lock
+        with _held_here_lock:
+            _held_here.discard(self.identity)
+
+
+def _hold(path: str) -> _Held:
+    """Open the database file `path` (creating it, owner-only, if it does not exist) and take
+    it for this store: an exclusive flock on the file itself.
+
+    One process owns a store: it releases every lease it finds when it opens, so a second
+    sidecar on the same file would steal work from the first. The lock is on the file, not on
+    a name beside it, so no spelling of its path (a symlink, a hard link, `..`) gets around it;
+    the OS drops it when the process dies, kill -9 included, so a crash never leaves the store
+    locked. A file that another store of this process holds is refused before it is opened:
+    closing a descriptor of it would drop the sqlite locks that store holds on it.
+    """
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            _check_not_held_here(path, _identity(os.stat(path)))
+        created = False
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue  # made meanwhile: open that one
+            created = True
+        try:
+            info = os.fstat(fd)
+            with _held_here_lock:
+                _check_not_held_here(path, _identity(info))
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise _in_use(path, "another dt-trio process") from None
+                # A start that failed may have removed the file between our open and our
+                # lock: then lock the file that the path names now.
+                try:
+                    same = os.path.samestat(info, os.stat(path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    _held_here.add(_identity(info))
+                    return _Held(fd, _identity(info), created)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _check_not_held_here(path: str, identity: tuple[int, int]) -> None:
+    if identity in _held_here:
+        raise _in_use(path, "another store of this process")
+
+
+def _in_use(path: str, holder: str) -> StoreUnavailable:
+    real = os.path.realpath(path)
+    spelled = path if real == os.path.abspath(path) else f"{path} (that is {real})"
+    return StoreUnavailable(
+        f"the store {spelled} is in use by {holder}; stop that process or give this one "
+        "another --db"
+    )
+
+
+def _open_problem(path: str, exc: sqlite3.Error | OSError) -> str:
+    """Why the store `path` cannot be opened, in terms of what the user gave (the store and
+    its directory), not of the files made beside it."""
+    if path:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            return f"the directory {directory} does not exist"
+        if not os.access(directory, os.W_OK):
+            return (
+                f"the directory {directory} is not writable (sqlite keeps the store's journal "
+                "beside it): give --db a file in a writable directory"
+            )
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[None]:
+    conn.execute(f"BEGIN {mode}")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        # A failed COMMIT (disk full, busy) leaves the transaction open, and some errors roll
+        # it back by themselves: either way the connection must come out of it usable.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
