@@ -36,7 +36,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".", "mypy==2.4.1", "types-protobuf")
+    session.install("-e", ".[postgres]", "mypy==2.4.1", "types-protobuf")
     session.run("mypy")
 
 

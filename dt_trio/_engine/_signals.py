@@ -73,6 +73,10 @@ class Signals:
         if change is not None:
             change.fire(state)
 
+    def any_instance_changed(self) -> None:
+        for change in list(self._instances.values()):
+            change.fire(None)
+
     def instance_event(self, instance_id: str) -> InstanceChange:
         """The next change of the instance, for one waiter, who must `release` it. Take it
         *before* reading the instance, so that a change between the read and the wait is not

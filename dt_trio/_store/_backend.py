@@ -123,6 +123,10 @@ class StoreListener(Protocol):
     def instance_changed(self, instance_id: str, state: InstanceState | None = None) -> None:
         """`state`: the instance's new state, when the commit knows it."""
 
+    def any_instance_changed(self) -> None:
+        """Any instance may have changed (news from another sidecar was lost, or named too
+        many instances): whoever waits for one reads it again."""
+
 
 class Backend(Protocol):
     """A durable task hub store."""

@@ -304,6 +304,9 @@ class _NullListener:
     def instance_changed(self, instance_id: str, state: InstanceState | None = None) -> None:
         pass
 
+    def any_instance_changed(self) -> None:
+        pass
+
 
 class SqliteBackend:
     """The sqlite implementation of `dt_trio._store.Backend`.
