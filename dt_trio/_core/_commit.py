@@ -27,10 +27,11 @@ Everything here is pure data: no trio, sqlite or gRPC.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from dt_trio._core._entities import EntityState, EntityStepResult
+from dt_trio._core._entities import EntityState, EntityStepResult, is_entity_id
 from dt_trio._core._state import InboxMessage, InstanceState, OutboundMessage, Status, StepResult
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
@@ -47,7 +48,11 @@ class WorkKind(enum.Enum):
 class Lease:
     """One grant of a work item to a hub process: `owner` names the process, `epoch` the
     grant. A write guarded by a lease is refused unless the row is still leased to `owner` at
-    `epoch`: a stale holder (its lease expired and another took the work) changes nothing."""
+    `epoch`: a stale holder (its lease expired and another took the work) changes nothing.
+
+    A store grants epochs from 1 up. Epoch 0 is never granted: it marks a work item built
+    before the commit that will lease it (work sent to a worker early, a step run ahead); the
+    commit's `Applied` carries the item as leased."""
 
     owner: str
     epoch: int
@@ -238,7 +243,8 @@ class Release:
     """Give a lease back. If the item is no longer leased with `lease`, nothing changes (what
     you no longer hold is not yours to release). Otherwise the lease is cleared, `attempts`
     applied, and: for an orchestration or an entity, the `message_ids` become visible at
-    `until`; for an activity, the activity becomes visible at `until` (None: at once)."""
+    `until` (None: they stay visible as they are); for an activity, the activity becomes
+    visible at `until` (None: at once)."""
 
     kind: WorkKind
     key: str | int
@@ -312,3 +318,80 @@ class Applied:
     activities: tuple[ActivityWorkItem, ...] = ()
     waiting: bool = False
     dropped: int = 0
+
+
+# -- wake-ups ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Wakeups:
+    """What a commit tells the hub (see `dt_trio._store.StoreListener`): which processors have
+    new work, and which instances changed (with the state the commit wrote, when it wrote
+    one; None: read the store). Work a commit leased to this process (`Applied`) wakes
+    nobody: it starts without a lease of its own."""
+
+    orchestrations: bool = False
+    activities: bool = False
+    entities: bool = False
+    instances: tuple[tuple[str, InstanceState | None], ...] = ()
+
+
+def wakeups(commit: Commit, applied: Applied) -> Wakeups:
+    """The wake-ups of `commit` once applied as `applied` says: the same for every store, so
+    that sqlite and PostgreSQL wake the same processors for the same commit."""
+    if applied.alternative:
+        assert commit.otherwise is not None, "only a commit with an otherwise has one"
+        return wakeups(commit.otherwise, _evolve_applied(applied))
+    taken = {item.state.instance_id for item in applied.orchestrations}
+    orchestrations = activities = entities = False
+    instances: dict[str, InstanceState | None] = {}
+
+    def sent(messages: Iterable[OutboundMessage]) -> None:
+        nonlocal orchestrations, entities
+        for message in messages:
+            if is_entity_id(message.target_instance_id):
+                entities = True
+            elif message.target_instance_id not in taken:
+                orchestrations = True
+
+    for write in commit.writes:
+        if isinstance(write, CreateInstance):
+            instances[write.state.instance_id] = write.state
+            if write.started is not None and write.state.instance_id not in taken:
+                orchestrations = True
+        elif isinstance(write, Send):
+            sent(write.messages)
+        elif isinstance(write, WriteStep):
+            result = write.result
+            instances[result.state.instance_id] = result.state
+            for new in result.new_instances:
+                instances.setdefault(new.state.instance_id, None)
+            # `waiting`: messages its lease hid from the processor until now (they arrived
+            # during the step, or are timers). Without them and without an outbox, waking
+            # the processor would only cost it a lease that finds nothing.
+            orchestrations |= applied.waiting or bool(result.new_instances)
+            sent(result.messages)
+            activities |= len(result.activities) > len(applied.activities)
+        elif isinstance(write, WriteEntityStep):
+            entities = True  # messages that arrived during the step
+            for new in write.result.new_instances:
+                instances.setdefault(new.state.instance_id, None)
+            orchestrations |= bool(write.result.new_instances)
+            sent(write.result.messages)
+        elif isinstance(write, Reopen):
+            instances[write.instance_id] = None
+        elif isinstance(write, Release):
+            if write.kind is WorkKind.ORCHESTRATION:
+                orchestrations = True
+            elif write.kind is WorkKind.ACTIVITY:
+                activities = True
+            else:
+                entities = True
+    return Wakeups(orchestrations, activities, entities, tuple(instances.items()))
+
+
+def _evolve_applied(applied: Applied) -> Applied:
+    """`applied` as the `otherwise` commit's own answer."""
+    return Applied(
+        False, applied.orchestrations, applied.activities, applied.waiting, applied.dropped
+    )
