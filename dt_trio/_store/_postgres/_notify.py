@@ -1,8 +1,8 @@
 """Wake-ups between sidecars: what a NOTIFY carries, and how they are coalesced.
 
-Each commit's wake-ups (`_wakeups.Wakeups`) are added to an `Outbox`; the store's notifier
-sends what gathered as one NOTIFY on the hub's channel at most every NOTIFY_INTERVAL, outside
-any write transaction (a NOTIFY inside each commit would serialise the commits: PostgreSQL
+Each commit's wake-ups (`dt_trio._core._commit.Wakeups`) are added to an `Outbox`; the store's
+notifier sends what gathered as one NOTIFY on the hub's channel at most every NOTIFY_INTERVAL,
+outside any write transaction (a NOTIFY inside each commit would serialise the commits: PostgreSQL
 takes a global lock to queue it). A payload names its sender (which ignores its own), the
 kinds of work added and the instances changed; when the ids do not fit, it says "any instance"
 and the receivers' waiters read the store again.
@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import trio
 
-from dt_trio._core._commit import WorkKind
-from dt_trio._store._wakeups import Wakeups
+from dt_trio._core._commit import Wakeups, WorkKind
 
 # At most one NOTIFY per sidecar this often: commits coalesce behind it.
 NOTIFY_INTERVAL = 0.002
@@ -61,6 +60,26 @@ class Notice:
             return None
 
 
+def kinds_of(wakeups: Wakeups) -> frozenset[WorkKind]:
+    """The kinds of work `wakeups` says were added."""
+    added = (
+        (WorkKind.ORCHESTRATION, wakeups.orchestrations),
+        (WorkKind.ACTIVITY, wakeups.activities),
+        (WorkKind.ENTITY, wakeups.entities),
+    )
+    return frozenset(kind for kind, woken in added if woken)
+
+
+def wakeups_of(kinds: frozenset[WorkKind], instances: tuple[str, ...] = ()) -> Wakeups:
+    """The wake-ups of `kinds` of work added and `instances` changed (state unknown)."""
+    return Wakeups(
+        orchestrations=WorkKind.ORCHESTRATION in kinds,
+        activities=WorkKind.ACTIVITY in kinds,
+        entities=WorkKind.ENTITY in kinds,
+        instances=tuple((i, None) for i in instances),
+    )
+
+
 class Outbox:
     """Wake-ups waiting to be sent to the other sidecars, merged."""
 
@@ -73,7 +92,8 @@ class Outbox:
         self._pending = trio.Event()
 
     def add(self, wakeups: Wakeups) -> None:
-        self._kinds |= wakeups.kinds
+        kinds = kinds_of(wakeups)
+        self._kinds |= kinds
         if not self._any_instance:
             for instance_id, _ in wakeups.instances:
                 if instance_id not in self._instances:
@@ -82,7 +102,7 @@ class Outbox:
             if self._size > PAYLOAD_BUDGET:
                 self._any_instance = True
                 self._instances.clear()
-        if wakeups:
+        if kinds or wakeups.instances:
             self._pending.set()
 
     def add_everything(self) -> None:

@@ -44,7 +44,9 @@ from dt_trio._core._commit import (
     Holds,
     Lease,
     OrchestrationWorkItem,
+    Wakeups,
     WorkKind,
+    wakeups,
 )
 from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
@@ -57,7 +59,7 @@ from dt_trio._store._backend import (
 )
 from dt_trio._store._postgres import _apply
 from dt_trio._store._postgres._apply import LEASED_INSTANCE, TERMINAL, Tx
-from dt_trio._store._postgres._notify import NOTIFY_INTERVAL, Notice, Outbox
+from dt_trio._store._postgres._notify import NOTIFY_INTERVAL, Notice, Outbox, wakeups_of
 from dt_trio._store._postgres._rows import (
     ENTITY_COLUMNS,
     INSTANCE_COLUMNS,
@@ -69,7 +71,6 @@ from dt_trio._store._postgres._rows import (
     utc,
 )
 from dt_trio._store._postgres._schema import ensure_schema, schema_name
-from dt_trio._store._wakeups import Wakeups, tell, wakeups
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -342,9 +343,8 @@ class PostgresBackend:
 
     def _tell(self, change: Wakeups) -> None:
         """Wake this hub and, through the notifier, the other sidecars."""
-        if change:
-            tell(self.listener, change)
-            self._outbox.add(change)
+        _tell(self.listener, change)
+        self._outbox.add(change)
 
     def _track(self, tx: Tx) -> None:
         """Note the leases a transaction took and gave back (see `run`'s renewals)."""
@@ -694,7 +694,7 @@ class PostgresBackend:
             return finished
 
         purged = await self._hop(write)
-        self._tell(Wakeups(instances=tuple((i, None) for i in [instance_id, *purged])))
+        self._tell(wakeups_of(frozenset(), (instance_id, *purged)))
         return len(purged)
 
     async def purge_where(
@@ -723,7 +723,7 @@ class PostgresBackend:
             ids = await self._hop(write)
             total += len(ids)
             if ids:
-                self._tell(Wakeups(instances=tuple((i, None) for i in ids)))
+                self._tell(wakeups_of(frozenset(), tuple(ids)))
             if not ids:
                 return total, True
             if deadline is not None and time.monotonic() > deadline:
@@ -792,7 +792,7 @@ class PostgresBackend:
 
         removed, released = await self._hop(write)
         if released:
-            self._tell(Wakeups(kinds=frozenset({WorkKind.ENTITY})))
+            self._tell(Wakeups(entities=True))
         return removed, released
 
     # -- the store's own duties -------------------------------------------------------------
@@ -933,10 +933,21 @@ class PostgresBackend:
                 )
             except StoreUnavailable:
                 continue
-            tell(self.listener, Wakeups(kinds=found))
+            _tell(self.listener, wakeups_of(found))
             if expired:
                 log.info("took back expired leases: %s", ", ".join(k.value for k in expired))
-                self._outbox.add(Wakeups(kinds=expired))
+                self._outbox.add(wakeups_of(expired))
+
+
+def _tell(listener: StoreListener, change: Wakeups) -> None:
+    if change.orchestrations:
+        listener.orchestration_work_added()
+    if change.activities:
+        listener.activity_work_added()
+    if change.entities:
+        listener.entity_work_added()
+    for instance_id, state in change.instances:
+        listener.instance_changed(instance_id, state)
 
 
 def _next_at(tx: Tx, table: str, column: str, now: datetime) -> datetime | None:
