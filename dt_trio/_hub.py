@@ -48,7 +48,7 @@ from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
 from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, serve_grpc
 from dt_trio._local import Client, LocalExecutor, Registry
-from dt_trio._store import SqliteBackend
+from dt_trio._store import DEFAULT_HUB, DEFAULT_LEASE_TTL, SqliteBackend, make_store
 
 log = logging.getLogger("dt_trio")
 
@@ -77,6 +77,8 @@ async def serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     db: str = DEFAULT_DB,
+    hub: str = DEFAULT_HUB,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ssl_context: ssl.SSLContext | None = None,
     token: str | None = None,
@@ -85,7 +87,10 @@ async def serve(
 ) -> None:
     """Run a task hub sidecar until cancelled.
 
-    `db` is an sqlite file (created if missing) or "" for an in-memory store. `port` 0 picks a
+    `db` is an sqlite file (created if missing), "" for an in-memory store, or a PostgreSQL
+    database (postgresql://user:password@host:port/dbname) that several sidecars may share:
+    `hub` names the task hub in it, `lease_ttl` is how long (seconds) a sidecar that died
+    keeps its work from the others. `port` 0 picks a
     free port. A request message larger than `max_message_bytes` is answered
     RESOURCE_EXHAUSTED. `ssl_context` serves TLS; `token` requires every call to carry
     `authorization: Bearer <token>`. Orchestrators and activities in `registry` run in this
@@ -96,7 +101,10 @@ async def serve(
     signals = Signals()
     try:
         with _collections_spaced():
-            async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
+            async with (
+                _running_store(db, signals, hub, lease_ttl) as store,
+                trio.open_nursery() as nursery,
+            ):
                 remote = RemoteExecutor()
                 processors = _Processors(store, signals, registry, remote)
                 service = SidecarService(store, remote, processors.client)
@@ -120,17 +128,27 @@ async def serve(
 
 
 @contextlib.asynccontextmanager
-async def open_task_hub(db: str = DEFAULT_DB, *, registry: Registry) -> AsyncIterator[Client]:
+async def open_task_hub(
+    db: str = DEFAULT_DB,
+    *,
+    registry: Registry,
+    hub: str = DEFAULT_HUB,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
+) -> AsyncIterator[Client]:
     """Run a task hub in this process, without gRPC, for the body of an ``async with``.
 
     Yields the `Client` of the hub. Orchestrators and activities in `registry` run here; the
-    store is `db` (an sqlite file, or "" in memory). Leaving the block stops the hub: work in
-    flight that was not committed runs again when a hub opens the store next.
+    store is `db` (an sqlite file, "" in memory, or a PostgreSQL address; see `serve`).
+    Leaving the block stops the hub: work in flight that was not committed runs again when a
+    hub opens the store next.
     """
     signals = Signals()
     try:
         with _collections_spaced():
-            async with _running_store(db, signals) as store, trio.open_nursery() as nursery:
+            async with (
+                _running_store(db, signals, hub, lease_ttl) as store,
+                trio.open_nursery() as nursery,
+            ):
                 processors = _Processors(store, signals, registry, RemoteExecutor())
                 await processors.start(nursery)
                 yield Client(processors.client)
@@ -170,16 +188,22 @@ def _collections_spaced() -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _running_store(db: str, signals: Signals) -> AsyncIterator[SqliteBackend]:
-    """The store, open and with its writer running, for the body; the writer stops (after
+async def _running_store(
+    db: str, signals: Signals, hub: str, lease_ttl: float
+) -> AsyncIterator[SqliteBackend]:
+    """The store, open and with its own duties running, for the body; they stop (after
     committing what the body queued) and the store closes when the body is done."""
-    store = SqliteBackend(db, listener=signals)
+    store = make_store(db, signals, hub=hub, lease_ttl=lease_ttl)
     await store.open()
     log.info("backend started: %s", store.description)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(store.run_writer)
-            yield store
+            if isinstance(store, SqliteBackend):
+                await nursery.start(store.run_writer)
+            else:
+                await nursery.start(store.run)
+            # (the PostgreSQL store serves the engine once the engine is on the store contract)
+            yield store  # type: ignore[misc]
             nursery.cancel_scope.cancel()
     finally:
         await store.close()

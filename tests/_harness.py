@@ -12,19 +12,51 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from durabletask import client, worker
 
+import _postgres
+
 LISTENING = re.compile(r"server listening at (\S+):(\d+)$")
+# The store the suite runs on (see conftest.py): sqlite, or postgres.
+STORE = os.environ.get("DT_TRIO_TEST_STORE", "sqlite")
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where a test's task hub lives: `db` (an sqlite file, or a PostgreSQL address) and, on
+    PostgreSQL, a `hub` of the test's own."""
+
+    db: str
+    hub: str = "default"
+
+    def args(self) -> list[str]:
+        """The command's arguments."""
+        return ["--db", self.db, *(["--hub", self.hub] if self.hub != "default" else [])]
+
+    def kwargs(self) -> dict[str, str]:
+        """`serve`'s and `open_task_hub`'s keywords."""
+        return {"db": self.db, "hub": self.hub}
+
+
+def a_store(tmp_path: pathlib.Path, name: str = "taskhub.sqlite3") -> Store:
+    """A new task hub on the suite's store: the file `name` in `tmp_path`, or a hub of its
+    own on the session's PostgreSQL server."""
+    if STORE == "postgres":
+        return Store(os.environ[_postgres.ENV_SERVER], _postgres.new_hub())
+    return Store(str(tmp_path / name))
 
 
 class Sidecar:
-    """`python -m dt_trio` on an ephemeral port; stderr is drained into a log file."""
+    """`python -m dt_trio` on an ephemeral port; stderr is drained into a log file. `db` is a
+    path or address, or a `Store`."""
 
-    def __init__(self, db: str, log_path: pathlib.Path, *extra_args: str) -> None:
-        self.db = db
+    def __init__(self, db: str | Store, log_path: pathlib.Path, *extra_args: str) -> None:
+        self.store = db if isinstance(db, Store) else Store(db)
+        self.db = self.store.db
         self.extra_args = list(extra_args)
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -69,8 +101,7 @@ class Sidecar:
             "127.0.0.1",
             "--port",
             str(port),
-            "--db",
-            self.db,
+            *self.store.args(),
         ]
 
     def log_text(self) -> str:
@@ -102,9 +133,8 @@ class Sidecar:
 
 
 @contextlib.contextmanager
-def running_sidecar(tmp_path: pathlib.Path, db: str | None = None) -> Iterator[Sidecar]:
-    path = str(tmp_path / "taskhub.sqlite3") if db is None else db
-    sidecar = Sidecar(path, tmp_path / "sidecar.log").start()
+def running_sidecar(tmp_path: pathlib.Path, db: str | Store | None = None) -> Iterator[Sidecar]:
+    sidecar = Sidecar(a_store(tmp_path) if db is None else db, tmp_path / "sidecar.log").start()
     try:
         yield sidecar
     finally:
@@ -115,7 +145,7 @@ def running_sidecar(tmp_path: pathlib.Path, db: str | None = None) -> Iterator[S
 
 @pytest.fixture
 def sidecar(tmp_path: pathlib.Path) -> Iterator[Sidecar]:
-    """A sidecar on an sqlite file of its own, stopped with SIGTERM (exit code 0) afterwards."""
+    """A sidecar on a store of its own, stopped with SIGTERM (exit code 0) afterwards."""
     with running_sidecar(tmp_path) as s:
         yield s
 

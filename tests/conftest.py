@@ -41,3 +41,13 @@ def pg_address() -> Iterator[str]:
     """A PostgreSQL server for the whole session (made on first use)."""
     with _postgres.server() as address:
         yield address
+
+
+@pytest.fixture(scope="session", autouse=STORE == "postgres")
+def _postgres_for_the_harness(pg_address: str) -> Iterator[None]:
+    """On a PostgreSQL run, the harness finds the server where it finds a given one."""
+    before = os.environ.get(_postgres.ENV_SERVER)
+    os.environ[_postgres.ENV_SERVER] = pg_address
+    yield
+    if before is None:
+        del os.environ[_postgres.ENV_SERVER]

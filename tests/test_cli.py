@@ -180,3 +180,56 @@ def test_the_message_size_limit_is_configurable(tmp_path: pathlib.Path) -> None:
             assert state is not None and json.loads(state.serialized_output) == "hi small"
     finally:
         assert sidecar.stop() == 0
+
+
+@pytest.mark.postgres_only
+def test_a_postgres_store_is_named_in_the_log_without_its_password(
+    tmp_path: pathlib.Path, pg_address: str
+) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    info = conninfo_to_dict(pg_address)
+    address = f"postgresql://{info['user']}:s3cret@{info['host']}:{info['port']}/{info['dbname']}"
+    sidecar = Sidecar(address, tmp_path / "log.txt", "--hub", "cli_test").start()
+    assert sidecar.stop() == 0
+    log = sidecar.log_text()
+    expected = f"backend started: postgres::{info['host']}:{info['port']}/{info['dbname']}#cli_test"
+    assert in_order(log, [expected, *STARTUP_LINES[1:]]), log
+    assert "s3cret" not in log and "Traceback" not in log
+
+
+def test_an_unreachable_postgres_is_refused_with_a_message() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dt_trio",
+            "--port",
+            "0",
+            "--db",
+            "postgresql://u:s3cret@127.0.0.1:1/x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "cannot start: cannot open the store postgres::127.0.0.1:1/x:" in out.stderr
+    assert "s3cret" not in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--hub", "orders"], "--hub is for a PostgreSQL --db"),
+        (["--lease-ttl", "10"], "--lease-ttl is for a PostgreSQL --db"),
+        (["--db", "postgresql://h/db", "--hub", "no-dash"], "invalid task hub name 'no-dash'"),
+        (["--db", "postgresql://h/db", "--lease-ttl", "0.5"], "--lease-ttl must be between 1"),
+    ],
+)
+def test_hub_options_that_cannot_apply_are_refused(args: list[str], message: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "dt_trio", "--db", "", *args], capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert message in out.stderr

@@ -1,19 +1,6 @@
 """The PostgreSQL store: several sidecars on one database (`pip install dt-trio[postgres]`)."""
 
-from dt_trio._store._postgres._schema import SCHEMA_VERSION, InvalidHubName, check_hub
-from dt_trio._store._postgres._store import (
-    DEFAULT_LEASE_TTL,
-    PostgresBackend,
-    describe,
-    is_postgres_address,
-)
+from dt_trio._store._postgres._schema import SCHEMA_VERSION
+from dt_trio._store._postgres._store import PostgresBackend, describe
 
-__all__ = [
-    "DEFAULT_LEASE_TTL",
-    "SCHEMA_VERSION",
-    "InvalidHubName",
-    "PostgresBackend",
-    "check_hub",
-    "describe",
-    "is_postgres_address",
-]
+__all__ = ["SCHEMA_VERSION", "PostgresBackend", "describe"]

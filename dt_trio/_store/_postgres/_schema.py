@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import re
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from dt_trio._errors import StoreUnavailable
+from dt_trio._store._select import check_hub
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +24,6 @@ SCHEMA_VERSION = 1
 _DDL = (pathlib.Path(__file__).parent / "schema.sql").read_text()
 # pg_advisory_xact_lock(key1, key2): "dttr" and 1, dt-trio's schema changes in a database.
 _LOCK_KEYS = (0x64747472, 1)
-_HUB_NAME = re.compile(r"[A-Za-z0-9_]{1,55}")
-
-
-def check_hub(hub: str) -> str:
-    """`hub` if it can name a task hub (letters, digits and _; at most 55: a PostgreSQL name
-    has 63 bytes, of which the schema's prefix takes 8); InvalidHubName otherwise."""
-    if not _HUB_NAME.fullmatch(hub):
-        raise InvalidHubName(
-            f"invalid task hub name {hub!r}: use 1 to 55 letters, digits or underscores"
-        )
-    return hub
-
-
-class InvalidHubName(ValueError):
-    """A task hub name PostgreSQL cannot hold as part of a schema name."""
 
 
 def schema_name(hub: str) -> str:

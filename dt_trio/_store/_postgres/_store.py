@@ -71,11 +71,11 @@ from dt_trio._store._postgres._rows import (
     utc,
 )
 from dt_trio._store._postgres._schema import ensure_schema, schema_name
+from dt_trio._store._select import DEFAULT_HUB, DEFAULT_LEASE_TTL
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_LEASE_TTL = 30.0
 DEFAULT_POOL_SIZE = 8
 # A statement that runs longer is cancelled (and the caller gets UNAVAILABLE).
 STATEMENT_TIMEOUT_MS = 30_000
@@ -87,10 +87,6 @@ POLL_SECONDS = 1.0
 RETRIES = 8
 # While the LISTEN connection cannot be made again, retry this often (at most).
 RELISTEN_SECONDS = 1.0
-
-
-def is_postgres_address(db: str) -> bool:
-    return db.startswith(("postgresql://", "postgres://"))
 
 
 def describe(address: str) -> str:
@@ -141,7 +137,7 @@ class PostgresBackend:
     def __init__(
         self,
         address: str,
-        hub: str = "default",
+        hub: str = DEFAULT_HUB,
         listener: StoreListener | None = None,
         *,
         lease_ttl: float = DEFAULT_LEASE_TTL,
@@ -152,7 +148,7 @@ class PostgresBackend:
         self.address = address
         self.hub = hub
         self.schema = schema_name(hub)
-        self.description = describe(address) + ("" if hub == "default" else f"#{hub}")
+        self.description = describe(address) + ("" if hub == DEFAULT_HUB else f"#{hub}")
         self.listener: StoreListener = listener or _NullListener()
         self.lease_ttl = lease_ttl
         self._ttl = timedelta(seconds=lease_ttl)
