@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import _postgres
 import pytest
 from durabletask import client, worker
-
-import _postgres
 
 LISTENING = re.compile(r"server listening at (\S+):(\d+)$")
 # The store the suite runs on (see conftest.py): sqlite, or postgres.
