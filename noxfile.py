@@ -3,6 +3,7 @@ torture; `nox -s NAME` the rest."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 
@@ -13,10 +14,31 @@ nox.options.reuse_existing_virtualenvs = True
 
 
 @nox.session(python="3.11")
-def tests(session: nox.Session) -> None:
-    """The whole test suite: core, store, gRPC and end-to-end with the official SDK."""
+@nox.parametrize("store", ["sqlite", "postgres"])
+def tests(session: nox.Session, store: str) -> None:
+    """The whole test suite: core, store, gRPC and end-to-end with the official SDK, on the
+    sqlite store and on PostgreSQL (a throwaway cluster, or the server $DT_TRIO_TEST_PG)."""
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    if store == "postgres":
+        _need_postgres(session)
+    session.run("pytest", *session.posargs, env={"DT_TRIO_TEST_STORE": store})
+
+
+def _need_postgres(session: nox.Session) -> None:
+    """PostgreSQL's server binaries for the tests' throwaway clusters: Debian's package, installed
+    here if missing (as root, the way CI runs)."""
+    if os.environ.get("DT_TRIO_TEST_PG") or os.environ.get("PG_BIN"):
+        return
+    if glob.glob("/usr/lib/postgresql/*/bin/initdb") or shutil.which("initdb"):
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        session.error(
+            "the PostgreSQL tests need its server: apt-get install postgresql (or set PG_BIN to "
+            "its bin directory, or DT_TRIO_TEST_PG to a server's address)"
+        )
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "update", "-q", external=True, env=env)
+    session.run("apt-get", "install", "-y", "-q", "postgresql", external=True, env=env)
 
 
 @nox.session(python="3.11")
