@@ -100,6 +100,19 @@ def describe(address: str) -> str:
     return f"postgres::{host}:{port}/{info.get('dbname') or info.get('user') or ''}"
 
 
+@dataclasses.dataclass
+class Counts:
+    """What a store sent the server: statements, and transactions (each adds a BEGIN and a
+    COMMIT to its statements' round trips). For the bench; updated from worker threads."""
+
+    statements: int = 0
+    transactions: int = 0
+
+    @property
+    def round_trips(self) -> int:
+        return self.statements + 2 * self.transactions
+
+
 class _NullListener:
     def orchestration_work_added(self) -> None:
         pass
@@ -161,13 +174,19 @@ class PostgresBackend:
         self._outbox = Outbox(self._id)
         self._faulty = False
         self._fault_lock = threading.Lock()
-        # How many statements and transactions the store ran (for the bench).
-        self.statements = 0
-        self.transactions = 0
+        self.counts = Counts()
 
     # -- connections ----------------------------------------------------------------------
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        counts = self.counts
+
+        class Counted(psycopg.Cursor[Any]):
+            def execute(self, *args: Any, **kwargs: Any) -> Counted:
+                counts.statements += 1
+                return super().execute(*args, **kwargs)
+
+        conn.cursor_factory = Counted
         conn.execute(
             sql.SQL(
                 "SET search_path TO {}; SET TimeZone TO 'UTC'; SET statement_timeout TO {}; "
@@ -284,6 +303,7 @@ class PostgresBackend:
                         if not transaction:
                             value = fn(conn)
                         else:
+                            self.counts.transactions += 1
                             with conn.transaction():
                                 value = fn(conn)
                                 committing = True
