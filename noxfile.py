@@ -44,8 +44,11 @@ def _need_postgres(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def torture(session: nox.Session) -> None:
     """kill -9 the sidecar again and again under load; nothing may be lost. Small by default:
-    -- --orchestrations N --kills K [--seed S] [--json FILE] for a longer run."""
+    -- --orchestrations N --kills K [--seed S] [--json FILE] for a longer run; -- --store
+    postgres --sidecars 3 for several sidecars on PostgreSQL, one killed at a time."""
     session.install("-e", ".[test]")
+    if "postgres" in session.posargs:
+        _need_postgres(session)
     session.run("python", "tests/torture/torture.py", *session.posargs)
 
 
