@@ -24,6 +24,10 @@ LISTENING = re.compile(r"server listening at (\S+):(\d+)$")
 STORE = os.environ.get("DT_TRIO_TEST_STORE", "sqlite")
 
 
+# On PostgreSQL, the leases of a sidecar the tests kill keep its work this long (seconds).
+TEST_LEASE_TTL = 5.0
+
+
 @dataclass(frozen=True)
 class Store:
     """Where a test's task hub lives: `db` (an sqlite file, or a PostgreSQL address) and, on
@@ -31,14 +35,23 @@ class Store:
 
     db: str
     hub: str = "default"
+    lease_ttl: float = TEST_LEASE_TTL
+
+    @property
+    def postgres(self) -> bool:
+        return self.db.startswith("postgresql://")
 
     def args(self) -> list[str]:
         """The command's arguments."""
-        return ["--db", self.db, *(["--hub", self.hub] if self.hub != "default" else [])]
+        if not self.postgres:
+            return ["--db", self.db]
+        return ["--db", self.db, "--hub", self.hub, "--lease-ttl", str(self.lease_ttl)]
 
-    def kwargs(self) -> dict[str, str]:
+    def kwargs(self) -> dict[str, Any]:
         """`serve`'s and `open_task_hub`'s keywords."""
-        return {"db": self.db, "hub": self.hub}
+        if not self.postgres:
+            return {"db": self.db}
+        return {"db": self.db, "hub": self.hub, "lease_ttl": self.lease_ttl}
 
 
 def a_store(tmp_path: pathlib.Path, name: str = "taskhub.sqlite3") -> Store:

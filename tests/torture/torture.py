@@ -300,7 +300,7 @@ def check_history(instance_id: str, events: list[history.HistoryEvent]) -> list[
 
 
 @contextlib.contextmanager
-def stores(kind: str, count: int, workdir: pathlib.Path) -> Iterator[Store]:
+def stores(kind: str, count: int, workdir: pathlib.Path, lease_ttl: float) -> Iterator[Store]:
     """The task hub the sidecars share: an sqlite file, or a hub on PostgreSQL."""
     if kind == "sqlite":
         if count != 1:
@@ -308,7 +308,7 @@ def stores(kind: str, count: int, workdir: pathlib.Path) -> Iterator[Store]:
         yield Store(str(workdir / "torture.sqlite3"))
         return
     with _postgres.server() as address:
-        yield Store(address, _postgres.new_hub())
+        yield Store(address, _postgres.new_hub(), lease_ttl)
 
 
 def torture(
@@ -318,12 +318,10 @@ def torture(
     workdir: pathlib.Path,
     store: Store,
     sidecars: int = 1,
-    lease_ttl: float = 3.0,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
-    postgres = store.hub != "default"
-    args = ["--lease-ttl", str(lease_ttl)] if postgres else []
-    nodes = [Node(store, workdir, i, *args).start() for i in range(sidecars)]
+    postgres = store.postgres
+    nodes = [Node(store, workdir, i).start() for i in range(sidecars)]
     takeovers = Takeovers(store.db, store.hub) if postgres else None
     clients = [client.TaskHubGrpcClient(host_address=node.address) for node in nodes]
     down: set[int] = set()
@@ -444,7 +442,7 @@ def torture(
             "problems": problems,
         }
         if takeovers is not None:
-            report["lease_ttl_seconds"] = lease_ttl
+            report["lease_ttl_seconds"] = store.lease_ttl
             report["leases_held_at_kills"] = takeovers.held
             report["takeover_seconds"] = [round(t, 2) for t in takeovers.seconds]
         return report
@@ -473,7 +471,7 @@ def main() -> int:
         return 0
     with (
         tempfile.TemporaryDirectory() as tmp,
-        stores(args.store, args.sidecars, pathlib.Path(tmp)) as store,
+        stores(args.store, args.sidecars, pathlib.Path(tmp), args.lease_ttl) as store,
     ):
         workdir = pathlib.Path(tmp)
         report = torture(
@@ -483,7 +481,6 @@ def main() -> int:
             workdir,
             store,
             args.sidecars,
-            args.lease_ttl,
         )
         if report["problems"]:
             for log in sorted(workdir.glob("sidecar-*.log")):
