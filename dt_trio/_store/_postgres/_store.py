@@ -408,25 +408,9 @@ class PostgresBackend:
 
         def lease(conn: psycopg.Connection[Any]) -> Leased[OrchestrationWorkItem]:
             tx = Tx(conn, now, self._ttl, {})
-            rows = tx.run(
-                f"""
-                WITH picked AS (
-                    SELECT instance_id FROM instances
-                    WHERE lease_owner IS NULL AND ready_at <= %(now)s
-                    ORDER BY ready_at LIMIT %(limit)s
-                    FOR UPDATE SKIP LOCKED
-                )
-                UPDATE instances i SET lease_owner = %(owner)s, lease_epoch = i.lease_epoch + 1,
-                    lease_until = now() + %(ttl)s
-                FROM picked WHERE i.instance_id = picked.instance_id
-                RETURNING {LEASED_INSTANCE}, i.ready_at
-                """,
-                {"now": utc(now), "limit": limit, "owner": owner, "ttl": self._ttl},
-            ).fetchall()
-            rows.sort(key=lambda r: r[-1])
+            rows, next_at = _lease(tx, _LEASE_INSTANCES, owner, limit)
             leased = Leased(_apply.load_orchestrations(tx, rows, owner))
-            if len(rows) < limit:
-                leased.next_at = _next_at(tx, "instances", "ready_at", now)
+            leased.next_at = next_at
             done[:] = [tx]
             return leased
 
@@ -439,23 +423,7 @@ class PostgresBackend:
     ) -> Leased[ActivityWorkItem]:
         def lease(conn: psycopg.Connection[Any]) -> Leased[ActivityWorkItem]:
             tx = Tx(conn, now, self._ttl, {})
-            rows = tx.run(
-                """
-                WITH picked AS (
-                    SELECT id FROM activities
-                    WHERE lease_owner IS NULL AND visible_at <= %(now)s
-                    ORDER BY visible_at, id LIMIT %(limit)s
-                    FOR UPDATE SKIP LOCKED
-                )
-                UPDATE activities a SET lease_owner = %(owner)s, lease_epoch = a.lease_epoch + 1,
-                    lease_until = now() + %(ttl)s
-                FROM picked WHERE a.id = picked.id
-                RETURNING a.id, a.instance_id, a.execution_id, a.event, a.lease_epoch,
-                    a.attempts, a.visible_at
-                """,
-                {"now": utc(now), "limit": limit, "owner": owner, "ttl": self._ttl},
-            ).fetchall()
-            rows.sort(key=lambda r: (r[6], r[0]))
+            rows, next_at = _lease(tx, _LEASE_ACTIVITIES, owner, limit)
             leased = Leased(
                 ActivityWorkItem(
                     id=r[0],
@@ -467,8 +435,7 @@ class PostgresBackend:
                 )
                 for r in rows
             )
-            if len(rows) < limit:
-                leased.next_at = _next_at(tx, "activities", "visible_at", now)
+            leased.next_at = next_at
             return leased
 
         leased = await self._hop(lease, transaction=False)
@@ -479,23 +446,9 @@ class PostgresBackend:
     async def lease_entities(self, owner: str, now: datetime, limit: int) -> Leased[EntityWorkItem]:
         def lease(conn: psycopg.Connection[Any]) -> Leased[EntityWorkItem]:
             tx = Tx(conn, now, self._ttl, {})
-            rows = tx.run(
-                """
-                WITH picked AS (
-                    SELECT instance_id FROM entities
-                    WHERE lease_owner IS NULL AND ready_at <= %(now)s
-                    ORDER BY ready_at LIMIT %(limit)s
-                    FOR UPDATE SKIP LOCKED
-                )
-                UPDATE entities e SET lease_owner = %(owner)s, lease_epoch = e.lease_epoch + 1,
-                    lease_until = now() + %(ttl)s
-                FROM picked WHERE e.instance_id = picked.instance_id
-                RETURNING e.instance_id, e.lease_epoch, e.attempts, e.ready_at
-                """,
-                {"now": utc(now), "limit": limit, "owner": owner, "ttl": self._ttl},
-            ).fetchall()
-            rows.sort(key=lambda r: r[3])
+            rows, next_at = _lease(tx, _LEASE_ENTITIES, owner, limit)
             leased: Leased[EntityWorkItem] = Leased()
+            leased.next_at = next_at
             if rows:
                 # In a statement after the lease: see `_apply._LOAD`.
                 loaded = tx.run(
@@ -523,8 +476,6 @@ class PostgresBackend:
                             attempt=r[2] + 1,
                         )
                     )
-            if len(rows) < limit:
-                leased.next_at = _next_at(tx, "entities", "ready_at", now)
             return leased
 
         leased = await self._hop(lease, transaction=False)
@@ -966,13 +917,66 @@ def _tell(listener: StoreListener, change: Wakeups) -> None:
         listener.instance_changed(instance_id, state)
 
 
-def _next_at(tx: Tx, table: str, column: str, now: datetime) -> datetime | None:
-    """When the next message of a row nobody holds becomes visible (after a short lease)."""
-    row = tx.run(
-        f"SELECT min({column}) FROM {table} WHERE lease_owner IS NULL AND {column} > %s",
-        (utc(now),),
-    ).fetchone()
-    return None if row is None else row[0]
+@dataclasses.dataclass(frozen=True)
+class _LeaseOf:
+    """How one kind of work is leased: its table (aliased `t`), key, readiness column and
+    order, and what a lease returns (its last column is the sort key)."""
+
+    table: str
+    key: str
+    ready: str
+    order: str
+    returning: str
+
+
+_LEASE_INSTANCES = _LeaseOf(
+    "instances", "instance_id", "ready_at", "ready_at", f"{LEASED_INSTANCE}, i.ready_at"
+)
+_LEASE_ACTIVITIES = _LeaseOf(
+    "activities",
+    "id",
+    "visible_at",
+    "visible_at, id",
+    "i.id, i.instance_id, i.execution_id, i.event, i.lease_epoch, i.attempts, (i.visible_at, i.id)",
+)
+_LEASE_ENTITIES = _LeaseOf(
+    "entities",
+    "instance_id",
+    "ready_at",
+    "ready_at",
+    "i.instance_id, i.lease_epoch, i.attempts, i.ready_at",
+)
+
+
+def _lease(
+    tx: Tx, of: _LeaseOf, owner: str, limit: int
+) -> tuple[list[tuple[Any, ...]], datetime | None]:
+    """Lease up to `limit` rows of visible work nobody holds (SKIP LOCKED: rows another
+    transaction is leasing are someone else's), in one statement, which also says when the
+    next row nobody holds becomes visible. Returns the leased rows in order, and that time."""
+    rows = tx.run(
+        f"""
+        WITH picked AS (
+            SELECT {of.key} FROM {of.table}
+            WHERE lease_owner IS NULL AND {of.ready} <= %(now)s
+            ORDER BY {of.order} LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ), leased AS (
+            UPDATE {of.table} i SET lease_owner = %(owner)s, lease_epoch = i.lease_epoch + 1,
+                lease_until = now() + %(ttl)s
+            FROM picked WHERE i.{of.key} = picked.{of.key}
+            RETURNING {of.returning}
+        )
+        SELECT leased.*, later.at FROM (
+            SELECT min({of.ready}) AS at FROM {of.table}
+            WHERE lease_owner IS NULL AND {of.ready} > %(now)s
+        ) later LEFT JOIN leased ON true
+        """,
+        {"now": utc(tx.now), "limit": limit, "owner": owner, "ttl": tx.ttl},
+    ).fetchall()
+    next_at = rows[0][-1] if rows else None
+    leased = sorted((r[:-1] for r in rows if r[0] is not None), key=lambda r: r[-1])
+    return leased, next_at if len(leased) < limit else None
 
 
 def _history(conn: psycopg.Connection[Any], instance_id: str) -> list[pb.HistoryEvent]:
