@@ -462,6 +462,71 @@ async def test_queries_page_by_creation_and_purges_take_finished_trees(
     assert await store.get_instance("q1") is None
 
 
+async def test_a_step_in_one_statement_writes_what_the_general_path_writes(
+    pg_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dt_trio._store._postgres import _apply
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    later = t0 + timedelta(hours=1)
+    monkeypatch.setitem(globals(), "now", lambda: t0)  # the same events both ways
+    dumps = []
+    answers = []
+    for one_statement in (True, False):
+        monkeypatch.setattr(_apply, "ONE_STATEMENT_STEPS", one_statement)
+        store = PostgresBackend(pg_address, _postgres.new_hub())
+        await store.open()
+        try:
+            for instance_id in ("i1", "target", "other"):
+                state = new_state(instance_id, created_at=t0, last_updated_at=t0)
+                await store.apply(dataclasses.replace(create(state), now=t0))
+            [item, *_] = await store.lease_orchestrations(ME, t0, 1)
+            tasks = [scheduled(i) for i in range(3)]
+            commit = step(
+                item,
+                handed=2,
+                state=dataclasses.replace(item.state, status=Status.RUNNING, last_updated_at=t0),
+                history=[ev.orchestrator_started(t0), *tasks],
+                activities=[ActivityTask("i1", "e0", t) for t in tasks],
+                messages=[
+                    OutboundMessage("i1", ev.timer_fired(t0, 9, later), later),
+                    OutboundMessage("target", ev.event_raised(t0, "ping", None)),
+                    OutboundMessage("other", ev.event_raised(t0, "old", None), None, "gone"),
+                    OutboundMessage("nobody", ev.event_raised(t0, "lost", None)),
+                    OutboundMessage("@e@k", signal_event(t0, "@e@k", "op", None, "r1"), t0),
+                ],
+            )
+            applied = await store.apply(dataclasses.replace(commit, now=t0))
+            answers.append((applied.waiting, applied.dropped, [a.id for a in applied.activities]))
+            for leased in await store.lease_orchestrations(ME, t0, 5):
+                await store.apply(dataclasses.replace(step(leased, state=leased.state), now=t0))
+            with psycopg.connect(pg_address) as conn:
+                schema = f"{store.schema}"
+                dump = {}
+                # (messages to different instances may draw their ids in another order)
+                for table, order in (
+                    ("instances", "instance_id"),
+                    ("history", "instance_id, seq"),
+                    ("inbox", "instance_id, id"),
+                    ("activities", "id"),
+                    ("entities", "instance_id"),
+                    ("entity_inbox", "instance_id, id"),
+                ):
+                    rows = conn.execute(f"SELECT * FROM {schema}.{table} ORDER BY {order}")
+                    names = [d.name for d in rows.description or ()]
+                    ignored = {"lease_until", "id"} if "inbox" in table else {"lease_until"}
+                    dump[table] = [
+                        {k: v for k, v in zip(names, r, strict=True) if k not in ignored}
+                        for r in rows.fetchall()
+                    ]
+                dumps.append(dump)
+        finally:
+            await store.close()
+    assert answers[0] == answers[1] == (True, 2, [1, 2])
+    assert dumps[0] == dumps[1]
+    assert [r["instance_id"] for r in dumps[0]["inbox"]] == ["i1"]  # the timer
+
+
 # -- the schema ----------------------------------------------------------------------------------
 
 

@@ -421,11 +421,86 @@ def _history_start(tx: Tx, instance_id: str) -> int | str:
     return "SQL"
 
 
+_STATE_PARAMETERS = ", ".join(f"%(s{i})s" for i in range(INSTANCE_FIELDS))
+# A step that neither continues as new nor starts instances, in one statement: its history,
+# the messages it consumed, its activities (the first `count` leased to `owner`), its
+# messages (to other instances, to itself, to entities), and the instance's row. The row is
+# locked by an earlier statement of the transaction (a guard's, or its insert), so this
+# statement sees every message committed before: its readiness is the earliest of the
+# messages it does not consume and of those it sends itself.
+_ONE_STEP = f"""
+WITH h AS (
+    INSERT INTO history (instance_id, seq, event)
+    SELECT %(id)s, coalesce(%(start)s::integer,
+        (SELECT coalesce(max(seq) + 1, 0) FROM history WHERE instance_id = %(id)s)) + h.ord - 1,
+        h.event
+    FROM unnest(%(history)s::bytea[]) WITH ORDINALITY AS h(event, ord)
+), c AS (
+    DELETE FROM inbox WHERE instance_id = %(id)s AND id = ANY(%(consumed)s::bigint[])
+), a AS (
+    INSERT INTO activities
+        (instance_id, execution_id, event, visible_at, lease_owner, lease_epoch, lease_until)
+    SELECT %(id)s, %(execution)s, a.event, %(now)s,
+        CASE WHEN a.ord <= %(count)s THEN %(owner)s::text END,
+        CASE WHEN a.ord <= %(count)s THEN 1 ELSE 0 END,
+        CASE WHEN a.ord <= %(count)s THEN now() + %(ttl)s END
+    FROM unnest(%(activities)s::bytea[]) WITH ORDINALITY AS a(event, ord)
+    ORDER BY a.ord
+    RETURNING id, lease_owner IS NOT NULL AS handed
+), m AS (
+    SELECT * FROM unnest(%(m_ids)s::text[], %(m_events)s::bytea[], %(m_visible)s::timestamptz[],
+        %(m_executions)s::text[]) WITH ORDINALITY AS m(instance_id, event, visible_at,
+        execution_id, ord)
+), t AS (
+    UPDATE instances i SET ready_at = LEAST(i.ready_at, (
+        SELECT min(m.visible_at) FROM m WHERE m.instance_id = i.instance_id
+        AND (m.execution_id IS NULL OR m.execution_id = i.execution_id)))
+    WHERE i.instance_id IN (SELECT instance_id FROM m)
+    RETURNING i.instance_id, i.execution_id
+), sent AS (
+    INSERT INTO inbox (instance_id, event, visible_at)
+    SELECT m.instance_id, m.event, m.visible_at FROM m JOIN t USING (instance_id)
+    WHERE m.execution_id IS NULL OR m.execution_id = t.execution_id
+    ORDER BY m.ord
+    RETURNING 1
+), own AS (
+    INSERT INTO inbox (instance_id, event, visible_at)
+    SELECT %(id)s, o.event, o.visible_at
+    FROM unnest(%(o_events)s::bytea[], %(o_visible)s::timestamptz[])
+        WITH ORDINALITY AS o(event, visible_at, ord)
+    ORDER BY o.ord
+), em AS (
+    SELECT * FROM unnest(%(e_ids)s::text[], %(e_events)s::bytea[], %(e_visible)s::timestamptz[])
+        WITH ORDINALITY AS em(instance_id, event, visible_at, ord)
+), e AS (
+    INSERT INTO entities AS e (instance_id, last_modified_at, ready_at)
+    SELECT instance_id, min(visible_at), min(visible_at) FROM em GROUP BY instance_id
+    ON CONFLICT (instance_id) DO UPDATE SET ready_at = LEAST(e.ready_at, EXCLUDED.ready_at)
+), es AS (
+    INSERT INTO entity_inbox (instance_id, event, visible_at)
+    SELECT instance_id, event, visible_at FROM em ORDER BY ord
+), written AS (
+    UPDATE instances SET ({INSTANCE_COLUMNS}) = ({_STATE_PARAMETERS}),
+        lease_owner = NULL, lease_until = NULL, attempts = 0,
+        ready_at = LEAST(
+            (SELECT min(visible_at) FROM inbox
+             WHERE instance_id = %(id)s AND id <> ALL(%(consumed)s::bigint[])),
+            (SELECT min(v) FROM unnest(%(o_visible)s::timestamptz[]) AS v))
+    WHERE instance_id = %(id)s
+    RETURNING ready_at IS NOT NULL AS waiting
+)
+SELECT (SELECT waiting FROM written), (SELECT count(*) FROM sent),
+    ARRAY(SELECT id FROM a WHERE handed ORDER BY id)
+"""
+
+
 def _write_step(
     tx: Tx, result: StepResult, take: TakeActivities | None
 ) -> tuple[list[ActivityWorkItem], bool]:
     """Write one orchestration step (see `WriteStep`); the activities it leased and whether
     the instance has messages after it."""
+    if not (result.reset_history or result.new_instances or ONE_STATEMENT_STEPS is False):
+        return _write_one_step(tx, result, take)
     state = result.state
     instance_id = state.instance_id
     if result.reset_history:
@@ -482,6 +557,73 @@ def _write_step(
     ).fetchone()
     tx.released.append((WorkKind.ORCHESTRATION, instance_id))
     return handed, bool(row and row[0])
+
+
+# Whether steps that can be written in one statement are (the tests compare both ways).
+ONE_STATEMENT_STEPS = True
+
+
+def _write_one_step(
+    tx: Tx, result: StepResult, take: TakeActivities | None
+) -> tuple[list[ActivityWorkItem], bool]:
+    """`_write_step` in one statement (see `_ONE_STEP`), for a step that does not continue
+    as new and starts no instance."""
+    state = result.state
+    instance_id = state.instance_id
+    now = utc(tx.now)
+    start = _history_start(tx, instance_id)
+    activities = result.activities
+    count = min(take.count, len(activities)) if take is not None else 0
+    owner = take.owner if take is not None else None
+    assert all(a.instance_id == instance_id for a in activities)
+    others = [
+        m
+        for m in result.messages
+        if m.target_instance_id != instance_id and not is_entity_id(m.target_instance_id)
+    ]
+    own = [m for m in result.messages if m.target_instance_id == instance_id]
+    to_entities = [m for m in result.messages if is_entity_id(m.target_instance_id)]
+    params: dict[str, Any] = {
+        "id": instance_id,
+        "start": None if start == "SQL" else start,
+        "history": [e.SerializeToString() for e in result.history],
+        "consumed": list(result.consumed),
+        "execution": state.execution_id,
+        "now": now,
+        "count": count,
+        "owner": owner,
+        "ttl": tx.ttl,
+        "activities": [a.scheduled.SerializeToString() for a in activities],
+        "m_ids": [m.target_instance_id for m in others],
+        "m_events": [m.event.SerializeToString() for m in others],
+        "m_visible": [utc(m.visible_at) if m.visible_at else now for m in others],
+        "m_executions": [m.execution_id for m in others],
+        "o_events": [m.event.SerializeToString() for m in own],
+        "o_visible": [utc(m.visible_at) if m.visible_at else now for m in own],
+        "e_ids": [m.target_instance_id for m in to_entities],
+        "e_events": [m.event.SerializeToString() for m in to_entities],
+        "e_visible": [utc(m.visible_at) if m.visible_at else now for m in to_entities],
+    }
+    params.update((f"s{i}", value) for i, value in enumerate(state_values(state)))
+    row = tx.run(_ONE_STEP, params).fetchone()
+    assert row is not None
+    waiting, delivered, leased = row
+    tx.dropped += len(others) - delivered
+    tx.released.append((WorkKind.ORCHESTRATION, instance_id))
+    assert owner is not None or not leased
+    items = []
+    for activity_id, activity in zip(leased, activities[:count], strict=True):
+        items.append(
+            ActivityWorkItem(
+                id=activity_id,
+                instance_id=instance_id,
+                execution_id=activity.execution_id,
+                scheduled=activity.scheduled,
+                lease=Lease(owner or "", 1),
+            )
+        )
+        tx.taken.append((WorkKind.ACTIVITY, activity_id, Lease(owner or "", 1), 0))
+    return items, bool(waiting)
 
 
 def _insert_activities(
