@@ -738,3 +738,61 @@ async def test_a_postgres_restart_is_unavailable_while_it_lasts_and_then_work_re
         finally:
             await a.store.close()
             await b.store.close()
+
+
+async def test_killed_pool_connections_are_replaced_without_an_error(
+    store: PostgresBackend, pg_address: str, hub_name: str
+) -> None:
+    await store.apply(create(new_state()))
+    with psycopg.connect(pg_address, autocommit=True) as conn:
+        killed = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'dt-trio' AND pid <> pg_backend_pid()"
+        ).fetchall()
+    assert killed
+    for i in range(4):  # more than the pool had open: every dead one is met and replaced
+        await store.apply(create(new_state(f"after{i}")))
+    assert await store.get_instance("after3") is not None
+
+
+async def test_a_deadlock_is_retried(
+    store: PostgresBackend, pg_address: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "dt_trio._store._postgres._store")
+    await store.apply(create(new_state("x")))
+    await store.apply(create(new_state("y")))
+    item = await lease_one(store)
+    assert item is not None and item.state.instance_id == "x"
+    # Another program holds y, then wants x, while the commit holds x and wants y.
+    blocker = psycopg.connect(pg_address)
+    try:
+        blocker.execute("SET deadlock_timeout = '10s'")  # the commit's side detects it
+        blocker.execute(
+            f"SELECT 1 FROM {store.schema}.instances WHERE instance_id = 'y' FOR UPDATE"
+        )
+        message = OutboundMessage("y", ev.event_raised(now(), "e", None))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.apply, step(item, messages=[message]))
+            with trio.fail_after(10):
+                while True:  # until the commit waits for y's lock
+                    waiting = blocker.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dt-trio' "
+                        "AND wait_event_type = 'Lock'"
+                    ).fetchone()
+                    if waiting and waiting[0]:
+                        break
+                    await trio.sleep(0.01)
+
+            def take_x_then_finish() -> None:
+                blocker.execute(
+                    f"SELECT 1 FROM {store.schema}.instances WHERE instance_id = 'x' FOR UPDATE"
+                )
+                blocker.rollback()
+
+            await trio.to_thread.run_sync(take_x_then_finish)
+    finally:
+        blocker.close()
+    assert "retrying a transaction: deadlock detected" in caplog.text
+    assert len(await store.get_history("x")) == 2  # committed on its retry
+    y = await lease_one(store)
+    assert y is not None and [ev.kind(m.event) for m in y.inbox][-1] == "eventRaised"

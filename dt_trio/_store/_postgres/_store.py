@@ -314,6 +314,7 @@ class PostgresBackend:
             except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected) as exc:
                 if attempt >= RETRIES:
                     raise self._unavailable(f"gave up after {attempt} attempts: {exc}") from exc
+                log.debug("retrying a transaction: %s", exc.diag.message_primary)
             except psycopg.errors.UniqueViolation as exc:
                 constraint = exc.diag.constraint_name
                 if constraint == "history_pkey":
