@@ -796,3 +796,18 @@ async def test_a_deadlock_is_retried(
     assert len(await store.get_history("x")) == 2  # committed on its retry
     y = await lease_one(store)
     assert y is not None and [ev.kind(m.event) for m in y.inbox][-1] == "eventRaised"
+
+
+async def test_data_postgres_cannot_hold_is_an_invalid_request(store: PostgresBackend) -> None:
+    import random
+    import string
+
+    from dt_trio._errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="cannot contain NUL"):
+        await store.apply(create(new_state("a\x00b")))
+    huge = "".join(random.choices(string.ascii_letters, k=10_000))  # beyond an index entry
+    with pytest.raises(InvalidRequest, match="PostgreSQL cannot store"):
+        await store.apply(create(new_state(huge)))
+    await store.apply(create(new_state()))
+    assert await store.get_instance("i1") is not None

@@ -327,7 +327,8 @@ class PostgresBackend:
                 # two creations of one instance at once: the retry's guard sees the winner
             except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
                 raise InvalidRequest(
-                    f"the store cannot hold this request's data: {exc.diag.message_primary}"
+                    "PostgreSQL cannot store this request's data: "
+                    f"{exc.diag.message_primary or str(exc).strip()}"
                 ) from exc
             except psycopg.OperationalError as exc:
                 if broken and not committing and attempt < 3:
