@@ -3,19 +3,22 @@
     serve()                       open_task_hub()  (the same, without gRPC)
     └── store (opened first, closed last)
         └── store nursery
-            ├── store writer: group commits in sqlite's thread  -- started 1st, stopped last
+            ├── store's own duties (`Backend.run`): sqlite's group-commit writer;
+            │   PostgreSQL's lease renewals, wake-ups and poll   -- started 1st, stopped last
             └── nursery
                 ├── gRPC server (purerpc, TaskHubSidecarService)   -- started 2nd (serve only)
-                ├── orchestration processor  ─┐ share the store      -- started 3rd
-                ├── activity processor        │ and the executor    -- started 4th
+                ├── orchestration processor  ─┐ serve the lanes of  -- started 3rd
+                ├── activity processor        │ one dispatcher      -- started 4th
                 └── entity processor         ─┘                     -- started 5th
 
 The executor routes each work item to this process's own Python code (a `Registry`, run by the
 local executor) or to the SDK workers connected over gRPC (the remote executor, whose worker
-streams are served by the gRPC server). Commits wake the processors through `Signals`.
+streams are served by the gRPC server). Commits wake the processors through `Signals`; the
+dispatcher hands the work a commit makes for this process straight to the processor's lane.
 Cancelling the hub (Ctrl-C, SIGTERM via the command, or the caller's cancel scope) cancels them
 all; in-flight work items that were not committed are simply not committed, and their leases
-are released when the store is opened next. The store writer stops once the rest has: what
+are released when the store is opened next (sqlite) or as it closes (PostgreSQL; those of a
+process that died expire). The store writer stops once the rest has: what
 they queued on their way out (leases given back) is still committed.
 """
 
@@ -36,19 +39,19 @@ import trio
 
 from dt_trio._engine import (
     ActivityProcessor,
+    Dispatcher,
     EntityProcessor,
     HubClient,
     OrchestrationProcessor,
     RemoteExecutor,
     RoutingExecutor,
     Signals,
-    link,
 )
 from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
 from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, serve_grpc
 from dt_trio._local import Client, LocalExecutor, Registry
-from dt_trio._store import DEFAULT_HUB, DEFAULT_LEASE_TTL, SqliteBackend, make_store
+from dt_trio._store import DEFAULT_HUB, DEFAULT_LEASE_TTL, Backend, make_store
 
 log = logging.getLogger("dt_trio")
 
@@ -190,7 +193,7 @@ def _collections_spaced() -> Iterator[None]:
 @contextlib.asynccontextmanager
 async def _running_store(
     db: str, signals: Signals, hub: str, lease_ttl: float
-) -> AsyncIterator[SqliteBackend]:
+) -> AsyncIterator[Backend]:
     """The store, open and with its own duties running, for the body; they stop (after
     committing what the body queued) and the store closes when the body is done."""
     store = make_store(db, signals, hub=hub, lease_ttl=lease_ttl)
@@ -198,12 +201,8 @@ async def _running_store(
     log.info("backend started: %s", store.description)
     try:
         async with trio.open_nursery() as nursery:
-            if isinstance(store, SqliteBackend):
-                await nursery.start(store.run_writer)
-            else:
-                await nursery.start(store.run)
-            # (the PostgreSQL store serves the engine once the engine is on the store contract)
-            yield store  # type: ignore[misc]
+            await nursery.start(store.run)
+            yield store
             nursery.cancel_scope.cancel()
     finally:
         await store.close()
@@ -211,12 +210,12 @@ async def _running_store(
 
 
 class _Processors:
-    """The three processors of a hub, linked for hand-overs, and the client whose starts hand
-    new instances straight to the orchestration processor."""
+    """The three processors of a hub on one dispatcher, and the client whose starts hand new
+    instances straight to the orchestration processor."""
 
     def __init__(
         self,
-        store: SqliteBackend,
+        store: Backend,
         signals: Signals,
         registry: Registry | None,
         remote: RemoteExecutor,
@@ -224,11 +223,11 @@ class _Processors:
         local = LocalExecutor(registry) if registry is not None else None
         executor = RoutingExecutor(local, remote)
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.orchestrations = OrchestrationProcessor(store, executor, signals, owner)
-        self.activities = ActivityProcessor(store, executor, signals, owner)
-        self.entities = EntityProcessor(store, executor, signals, owner)
-        link(self.orchestrations, self.activities)
-        self.client = HubClient(store, signals, self.orchestrations)
+        dispatch = Dispatcher(store, executor, owner)
+        self.orchestrations = OrchestrationProcessor(dispatch, signals)
+        self.activities = ActivityProcessor(dispatch, signals)
+        self.entities = EntityProcessor(dispatch, signals)
+        self.client = HubClient(store, signals, dispatch)
 
     async def start(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.orchestrations.run)

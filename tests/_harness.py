@@ -209,23 +209,23 @@ class Gate:
 
 
 @contextlib.asynccontextmanager
-async def running_processors(store: Any, executor: Any) -> AsyncIterator[Any]:
-    """An opened in-memory store's orchestration and activity processors, linked and running
-    on `executor` (owner "me"), for the body; yields the HubClient that starts instances."""
+async def running_processors(store: Any, executor: Any, **dispatch: Any) -> AsyncIterator[Any]:
+    """An opened store's orchestration and activity processors on one dispatcher (owner "me",
+    with `dispatch`'s options) running on `executor`, for the body; yields the HubClient that
+    starts instances."""
     import trio
 
-    from dt_trio._engine import ActivityProcessor, HubClient, OrchestrationProcessor
-    from dt_trio._engine._processors import link
+    from dt_trio._engine import ActivityProcessor, Dispatcher, HubClient, OrchestrationProcessor
 
     await store.open()
-    orchestrations = OrchestrationProcessor(store, executor, store.signals, owner="me")
-    activities = ActivityProcessor(store, executor, store.signals, owner="me")
-    link(orchestrations, activities)
+    dispatcher = Dispatcher(store, executor, "me", **dispatch)
+    orchestrations = OrchestrationProcessor(dispatcher, store.listener)
+    activities = ActivityProcessor(dispatcher, store.listener)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(orchestrations.run)
             await nursery.start(activities.run)
-            yield HubClient(store, store.signals, orchestrations)
+            yield HubClient(store, store.listener, dispatcher)
             nursery.cancel_scope.cancel()
     finally:
         await store.close()
@@ -264,3 +264,34 @@ async def run_beside(client: Any, name: str, *tasks: Callable[[Any], Awaitable[N
             nursery.cancel_scope.cancel()
     assert state is not None
     return state
+
+
+def commit_name(commit: Any, applied: Any) -> str | None:
+    """What an applied commit did, in the engine tests' words: "create" (an instance), "result"
+    (an activity's), either with "+step" when a step run ahead was committed with it, "step";
+    None for anything else (a release, an event)."""
+    from dt_trio._core._commit import CreateInstance, DeleteActivity, WriteStep
+
+    if applied.alternative:
+        commit = commit.otherwise
+    kinds = {type(w) for w in commit.writes}
+    stepped = "+step" if WriteStep in kinds else ""
+    if CreateInstance in kinds:
+        return "create" + stepped
+    if DeleteActivity in kinds:
+        return "result" + stepped
+    return "step" if stepped else None
+
+
+def commit_instance(commit: Any) -> str:
+    """The instance a create, result or step commit is about."""
+    from dt_trio._core._commit import CreateInstance, Send, WriteStep
+
+    for write in commit.writes:
+        if isinstance(write, WriteStep):
+            return str(write.result.state.instance_id)
+        if isinstance(write, CreateInstance):
+            return str(write.state.instance_id)
+        if isinstance(write, Send):
+            return str(write.messages[0].target_instance_id)
+    raise AssertionError(f"no instance in {commit}")

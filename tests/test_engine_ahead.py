@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 import trio
-from _harness import running_processors
+from _harness import commit_instance, commit_name, running_processors
 
 import dt_trio
-from dt_trio._core import StepResult
 from dt_trio._core import _events as ev
+from dt_trio._core import _operations as ops
+from dt_trio._core._commit import Applied, Commit
 from dt_trio._engine import (
     HubClient,
     RemoteExecutor,
@@ -23,7 +24,7 @@ from dt_trio._engine import (
     Signals,
 )
 from dt_trio._local import LocalExecutor
-from dt_trio._store import ActivityWorkItem, Handed, SqliteBackend
+from dt_trio._store import SqliteBackend
 
 registry = dt_trio.Registry()
 
@@ -52,23 +53,16 @@ class CountingStore(SqliteBackend):
         self.commits: list[str] = []
         self.event_before_result = False
 
-    async def create_instance(self, *args: Any, **kw: Any) -> Any:
-        done = await super().create_instance(*args, **kw)
-        self.commits.append("create+step" if isinstance(done, Handed) else "create")
-        return done
-
-    async def complete_activity(self, *args: Any, **kw: Any) -> Any:
-        if self.event_before_result:
-            await self.enqueue(args[1].instance_id, ev.event_raised(now(), "late", None), now())
-        done = await super().complete_activity(*args, **kw)
-        self.commits.append("result+step" if isinstance(done, Handed) else "result")
-        return done
-
-    async def commit_step(
-        self, owner: str, result: StepResult, lease_activities: int = 0
-    ) -> Handed[ActivityWorkItem]:
-        self.commits.append("step")
-        return await super().commit_step(owner, result, lease_activities)
+    async def apply(self, commit: Commit) -> Applied:
+        if self.event_before_result and "result" in str(commit_name(commit, Applied())):
+            # (as of the commit's time: it is there before the commit)
+            late = ev.event_raised(commit.now, "late", None)
+            await super().apply(ops.send_event(commit_instance(commit), late, commit.now))
+        applied = await super().apply(commit)
+        name = commit_name(commit, applied)
+        if name is not None:
+            self.commits.append(name)
+        return applied
 
 
 def now() -> datetime:

@@ -12,20 +12,30 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from _harness import fan_out_answer, run_beside, running_processors
+from _harness import commit_instance, commit_name, fan_out_answer, run_beside, running_processors
 
-from dt_trio._core import InstanceState, Status, StepResult
+from dt_trio._core import InstanceState, Status
 from dt_trio._core import _events as ev
+from dt_trio._core import _operations as ops
+from dt_trio._core._commit import (
+    Applied,
+    Commit,
+    Lease,
+    OrchestrationWorkItem,
+    WorkKind,
+    WriteStep,
+)
 from dt_trio._engine import (
     HubClient,
     RemoteExecutor,
     Signals,
 )
-from dt_trio._engine._executor import ACTIVITY, Route
-from dt_trio._engine._processors import EARLY_FIRST, Parking
+from dt_trio._engine._dispatch import EARLY_FIRST
+from dt_trio._engine._executor import Route
+from dt_trio._engine._pacing import Parking
 from dt_trio._errors import StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import ActivityWorkItem, Handed, OrchestrationWorkItem, SqliteBackend
+from dt_trio._store import SqliteBackend
 
 
 def now() -> datetime:
@@ -33,9 +43,9 @@ def now() -> datetime:
 
 
 class GatedStore(SqliteBackend):
-    """A store whose commits the tests hold back (`gates`: method name -> event that lets it
-    through) or disturb (`fail_first_step`, `event_before_result`), and whose writer says it
-    is busy or idle as a test wants (`busy`; None: as it is)."""
+    """A store whose commits the tests hold back (`gates`: "create" or "result" -> event that
+    lets such a commit through) or disturb (`fail_first_step`, `event_before_result`), and
+    which says it is busy or idle as a test wants (`busy_as`; None: as it is)."""
 
     def __init__(self) -> None:
         self.signals = Signals()
@@ -47,36 +57,28 @@ class GatedStore(SqliteBackend):
         # what a test worker took from its stream, and what it had taken at each commit
         self.taken: list[str] = []
         self.at_commit: list[tuple[str, list[str]]] = []
-        self.busy: bool | None = None
+        self.busy_as: bool | None = None
 
-    def writer_busy(self) -> bool:
-        return super().writer_busy() if self.busy is None else self.busy
+    def busy(self) -> bool:
+        return super().busy() if self.busy_as is None else self.busy_as
 
-    async def _gate(self, name: str) -> None:
-        self.at_commit.append((name, list(self.taken)))
+    async def apply(self, commit: Commit) -> Applied:
+        name = (commit_name(commit, Applied()) or "").partition("+")[0]
+        if name:
+            self.at_commit.append((name, list(self.taken)))
         if name in self.gates:
             with trio.fail_after(5):  # the work must reach the worker before the commit
                 await self.gates[name].wait()
-
-    async def create_instance(self, *args: Any, **kw: Any) -> Any:
-        await self._gate("create_instance")
-        return await super().create_instance(*args, **kw)
-
-    async def complete_activity(self, *args: Any, **kw: Any) -> Any:
-        await self._gate("complete_activity")
-        if self.event_before_result:
+        if name == "result" and self.event_before_result:
             # an event that reaches the instance just before the result does
-            await self.enqueue(args[1].instance_id, ev.event_raised(now(), "late", None), now())
-        return await super().complete_activity(*args, **kw)
-
-    async def commit_step(
-        self, owner: str, result: StepResult, lease_activities: int = 0
-    ) -> Handed[ActivityWorkItem]:
-        self.at_commit.append(("commit_step", list(self.taken)))
-        if self.fail_first_step and result.activities and not self.failed_steps:
-            self.failed_steps += 1
-            raise StoreUnavailable("disk full (a test)")
-        return await super().commit_step(owner, result, lease_activities)
+            late = ev.event_raised(commit.now, "late", None)
+            await super().apply(ops.send_event(commit_instance(commit), late, commit.now))
+        if name == "step" and self.fail_first_step and not self.failed_steps:
+            [step] = [w for w in commit.writes if isinstance(w, WriteStep)]
+            if step.result.activities:
+                self.failed_steps += 1
+                raise StoreUnavailable("disk full (a test)")
+        return await super().apply(commit)
 
 
 @pytest.fixture
@@ -115,9 +117,9 @@ async def run_one(
             if item.HasField("orchestratorRequest"):
                 request = item.orchestratorRequest
                 runs.append("orchestrator")
-                store.gates.get("create_instance", trio.Event()).set()
+                store.gates.get("create", trio.Event()).set()
                 if any(e.HasField("taskCompleted") for e in request.newEvents):
-                    store.gates.get("complete_activity", trio.Event()).set()
+                    store.gates.get("result", trio.Event()).set()
                 await executor.complete(pending, answer(request))
             elif item.HasField("activityRequest"):
                 runs.append("activity")
@@ -143,7 +145,7 @@ async def test_a_first_step_and_a_parked_step_reach_the_worker_before_their_comm
     store, executor, client = hub
     # Neither the creation nor the delivery of the result commits until the worker has the
     # step that follows it: each step must start beside its commit.
-    store.gates = {"create_instance": trio.Event(), "complete_activity": trio.Event()}
+    store.gates = {"create": trio.Event(), "result": trio.Event()}
     state, runs = await run_one(store, executor, client)
     assert state.output == '"run 1"'
     assert runs == ["orchestrator", "activity", "orchestrator"]
@@ -199,7 +201,7 @@ async def test_a_commit_beside_early_work_starts_once_the_work_is_on_its_way(
     hub: tuple[GatedStore, RemoteExecutor, HubClient],
 ) -> None:
     store, executor, client = hub
-    store.busy = False  # nothing else is being committed
+    store.busy_as = False  # nothing else is being committed
     worker = functools.partial(_worker_answering_all, store, executor)
     state = await run_beside(client, "orch", worker)  # the stream waits for work first
     assert state.output == '"done"'
@@ -208,10 +210,10 @@ async def test_a_commit_beside_early_work_starts_once_the_work_is_on_its_way(
     # delivery of its result with the next step.
     step, act = "orchestratorRequest", "activityRequest"
     assert store.at_commit == [
-        ("create_instance", [step]),
-        ("commit_step", [step, act]),
-        ("complete_activity", [step, act, step]),
-        ("commit_step", [step, act, step]),
+        ("create", [step]),
+        ("step", [step, act]),
+        ("result", [step, act, step]),
+        ("step", [step, act, step]),
     ]
 
 
@@ -221,23 +223,23 @@ async def test_with_the_writer_busy_a_commit_beside_early_work_queues_at_once(
     """Under load the commit would wait for its turn anyway: it queues without waiting for
     the work to be on its way (a client's StartInstance is answered that much sooner)."""
     store, executor, client = hub
-    store.busy = True
+    store.busy_as = True
     worker = functools.partial(_worker_answering_all, store, executor)
     state = await run_beside(client, "orch", worker)
     assert state.output == '"done"'
     step, act = "orchestratorRequest", "activityRequest"
     assert store.at_commit == [
-        ("create_instance", []),
-        ("commit_step", [step]),
-        ("complete_activity", [step, act]),
-        ("commit_step", [step, act, step]),
+        ("create", []),
+        ("step", [step]),
+        ("result", [step, act]),
+        ("step", [step, act, step]),
     ]
 
 
 async def test_work_no_waiting_stream_takes_is_on_its_way_at_once() -> None:
     """A commit never waits on a stalled worker, nor when no worker is connected."""
     executor = RemoteExecutor()
-    route = Route(ACTIVITY, "act")
+    route = Route(WorkKind.ACTIVITY, "act")
 
     def work() -> pb.WorkItem:
         return pb.WorkItem(activityRequest=pb.ActivityRequest(name="act"))
@@ -274,7 +276,7 @@ def test_parked_instances_are_bounded_in_number_and_in_history_events() -> None:
     def parked(instance_id: str, events: int) -> OrchestrationWorkItem:
         t = now()
         state = InstanceState(instance_id, "orch", "e", Status.RUNNING, t, t)
-        return OrchestrationWorkItem(state, [pb.HistoryEvent()] * events, [])
+        return OrchestrationWorkItem(state, [pb.HistoryEvent()] * events, [], Lease("me", 0))
 
     parking = Parking(max_items=3, max_events=10)
     for name in "abcd":
@@ -352,7 +354,7 @@ async def test_a_fan_outs_first_activities_reach_the_worker_before_the_rest_are_
             else:
                 if not started_at_first:
                     kinds = [p.route.kind for p in executor._pending.values()]
-                    started_at_first.append(kinds.count(ACTIVITY))
+                    started_at_first.append(kinds.count(WorkKind.ACTIVITY))
                 request = item.activityRequest
                 response = pb.ActivityResponse(
                     instanceId=request.orchestrationInstance.instanceId, taskId=request.taskId

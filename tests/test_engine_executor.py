@@ -7,6 +7,7 @@ import pytest
 import trio
 import trio.testing
 
+from dt_trio._core._commit import WorkKind
 from dt_trio._engine import RemoteExecutor
 from dt_trio._engine._executor import Route, WorkAbandoned
 from dt_trio._proto import orchestrator_service_pb2 as pb
@@ -24,7 +25,7 @@ async def test_items_queued_for_a_stream_cancelled_between_them_are_given_back()
 
     async def run(name: str) -> None:
         try:
-            await executor.execute(activity(name), Route("activity", name))
+            await executor.execute(activity(name), Route(WorkKind.ACTIVITY, name))
         except WorkAbandoned:
             outcomes[name] = "abandoned"
 
@@ -71,7 +72,7 @@ async def test_an_answer_its_check_accepts_is_answered_as_it_is_delivered() -> N
 
         async def processor() -> None:
             answers.append(
-                await executor.execute(activity("a"), Route("activity", "a"), None, check)
+                await executor.execute(activity("a"), Route(WorkKind.ACTIVITY, "a"), None, check)
             )
 
         nursery.start_soon(processor)
@@ -106,7 +107,7 @@ async def test_an_answer_its_check_refuses_is_refused_and_the_item_handed_out_ag
 
         async def processor() -> None:
             try:
-                await executor.execute(activity("a"), Route("activity", "a"), None, check)
+                await executor.execute(activity("a"), Route(WorkKind.ACTIVITY, "a"), None, check)
             except WorkAbandoned as exc:
                 outcomes.append(f"abandoned, again in {exc.delay} s")
 

@@ -11,17 +11,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from _harness import fan_out_answer, run_beside
+from _harness import fan_out_answer, run_beside, running_processors
 
 from dt_trio._core import Status
-from dt_trio._engine import (
-    ActivityProcessor,
-    HubClient,
-    OrchestrationProcessor,
-    RemoteExecutor,
-    Signals,
-)
-from dt_trio._engine._processors import Pacing, link
+from dt_trio._engine import HubClient, RemoteExecutor, Signals
+from dt_trio._engine._pacing import Pacing
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import SqliteBackend
 
@@ -76,22 +70,10 @@ def test_a_watch_counts_results_from_its_start_and_is_done_once_the_missing_are_
 async def open_hub(
     pacing: Pacing,
 ) -> AsyncIterator[tuple[SqliteBackend, RemoteExecutor, HubClient]]:
-    signals = Signals()
-    store = SqliteBackend("", listener=signals)
-    await store.open()
+    store = SqliteBackend("", listener=Signals())
     executor = RemoteExecutor()
-    orchestrations = OrchestrationProcessor(store, executor, signals, owner="me")
-    orchestrations.pacing = pacing
-    activities = ActivityProcessor(store, executor, signals, owner="me")
-    link(orchestrations, activities)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(orchestrations.run)
-            await nursery.start(activities.run)
-            yield store, executor, HubClient(store, signals, orchestrations)
-            nursery.cancel_scope.cancel()
-    finally:
-        await store.close()
+    async with running_processors(store, executor, pacing=pacing) as client:
+        yield store, executor, client
 
 
 @pytest.fixture(params=["paced", "unpaced"])
@@ -189,7 +171,7 @@ async def test_results_committed_with_the_lease_that_starts_a_hold_are_not_misse
                 if len(results) == FAN:
                     # The store's writer is held while every result is delivered, so that
                     # their commits wait, then run together.
-                    nursery.start_soon(store._run_write, lambda _: gate.wait(10))
+                    nursery.start_soon(store._db.write, lambda _: gate.wait(10))
                     await trio.testing.wait_all_tasks_blocked()
                     for answered, response in results:
                         executor.deliver(answered, response)

@@ -8,7 +8,10 @@ import trio
 
 from dt_trio._core import InstanceState, Status, StepResult
 from dt_trio._core import _events as ev
-from dt_trio._engine import OrchestrationProcessor, RemoteExecutor, Signals
+from dt_trio._core import _operations as ops
+from dt_trio._core._commit import Applied, Commit, WriteStep
+from dt_trio._engine import Dispatcher, OrchestrationProcessor, RemoteExecutor, Signals
+from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import SqliteBackend
 
 
@@ -19,10 +22,17 @@ def now() -> datetime:
 class PurgingStore(SqliteBackend):
     """Purges the instance 'doomed' between its lease and its commit, as a client may."""
 
-    async def commit_step(self, owner: str, result: StepResult) -> None:
-        if result.state.instance_id == "doomed":
+    async def apply(self, commit: Commit) -> Applied:
+        steps = [w.result for w in commit.writes if isinstance(w, WriteStep)]
+        if steps and steps[0].state.instance_id == "doomed":
             assert await self.purge("doomed", recursive=False) == 1
-        await super().commit_step(owner, result)
+        return await super().apply(commit)
+
+
+async def a_worker(executor: RemoteExecutor) -> None:
+    """A connected worker stream that takes everything (and never answers)."""
+    async for _ in executor.stream(pb.GetWorkItemsRequest()):
+        pass
 
 
 async def finished_with_a_stray_event(store: SqliteBackend, instance_id: str) -> None:
@@ -38,8 +48,8 @@ async def finished_with_a_stray_event(store: SqliteBackend, instance_id: str) ->
     started = ev.execution_started(
         t, name="orch", instance_id=instance_id, execution_id="e", input=None
     )
-    await store.create_instance(state, started, t)
-    await store.enqueue(instance_id, ev.event_raised(t, "late", None), t)
+    await store.apply(ops.start(state, started, t, t))
+    await store.apply(ops.send_event(instance_id, ev.event_raised(t, "late", None), t))
 
 
 async def test_an_instance_purged_mid_step_does_not_stop_the_processor() -> None:
@@ -50,8 +60,10 @@ async def test_an_instance_purged_mid_step_does_not_stop_the_processor() -> None
         await finished_with_a_stray_event(store, "doomed")
         await finished_with_a_stray_event(store, "survivor")
         survivor_settled = signals.instance_event("survivor")
-        processor = OrchestrationProcessor(store, RemoteExecutor(), signals, owner="me")
+        executor = RemoteExecutor()
+        processor = OrchestrationProcessor(Dispatcher(store, executor, "me"), signals)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(a_worker, executor)  # work is leased while a worker can take it
             await nursery.start(processor.run)
             with trio.fail_after(5):
                 await survivor_settled.wait()  # the processor lived on after 'doomed'
@@ -85,20 +97,19 @@ async def test_an_activity_nobody_answers_fails_its_task_after_the_attempt_cap()
         started = ev.execution_started(
             t, name="orch", instance_id="poisoned", execution_id="e", input=None
         )
-        await store.create_instance(state, started, t)
+        await store.apply(ops.start(state, started, t, t))
         (leased,) = await store.lease_orchestrations("me", now(), 1)
         scheduled = ev.new_event(t, 1)
         scheduled.taskScheduled.name = "crashy"
-        await store.commit_step(
-            "me",
-            StepResult(
-                state=leased.state,
-                consumed=tuple(m.id for m in leased.inbox),
-                history=[m.event for m in leased.inbox],
-                activities=[ActivityTask("poisoned", "e", scheduled)],
-            ),
+        step = StepResult(
+            state=leased.state,
+            consumed=tuple(m.id for m in leased.inbox),
+            history=[m.event for m in leased.inbox],
+            activities=[ActivityTask("poisoned", "e", scheduled)],
         )
-        processor = ActivityProcessor(store, executor, signals, owner="me", max_attempts=3)
+        await store.apply(ops.step(leased.lease, step, now()))
+        dispatch = Dispatcher(store, executor, "me")
+        processor = ActivityProcessor(dispatch, signals, max_attempts=3)
         handed_out = 0
         async with trio.open_nursery() as nursery:
             await nursery.start(processor.run)
@@ -110,15 +121,15 @@ async def test_an_activity_nobody_answers_fails_its_task_after_the_attempt_cap()
                         executor.lookup(item.completionToken).abandon(0.0)  # a crashing worker
                         if handed_out == 3:
                             break
-                await worker.aclose()
                 while True:  # the fourth lease fails the task instead of handing it out
-                    (step,) = await store.lease_orchestrations("me", now(), 1) or [None]
-                    if step is not None:
+                    (failed,) = await store.lease_orchestrations("me", now(), 1) or [None]
+                    if failed is not None:
                         break
                     await signals.orchestration_work.wait()
                     signals.orchestration_work.clear()
+                await worker.aclose()
             nursery.cancel_scope.cancel()
-        (message,) = step.inbox
+        (message,) = failed.inbox
         assert message.event.taskFailed.taskScheduledId == 1
         failure = message.event.taskFailed.failureDetails
         assert failure.errorType == "ActivityAbandonedError"

@@ -12,6 +12,7 @@ import trio.testing
 
 from dt_trio._core import InstanceState, Status
 from dt_trio._core import _events as ev
+from dt_trio._core import _operations as ops
 from dt_trio._engine import HubClient, Signals
 from dt_trio._store import SqliteBackend
 
@@ -31,7 +32,7 @@ async def pending_instance(store: SqliteBackend) -> InstanceState:
     t = datetime.now(UTC)
     state = InstanceState("i1", "orch", "e1", Status.PENDING, t, t)
     started = ev.execution_started(t, name="orch", instance_id="i1", execution_id="e1", input=None)
-    await store.create_instance(state, started, t)
+    await store.apply(ops.start(state, started, t, t))
     return state
 
 

@@ -12,8 +12,10 @@ import pytest
 from dt_trio import _core as core
 from dt_trio._core import EntityStepResult, InstanceState, OutboundMessage, Status, StepResult
 from dt_trio._core import _events as ev
+from dt_trio._core import _operations as ops
+from dt_trio._core._commit import EntityWorkItem, Lease
 from dt_trio._errors import LockLost
-from dt_trio._store import EntityFilter, EntityWorkItem, SqliteBackend
+from dt_trio._store import EntityFilter, SqliteBackend
 
 COUNTER = "@counter@k"
 
@@ -36,7 +38,12 @@ async def store(
 
 async def signal(store: SqliteBackend, op: str = "add", at: datetime | None = None) -> None:
     t = now()
-    await store.signal_entity(COUNTER, core.signal_event(t, COUNTER, op, "1", op), at or t)
+    event = core.signal_event(t, COUNTER, op, "1", op)
+    await store.apply(ops.signal_entity(COUNTER, event, at or t, t))
+
+
+async def commit(store: SqliteBackend, item: EntityWorkItem, result: EntityStepResult) -> None:
+    await store.apply(ops.entity_step(item, result, now()))
 
 
 async def lease(store: SqliteBackend, owner: str = "me") -> EntityWorkItem | None:
@@ -62,7 +69,7 @@ async def test_a_signal_creates_the_entity_and_a_commit_stores_its_state(
         "add"
     ]
     assert await lease(store, "other") is None  # leased once
-    await store.commit_entity("me", ran(item, "1"))
+    await commit(store, item, ran(item, "1"))
     stored = await store.get_entity(COUNTER)
     assert stored is not None and (stored.state, stored.backlog) == ("1", 0)
     assert await lease(store) is None
@@ -72,7 +79,7 @@ async def test_an_entity_left_without_state_lock_or_queue_is_deleted(store: Sqli
     await signal(store, "delete")
     item = await lease(store)
     assert item is not None
-    await store.commit_entity("me", ran(item, None))
+    await commit(store, item, ran(item, None))
     assert await store.get_entity(COUNTER) is None
 
 
@@ -80,8 +87,9 @@ async def test_a_commit_without_the_lease_is_refused(store: SqliteBackend) -> No
     await signal(store)
     item = await lease(store)
     assert item is not None
+    intruder = dataclasses.replace(item, lease=Lease("someone-else", item.lease.epoch))
     with pytest.raises(LockLost):
-        await store.commit_entity("someone-else", ran(item, "1"))
+        await commit(store, intruder, ran(item, "1"))
 
 
 async def test_deferred_messages_do_not_lease_the_entity_again(store: SqliteBackend) -> None:
@@ -89,7 +97,7 @@ async def test_deferred_messages_do_not_lease_the_entity_again(store: SqliteBack
     item = await lease(store)
     assert item is not None
     locked = dataclasses.replace(item.entity, locked_by="cs1", lock_owner="orch1")
-    await store.commit_entity("me", EntityStepResult(locked, (), (item.inbox[0].id,)))
+    await commit(store, item, EntityStepResult(locked, (), (item.inbox[0].id,)))
     assert await lease(store) is None  # nothing new: the signal waits for the lock
     await signal(store, "second")  # a new message is a reason to look again
     again = await lease(store)
@@ -108,9 +116,8 @@ async def test_messages_reach_orchestrations_only_in_the_execution_they_name(
 ) -> None:
     t = now()
     state = InstanceState("orch1", "o", "x2", Status.RUNNING, t, t)
-    await store.create_instance(
-        state, core.signal_event(t, COUNTER, "unused", None, "r"), t
-    )  # any event will do as the first message
+    first = core.signal_event(t, COUNTER, "unused", None, "r")  # any event will do
+    await store.apply(ops.start(state, first, t, t))
     await signal(store)
     item = await lease(store)
     assert item is not None
@@ -122,10 +129,10 @@ async def test_messages_reach_orchestrations_only_in_the_execution_they_name(
             OutboundMessage("orch1", current, execution_id="x2"),
         ],
     )
-    await store.commit_entity("me", step)
+    await commit(store, item, step)
     [work] = await store.lease_orchestrations("me", now(), 10)
-    ops = [m.event.entityOperationSignaled.operation for m in work.inbox]
-    assert ops == ["unused", "current"]
+    operations = [m.event.entityOperationSignaled.operation for m in work.inbox]
+    assert operations == ["unused", "current"]
 
 
 async def test_cleaning_releases_orphaned_locks_and_removes_empty_entities(
@@ -136,12 +143,12 @@ async def test_cleaning_releases_orphaned_locks_and_removes_empty_entities(
     assert item is not None
     # The lock of an orchestration that does not exist (purged, say), with a signal waiting.
     locked = dataclasses.replace(item.entity, locked_by="cs1", lock_owner="ghost")
-    await store.commit_entity("me", EntityStepResult(locked, (), (item.inbox[0].id,)))
+    await commit(store, item, EntityStepResult(locked, (), (item.inbox[0].id,)))
     assert await store.clean_entity_storage(True, False) == (0, 0)  # locked: not empty
     assert await store.clean_entity_storage(False, True) == (0, 1)
     freed = await lease(store)
     assert freed is not None and freed.entity.locked_by is None  # the signal may run now
-    await store.commit_entity("me", EntityStepResult(freed.entity, (), ()))
+    await commit(store, freed, EntityStepResult(freed.entity, (), ()))
     # Still queued, so still there; once the queue is gone an empty row would be removed.
     assert (await store.get_entity(COUNTER)) is not None
 
@@ -150,11 +157,13 @@ async def test_query_entities_pages_by_id(store: SqliteBackend) -> None:
     t = now()
     for n in range(5):
         entity_id = f"@counter@q{n}"
-        await store.signal_entity(entity_id, core.signal_event(t, entity_id, "set", None, "r"), t)
+        event = core.signal_event(t, entity_id, "set", None, "r")
+        await store.apply(ops.signal_entity(entity_id, event, t, t))
     for item in await store.lease_entities("me", now(), 10):
         state = None if item.entity.instance_id == "@counter@q4" else "1"
-        await store.commit_entity(
-            "me",
+        await commit(
+            store,
+            item,
             EntityStepResult(
                 dataclasses.replace(item.entity, state=state), tuple(m.id for m in item.inbox), ()
             ),
@@ -171,22 +180,21 @@ async def test_cleaning_releases_a_lock_the_owners_current_execution_does_not_ho
     t = now()
     owner = InstanceState("orch1", "o", "x2", Status.RUNNING, t, t)
     started = ev.execution_started(t, name="o", instance_id="orch1", execution_id="x2", input=None)
-    await store.create_instance(owner, started, t)
+    await store.apply(ops.start(owner, started, t, t))
     [step] = await store.lease_orchestrations("me", now(), 1)
     held = ev.new_event(t, 0)
     held.entityLockRequested.criticalSectionId = "cs-now"
     held.entityLockRequested.lockSet.append("@counter@held")
-    await store.commit_step(
-        "me",
-        StepResult(
-            state=step.state, consumed=(step.inbox[0].id,), history=[step.inbox[0].event, held]
-        ),
+    result = StepResult(
+        state=step.state, consumed=(step.inbox[0].id,), history=[step.inbox[0].event, held]
     )
+    await store.apply(ops.step(step.lease, result, now()))
     for entity_id, section in (("@counter@held", "cs-now"), ("@counter@stale", "cs-old")):
-        await store.signal_entity(entity_id, core.signal_event(t, entity_id, "x", None, "r"), t)
+        event = core.signal_event(t, entity_id, "x", None, "r")
+        await store.apply(ops.signal_entity(entity_id, event, t, t))
         [item] = await store.lease_entities("me", now(), 10)
         locked = dataclasses.replace(item.entity, locked_by=section, lock_owner="orch1")
-        await store.commit_entity("me", EntityStepResult(locked, (), (item.inbox[0].id,)))
+        await commit(store, item, EntityStepResult(locked, (), (item.inbox[0].id,)))
     # cs-old was requested by an earlier execution (before a continue-as-new): orphaned
     assert await store.clean_entity_storage(False, True) == (0, 1)
     stale, kept = await store.get_entity("@counter@stale"), await store.get_entity("@counter@held")

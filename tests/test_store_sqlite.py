@@ -22,15 +22,17 @@ from dt_trio._core import (
     StepResult,
 )
 from dt_trio._core import _events as ev
+from dt_trio._core import _operations as ops
+from dt_trio._core._commit import (
+    ActivityWorkItem,
+    Applied,
+    Attempts,
+    Lease,
+    OrchestrationWorkItem,
+)
 from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost, StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import (
-    ActivityWorkItem,
-    Handed,
-    OrchestrationWorkItem,
-    SqliteBackend,
-    StepAhead,
-)
+from dt_trio._store import SqliteBackend
 
 
 def now() -> datetime:
@@ -87,7 +89,14 @@ async def lease_one_activity(store: SqliteBackend, owner: str) -> ActivityWorkIt
 
 
 async def create(store: SqliteBackend, state: InstanceState) -> None:
-    await store.create_instance(state, started(state), now())  # type: ignore[arg-type]
+    t = now()
+    await store.apply(ops.start(state, started(state), t, t))  # type: ignore[arg-type]
+
+
+async def commit_step(
+    store: SqliteBackend, item: OrchestrationWorkItem, result: StepResult, take: int = 0
+) -> Applied:
+    return await store.apply(ops.step(item.lease, result, now(), take))
 
 
 async def test_created_instance_reads_back_with_every_field(store: SqliteBackend) -> None:
@@ -117,7 +126,7 @@ async def test_a_finished_instance_may_be_replaced(store: SqliteBackend) -> None
     item = await lease_one(store, "me")
     assert item is not None
     done = dataclasses.replace(item.state, status=Status.COMPLETED, completed_at=now())
-    await store.commit_step("me", StepResult(state=done, consumed=(item.inbox[0].id,), history=[]))
+    await commit_step(store, item, StepResult(state=done, consumed=(item.inbox[0].id,), history=[]))
     await create(store, new_state(input='"again"'))
     loaded = await store.get_instance("i1")
     assert loaded is not None and loaded.status == Status.PENDING and loaded.input == '"again"'
@@ -131,7 +140,7 @@ async def finish(
     done = dataclasses.replace(
         item.state, status=status, completed_at=now(), last_updated_at=now(), output='"y"'
     )
-    await store.commit_step("me", StepResult(state=done, consumed=(item.inbox[0].id,), history=[]))
+    await commit_step(store, item, StepResult(state=done, consumed=(item.inbox[0].id,), history=[]))
     return done
 
 
@@ -147,11 +156,11 @@ async def test_running_and_finished_instances_read_back_without_a_store_read(
         raise AssertionError("the store was read")
 
     with monkeypatch.context() as patched:
-        patched.setattr(store, "_run_read", no_read)
+        patched.setattr(store._db, "read", no_read)
         assert await store.get_instance("i1") == state
     done = await finish(store)
     with monkeypatch.context() as patched:
-        patched.setattr(store, "_run_read", no_read)
+        patched.setattr(store._db, "read", no_read)
         assert await store.get_instance("i1") == done
     assert await store.verify_cache() == []
 
@@ -178,7 +187,7 @@ async def test_every_change_of_a_finished_instance_reaches_its_kept_row(
     await finish(store, status=Status.FAILED)
     rewound = ev.new_event(now())
     rewound.executionRewound.SetInParent()
-    await store.rewind("i1", rewound)
+    await store.apply(ops.rewind("i1", rewound, now()))
     loaded = await store.get_instance("i1")
     assert loaded is not None and loaded.status == Status.RUNNING and loaded.output is None
     assert await store.verify_cache() == []
@@ -222,7 +231,7 @@ async def test_lease_commit_appends_history_and_enqueues_the_outbox(store: Sqlit
             )  # type: ignore[arg-type]
         ],
     )
-    await store.commit_step("me", result)
+    await commit_step(store, item, result)
     history = await store.get_history("i1")
     assert [ev.kind(e) for e in history] == [
         "orchestratorStarted",
@@ -244,8 +253,29 @@ async def test_commit_without_the_lease_is_refused(store: SqliteBackend) -> None
     await create(store, new_state())
     item = await lease_one(store, "me")
     assert item is not None
+    step = StepResult(state=item.state, consumed=(), history=[])
+    with pytest.raises(LockLost, match="'i1' is no longer leased by intruder"):
+        await store.apply(ops.step(Lease("intruder", item.lease.epoch), step, now()))
+
+
+async def test_a_stale_grant_changes_nothing_even_for_the_same_owner(store: SqliteBackend) -> None:
+    """A lease is (owner, epoch): the holder of an earlier grant of the same row, in the same
+    process, can neither commit nor release what was leased again since."""
+    await create(store, new_state())
+    first = await lease_one(store, "me")
+    assert first is not None
+    await store.apply(ops.release_step(first, now(), Attempts.KEEP))
+    second = await lease_one(store, "me")
+    assert second is not None and second.lease.epoch > first.lease.epoch >= 1
+    step = StepResult(state=first.state, consumed=(first.inbox[0].id,), history=[])
     with pytest.raises(LockLost):
-        await store.commit_step("intruder", StepResult(state=item.state, consumed=(), history=[]))
+        await store.apply(ops.step(first.lease, step, now()))
+    with pytest.raises(LockLost):
+        await store.read_inbox("i1", first.lease, now())
+    await store.apply(ops.release_step(first, now(), Attempts.COUNT))  # not its to release
+    assert await lease_one(store, "other") is None  # still leased, by the second grant
+    assert len(await store.read_inbox("i1", second.lease, now())) == 1
+    await store.apply(ops.step(second.lease, step, now()))
 
 
 async def test_activity_results_reach_only_the_execution_that_scheduled_them(
@@ -256,8 +286,9 @@ async def test_activity_results_reach_only_the_execution_that_scheduled_them(
     assert item is not None
     scheduled = ev.new_event(now(), 1)
     scheduled.taskScheduled.name = "act"
-    await store.commit_step(
-        "me",
+    await commit_step(
+        store,
+        item,
         StepResult(
             state=item.state,
             consumed=(item.inbox[0].id,),
@@ -267,9 +298,10 @@ async def test_activity_results_reach_only_the_execution_that_scheduled_them(
     )
     activity = await lease_one_activity(store, "worker")
     assert activity is not None
+    intruder = dataclasses.replace(activity, lease=Lease("someone-else", activity.lease.epoch))
     with pytest.raises(LockLost):
-        await store.complete_activity("someone-else", activity, ev.task_completed(now(), 1, "1"))
-    await store.complete_activity("worker", activity, ev.task_completed(now(), 1, "1"))
+        await store.apply(ops.deliver_result(intruder, ev.task_completed(now(), 1, "1"), now()))
+    await store.apply(ops.deliver_result(activity, ev.task_completed(now(), 1, "1"), now()))
     step = await lease_one(store, "me")
     assert step is not None
     assert [ev.kind(m.event) for m in step.inbox] == ["taskCompleted"]
@@ -282,7 +314,7 @@ async def test_a_step_with_more_activities_than_one_statement_writes_them_all_in
     handed over in the commit, the rest queued, keeps every event, id and inbox message."""
     await create(store, new_state())
     for n in range(3):
-        await store.enqueue("i1", ev.event_raised(now(), f"e{n}", None), now())
+        await store.apply(ops.send_event("i1", ev.event_raised(now(), f"e{n}", None), now()))
     item = await lease_one(store, "me")
     assert item is not None and len(item.inbox) == 4
     tasks = []
@@ -290,16 +322,18 @@ async def test_a_step_with_more_activities_than_one_statement_writes_them_all_in
         scheduled = ev.new_event(now(), task_id)
         scheduled.taskScheduled.name = f"act{task_id}"
         tasks.append(ActivityTask("i1", "e0", scheduled))
-    handed = await store.commit_step(
-        "me",
+    applied = await commit_step(
+        store,
+        item,
         StepResult(
             state=dataclasses.replace(item.state, status=Status.RUNNING),
             consumed=tuple(m.id for m in item.inbox),
             history=[*(m.event for m in item.inbox), *(t.scheduled for t in tasks)],
             activities=tasks,
         ),
-        lease_activities=1001,
+        take=1001,
     )
+    handed = applied.activities
     history = await store.get_history("i1")
     assert [e.eventId for e in history[4:]] == list(range(1, 1202))
     assert await lease_one(store, "me") is None  # every inbox message consumed
@@ -307,9 +341,8 @@ async def test_a_step_with_more_activities_than_one_statement_writes_them_all_in
     assert [a.scheduled.taskScheduled.name for a in handed] == [f"act{i}" for i in range(1, 1002)]
     assert len({a.id for a in handed}) == 1001
     for activity in (handed[0], handed[499], handed[500], handed[-1]):
-        await store.complete_activity(
-            "me", activity, ev.task_completed(now(), activity.scheduled.eventId, "1")
-        )
+        done = ev.task_completed(now(), activity.scheduled.eventId, "1")
+        await store.apply(ops.deliver_result(activity, done, now()))
     step = await lease_one(store, "me")
     assert step is not None
     assert [m.event.taskCompleted.taskScheduledId for m in step.inbox] == [1, 500, 501, 1001]
@@ -334,14 +367,10 @@ def scheduling_step(
 async def test_a_creation_commits_the_first_step_run_ahead_of_it(store: SqliteBackend) -> None:
     state = new_state()
     first = scheduling_step(state, [ev.orchestrator_started(now()), started(state)], 0)
-    handed = await store.create_instance(
-        state,
-        started(state),
-        state.created_at,
-        ahead=StepAhead(first, state.last_updated_at, "me", 1),
-    )
-    assert isinstance(handed, Handed) and [a.scheduled.eventId for a in handed] == [0]
-    assert not handed.waiting
+    ahead = ops.Ahead(first, state.last_updated_at, "me", 1)
+    applied = await store.apply(ops.start(state, started(state), now(), now(), ahead=ahead))
+    assert [a.scheduled.eventId for a in applied.activities] == [0]
+    assert not applied.waiting
     assert (await store.get_instance("i1")).status == Status.RUNNING  # type: ignore[union-attr]
     history = await store.get_history("i1")
     assert [ev.kind(e) for e in history] == [
@@ -352,18 +381,6 @@ async def test_a_creation_commits_the_first_step_run_ahead_of_it(store: SqliteBa
     # no ExecutionStarted message is left to lease, and the activity is ours already
     assert await lease_one(store, "me") is None
     assert await lease_one_activity(store, "me") is None
-    # a start that must wait for its time is created the ordinary way, step or no step
-    later = new_state("i2", scheduled_start_at=now() + timedelta(hours=1))
-    assert (
-        await store.create_instance(
-            later,
-            started(later),
-            now() + timedelta(hours=1),
-            ahead=StepAhead(scheduling_step(later, [], 0), later.last_updated_at, "me"),
-        )
-        is None
-    )
-    assert await store.get_history("i2") == []
 
 
 async def created_with_first_step(store: SqliteBackend) -> tuple[StepResult, ActivityWorkItem]:
@@ -371,12 +388,9 @@ async def created_with_first_step(store: SqliteBackend) -> tuple[StepResult, Act
     to "me"."""
     state = new_state()
     first = scheduling_step(state, [ev.orchestrator_started(now()), started(state)], 0)
-    [activity] = await store.create_instance(  # type: ignore[misc]
-        state,
-        started(state),
-        state.created_at,
-        ahead=StepAhead(first, state.last_updated_at, "me", 1),
-    )
+    ahead = ops.Ahead(first, state.last_updated_at, "me", 1)
+    applied = await store.apply(ops.start(state, started(state), now(), now(), ahead=ahead))
+    [activity] = applied.activities
     return first, activity
 
 
@@ -386,10 +400,10 @@ async def test_an_activity_result_commits_the_step_run_ahead_of_it_if_nothing_ch
     first, activity = await created_with_first_step(store)
     done = ev.task_completed(now(), 0, '"a"')
     second = scheduling_step(first.state, [ev.orchestrator_started(now()), done], 1)
-    handed = await store.complete_activity(
-        "me", activity, done, ahead=StepAhead(second, first.state.last_updated_at, "me", 1)
-    )
-    assert isinstance(handed, Handed) and [a.scheduled.eventId for a in handed] == [1]
+    ahead = ops.Ahead(second, first.state.last_updated_at, "me", 1)
+    applied = await store.apply(ops.deliver_result(activity, done, now(), ahead=ahead))
+    assert not applied.alternative
+    assert [a.scheduled.eventId for a in applied.activities] == [1]
     assert [ev.kind(e) for e in await store.get_history("i1")][-3:] == [
         "orchestratorStarted",
         "taskCompleted",
@@ -403,45 +417,40 @@ async def test_an_activity_result_drops_a_step_run_ahead_of_a_change(
     store: SqliteBackend, change: str
 ) -> None:
     first, activity = await created_with_first_step(store)
-    if change == "event":  # something arrived: the step did not see it
-        await store.enqueue("i1", ev.event_raised(now(), "x", None), now())
-    elif change == "lease":  # someone else steps the instance
-        await store.enqueue("i1", ev.event_raised(now(), "x", None), now())
+    await store.apply(ops.send_event("i1", ev.event_raised(now(), "x", None), now()))
+    if change == "lease":  # someone else steps the instance
         assert await lease_one(store, "other") is not None
-    else:  # a step was committed since
-        await store.enqueue("i1", ev.event_raised(now(), "x", None), now())
+    elif change == "step":  # a step was committed since
         item = await lease_one(store, "me")
         assert item is not None
-        await store.commit_step(
-            "me",
+        await commit_step(
+            store,
+            item,
             StepResult(
                 state=dataclasses.replace(item.state, last_updated_at=now()),
                 consumed=(item.inbox[0].id,),
                 history=[item.inbox[0].event],
             ),
         )
+    # else: something arrived, which the step did not see
     done = ev.task_completed(now(), 0, '"a"')
     second = scheduling_step(first.state, [ev.orchestrator_started(now()), done], 1)
-    leased = await store.complete_activity(
-        "me",
-        activity,
-        done,
-        lease_orchestration=True,
-        ahead=StepAhead(second, first.state.last_updated_at, "me", 1),
-    )
+    ahead = ops.Ahead(second, first.state.last_updated_at, "me", 1)
+    applied = await store.apply(ops.deliver_result(activity, done, now(), take="me", ahead=ahead))
     # delivered the ordinary way, and leased to us with it unless someone else has it
+    assert applied.alternative
     assert "taskScheduled" not in [ev.kind(e) for e in (await store.get_history("i1"))[3:]]
     assert await lease_one_activity(store, "me") is None
     if change == "lease":
-        assert leased is None
+        assert applied.orchestrations == ()
     else:
-        assert isinstance(leased, OrchestrationWorkItem)
+        [leased] = applied.orchestrations
         assert ev.kind(leased.inbox[-1].event) == "taskCompleted"
 
 
 async def test_enqueue_to_a_missing_instance_is_not_found(store: SqliteBackend) -> None:
     with pytest.raises(InstanceNotFound, match="'ghost'"):
-        await store.enqueue("ghost", ev.event_raised(now(), "x", None), now())
+        await store.apply(ops.send_event("ghost", ev.event_raised(now(), "x", None), now()))
 
 
 async def test_purge_deletes_finished_trees_and_keeps_running_instances(
@@ -496,8 +505,9 @@ async def test_work_held_by_processes_that_died_is_not_poisoned_by_it(
                 scheduled.taskScheduled.name = "act"
                 item = await lease_one(store, "p")
                 assert item is not None
-                await store.commit_step(
-                    "p",
+                await commit_step(
+                    store,
+                    item,
                     StepResult(
                         state=item.state,
                         consumed=tuple(m.id for m in item.inbox),
@@ -505,11 +515,11 @@ async def test_work_held_by_processes_that_died_is_not_poisoned_by_it(
                         activities=[ActivityTask("i1", "e0", scheduled)],
                     ),
                 )
-                await store.enqueue("i1", ev.event_raised(now(), "e", None), now())
+                await store.apply(ops.send_event("i1", ev.event_raised(now(), "e", None), now()))
             step = await lease_one(store, f"process {life}")
             activity = await lease_one_activity(store, f"process {life}")
             assert step is not None and step.attempt == 1
-            assert activity is not None and activity.dequeue_count == 1
+            assert activity is not None and activity.attempt == 1
         finally:
             await store.close()  # dies holding both leases
 
@@ -521,10 +531,11 @@ async def test_continue_as_new_queues_its_start_and_carryover_before_late_arriva
     item = await lease_one(store, "me")
     assert item is not None
     # an event arrives while the step runs; the step continues as new carrying "kept"
-    await store.enqueue("i1", ev.event_raised(now(), "late", None), now())
+    await store.apply(ops.send_event("i1", ev.event_raised(now(), "late", None), now()))
     fresh = dataclasses.replace(item.state, status=Status.RUNNING, execution_id="e1")
-    await store.commit_step(
-        "me",
+    await commit_step(
+        store,
+        item,
         StepResult(
             state=fresh,
             consumed=(item.inbox[0].id,),
@@ -564,7 +575,7 @@ async def test_queries_and_the_lease_are_served_by_indexes(tmp_path: pathlib.Pat
         "history": "SELECT event FROM history WHERE instance_id = 'x' ORDER BY seq",
         "children": "SELECT instance_id FROM instances WHERE parent_instance_id IN ('x')",
         "inbox of one": "SELECT id FROM inbox WHERE instance_id = 'x' AND visible_at <= 1",
-        "next activity": "SELECT id FROM activities WHERE locked_by IS NULL AND visible_at <= 1 "
+        "next activity": "SELECT id FROM activities WHERE leased_by IS NULL AND visible_at <= 1 "
         "ORDER BY visible_at, id LIMIT 1",
     }
     for what, sql in statements.items():
@@ -624,23 +635,25 @@ async def test_failed_attempts_count_until_a_step_commits_or_waits(store: Sqlite
         # before any worker saw them, do not count
         item = await lease_one(store, "me")
         assert item is not None and item.attempt == 1
-        await store.abandon_orchestration("me", "i1")
+        await store.apply(ops.release_step(item, now(), Attempts.KEEP))
     for expected in (1, 2, 3):
         item = await lease_one(store, "me")
         assert item is not None and item.attempt == expected
-        await store.abandon_orchestration("me", "i1", failed=True)
+        await store.apply(ops.release_step(item, now(), Attempts.COUNT))
     item = await lease_one(store, "me")
     assert item is not None and item.attempt == 4
-    await store.postpone("me", "i1", [m.id for m in item.inbox], now(), failed=True)
+    ids = [m.id for m in item.inbox]
+    await store.apply(ops.release_step(item, now(), Attempts.COUNT, ids, now()))
     item = await lease_one(store, "me")
     assert item is not None and item.attempt == 5
-    await store.postpone("me", "i1", [m.id for m in item.inbox], now())  # a decision: reset
+    # waiting was a decision: counting starts again
+    await store.apply(ops.release_step(item, now(), Attempts.RESET, ids, now()))
     item = await lease_one(store, "me")
     assert item is not None and item.attempt == 1
 
 
 def test_the_instance_cache_keeps_only_what_commits() -> None:
-    from dt_trio._store._sqlite import _InstanceCache
+    from dt_trio._store._sqlite._cache import InstanceCache as _InstanceCache
 
     t = now()
     a = (InstanceState("a", "o", "e", Status.RUNNING, t, t), (), 10)
@@ -672,7 +685,7 @@ def test_the_instance_cache_keeps_only_what_commits() -> None:
 
 
 def test_the_rows_of_finished_instances_are_kept_within_bounds() -> None:
-    from dt_trio._store._sqlite import _InstanceCache
+    from dt_trio._store._sqlite._cache import InstanceCache as _InstanceCache
 
     t = now()
     running = (InstanceState("a", "o", "e", Status.RUNNING, t, t), (), 10)
@@ -717,7 +730,7 @@ async def _one_write(
         conn.execute("INSERT INTO t VALUES (?)", (value,))
         return value
 
-    return await store._run_write(write)
+    return await store._db.write(write)
 
 
 async def test_with_the_writer_running_a_write_returns_once_its_own_batch_is_committed() -> None:
@@ -726,7 +739,7 @@ async def test_with_the_writer_running_a_write_returns_once_its_own_batch_is_com
     entered, first_gate, second_gate = threading.Event(), threading.Event(), threading.Event()
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(store.run_writer)
+            await nursery.start(store.run)
             first_done = trio.Event()
 
             async def first() -> None:
@@ -765,7 +778,7 @@ async def test_writes_queued_during_a_commit_follow_it_in_the_writer_thread(
 
     async def counted(fn: Any, *args: Any, limiter: Any = None, **kw: Any) -> Any:
         nonlocal hand_offs
-        hand_offs += limiter is store._write_limiter
+        hand_offs += limiter is store._db._write_limiter
         return await run_sync(fn, *args, limiter=limiter, **kw)
 
     monkeypatch.setattr(trio.to_thread, "run_sync", counted)
@@ -774,7 +787,7 @@ async def test_writes_queued_during_a_commit_follow_it_in_the_writer_thread(
     all_done = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(store.run_writer)
+            await nursery.start(store.run)
 
             async def write(value: int, *args: threading.Event) -> None:
                 results.append(await _one_write(store, value, *args))
@@ -802,7 +815,7 @@ async def test_writes_queued_when_the_writer_stops_are_committed() -> None:
     await store.open()
     results: list[int] = []
     async with trio.open_nursery() as outer:
-        await outer.start(store.run_writer)
+        await outer.start(store.run)
 
         async def write(value: int) -> None:
             with trio.CancelScope(shield=True):
@@ -818,5 +831,145 @@ async def test_writes_queued_when_the_writer_stops_are_committed() -> None:
     def count(conn: sqlite3.Connection) -> int:
         return int(conn.execute("SELECT COUNT(*) FROM t").fetchone()[0])
 
-    assert await store._run_write(count) == 20  # no writer now: this caller drives
+    assert await store._db.write(count) == 20  # no writer now: this caller drives
     await store.close()
+
+
+# The schema of version 1 (dt-trio before lease epochs), as such stores were written.
+SCHEMA_1 = """
+PRAGMA user_version = 1;
+CREATE TABLE instances (
+    instance_id TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT,
+    execution_id TEXT NOT NULL, status INTEGER NOT NULL, input TEXT, output TEXT,
+    custom_status TEXT, failure BLOB, created_at INTEGER NOT NULL,
+    last_updated_at INTEGER NOT NULL, completed_at INTEGER, scheduled_start_at INTEGER,
+    parent_instance_id TEXT, tags TEXT, trace_context BLOB, locked_by TEXT,
+    dequeue_count INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX instances_parent ON instances (parent_instance_id)
+    WHERE parent_instance_id IS NOT NULL;
+CREATE INDEX instances_created ON instances (created_at, instance_id);
+CREATE INDEX instances_status_created ON instances (status, created_at, instance_id);
+CREATE INDEX instances_completed ON instances (completed_at, instance_id)
+    WHERE completed_at IS NOT NULL;
+CREATE TABLE history (
+    instance_id TEXT NOT NULL, seq INTEGER NOT NULL, event BLOB NOT NULL,
+    PRIMARY KEY (instance_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE inbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, instance_id TEXT NOT NULL, event BLOB NOT NULL,
+    visible_at INTEGER NOT NULL
+);
+CREATE INDEX inbox_visible ON inbox (visible_at);
+CREATE INDEX inbox_instance ON inbox (instance_id, visible_at);
+CREATE TABLE activities (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, instance_id TEXT NOT NULL,
+    execution_id TEXT NOT NULL, event BLOB NOT NULL, visible_at INTEGER NOT NULL,
+    locked_by TEXT, dequeue_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX activities_ready ON activities (locked_by, visible_at);
+CREATE INDEX activities_instance ON activities (instance_id);
+CREATE TABLE entities (
+    instance_id TEXT PRIMARY KEY, state TEXT, last_modified_at INTEGER NOT NULL,
+    locked_by TEXT, lock_owner TEXT, leased_by TEXT,
+    dequeue_count INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE entity_inbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, instance_id TEXT NOT NULL, event BLOB NOT NULL,
+    visible_at INTEGER NOT NULL, deferred INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX entity_inbox_ready ON entity_inbox (deferred, visible_at);
+CREATE INDEX entity_inbox_instance ON entity_inbox (instance_id, visible_at);
+"""
+
+
+async def test_a_store_of_the_first_schema_opens_with_its_work_and_failed_attempts(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A store written before lease epochs (schema 1), left by a process that died holding
+    leases: it opens, its work is there to lease with the attempts it had failed, and what
+    runs on it commits."""
+    from dt_trio._core import signal_event
+
+    path = str(tmp_path / "old.sqlite3")
+    state = new_state(status=Status.RUNNING)
+    scheduled = ev.new_event(now(), 1)
+    scheduled.taskScheduled.name = "act"
+    t = 1_700_000_000_000_000
+    old = sqlite3.connect(path)
+    old.executescript(SCHEMA_1)
+    old.execute(
+        "INSERT INTO instances (instance_id, name, execution_id, status, created_at, "
+        "last_updated_at, locked_by, dequeue_count) VALUES ('i1', 'orch', 'e0', 0, ?, ?, "
+        "'dead', 2)",
+        (t, t),
+    )
+    old.execute("INSERT INTO history VALUES ('i1', 0, ?)", (started(state).SerializeToString(),))
+    old.execute(
+        "INSERT INTO inbox (instance_id, event, visible_at) VALUES ('i1', ?, ?)",
+        (ev.event_raised(now(), "go", None).SerializeToString(), t),
+    )
+    old.execute(
+        "INSERT INTO activities (instance_id, execution_id, event, visible_at, locked_by, "
+        "dequeue_count) VALUES ('i1', 'e0', ?, ?, 'dead', 1)",
+        (scheduled.SerializeToString(), t),
+    )
+    signal = signal_event(now(), "@c@k", "add", "1", "r")
+    old.execute(
+        "INSERT INTO entities (instance_id, last_modified_at, leased_by) VALUES ('@c@k', ?, "
+        "'dead')",
+        (t,),
+    )
+    old.execute(
+        "INSERT INTO entity_inbox (instance_id, event, visible_at) VALUES ('@c@k', ?, ?)",
+        (signal.SerializeToString(), t),
+    )
+    old.commit()
+    old.close()
+
+    store = SqliteBackend(path)
+    await store.open()
+    try:
+        item = await lease_one(store, "me")
+        assert item is not None and item.attempt == 3 and item.lease.epoch >= 1
+        assert [ev.kind(e) for e in item.history] == ["executionStarted"]
+        activity = await lease_one_activity(store, "me")
+        assert activity is not None and activity.attempt == 2
+        [entity] = await store.lease_entities("me", now(), 10)
+        assert [m.event.entityOperationSignaled.operation for m in entity.inbox] == ["add"]
+        step = StepResult(state=item.state, consumed=(item.inbox[0].id,), history=[])
+        await commit_step(store, item, step)
+        await store.apply(ops.deliver_result(activity, ev.task_completed(now(), 1, "1"), now()))
+        again = await lease_one(store, "me")
+        assert again is not None and again.attempt == 1
+        assert [ev.kind(m.event) for m in again.inbox] == ["taskCompleted"]
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM activities WHERE leased_by IS NULL "
+            "AND visible_at <= 1 ORDER BY visible_at, id LIMIT 1"
+        ).fetchall()
+        assert "activities_ready" in " ".join(row[3] for row in plan)
+    finally:
+        conn.close()
+
+
+async def test_a_store_of_a_newer_schema_is_refused_and_left_as_it_is(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = str(tmp_path / "new.sqlite3")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    store = SqliteBackend(path)
+    with pytest.raises(StoreUnavailable, match="schema version 3, written by a newer dt-trio"):
+        await store.open()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+    finally:
+        conn.close()

@@ -1,6 +1,7 @@
 """Processors and executors: pull work from the store, run it, commit the result."""
 
 from dt_trio._engine._client import HubClient
+from dt_trio._engine._dispatch import Dispatcher
 from dt_trio._engine._executor import (
     Executor,
     LocalRunner,
@@ -9,17 +10,18 @@ from dt_trio._engine._executor import (
     RoutingExecutor,
     WorkAbandoned,
     WorkTooLarge,
+    WorkUnclaimed,
 )
 from dt_trio._engine._processors import (
     ActivityProcessor,
     EntityProcessor,
     OrchestrationProcessor,
-    link,
 )
 from dt_trio._engine._signals import Signals
 
 __all__ = [
     "ActivityProcessor",
+    "Dispatcher",
     "EntityProcessor",
     "Executor",
     "HubClient",
@@ -31,5 +33,5 @@ __all__ = [
     "Signals",
     "WorkAbandoned",
     "WorkTooLarge",
-    "link",
+    "WorkUnclaimed",
 ]

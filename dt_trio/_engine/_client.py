@@ -11,17 +11,15 @@ import logging
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
-from dt_trio._core import InboxMessage, InstanceState, Status, check_entity_id, signal_event
+from dt_trio._core import InstanceState, Status, check_entity_id, signal_event
 from dt_trio._core import _events as ev
+from dt_trio._core import _operations as ops
+from dt_trio._engine._dispatch import Dispatcher
 from dt_trio._engine._signals import Signals
 from dt_trio._errors import InstanceNotFound, InvalidRequest
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import Backend, OrchestrationWorkItem, StepAhead
-
-if TYPE_CHECKING:
-    from dt_trio._engine._processors import Committed, OrchestrationProcessor
+from dt_trio._store import Backend
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +35,12 @@ class HubClient:
         self,
         store: Backend,
         signals: Signals,
-        orchestrations: OrchestrationProcessor | None = None,
+        dispatch: Dispatcher | None = None,
     ) -> None:
         self.store = store
         self.signals = signals
         # Where an instance that starts now goes straight from its creation (see `start`).
-        self.orchestrations = orchestrations
+        self.dispatch = dispatch
 
     async def start(
         self,
@@ -93,25 +91,11 @@ class HubClient:
             parent_trace_context=trace,
         )
         visible = start_at if start_at is not None and start_at > now else now
-
-        async def create(lease_to: str | None, ahead: StepAhead | None) -> Committed:
-            return await self.store.create_instance(
-                state, started, visible, replaceable, lease_to, ahead
-            )
-
-        if self.orchestrations is not None:
-            # Leased in its creation's transaction: its first step starts without a wake-up
-            # and a lease of its own, and, if it starts now, beside that transaction (the
-            # message id is the store's to give: the step waits for it before its commit),
-            # or, run here, before it and committed in it.
-            expected = (
-                OrchestrationWorkItem(state, [], [InboxMessage(0, started)])
-                if visible <= now
-                else None
-            )
-            await self.orchestrations.hand_over(create, expected)
+        allowed = frozenset(replaceable) if replaceable is not None else None
+        if self.dispatch is not None:
+            await self.dispatch.start(state, started, visible, now, allowed)
         else:
-            await create(None, None)
+            await self.store.apply(ops.start(state, started, visible, now, allowed))
         log.info("%s: created orchestration '%s'", instance_id, name)
         return instance_id
 
@@ -152,13 +136,14 @@ class HubClient:
             raise InvalidRequest("name (the operation) is required and must not be empty")
         now = _now()
         event = signal_event(now, entity_id, operation, input, request_id or uuid.uuid4().hex, at)
-        await self.store.signal_entity(entity_id, event, at if at and at > now else now)
+        visible = at if at and at > now else now
+        await self.store.apply(ops.signal_entity(entity_id, event, visible, now))
 
     async def raise_event(self, instance_id: str, name: str, data: str | None) -> None:
         if not name:
             raise InvalidRequest("the event name is required and must not be empty")
         now = _now()
-        await self.store.enqueue(instance_id, ev.event_raised(now, name, data), now)
+        await self.store.apply(ops.send_event(instance_id, ev.event_raised(now, name, data), now))
 
     async def terminate(self, instance_id: str, output: str | None, recursive: bool) -> None:
         await self._control(instance_id, ev.execution_terminated(_now(), output, recursive))
@@ -176,4 +161,4 @@ class HubClient:
             raise InstanceNotFound(instance_id)
         if state.status.is_terminal:
             return
-        await self.store.enqueue(instance_id, event, _now())
+        await self.store.apply(ops.send_event(instance_id, event, _now()))

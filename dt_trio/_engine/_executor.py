@@ -10,6 +10,11 @@ that token.
 When a stream ends for any reason, the items it had not been sent yet go back to the queue for
 another worker, and the items it held unanswered are abandoned at once, so the processor
 releases the lease and the item is redelivered.
+
+An item no connected worker accepts (none is connected, or their filters leave it out) waits
+`unclaimed_seconds`, then goes back untried (`WorkUnclaimed`): its lease is released with its
+attempts kept, so that another process's workers can take it. The processors lease only work
+of a kind some worker takes (`has_workers`), so an idle hub without workers leases nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Protocol
 
 import trio
 
+from dt_trio._core._commit import WorkKind
 from dt_trio._errors import InvalidRequest, StoreUnavailable, UnknownWorkItem
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
@@ -32,9 +38,8 @@ log = logging.getLogger(__name__)
 
 # The SDKs treat 120 s without a message on the stream as a silent disconnect; ping well inside.
 HEALTH_PING_INTERVAL = 30.0
-ORCHESTRATION = "orchestration"
-ACTIVITY = "activity"
-ENTITY = "entity"
+# How long an item no connected worker accepts waits for one before it is given back.
+UNCLAIMED_SECONDS = 1.5
 
 
 # The largest work item sent to a worker: gRPC's default limit on a received message, which
@@ -55,6 +60,11 @@ class WorkAbandoned(Exception):
         self.delay = delay  # how long the item should stay invisible before it is retried
 
 
+class WorkUnclaimed(Exception):
+    """No connected worker accepts the item, and none that does connected in time: it was
+    never tried, and goes back for whoever can run it."""
+
+
 # What a processor makes of a worker's answer to one of its items: it returns what the
 # processor needs from the answer, or raises if the answer does not fit the item (see
 # `RemoteExecutor.complete`).
@@ -65,7 +75,7 @@ Check = Callable[[object], object]
 class Route:
     """What a worker's filters look at: the item's kind, name and version."""
 
-    kind: str
+    kind: WorkKind
     name: str
     version: str | None = None
 
@@ -113,6 +123,11 @@ class Pending:
     worker: _Worker | None = None
     # Set once the item is on its way to a worker (see `RemoteExecutor.execute`).
     on_its_way: trio.Event | None = None
+    # Given back because no worker accepts it (see `RemoteExecutor._answer`).
+    unclaimed: bool = False
+    # The wait for the answer while some worker accepts the item: cancelled when the last
+    # one leaves, so that the wait for another one starts.
+    watch: trio.CancelScope | None = None
 
     def went_out(self) -> None:
         if self.on_its_way is not None:
@@ -150,19 +165,21 @@ class _Worker:
         self.name = request.worker_instance_id or f"stream {number}"
         opted_in = request.HasField("workItemFilters")
         filters = request.workItemFilters
-        self.filters: dict[str, NameFilter] = {
-            ORCHESTRATION: _name_filter(filters.orchestrations, opted_in),
-            ACTIVITY: _name_filter(filters.activities, opted_in),
+        self.filters: dict[WorkKind, NameFilter] = {
+            WorkKind.ORCHESTRATION: _name_filter(filters.orchestrations, opted_in),
+            WorkKind.ACTIVITY: _name_filter(filters.activities, opted_in),
             # Entity names are case-insensitive (ids carry them in lower case) and unversioned.
-            ENTITY: {f.name.lower(): frozenset() for f in filters.entities} if opted_in else None,
+            WorkKind.ENTITY: {f.name.lower(): frozenset() for f in filters.entities}
+            if opted_in
+            else None,
         }
         # The SDKs' maxConcurrent*WorkItems: 0 (unset) means no limit.
         self.limits = {
-            ORCHESTRATION: request.maxConcurrentOrchestrationWorkItems or math.inf,
-            ACTIVITY: request.maxConcurrentActivityWorkItems or math.inf,
-            ENTITY: request.maxConcurrentEntityWorkItems or math.inf,
+            WorkKind.ORCHESTRATION: request.maxConcurrentOrchestrationWorkItems or math.inf,
+            WorkKind.ACTIVITY: request.maxConcurrentActivityWorkItems or math.inf,
+            WorkKind.ENTITY: request.maxConcurrentEntityWorkItems or math.inf,
         }
-        self.in_flight: collections.Counter[str] = collections.Counter()
+        self.in_flight: collections.Counter[WorkKind] = collections.Counter()
         # The stream waits for its next item: one handed to it goes out in its next turn.
         self.waiting = False
         # Items sent on this stream and not finished yet: abandoned if the stream ends.
@@ -178,23 +195,34 @@ class _Worker:
             return False
         return not versions or (route.version or "") in versions
 
-    def has_room(self, kind: str) -> bool:
+    def takes(self, kind: WorkKind) -> bool:
+        """Whether the worker takes any work of `kind` (its filters may leave a kind out)."""
+        accepted = self.filters[kind]
+        return accepted is None or bool(accepted)
+
+    def has_room(self, kind: WorkKind) -> bool:
         return self.in_flight[kind] < self.limits[kind]
 
 
 class RemoteExecutor:
     """The bridge between the processors and the workers' GetWorkItems streams."""
 
-    def __init__(self, max_work_item_bytes: int = MAX_WORK_ITEM_BYTES) -> None:
+    def __init__(
+        self,
+        max_work_item_bytes: int = MAX_WORK_ITEM_BYTES,
+        unclaimed_seconds: float = UNCLAIMED_SECONDS,
+    ) -> None:
         self.max_work_item_bytes = max_work_item_bytes
+        self.unclaimed_seconds = unclaimed_seconds
         # One queue per kind: when no worker has room for activities, say, the items behind
         # them are not walked over at every dispatch.
-        self._queues: dict[str, collections.deque[Pending]] = {
-            kind: collections.deque() for kind in (ORCHESTRATION, ACTIVITY, ENTITY)
+        self._queues: dict[WorkKind, collections.deque[Pending]] = {
+            kind: collections.deque() for kind in WorkKind
         }
         self._pending: dict[str, Pending] = {}
         self._workers: list[_Worker] = []
         self._numbers = itertools.count(1)
+        self._workers_changed = trio.Event()
 
     @property
     def connected(self) -> int:
@@ -204,6 +232,18 @@ class RemoteExecutor:
 
     def runs_here(self, route: Route) -> bool:
         return False
+
+    def has_workers(self, kind: WorkKind) -> bool:
+        """Whether a connected worker takes work of `kind`."""
+        return any(w.takes(kind) for w in self._workers)
+
+    async def workers_changed(self) -> None:
+        """Return once a worker connects or leaves."""
+        await self._workers_changed.wait()
+
+    def _note_workers_changed(self) -> None:
+        self._workers_changed.set()
+        self._workers_changed = trio.Event()
 
     async def execute_step(
         self,
@@ -254,7 +294,7 @@ class RemoteExecutor:
         if pending.worker is None:
             pending.went_out()  # queued: nothing to wait for
         try:
-            await pending.answered.wait()
+            await self._answer(pending)
         except BaseException:
             pending.abandon(0.0)
             self.finish(
@@ -262,10 +302,34 @@ class RemoteExecutor:
                 StoreUnavailable("the sidecar withdrew the work item; it will be redelivered"),
             )
             raise
+        if pending.unclaimed:
+            self.finish(pending)
+            raise WorkUnclaimed(
+                f"no connected worker takes the {route.kind.value} work item for "
+                f"'{route.name}'; it goes back untried"
+            )
         if pending.abandon_delay is not None:
             self.finish(pending)
             raise WorkAbandoned(f"work item {token} was abandoned", pending.abandon_delay)
         return pending
+
+    async def _answer(self, pending: Pending) -> None:
+        """Wait until the item is answered or abandoned, or, while no connected worker
+        accepts it, at most `unclaimed_seconds` (then it is abandoned as `unclaimed`)."""
+        while not pending.answered.is_set():
+            if pending.worker is None and not self._claimable(pending.route):
+                with trio.move_on_after(self.unclaimed_seconds):
+                    await pending.answered.wait()
+                if pending.worker is None and not self._claimable(pending.route):
+                    pending.unclaimed = True
+                    pending.abandon(0.0)
+                continue
+            with trio.CancelScope() as pending.watch:
+                await pending.answered.wait()
+            pending.watch = None
+
+    def _claimable(self, route: Route) -> bool:
+        return any(w.accepts(route) for w in self._workers)
 
     def finish(self, pending: Pending, error: BaseException | None = None) -> None:
         """Forget the item, free its worker's slot and release the rpc that completed it."""
@@ -283,7 +347,7 @@ class RemoteExecutor:
             if queue:
                 self._dispatch_kind(kind, queue)
 
-    def _dispatch_kind(self, kind: str, queue: collections.deque[Pending]) -> None:
+    def _dispatch_kind(self, kind: WorkKind, queue: collections.deque[Pending]) -> None:
         """Items of one kind in order, while some worker has room for that kind; an item that
         no worker with room accepts (work-item filters) waits without holding up the rest."""
         skipped: list[Pending] = []
@@ -358,6 +422,7 @@ class RemoteExecutor:
         worker = _Worker(next(self._numbers), request)
         self._workers.append(worker)
         log.info("worker stream %d connected (%s)", worker.number, worker.name)
+        self._note_workers_changed()
         self._dispatch()
         try:
             while True:
@@ -409,6 +474,12 @@ class RemoteExecutor:
                 worker.number,
                 len(abandoned) + len(unsent),
             )
+            self._note_workers_changed()
+            for pending in self._pending.values():
+                # Waiting for a worker no connected one is any more: wait for one in time.
+                if pending.watch is not None and pending.worker is None:
+                    if not self._claimable(pending.route):
+                        pending.watch.cancel()
             self._dispatch()
 
 
@@ -456,11 +527,22 @@ class Executor(Protocol):
         """Whether work on `route` runs in this process (else on an SDK worker)."""
         ...
 
+    def has_workers(self, kind: WorkKind) -> bool:
+        """Whether anything (this process's code, a connected worker) runs work of `kind`:
+        a processor leases only work that some worker can take."""
+        ...
+
+    async def workers_changed(self) -> None:
+        """Return once `has_workers` may answer differently."""
+        ...
+
 
 class LocalRunner(Executor, Protocol):
     """An executor for the work this process can run itself (dt_trio._local)."""
 
-    def accepts(self, route: Route) -> bool: ...
+    def accepts(self, route: Route) -> bool:
+        """Whether this process has the code for work on `route`."""
+        ...
 
 
 class RoutingExecutor:
@@ -473,6 +555,13 @@ class RoutingExecutor:
 
     def runs_here(self, route: Route) -> bool:
         return self.local is not None and self.local.accepts(route)
+
+    def has_workers(self, kind: WorkKind) -> bool:
+        local = self.local is not None and self.local.has_workers(kind)
+        return local or self.remote.has_workers(kind)
+
+    async def workers_changed(self) -> None:
+        await self.remote.workers_changed()  # this process's code does not change
 
     async def execute(
         self,

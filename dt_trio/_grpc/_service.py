@@ -14,6 +14,7 @@ from google.protobuf import empty_pb2
 from dt_trio import _core as core
 from dt_trio._core import EntityState, InstanceState, Status
 from dt_trio._core import _events as ev
+from dt_trio._core import _operations as ops
 from dt_trio._engine import HubClient, RemoteExecutor
 from dt_trio._engine._executor import Pending
 from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest
@@ -217,7 +218,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         event = ev.new_event(_now())
         event.executionRewound.SetInParent()
         ev.set_str(event.executionRewound.reason, ev.opt_str(request, "reason"))
-        await self._store.rewind(request.instanceId, event)
+        await self._store.apply(ops.rewind(request.instanceId, event, _now()))
         return pb.RewindInstanceResponse()
 
     async def SkipGracefulOrchestrationTerminations(
@@ -244,8 +245,10 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
             if state is None or state.status.is_terminal:
                 return False
             history = await self._store.get_history(instance_id)
-            result = core.terminate_now(state, history, reason, _now())
-            if await self._store.commit_forced(result, state.last_updated_at):
+            now = _now()
+            result = core.terminate_now(state, history, reason, now)
+            forced = ops.terminate_forced(result, state.last_updated_at, now)
+            if not (await self._store.apply(forced)).alternative:
                 log.info("%s: terminated without the orchestrator", instance_id)
                 return True
         return False

@@ -18,14 +18,8 @@ import trio
 
 from dt_trio._core import _events as ev
 from dt_trio._core import entity_name
-from dt_trio._engine._executor import (
-    ACTIVITY,
-    ENTITY,
-    ORCHESTRATION,
-    Check,
-    OrchestrationStep,
-    Route,
-)
+from dt_trio._core._commit import WorkKind
+from dt_trio._engine._executor import Check, OrchestrationStep, Route
 from dt_trio._local._registry import Registry
 from dt_trio._local._replay import (
     ReplayCache,
@@ -106,11 +100,22 @@ class LocalExecutor:
         return self.accepts(route)
 
     def accepts(self, route: Route) -> bool:
-        if route.kind == ORCHESTRATION:
-            return route.name in self._registry.orchestrators
-        if route.kind == ACTIVITY:
-            return route.name in self._registry.activities
-        return route.name.lower() in self._registry.entities
+        # Entity names are matched without case, as entity ids carry them in lower case.
+        name = route.name.lower() if route.kind is WorkKind.ENTITY else route.name
+        return name in self._names(route.kind)
+
+    def has_workers(self, kind: WorkKind) -> bool:
+        return bool(self._names(kind))
+
+    async def workers_changed(self) -> None:
+        await trio.sleep_forever()  # the registry is what it is
+
+    def _names(self, kind: WorkKind) -> dict[str, Any]:
+        if kind is WorkKind.ORCHESTRATION:
+            return self._registry.orchestrators
+        if kind is WorkKind.ACTIVITY:
+            return self._registry.activities
+        return self._registry.entities
 
     async def execute(
         self,
@@ -121,9 +126,9 @@ class LocalExecutor:
     ) -> LocalAnswer:
         if on_its_way is not None:
             on_its_way.set()  # it runs here and now
-        assert route.kind != ORCHESTRATION, "orchestrator steps come through execute_step"
+        assert route.kind is not WorkKind.ORCHESTRATION, "steps come through execute_step"
         response: object
-        if route.kind == ENTITY:
+        if route.kind is WorkKind.ENTITY:
             fn = self._registry.entities[route.name.lower()]
             response = await self._entity_batch(fn, work_item.entityRequestV2)
         else:

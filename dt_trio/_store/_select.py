@@ -6,14 +6,9 @@ Nothing here needs psycopg: the PostgreSQL store is imported only when it is ask
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from dt_trio._errors import StoreUnavailable
-from dt_trio._store._backend import StoreListener
-
-if TYPE_CHECKING:
-    from dt_trio._store._postgres import PostgresBackend
-    from dt_trio._store._sqlite import SqliteBackend
+from dt_trio._store._backend import Backend, StoreListener
 
 DEFAULT_HUB = "default"
 DEFAULT_LEASE_TTL = 30.0
@@ -44,7 +39,7 @@ def make_store(
     *,
     hub: str = DEFAULT_HUB,
     lease_ttl: float = DEFAULT_LEASE_TTL,
-) -> SqliteBackend | PostgresBackend:
+) -> Backend:
     """The store `db` names, not yet opened: a `PostgresBackend` for a postgresql:// address
     (hub `hub`, leases of `lease_ttl` seconds), a `SqliteBackend` otherwise (one hub per file:
     `hub` must be the default)."""

@@ -54,8 +54,10 @@ from dt_trio._store._backend import (
     EntityFilter,
     InstanceFilter,
     Leased,
+    NullListener,
     PageKey,
     StoreListener,
+    notify,
 )
 from dt_trio._store._postgres import _apply
 from dt_trio._store._postgres._apply import LEASED_INSTANCE, TERMINAL, Tx
@@ -113,23 +115,6 @@ class Counts:
         return self.statements + 2 * self.transactions
 
 
-class _NullListener:
-    def orchestration_work_added(self) -> None:
-        pass
-
-    def activity_work_added(self) -> None:
-        pass
-
-    def entity_work_added(self) -> None:
-        pass
-
-    def instance_changed(self, instance_id: str, state: InstanceState | None = None) -> None:
-        pass
-
-    def any_instance_changed(self) -> None:
-        pass
-
-
 @dataclasses.dataclass
 class _Held:
     """A lease this process holds and, for an instance, its history's length then."""
@@ -162,7 +147,7 @@ class PostgresBackend:
         self.hub = hub
         self.schema = schema_name(hub)
         self.description = describe(address) + ("" if hub == DEFAULT_HUB else f"#{hub}")
-        self.listener: StoreListener = listener or _NullListener()
+        self.listener: StoreListener = listener or NullListener()
         self.lease_ttl = lease_ttl
         self._ttl = timedelta(seconds=lease_ttl)
         self._pool_size = pool_size
@@ -361,7 +346,7 @@ class PostgresBackend:
 
     def _tell(self, change: Wakeups) -> None:
         """Wake this hub and, through the notifier, the other sidecars."""
-        _tell(self.listener, change)
+        notify(self.listener, change)
         self._outbox.add(change)
 
     def _track(self, tx: Tx) -> None:
@@ -902,21 +887,10 @@ class PostgresBackend:
                 )
             except StoreUnavailable:
                 continue
-            _tell(self.listener, wakeups_of(found))
+            notify(self.listener, wakeups_of(found))
             if expired:
                 log.info("took back expired leases: %s", ", ".join(k.value for k in expired))
                 self._outbox.add(wakeups_of(expired))
-
-
-def _tell(listener: StoreListener, change: Wakeups) -> None:
-    if change.orchestrations:
-        listener.orchestration_work_added()
-    if change.activities:
-        listener.activity_work_added()
-    if change.entities:
-        listener.entity_work_added()
-    for instance_id, state in change.instances:
-        listener.instance_changed(instance_id, state)
 
 
 @dataclasses.dataclass(frozen=True)

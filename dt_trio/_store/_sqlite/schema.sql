@@ -1,5 +1,6 @@
--- dt-trio sqlite schema. Times are integer microseconds since the Unix epoch (UTC).
-PRAGMA user_version = 1;
+-- dt-trio sqlite schema, version 2 (see _schema.py for the migration from 1). Times are integer
+-- microseconds since the Unix epoch (UTC). A lease is (leased_by, lease_epoch): the owner, one
+-- hub process, and the grant (see dt_trio._core._commit.Lease).
 
 -- One row per orchestration instance: the current execution's summary and its lease.
 CREATE TABLE IF NOT EXISTS instances (
@@ -19,10 +20,11 @@ CREATE TABLE IF NOT EXISTS instances (
     parent_instance_id  TEXT,
     tags                TEXT,
     trace_context       BLOB,
-    locked_by           TEXT,
+    leased_by           TEXT,
     -- failed attempts at the next step (its worker crashed, gave it back or answered badly,
     -- or its commit failed; a lease alone does not count): too many and the step is poison
-    dequeue_count       INTEGER NOT NULL DEFAULT 0
+    failed_attempts     INTEGER NOT NULL DEFAULT 0,
+    lease_epoch         INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS instances_parent ON instances (parent_instance_id)
     WHERE parent_instance_id IS NOT NULL;
@@ -57,13 +59,14 @@ CREATE TABLE IF NOT EXISTS activities (
     execution_id  TEXT NOT NULL,
     event         BLOB NOT NULL,
     visible_at    INTEGER NOT NULL,
-    locked_by     TEXT,
-    dequeue_count INTEGER NOT NULL DEFAULT 0
+    leased_by     TEXT,
+    failed_attempts INTEGER NOT NULL DEFAULT 0,
+    lease_epoch   INTEGER
 );
-CREATE INDEX IF NOT EXISTS activities_ready ON activities (locked_by, visible_at);
+CREATE INDEX IF NOT EXISTS activities_ready ON activities (leased_by, visible_at);
 CREATE INDEX IF NOT EXISTS activities_instance ON activities (instance_id);
 
--- Durable entities (@name@key): state, lock and lease. A row exists while the entity has state,
+-- Durable entities (@name@key): state, lock (an orchestration's critical section) and lease. A row exists while the entity has state,
 -- a lock or queued messages.
 CREATE TABLE IF NOT EXISTS entities (
     instance_id       TEXT PRIMARY KEY,
@@ -72,7 +75,8 @@ CREATE TABLE IF NOT EXISTS entities (
     locked_by         TEXT,   -- the critical section holding the lock
     lock_owner        TEXT,   -- the orchestration of that critical section
     leased_by         TEXT,
-    dequeue_count     INTEGER NOT NULL DEFAULT 0
+    failed_attempts   INTEGER NOT NULL DEFAULT 0,
+    lease_epoch       INTEGER
 ) WITHOUT ROWID;
 
 -- Operations, lock requests and unlocks for an entity, in arrival order. `deferred` messages
@@ -86,3 +90,5 @@ CREATE TABLE IF NOT EXISTS entity_inbox (
 );
 CREATE INDEX IF NOT EXISTS entity_inbox_ready ON entity_inbox (deferred, visible_at);
 CREATE INDEX IF NOT EXISTS entity_inbox_instance ON entity_inbox (instance_id, visible_at);
+
+PRAGMA user_version = 2;
