@@ -54,6 +54,50 @@ class Store:
         return {"db": self.db, "hub": self.hub, "lease_ttl": self.lease_ttl}
 
 
+def _store_class() -> type[Any]:
+    if STORE == "postgres":
+        from dt_trio._store._postgres import PostgresBackend
+
+        return PostgresBackend
+    from dt_trio._store import SqliteBackend
+
+    return SqliteBackend
+
+
+# The suite's store class, for tests that make a store of their own (or subclass one): build
+# it with `store_args()` first.
+StoreClass = _store_class()
+
+
+def store_args() -> tuple[str, ...]:
+    """A new store's first arguments: "" (sqlite in memory), or the session's PostgreSQL
+    server and a hub of its own."""
+    if STORE == "postgres":
+        return (os.environ[_postgres.ENV_SERVER], _postgres.new_hub())
+    return ("",)
+
+
+# The kinds of store the store tests run on: an sqlite file and memory, or PostgreSQL.
+STORE_KINDS = ["file", "memory"] if STORE == "sqlite" else ["postgres"]
+
+
+def store_factory(kind: str, tmp_path: pathlib.Path) -> Callable[..., Any]:
+    """Stores of `kind` (see STORE_KINDS) on one place, not opened: each call makes a new
+    store object there (as a new process would), with the given keywords (`listener`)."""
+    if kind == "postgres":
+        place = (os.environ[_postgres.ENV_SERVER], _postgres.new_hub())
+    else:
+        place = (str(tmp_path / "hub.sqlite3") if kind == "file" else "",)
+    return lambda **kw: StoreClass(*place, **kw)
+
+
+async def cache_problems(store: Any) -> list[str]:
+    """Where the store's cache of instances differs from the store (sqlite's; a PostgreSQL
+    store keeps none): empty when it is coherent."""
+    verify = getattr(store, "verify_cache", None)
+    return [] if verify is None else list(await verify())
+
+
 def a_store(tmp_path: pathlib.Path, name: str = "taskhub.sqlite3") -> Store:
     """A new task hub on the suite's store: the file `name` in `tmp_path`, or a hub of its
     own on the session's PostgreSQL server."""

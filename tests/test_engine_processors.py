@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import trio
+from _harness import StoreClass, store_args
 
 from dt_trio._core import InstanceState, Status, StepResult
 from dt_trio._core import _events as ev
@@ -12,14 +13,13 @@ from dt_trio._core import _operations as ops
 from dt_trio._core._commit import Applied, Commit, WriteStep
 from dt_trio._engine import Dispatcher, OrchestrationProcessor, RemoteExecutor, Signals
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import SqliteBackend
 
 
 def now() -> datetime:
     return datetime.now(UTC)
 
 
-class PurgingStore(SqliteBackend):
+class PurgingStore(StoreClass):
     """Purges the instance 'doomed' between its lease and its commit, as a client may."""
 
     async def apply(self, commit: Commit) -> Applied:
@@ -35,7 +35,7 @@ async def a_worker(executor: RemoteExecutor) -> None:
         pass
 
 
-async def finished_with_a_stray_event(store: SqliteBackend, instance_id: str) -> None:
+async def finished_with_a_stray_event(store: StoreClass, instance_id: str) -> None:
     t = now()
     state = InstanceState(
         instance_id=instance_id,
@@ -54,7 +54,7 @@ async def finished_with_a_stray_event(store: SqliteBackend, instance_id: str) ->
 
 async def test_an_instance_purged_mid_step_does_not_stop_the_processor() -> None:
     signals = Signals()
-    store = PurgingStore("", listener=signals)
+    store = PurgingStore(*store_args(), listener=signals)
     await store.open()
     try:
         await finished_with_a_stray_event(store, "doomed")
@@ -81,7 +81,7 @@ async def test_an_activity_nobody_answers_fails_its_task_after_the_attempt_cap()
     from dt_trio._proto import orchestrator_service_pb2 as pb
 
     signals = Signals()
-    store = SqliteBackend("", listener=signals)
+    store = StoreClass(*store_args(), listener=signals)
     await store.open()
     executor = RemoteExecutor()
     try:
