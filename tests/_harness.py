@@ -54,6 +54,23 @@ class Store:
         return {"db": self.db, "hub": self.hub, "lease_ttl": self.lease_ttl}
 
 
+def query_store(store: Store, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of `sql` (plain SQL both stores understand, on the tables of `store`'s hub), read
+    directly from the store (an sqlite file read-only, or the hub's schema)."""
+    if store.postgres:
+        import psycopg
+
+        with psycopg.connect(store.db, options=f"-c search_path=dt_trio_{store.hub}") as conn:
+            return conn.execute(sql.encode()).fetchall()
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{store.db}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
 def _store_class() -> type[Any]:
     if STORE == "postgres":
         from dt_trio._store._postgres import PostgresBackend
