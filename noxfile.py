@@ -100,6 +100,9 @@ def js(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
     """dt-trio against the SDK's in-memory reference server (and a no-op server, for the SDK
-    worker's own limit): -- [--quick] [--rounds N] [--json FILE]."""
+    worker's own limit): -- [--quick] [--rounds N] [--json FILE]; -- --store postgres for 1,
+    2 and 3 sidecars on PostgreSQL."""
     session.install("-e", ".[test]")
+    if "postgres" in session.posargs:
+        _need_postgres(session)
     session.run("python", "tests/bench/bench.py", *session.posargs)

@@ -1,6 +1,6 @@
 """dt-trio against the official SDK's in-memory reference server, same SDK worker and client.
 
-    python tests/bench/bench.py [--quick] [--rounds N] [--json FILE]
+    python tests/bench/bench.py [--quick] [--rounds N] [--json FILE] [--store postgres]
 
 Both servers run in their own process; this process runs the official Python SDK's worker and
 client against each in turn and prints one table with the ratio dt-trio / reference. dt-trio
@@ -17,6 +17,9 @@ Then the same hello-cities and fan-out workloads run through dt-trio's local Pyt
 gRPC: orchestrations and activities in the hub's own process, on an sqlite file; each round in
 a fresh interpreter, as a user's script), which the reference has no counterpart for; they are
 reported on their own.
+
+With --store postgres, dt-trio on PostgreSQL instead, with 1, 2 and 3 sidecars: see
+bench_postgres.py.
 """
 
 from __future__ import annotations
@@ -369,7 +372,17 @@ def main() -> int:
         help="runs of each server (alternating which goes first) and of the local API; "
         "medians are reported",
     )
+    parser.add_argument(
+        "--store",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="postgres: 1, 2 and 3 sidecars on PostgreSQL (see bench_postgres.py)",
+    )
     args = parser.parse_args()
+    if args.store == "postgres":
+        import bench_postgres
+
+        return bench_postgres.main(args.quick, args.rounds, args.json)
     if args.local_round:
         print(json.dumps(trio.run(local_workloads, args.quick)))
         return 0

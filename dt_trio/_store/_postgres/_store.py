@@ -252,6 +252,14 @@ class PostgresBackend:
             await trio.to_thread.run_sync(give_back)
         for leases in self._held.values():
             leases.clear()
+        counts = self.counts
+        log.info(
+            "%s: %d statements in %d transactions (%d round trips)",
+            self.description,
+            counts.statements,
+            counts.transactions,
+            counts.round_trips,
+        )
 
     def busy(self) -> bool:
         return self._limiter.borrowed_tokens >= self._limiter.total_tokens
