@@ -85,16 +85,21 @@ def sdk_suites(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
-def js(session: nox.Session) -> None:
-    """The official JavaScript SDK (@microsoft/durabletask-js) against dt-trio."""
+@nox.parametrize("store", ["sqlite", "postgres"])
+def js(session: nox.Session, store: str) -> None:
+    """The official JavaScript SDK (@microsoft/durabletask-js) against dt-trio, on an sqlite
+    store in memory and on PostgreSQL."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         session.skip("node and npm are not on PATH: the JavaScript SDK tests need Node.js 18+")
-    session.install("-e", ".")
+    session.install("-e", ".[postgres]")
     session.run("npm", "ci", "--silent", "--prefix", "tests/js", external=True)
     python = os.path.join(session.bin, "python")
-    session.run(
-        "npm", "test", "--prefix", "tests/js", external=True, env={"DT_TRIO_PYTHON": python}
-    )
+    test = ["npm", "test", "--prefix", "tests/js"]
+    if store == "postgres":
+        _need_postgres(session)
+        # a throwaway cluster (or $DT_TRIO_TEST_PG) around the run
+        test = ["python", "tests/_postgres.py", *test]
+    session.run(*test, external=True, env={"DT_TRIO_PYTHON": python})
 
 
 @nox.session(python="3.11")

@@ -162,6 +162,19 @@ def server() -> Iterator[str]:
         yield made.address
 
 
+def run(command: list[str]) -> int:
+    """`command` with DT_TRIO_TEST_PG naming a server: the one given, or a throwaway cluster
+    made for it (`python tests/_postgres.py COMMAND...`)."""
+    with server() as address:
+        return subprocess.run(command, env={**os.environ, ENV_SERVER: address}).returncode
+
+
 def new_hub() -> str:
     """A hub name no other test uses (each test's store gets a schema of its own)."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(run(sys.argv[1:]))
