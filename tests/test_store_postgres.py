@@ -26,6 +26,7 @@ from dt_trio._core import (
     signal_event,
 )
 from dt_trio._core import _events as ev
+from dt_trio._core import _operations as ops
 from dt_trio._core._commit import (
     Attempts,
     Commit,
@@ -500,6 +501,25 @@ async def test_a_step_in_one_statement_writes_what_the_general_path_writes(
             answers.append((applied.waiting, applied.dropped, [a.id for a in applied.activities]))
             for leased in await store.lease_orchestrations(ME, t0, 5):
                 await store.apply(dataclasses.replace(step(leased, state=leased.state), now=t0))
+            # the activities' results: one to a gone execution, one taking its instance
+            [first, second] = applied.activities
+            [third] = await store.lease_activities(ME, t0, 5)
+            for activity, execution, take in ((first, "gone", None), (second, "e0", ME)):
+                result = ev.task_completed(t0, activity.scheduled.eventId, '"ok"')
+                delivered = await store.apply(
+                    ops.deliver_result(
+                        dataclasses.replace(activity, execution_id=execution), result, t0, take
+                    )
+                )
+                answers.append(
+                    (delivered.dropped, [o.state.instance_id for o in delivered.orchestrations])
+                )
+            with pytest.raises(LockLost):
+                await store.apply(ops.deliver_result(first, ev.task_completed(t0, 0, None), t0))
+            answers.append(
+                [m.event.HasField("taskCompleted") for m in delivered.orchestrations[0].inbox]
+            )
+            await store.apply(ops.release_activity(third, t0, Attempts.KEEP))
             with psycopg.connect(pg_address) as conn:
                 schema = f"{store.schema}"
                 dump = {}
@@ -522,9 +542,10 @@ async def test_a_step_in_one_statement_writes_what_the_general_path_writes(
                 dumps.append(dump)
         finally:
             await store.close()
-    assert answers[0] == answers[1] == (True, 2, [1, 2])
+    assert answers[:4] == answers[4:]
+    assert answers[:4] == [(True, 2, [1, 2]), (1, []), (0, ["i1"]), [True]]
     assert dumps[0] == dumps[1]
-    assert [r["instance_id"] for r in dumps[0]["inbox"]] == ["i1"]  # the timer
+    assert [r["instance_id"] for r in dumps[0]["inbox"]] == ["i1", "i1"]  # the timer, a result
 
 
 # -- the schema ----------------------------------------------------------------------------------

@@ -120,6 +120,8 @@ class Servers:
         )
 
     def stop(self) -> None:
+        """Stop the workers and the servers; keep what the dt-trio PostgreSQL sidecars logged
+        they sent as they stopped (`statements`, `round_trips`)."""
         for proc in [*self.workers, *self.procs]:
             if proc.poll() is None:
                 proc.terminate()
@@ -128,17 +130,13 @@ class Servers:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-
-    def counts(self) -> tuple[int, int]:
-        """(statements, round trips) the dt-trio PostgreSQL sidecars logged as they stopped."""
-        statements = round_trips = 0
+        self.statements = self.round_trips = 0
         for path in self.logs:
-            found = re.search(r"(\d+) statements in \d+ transactions \((\d+) round trips\)",
-                              open(path).read())  # fmt: skip
-            if found:
-                statements += int(found.group(1))
-                round_trips += int(found.group(2))
-        return statements, round_trips
+            with open(path) as log:
+                text = log.read()
+            for found in re.finditer(r"(\d+) statements in \d+ transactions \((\d+) round", text):
+                self.statements += int(found.group(1))
+                self.round_trips += int(found.group(2))
 
 
 @contextlib.contextmanager
@@ -213,7 +211,7 @@ def throughput(kind: str, count: int, pg: str, quick: bool) -> dict[str, Any]:
             for c in clients:
                 c.close()
     if kind == "postgres":
-        statements, round_trips = running.counts()
+        statements, round_trips = running.statements, running.round_trips
         results["per orchestration step"] = {
             "statements": statements / steps,
             "round_trips": round_trips / steps,
@@ -247,7 +245,9 @@ async def wake_latency(pg: str, samples: int) -> dict[str, float]:
             for i in range(samples):
                 now = datetime.now(UTC)
                 state = InstanceState(f"w{i}", "o", "e", Status.PENDING, now, now)
-                started = ev.execution_started(now, name="o", instance_id=f"w{i}", execution_id="e")
+                started = ev.execution_started(
+                    now, name="o", instance_id=f"w{i}", execution_id="e", input=None
+                )
                 change = signals.instance_event(f"w{i}")
                 await a.apply(ops.start(state, started, now, now))
                 committed = time.perf_counter()
@@ -313,7 +313,7 @@ def idle(pg: str) -> dict[str, float]:
     for seconds in (5.0, 25.0):
         with servers("postgres", 1, pg) as running:
             time.sleep(seconds)
-        counts.append(running.counts()[0])
+        counts.append(running.statements)
     return {"statements_per_s": (counts[1] - counts[0]) / 20.0}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -200,6 +200,114 @@ def apply(tx: Tx, commit: Commit) -> Applied:
         waiting=waiting,
         dropped=tx.dropped,
     )
+
+
+def one_call(commit: Commit) -> Callable[[Tx], Applied] | None:
+    """`commit` as one call of a function of the schema, when it has the shape of one (the
+    commits the engine makes most): a step under its instance's lease (write_step), or an
+    activity's result under the activity's lease, with the instance taken or not (deliver).
+    The call raises LockLost, having written nothing, when the lease is not held."""
+    if commit.otherwise is not None or not ONE_STATEMENT_STEPS or len(commit.guards) != 1:
+        return None
+    guard = commit.guards[0]
+    if not isinstance(guard, Holds):
+        return None
+    writes, takes = commit.writes, commit.take
+    if guard.kind is WorkKind.ORCHESTRATION:
+        if len(writes) != 1 or not isinstance(writes[0], WriteStep):
+            return None
+        result = writes[0].result
+        if (
+            result.state.instance_id != guard.key
+            or result.reset_history
+            or result.new_instances
+            or not all(isinstance(t, TakeActivities) for t in takes)
+        ):
+            return None
+        take = next((t for t in takes if isinstance(t, TakeActivities)), None)
+
+        def step(tx: Tx) -> Applied:
+            written = _write_one_step(tx, result, take, guard.lease)
+            if written is None:
+                raise _lost(guard)
+            handed, waiting = written
+            return Applied(activities=tuple(handed), waiting=waiting, dropped=tx.dropped)
+
+        return step
+    if guard.kind is not WorkKind.ACTIVITY or len(writes) != 2:
+        return None
+    delete, send_it = writes
+    if (
+        not isinstance(delete, DeleteActivity)
+        or delete.activity_id != guard.key
+        or not isinstance(send_it, Send)
+        or len(send_it.messages) != 1
+    ):
+        return None
+    message = send_it.messages[0]
+    target = message.target_instance_id
+    if is_entity_id(target) or message.execution_id is None:
+        return None
+    owner: str | None = None
+    if takes:
+        if len(takes) != 1 or not isinstance(takes[0], TakeInstance):
+            return None
+        if takes[0].instance_id != target:
+            return None
+        owner = takes[0].owner
+
+    def deliver(tx: Tx) -> Applied:
+        now = utc(tx.now)
+        row = tx.run(
+            "SELECT * FROM deliver(%s::bigint, %s::text, %s::bigint, %s::text, %s::text, "
+            "%s::bytea, %s::timestamptz, %s::text, %s::interval, %s::timestamptz)",
+            (
+                guard.key,
+                guard.lease.owner,
+                guard.lease.epoch,
+                target,
+                message.execution_id,
+                message.event.SerializeToString(),
+                utc(message.visible_at) if message.visible_at else now,
+                owner,
+                tx.ttl,
+                now,
+            ),
+        ).fetchone()
+        assert row is not None
+        held, delivered = row[0], row[1]
+        if not held:
+            raise _lost(guard)
+        tx.released.append((WorkKind.ACTIVITY, guard.key))
+        if not delivered:
+            return Applied(dropped=1)
+        if owner is None or row[2] is None:
+            return Applied()
+        taken = _taken(tx, row[2:], owner)
+        return Applied(orchestrations=(taken,))
+
+    return deliver
+
+
+def _lost(guard: Holds) -> LockLost:
+    return LockLost(
+        f"{_describe(guard.kind, guard.key)} is no longer leased by {guard.lease.owner}"
+    )
+
+
+def _taken(tx: Tx, row: Sequence[Any], owner: str) -> OrchestrationWorkItem:
+    """The work item of an instance a function leased: its columns, epoch, attempts, history
+    and inbox (ids, events)."""
+    n = INSTANCE_FIELDS
+    item = OrchestrationWorkItem(
+        state=to_state(row),
+        history=[event(e) for e in row[n + 2]],
+        inbox=[InboxMessage(i, event(e)) for i, e in zip(row[n + 3], row[n + 4], strict=True)],
+        lease=Lease(owner, row[n]),
+        attempt=row[n + 1] + 1,
+    )
+    tx.taken.append((WorkKind.ORCHESTRATION, item.state.instance_id, item.lease, len(item.history)))
+    return item
 
 
 # -- guards -----------------------------------------------------------------------------------
@@ -421,86 +529,15 @@ def _history_start(tx: Tx, instance_id: str) -> int | str:
     return "SQL"
 
 
-_STATE_PARAMETERS = ", ".join(f"%(s{i})s" for i in range(INSTANCE_FIELDS))
-# A step that neither continues as new nor starts instances, in one statement: its history,
-# the messages it consumed, its activities (the first `count` leased to `owner`), its
-# messages (to other instances, to itself, to entities), and the instance's row. The row is
-# locked by an earlier statement of the transaction (a guard's, or its insert), so this
-# statement sees every message committed before: its readiness is the earliest of the
-# messages it does not consume and of those it sends itself.
-_ONE_STEP = f"""
-WITH h AS (
-    INSERT INTO history (instance_id, seq, event)
-    SELECT %(id)s, coalesce(%(start)s::integer,
-        (SELECT coalesce(max(seq) + 1, 0) FROM history WHERE instance_id = %(id)s)) + h.ord - 1,
-        h.event
-    FROM unnest(%(history)s::bytea[]) WITH ORDINALITY AS h(event, ord)
-), c AS (
-    DELETE FROM inbox WHERE instance_id = %(id)s AND id = ANY(%(consumed)s::bigint[])
-), a AS (
-    INSERT INTO activities
-        (instance_id, execution_id, event, visible_at, lease_owner, lease_epoch, lease_until)
-    SELECT %(id)s, %(execution)s, a.event, %(now)s,
-        CASE WHEN a.ord <= %(count)s THEN %(owner)s::text END,
-        CASE WHEN a.ord <= %(count)s THEN 1 ELSE 0 END,
-        CASE WHEN a.ord <= %(count)s THEN now() + %(ttl)s END
-    FROM unnest(%(activities)s::bytea[]) WITH ORDINALITY AS a(event, ord)
-    ORDER BY a.ord
-    RETURNING id, lease_owner IS NOT NULL AS handed
-), m AS (
-    SELECT * FROM unnest(%(m_ids)s::text[], %(m_events)s::bytea[], %(m_visible)s::timestamptz[],
-        %(m_executions)s::text[]) WITH ORDINALITY AS m(instance_id, event, visible_at,
-        execution_id, ord)
-), t AS (
-    UPDATE instances i SET ready_at = LEAST(i.ready_at, (
-        SELECT min(m.visible_at) FROM m WHERE m.instance_id = i.instance_id
-        AND (m.execution_id IS NULL OR m.execution_id = i.execution_id)))
-    WHERE i.instance_id IN (SELECT instance_id FROM m)
-    RETURNING i.instance_id, i.execution_id
-), sent AS (
-    INSERT INTO inbox (instance_id, event, visible_at)
-    SELECT m.instance_id, m.event, m.visible_at FROM m JOIN t USING (instance_id)
-    WHERE m.execution_id IS NULL OR m.execution_id = t.execution_id
-    ORDER BY m.ord
-    RETURNING 1
-), own AS (
-    INSERT INTO inbox (instance_id, event, visible_at)
-    SELECT %(id)s, o.event, o.visible_at
-    FROM unnest(%(o_events)s::bytea[], %(o_visible)s::timestamptz[])
-        WITH ORDINALITY AS o(event, visible_at, ord)
-    ORDER BY o.ord
-), em AS (
-    SELECT * FROM unnest(%(e_ids)s::text[], %(e_events)s::bytea[], %(e_visible)s::timestamptz[])
-        WITH ORDINALITY AS em(instance_id, event, visible_at, ord)
-), e AS (
-    INSERT INTO entities AS e (instance_id, last_modified_at, ready_at)
-    SELECT instance_id, min(visible_at), min(visible_at) FROM em GROUP BY instance_id
-    ON CONFLICT (instance_id) DO UPDATE SET ready_at = LEAST(e.ready_at, EXCLUDED.ready_at)
-), es AS (
-    INSERT INTO entity_inbox (instance_id, event, visible_at)
-    SELECT instance_id, event, visible_at FROM em ORDER BY ord
-), written AS (
-    UPDATE instances SET ({INSTANCE_COLUMNS}) = ({_STATE_PARAMETERS}),
-        lease_owner = NULL, lease_until = NULL, attempts = 0,
-        ready_at = LEAST(
-            (SELECT min(visible_at) FROM inbox
-             WHERE instance_id = %(id)s AND id <> ALL(%(consumed)s::bigint[])),
-            (SELECT min(v) FROM unnest(%(o_visible)s::timestamptz[]) AS v))
-    WHERE instance_id = %(id)s
-    RETURNING ready_at IS NOT NULL AS waiting
-)
-SELECT (SELECT waiting FROM written), (SELECT count(*) FROM sent),
-    ARRAY(SELECT id FROM a WHERE handed ORDER BY id)
-"""
-
-
 def _write_step(
     tx: Tx, result: StepResult, take: TakeActivities | None
 ) -> tuple[list[ActivityWorkItem], bool]:
     """Write one orchestration step (see `WriteStep`); the activities it leased and whether
     the instance has messages after it."""
     if not (result.reset_history or result.new_instances or ONE_STATEMENT_STEPS is False):
-        return _write_one_step(tx, result, take)
+        written = _write_one_step(tx, result, take)
+        assert written is not None  # (no guard: the commit's guards held)
+        return written
     state = result.state
     instance_id = state.instance_id
     if result.reset_history:
@@ -559,15 +596,28 @@ def _write_step(
     return handed, bool(row and row[0])
 
 
-# Whether steps that can be written in one statement are (the tests compare both ways).
+# Whether steps and commits that can be written in one call of the schema's functions are
+# (the tests compare both ways).
 ONE_STATEMENT_STEPS = True
 
 
+# write_step's arguments (schema.sql): the Holds guard, the step, its take, its messages.
+_WRITE_STEP = (
+    "SELECT * FROM write_step(%s::text, %s::bigint, %s::text, %s::integer, %s::bytea[], "
+    "%s::bigint[], %s::text, %s::text, %s::text, %s::smallint, %s::text, %s::text, %s::text, "
+    "%s::bytea, %s::timestamptz, %s::timestamptz, %s::timestamptz, %s::timestamptz, %s::text, "
+    "%s::jsonb, %s::bytea, %s::timestamptz, %s::integer, %s::text, %s::interval, %s::bytea[], "
+    "%s::text[], %s::bytea[], %s::timestamptz[], %s::text[], %s::bytea[], %s::timestamptz[], "
+    "%s::text[], %s::bytea[], %s::timestamptz[])"
+)
+
+
 def _write_one_step(
-    tx: Tx, result: StepResult, take: TakeActivities | None
-) -> tuple[list[ActivityWorkItem], bool]:
-    """`_write_step` in one statement (see `_ONE_STEP`), for a step that does not continue
-    as new and starts no instance."""
+    tx: Tx, result: StepResult, take: TakeActivities | None, guard: Lease | None = None
+) -> tuple[list[ActivityWorkItem], bool] | None:
+    """`_write_step` in one call of the schema's write_step, for a step that does not
+    continue as new and starts no instance; with `guard`, after checking that the instance
+    is leased with it (None if it is not: nothing was written)."""
     state = result.state
     instance_id = state.instance_id
     now = utc(tx.now)
@@ -583,46 +633,51 @@ def _write_one_step(
     ]
     own = [m for m in result.messages if m.target_instance_id == instance_id]
     to_entities = [m for m in result.messages if is_entity_id(m.target_instance_id)]
-    params: dict[str, Any] = {
-        "id": instance_id,
-        "start": None if start == "SQL" else start,
-        "history": [e.SerializeToString() for e in result.history],
-        "consumed": list(result.consumed),
-        "execution": state.execution_id,
-        "now": now,
-        "count": count,
-        "owner": owner,
-        "ttl": tx.ttl,
-        "activities": [a.scheduled.SerializeToString() for a in activities],
-        "m_ids": [m.target_instance_id for m in others],
-        "m_events": [m.event.SerializeToString() for m in others],
-        "m_visible": [utc(m.visible_at) if m.visible_at else now for m in others],
-        "m_executions": [m.execution_id for m in others],
-        "o_events": [m.event.SerializeToString() for m in own],
-        "o_visible": [utc(m.visible_at) if m.visible_at else now for m in own],
-        "e_ids": [m.target_instance_id for m in to_entities],
-        "e_events": [m.event.SerializeToString() for m in to_entities],
-        "e_visible": [utc(m.visible_at) if m.visible_at else now for m in to_entities],
-    }
-    params.update((f"s{i}", value) for i, value in enumerate(state_values(state)))
-    row = tx.run(_ONE_STEP, params).fetchone()
+    row = tx.run(
+        _WRITE_STEP,
+        (
+            guard.owner if guard is not None else None,
+            guard.epoch if guard is not None else None,
+            instance_id,
+            None if start == "SQL" else start,
+            [e.SerializeToString() for e in result.history],
+            list(result.consumed),
+            *state_values(state)[1:],
+            now,
+            count,
+            owner,
+            tx.ttl,
+            [a.scheduled.SerializeToString() for a in activities],
+            [m.target_instance_id for m in others],
+            [m.event.SerializeToString() for m in others],
+            [utc(m.visible_at) if m.visible_at else now for m in others],
+            [m.execution_id for m in others],
+            [m.event.SerializeToString() for m in own],
+            [utc(m.visible_at) if m.visible_at else now for m in own],
+            [m.target_instance_id for m in to_entities],
+            [m.event.SerializeToString() for m in to_entities],
+            [utc(m.visible_at) if m.visible_at else now for m in to_entities],
+        ),
+    ).fetchone()
     assert row is not None
-    waiting, delivered, leased = row
+    held, waiting, delivered, leased = row
+    if not held:
+        return None
     tx.dropped += len(others) - delivered
     tx.released.append((WorkKind.ORCHESTRATION, instance_id))
-    assert owner is not None or not leased
     items = []
     for activity_id, activity in zip(leased, activities[:count], strict=True):
+        lease = Lease(owner or "", 1)
         items.append(
             ActivityWorkItem(
                 id=activity_id,
                 instance_id=instance_id,
                 execution_id=activity.execution_id,
                 scheduled=activity.scheduled,
-                lease=Lease(owner or "", 1),
+                lease=lease,
             )
         )
-        tx.taken.append((WorkKind.ACTIVITY, activity_id, Lease(owner or "", 1), 0))
+        tx.taken.append((WorkKind.ACTIVITY, activity_id, lease, 0))
     return items, bool(waiting)
 
 

@@ -271,17 +271,24 @@ class PostgresBackend:
         fn: Callable[[psycopg.Connection[Any]], T],
         transaction: bool = True,
         limiter: trio.CapacityLimiter | None = None,
+        retry_lost: bool = True,
     ) -> T:
         """Run `fn` on a pooled connection in a worker thread, in a transaction (or in
         autocommit mode: each statement its own), with retries (see `_call`)."""
         return await trio.to_thread.run_sync(
-            functools.partial(self._call, fn, transaction), limiter=limiter or self._limiter
+            functools.partial(self._call, fn, transaction, retry_lost),
+            limiter=limiter or self._limiter,
         )
 
-    def _call(self, fn: Callable[[psycopg.Connection[Any]], T], transaction: bool) -> T:
+    def _call(
+        self, fn: Callable[[psycopg.Connection[Any]], T], transaction: bool, retry_lost: bool
+    ) -> T:
         """In a worker thread: `fn` in a transaction, tried again after a deadlock, a
         serialization failure, a concurrent insert of the same instance, or a connection
-        lost before the commit was sent. Errors of the store become StoreUnavailable."""
+        lost before the commit was sent. Without a transaction, a lost connection is tried
+        again only with `retry_lost` (reads, and writes that may run twice): a statement may
+        have committed before the connection was lost. Errors of the store become
+        StoreUnavailable."""
         attempt = 0
         while True:
             attempt += 1
@@ -324,7 +331,7 @@ class PostgresBackend:
                     f"{exc.diag.message_primary or str(exc).strip()}"
                 ) from exc
             except psycopg.OperationalError as exc:
-                if broken and not committing and attempt < 3:
+                if broken and not committing and (transaction or retry_lost) and attempt < 3:
                     # A connection the server dropped (a restart, a terminated backend): the
                     # transaction never committed; drop the pool's dead connections too.
                     with contextlib.suppress(Exception):
@@ -378,14 +385,16 @@ class PostgresBackend:
             and held.lease == guard.lease
         }
         done: list[Tx] = []
+        call = _apply.one_call(commit)
 
         def write(conn: psycopg.Connection[Any]) -> Applied:
             tx = Tx(conn, commit.now, self._ttl, history_at)
-            applied = _apply.apply(tx, commit)
+            applied = _apply.apply(tx, commit) if call is None else call(tx)
             done[:] = [tx]
             return applied
 
-        applied = await self._hop(write)
+        # (one call is one statement: its own transaction)
+        applied = await self._hop(write, transaction=call is None, retry_lost=False)
         self._track(done[0])
         if applied.dropped:
             log.info("%d message(s) dropped: their instance or execution is gone", applied.dropped)
@@ -409,7 +418,7 @@ class PostgresBackend:
             done[:] = [tx]
             return leased
 
-        leased = await self._hop(lease, transaction=False)
+        leased = await self._hop(lease, transaction=False, retry_lost=False)
         self._track(done[0])
         return leased
 
@@ -433,7 +442,7 @@ class PostgresBackend:
             leased.next_at = next_at
             return leased
 
-        leased = await self._hop(lease, transaction=False)
+        leased = await self._hop(lease, transaction=False, retry_lost=False)
         for item in leased:
             self._held[WorkKind.ACTIVITY][item.id] = _Held(item.lease)
         return leased
@@ -473,7 +482,7 @@ class PostgresBackend:
                     )
             return leased
 
-        leased = await self._hop(lease, transaction=False)
+        leased = await self._hop(lease, transaction=False, retry_lost=False)
         for item in leased:
             self._held[WorkKind.ENTITY][item.entity.instance_id] = _Held(item.lease)
         return leased
