@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 
 from dt_trio._core import (
+    ActivityTask,
     EntityStepResult,
     InboxMessage,
     NewInstance,
@@ -50,10 +51,12 @@ from dt_trio._core._commit import (
     Release,
     Reopen,
     Send,
+    Take,
     TakeActivities,
     TakeInstance,
     Unchanged,
     WorkKind,
+    Write,
     WriteEntityStep,
     WriteStep,
 )
@@ -210,9 +213,11 @@ def one_call(commit: Commit) -> Callable[[Tx], Applied] | None:
     if commit.otherwise is not None or not ONE_STATEMENT_STEPS or len(commit.guards) != 1:
         return None
     guard = commit.guards[0]
+    writes, takes = commit.writes, commit.take
+    if isinstance(guard, Creatable):
+        return _start_call(guard, writes, takes)
     if not isinstance(guard, Holds):
         return None
-    writes, takes = commit.writes, commit.take
     if guard.kind is WorkKind.ORCHESTRATION:
         if len(writes) != 1 or not isinstance(writes[0], WriteStep):
             return None
@@ -287,6 +292,57 @@ def one_call(commit: Commit) -> Callable[[Tx], Applied] | None:
         return Applied(orchestrations=(taken,))
 
     return deliver
+
+
+def _start_call(
+    guard: Creatable, writes: Sequence[Write], takes: Sequence[Take]
+) -> Callable[[Tx], Applied] | None:
+    """A start (Creatable, CreateInstance with its message, the instance taken or not) as
+    one call of the schema's start."""
+    if len(writes) != 1 or not isinstance(writes[0], CreateInstance):
+        return None
+    create = writes[0]
+    state, started = create.state, create.started
+    if started is None or state.instance_id != guard.instance_id:
+        return None
+    owner: str | None = None
+    if takes:
+        if len(takes) != 1 or not isinstance(takes[0], TakeInstance):
+            return None
+        if takes[0].instance_id != state.instance_id:
+            return None
+        owner = takes[0].owner
+
+    def start(tx: Tx) -> Applied:
+        row = tx.run(
+            "SELECT * FROM start(%s::smallint[], %s::text, %s::text, %s::text, %s::text, "
+            "%s::smallint, %s::text, %s::text, %s::text, %s::bytea, %s::timestamptz, "
+            "%s::timestamptz, %s::timestamptz, %s::timestamptz, %s::text, %s::jsonb, %s::bytea, "
+            "%s::bytea, %s::timestamptz, %s::text, %s::interval, %s::timestamptz)",
+            (
+                [int(s) for s in guard.replaceable],
+                *state_values(state),
+                started.SerializeToString(),
+                utc(create.visible_at),
+                owner,
+                tx.ttl,
+                utc(tx.now),
+            ),
+        ).fetchone()
+        assert row is not None
+        status, message, epoch = row
+        if status is not None:
+            raise InstanceExists(state.instance_id, Status(status).label)
+        tx.created.add(state.instance_id)
+        if epoch is None:
+            return Applied()
+        assert owner is not None
+        lease = Lease(owner, epoch)
+        tx.taken.append((WorkKind.ORCHESTRATION, state.instance_id, lease, 0))
+        item = OrchestrationWorkItem(state, [], [InboxMessage(message, started)], lease)
+        return Applied(orchestrations=(item,))
+
+    return start
 
 
 def _lost(guard: Holds) -> LockLost:
@@ -660,25 +716,12 @@ def _write_one_step(
         ),
     ).fetchone()
     assert row is not None
-    held, waiting, delivered, leased = row
+    held, waiting, delivered, leased, epochs = row
     if not held:
         return None
     tx.dropped += len(others) - delivered
     tx.released.append((WorkKind.ORCHESTRATION, instance_id))
-    items = []
-    for activity_id, activity in zip(leased, activities[:count], strict=True):
-        lease = Lease(owner or "", 1)
-        items.append(
-            ActivityWorkItem(
-                id=activity_id,
-                instance_id=instance_id,
-                execution_id=activity.execution_id,
-                scheduled=activity.scheduled,
-                lease=lease,
-            )
-        )
-        tx.taken.append((WorkKind.ACTIVITY, activity_id, lease, 0))
-    return items, bool(waiting)
+    return _handed(tx, activities[:count], leased, epochs, owner or ""), bool(waiting)
 
 
 def _insert_activities(
@@ -697,12 +740,12 @@ def _insert_activities(
             (instance_id, execution_id, event, visible_at, lease_owner, lease_epoch, lease_until)
         SELECT a.instance_id, a.execution_id, a.event, %(now)s,
             CASE WHEN a.ord <= %(count)s THEN %(owner)s::text END,
-            CASE WHEN a.ord <= %(count)s THEN 1 ELSE 0 END,
+            CASE WHEN a.ord <= %(count)s THEN nextval('lease_epochs') ELSE 0 END,
             CASE WHEN a.ord <= %(count)s THEN now() + %(ttl)s END
         FROM unnest(%(ids)s::text[], %(executions)s::text[], %(events)s::bytea[])
             WITH ORDINALITY AS a(instance_id, execution_id, event, ord)
         ORDER BY a.ord
-        RETURNING id, lease_owner IS NOT NULL
+        RETURNING id, lease_owner IS NOT NULL, lease_epoch
         """,
         {
             "now": utc(tx.now),
@@ -717,20 +760,32 @@ def _insert_activities(
     if not count:
         return []
     # Identity values are drawn in insertion order: the step's order.
-    leased = sorted(r[0] for r in rows if r[1])
+    leased = sorted((r[0], r[2]) for r in rows if r[1])
     assert owner is not None and len(leased) == count
+    return _handed(tx, activities[:count], [i for i, _ in leased], [e for _, e in leased], owner)
+
+
+def _handed(
+    tx: Tx,
+    activities: Sequence[ActivityTask],
+    ids: Sequence[int],
+    epochs: Sequence[int],
+    owner: str,
+) -> list[ActivityWorkItem]:
+    """The work items of activities a step leased as it wrote them (a hand-over)."""
     items = []
-    for activity_id, activity in zip(leased, activities[:count], strict=True):
+    for activity_id, epoch, activity in zip(ids, epochs, activities, strict=True):
+        lease = Lease(owner, epoch)
         items.append(
             ActivityWorkItem(
                 id=activity_id,
                 instance_id=activity.instance_id,
                 execution_id=activity.execution_id,
                 scheduled=activity.scheduled,
-                lease=Lease(owner, 1),
+                lease=lease,
             )
         )
-        tx.taken.append((WorkKind.ACTIVITY, activity_id, Lease(owner, 1), 0))
+        tx.taken.append((WorkKind.ACTIVITY, activity_id, lease, 0))
     return items
 
 
@@ -824,7 +879,7 @@ def _release(tx: Tx, release: Release) -> None:
 
 def _take_instance(tx: Tx, owner: str, instance_id: str) -> OrchestrationWorkItem | None:
     row = tx.run(
-        "UPDATE instances i SET lease_owner = %(owner)s, lease_epoch = i.lease_epoch + 1, "
+        "UPDATE instances i SET lease_owner = %(owner)s, lease_epoch = nextval('lease_epochs'), "
         "lease_until = now() + %(ttl)s WHERE i.instance_id = %(id)s AND i.lease_owner IS NULL "
         f"AND i.ready_at <= %(now)s RETURNING {LEASED_INSTANCE}",
         {"owner": owner, "ttl": tx.ttl, "id": instance_id, "now": utc(tx.now)},

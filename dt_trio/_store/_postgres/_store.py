@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import logging
 import random
+import select
 import threading
 import time
 import uuid
@@ -299,6 +300,12 @@ class PostgresBackend:
             broken = False
             try:
                 with pool.connection() as conn:
+                    if _dropped(conn):
+                        # The server closed it while it was idle (a restart, a terminated
+                        # backend): nothing was sent on it, so another one may be tried.
+                        conn.close()
+                        attempt -= 1
+                        continue
                     try:
                         if not transaction:
                             value = fn(conn)
@@ -955,7 +962,7 @@ def _lease(
             ORDER BY {of.order} LIMIT %(limit)s
             FOR UPDATE SKIP LOCKED
         ), leased AS (
-            UPDATE {of.table} i SET lease_owner = %(owner)s, lease_epoch = i.lease_epoch + 1,
+            UPDATE {of.table} i SET lease_owner = %(owner)s, lease_epoch = nextval('lease_epochs'),
                 lease_until = now() + %(ttl)s
             FROM picked WHERE i.{of.key} = picked.{of.key}
             RETURNING {of.returning}
@@ -970,6 +977,20 @@ def _lease(
     next_at = rows[0][-1] if rows else None
     leased = sorted((r[:-1] for r in rows if r[0] is not None), key=lambda r: r[-1])
     return leased, next_at if len(leased) < limit else None
+
+
+def _dropped(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server has closed an idle connection: one that has anything to read (the
+    server's goodbye, the end of the stream), which an idle pooled connection otherwise never
+    has, is taken as closed. Costs a poll of its socket, no round trip."""
+    pgconn = conn.pgconn
+    if pgconn.status != psycopg.pq.ConnStatus.OK:
+        return True
+    try:
+        readable, _, _ = select.select([pgconn.socket], [], [], 0)
+    except (psycopg.OperationalError, OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _history(conn: psycopg.Connection[Any], instance_id: str) -> list[pb.HistoryEvent]:

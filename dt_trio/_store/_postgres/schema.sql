@@ -1,12 +1,16 @@
 -- dt-trio PostgreSQL schema, version 1: the tables of one task hub, in a schema of its own
 -- (created by the sidecar as `dt_trio_<hub>`; every statement runs with it as search_path).
 --
--- Leases: `lease_owner` names the hub process holding the row, `lease_epoch` counts the grants
--- (every write guarded by a lease checks both), `lease_until` is on the database's clock.
+-- Leases: `lease_owner` names the hub process holding the row, `lease_epoch` the grant (drawn
+-- from one sequence, so no two grants of a row share one, even after the row is deleted and
+-- made again; every write guarded by a lease checks both), `lease_until` is on the database's
+-- clock.
 -- Ids compare byte by byte (COLLATE "C"), as everywhere else in dt-trio: pages and prefixes
 -- do not depend on the database's locale.
 -- Readiness lives on the leased row (`ready_at`: the earliest visible_at of its queue), kept
 -- up to date under that row's lock, so a lease never re-checks another table.
+
+CREATE SEQUENCE lease_epochs;
 
 CREATE TABLE schema_version (
     version     integer NOT NULL,
@@ -136,7 +140,8 @@ CREATE FUNCTION write_step(
     p_m_ids text[], p_m_events bytea[], p_m_visible timestamptz[], p_m_executions text[],
     p_o_events bytea[], p_o_visible timestamptz[],
     p_e_ids text[], p_e_events bytea[], p_e_visible timestamptz[],
-    OUT o_held boolean, OUT o_waiting boolean, OUT o_delivered bigint, OUT o_leased bigint[]
+    OUT o_held boolean, OUT o_waiting boolean, OUT o_delivered bigint, OUT o_leased bigint[],
+    OUT o_epochs bigint[]
 ) LANGUAGE plpgsql AS $$
 BEGIN
     IF p_owner IS NOT NULL THEN
@@ -162,11 +167,11 @@ BEGIN
             (instance_id, execution_id, event, visible_at, lease_owner, lease_epoch, lease_until)
         SELECT p_id, p_execution, a.event, p_now,
             CASE WHEN a.ord <= p_count THEN p_take_owner END,
-            CASE WHEN a.ord <= p_count THEN 1 ELSE 0 END,
+            CASE WHEN a.ord <= p_count THEN nextval('lease_epochs') ELSE 0 END,
             CASE WHEN a.ord <= p_count THEN now() + p_ttl END
         FROM unnest(p_activities) WITH ORDINALITY AS a(event, ord)
         ORDER BY a.ord
-        RETURNING id, lease_owner IS NOT NULL AS handed
+        RETURNING id, lease_epoch, lease_owner IS NOT NULL AS handed
     ), m AS (
         SELECT * FROM unnest(p_m_ids, p_m_events, p_m_visible, p_m_executions)
             WITH ORDINALITY AS m(target, event, visible_at, execution, ord)
@@ -213,8 +218,9 @@ BEGIN
         RETURNING ready_at IS NOT NULL AS more
     )
     SELECT (SELECT more FROM written), (SELECT count(*) FROM sent),
-        ARRAY(SELECT id FROM a WHERE handed ORDER BY id)
-    INTO o_waiting, o_delivered, o_leased;
+        ARRAY(SELECT id FROM a WHERE handed ORDER BY id),
+        ARRAY(SELECT lease_epoch FROM a WHERE handed ORDER BY id)
+    INTO o_waiting, o_delivered, o_leased, o_epochs;
 END
 $$;
 
@@ -253,7 +259,7 @@ BEGIN
     IF p_take_owner IS NULL THEN
         RETURN;
     END IF;
-    UPDATE instances i SET lease_owner = p_take_owner, lease_epoch = i.lease_epoch + 1,
+    UPDATE instances i SET lease_owner = p_take_owner, lease_epoch = nextval('lease_epochs'),
         lease_until = now() + p_ttl
     WHERE i.instance_id = p_id AND i.lease_owner IS NULL AND i.ready_at <= p_now
     RETURNING i.instance_id, i.name, i.version, i.execution_id, i.status, i.input, i.output,
@@ -271,5 +277,48 @@ BEGIN
                 AND m.visible_at <= p_now ORDER BY m.id)
         INTO history, inbox_ids, inbox_events;
     END IF;
+END
+$$;
+
+-- An instance created with its ExecutionStarted message, unless one with its id exists whose
+-- status is not in p_replaceable (o_status says which, and nothing changes); one that may be
+-- replaced is deleted first. With p_take_owner, an instance that can start now is leased to
+-- it: o_epoch, and its message o_message (its work item is what was given: no history).
+CREATE FUNCTION start(
+    p_replaceable smallint[],
+    p_id text, p_name text, p_version text, p_execution text, p_status smallint, p_input text,
+    p_output text, p_custom_status text, p_failure bytea, p_created_at timestamptz,
+    p_last_updated_at timestamptz, p_completed_at timestamptz, p_scheduled_start_at timestamptz,
+    p_parent text, p_tags jsonb, p_trace bytea,
+    p_started bytea, p_visible timestamptz, p_take_owner text, p_ttl interval, p_now timestamptz,
+    OUT o_status smallint, OUT o_message bigint, OUT o_epoch bigint
+) LANGUAGE plpgsql AS $$
+DECLARE
+    found_status smallint;
+    taken boolean := p_take_owner IS NOT NULL AND p_visible <= p_now;
+BEGIN
+    SELECT status INTO found_status FROM instances WHERE instance_id = p_id FOR UPDATE;
+    IF FOUND THEN
+        IF NOT found_status = ANY(p_replaceable) THEN
+            o_status := found_status;
+            RETURN;
+        END IF;
+        DELETE FROM history WHERE instance_id = p_id;
+        DELETE FROM inbox WHERE instance_id = p_id;
+        DELETE FROM activities WHERE instance_id = p_id;
+        DELETE FROM instances WHERE instance_id = p_id;
+    END IF;
+    INSERT INTO instances (instance_id, name, version, execution_id, status, input, output,
+        custom_status, failure, created_at, last_updated_at, completed_at, scheduled_start_at,
+        parent_instance_id, tags, trace_context, ready_at, lease_owner, lease_epoch, lease_until)
+    VALUES (p_id, p_name, p_version, p_execution, p_status, p_input, p_output, p_custom_status,
+        p_failure, p_created_at, p_last_updated_at, p_completed_at, p_scheduled_start_at,
+        p_parent, p_tags, p_trace, p_visible,
+        CASE WHEN taken THEN p_take_owner END,
+        CASE WHEN taken THEN nextval('lease_epochs') ELSE 0 END,
+        CASE WHEN taken THEN now() + p_ttl END)
+    RETURNING CASE WHEN taken THEN lease_epoch END INTO o_epoch;
+    INSERT INTO inbox (instance_id, event, visible_at) VALUES (p_id, p_started, p_visible)
+    RETURNING id INTO o_message;
 END
 $$;
