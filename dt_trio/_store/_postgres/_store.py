@@ -338,7 +338,14 @@ class PostgresBackend:
                     f"{exc.diag.message_primary or str(exc).strip()}"
                 ) from exc
             except psycopg.OperationalError as exc:
-                if broken and not committing and (transaction or retry_lost) and attempt < 3:
+                # The server said it ended the session (a terminated backend, a shutdown):
+                # what was sent on it did not commit.
+                ended = isinstance(exc, _SESSION_ENDED)
+                if (
+                    broken
+                    and (ended or (not committing and (transaction or retry_lost)))
+                    and (attempt < 3)
+                ):
                     # A connection the server dropped (a restart, a terminated backend): the
                     # transaction never committed; drop the pool's dead connections too.
                     with contextlib.suppress(Exception):
@@ -977,6 +984,13 @@ def _lease(
     next_at = rows[0][-1] if rows else None
     leased = sorted((r[:-1] for r in rows if r[0] is not None), key=lambda r: r[-1])
     return leased, next_at if len(leased) < limit else None
+
+
+_SESSION_ENDED = (
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.CrashShutdown,
+    psycopg.errors.CannotConnectNow,
+)
 
 
 def _dropped(conn: psycopg.Connection[Any]) -> bool:
