@@ -146,6 +146,7 @@ class Tx:
     created: set[str] = field(default_factory=set)  # instances inserted by this transaction
     existing: set[str] = field(default_factory=set)  # instances a Creatable guard found
     dropped: int = 0
+    steps: int = 0  # orchestration steps written (counted for the bench)
 
     def run(
         self, query: str, params: Sequence[Any] | Mapping[str, Any] = ()
@@ -594,6 +595,7 @@ def _write_step(
         written = _write_one_step(tx, result, take)
         assert written is not None  # (no guard: the commit's guards held)
         return written
+    tx.steps += 1
     state = result.state
     instance_id = state.instance_id
     if result.reset_history:
@@ -678,6 +680,7 @@ def _write_one_step(
     instance_id = state.instance_id
     now = utc(tx.now)
     start = _history_start(tx, instance_id)
+    tx.steps += 1
     activities = result.activities
     count = min(take.count, len(activities)) if take is not None else 0
     owner = take.owner if take is not None else None

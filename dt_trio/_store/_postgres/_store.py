@@ -110,6 +110,7 @@ class Counts:
 
     statements: int = 0
     transactions: int = 0
+    steps: int = 0  # orchestration steps written
 
     @property
     def round_trips(self) -> int:
@@ -255,11 +256,12 @@ class PostgresBackend:
             leases.clear()
         counts = self.counts
         log.info(
-            "%s: %d statements in %d transactions (%d round trips)",
+            "%s: %d statements in %d transactions (%d round trips) for %d steps",
             self.description,
             counts.statements,
             counts.transactions,
             counts.round_trips,
+            counts.steps,
         )
 
     def busy(self) -> bool:
@@ -410,6 +412,7 @@ class PostgresBackend:
         # (one call is one statement: its own transaction)
         applied = await self._hop(write, transaction=call is None, retry_lost=False)
         self._track(done[0])
+        self.counts.steps += done[0].steps
         if applied.dropped:
             log.info("%d message(s) dropped: their instance or execution is gone", applied.dropped)
         self._tell(wakeups(commit, applied))
