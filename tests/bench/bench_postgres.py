@@ -267,9 +267,9 @@ def takeover(pg: str, kills: int) -> dict[str, Any]:
                 running.workers[1].wait(30)
                 instance_id = first.schedule_new_orchestration(held, input=0.5)
                 time.sleep(0.3)  # the activity runs on the first sidecar's worker
-                running.workers[0].kill()
-                running.procs[0].kill()
+                running.procs[0].kill()  # first: alive, it would give the activity back
                 killed = time.perf_counter()
+                running.workers[0].kill()
                 running.workers[1] = running.start_worker(running.addresses[1])
                 state = second.wait_for_orchestration_completion(instance_id, timeout=120)
                 assert state is not None and state.serialized_output == '"slow"'
