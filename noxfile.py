@@ -1,5 +1,5 @@
-"""Developer sessions: `nox` runs the tests (Python and JavaScript SDKs) and a small crash
-torture; `nox -s NAME` the rest."""
+"""Developer sessions: `nox` runs the tests (Python and JavaScript SDKs, the dashboard in a
+browser) and a small crash torture; `nox -s NAME` the rest."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 
 import nox
 
-nox.options.sessions = ["tests", "js", "torture"]
+nox.options.sessions = ["tests", "generations", "browser", "js", "torture"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -21,7 +21,9 @@ def tests(session: nox.Session, store: str) -> None:
     session.install("-e", ".[test]")
     if store == "postgres":
         _need_postgres(session)
-    session.run("pytest", *session.posargs, env={"DT_TRIO_TEST_STORE": store})
+    session.run(
+        "pytest", "--ignore=tests/browser", *session.posargs, env={"DT_TRIO_TEST_STORE": store}
+    )
 
 
 def _need_postgres(session: nox.Session) -> None:
@@ -39,6 +41,27 @@ def _need_postgres(session: nox.Session) -> None:
     env = {"DEBIAN_FRONTEND": "noninteractive"}
     session.run("apt-get", "update", "-q", external=True, env=env)
     session.run("apt-get", "install", "-y", "-q", "postgresql", external=True, env=env)
+
+
+@nox.session(python="3.11")
+def browser(session: nox.Session) -> None:
+    """The dashboard in Debian's Chromium, driven by Playwright (installs chromium with
+    apt-get where it is missing): -- [pytest args] [--screenshots DIR]."""
+    if shutil.which("chromium") is None:
+        if shutil.which("apt-get") is None:
+            session.error("chromium is missing and there is no apt-get to install it with")
+        session.run("apt-get", "update", "-qq", external=True)
+        session.run("apt-get", "install", "-y", "-qq", "chromium", external=True)
+    session.install("-e", ".[test]", "playwright>=1.50,<2")
+    session.run("pytest", "tests/browser", *session.posargs)
+
+
+@nox.session(python="3.11")
+def generations(session: nox.Session) -> None:
+    """dt-trio with the Python SDK 0.1.0, of the protocol generation before completion tokens
+    and health pings (durabletask-go's worker answers as it does)."""
+    session.install("-e", ".", "pytest>=8", "pytest-trio>=0.8", "durabletask==0.1.0")
+    session.run("pytest", "tests/generations/old_python_sdk.py", *session.posargs)
 
 
 @nox.session(python="3.11")
@@ -105,8 +128,8 @@ def js(session: nox.Session, store: str) -> None:
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
     """dt-trio against the SDK's in-memory reference server (and a no-op server, for the SDK
-    worker's own limit): -- [--quick] [--rounds N] [--json FILE]; -- --store postgres for 1,
-    2 and 3 sidecars on PostgreSQL."""
+    worker's own limit), and what the dashboard costs: -- [--quick] [--rounds N] [--json FILE]
+    [--only-dashboard]; -- --store postgres for 1, 2 and 3 sidecars on PostgreSQL."""
     session.install("-e", ".[test]")
     if "postgres" in session.posargs:
         _need_postgres(session)

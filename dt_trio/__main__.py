@@ -1,7 +1,7 @@
-"""`python -m dt_trio`: the sidecar command."""
+"""`python -m dt_trio`: the dt-trio command."""
 
 import sys
 
-from dt_trio._cli import main
+from dt_trio._entry import main
 
 sys.exit(main())

@@ -50,3 +50,7 @@ class LockLost(DtTrioError):
 
 class StoreUnavailable(DtTrioError):
     """The store cannot serve the request right now (locked, read-only, full, closed)."""
+
+
+class AnswerTooLarge(DtTrioError):
+    """An answer would be larger than a client receives, even with its payloads left out."""

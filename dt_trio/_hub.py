@@ -1,20 +1,25 @@
 """THE nursery: what runs in a dt-trio task hub, in which order it starts and stops.
 
     serve()                       open_task_hub()  (the same, without gRPC)
-    └── store (opened first, closed last)
+    └── gRPC listening sockets (bound first: a port in use fails the start before any file
+        │                       is made; serve only)
+        store (opened next, closed last)
         └── store nursery
             ├── store's own duties (`Backend.run`): sqlite's group-commit writer;
             │   PostgreSQL's lease renewals, wake-ups and poll   -- started 1st, stopped last
             └── nursery
                 ├── gRPC server (purerpc, TaskHubSidecarService)   -- started 2nd (serve only)
-                ├── orchestration processor  ─┐ serve the lanes of  -- started 3rd
-                ├── activity processor        │ one dispatcher      -- started 4th
-                └── entity processor         ─┘                     -- started 5th
+                ├── dashboard (hypercorn, Starlette; with `ui`)    -- started 3rd
+                ├── orchestration processor  ─┐ serve the lanes of  -- started 4th
+                ├── activity processor        │ one dispatcher      -- started 5th
+                └── entity processor         ─┘                     -- started 6th
 
 The executor routes each work item to this process's own Python code (a `Registry`, run by the
 local executor) or to the SDK workers connected over gRPC (the remote executor, whose worker
 streams are served by the gRPC server). Commits wake the processors through `Signals`; the
 dispatcher hands the work a commit makes for this process straight to the processor's lane.
+The dashboard reads through the store and acts through the processors' client, as the gRPC
+service does; the same signals drive its live pages.
 Cancelling the hub (Ctrl-C, SIGTERM via the command, or the caller's cancel scope) cancels them
 all; in-flight work items that were not committed are simply not committed, and their leases
 are released when the store is opened next (sqlite) or as it closes (PostgreSQL; those of a
@@ -27,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import logging
 import os
 import socket
 import ssl
@@ -49,11 +53,20 @@ from dt_trio._engine import (
 )
 from dt_trio._grpc._service import SidecarService
 from dt_trio._grpc._status import status_for
-from dt_trio._grpc._transport import DEFAULT_MAX_MESSAGE_BYTES, serve_grpc
+from dt_trio._grpc._transport import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    bound_port,
+    open_listeners,
+    serve_grpc,
+)
 from dt_trio._local import Client, LocalExecutor, Registry
+from dt_trio._log import get_logger
 from dt_trio._store import DEFAULT_HUB, DEFAULT_LEASE_TTL, Backend, make_store
 
-log = logging.getLogger("dt_trio")
+log = get_logger("dt_trio")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4001
@@ -83,9 +96,15 @@ async def serve(
     hub: str = DEFAULT_HUB,
     lease_ttl: float = DEFAULT_LEASE_TTL,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_buffered_bytes: int | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ssl_context: ssl.SSLContext | None = None,
     token: str | None = None,
     registry: Registry | None = None,
+    ui: str | None = None,
+    ui_read_only: bool = False,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a task hub sidecar until cancelled.
@@ -95,13 +114,29 @@ async def serve(
     `hub` names the task hub in it, `lease_ttl` is how long (seconds) a sidecar that died
     keeps its work from the others. `port` 0 picks a
     free port. A request message larger than `max_message_bytes` is answered
-    RESOURCE_EXHAUSTED. `ssl_context` serves TLS; `token` requires every call to carry
-    `authorization: Bearer <token>`. Orchestrators and activities in `registry` run in this
-    process, everything else on connected SDK workers. Reports `(host, port)` through
-    `task_status` once everything is running. Cancellation stops the server and the
+    RESOURCE_EXHAUSTED, and so is one that would take the request bytes held across all
+    connections beyond `max_buffered_bytes` (default 64 MiB, or 4 x `max_message_bytes` if
+    more). At most `max_connections` connections are served at once; one that has not begun
+    HTTP/2 (TLS included) `handshake_timeout` seconds after it was accepted is closed, and so
+    is one without calls for `idle_timeout` seconds. `ssl_context` serves TLS; `token`
+    requires every call to carry `authorization: Bearer <token>`. Orchestrators and
+    activities in `registry` run in this process, everything else on connected SDK workers.
+    With `ui` ('HOST:PORT', port 0 for any) the web dashboard is served there too (with the
+    same TLS and token; `ui_read_only` hides and refuses its actions); the `dt-trio` command
+    serves it by default, this function does not. Reports `(host, port)` through
+    `task_status` once everything is running. Cancellation stops the servers and the
     processors and closes the store.
     """
     signals = Signals()
+    # The addresses first: a start that fails for want of one (a port in use) must not have
+    # created the store's files.
+    listeners = await open_listeners(host, port)
+    try:
+        ui_socket = _listen_dashboard(ui)
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
     try:
         with _collections_spaced():
             async with (
@@ -111,23 +146,46 @@ async def serve(
                 remote = RemoteExecutor()
                 processors = _Processors(store, signals, registry, remote)
                 service = SidecarService(store, remote, processors.client)
-                address: tuple[str, int] = await nursery.start(
+                await nursery.start(
                     functools.partial(
                         serve_grpc,
                         [service],
-                        host=host,
-                        port=port,
+                        listeners,
                         status_for=status_for,
                         max_message_bytes=max_message_bytes,
+                        max_buffered_bytes=max_buffered_bytes,
+                        max_connections=max_connections,
+                        handshake_timeout=handshake_timeout,
+                        idle_timeout=idle_timeout,
                         ssl_context=ssl_context,
                         token=token,
                     )
                 )
+                address = (host, bound_port(listeners))
                 log.info("server listening at %s", format_address(*address))
+                if ui_socket is not None:
+                    from dt_trio._dashboard._server import serve_dashboard
+
+                    await nursery.start(
+                        functools.partial(
+                            serve_dashboard,
+                            processors.client,
+                            ui_socket,
+                            read_only=ui_read_only,
+                            token=token,
+                            ssl_context=ssl_context,
+                        )
+                    )
                 await processors.start(nursery)
                 task_status.started(address)
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
+    finally:
+        # (serve_grpc and serve_dashboard close them, if they got to run)
+        for listener in listeners:
+            listener.socket.close()
+        if ui_socket is not None:
+            ui_socket.close()
 
 
 @contextlib.asynccontextmanager
@@ -137,15 +195,20 @@ async def open_task_hub(
     registry: Registry,
     hub: str = DEFAULT_HUB,
     lease_ttl: float = DEFAULT_LEASE_TTL,
+    ui: str | None = None,
+    ui_read_only: bool = False,
 ) -> AsyncIterator[Client]:
     """Run a task hub in this process, without gRPC, for the body of an ``async with``.
 
     Yields the `Client` of the hub. Orchestrators and activities in `registry` run here; the
-    store is `db` (an sqlite file, "" in memory, or a PostgreSQL address; see `serve`).
+    store is `db` (an sqlite file, "" in memory, or a PostgreSQL address; see `serve`). With
+    `ui` ('HOST:PORT', port 0 for any; off by default) the web dashboard is served there, plain
+    HTTP without a token (keep it on loopback); `ui_read_only` hides and refuses its actions.
     Leaving the block stops the hub: work in flight that was not committed runs again when a
     hub opens the store next.
     """
     signals = Signals()
+    ui_socket = _listen_dashboard(ui)  # (before the store: see serve)
     try:
         with _collections_spaced():
             async with (
@@ -153,11 +216,31 @@ async def open_task_hub(
                 trio.open_nursery() as nursery,
             ):
                 processors = _Processors(store, signals, registry, RemoteExecutor())
+                if ui_socket is not None:
+                    from dt_trio._dashboard._server import serve_dashboard
+
+                    await nursery.start(
+                        functools.partial(
+                            serve_dashboard, processors.client, ui_socket, read_only=ui_read_only
+                        )
+                    )
                 await processors.start(nursery)
-                yield Client(processors.client)
+                yield Client(processors.client, registry)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
+    finally:
+        if ui_socket is not None:
+            ui_socket.close()
+
+
+def _listen_dashboard(ui: str | None) -> socket.socket | None:
+    """The dashboard's listening socket, if there is to be one."""
+    if ui is None:
+        return None
+    from dt_trio._dashboard._server import listen_dashboard  # its imports take 0.1 s
+
+    return listen_dashboard(ui)
 
 
 # A hub's state in flight (histories, parked steps, orchestrators waiting between steps) lives

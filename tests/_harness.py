@@ -123,6 +123,9 @@ def a_store(tmp_path: pathlib.Path, name: str = "taskhub.sqlite3") -> Store:
     return Store(str(tmp_path / name))
 
 
+DASHBOARD = re.compile(r"dashboard at (\S+)$")
+
+
 class Sidecar:
     """`python -m dt_trio` on an ephemeral port; stderr is drained into a log file. `db` is a
     path or address, or a `Store`."""
@@ -134,6 +137,7 @@ class Sidecar:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.ui_url = ""  # the dashboard's, when it serves one
 
     @property
     def address(self) -> str:
@@ -158,6 +162,11 @@ class Sidecar:
                 if match:
                     self.port = int(match.group(2))
                     break
+            for line in self.log_text()[seen:].splitlines()[::-1]:
+                found = DASHBOARD.search(line)
+                if found:
+                    self.ui_url = found.group(1)
+                    break
             if self.port and "activity-processor: waiting" in self.log_text()[seen:]:
                 return self
             if self.proc.poll() is not None:
@@ -175,6 +184,8 @@ class Sidecar:
             "--port",
             str(port),
             *self.store.args(),
+            "--ui",
+            "127.0.0.1:0",  # the dashboard on a port of its own (see `ui_url`)
         ]
 
     def log_text(self) -> str:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import pathlib
+import shutil
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import trio
-from _harness import STORE_KINDS, Sidecar, Store, a_store, sdk_client, sdk_worker
+from _harness import STORE_KINDS, Gate, Sidecar, Store, a_store, sdk_client, sdk_worker
 from durabletask import task
 
 import dt_trio
@@ -149,30 +155,90 @@ def test_hello_cities_example_runs_against_the_sidecar(tmp_path: pathlib.Path) -
 
 
 @pytest.mark.sqlite_only  # (several sidecars share a PostgreSQL hub)
-def test_a_second_sidecar_on_the_same_store_is_refused(tmp_path: pathlib.Path) -> None:
-    db = str(tmp_path / "hub.sqlite3")
-    first = Sidecar(db, tmp_path / "first.log").start()
+def test_a_second_sidecar_on_the_same_store_is_refused_whatever_the_path_spelling(
+    tmp_path: pathlib.Path,
+) -> None:
+    """One process per store, by the file's identity: the same path, a symlink and a hard
+    link are all refused, leave no file behind, and the first sidecar's activity in flight
+    is neither released nor run twice."""
+    db = tmp_path / "hub.sqlite3"
+    first = Sidecar(str(db), tmp_path / "first.log").start()
+    (tmp_path / "link.sqlite3").symlink_to(db)
+    spellings = [str(db), str(tmp_path / "link.sqlite3")]
+    gate = Gate()
+    runs: list[str] = []
+
+    def held(ctx: task.ActivityContext, name: str) -> str:
+        runs.append(name)
+        gate.wait()
+        return f"held {name}"
+
+    def holds(ctx: task.OrchestrationContext, name: str) -> Any:
+        return (yield ctx.call_activity(held, input=name))
+
     try:
-        out = subprocess.run(
-            [sys.executable, "-m", "dt_trio", "--port", "0", "--db", db],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert out.returncode == 1
-        assert f"cannot start: the store {db} is in use by another dt-trio process" in out.stderr
-        assert "Traceback" not in out.stderr
-        with sdk_worker(first.address, [greet]):  # the first one still serves
+        with sdk_worker(first.address, [holds], [held]):
             c = sdk_client(first.address)
-            instance_id = c.schedule_new_orchestration(greet, input="first")
+            instance_id = c.schedule_new_orchestration(holds, input="first")
+            assert gate.entered.wait(20)
+            # the hard link is made while the first sidecar runs: it has its files open
+            (tmp_path / "hard.sqlite3").hardlink_to(db)
+            spellings.append(str(tmp_path / "hard.sqlite3"))
+            files = sorted(p.name for p in tmp_path.iterdir())
+            for path in spellings:
+                out = subprocess.run(
+                    [sys.executable, "-m", "dt_trio", "--port", "0", "--db", path, "--no-ui"],
+                    capture_output=True,
+                    text=True,
+                    timeout=15,
+                )
+                assert out.returncode == 1, out.stderr
+                assert f"cannot start: the store {path}" in out.stderr
+                assert "is in use by another dt-trio process" in out.stderr
+                assert "Traceback" not in out.stderr
+                assert sorted(p.name for p in tmp_path.iterdir()) == files
+            gate.opened.set()
             state = c.wait_for_orchestration_completion(instance_id, timeout=20)
-            assert state is not None and json.loads(state.serialized_output) == "hi first"
+            assert state is not None and json.loads(state.serialized_output) == "held first"
+            assert runs == ["first"]
     finally:
+        gate.opened.set()
         assert first.stop() == 0
     # the lock goes with the process, even after kill -9
-    second = Sidecar(db, tmp_path / "second.log").start()
+    second = Sidecar(str(tmp_path / "link.sqlite3"), tmp_path / "second.log").start()
     second.kill()
-    assert Sidecar(db, tmp_path / "third.log").start().stop() == 0
+    assert Sidecar(str(db), tmp_path / "third.log").start().stop() == 0
+
+
+FOREIGN = {
+    "tables": "PRAGMA user_version = 42; CREATE TABLE customers (id INTEGER PRIMARY KEY, "
+    "name TEXT); CREATE TABLE orders (id INTEGER PRIMARY KEY, total REAL); "
+    "INSERT INTO customers VALUES (1, 'ana');",
+    "instances": "CREATE TABLE instances (id INTEGER PRIMARY KEY, host TEXT); "
+    "INSERT INTO instances VALUES (1, 'web-1');",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FOREIGN))
+def test_another_programs_database_is_refused_and_left_unchanged(
+    tmp_path: pathlib.Path, kind: str
+) -> None:
+    db = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.executescript(FOREIGN[kind])
+        conn.commit()
+    before = db.read_bytes()
+    out = subprocess.run(
+        [sys.executable, "-m", "dt_trio", "--port", "0", "--db", str(db), "--no-ui"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert out.returncode == 1, out.stderr
+    assert f"cannot start: {db} is an sqlite database of another program" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert db.read_bytes() == before  # no table, user_version or journal mode changed
+    assert [p.name for p in tmp_path.iterdir()] == ["other.db"]
 
 
 def test_the_message_size_limit_is_configurable(tmp_path: pathlib.Path) -> None:
@@ -228,3 +294,97 @@ def test_hub_options_that_cannot_apply_are_refused(args: list[str], message: str
     )
     assert out.returncode == 2
     assert message in out.stderr
+
+
+def dt_trio_command(
+    *args: str, cwd: pathlib.Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dt_trio", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+    )
+
+
+def test_a_second_signal_during_shutdown_is_logged_and_the_stop_stays_clean(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Two signals back to back (a terminal's Ctrl-C reaching the sidecar and the wrapper that
+    # forwards it, say): the second arrives while the first one's shutdown runs.
+    sidecar = Sidecar(str(tmp_path / "hub.sqlite3"), tmp_path / "log.txt").start()
+    assert sidecar.proc is not None
+    sidecar.proc.send_signal(signal.SIGINT)
+    sidecar.proc.send_signal(signal.SIGTERM)
+    assert sidecar.stop() == 0
+    log = sidecar.log_text()
+    # (which of the two the process handles first is up to the OS)
+    assert any(
+        in_order(log, [f"received {first}, shutting down", f"received {then} while shutting down"])
+        for first, then in (("SIGINT", "SIGTERM"), ("SIGTERM", "SIGINT"))
+    ), log
+    assert "Traceback" not in log
+    # the stop was whole: the next start finds the store as a clean stop leaves it
+    assert Sidecar(sidecar.db, tmp_path / "again.txt").start().stop() == 0
+
+
+@pytest.mark.parametrize("taken", ["--port", "--ui"])
+def test_a_start_that_finds_its_port_taken_leaves_no_file_behind(
+    tmp_path: pathlib.Path, taken: str
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        store_dir = tmp_path / "stores"
+        store_dir.mkdir()
+        ports = {"--port": "0", "--ui": "127.0.0.1:0"}
+        ports[taken] = str(port) if taken == "--port" else f"127.0.0.1:{port}"
+        out = dt_trio_command(
+            *("--port", ports["--port"], "--ui", ports["--ui"]),
+            *("--db", str(store_dir / "hub.sqlite3")),
+        )
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert list(store_dir.iterdir()) == []
+
+
+def _make_unwritable(directory: pathlib.Path) -> bool:
+    """True if `directory` now refuses new files (for root too: chattr +i)."""
+    if os.geteuid() != 0:
+        directory.chmod(0o500)
+        return True
+    if shutil.which("chattr") is None:
+        return False
+    done = subprocess.run(["chattr", "+i", str(directory)], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def test_an_unwritable_directory_is_named_with_the_store(tmp_path: pathlib.Path) -> None:
+    store_dir = tmp_path / "readonly"
+    store_dir.mkdir()
+    if not _make_unwritable(store_dir):
+        pytest.skip("cannot make a directory unwritable for root here (no chattr +i)")
+    try:
+        db = store_dir / "hub.sqlite3"
+        out = dt_trio_command("--port", "0", "--db", str(db))
+    finally:
+        subprocess.run(["chattr", "-i", str(store_dir)], capture_output=True, check=False)
+        store_dir.chmod(0o700)
+    assert out.returncode == 1
+    assert f"cannot open the store sqlite::{db}" in out.stderr, out.stderr
+    assert f"the directory {store_dir} is not writable" in out.stderr, out.stderr
+    assert ".lock" not in out.stderr
+    assert "Traceback" not in out.stderr
+    assert list(store_dir.iterdir()) == []
+
+
+def test_a_store_in_a_missing_directory_is_named_with_it(tmp_path: pathlib.Path) -> None:
+    db = tmp_path / "no-such-dir" / "hub.sqlite3"
+    out = dt_trio_command("--port", "0", "--db", str(db))
+    assert out.returncode == 1
+    assert f"cannot open the store sqlite::{db}: the directory {db.parent} does not exist" in (
+        out.stderr
+    ), out.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -87,9 +87,21 @@ def test_first_step_dispatches_orchestrator_started_then_execution_started() -> 
 def test_duplicate_execution_started_is_dropped_but_consumed() -> None:
     history = [ev.orchestrator_started(NOW), started()]
     plan = core.plan_step(state(Status.RUNNING), history, inbox(started()), NOW)
+    assert isinstance(plan, core.Settle)  # nothing left for the orchestrator
+    assert plan.result.consumed == (1,) and plan.result.history == []
+    assert plan.result.state == state(Status.RUNNING)
+    raised = ev.event_raised(NOW, "go", None)
+    plan = core.plan_step(state(Status.RUNNING), history, inbox(started(), raised), NOW)
+    assert isinstance(plan, core.Dispatch)
+    assert [ev.kind(e) for e in plan.new_events] == ["orchestratorStarted", "eventRaised"]
+    assert plan.consumed == (1, 2)
+
+
+def test_a_wake_up_alone_still_runs_the_orchestrator() -> None:
+    history = [ev.orchestrator_started(NOW), started()]
+    plan = core.plan_step(state(Status.RUNNING), history, inbox(ev.orchestrator_started(NOW)), NOW)
     assert isinstance(plan, core.Dispatch)
     assert [ev.kind(e) for e in plan.new_events] == ["orchestratorStarted"]
-    assert plan.consumed == (1,)
 
 
 def test_events_for_a_finished_instance_are_consumed_and_dropped() -> None:
@@ -280,6 +292,39 @@ def test_suspend_and_resume_change_the_status() -> None:
     assert isinstance(resume, core.Dispatch)
     resumed = core.apply_response(suspended.state, resume, respond(), NOW, ids())
     assert resumed.state.status == Status.RUNNING
+
+
+@pytest.mark.parametrize(
+    "status,events,delivered",
+    [
+        (Status.RUNNING, "R", ""),  # nothing left for the orchestrator
+        (Status.RUNNING, "RS", "S"),
+        (Status.RUNNING, "SS", "S"),
+        (Status.SUSPENDED, "S", ""),
+        (Status.SUSPENDED, "SR", "R"),
+        (Status.SUSPENDED, "RRSSR", "RSR"),
+        (Status.RUNNING, "SRRS", "SRS"),
+    ],
+)
+def test_only_suspends_and_resumes_that_change_the_status_are_delivered(
+    status: Status, events: str, delivered: str
+) -> None:
+    """As the status stands when they are consumed, in order: the SDKs fail on a resume of a
+    running orchestration and spin on a suspend of a suspended one."""
+    make = {"S": ev.execution_suspended, "R": ev.execution_resumed}
+    history = [ev.orchestrator_started(NOW), started()]
+    plan = core.plan_step(state(status), history, inbox(*(make[e](NOW, None) for e in events)), NOW)
+    consumed = tuple(range(1, len(events) + 1))
+    if not delivered:
+        assert isinstance(plan, core.Settle)
+        assert plan.result.consumed == consumed and plan.result.history == []
+        assert plan.result.state.status == status
+        return
+    assert isinstance(plan, core.Dispatch) and plan.consumed == consumed
+    kinds = [ev.kind(e) for e in plan.new_events[1:]]
+    assert kinds == [{"S": "executionSuspended", "R": "executionResumed"}[e] for e in delivered]
+    after = core.apply_response(state(status), plan, respond(), NOW, ids())
+    assert after.state.status == (Status.SUSPENDED if delivered[-1] == "S" else Status.RUNNING)
 
 
 def test_an_action_without_a_payload_fails_the_orchestration_with_a_reason() -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
-from _harness import Sidecar, running_sidecar, sdk_client, sdk_worker
-from durabletask import client, task
+from _harness import Sidecar, running_sidecar, sdk_client, sdk_worker, wait_until
+from durabletask import client, entities, history, task
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
 
@@ -31,8 +32,14 @@ def passes_on(ctx: task.OrchestrationContext, value: str) -> Any:
     return (yield ctx.call_activity(echo, input=value))
 
 
+def hoard(ctx: entities.EntityContext, size: int) -> None:
+    ctx.set_state("x" * size)
+
+
 # More than a worker receives (gRPC's default limit, 4 MiB), less than the sidecar accepts.
 TOO_LARGE_FOR_A_WORKER = "x" * (5 * 1024 * 1024)
+# What dt-trio answers in place of a payload too large for an answer.
+LEFT_OUT = re.compile(r"^\[dt-trio left out \d+ bytes here:")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +47,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sidecar, Any
     tmp: pathlib.Path = tmp_path_factory.mktemp("bad")
     with (
         running_sidecar(tmp) as sidecar,
-        sdk_worker(sidecar.address, [waits, hello, passes_on], [echo]),
+        sdk_worker(sidecar.address, [waits, hello, passes_on], [echo], [hoard]),
     ):
         with grpc.insecure_channel(sidecar.address) as channel:
             yield sidecar, stubs.TaskHubSidecarServiceStub(channel)
@@ -163,10 +170,27 @@ def test_unknown_completion_tokens_are_not_found(stub: Any, rpc: str, request_: 
     assert "completion token" in details
 
 
-def test_an_empty_completion_token_is_invalid_argument(stub: Any) -> None:
-    code, details = status_of(lambda: stub.CompleteActivityTask(pb.ActivityResponse()))
+def test_an_answer_without_a_token_that_names_no_waiting_work_is_not_found(stub: Any) -> None:
+    # Matched by what it names, as durabletask-go's worker answers (tests/test_e2e_generations.py)
+    answer = pb.ActivityResponse(instanceId="nobody", taskId=3)
+    code, details = status_of(lambda: stub.CompleteActivityTask(answer))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "activity 3 of instance 'nobody'" in details
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_"),
+    [
+        ("AbandonTaskActivityWorkItem", pb.AbandonActivityTaskRequest()),
+        ("CompleteEntityTask", pb.EntityBatchResult()),  # it names no entity
+    ],
+)
+def test_a_request_that_only_a_token_can_match_needs_one(
+    stub: Any, rpc: str, request_: Any
+) -> None:
+    code, details = status_of(lambda: getattr(stub, rpc)(request_))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "completionToken" in details
+    assert "completionToken is empty" in details
 
 
 def test_restarting_a_running_instance_is_failed_precondition(
@@ -221,12 +245,58 @@ def test_an_id_reuse_policy_decides_which_statuses_may_be_replaced(
 
 @pytest.mark.parametrize("orchestrator", [hello, passes_on], ids=["orchestration", "activity"])
 def test_a_work_item_too_large_for_a_worker_fails_and_the_worker_serves_on(
-    c: client.TaskHubGrpcClient, orchestrator: Any
+    hub: tuple[Sidecar, Any], c: client.TaskHubGrpcClient, orchestrator: Any
 ) -> None:
     # Sent, it would end the worker's stream (and every item it holds) again and again.
     instance_id = c.schedule_new_orchestration(orchestrator, input=TOO_LARGE_FOR_A_WORKER)
-    state = c.wait_for_orchestration_completion(instance_id, fetch_payloads=False, timeout=30)
+    done = c.wait_for_orchestration_completion(instance_id, fetch_payloads=False, timeout=30)
+    assert done is not None and done.runtime_status == client.OrchestrationStatus.FAILED
+    # The failure comes with the payloads, the input among them: read by a client that
+    # takes messages over gRPC's default 4 MiB.
+    options = [("grpc.max_receive_message_length", -1)]
+    with grpc.insecure_channel(hub[0].address, options=options) as channel:
+        state = client.TaskHubGrpcClient(channel=channel).get_orchestration_state(instance_id)
+    assert state is not None and state.failure_details is not None
+    assert state.failure_details.error_type == "WorkItemTooLargeError"
+    assert "bytes a worker receives" in state.failure_details.message
+
+
+def test_an_answer_never_exceeds_what_a_client_receives(c: client.TaskHubGrpcClient) -> None:
+    """The user learns why an orchestration with an oversized input failed: the answers carry
+    the failure, with the input replaced by a marker, instead of failing in the client
+    (RESOURCE_EXHAUSTED: over the SDK's 4 MiB limit)."""
+    instance_id = c.schedule_new_orchestration(hello, input=TOO_LARGE_FOR_A_WORKER)
+    state = c.wait_for_orchestration_completion(instance_id, timeout=30)
     assert state is not None and state.runtime_status == client.OrchestrationStatus.FAILED
     assert state.failure_details is not None
     assert state.failure_details.error_type == "WorkItemTooLargeError"
-    assert "bytes a worker receives" in state.failure_details.message
+    assert LEFT_OUT.match(state.serialized_input), state.serialized_input[:100]
+    again = c.get_orchestration_state(instance_id)
+    assert again is not None and LEFT_OUT.match(again.serialized_input)
+    events = c.get_orchestration_history(instance_id)
+    started = [e for e in events if isinstance(e, history.ExecutionStartedEvent)]
+    assert len(started) == 1 and LEFT_OUT.match(started[0].input)
+
+
+def test_query_pages_end_before_what_a_client_receives(c: client.TaskHubGrpcClient) -> None:
+    """Three instances of 1.5 MB inputs make a 4.5 MB page: it is cut short and continued."""
+    ids = [
+        c.schedule_new_orchestration(waits, input="y" * 1_500_000, instance_id=f"big-page-{i}")
+        for i in range(3)
+    ]
+    query = client.OrchestrationQuery(instance_id_prefix="big-page-", fetch_inputs_and_outputs=True)
+    states = c.get_all_orchestration_states(query)
+    assert [s.instance_id for s in states] == ids
+    assert all(json.loads(s.serialized_input) == "y" * 1_500_000 for s in states)
+    for instance_id in ids:
+        c.terminate_orchestration(instance_id)
+
+
+def test_an_entity_state_too_large_for_an_answer_is_left_out(c: client.TaskHubGrpcClient) -> None:
+    entity = entities.EntityInstanceId("hoard", "big")
+    c.signal_entity(entity, "fill", 5 * 1024 * 1024)
+    wait_until(lambda: c.get_entity(entity, include_state=False) is not None, what="the state")
+    metadata = c.get_entity(entity)
+    assert metadata is not None and LEFT_OUT.match(metadata.get_state())
+    found = c.get_all_entities(client.EntityQuery(instance_id_starts_with="@hoard@"))
+    assert [e.id for e in found] == [entity] and LEFT_OUT.match(found[0].get_state())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import random
 import threading
 import time
 from collections import Counter
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 from _harness import Sidecar, running_sidecar, sdk_client, sdk_worker, wait_until
-from durabletask import client, task
+from durabletask import client, history, task
 
 OrchestrationStatus = client.OrchestrationStatus
 attempts: Counter[str] = Counter()
@@ -247,6 +248,9 @@ def test_custom_status_is_visible_while_running(c: client.TaskHubGrpcClient) -> 
     c.raise_orchestration_event(instance_id, "go")
     done = c.wait_for_orchestration_completion(instance_id, timeout=10)
     assert done is not None and json.loads(done.serialized_custom_status) == {"stage": "done"}
+    # Without payloads the custom status is left out, as durabletask-go and .NET leave it out.
+    bare = c.get_orchestration_state(instance_id, fetch_payloads=False)
+    assert bare is not None and bare.serialized_custom_status is None
 
 
 def test_activity_failure_fails_the_orchestration_with_details(c: client.TaskHubGrpcClient) -> None:
@@ -255,6 +259,14 @@ def test_activity_failure_fails_the_orchestration_with_details(c: client.TaskHub
     assert state.failure_details is not None
     assert "kaboom" in state.failure_details.message
     assert state.failure_details.error_type.endswith("TaskFailedError")
+    # The failure is a payload too (so the .NET client documents it), left out unless asked.
+    bare = c.get_orchestration_state(state.instance_id, fetch_payloads=False)
+    assert bare is not None and bare.runtime_status == OrchestrationStatus.FAILED
+    assert bare.failure_details is None
+    (queried,) = c.get_all_orchestration_states(
+        client.OrchestrationQuery(instance_id_prefix=state.instance_id)
+    )
+    assert queried.failure_details is None and queried.serialized_custom_status is None
 
 
 def test_retry_policy_retries_a_flaky_activity(c: client.TaskHubGrpcClient) -> None:
@@ -296,6 +308,77 @@ def test_suspend_buffers_events_until_resume(c: client.TaskHubGrpcClient) -> Non
     c.resume_orchestration(instance_id)
     state = c.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and json.loads(state.serialized_output) == "while suspended"
+
+
+def wait_for_status(
+    c: client.TaskHubGrpcClient, instance_id: str, status: OrchestrationStatus
+) -> None:
+    wait_until(
+        lambda: c.get_orchestration_state(instance_id).runtime_status == status,
+        what=f"{instance_id} {status.name}",
+    )
+
+
+def test_a_second_suspend_and_a_resume_of_a_running_instance_are_dropped(
+    c: client.TaskHubGrpcClient,
+) -> None:
+    """The SDK's worker spun forever on a suspend of a suspended orchestration once resumed,
+    and failed one that was resumed while running: the sidecar drops both, as the SDK's own
+    server does."""
+    instance_id = running(c, waiter)
+    c.resume_orchestration(instance_id)  # not suspended: nothing to resume
+    c.suspend_orchestration(instance_id)
+    wait_for_status(c, instance_id, OrchestrationStatus.SUSPENDED)
+    c.suspend_orchestration(instance_id)
+    c.raise_orchestration_event(instance_id, "go", data="after all that")
+    c.resume_orchestration(instance_id)
+    c.resume_orchestration(instance_id)
+    state = c.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.runtime_status == OrchestrationStatus.COMPLETED
+    assert json.loads(state.serialized_output) == "after all that"
+    events = c.get_orchestration_history(instance_id)
+    assert sum(isinstance(e, history.ExecutionSuspendedEvent) for e in events) == 1
+    assert sum(isinstance(e, history.ExecutionResumedEvent) for e in events) == 1
+
+
+def test_suspend_resume_and_terminate_from_many_threads_leave_every_instance_sound(
+    c: client.TaskHubGrpcClient,
+) -> None:
+    ids = [running(c, waiter) for _ in range(12)]
+    doomed = set(ids[::3])
+
+    def storm(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(40):
+            instance_id = rng.choice(ids)
+            if instance_id in doomed and rng.random() < 0.05:
+                c.terminate_orchestration(instance_id, output="stormed")
+            elif rng.random() < 0.5:
+                c.suspend_orchestration(instance_id)
+            else:
+                c.resume_orchestration(instance_id)
+
+    threads = [threading.Thread(target=storm, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for instance_id in ids:
+        if instance_id in doomed:
+            c.terminate_orchestration(instance_id, output="stormed")
+        c.resume_orchestration(instance_id)
+        c.raise_orchestration_event(instance_id, "go", data="calm")
+    for instance_id in ids:
+        state = c.wait_for_orchestration_completion(instance_id, timeout=20)
+        assert state is not None
+        expected = (
+            (OrchestrationStatus.TERMINATED, "stormed")
+            if instance_id in doomed
+            else (OrchestrationStatus.COMPLETED, "calm")
+        )
+        assert (state.runtime_status, json.loads(state.serialized_output)) == expected
+    # and the worker still serves
+    assert json.loads(run(c, child, 20).serialized_output) == 41
 
 
 def test_scheduled_start_keeps_the_instance_pending_until_then(c: client.TaskHubGrpcClient) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from _harness import Sidecar, running_sidecar, sdk_client, sdk_worker
+from _harness import Sidecar, running_sidecar, sdk_client, sdk_worker, wait_until
 from durabletask import client, task, worker
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
@@ -71,14 +71,20 @@ def test_work_no_connected_worker_accepts_waits_for_one_that_does(sidecar: Sidec
     only_beta = filtered_worker(sidecar.address, [beta], [])
     only_beta.start()
     try:
+        wait_until(lambda: "worker stream 1 connected" in sidecar.log_text(), what="a stream")
         c = sdk_client(sidecar.address)
         instance_id = c.schedule_new_orchestration(alpha, input=1)
+        waits = "orchestration 'alpha' waits: no code in this process and no connected SDK"
+        wait_until(lambda: waits in sidecar.log_text(), what="the log line")
+        second = c.schedule_new_orchestration(alpha, input=2)
         with pytest.raises(TimeoutError):
-            c.wait_for_orchestration_start(instance_id, timeout=1.0)
+            c.wait_for_orchestration_start(second, timeout=1.0)
+        assert sidecar.log_text().count(waits) == 1  # said once, not per work item
         state = c.get_orchestration_state(instance_id)
         assert state is not None and state.runtime_status == client.OrchestrationStatus.PENDING
         with sdk_worker(sidecar.address, [alpha], [plus_one]):
             done = c.wait_for_orchestration_completion(instance_id, timeout=30)
+            assert c.wait_for_orchestration_completion(second, timeout=30) is not None
         assert done is not None and done.serialized_output == "2"
     finally:
         only_beta.stop()

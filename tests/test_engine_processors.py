@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import pathlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import trio
+import trio.testing
 from _harness import StoreClass, store_args
 
+from dt_trio import _core as core
 from dt_trio._core import InstanceState, Status, StepResult
 from dt_trio._core import _events as ev
 from dt_trio._core import _operations as ops
 from dt_trio._core._commit import Applied, Commit, WriteStep
-from dt_trio._engine import Dispatcher, OrchestrationProcessor, RemoteExecutor, Signals
+from dt_trio._engine import (
+    ActivityProcessor,
+    Dispatcher,
+    EntityProcessor,
+    HubClient,
+    OrchestrationProcessor,
+    RemoteExecutor,
+    Signals,
+)
+from dt_trio._engine._executor import UNCLAIMED_SECONDS
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 
@@ -29,9 +44,10 @@ class PurgingStore(StoreClass):
         return await super().apply(commit)
 
 
-async def a_worker(executor: RemoteExecutor) -> None:
-    """A connected worker stream that takes everything (and never answers)."""
-    async for _ in executor.stream(pb.GetWorkItemsRequest()):
+async def a_worker(executor: RemoteExecutor, request: pb.GetWorkItemsRequest | None = None) -> None:
+    """A connected worker stream (taking everything, unless `request` says otherwise) that
+    never answers."""
+    async for _ in executor.stream(request or pb.GetWorkItemsRequest()):
         pass
 
 
@@ -148,3 +164,111 @@ def test_work_given_back_again_and_again_waits_longer_each_time() -> None:
     assert delays[0] == 0.0  # the first redelivery is immediate: a dead worker holds nothing
     assert all(a < b for a, b in itertools.pairwise(delays))
     assert delays[-1] == 30.0  # capped
+
+
+class CountingLeases(StoreClass):
+    """Counts the lease transactions of each kind."""
+
+    def __init__(self, signals: Signals) -> None:
+        super().__init__(*store_args(), listener=signals)
+        self.leases: list[str] = []
+        self._leased_orchestrations = 0
+        self._orchestrations_leased = trio.Event()
+
+    async def lease_orchestrations(self, *args: Any) -> Any:
+        self.leases.append("orchestrations")
+        leased = await super().lease_orchestrations(*args)
+        self._leased_orchestrations += len(leased)
+        self._orchestrations_leased.set()
+        return leased
+
+    async def leased(self, count: int) -> None:
+        """Until `count` orchestration work items have been leased in all."""
+        while self._leased_orchestrations < count:
+            self._orchestrations_leased = trio.Event()
+            await self._orchestrations_leased.wait()
+
+    async def lease_activities(self, *args: Any) -> Any:
+        self.leases.append("activities")
+        return await super().lease_activities(*args)
+
+    async def lease_entities(self, *args: Any) -> Any:
+        self.leases.append("entities")
+        return await super().lease_entities(*args)
+
+
+@contextlib.asynccontextmanager
+async def running_hub(
+    store: StoreClass, executor: RemoteExecutor, signals: Signals
+) -> AsyncIterator[HubClient]:
+    """The three processors on `store`, for the body; yields a client that starts instances."""
+    await store.open()
+    dispatch = Dispatcher(store, executor, "me")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            for processor in (
+                OrchestrationProcessor(dispatch, signals),
+                ActivityProcessor(dispatch, signals),
+                EntityProcessor(dispatch, signals),
+            ):
+                await nursery.start(processor.run)
+            yield HubClient(store, signals, dispatch)
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
+
+
+async def test_a_hub_without_workers_leases_nothing_however_long_it_idles(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Work waits in the store, where another process's workers could take it, until a
+    worker that takes its kind connects here; meanwhile nothing is leased, not even by the
+    processors' idle poll."""
+    signals = Signals()
+    store = CountingLeases(signals)
+    executor = RemoteExecutor()
+    async with running_hub(store, executor, signals) as client:
+        await client.start("orch")
+        await client.signal_entity("@counter@k", "add", None)
+        for _ in range(3):
+            mock_clock.jump(3600)
+            await trio.testing.wait_all_tasks_blocked()
+        assert store.leases == []
+        only_orchestrations = pb.GetWorkItemsRequest()
+        only_orchestrations.workItemFilters.orchestrations.add(name="orch")
+        stream = executor.stream(only_orchestrations)
+        with trio.fail_after(5):
+            item = await stream.__anext__()  # leased now, and sent
+        assert item.orchestratorRequest.newEvents[1].executionStarted.name == "orch"
+        assert store.leases == ["orchestrations"]  # entities: this worker takes none
+        await stream.aclose()
+
+
+async def test_work_no_connected_worker_takes_is_given_back_with_its_attempts_kept(
+    mock_clock: trio.testing.MockClock, tmp_path: pathlib.Path
+) -> None:
+    """A step leased while a worker is connected that does not take it (its filters name
+    other orchestrators) goes back after a while, untried: however often, it is not
+    poison."""
+    signals = Signals()
+    store = CountingLeases(signals)
+    executor = RemoteExecutor()
+    other = pb.GetWorkItemsRequest()
+    other.workItemFilters.orchestrations.add(name="other")
+    async with running_hub(store, executor, signals) as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a_worker, executor, other)
+            instance_id = await client.start("orch")
+            for leases in range(1, core.MAX_STEP_ATTEMPTS + 3):
+                with trio.fail_after(5):
+                    await store.leased(leases)  # leased, and (once all wait) queued
+                await trio.testing.wait_all_tasks_blocked()
+                mock_clock.jump(UNCLAIMED_SECONDS)  # nobody took it: it goes back
+            nursery.cancel_scope.cancel()
+    await store.open()
+    try:
+        [item] = await store.lease_orchestrations("me", now(), 1)
+        assert item.state.instance_id == instance_id and item.attempt == 1
+    finally:
+        await store.close()

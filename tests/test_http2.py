@@ -8,6 +8,7 @@ hide behind a test that shares it.
 from __future__ import annotations
 
 import struct
+import tracemalloc
 from dataclasses import dataclass
 
 import hpack
@@ -172,7 +173,7 @@ def test_initiate_queues_settings_then_a_connection_window_update() -> None:
     assert settings_values(first.payload) == {
         MAX_CONCURRENT_STREAMS: 7,
         INITIAL_WINDOW_SIZE: 1000,
-        MAX_FRAME_SIZE: 1 << 20,
+        MAX_FRAME_SIZE: 16384,
         MAX_HEADER_LIST_SIZE: hpack.Decoder().max_header_list_size,
     }
     assert second == wu(0, 100_000 - 65535)
@@ -583,6 +584,50 @@ def test_header_block_over_the_limit_is_enhance_your_calm() -> None:
     conn = connect(max_header_block=100)
     conn.receive(frame(HEADERS, 0, 1, bytes(60)))
     expect_connection_error(conn, frame(CONTINUATION, 0, 1, bytes(60)), ENHANCE_YOUR_CALM)
+
+
+# -- what one connection may make the server hold --------------------------------------------
+
+
+def test_by_default_a_peer_can_leave_at_most_a_small_frame_or_header_block_unfinished() -> None:
+    # A frame is held until it is whole, a header block until its last CONTINUATION: with
+    # many connections, each one's share must stay small (RFC 9113's minimum frame size; a
+    # header block no larger than the decoded header list hpack accepts).
+    conn = ServerConnection()
+    conn.initiate()
+    assert settings_values(sent(conn)[0].payload)[MAX_FRAME_SIZE] == 16384
+    conn.receive(PREFACE + settings())
+    header = (16385).to_bytes(3, "big") + bytes((DATA, 0)) + u32(1)
+    expect_connection_error(conn, header, FRAME_SIZE_ERROR)
+
+    conn = connect()
+    conn.receive(frame(HEADERS, 0, 1, bytes(16384)))
+    for _ in range(3):
+        conn.receive(frame(CONTINUATION, 0, 1, bytes(16384)))
+    expect_connection_error(conn, frame(CONTINUATION, 0, 1, bytes(1)), ENHANCE_YOUR_CALM)
+
+
+def test_remembered_header_blocks_take_little_memory_whatever_the_peer_sends() -> None:
+    # Blocks that leave the dynamic table alone are remembered (see _decode); large ones,
+    # each one different, must not pile up.
+    conn = connect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(256):
+            pad = ("x-pad", f"{n:05d}" + "a" * 16000)
+            block = hpack.Encoder().encode((*REQUEST, pad), huffman=False)
+            for offset in range(0, len(block), 16384):
+                kind = HEADERS if offset == 0 else CONTINUATION
+                last = offset + 16384 >= len(block)
+                chunk = block[offset : offset + 16384]
+                conn.receive(frame(kind, END_HEADERS if last else 0, 2 * n + 1, chunk))
+            conn.send_headers(2 * n + 1, OK_HEADERS, end_stream=True)
+            conn.data_to_send()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000, held
 
 
 # -- stream life ---------------------------------------------------------------------------------

@@ -249,6 +249,23 @@ async def test_terminate_purge_and_query(client: dt_trio.Client) -> None:
         await client.terminate("nobody", None)
 
 
+async def test_scheduling_an_orchestrator_the_hub_does_not_have_is_refused(
+    client: dt_trio.Client,
+) -> None:
+    """A hub without gRPC runs only what its registry has: anything else would stay
+    pending forever."""
+
+    def unregistered(ctx: dt_trio.OrchestrationContext, _: Any) -> Any:
+        return None
+        yield
+
+    for orchestrator in ("nonexistent", unregistered):
+        with pytest.raises(dt_trio.InvalidRequest, match=r"no orchestrator named '\w+' is"):
+            await client.schedule(orchestrator, instance_id="never")
+        assert await client.get("never") is None
+    assert (await run(client, "hello_cities")).status == Status.COMPLETED
+
+
 async def test_a_start_can_be_scheduled_for_later(client: dt_trio.Client) -> None:
     at = datetime.now(UTC) + timedelta(seconds=0.3)
     instance_id = await client.schedule(hello_cities, start_at=at)
@@ -540,6 +557,49 @@ async def test_closing_the_hub_cancels_async_activities_and_a_new_hub_runs_them_
         with trio.fail_after(10):
             state = await c.wait_for_completion("job")
     assert state.output == "finished by the second hub"
+
+
+async def test_the_activities_of_a_finished_orchestration_never_run_again(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A terminated orchestration's activity, cancelled with its hub, ran again at every
+    open of the store, until the instance was purged. (One its last step schedules runs,
+    once, as the SDKs' servers run it.)"""
+    db = str(tmp_path / "finished.sqlite3")
+    runs: list[str] = []
+    entered = trio.Event()
+    hub_registry = dt_trio.Registry()
+
+    @hub_registry.activity
+    async def endless(ctx: dt_trio.ActivityContext, who: str) -> str:
+        runs.append(who)
+        if who == "doomed":
+            entered.set()
+            await trio.sleep_forever()
+        return who
+
+    @hub_registry.orchestrator
+    def calls(ctx: dt_trio.OrchestrationContext, who: str) -> Any:
+        return (yield ctx.call_activity(endless, input=who))
+
+    @hub_registry.orchestrator
+    def fire_and_forget(ctx: dt_trio.OrchestrationContext, who: str) -> Any:
+        ctx.call_activity(endless, input=who)  # never awaited: the orchestration ends first
+        return "done"
+
+    async with dt_trio.open_task_hub(db, registry=hub_registry) as c:
+        await c.schedule(calls, "doomed", instance_id="doomed")
+        with trio.fail_after(10):
+            await entered.wait()
+        await c.terminate("doomed", "enough")
+        await run(c, fire_and_forget, "forgotten")
+        with trio.fail_after(10):
+            assert (await c.wait_for_completion("doomed")).status == Status.TERMINATED
+    for life in range(2):
+        async with dt_trio.open_task_hub(db, registry=hub_registry) as c:
+            # an activity scheduled now runs after any left from before
+            assert (await run(c, calls, f"life {life}")).output == f"life {life}"
+    assert runs == ["doomed", "forgotten", "life 0", "life 1"]
 
 
 async def test_running_hubs_space_out_young_collections_and_restore_the_thresholds(

@@ -3,6 +3,7 @@ PostgreSQL run, on PostgreSQL), and the sqlite store's own machinery (marked sql
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import sqlite3
@@ -34,7 +35,8 @@ from dt_trio._core._commit import (
 )
 from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost, StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import Backend, SqliteBackend
+from dt_trio._store import Backend, InstanceFilter, SqliteBackend
+from dt_trio._store._sqlite._schema import APPLICATION_ID
 
 
 def now() -> datetime:
@@ -310,6 +312,42 @@ async def test_activity_results_reach_only_the_execution_that_scheduled_them(
     assert [ev.kind(m.event) for m in step.inbox] == ["taskCompleted"]
 
 
+async def test_the_step_that_ends_an_execution_drops_the_activities_it_waited_for(
+    store: SqliteBackend,
+) -> None:
+    def activity(task_id: int) -> ActivityTask:
+        scheduled = ev.new_event(now(), task_id)
+        scheduled.taskScheduled.name = f"act{task_id}"
+        return ActivityTask("i1", "e0", scheduled)
+
+    await create(store, new_state())
+    item = await lease_one(store, "me")
+    assert item is not None
+    running = dataclasses.replace(item.state, status=Status.RUNNING)
+    first = [activity(1), activity(2)]
+    await commit_step(store, item, StepResult(running, (item.inbox[0].id,), [], activities=first))
+    in_flight = await lease_one_activity(store, "worker")  # act1 runs, act2 is queued
+    assert in_flight is not None
+    terminate = ev.execution_terminated(now(), None, False)
+    await store.apply(ops.send_event("i1", terminate, now()))
+    item = await lease_one(store, "me")
+    assert item is not None
+    ended = dataclasses.replace(running, status=Status.TERMINATED, completed_at=now())
+    # the last step's own activity (fire and forget) still runs
+    await commit_step(
+        store, item, StepResult(ended, (item.inbox[0].id,), [], activities=[activity(3)])
+    )
+    # later events for the finished instance are dropped without touching it
+    await store.apply(ops.send_event("i1", ev.event_raised(now(), "late", None), now()))
+    item = await lease_one(store, "me")
+    assert item is not None
+    await commit_step(store, item, StepResult(ended, (item.inbox[0].id,), []))
+    left = await store.lease_activities("worker", now(), 10)
+    assert [a.scheduled.taskScheduled.name for a in left] == ["act3"]
+    with pytest.raises(LockLost):  # act1's result has nowhere to go
+        await store.apply(ops.deliver_result(in_flight, ev.task_completed(now(), 1, "1"), now()))
+
+
 async def test_a_step_with_more_activities_than_one_statement_writes_them_all_in_order(
     store: Backend,
 ) -> None:
@@ -472,6 +510,41 @@ async def test_purge_deletes_finished_trees_and_keeps_running_instances(
     assert await store.get_instance("running") is not None
 
 
+async def test_queries_page_newest_first_and_filter_by_name(store: SqliteBackend) -> None:
+    base = now()
+    for n in range(5):
+        at = base + timedelta(seconds=n)
+        name = "even" if n % 2 == 0 else "odd"
+        await create(store, new_state(f"i{n}", name=name, created_at=at, last_updated_at=at))
+    page, key = await store.query_instances(InstanceFilter(), 2, None, newest_first=True)
+    assert [s.instance_id for s in page] == ["i4", "i3"]
+    page, key = await store.query_instances(InstanceFilter(), 2, key, newest_first=True)
+    assert [s.instance_id for s in page] == ["i2", "i1"]
+    page, key = await store.query_instances(InstanceFilter(), 2, key, newest_first=True)
+    assert [s.instance_id for s in page] == ["i0"] and key is None
+    evens, _ = await store.query_instances(InstanceFilter(name="even"), 10, None)
+    assert [s.instance_id for s in evens] == ["i0", "i2", "i4"]
+
+
+async def test_counts_per_status_follow_the_filter(store: SqliteBackend) -> None:
+    for instance_id, status in [
+        ("a1", Status.COMPLETED),
+        ("a2", Status.COMPLETED),
+        ("a3", Status.FAILED),
+        ("b1", Status.COMPLETED),
+    ]:
+        await create(store, new_state(instance_id, status=status))
+    assert await store.count_instances(InstanceFilter()) == {
+        Status.COMPLETED: 3,
+        Status.FAILED: 1,
+    }
+    assert await store.count_instances(InstanceFilter(id_prefix="a")) == {
+        Status.COMPLETED: 2,
+        Status.FAILED: 1,
+    }
+    assert await store.count_instances(InstanceFilter(name="nobody")) == {}
+
+
 @pytest.mark.sqlite_only
 async def test_reopening_a_file_releases_leases_of_the_previous_process(
     tmp_path: pathlib.Path,
@@ -491,6 +564,100 @@ async def test_reopening_a_file_releases_leases_of_the_previous_process(
         await second.close()
     mode = await trio.Path(path).stat()
     assert oct(mode.st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.sqlite_only
+async def test_a_store_is_held_by_one_store_object_whatever_the_path_spelling(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "hub.sqlite3"
+    first = SqliteBackend(str(path))
+    await first.open()
+    try:
+        (tmp_path / "link.sqlite3").symlink_to(path)
+        (tmp_path / "hard.sqlite3").hardlink_to(path)
+        (tmp_path / "sub").mkdir()
+        await create(first, new_state())
+        item = await lease_one(first, "first")
+        assert item is not None
+        for spelling in ("hub.sqlite3", "link.sqlite3", "hard.sqlite3", "sub/../hub.sqlite3"):
+            second = SqliteBackend(str(tmp_path / spelling))
+            with pytest.raises(StoreUnavailable, match="in use by another store of this process"):
+                await second.open()
+        # the first one's lease is intact, and its sqlite locks too: it writes on
+        await commit_step(first, item, StepResult(new_state(status=Status.RUNNING), (), []))
+    finally:
+        await first.close()
+    second = SqliteBackend(str(tmp_path / "link.sqlite3"))
+    await second.open()
+    await second.close()
+    assert sorted(p.name for p in await trio.Path(tmp_path).iterdir()) == [
+        "hard.sqlite3",
+        "hub.sqlite3",
+        "link.sqlite3",
+        "sub",
+    ]
+
+
+@pytest.mark.sqlite_only
+async def test_a_file_that_open_created_is_removed_when_the_open_fails(
+    tmp_path: pathlib.Path,
+) -> None:
+    # A path the OS takes and sqlite does not (longer than its 512 bytes).
+    deep = tmp_path.joinpath(*["d" * 100] * 6)
+    deep.mkdir(parents=True)
+    store = SqliteBackend(str(deep / "hub.sqlite3"))
+    with pytest.raises(StoreUnavailable, match="unable to open database file"):
+        await store.open()
+    assert list(await trio.Path(deep).iterdir()) == []
+
+
+@pytest.mark.sqlite_only
+async def test_an_empty_file_becomes_a_store_and_a_store_of_before_its_mark_opens(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "hub.sqlite3"
+    path.touch()
+    store = SqliteBackend(str(path))
+    await store.open()
+    await create(store, new_state())
+    await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        conn.execute("PRAGMA application_id = 0")  # as stores were made before the mark
+    store = SqliteBackend(str(path))
+    await store.open()
+    try:
+        assert await store.get_instance("i1") is not None
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize(
+    "schema,what",
+    [
+        ("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)", "the tables notes"),
+        ("CREATE TABLE instances (id INTEGER PRIMARY KEY)", "the tables instances"),
+        ("PRAGMA user_version = 1; CREATE TABLE instances (instance_id TEXT)", "instances"),
+        ("PRAGMA user_version = 7", "no table"),
+        (f"PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 3", "newer dt-trio"),
+    ],
+)
+async def test_a_database_that_is_not_a_store_is_refused_unchanged(
+    tmp_path: pathlib.Path, schema: str, what: str
+) -> None:
+    path = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(schema)
+    before = path.read_bytes()
+    store = SqliteBackend(str(path))
+    with pytest.raises(StoreUnavailable, match=what):
+        await store.open()
+    assert path.read_bytes() == before
+    assert [p.name for p in await trio.Path(tmp_path).iterdir()] == ["other.db"]
 
 
 @pytest.mark.parametrize("kind", [k for k in STORE_KINDS if k != "memory"])
@@ -575,6 +742,8 @@ async def test_queries_and_the_lease_are_served_by_indexes(tmp_path: pathlib.Pat
         "AND (created_at, instance_id) > (0, '') ORDER BY created_at, instance_id LIMIT 100",
         "query by prefix": "SELECT instance_id FROM instances WHERE instance_id >= 'a' "
         "AND instance_id < 'b' ORDER BY created_at, instance_id LIMIT 100",
+        "query newest first": "SELECT instance_id FROM instances WHERE (created_at, instance_id) "
+        "< (9, 'z') ORDER BY created_at DESC, instance_id DESC LIMIT 50",
         "list finished": "SELECT completed_at, instance_id FROM instances WHERE completed_at IS "
         "NOT NULL AND status IN (1) ORDER BY completed_at, instance_id LIMIT 100",
         "get": "SELECT * FROM instances WHERE instance_id = 'x'",
@@ -965,24 +1134,5 @@ async def test_a_store_of_the_first_schema_opens_with_its_work_and_failed_attemp
             "AND visible_at <= 1 ORDER BY visible_at, id LIMIT 1"
         ).fetchall()
         assert "activities_ready" in " ".join(row[3] for row in plan)
-    finally:
-        conn.close()
-
-
-@pytest.mark.sqlite_only
-async def test_a_store_of_a_newer_schema_is_refused_and_left_as_it_is(
-    tmp_path: pathlib.Path,
-) -> None:
-    path = str(tmp_path / "new.sqlite3")
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 3")
-    conn.close()
-    store = SqliteBackend(path)
-    with pytest.raises(StoreUnavailable, match="schema version 3, written by a newer dt-trio"):
-        await store.open()
-    conn = sqlite3.connect(path)
-    try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
-        assert conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
     finally:
         conn.close()

@@ -147,6 +147,13 @@ def test_a_late_completion_for_redelivered_work_is_refused_and_changes_nothing(
     assert after is not None and after.serialized_output == '"done 1 by the survivor"'
 
 
+def assert_refusal_logged(sidecar: Sidecar, instance_id: str, reason: str) -> None:
+    """The refusal is logged once, with the instance and the reason (never silent)."""
+    lines = [line for line in sidecar.log_text().splitlines() if "is refused" in line]
+    assert len(lines) == 1, lines
+    assert f"'{instance_id}'" in lines[0] and reason in lines[0], lines[0]
+
+
 def test_an_activity_result_naming_another_task_is_refused_and_the_activity_runs_again(
     sidecar: Sidecar,
 ) -> None:
@@ -165,6 +172,7 @@ def test_an_activity_result_naming_another_task_is_refused_and_the_activity_runs
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         details = info.value.details() or ""
         assert f"task {task_id + 5}" in details and f"task {task_id}" in details
+        assert_refusal_logged(sidecar, instance_id, f"task {task_id + 5}")
         # Nothing is lost: the activity is handed out again, and its right answer counts.
         again = next(items)
         assert again.activityRequest.taskId == task_id
@@ -193,6 +201,7 @@ def test_an_orchestrator_answer_naming_another_instance_is_refused_and_the_step_
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         details = info.value.details() or ""
         assert "'someone-else'" in details and f"'{instance_id}'" in details
+        assert_refusal_logged(sidecar, instance_id, "'someone-else'")
         # Nothing is lost: the step is handed out again, and its right answer counts.
         again = next(steps)
         assert again.orchestratorRequest.instanceId == instance_id

@@ -27,7 +27,6 @@ Everything here is pure data: no trio, sqlite or gRPC.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -345,23 +344,13 @@ def wakeups(commit: Commit, applied: Applied) -> Wakeups:
     taken = {item.state.instance_id for item in applied.orchestrations}
     orchestrations = activities = entities = False
     instances: dict[str, InstanceState | None] = {}
-
-    def sent(messages: Iterable[OutboundMessage]) -> None:
-        nonlocal orchestrations, entities
-        for message in messages:
-            if is_entity_id(message.target_instance_id):
-                entities = True
-            elif message.target_instance_id not in taken:
-                orchestrations = True
+    # The messages sent: to orchestrations (those the commit took need no wake-up: they run
+    # here already) or to entities.
+    sent: list[OutboundMessage] = []
 
     for write in commit.writes:
-        if isinstance(write, CreateInstance):
-            instances[write.state.instance_id] = write.state
-            if write.started is not None and write.state.instance_id not in taken:
-                orchestrations = True
-        elif isinstance(write, Send):
-            sent(write.messages)
-        elif isinstance(write, WriteStep):
+        # (`type() is`: these are final classes, and this runs for every commit)
+        if type(write) is WriteStep:
             result = write.result
             instances[result.state.instance_id] = result.state
             for new in result.new_instances:
@@ -370,23 +359,35 @@ def wakeups(commit: Commit, applied: Applied) -> Wakeups:
             # during the step, or are timers). Without them and without an outbox, waking
             # the processor would only cost it a lease that finds nothing.
             orchestrations |= applied.waiting or bool(result.new_instances)
-            sent(result.messages)
+            sent += result.messages
             activities |= len(result.activities) > len(applied.activities)
-        elif isinstance(write, WriteEntityStep):
-            entities = True  # messages that arrived during the step
-            for new in write.result.new_instances:
-                instances.setdefault(new.state.instance_id, None)
-            orchestrations |= bool(write.result.new_instances)
-            sent(write.result.messages)
-        elif isinstance(write, Reopen):
-            instances[write.instance_id] = None
-        elif isinstance(write, Release):
+        elif type(write) is Send:
+            sent += write.messages
+        elif type(write) is CreateInstance:
+            instances[write.state.instance_id] = write.state
+            if write.started is not None and write.state.instance_id not in taken:
+                orchestrations = True
+        elif type(write) is Release:
             if write.kind is WorkKind.ORCHESTRATION:
                 orchestrations = True
             elif write.kind is WorkKind.ACTIVITY:
                 activities = True
             else:
                 entities = True
+        elif type(write) is WriteEntityStep:
+            entities = True  # messages that arrived during the step
+            for new in write.result.new_instances:
+                instances.setdefault(new.state.instance_id, None)
+            orchestrations |= bool(write.result.new_instances)
+            sent += write.result.messages
+        elif type(write) is Reopen:
+            instances[write.instance_id] = None
+        # DeleteActivity, DropPending: the writes beside them say what changed
+    for message in sent:
+        if is_entity_id(message.target_instance_id):
+            entities = True
+        elif message.target_instance_id not in taken:
+            orchestrations = True
     return Wakeups(orchestrations, activities, entities, tuple(instances.items()))
 
 

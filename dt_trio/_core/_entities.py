@@ -50,6 +50,17 @@ def entity_name(instance_id: str) -> str:
     return instance_id[1:].partition("@")[0]
 
 
+def entity_id_prefix(value: str | None) -> str | None:
+    """An entity id prefix as the SDKs' queries and operators give it ('@name@key...',
+    '@name...' or a bare name start), as ids store it: the name in lower case."""
+    if not value:
+        return None
+    if not value.startswith(ENTITY_ID_PREFIX):
+        value = ENTITY_ID_PREFIX + value
+    name, sep, key = value[1:].partition("@")
+    return f"@{name.lower()}{sep}{key}"
+
+
 def check_entity_id(instance_id: str, field: str = "instanceId") -> str:
     """`instance_id` normalised as the SDKs write it (name in lower case), or ValueError with a
     message that names the problem."""

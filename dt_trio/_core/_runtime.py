@@ -113,17 +113,28 @@ def plan_step(
         return Settle(StepResult(state=state, consumed=ids, history=[], messages=messages))
 
     started = any(e.HasField("executionStarted") for e in history)
+    suspended = state.status == Status.SUSPENDED
     delivered: list[pb.HistoryEvent] = []
+    woken = False
     for message in inbox:
-        if message.event.HasField("executionRewound") or message.event.HasField(
-            "orchestratorStarted"
-        ):
-            continue  # a rewind of a running instance is moot; a wake-up carries nothing
-        if message.event.HasField("executionStarted"):
+        kind = message.event.WhichOneof("eventType")
+        if kind == "orchestratorStarted":
+            woken = True  # a wake-up carries nothing, but asks for a step
+        elif kind == "executionRewound":
+            continue  # a rewind of a running instance is moot
+        elif kind == "executionStarted":
             if started:
                 continue  # a duplicate start is dropped
             started = True
             delivered.insert(0, message.event)  # the start always leads the new events
+        elif kind in ("executionSuspended", "executionResumed"):
+            # Only a change is delivered, as the status stands when the event is consumed
+            # (it may have changed since it was sent): the SDKs fail on a resume of an
+            # instance that is not suspended, and spin on a suspend of a suspended one.
+            if suspended != (kind == "executionResumed"):
+                continue
+            suspended = not suspended
+            delivered.append(message.event)
         else:
             delivered.append(message.event)
 
@@ -136,6 +147,8 @@ def plan_step(
             until = now + timedelta(seconds=NOT_STARTED_RETRY_SECONDS)
         return Postpone(ids, until)
 
+    if not delivered and not woken:
+        return Settle(StepResult(state=state, consumed=ids, history=[]))  # all dropped
     new_events = [ev.orchestrator_started(now), *delivered]
     return Dispatch(past_events=history, new_events=new_events, consumed=ids)
 

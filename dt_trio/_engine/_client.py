@@ -7,7 +7,6 @@ and results.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
@@ -17,11 +16,12 @@ from dt_trio._core import _events as ev
 from dt_trio._core import _operations as ops
 from dt_trio._engine._dispatch import Dispatcher
 from dt_trio._engine._signals import Signals
-from dt_trio._errors import InstanceNotFound, InvalidRequest
+from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Backend
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def _now() -> datetime:
@@ -144,6 +144,33 @@ class HubClient:
             raise InvalidRequest("the event name is required and must not be empty")
         now = _now()
         await self.store.apply(ops.send_event(instance_id, ev.event_raised(now, name, data), now))
+
+    async def restart(self, instance_id: str, new_instance_id: bool = False) -> str:
+        """Start a finished instance again with its name, input, version and tags, under its
+        own id or (`new_instance_id`) a new one; returns the id it runs under."""
+        old = await self.store.get_instance(instance_id) if instance_id else None
+        if old is None:
+            raise InstanceNotFound(instance_id)
+        if not old.status.is_terminal:
+            raise FailedPrecondition(
+                f"instance '{old.instance_id}' is {old.status.label}; only a finished "
+                "instance can be restarted"
+            )
+        return await self.start(
+            old.name,
+            instance_id=uuid.uuid4().hex if new_instance_id else old.instance_id,
+            input=old.input,
+            version=old.version,
+            tags=dict(old.tags),
+            replaceable={old.status},
+        )
+
+    async def rewind(self, instance_id: str, reason: str | None) -> None:
+        """Run a failed instance again from its failed steps; the SDK rewrites the history."""
+        event = ev.new_event(_now())
+        event.executionRewound.SetInParent()
+        ev.set_str(event.executionRewound.reason, reason)
+        await self.store.apply(ops.rewind(instance_id, event, _now()))
 
     async def terminate(self, instance_id: str, output: str | None, recursive: bool) -> None:
         await self._control(instance_id, ev.execution_terminated(_now(), output, recursive))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -49,10 +48,11 @@ from dt_trio._engine._executor import Answer, Executor, OrchestrationStep, Route
 from dt_trio._engine._pacing import Pacing, Parking
 from dt_trio._engine._signals import Wakeup
 from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Backend, Leased
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 W = TypeVar("W")
 
 # Without a commit from this process, look at the store at least this often (another process
@@ -76,11 +76,12 @@ def _new_id() -> str:
 
 def route_of(item: OrchestrationWorkItem | ActivityWorkItem | EntityWorkItem) -> Route:
     """Where an item goes: what an executor and a worker's filters look at."""
-    if isinstance(item, OrchestrationWorkItem):
+    if type(item) is OrchestrationWorkItem:
         return Route(WorkKind.ORCHESTRATION, item.state.name, item.state.version)
-    if isinstance(item, ActivityWorkItem):
+    if type(item) is ActivityWorkItem:
         scheduled = item.scheduled.taskScheduled
         return Route(WorkKind.ACTIVITY, scheduled.name, ev.opt_str(scheduled, "version"))
+    assert isinstance(item, EntityWorkItem)
     return Route(WorkKind.ENTITY, core.entity_name(item.entity.instance_id))
 
 
@@ -368,6 +369,8 @@ class Dispatcher:
         # Instances whose step is starting beside a commit not yet made (see `_hand_over`),
         # each with the event set once that commit is over.
         self._starting: dict[str, trio.Event] = {}
+        # The lease of work built before the commit that leases it (see `Lease`).
+        self._unleased = Lease(owner, 0)
 
     # -- the commits of steps --------------------------------------------------------------
 
@@ -387,7 +390,7 @@ class Dispatcher:
         expected = None
         if visible_at <= now:
             inbox = [InboxMessage(0, started)]
-            expected = OrchestrationWorkItem(state, [], inbox, Lease(self.owner, 0))
+            expected = OrchestrationWorkItem(state, [], inbox, self._unleased)
         await self._hand_over(build, expected)
 
     async def deliver(self, item: ActivityWorkItem, result: pb.HistoryEvent) -> None:
@@ -433,7 +436,7 @@ class Dispatcher:
         as it is."""
         lane = self.activities
         reserved = lane.reserve(len(result.activities))
-        unleased = Lease(self.owner, 0)  # the row ids and the epoch are the commit's to give
+        unleased = self._unleased  # the row ids and the epoch are the commit's to give
         items = [
             ActivityWorkItem(0, a.instance_id, a.execution_id, a.scheduled, unleased)
             for a in result.activities[:reserved]

@@ -9,7 +9,6 @@ another commit, started early or run ahead is the dispatcher's business.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
@@ -27,13 +26,14 @@ from dt_trio._core._commit import (
     OrchestrationWorkItem,
 )
 from dt_trio._engine._dispatch import Dispatcher, Early, Lane, leased, route_of
-from dt_trio._engine._executor import WorkAbandoned, WorkTooLarge, WorkUnclaimed
+from dt_trio._engine._executor import WorkAbandoned, WorkTooLarge, WorkUnclaimed, escaped
 from dt_trio._engine._signals import Signals, Wakeup
 from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Leased
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 W = TypeVar("W")
 
 # An activity handed out this many times without an answer fails its task.
@@ -435,11 +435,16 @@ class EntityProcessor(_Processor[EntityWorkItem]):
             with trio.CancelScope(shield=True):
                 await self._store.apply(ops.entity_step(item, result, _now()))
         except core.InvalidEntityResult as exc:
-            # The batch runs again later from the state before it; a worker that keeps
-            # failing it reaches the poison limit above.
+            # The batch runs again from the state before it, handed out again at once; a
+            # worker that keeps failing it reaches the poison limit above.
             self._executor.finish(answer, InvalidRequest(f"entity '{entity_id}': {exc}"))
-            log.warning("%s: %s: %s; retrying the batch", self.name, entity_id, exc)
-            later = _later(FAILED_STEP_RETRY_SECONDS)
+            log.warning(
+                "'%s': a worker's answer to an entity batch is refused, and the item handed "
+                "out again: %s",
+                escaped(entity_id),
+                escaped(str(exc), 1000),
+            )
+            later = _later(_backoff(item.attempt))
             await self._lane.give_back(ops.release_entity(item, _now(), Attempts.COUNT, ids, later))
             return
         except BaseException as exc:

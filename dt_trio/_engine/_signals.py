@@ -50,6 +50,28 @@ class InstanceChange:
         await self._event.wait()
 
 
+class Changes:
+    """A count of the hub's changes (instances and entities), for any number of watchers.
+    Costs a commit one increment while nobody waits."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._event: trio.Event | None = None
+
+    def fire(self) -> None:
+        self.count += 1
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+    async def wait_past(self, count: int) -> None:
+        """Return once `count` is no longer the latest count."""
+        while self.count == count:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+
+
 class Signals:
     """Implements `dt_trio._store.StoreListener` with trio primitives."""
 
@@ -57,6 +79,7 @@ class Signals:
         self.orchestration_work = Wakeup()
         self.activity_work = Wakeup()
         self.entity_work = Wakeup()
+        self.changes = Changes()
         self._instances: dict[str, InstanceChange] = {}
 
     def orchestration_work_added(self) -> None:
@@ -67,8 +90,10 @@ class Signals:
 
     def entity_work_added(self) -> None:
         self.entity_work.set()
+        self.changes.fire()  # a signal queued or an entity's step committed
 
     def instance_changed(self, instance_id: str, state: InstanceState | None = None) -> None:
+        self.changes.fire()
         change = self._instances.get(instance_id)
         if change is not None:
             change.fire(state)

@@ -40,8 +40,10 @@ COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
 S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
 S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
 
-# At most this many distinct header blocks are remembered per connection (see `_decode`).
+# At most this many distinct header blocks are remembered per connection, taking at most this
+# many bytes (encoded and decoded; see `_decode`).
 _DECODED_BLOCKS = 256
+_DECODED_BYTES = 256 * 1024
 MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65535
 MIN_FRAME_SIZE = 16384
@@ -168,9 +170,13 @@ class ServerConnection:
         max_concurrent_streams: int = 1000,
         stream_window: int = 1 << 20,
         connection_window: int = 16 << 20,
-        max_frame_size: int = 1 << 20,
-        max_header_block: int = 1 << 20,
+        max_frame_size: int = MIN_FRAME_SIZE,
+        max_header_block: int = 1 << 16,
     ) -> None:
+        # A peer's unfinished frame and header block are held until they are whole: the
+        # defaults keep what one connection can hold small (grpc-core sends frames of 16 KiB
+        # too; a header block larger than hpack's limit on a decoded header list, 64 KiB,
+        # would fail to decode).
         self._out = bytearray()
         self._in = bytearray()
         self._preface_seen = False
@@ -194,6 +200,7 @@ class ServerConnection:
         self.closed = False
         self._table_update = False
         self._decoded: dict[bytes, dict[str, str]] = {}  # see `_decode`
+        self._decoded_bytes = 0
 
     # -- output --------------------------------------------------------------------------------
 
@@ -221,6 +228,11 @@ class ServerConnection:
 
     def has_data_to_send(self) -> bool:
         return bool(self._out)
+
+    @property
+    def handshake_done(self) -> bool:
+        """The client's connection preface and first SETTINGS have arrived."""
+        return self._settings_seen
 
     def is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
@@ -277,12 +289,18 @@ class ServerConnection:
             # to stop sending (RFC 9113 8.1).
             self._out += _frame(RST_STREAM, 0, stream_id, _U32.pack(NO_ERROR))
 
-    def _fail(self, code: int, message: str) -> ProtocolError:
+    def go_away(self, code: int, message: str) -> None:
+        """Queue GOAWAY (`message` as its debug data): the connection takes no new stream and
+        reads nothing more; streams up to the last one the peer opened were seen (those above
+        it, the peer may retry elsewhere)."""
         if not self.closed:
             self.closed = True
             self._out += _frame(
                 GOAWAY, 0, 0, _U32.pack(self._last_stream_id) + _U32.pack(code) + message.encode()
             )
+
+    def _fail(self, code: int, message: str) -> ProtocolError:
+        self.go_away(code, message)
         return ProtocolError(code, message)
 
     # -- input ---------------------------------------------------------------------------------
@@ -471,7 +489,9 @@ class ServerConnection:
         A client repeats the same few blocks (after its first requests, every field is an
         index into the dynamic table), and decoding a block that adds nothing to the table
         has no effect on it: such blocks are decoded once and remembered, until a block
-        changes the table (and so, perhaps, what the remembered ones mean)."""
+        changes the table (and so, perhaps, what the remembered ones mean). What is remembered
+        is bounded in bytes too: a peer sending large blocks, each one different, gets them
+        decoded every time instead of piling up."""
         known = self._decoded.get(block)
         if known is not None:
             return known
@@ -486,8 +506,12 @@ class ServerConnection:
             headers.setdefault(name, value)
         if len(table) != before[0] or (table[0] if table else None) is not before[1]:
             self._decoded.clear()
+            self._decoded_bytes = 0
         elif len(self._decoded) < _DECODED_BLOCKS:
-            self._decoded[bytes(block)] = headers
+            size = len(block) + sum(len(name) + len(value) for name, value in headers.items())
+            if self._decoded_bytes + size <= _DECODED_BYTES:
+                self._decoded[bytes(block)] = headers
+                self._decoded_bytes += size
         return headers
 
     def _on_settings(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:

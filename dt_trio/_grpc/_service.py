@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import empty_pb2
 
@@ -15,15 +13,17 @@ from dt_trio import _core as core
 from dt_trio._core import EntityState, InstanceState, Status
 from dt_trio._core import _events as ev
 from dt_trio._core import _operations as ops
+from dt_trio._core._commit import WorkKind
 from dt_trio._engine import HubClient, RemoteExecutor
-from dt_trio._engine._executor import Pending
-from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest
+from dt_trio._errors import InstanceNotFound, InvalidRequest
+from dt_trio._grpc import _bounds as bounds
 from dt_trio._grpc._transport import immediate
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_grpc as grpc_stubs
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Backend, EntityFilter, InstanceFilter, PageKey
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 Predicate = Callable[[InstanceState], bool]
 
@@ -109,23 +109,48 @@ def _entity_id(value: str, field: str = "instanceId") -> str:
         raise InvalidRequest(str(exc)) from None
 
 
-def _entity_prefix(value: str | None) -> str | None:
-    """An id prefix as the SDKs' entity queries give it: '@name@key...' or a bare name start;
-    entity names are matched in lower case, as ids store them."""
-    if not value:
-        return None
-    if not value.startswith("@"):
-        value = "@" + value
-    name, sep, key = value[1:].partition("@")
-    return f"@{name.lower()}{sep}{key}"
-
-
 def _entity_message(entity: EntityState, include_state: bool) -> pb.EntityMetadata:
     msg = pb.EntityMetadata(instanceId=entity.instance_id, backlogQueueSize=entity.backlog)
     ev.set_time(msg.lastModifiedTime, entity.last_modified_at)
     ev.set_str(msg.lockedBy, entity.lock_owner)
     if include_state:
         ev.set_str(msg.serializedState, entity.state)
+    return msg
+
+
+T = TypeVar("T")
+K = TypeVar("K")
+
+
+async def _bounded_page(
+    fetch: Callable[[int], Awaitable[tuple[list[T], K | None]]],
+    size: int,
+    cost: Callable[[T], int],
+) -> tuple[list[T], K | None]:
+    """`fetch(size)`: a page and the key after it, as long as its elements (`cost` each, see
+    `bounds.item_cost`) fit in one answer; if they do not, the page is fetched again, as
+    long as they fit, so that its continuation starts where it ends."""
+    while True:
+        items, after = await fetch(size)
+        count = bounds.page_length([cost(item) for item in items])
+        if count == len(items):
+            return items, after
+        size = count
+
+
+def _bounded_state(state: InstanceState, payloads: bool) -> pb.OrchestrationState:
+    """An instance as one element of a page (see `bounds.fit`)."""
+    msg = _state_message(state, payloads)
+    limit = bounds.item_limit(state.instance_id)
+    bounds.fit(msg, limit, f"the state of instance '{state.instance_id[:100]}'")
+    return msg
+
+
+def _bounded_entity(entity: EntityState, include_state: bool) -> pb.EntityMetadata:
+    """An entity as one element of a page (see `bounds.fit`)."""
+    msg = _entity_message(entity, include_state)
+    limit = bounds.item_limit(entity.instance_id)
+    bounds.fit(msg, limit, f"entity '{entity.instance_id[:100]}'")
     return msg
 
 
@@ -144,14 +169,25 @@ def _state_message(state: InstanceState, payloads: bool) -> pb.OrchestrationStat
     if state.scheduled_start_at is not None:
         ev.set_time(msg.scheduledStartTimestamp, state.scheduled_start_at)
     if payloads:
+        # What durabletask-go and the .NET backends count as payloads: without
+        # getInputsAndOutputs (fetchInputsAndOutputs) they leave all four out.
         ev.set_str(msg.input, state.input)
         ev.set_str(msg.output, state.output)
-    ev.set_str(msg.customStatus, state.custom_status)
-    if state.failure is not None:
-        msg.failureDetails.CopyFrom(state.failure)
+        ev.set_str(msg.customStatus, state.custom_status)
+        if state.failure is not None:
+            msg.failureDetails.CopyFrom(state.failure)
     ev.set_str(msg.parentInstanceId, state.parent_instance_id)
     msg.tags.update(state.tags)
     return msg
+
+
+def _bounded_event(event: pb.HistoryEvent) -> pb.HistoryEvent:
+    """A copy of a history event too large for an answer, its payloads left out (the
+    stored event, which the store may keep in memory, is not touched)."""
+    copy = pb.HistoryEvent()
+    copy.CopyFrom(event)
+    bounds.fit(copy, bounds.item_limit(""), f"history event {event.eventId}")
+    return copy
 
 
 class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[misc]
@@ -193,32 +229,15 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     async def RestartInstance(
         self, request: pb.RestartInstanceRequest
     ) -> pb.RestartInstanceResponse:
-        _require(request.instanceId, "instanceId")
-        old = await self._store.get_instance(request.instanceId)
-        if old is None:
-            raise InstanceNotFound(request.instanceId)
-        if not old.status.is_terminal:
-            raise FailedPrecondition(
-                f"instance '{old.instance_id}' is {old.status.label}; only a finished "
-                "instance can be restarted"
-            )
-        instance_id = await self._client.start(
-            old.name,
-            instance_id=uuid.uuid4().hex if request.restartWithNewInstanceId else old.instance_id,
-            input=old.input,
-            version=old.version,
-            tags=dict(old.tags),
-            replaceable={old.status},
+        instance_id = await self._client.restart(
+            _require(request.instanceId, "instanceId"), request.restartWithNewInstanceId
         )
         return pb.RestartInstanceResponse(instanceId=instance_id)
 
     async def RewindInstance(self, request: pb.RewindInstanceRequest) -> pb.RewindInstanceResponse:
-        """Run a failed instance again from its failed steps; the SDK rewrites the history."""
-        _require(request.instanceId, "instanceId")
-        event = ev.new_event(_now())
-        event.executionRewound.SetInParent()
-        ev.set_str(event.executionRewound.reason, ev.opt_str(request, "reason"))
-        await self._store.apply(ops.rewind(request.instanceId, event, _now()))
+        await self._client.rewind(
+            _require(request.instanceId, "instanceId"), ev.opt_str(request, "reason")
+        )
         return pb.RewindInstanceResponse()
 
     async def SkipGracefulOrchestrationTerminations(
@@ -279,6 +298,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
             return pb.GetInstanceResponse(exists=False)
         response = pb.GetInstanceResponse(exists=True)
         response.orchestrationState.CopyFrom(_state_message(state, payloads))
+        bounds.fit(response, what=f"the state of instance '{state.instance_id[:100]}'")
         return response
 
     async def RaiseEvent(self, request: pb.RaiseEventRequest) -> pb.RaiseEventResponse:
@@ -356,12 +376,17 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
             id_prefix=ev.opt_str(query, "instanceIdPrefix") or None,
         )
         after = _page_key(ev.opt_str(query, "continuationToken"), "query.continuationToken")
-        states, next_key = await self._store.query_instances(
-            where, _page_size(query.maxInstanceCount, "query.maxInstanceCount"), after
+
+        async def fetch(size: int) -> tuple[list[pb.OrchestrationState], PageKey | None]:
+            states, next_key = await self._store.query_instances(where, size, after)
+            return [_bounded_state(s, query.fetchInputsAndOutputs) for s in states], next_key
+
+        messages, next_key = await _bounded_page(
+            fetch,
+            _page_size(query.maxInstanceCount, "query.maxInstanceCount"),
+            lambda m: bounds.item_cost(m.ByteSize(), m.instanceId),
         )
-        response = pb.QueryInstancesResponse()
-        for state in states:
-            response.orchestrationState.append(_state_message(state, query.fetchInputsAndOutputs))
+        response = pb.QueryInstancesResponse(orchestrationState=messages)
         if next_key is not None:
             response.continuationToken.value = _page_token(next_key)
         return response
@@ -369,12 +394,20 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     async def ListInstanceIds(
         self, request: pb.ListInstanceIdsRequest
     ) -> pb.ListInstanceIdsResponse:
-        ids, next_key = await self._store.list_finished_ids(
-            _statuses(request.runtimeStatus, "runtimeStatus"),
-            _timestamp(request, "completedTimeFrom"),
-            _timestamp(request, "completedTimeTo"),
+        statuses = _statuses(request.runtimeStatus, "runtimeStatus")
+        completed_from = _timestamp(request, "completedTimeFrom")
+        completed_to = _timestamp(request, "completedTimeTo")
+        after = _page_key(ev.opt_str(request, "lastInstanceKey"), "lastInstanceKey")
+
+        async def fetch(size: int) -> tuple[list[str], PageKey | None]:
+            return await self._store.list_finished_ids(
+                statuses, completed_from, completed_to, size, after
+            )
+
+        ids, next_key = await _bounded_page(
+            fetch,
             _page_size(request.pageSize, "pageSize"),
-            _page_key(ev.opt_str(request, "lastInstanceKey"), "lastInstanceKey"),
+            lambda i: bounds.item_cost(len(i.encode()), i),
         )
         response = pb.ListInstanceIdsResponse(instanceIds=ids)
         if next_key is not None:
@@ -412,6 +445,9 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         size = 0
         for event in history:
             event_size = event.ByteSize()
+            if event_size > bounds.item_limit(""):
+                event = _bounded_event(event)
+                event_size = event.ByteSize()
             if chunk and (
                 len(chunk) >= HISTORY_CHUNK_EVENTS or size + event_size > HISTORY_CHUNK_BYTES
             ):
@@ -440,14 +476,16 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         # operations is transient (QueryEntities shows it when asked).
         if entity is None or entity.state is None:
             return pb.GetEntityResponse(exists=False)
-        return pb.GetEntityResponse(
+        response = pb.GetEntityResponse(
             exists=True, entity=_entity_message(entity, request.includeState)
         )
+        bounds.fit(response, what=f"entity '{entity.instance_id[:100]}'")
+        return response
 
     async def QueryEntities(self, request: pb.QueryEntitiesRequest) -> pb.QueryEntitiesResponse:
         query = request.query
         where = EntityFilter(
-            id_prefix=_entity_prefix(ev.opt_str(query, "instanceIdStartsWith")),
+            id_prefix=core.entity_id_prefix(ev.opt_str(query, "instanceIdStartsWith")),
             modified_from=_timestamp(query, "lastModifiedFrom"),
             modified_to=_timestamp(query, "lastModifiedTo"),
             include_transient=query.includeTransient,
@@ -461,12 +499,17 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
                 raise InvalidRequest(
                     f"continuationToken '{token[:100]}' is not a continuation token of this sidecar"
                 )
-        entities, next_after = await self._store.query_entities(
-            where, _page_size(size, "pageSize"), after
+
+        async def fetch(size: int) -> tuple[list[pb.EntityMetadata], str | None]:
+            entities, next_after = await self._store.query_entities(where, size, after)
+            return [_bounded_entity(e, query.includeState) for e in entities], next_after
+
+        messages, next_after = await _bounded_page(
+            fetch,
+            _page_size(size, "pageSize"),
+            lambda m: bounds.item_cost(m.ByteSize(), m.instanceId),
         )
-        response = pb.QueryEntitiesResponse(
-            entities=[_entity_message(e, query.includeState) for e in entities]
-        )
+        response = pb.QueryEntitiesResponse(entities=messages)
         if next_after is not None:
             response.continuationToken.value = f"{ENTITY_PAGE_TOKEN_VERSION}:{next_after}"
         return response
@@ -487,33 +530,38 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         async for item in self._executor.stream(request):
             yield item
 
+    # An answer is matched by its completion token; one without (durabletask-go's worker and
+    # other SDKs of its generation) by what it names, as durabletask-go's sidecar matches it
+    # (see dt_trio._engine._executor).
+
     @immediate
     async def CompleteOrchestratorTask(
         self, request: pb.OrchestratorResponse
     ) -> pb.CompleteTaskResponse:
-        pending = self._pending(request.completionToken, "orchestratorRequest")
+        pending = self._executor.lookup(
+            request.completionToken,
+            (WorkKind.ORCHESTRATION, request.instanceId, -1),
+            "orchestratorRequest",
+        )
         self._executor.deliver(pending, request)
         return pb.CompleteTaskResponse()
 
     @immediate
     async def CompleteActivityTask(self, request: pb.ActivityResponse) -> pb.CompleteTaskResponse:
-        self._executor.deliver(self._pending(request.completionToken, "activityRequest"), request)
+        pending = self._executor.lookup(
+            request.completionToken,
+            (WorkKind.ACTIVITY, request.instanceId, request.taskId),
+            "activityRequest",
+        )
+        self._executor.deliver(pending, request)
         return pb.CompleteTaskResponse()
 
     async def CompleteEntityTask(self, request: pb.EntityBatchResult) -> pb.CompleteTaskResponse:
-        pending = self._pending(request.completionToken, "entityRequestV2")
+        # An EntityBatchResult names no entity: only its token can match it (every SDK that
+        # reads entityRequestV2, the form dt-trio sends, answers with it).
+        pending = self._executor.lookup(request.completionToken, None, "entityRequestV2")
         await self._executor.complete(pending, request)
         return pb.CompleteTaskResponse()
-
-    def _pending(self, token: str, kind: str) -> Pending:
-        """The work item waiting for completion token `token`, which must be of `kind`."""
-        pending = self._executor.lookup(token)
-        if pending.work_item.WhichOneof("request") != kind:
-            raise InvalidRequest(
-                f"completion token '{token}' belongs to an "
-                f"{pending.work_item.WhichOneof('request')} work item, not an {kind}"
-            )
-        return pending
 
     @immediate
     async def AbandonTaskOrchestratorWorkItem(
@@ -537,5 +585,5 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         return pb.AbandonEntityTaskResponse()
 
     def _abandon(self, token: str, kind: str) -> None:
-        pending = self._pending(token, kind)
+        pending = self._executor.lookup(token, None, kind)
         pending.abandon(WORKER_ABANDON_DELAY_SECONDS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from purerpc.grpclib.status import StatusCode
 
 from dt_trio._errors import (
+    AnswerTooLarge,
     DtTrioError,
     FailedPrecondition,
     InstanceExists,
@@ -16,6 +17,7 @@ from dt_trio._errors import (
 )
 
 _CODES: dict[type[DtTrioError], StatusCode] = {
+    AnswerTooLarge: StatusCode.RESOURCE_EXHAUSTED,
     InvalidRequest: StatusCode.INVALID_ARGUMENT,
     InstanceNotFound: StatusCode.NOT_FOUND,
     InstanceExists: StatusCode.ALREADY_EXISTS,

@@ -7,13 +7,20 @@ method names, cardinality, message types), but its `Server` is not fit to run a 
     idle server stream runs forever. Here every stream runs in its own cancel scope, cancelled on
     RST_STREAM; every connection runs in its own nursery, cancelled on EOF, reset or GOAWAY.
 (b) it never closes sockets or the listener. Here each connection's socket is closed when its
-    task ends, and the listeners when `serve_grpc` ends (trio.serve_listeners owns them).
+    task ends, and the listeners when `serve_grpc` ends.
 (c) it binds every interface with SO_REUSEPORT. Here we bind exactly `host` (SO_REUSEADDR only).
 (d) it answers an unexpected exception with CANCELLED and a traceback. Here a handler's exception
     becomes the status `status_for` gives it, else INTERNAL with a short message; the traceback
     goes to the log, and the connection serves on.
 (e) a gzip request kills its connection. Here gzip and deflate requests are decompressed; an
     unknown encoding is answered UNIMPLEMENTED on that stream alone.
+
+(f) it holds whatever a peer sends or leaves open. Here a connection that has not begun HTTP/2
+    (and TLS) within the handshake timeout is closed, and one without a call for the idle
+    timeout gets GOAWAY; at most `max_connections` are served at once, those beyond are
+    refused with GOAWAY; the request bytes buffered across all connections are bounded
+    (RESOURCE_EXHAUSTED beyond); and when accept fails for want of descriptors or memory, the
+    server says so once, backs off and serves on.
 
 It also honours `grpc-timeout` (DEADLINE_EXCEEDED) and bounds request messages
 (RESOURCE_EXHAUSTED). Only what the Durable Task protocol uses is served: unary and
@@ -24,9 +31,12 @@ call runs in a task of its own.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hmac
-import logging
+import math
+import os
+import resource
 import ssl
 import struct
 import urllib.parse
@@ -41,14 +51,35 @@ from purerpc.grpclib.status import StatusCode
 from purerpc.rpc import Cardinality
 
 from dt_trio._grpc import _http2 as http2
+from dt_trio._log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 H = TypeVar("H", bound=Callable[..., Any])
 
 StatusFor = Callable[[BaseException], "tuple[StatusCode, str] | None"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-TLS_HANDSHAKE_SECONDS = 10.0
+DEFAULT_MAX_BUFFERED_BYTES = 64 * 1024 * 1024  # (or 4 x max_message_bytes, if more)
+DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_IDLE_TIMEOUT = 300.0
+# After our GOAWAY, how long the peer has to read it and close its side.
+_CLOSE_GRACE = 1.0
+# accept(2) failing for want of descriptors or memory: retried after this many seconds,
+# doubled up to the second number while it goes on.
+_ACCEPT_RETRY = (0.05, 1.0)
+_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# What a call holds while its request is unfinished, besides the request's bytes (its task and
+# state), counted against the bound on buffered request bytes: calls whose request never
+# comes cannot pile up without end either.
+UNFINISHED_REQUEST_COST = 4096
+
+
+def min_buffered_bytes(max_message_bytes: int) -> int:
+    """The least bound on buffered request bytes that holds one request of the largest size."""
+    return max_message_bytes + 5 + UNFINISHED_REQUEST_COST
+
+
 _READ_SIZE = 65536
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _DECODERS: dict[str, Callable[[bytes], bytes]] = {
@@ -113,7 +144,10 @@ class _Stream:
     ended: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     reset: bool = False
-    too_large: bool = False
+    # Its request could not be buffered (too large, or over the server's budget): the status
+    # it is answered with.
+    refusal: RpcError | None = None
+    held: int = 0  # charged to the budget: the request's bytes, and the cost of waiting for them
     # Its method is immediate: answered as its request ends, by the read loop (no task).
     inline: bool = False
     # Response headers went out: the status must follow as trailers, never as a second header
@@ -126,13 +160,55 @@ def _status_message(message: str) -> str:
     return urllib.parse.quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> str:
+    # (without a password callback OpenSSL would prompt for one on the terminal)
+    raise _EncryptedKey
+
+
 def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """A TLS server context for gRPC: TLS 1.2 or later, HTTP/2 by ALPN."""
+    """A TLS server context for gRPC: TLS 1.2 or later, HTTP/2 by ALPN.
+
+    ValueError, naming the file and what is wrong with it, if the files cannot serve."""
+    for what, path in (("certificate chain", cert_file), ("private key", key_file)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot read the {what} {path}: {exc.strerror}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_file, key_file)
+    try:
+        context.load_cert_chain(cert_file, key_file, password=_no_password)
+    except _EncryptedKey:
+        raise ValueError(
+            f"the private key {key_file} is encrypted: give it without a passphrase "
+            f"(openssl pkey -in {key_file} -out KEY)"
+        ) from None
+    except ssl.SSLError as exc:
+        raise ValueError(_tls_files_problem(cert_file, key_file, exc)) from None
     context.set_alpn_protocols(["h2"])
     return context
+
+
+def _tls_files_problem(cert_file: str, key_file: str, exc: ssl.SSLError) -> str:
+    """What is wrong with a certificate chain and key that OpenSSL refused as `exc`."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert_file)
+    except ssl.SSLError:
+        return (
+            f"{cert_file} is not a PEM certificate chain "
+            "(it should hold -----BEGIN CERTIFICATE----- blocks)"
+        )
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return f"the private key {key_file} does not match the certificate {cert_file}"
+    return (
+        f"{key_file} is not a PEM private key "
+        "(it should hold a -----BEGIN ...PRIVATE KEY----- block)"
+    )
 
 
 def _parse_timeout(value: str) -> float:
@@ -143,26 +219,56 @@ def _parse_timeout(value: str) -> float:
         raise RpcError(StatusCode.INVALID_ARGUMENT, f"malformed grpc-timeout {value!r}") from exc
 
 
+class _Budget:
+    """The request bytes buffered across all connections of a server, against its limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+@dataclass
+class _Server:
+    """What every connection of one server shares: its methods, its limits, its budget."""
+
+    methods: dict[str, Any]
+    immediate: frozenset[str]  # the paths of immediate unary methods
+    status_for: StatusFor
+    max_message_bytes: int
+    budget: _Budget
+    token: str | None
+    idle_timeout: float
+
+
 class _Connection:
     """One HTTP/2 connection: reads frames, runs one task per stream, writes responses."""
 
     def __init__(
-        self,
-        transport: trio.abc.Stream,
-        methods: dict[str, Any],
-        immediate: frozenset[str],
-        status_for: StatusFor,
-        max_message_bytes: int,
-        token: str | None,
+        self, transport: trio.abc.Stream, server: _Server, handshake_deadline: float
     ) -> None:
         self._transport = transport
-        self._expected_authorization = f"Bearer {token}".encode() if token else None
-        self._methods = methods
-        self._immediate = immediate  # the paths of immediate unary methods
-        self._status_for = status_for
-        self._max_message_bytes = max_message_bytes
+        self._token = server.token.encode() if server.token else None
+        self._methods = server.methods
+        self._immediate = server.immediate
+        self._status_for = server.status_for
+        self._max_message_bytes = server.max_message_bytes
+        self._budget = server.budget
+        self._idle_timeout = server.idle_timeout
         self._http = http2.ServerConnection()
         self._streams: dict[int, _Stream] = {}
+        # The read loop's deadline: the handshake's until the client's preface and SETTINGS
+        # are in, then none while a call is open and the idle timeout's while none is.
+        self._timer = trio.CancelScope(deadline=handshake_deadline)
+        self._handshaking = True
         self._window_changed = trio.Event()
         # Writes: the bytes the HTTP/2 layer queues go out through one writer task (see `_flush`).
         self._write_wanted = trio.Event()
@@ -176,10 +282,58 @@ class _Connection:
             nursery.start_soon(self._writer)
             try:
                 await self._flush()
-                await self._read_loop(nursery)
+                with self._timer:
+                    await self._read_loop(nursery)
+                if self._timer.cancelled_caught:
+                    await self._timed_out()
             finally:
                 # The peer is gone or misbehaved: nothing it started may outlive it.
                 nursery.cancel_scope.cancel()
+                for stream in list(self._streams.values()):
+                    self._forget(stream)
+
+    async def _timed_out(self) -> None:
+        if self._handshaking:
+            log.debug("closing a connection that did not begin HTTP/2 in time")
+            return
+        log.debug("closing a connection idle for %s s", self._idle_timeout)
+        self._http.go_away(http2.NO_ERROR, "idle")
+        # Gracefully: the peer reads the GOAWAY before it sees the connection close.
+        with trio.move_on_after(_CLOSE_GRACE):
+            try:
+                await self._flush(wait=True)
+                if isinstance(self._transport, trio.abc.HalfCloseableStream):
+                    await self._transport.send_eof()
+                while await self._transport.receive_some(_READ_SIZE):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    def _forget(self, stream: _Stream) -> None:
+        """The stream is done with: its buffered request bytes go back to the budget; the
+        last one to go starts the idle timer."""
+        self._release(stream)
+        if self._streams.pop(stream.stream_id, None) is not None and not self._streams:
+            self._timer.deadline = trio.current_time() + self._idle_timeout
+
+    def _release(self, stream: _Stream) -> None:
+        if stream.held:
+            self._budget.give(stream.held)
+            stream.held = 0
+            stream.buffer = bytearray()
+
+    def _over_budget(self) -> RpcError:
+        return RpcError(
+            StatusCode.RESOURCE_EXHAUSTED,
+            f"the server holds as many request bytes as it may ({self._budget.limit} across "
+            "all calls in progress, --max-buffered-bytes): retry once some are answered",
+        )
+
+    def _refuse(self, stream: _Stream, refusal: RpcError) -> None:
+        """Buffer no more of the stream's request: its handler answers `refusal`."""
+        stream.refusal = refusal
+        self._release(stream)
+        stream.ended.set()
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
@@ -191,6 +345,9 @@ class _Connection:
                 return
             try:
                 events = self._http.receive(data)
+                if self._handshaking and self._http.handshake_done:
+                    self._handshaking = False
+                    self._timer.deadline = trio.current_time() + self._idle_timeout
             except http2.ProtocolError as exc:
                 log.info("closing a connection after an HTTP/2 protocol error: %s", exc)
                 await self._flush(wait=True)  # the GOAWAY, before the connection closes
@@ -205,10 +362,19 @@ class _Connection:
         if isinstance(event, http2.Data):
             found = self._streams.get(event.stream_id)
             if found is not None and not found.ended.is_set():
-                if len(found.buffer) + len(event.data) > self._max_message_bytes + 5:
-                    found.too_large = True  # stop buffering; the handler answers the status
-                    found.ended.set()
+                size = len(event.data)
+                if len(found.buffer) + size > self._max_message_bytes + 5:
+                    self._refuse(
+                        found,
+                        RpcError(
+                            StatusCode.RESOURCE_EXHAUSTED,
+                            f"request message exceeds the limit of {self._max_message_bytes} bytes",
+                        ),
+                    )
+                elif not self._budget.take(size):
+                    self._refuse(found, self._over_budget())
                 else:
+                    found.held += size
                     found.buffer += event.data
                     if event.end_stream:
                         found.ended.set()
@@ -216,23 +382,30 @@ class _Connection:
                     self._answer_inline(found, nursery)
         elif isinstance(event, http2.Request):
             stream = _Stream(event.stream_id, event.headers)
+            if not self._streams:  # the idle timer runs: stop it
+                self._timer.deadline = math.inf
             self._streams[event.stream_id] = stream
             if event.end_stream:
                 stream.ended.set()
+            elif self._budget.take(UNFINISHED_REQUEST_COST):
+                stream.held = UNFINISHED_REQUEST_COST
+            else:
+                self._refuse(stream, self._over_budget())
             if event.headers.get(":path") in self._immediate:
                 stream.inline = True
-                if event.end_stream:
+                if stream.ended.is_set():
                     self._answer_inline(stream, nursery)
             else:
                 nursery.start_soon(self._serve_stream, stream)
         elif isinstance(event, http2.WindowOpened):
             self._wake_senders()
         elif isinstance(event, http2.Reset):
-            found = self._streams.pop(event.stream_id, None)
+            found = self._streams.get(event.stream_id)
             if found is not None:
                 found.reset = True
                 found.scope.cancel()
                 found.ended.set()
+                self._forget(found)
             self._wake_senders()
         elif isinstance(event, http2.GoAway):
             return False
@@ -295,7 +468,7 @@ class _Connection:
                 return
             await self._finish(stream, code, message)
         finally:
-            self._streams.pop(stream.stream_id, None)
+            self._forget(stream)
 
     def _answer_inline(self, stream: _Stream, nursery: trio.Nursery) -> None:
         """Answer a whole request for an immediate method now, in the read loop's turn (see
@@ -308,7 +481,7 @@ class _Connection:
             )
             response = _run_to_end(method.method_fn(request, request=info))
         except Exception as exc:
-            self._streams.pop(stream.stream_id, None)
+            self._forget(stream)
             self._queue_trailers(stream, *self._status_of(exc, path))
             return
         rest = self._queue_message(stream, response)
@@ -317,7 +490,7 @@ class _Connection:
             # as they open (the stream stays registered, so a reset reaches it).
             nursery.start_soon(self._send_rest_and_finish, stream, rest)
             return
-        self._streams.pop(stream.stream_id, None)
+        self._forget(stream)
         self._queue_trailers(stream, StatusCode.OK, "")
 
     async def _send_rest_and_finish(self, stream: _Stream, rest: memoryview) -> None:
@@ -327,7 +500,7 @@ class _Connection:
             if not stream.reset:
                 await self._finish(stream, StatusCode.OK, "")
         finally:
-            self._streams.pop(stream.stream_id, None)
+            self._forget(stream)
 
     def _status_of(self, exc: Exception, path: str) -> tuple[StatusCode, str]:
         """The status that answers a call whose handler raised `exc`."""
@@ -354,10 +527,13 @@ class _Connection:
         self, headers: dict[str, str], path: str
     ) -> tuple[Any, Callable[[bytes], bytes], RequestInfo]:
         """The call's method, request decoder and `RequestInfo`; RpcError if it cannot run."""
-        if self._expected_authorization is not None:
-            given = headers.get("authorization", "").encode()
+        if self._token is not None:
+            # The scheme is case-insensitive (RFC 6750 2.1, RFC 9110 11.1).
+            scheme, _, given = headers.get("authorization", "").partition(" ")
             # compare_digest: the time taken does not tell how much of the token matched
-            if not hmac.compare_digest(given, self._expected_authorization):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.lstrip(" ").encode(), self._token
+            ):
                 raise RpcError(
                     StatusCode.UNAUTHENTICATED,
                     "this sidecar needs the metadata 'authorization: Bearer <token>'",
@@ -383,7 +559,7 @@ class _Connection:
             service_name,
             method_name,
             timeout,
-            [(k, v) for k, v in headers.items() if not k.startswith(":")],
+            [(k, v) for k, v in headers.items() if not k.startswith(":") and k != "authorization"],
         )
         return method, decode, info
 
@@ -417,12 +593,10 @@ class _Connection:
             ) from None
 
     def _one_message(self, stream: _Stream, decode: Callable[[bytes], bytes]) -> bytes:
-        if stream.too_large:
-            raise RpcError(
-                StatusCode.RESOURCE_EXHAUSTED,
-                f"request message exceeds the limit of {self._max_message_bytes} bytes",
-            )
+        if stream.refusal is not None:
+            raise stream.refusal
         data = bytes(stream.buffer)
+        self._release(stream)
         if len(data) < 5:
             raise RpcError(StatusCode.INTERNAL, "the request carries no message")
         compressed, length = struct.unpack(">?I", data[:5])
@@ -493,25 +667,64 @@ class _Connection:
         await self._flush()
 
 
+async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Listening sockets on exactly `host`:`port` (one, on a port of its own, for port 0), for
+    `serve_grpc`. OSError naming the address if it cannot be bound."""
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    if port == 0:
+        # With port 0 each address family would get its own random port; serve one.
+        for extra in listeners[1:]:
+            await extra.aclose()
+        listeners = listeners[:1]
+    return listeners
+
+
+def bound_port(listeners: Sequence[trio.SocketListener]) -> int:
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
 async def serve_grpc(
     servicers: Sequence[Any],
+    listeners: Sequence[trio.SocketListener],
     *,
-    host: str = "127.0.0.1",
-    port: int = 0,
     status_for: StatusFor = lambda exc: None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_buffered_bytes: int | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ssl_context: ssl.SSLContext | None = None,
     token: str | None = None,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the purerpc `servicers` on exactly `host`:`port` until cancelled.
+    """Serve the purerpc `servicers` on `listeners` (see `open_listeners`) until cancelled.
 
     With `ssl_context` every connection is TLS (HTTP/2 negotiated by ALPN); with `token` every
-    call must carry the metadata `authorization: Bearer <token>` (else UNAUTHENTICATED).
+    call must carry the metadata `authorization: Bearer <token>` (else UNAUTHENTICATED). The
+    limits: a request message of at most `max_message_bytes`; at most `max_buffered_bytes`
+    (default 64 MiB, or 4 x `max_message_bytes` if more; ValueError if it cannot hold one
+    request of that size) of requests held across all connections, a call still waiting for
+    its request counting UNFINISHED_REQUEST_COST; at most
+    `max_connections` connections; `handshake_timeout` seconds from accepting a connection
+    to its HTTP/2 preface (TLS included), `idle_timeout` seconds for a connection without
+    calls.
 
-    Reports `(host, bound_port)` once listening. Cancellation closes the listeners, cancels
-    every handler and closes every connection.
+    Reports once accepting. Cancellation closes the listeners, cancels every handler and
+    closes every connection.
     """
+    if max_buffered_bytes is None:
+        budget = max(DEFAULT_MAX_BUFFERED_BYTES, 4 * max_message_bytes)
+    elif max_buffered_bytes < min_buffered_bytes(max_message_bytes):
+        raise ValueError(
+            f"max_buffered_bytes must be at least {min_buffered_bytes(max_message_bytes)} "
+            f"(one request of max_message_bytes and its call), not {max_buffered_bytes}"
+        )
+    else:
+        budget = max_buffered_bytes
     methods: dict[str, Any] = {}
     immediate: set[str] = set()
     for servicer in servicers:
@@ -524,37 +737,123 @@ async def serve_grpc(
                 getattr(servicer, name, None), "_dt_trio_immediate", False
             ):
                 immediate.add(path)
+    server = _Server(
+        methods,
+        frozenset(immediate),
+        status_for,
+        max_message_bytes,
+        _Budget(budget),
+        token,
+        idle_timeout,
+    )
+    acceptor = _Acceptor(server, ssl_context, max_connections, handshake_timeout)
     try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-    if port == 0:
-        # With port 0 each address family would get its own random port; serve one.
-        for extra in listeners[1:]:
-            await extra.aclose()
-        listeners = listeners[:1]
-    bound_port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(acceptor.accept, listener, nursery)
+            task_status.started()
+    finally:
+        for listener in listeners:
+            listener.socket.close()
 
-    async def handle(transport: trio.SocketStream) -> None:
-        stream: trio.abc.Stream = transport
-        async with transport:
+
+class _Acceptor:
+    """Accepts connections and serves each in a task of its own, within the limits."""
+
+    def __init__(
+        self,
+        server: _Server,
+        ssl_context: ssl.SSLContext | None,
+        max_connections: int,
+        handshake_timeout: float,
+    ) -> None:
+        self._server = server
+        self._ssl_context = ssl_context
+        self._max_connections = max_connections
+        self._handshake_timeout = handshake_timeout
+        self._open = 0
+        self._refused = 0  # since the limit was reached (0: not at the limit)
+        self._failed = 0  # accepts failed in a row for want of resources
+
+    async def accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
             try:
-                if ssl_context is not None:
-                    stream = trio.SSLStream(transport, ssl_context, server_side=True)
-                    with trio.move_on_after(TLS_HANDSHAKE_SECONDS):
-                        await stream.do_handshake()
-                    if stream.selected_alpn_protocol() != "h2":  # also a timed-out handshake
-                        return
-                connection = _Connection(
-                    stream, methods, frozenset(immediate), status_for, max_message_bytes, token
-                )
-                await connection.run()
-            except trio.BrokenResourceError:
-                pass  # e.g. a client that does not speak TLS
-            except Exception:
-                # One broken connection must not take the server down with it.
-                log.exception("a gRPC connection failed; closing it")
+                transport = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _CAPACITY_ERRNOS:
+                    raise
+                await self._back_off(exc)
+                continue
+            if self._failed:
+                log.warning("accepting connections again (%d attempts failed)", self._failed)
+                self._failed = 0
+            if self._open >= self._max_connections:
+                await self._refuse(transport)
+            else:
+                self._open += 1
+                nursery.start_soon(self._serve, transport)
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handle, listeners)
-        task_status.started((host, bound_port))
+    async def _back_off(self, exc: OSError) -> None:
+        """Wait for descriptors or memory to free up; said once, not at every attempt."""
+        if not self._failed:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            log.error(
+                "cannot accept connections: %s (%s; %d connections open, open-file limit %d); "
+                "new clients wait until it clears: raise the limit (ulimit -n) or lower "
+                "--max-connections",
+                os.strerror(exc.errno or 0),
+                errno.errorcode.get(exc.errno or 0, "?"),
+                self._open,
+                soft,
+            )
+        self._failed += 1
+        first, most = _ACCEPT_RETRY
+        await trio.sleep(min(most, first * 2 ** min(self._failed - 1, 10)))
+
+    async def _refuse(self, transport: trio.SocketStream) -> None:
+        """Close a connection beyond the limit at once; a plaintext one hears why (GOAWAY)."""
+        if not self._refused:
+            log.warning(
+                "%d connections are open, the limit (--max-connections): new ones are "
+                "refused until some close",
+                self._open,
+            )
+        self._refused += 1
+        if self._ssl_context is None:
+            goodbye = http2.ServerConnection()
+            goodbye.initiate()
+            goodbye.go_away(
+                http2.ENHANCE_YOUR_CALM,
+                f"too many connections: this server serves at most {self._max_connections}",
+            )
+            with trio.move_on_after(_CLOSE_GRACE):
+                try:
+                    await transport.send_all(goodbye.data_to_send())
+                    await transport.send_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        await trio.aclose_forcefully(transport)
+
+    async def _serve(self, transport: trio.SocketStream) -> None:
+        deadline = trio.current_time() + self._handshake_timeout
+        try:
+            stream: trio.abc.Stream = transport
+            async with transport:
+                try:
+                    if self._ssl_context is not None:
+                        stream = trio.SSLStream(transport, self._ssl_context, server_side=True)
+                        with trio.CancelScope(deadline=deadline) as handshake:
+                            await stream.do_handshake()
+                        if handshake.cancelled_caught or stream.selected_alpn_protocol() != "h2":
+                            return
+                    await _Connection(stream, self._server, deadline).run()
+                except trio.BrokenResourceError:
+                    pass  # e.g. a client that does not speak TLS
+                except Exception:
+                    # One broken connection must not take the server down with it.
+                    log.exception("a gRPC connection failed; closing it")
+        finally:
+            self._open -= 1
+            if self._refused and self._open < self._max_connections:
+                log.info("accepting connections again (%d refused at the limit)", self._refused)
+                self._refused = 0

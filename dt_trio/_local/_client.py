@@ -9,7 +9,8 @@ from typing import Any
 
 from dt_trio._core import InstanceState, Status, check_entity_id
 from dt_trio._engine import HubClient
-from dt_trio._errors import InstanceNotFound
+from dt_trio._errors import InstanceNotFound, InvalidRequest
+from dt_trio._local._registry import Registry
 from dt_trio._local._replay import Orchestrator, decode, encode, failed, name_of
 from dt_trio._local._tasks import TaskFailedError
 from dt_trio._store import InstanceFilter
@@ -68,8 +69,10 @@ class Client:
     The waits have no timeout of their own: bound them with ``trio.fail_after``.
     """
 
-    def __init__(self, hub: HubClient) -> None:
+    def __init__(self, hub: HubClient, registry: Registry | None = None) -> None:
         self._hub = hub
+        # In a hub that serves no SDK workers: the only orchestrators it can run.
+        self._registry = registry
 
     async def schedule(
         self,
@@ -81,9 +84,18 @@ class Client:
         tags: Mapping[str, str] | None = None,
     ) -> str:
         """Start an orchestration (at `start_at`, if given); returns its instance id.
-        `InstanceExists` if `instance_id` is taken by an instance that has not finished."""
+        `InstanceExists` if `instance_id` is taken by an instance that has not finished;
+        `InvalidRequest` if the hub has no orchestrator of that name."""
+        name = name_of(orchestrator)
+        known = self._registry.orchestrators if self._registry is not None else None
+        if known is not None and name not in known:
+            raise InvalidRequest(
+                f"no orchestrator named '{name[:200]}' is registered in this hub, which runs "
+                f"only its registry's ({', '.join(sorted(known)[:20]) or 'none'}); register "
+                "it, or serve SDK workers with dt_trio.serve"
+            )
         return await self._hub.start(
-            name_of(orchestrator),
+            name,
             instance_id=instance_id,
             input=encode(input),
             tags=tags,

@@ -105,7 +105,11 @@ class LocalExecutor:
         return name in self._names(route.kind)
 
     def has_workers(self, kind: WorkKind) -> bool:
-        return bool(self._names(kind))
+        if kind is WorkKind.ORCHESTRATION:  # (asked before every lease and hand-over)
+            return bool(self._registry.orchestrators)
+        if kind is WorkKind.ACTIVITY:
+            return bool(self._registry.activities)
+        return bool(self._registry.entities)
 
     async def workers_changed(self) -> None:
         await trio.sleep_forever()  # the registry is what it is

@@ -61,7 +61,7 @@ class Task(Generic[T]):
             raise self._error
         return self._result  # type: ignore[no-any-return]
 
-    def _settle(self, result: Any, error: BaseException | None) -> None:
+    def _resolve(self, result: Any, error: BaseException | None) -> None:
         if self._done:
             return
         self._done, self._result, self._error = True, result, error
@@ -79,10 +79,10 @@ class CompletableTask(Task[T]):
     """A task completed by one history event (a result, a timer, an event)."""
 
     def complete(self, result: T) -> None:
-        self._settle(result, None)
+        self._resolve(result, None)
 
     def fail(self, error: BaseException) -> None:
-        self._settle(None, error)
+        self._resolve(None, error)
 
 
 class WhenAllTask(Task[list[Any]]):
@@ -93,17 +93,17 @@ class WhenAllTask(Task[list[Any]]):
         self._children = list(children)
         self._left = len(self._children)
         if not self._children:
-            self._settle([], None)
+            self._resolve([], None)
         for child in self._children:
             child._on_done(self._child_done)
 
     def _child_done(self, child: Task[Any]) -> None:
         if child._error is not None:
-            self._settle(None, child._error)
+            self._resolve(None, child._error)
             return
         self._left -= 1
         if self._left == 0:
-            self._settle([c._result for c in self._children], None)
+            self._resolve([c._result for c in self._children], None)
 
 
 class WhenAnyTask(Task[Task[Any]]):
@@ -114,7 +114,7 @@ class WhenAnyTask(Task[Task[Any]]):
         if not children:
             raise ValueError("when_any needs at least one task")
         for child in children:
-            child._on_done(lambda c: self._settle(c, None))
+            child._on_done(lambda c: self._resolve(c, None))
 
 
 def when_all(tasks: Sequence[Task[Any]]) -> WhenAllTask:

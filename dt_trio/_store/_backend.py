@@ -56,6 +56,7 @@ class InstanceFilter:
     created_from: datetime | None = None
     created_to: datetime | None = None  # exclusive
     id_prefix: str | None = None
+    name: str | None = None  # the orchestrator's name, exactly
 
 
 # A keyset page position: (time in microseconds, instance id) of the last row already returned.
@@ -160,9 +161,17 @@ class Backend(Protocol):
     async def get_history(self, instance_id: str) -> list[pb.HistoryEvent]: ...
 
     async def query_instances(
-        self, where: InstanceFilter, page_size: int, after: PageKey | None
+        self,
+        where: InstanceFilter,
+        page_size: int,
+        after: PageKey | None,
+        newest_first: bool = False,
     ) -> tuple[list[InstanceState], PageKey | None]:
-        """A page of instances ordered by (created time, id), and the key of the next page."""
+        """A page of instances ordered by (created time, id), or the reverse when
+        `newest_first`, and the key of the next page."""
+
+    async def count_instances(self, where: InstanceFilter) -> dict[Status, int]:
+        """How many instances match `where`, per status (statuses with none left out)."""
 
     async def list_finished_ids(
         self,

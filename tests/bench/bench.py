@@ -20,11 +20,16 @@ reported on their own.
 
 With --store postgres, dt-trio on PostgreSQL instead, with 1, 2 and 3 sidecars: see
 bench_postgres.py.
+Last, what the web dashboard costs: hello cities on dt-trio without it, and with three
+clients on its instance list (the page, then its live stream, as a browser keeps it open),
+in turns (`--only-dashboard` measures only that).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import json
 import logging
 import os
@@ -33,7 +38,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -86,8 +93,19 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("the server did not start")
 
 
+# The process of each running server, by address (for its CPU time).
+SERVER_PIDS: dict[str, int] = {}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far."""
+    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def server(kind: str) -> Iterator[str]:
+def server(kind: str, ui: str | None = None) -> Iterator[str]:
+    """A server of `kind` on a free port; dt-trio serves its dashboard at `ui` if given."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "dt-trio":
@@ -101,6 +119,7 @@ def server(kind: str) -> Iterator[str]:
                 "WARNING",
                 "--db",
                 os.path.join(tmp, "bench.sqlite3"),
+                *(["--ui", ui] if ui else ["--no-ui"]),
             ]
         elif kind == "reference":
             code = (
@@ -114,6 +133,7 @@ def server(kind: str) -> Iterator[str]:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_listening(port, proc)
+            SERVER_PIDS[f"127.0.0.1:{port}"] = proc.pid
             yield f"127.0.0.1:{port}"
         finally:
             proc.terminate()
@@ -306,7 +326,7 @@ def scale_run(count: int) -> dict[str, float]:
         ) / (1 << 20)
         for label, path in (("empty", os.path.join(tmp, "empty.sqlite3")), ("full", db)):
             port = free_port()
-            cmd = [sys.executable, "-m", "dt_trio", "--port", str(port), "--db", path]
+            cmd = [sys.executable, "-m", "dt_trio", "--port", str(port), "--db", path, "--no-ui"]
             proc = subprocess.Popen(
                 [*cmd, "--log-level", "WARNING"],
                 stdout=subprocess.DEVNULL,
@@ -351,6 +371,113 @@ def first_page(c: client.TaskHubGrpcClient) -> None:
     assert len(response.orchestrationState) == 100
 
 
+class LiveClients:
+    """`count` clients on the dashboard's instance list, as a browser keeps it open: the page
+    once, then its live stream (a redraw of the list at most once a second while the hub
+    changes), read until `stop`."""
+
+    def __init__(self, url: str, count: int) -> None:
+        self.url = url
+        self.updates = [0] * count
+        self._connections: list[http.client.HTTPConnection] = []
+        self._threads = [threading.Thread(target=self._follow, args=(i,)) for i in range(count)]
+        self._ready = threading.Barrier(count + 1)  # every page open and first drawn
+
+    def _follow(self, index: int) -> None:
+        parts = urllib.parse.urlsplit(self.url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
+        self._connections.append(conn)
+        conn.request("GET", "/instances")
+        conn.getresponse().read()
+        conn.request("GET", "/api/live/instances")
+        stream = conn.getresponse()
+        try:
+            for line in stream:
+                if line.startswith(b"event: update"):
+                    self.updates[index] += 1
+                    if self.updates[index] == 1:
+                        self._ready.wait(60)
+        except (OSError, ValueError, http.client.HTTPException):
+            pass  # closed by `stop`
+
+    def __enter__(self) -> LiveClients:
+        for thread in self._threads:
+            thread.start()
+        self._ready.wait(60)  # a browser already open on the page: its first load not counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for conn in self._connections:
+            if conn.sock is not None:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(30)
+
+
+def dashboard_round(quick: bool, clients: int) -> dict[str, float]:
+    """hello cities on dt-trio without a dashboard (`clients` 0) or with `clients` clients
+    on its instance list."""
+    ui = f"127.0.0.1:{free_port()}" if clients else None
+    n = WORKLOADS["hello cities"][2 if quick else 1]
+    with server("dt-trio", ui) as address:
+        w = worker.TaskHubGrpcWorker(host_address=address)
+        w.add_orchestrator(hello_cities)
+        w.add_orchestrator(one_activity)
+        w.add_activity(say_hello)
+        w.start()
+        c = client.TaskHubGrpcClient(host_address=address)
+        try:
+            idle_workload(c, 5)
+            pid = SERVER_PIDS[address]
+            with contextlib.ExitStack() as stack:
+                live = (
+                    stack.enter_context(LiveClients(f"http://{ui}", clients)) if clients else None
+                )
+                cpu = cpu_seconds(pid)
+                result = hello_workload(c, n)
+                result["sidecar_cpu_ms_per_orchestration"] = (cpu_seconds(pid) - cpu) * 1000 / n
+            if live is not None:
+                # the first update of each is the page as it was before the run
+                result["list_updates_per_client"] = sum(live.updates) / clients - 1
+            return result
+        finally:
+            c.close()
+            w.stop()
+
+
+DASHBOARD_CLIENTS = 3
+
+
+def dashboard_cost(quick: bool, rounds: int) -> dict[str, Any]:
+    """Rounds of hello cities without the dashboard and with DASHBOARD_CLIENTS clients on
+    its instance list, in turns; the medians and the cost (1 - with / without)."""
+    runs: dict[str, list[dict[str, float]]] = {"without": [], "with": []}
+    for i in range(rounds):
+        for label in ("without", "with") if i % 2 == 0 else ("with", "without"):
+            clients = DASHBOARD_CLIENTS if label == "with" else 0
+            runs[label].append(dashboard_round(quick, clients))
+
+    def median(label: str, metric: str) -> float:
+        return percentile([r[metric] for r in runs[label]], 50)
+
+    without = median("without", "orchestrations_per_s")
+    with_ui = median("with", "orchestrations_per_s")
+    cpu_without = median("without", "sidecar_cpu_ms_per_orchestration")
+    cpu_with = median("with", "sidecar_cpu_ms_per_orchestration")
+    return {
+        "orchestrations_per_s_without": without,
+        "orchestrations_per_s_with": with_ui,
+        "cost": 1 - with_ui / without,
+        "sidecar_cpu_ms_per_orchestration_without": cpu_without,
+        "sidecar_cpu_ms_per_orchestration_with": cpu_with,
+        "cpu_cost": cpu_with / cpu_without - 1,
+        "list_updates_per_client": percentile(
+            [r["list_updates_per_client"] for r in runs["with"]], 50
+        ),
+        "each_round": runs,
+    }
+
+
 def local_round(quick: bool) -> dict[str, dict[str, float]]:
     """One round of `local_workloads` in an interpreter of its own, as a user's script would
     run it: not in this one, which carries the SDK's worker, clients and earlier rounds."""
@@ -378,6 +505,11 @@ def main() -> int:
         default="sqlite",
         help="postgres: 1, 2 and 3 sidecars on PostgreSQL (see bench_postgres.py)",
     )
+    parser.add_argument(
+        "--only-dashboard",
+        action="store_true",
+        help="measure only what the dashboard costs (hello cities with three live clients)",
+    )
     args = parser.parse_args()
     if args.store == "postgres":
         import bench_postgres
@@ -385,6 +517,21 @@ def main() -> int:
         return bench_postgres.main(args.quick, args.rounds, args.json)
     if args.local_round:
         print(json.dumps(trio.run(local_workloads, args.quick)))
+        return 0
+    dashboard = dashboard_cost(args.quick, args.rounds)
+    print(
+        f"dashboard: hello cities {dashboard['orchestrations_per_s_without']:.1f}/s without it, "
+        f"{dashboard['orchestrations_per_s_with']:.1f}/s with {DASHBOARD_CLIENTS} clients on "
+        f"its live instance list ({dashboard['list_updates_per_client']:.0f} list updates "
+        f"each): costs {dashboard['cost']:.1%} of the throughput and "
+        f"{dashboard['cpu_cost']:.1%} more sidecar CPU per orchestration "
+        f"({dashboard['sidecar_cpu_ms_per_orchestration_without']:.2f} -> "
+        f"{dashboard['sidecar_cpu_ms_per_orchestration_with']:.2f} ms; "
+        f"medians of {args.rounds} rounds)\n"
+    )
+    if args.only_dashboard:
+        with open(args.json, "w") as f:
+            json.dump({"rounds": args.rounds, "quick": args.quick, "dashboard": dashboard}, f)
         return 0
     # A shared machine drifts: the servers take turns, each round the other goes first, and
     # each figure is the median of the rounds; the ratio of each round shows the spread.
@@ -442,6 +589,7 @@ def main() -> int:
         "local": local_results,
         "each_round": {"servers": rounds, "local": local_rounds},
         "scale": {"instances": count, **scale},
+        "dashboard": dashboard,
     }
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)

@@ -24,7 +24,7 @@ let fragileBroken = true;
 
 function startSidecar() {
   return new Promise((resolve, reject) => {
-    const proc = spawn(python, ["-m", "dt_trio", "--port", "0", ...store], {
+    const proc = spawn(python, ["-m", "dt_trio", "--port", "0", ...store, "--no-ui"], {
       stdio: ["ignore", "ignore", "pipe"],
     });
     let log = "";

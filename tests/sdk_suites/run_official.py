@@ -31,8 +31,8 @@ class _DtTrioSidecar:
 
     def __init__(self, port):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dt_trio", "--port", str(port), "--db", "", "--log-level",
-             "WARNING"])
+            [sys.executable, "-m", "dt_trio", "--port", str(port), "--db", "", "--no-ui",
+             "--log-level", "WARNING"])
         deadline = time.monotonic() + 20
         while True:
             try:

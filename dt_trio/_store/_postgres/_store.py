@@ -548,16 +548,21 @@ class PostgresBackend:
         return await self._hop(read, transaction=False)
 
     async def query_instances(
-        self, where: InstanceFilter, page_size: int, after: PageKey | None
+        self,
+        where: InstanceFilter,
+        page_size: int,
+        after: PageKey | None,
+        newest_first: bool = False,
     ) -> tuple[list[InstanceState], PageKey | None]:
         clauses, params = _filter_sql(where)
         if after is not None:
-            clauses.append("(created_at, instance_id) > (%s, %s)")
+            clauses.append(f"(created_at, instance_id) {'<' if newest_first else '>'} (%s, %s)")
             params += [from_us(after[0]), after[1]]
+        order = "DESC" if newest_first else "ASC"
         query = (
             f"SELECT {INSTANCE_COLUMNS} FROM instances"
             f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''}"
-            " ORDER BY created_at, instance_id LIMIT %s"
+            f" ORDER BY created_at {order}, instance_id {order} LIMIT %s"
         )
 
         def read(conn: psycopg.Connection[Any]) -> list[Any]:
@@ -568,6 +573,18 @@ class PostgresBackend:
         more = len(rows) > page_size and states
         next_key = (us(states[-1].created_at), states[-1].instance_id) if more else None
         return states, next_key
+
+    async def count_instances(self, where: InstanceFilter) -> dict[Status, int]:
+        clauses, params = _filter_sql(where)
+        query = (
+            "SELECT status, count(*) FROM instances"
+            f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''} GROUP BY status"
+        )
+
+        def read(conn: psycopg.Connection[Any]) -> list[Any]:
+            return conn.execute(query, params).fetchall()
+
+        return {Status(status): count for status, count in await self._hop(read, False)}
 
     async def list_finished_ids(
         self,
@@ -1108,6 +1125,9 @@ def _filter_sql(where: InstanceFilter) -> tuple[list[str], list[object]]:
     if where.id_prefix:
         clauses.append("starts_with(instance_id, %s)")
         params.append(where.id_prefix)
+    if where.name is not None:
+        clauses.append("name = %s")
+        params.append(where.name)
     return clauses, params
 
 

@@ -70,7 +70,14 @@ class SqliteBackend:
         self._next_epoch = functools.partial(next, itertools.count(1))
 
     async def open(self) -> None:
-        await self._db.open(functools.partial(_schema.prepare, description=self.description))
+        """Open the store: create the file (owner-only) if it does not exist, take it for
+        this process, check that it is a dt-trio store, and create or migrate the schema. On
+        failure nothing is left behind: a file this call created is removed again.
+
+        StoreUnavailable if the file is held by another store (in this process or another),
+        is not a dt-trio store (or one of a newer version), or cannot be opened."""
+        check = functools.partial(_schema.check_is_store, path=self.path)
+        await self._db.open(check, _schema.prepare)
 
     async def close(self) -> None:
         await self._db.close()
@@ -142,11 +149,24 @@ class SqliteBackend:
         return await self._db.read(functools.partial(_instances.history, instance_id=instance_id))
 
     async def query_instances(
-        self, where: InstanceFilter, page_size: int, after: PageKey | None
+        self,
+        where: InstanceFilter,
+        page_size: int,
+        after: PageKey | None,
+        newest_first: bool = False,
     ) -> tuple[list[InstanceState], PageKey | None]:
         return await self._db.read(
-            functools.partial(_instances.query, where=where, page_size=page_size, after=after)
+            functools.partial(
+                _instances.query,
+                where=where,
+                page_size=page_size,
+                after=after,
+                newest_first=newest_first,
+            )
         )
+
+    async def count_instances(self, where: InstanceFilter) -> dict[Status, int]:
+        return await self._db.read(functools.partial(_instances.count, where=where))
 
     async def list_finished_ids(
         self,

@@ -3,11 +3,17 @@ guards first, then the writes in order, then the leases it takes."""
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 
-from dt_trio._core import NewInstance, OutboundMessage, StepResult, evolve, is_entity_id
+from dt_trio._core import (
+    InboxMessage,
+    NewInstance,
+    OutboundMessage,
+    StepResult,
+    evolve,
+    is_entity_id,
+)
 from dt_trio._core._commit import (
     ActivityWorkItem,
     Applied,
@@ -40,66 +46,108 @@ from dt_trio._errors import (
     InstanceNotFound,
     LockLost,
 )
+from dt_trio._log import get_logger
 from dt_trio._store._sqlite import _entities, _instances, _work
 from dt_trio._store._sqlite._rows import us
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
+_UNLEASED = Lease("", 0)
 
 
 def apply(conn: sqlite3.Connection, commit: Commit, next_epoch: Callable[[], int]) -> Applied:
     """Apply `commit` (all of it, or its `otherwise`, or nothing and raise). The leases it
     takes get one new epoch from `next_epoch`. A function of the store alone: safe to run
     again after its transaction was rolled back."""
+    # An activity's lease is checked by the statement that deletes it (one statement, not
+    # two, on the hot path of every activity result): if it fails, it raises LockLost before
+    # anything else is written, as the guard would have. With an `otherwise`, the guard's
+    # failure would apply that instead, whose own activity guard fails the same way.
+    fenced: dict[int, Lease] = {}
+    # Whether instances exist, as the guards found them (the writes need not ask again).
+    existing: dict[str, bool] = {}
     for guard in commit.guards:
-        failure = _check(conn, guard)
+        if type(guard) is Holds and guard.kind is WorkKind.ACTIVITY and type(guard.key) is int:
+            if _deletes(commit, guard.key):
+                fenced[guard.key] = guard.lease
+                continue
+        failure = _check(conn, guard, existing)
         if failure is not None:
             if commit.otherwise is None:
                 raise failure
             return evolve(apply(conn, commit.otherwise, next_epoch), alternative=True)
     now_us = us(commit.now)
     epoch = next_epoch() if commit.take else 0
-    activities = next((t for t in commit.take if isinstance(t, TakeActivities)), None)
+    activities: TakeActivities | None = None
+    for take in commit.take:
+        if type(take) is TakeActivities:
+            activities = take
     handed: list[ActivityWorkItem] = []
     waiting = False
     dropped = 0
+    created: dict[str, OrchestrationWorkItem] = {}  # instances created, as a take would find them
     for write in commit.writes:
-        if isinstance(write, Send):
-            dropped += send(conn, write.messages, now_us)
-        elif isinstance(write, WriteStep):
+        # (`type() is`: these are final classes, and this runs for every write)
+        if type(write) is WriteStep:
             lease = Lease(activities.owner, epoch) if activities is not None else None
             count = activities.count if activities is not None else 0
             handed, waiting, lost = _write_step(conn, write.result, now_us, lease, count)
             dropped += lost
-        elif isinstance(write, CreateInstance):
-            state = write.state
-            if _instances.status_and_update(conn, state.instance_id) is not None:
-                _instances.delete(conn, [state.instance_id])  # its guard allowed it
-            _instances.insert(conn, state, write.started, us(write.visible_at))
-        elif isinstance(write, DeleteActivity):
-            _work.delete(conn, write.activity_id)
-        elif isinstance(write, Release):
+        elif type(write) is Send:
+            dropped += send(conn, write.messages, now_us)
+        elif type(write) is CreateInstance:
+            instance_id = write.state.instance_id
+            exists = existing.get(instance_id)
+            if exists is None:
+                exists = _instances.status_and_update(conn, instance_id) is not None
+            if exists:
+                _instances.delete(conn, [instance_id])  # its guard allowed it
+            visible_us = us(write.visible_at)
+            message_id = _instances.insert(conn, write.state, write.started, visible_us)
+            if write.started is not None and visible_us <= now_us and len(commit.writes) == 1:
+                # All of it is known, should the commit take the instance: nothing to read.
+                inbox = [InboxMessage(message_id, write.started)]
+                created[instance_id] = OrchestrationWorkItem(write.state, [], inbox, _UNLEASED)
+        elif type(write) is DeleteActivity:
+            held = fenced.get(write.activity_id)
+            if not _work.delete(conn, write.activity_id, held) and held is not None:
+                raise _activity_lost(write.activity_id, held)
+        elif type(write) is Release:
             _release(conn, write, now_us)
-        elif isinstance(write, WriteEntityStep):
+        elif type(write) is WriteEntityStep:
             result = write.result
             _entities.write_step(conn, result)
             dropped += send(conn, result.messages, now_us)
             _start_instances(conn, result.new_instances, now_us)
-        elif isinstance(write, DropPending):
+        elif type(write) is DropPending:
             _instances.drop_pending(conn, write.instance_id)
         else:
             assert isinstance(write, Reopen)
             _instances.reopen(conn, write.instance_id, now_us)
     taken: list[OrchestrationWorkItem] = []
     for take in commit.take:
-        if isinstance(take, TakeInstance):
-            item = _instances.take(conn, take.owner, epoch, take.instance_id, now_us)
+        if type(take) is TakeInstance:
+            lease = Lease(take.owner, epoch)
+            new = created.get(take.instance_id)
+            if new is not None:
+                _instances.take_created(conn, take.instance_id, lease)
+                taken.append(evolve(new, lease=lease))
+                continue
+            item = _instances.take(conn, take.instance_id, lease, now_us)
             if item is not None:
                 taken.append(item)
     return Applied(False, tuple(taken), tuple(handed), waiting, dropped)
 
 
-def _check(conn: sqlite3.Connection, guard: Guard) -> DtTrioError | None:
-    """The error `guard` fails with, or None if it holds."""
+def _deletes(commit: Commit, activity_id: int) -> bool:
+    for write in commit.writes:
+        if type(write) is DeleteActivity and write.activity_id == activity_id:
+            return True
+    return False
+
+
+def _check(conn: sqlite3.Connection, guard: Guard, existing: dict[str, bool]) -> DtTrioError | None:
+    """The error `guard` fails with, or None if it holds (noting in `existing` whether the
+    instance it looked at exists)."""
     if isinstance(guard, Holds):
         return _check_lease(conn, guard)
     if isinstance(guard, AsFound):
@@ -108,6 +156,7 @@ def _check(conn: sqlite3.Connection, guard: Guard) -> DtTrioError | None:
         )
         return None if found else LockLost(f"instance '{guard.instance_id}' has moved on")
     found_row = _instances.status_and_update(conn, guard.instance_id)
+    existing[guard.instance_id] = found_row is not None
     if isinstance(guard, Creatable):
         if found_row is None or found_row[0] in guard.replaceable:
             return None
@@ -135,13 +184,21 @@ def _check_lease(conn: sqlite3.Connection, guard: Holds) -> LockLost | None:
         held, what = _instances.holder(conn, guard.key), f"instance '{guard.key}'"
     elif guard.kind is WorkKind.ACTIVITY:
         assert isinstance(guard.key, int)
-        held, what = _work.holder(conn, guard.key), f"activity work item {guard.key}"
+        held = _work.holder(conn, guard.key)
+        return None if held == guard.lease else _activity_lost(guard.key, guard.lease)
     else:
         assert isinstance(guard.key, str)
         held, what = _entities.holder(conn, guard.key), f"entity '{guard.key}'"
     if held == guard.lease:
         return None
     return LockLost(f"{what} is no longer leased by {guard.lease.owner}")
+
+
+def _activity_lost(activity_id: int, lease: Lease) -> LockLost:
+    return LockLost(
+        f"activity work item {activity_id} is no longer leased by {lease.owner} (its "
+        "orchestration ended or was purged meanwhile)"
+    )
 
 
 def send(conn: sqlite3.Connection, messages: Sequence[OutboundMessage], now_us: int) -> int:
@@ -178,7 +235,8 @@ def _write_step(
     # during the step, which the old execution never saw.
     arrived = _instances.take_inbox(conn, instance_id) if result.reset_history else []
     dropped = send(conn, result.messages, now_us)
-    _instances.put_back(conn, instance_id, arrived)
+    if arrived:
+        _instances.put_back(conn, instance_id, arrived)
     return handed, _instances.has_inbox(conn, instance_id), dropped
 
 

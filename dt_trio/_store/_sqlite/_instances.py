@@ -122,15 +122,27 @@ def drop_pending(conn: sqlite3.Connection, instance_id: str) -> None:
     conn.execute("DELETE FROM activities WHERE instance_id = ?", (instance_id,))
 
 
+_DROP_ACTIVITIES_OF_ENDING = (
+    "DELETE FROM activities WHERE instance_id = ? AND EXISTS (SELECT 1 FROM instances "
+    f"WHERE instance_id = ? AND status NOT IN ({','.join(map(str, FINISHED))}))"
+)
+
+
 def write_step(conn: sqlite3.Connection, result: StepResult) -> None:
     """Write a step's history, delete the messages it consumed and replace the instance row
     (its lease cleared, its failed attempts counted from zero). On `reset_history` the old
-    history and activities are deleted first."""
+    history and activities are deleted first; a step that ends the execution deletes the
+    activities it was waiting for."""
     state = result.state
     instance_id = state.instance_id
     if result.reset_history:
         conn.execute("DELETE FROM history WHERE instance_id = ?", (instance_id,))
         conn.execute("DELETE FROM activities WHERE instance_id = ?", (instance_id,))
+    elif state.status.is_terminal:
+        # The step that ends the execution drops the activities it was waiting for, queued
+        # or running: nobody waits for them any more. (This step's own are written after it
+        # and run, as the SDKs' servers run them; their results are dropped.)
+        conn.execute(_DROP_ACTIVITIES_OF_ENDING, (instance_id, instance_id))
     cache = cache_of(conn)
     known = cache.get(instance_id) if cache is not None else None
     blobs = [e.SerializeToString() for e in result.history]
@@ -256,16 +268,24 @@ def lease(
 
 
 def take(
-    conn: sqlite3.Connection, owner: str, epoch: int, instance_id: str, now_us: int
+    conn: sqlite3.Connection, instance_id: str, lease: Lease, now_us: int
 ) -> OrchestrationWorkItem | None:
     """Lease the instance if nobody leases it and it has a visible message."""
     taken = conn.execute(
         "UPDATE instances SET leased_by = ?, lease_epoch = ? "
         "WHERE instance_id = ? AND leased_by IS NULL AND EXISTS "
         "(SELECT 1 FROM inbox WHERE inbox.instance_id = ? AND visible_at <= ?)",
-        (owner, epoch, instance_id, instance_id, now_us),
+        (lease.owner, lease.epoch, instance_id, instance_id, now_us),
     ).rowcount
-    return load(conn, [instance_id], now_us, Lease(owner, epoch))[0] if taken else None
+    return load(conn, [instance_id], now_us, lease)[0] if taken else None
+
+
+def take_created(conn: sqlite3.Connection, instance_id: str, lease: Lease) -> None:
+    """Lease an instance created in this transaction with a visible start."""
+    conn.execute(
+        "UPDATE instances SET leased_by = ?, lease_epoch = ? WHERE instance_id = ?",
+        (lease.owner, lease.epoch, instance_id),
+    )
 
 
 def load(
@@ -363,6 +383,9 @@ def _filter_sql(where: InstanceFilter) -> tuple[list[str], list[object]]:
     if where.created_to is not None:
         clauses.append("created_at < ?")
         params.append(us(where.created_to))
+    if where.name is not None:
+        clauses.append("name = ?")
+        params.append(where.name)
     if where.id_prefix:
         # A range on the primary key, so the prefix filter uses the index.
         clauses.append("instance_id >= ? AND instance_id < ?")
@@ -371,22 +394,38 @@ def _filter_sql(where: InstanceFilter) -> tuple[list[str], list[object]]:
 
 
 def query(
-    conn: sqlite3.Connection, where: InstanceFilter, page_size: int, after: PageKey | None
+    conn: sqlite3.Connection,
+    where: InstanceFilter,
+    page_size: int,
+    after: PageKey | None,
+    newest_first: bool = False,
 ) -> tuple[list[InstanceState], PageKey | None]:
     clauses, params = _filter_sql(where)
+    beyond, order = ("<", " DESC") if newest_first else (">", "")
     if after is not None:
-        clauses.append("(created_at, instance_id) > (?, ?)")
+        clauses.append(f"(created_at, instance_id) {beyond} (?, ?)")
         params += [after[0], after[1]]
     rows = conn.execute(
         f"SELECT {INSTANCE_COLUMNS} FROM instances"
         f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''}"
-        " ORDER BY created_at, instance_id LIMIT ?",
+        f" ORDER BY created_at{order}, instance_id{order} LIMIT ?",
         (*params, page_size + 1),
     ).fetchall()
     more = len(rows) > page_size
     rows = rows[:page_size]
     next_key = (rows[-1]["created_at"], rows[-1]["instance_id"]) if more and rows else None
     return [row_to_state(r) for r in rows], next_key
+
+
+def count(conn: sqlite3.Connection, where: InstanceFilter) -> dict[Status, int]:
+    """How many instances match `where`, per status."""
+    clauses, params = _filter_sql(where)
+    rows = conn.execute(
+        "SELECT status, COUNT(*) FROM instances"
+        f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''} GROUP BY status",
+        params,
+    ).fetchall()
+    return {Status(status): n for status, n in rows}
 
 
 def list_finished(

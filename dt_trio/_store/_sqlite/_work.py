@@ -65,8 +65,17 @@ def add(
     return leased
 
 
-def delete(conn: sqlite3.Connection, activity_id: int) -> None:
-    conn.execute("DELETE FROM activities WHERE id = ?", (activity_id,))
+def delete(conn: sqlite3.Connection, activity_id: int, lease: Lease | None = None) -> bool:
+    """Delete the activity (only if it is still leased with `lease`, if given); whether it
+    was deleted."""
+    if lease is None:
+        cursor = conn.execute("DELETE FROM activities WHERE id = ?", (activity_id,))
+    else:
+        cursor = conn.execute(
+            "DELETE FROM activities WHERE id = ? AND leased_by = ? AND lease_epoch = ?",
+            (activity_id, lease.owner, lease.epoch),
+        )
+    return cursor.rowcount == 1
 
 
 def release(

@@ -11,23 +11,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import logging
 import os
-import pathlib
 import queue
 import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import outcome
 import trio
 
 from dt_trio._errors import StoreUnavailable
+from dt_trio._log import get_logger
 from dt_trio._store._sqlite._cache import InstanceCache, WriterConnection
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 READERS = 4
@@ -64,7 +63,9 @@ class Connections:
         self._writer_wakeup: trio.Event | None = None
         self._read_limiter = trio.CapacityLimiter(READERS)
         self._memory_uri = f"file:dt-trio-{uuid.uuid4().hex}?mode=memory&cache=shared"
-        self._lock_file: IO[bytes] | None = None
+        # The database file, open and locked while this store owns it (see `_hold`), and
+        # whether this store created it.
+        self._held: _Held | None = None
         self._faulty = False  # the last write failed for want of a usable store
 
     @property
@@ -98,17 +99,19 @@ class Connections:
         self._all.append(conn)
         return conn
 
-    def _open_sync(self, prepare: Callable[[sqlite3.Connection], None]) -> None:
+    def _open_sync(
+        self,
+        check: Callable[[sqlite3.Connection], None],
+        prepare: Callable[[sqlite3.Connection], None],
+    ) -> None:
         if self.path:
-            self._lock_file = _exclusive_lock(self.path)
-            file = pathlib.Path(self.path)
-            if not file.exists():
-                # Owner-only: the store holds every payload of every orchestration.
-                file.touch(mode=0o600)
+            self._held = _hold(self.path)
         writer = self._connect(WriterConnection)
         assert isinstance(writer, WriterConnection)
         writer.cache = InstanceCache()
         if self.path:
+            # Before anything is written: another program's database stays as it is.
+            check(writer)
             writer.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode loses nothing when the process dies; only an OS crash or power
             # loss can roll back the last commits.
@@ -123,26 +126,49 @@ class Connections:
             for _ in range(READERS):
                 self._readers.put(self._connect())
 
-    async def open(self, prepare: Callable[[sqlite3.Connection], None]) -> None:
-        """Open the connections; `prepare` runs on the writer first (the schema)."""
+    async def open(
+        self,
+        check: Callable[[sqlite3.Connection], None],
+        prepare: Callable[[sqlite3.Connection], None],
+    ) -> None:
+        """Open the store: create the file (owner-only) if it does not exist, take it for
+        this process, `check` that it is a store (before anything is written to it), then
+        `prepare` it (the schema). On failure nothing is left behind: a file this call
+        created is removed again.
+
+        StoreUnavailable if the file is held by another store (in this process or another),
+        is refused by `check`, or cannot be opened."""
         try:
-            await trio.to_thread.run_sync(self._open_sync, prepare, limiter=self._write_limiter)
-        except (sqlite3.Error, OSError) as exc:
-            await self.close()
-            raise StoreUnavailable(f"cannot open the store {self.description}: {exc}") from exc
-        except BaseException:
-            await self.close()
+            await trio.to_thread.run_sync(
+                self._open_sync, check, prepare, limiter=self._write_limiter
+            )
+        except BaseException as exc:
+            await self._close(discard=True)
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise StoreUnavailable(
+                    f"cannot open the store {self.description}: {_open_problem(self.path, exc)}"
+                ) from exc
             raise
 
     async def close(self) -> None:
+        await self._close()
+
+    async def _close(self, discard: bool = False) -> None:
+        """Close every connection, then let go of the file; with `discard`, a file this store
+        created is removed first (with the lock still held, so nobody has taken it)."""
+
         def close_all() -> None:
             self._writer = None  # writes, and reads from its cache, now fail: not open
             for conn in self._all:
                 conn.close()
             self._all.clear()
-            if self._lock_file is not None:
-                self._lock_file.close()  # releases the lock
-                self._lock_file = None
+            held, self._held = self._held, None
+            if held is not None:
+                if discard and held.created:
+                    for suffix in ("", "-wal", "-shm", "-journal"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self.path + suffix)
+                held.release()
 
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(close_all, limiter=self._write_limiter)
@@ -330,25 +356,103 @@ def _commit_whole(conn: WriterConnection, batch: list[_WriteSlot]) -> bool:
     return True
 
 
-def _exclusive_lock(path: str) -> IO[bytes]:
-    """Hold `path`.lock for the life of the store.
+# The stores this process holds, by their database file's identity (st_dev, st_ino).
+_held_here: set[tuple[int, int]] = set()
+_held_here_lock = threading.Lock()
+
+
+@dataclasses.dataclass
+class _Held:
+    """A database file this store holds: open, and locked for the life of the store."""
+
+    fd: int
+    identity: tuple[int, int]
+    created: bool  # this store made the file
+
+    def release(self) -> None:
+        os.close(self.fd)  # drops the lock
+        with _held_here_lock:
+            _held_here.discard(self.identity)
+
+
+def _hold(path: str) -> _Held:
+    """Open the database file `path` (creating it, owner-only, if it does not exist) and take
+    it for this store: an exclusive flock on the file itself.
 
     One process owns a store: it releases every lease it finds when it opens, so a second
-    sidecar on the same file would steal work from the first. The OS drops the lock when the
-    process dies, kill -9 included, so a crash never leaves the store locked.
+    sidecar on the same file would steal work from the first. The lock is on the file, not on
+    a name beside it, so no spelling of its path (a symlink, a hard link, `..`) gets around it;
+    the OS drops it when the process dies, kill -9 included, so a crash never leaves the store
+    locked. A file that another store of this process holds is refused before it is opened:
+    closing a descriptor of it would drop the sqlite locks that store holds on it.
     """
-    lock_path = f"{path}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    lock_file = os.fdopen(fd, "r+b")
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_file.close()
-        raise StoreUnavailable(
-            f"the store {path} is in use by another dt-trio process (it holds {lock_path}); "
-            "stop that process or give this one another --db"
-        ) from None
-    return lock_file
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            _check_not_held_here(path, _identity(os.stat(path)))
+        created = False
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue  # made meanwhile: open that one
+            created = True
+        try:
+            info = os.fstat(fd)
+            with _held_here_lock:
+                _check_not_held_here(path, _identity(info))
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise _in_use(path, "another dt-trio process") from None
+                # A start that failed may have removed the file between our open and our
+                # lock: then lock the file that the path names now.
+                try:
+                    same = os.path.samestat(info, os.stat(path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    _held_here.add(_identity(info))
+                    return _Held(fd, _identity(info), created)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _check_not_held_here(path: str, identity: tuple[int, int]) -> None:
+    if identity in _held_here:
+        raise _in_use(path, "another store of this process")
+
+
+def _in_use(path: str, holder: str) -> StoreUnavailable:
+    real = os.path.realpath(path)
+    spelled = path if real == os.path.abspath(path) else f"{path} (that is {real})"
+    return StoreUnavailable(
+        f"the store {spelled} is in use by {holder}; stop that process or give this one "
+        "another --db"
+    )
+
+
+def _open_problem(path: str, exc: sqlite3.Error | OSError) -> str:
+    """Why the store `path` cannot be opened, in terms of what the user gave (the store and
+    its directory), not of the files made beside it."""
+    if path:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            return f"the directory {directory} does not exist"
+        if not os.access(directory, os.W_OK):
+            return (
+                f"the directory {directory} is not writable (sqlite keeps the store's journal "
+                "beside it): give --db a file in a writable directory"
+            )
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 -- dt-trio sqlite schema, version 2 (see _schema.py for the migration from 1). Times are integer
 -- microseconds since the Unix epoch (UTC). A lease is (leased_by, lease_epoch): the owner, one
 -- hub process, and the grant (see dt_trio._core._commit.Lease).
+-- what marks a dt-trio store ("dttr"): another program's database is never taken for one
+PRAGMA application_id = 1685353586;
 
 -- One row per orchestration instance: the current execution's summary and its lease.
 CREATE TABLE IF NOT EXISTS instances (
