@@ -94,17 +94,19 @@ def store_args() -> tuple[str, ...]:
     return ("",)
 
 
-# The kinds of store the store tests run on: an sqlite file and memory, or PostgreSQL.
-STORE_KINDS = ["file", "memory"] if STORE == "sqlite" else ["postgres"]
+# The kinds of store the store tests run on: an sqlite file and memory, or PostgreSQL (with
+# the commits made most as calls of the schema's functions, and every commit the general way).
+STORE_KINDS = ["file", "memory"] if STORE == "sqlite" else ["postgres", "postgres-general"]
 
 
 def store_factory(kind: str, tmp_path: pathlib.Path) -> Callable[..., Any]:
     """Stores of `kind` (see STORE_KINDS) on one place, not opened: each call makes a new
     store object there (as a new process would), with the given keywords (`listener`)."""
-    if kind == "postgres":
+    if kind.startswith("postgres"):
         place = (os.environ[_postgres.ENV_SERVER], _postgres.new_hub())
-    else:
-        place = (str(tmp_path / "hub.sqlite3") if kind == "file" else "",)
+        general = {"functions": False} if kind == "postgres-general" else {}
+        return lambda **kw: StoreClass(*place, **general, **kw)
+    place = (str(tmp_path / "hub.sqlite3") if kind == "file" else "",)
     return lambda **kw: StoreClass(*place, **kw)
 
 

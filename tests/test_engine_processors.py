@@ -241,7 +241,9 @@ async def test_a_hub_without_workers_leases_nothing_however_long_it_idles(
         with trio.fail_after(5):
             item = await stream.__anext__()  # leased now, and sent
         assert item.orchestratorRequest.newEvents[1].executionStarted.name == "orch"
-        assert store.leases == ["orchestrations"]  # entities: this worker takes none
+        # entities: this worker takes none (orchestrations: leased once, or again for nothing
+        # when PostgreSQL's fallback poll, on the jumping clock, wakes the processor)
+        assert set(store.leases) == {"orchestrations"}
         await stream.aclose()
 
 

@@ -463,19 +463,16 @@ async def test_queries_page_by_creation_and_purges_take_finished_trees(
     assert await store.get_instance("q1") is None
 
 
-async def test_a_step_in_one_statement_writes_what_the_general_path_writes(
+async def test_the_commits_made_by_functions_write_what_the_general_path_writes(
     pg_address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dt_trio._store._postgres import _apply
-
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     later = t0 + timedelta(hours=1)
     monkeypatch.setitem(globals(), "now", lambda: t0)  # the same events both ways
     dumps = []
     answers = []
-    for one_statement in (True, False):
-        monkeypatch.setattr(_apply, "ONE_STATEMENT_STEPS", one_statement)
-        store = PostgresBackend(pg_address, _postgres.new_hub())
+    for functions in (True, False):
+        store = PostgresBackend(pg_address, _postgres.new_hub(), functions=functions)
         await store.open()
         try:
             for instance_id in ("i1", "target", "other"):

@@ -147,6 +147,7 @@ class Tx:
     existing: set[str] = field(default_factory=set)  # instances a Creatable guard found
     dropped: int = 0
     steps: int = 0  # orchestration steps written (counted for the bench)
+    functions: bool = True  # write steps with the schema's write_step (see PostgresBackend)
 
     def run(
         self, query: str, params: Sequence[Any] | Mapping[str, Any] = ()
@@ -211,7 +212,7 @@ def one_call(commit: Commit) -> Callable[[Tx], Applied] | None:
     commits the engine makes most): a step under its instance's lease (write_step), or an
     activity's result under the activity's lease, with the instance taken or not (deliver).
     The call raises LockLost, having written nothing, when the lease is not held."""
-    if commit.otherwise is not None or not ONE_STATEMENT_STEPS or len(commit.guards) != 1:
+    if commit.otherwise is not None or len(commit.guards) != 1:
         return None
     guard = commit.guards[0]
     writes, takes = commit.writes, commit.take
@@ -591,7 +592,7 @@ def _write_step(
 ) -> tuple[list[ActivityWorkItem], bool]:
     """Write one orchestration step (see `WriteStep`); the activities it leased and whether
     the instance has messages after it."""
-    if not (result.reset_history or result.new_instances or ONE_STATEMENT_STEPS is False):
+    if tx.functions and not (result.reset_history or result.new_instances):
         written = _write_one_step(tx, result, take)
         assert written is not None  # (no guard: the commit's guards held)
         return written
@@ -601,6 +602,14 @@ def _write_step(
     if result.reset_history:
         tx.run("DELETE FROM history WHERE instance_id = %s", (instance_id,))
         tx.run("DELETE FROM activities WHERE instance_id = %s", (instance_id,))
+    elif state.status.is_terminal:
+        # The step that ends the execution drops the activities it was waiting for, queued
+        # or running (its own are written below, and run).
+        tx.run(
+            "DELETE FROM activities WHERE instance_id = %s AND EXISTS (SELECT 1 FROM instances "
+            "WHERE instance_id = %s AND NOT status = ANY(finished_statuses()))",
+            (instance_id, instance_id),
+        )
     if result.history:
         start = 0 if result.reset_history else _history_start(tx, instance_id)
         blobs = [e.SerializeToString() for e in result.history]
@@ -652,11 +661,6 @@ def _write_step(
     ).fetchone()
     tx.released.append((WorkKind.ORCHESTRATION, instance_id))
     return handed, bool(row and row[0])
-
-
-# Whether steps and commits that can be written in one call of the schema's functions are
-# (the tests compare both ways).
-ONE_STATEMENT_STEPS = True
 
 
 # write_step's arguments (schema.sql): the Holds guard, the step, its take, its messages.

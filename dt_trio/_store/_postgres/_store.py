@@ -131,7 +131,9 @@ class PostgresBackend:
     `address` is a libpq URL (postgresql://user:password@host:port/dbname); `hub` names the
     task hub (its tables live in the schema `dt_trio_<hub>`, so hubs share a database);
     `lease_ttl` is how long a lease lasts unless renewed (in seconds); `pool_size` bounds the
-    connections (and the transactions in flight).
+    connections (and the transactions in flight). `functions`: the commits made most are one
+    call of a function of the schema each; without, every commit takes the general way (the
+    tests run both).
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class PostgresBackend:
         *,
         lease_ttl: float = DEFAULT_LEASE_TTL,
         pool_size: int = DEFAULT_POOL_SIZE,
+        functions: bool = True,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError(f"the lease time to live must be positive, not {lease_ttl}")
@@ -153,6 +156,7 @@ class PostgresBackend:
         self.lease_ttl = lease_ttl
         self._ttl = timedelta(seconds=lease_ttl)
         self._pool_size = pool_size
+        self._functions = functions
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._limiter = trio.CapacityLimiter(pool_size)
         self._notify_limiter = trio.CapacityLimiter(1)
@@ -401,10 +405,10 @@ class PostgresBackend:
             and held.lease == guard.lease
         }
         done: list[Tx] = []
-        call = _apply.one_call(commit)
+        call = _apply.one_call(commit) if self._functions else None
 
         def write(conn: psycopg.Connection[Any]) -> Applied:
-            tx = Tx(conn, commit.now, self._ttl, history_at)
+            tx = Tx(conn, commit.now, self._ttl, history_at, functions=self._functions)
             applied = _apply.apply(tx, commit) if call is None else call(tx)
             done[:] = [tx]
             return applied
@@ -921,8 +925,10 @@ class PostgresBackend:
                         continue
                     now_held = self._held[kind].get(key)
                     if now_held is not None and now_held.lease == lease:
-                        log.warning(
-                            "the lease on %s expired and was lost", _apply._describe(kind, key)
+                        # (its lease expired and was taken back, or its work is gone: the
+                        # instance ended or was purged; either way its commit will be refused)
+                        log.info(
+                            "%s is no longer leased to this process", _apply._describe(kind, key)
                         )
                         del self._held[kind][key]
 

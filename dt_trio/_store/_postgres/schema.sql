@@ -124,10 +124,15 @@ CREATE INDEX entity_inbox_instance ON entity_inbox (instance_id, id);
 -- path they must agree with). Inside a function every statement sees what committed before
 -- it began, so what follows a lock sees every message sent before the lock was taken.
 
+-- The statuses of a finished instance: COMPLETED, FAILED, CANCELED, TERMINATED.
+CREATE FUNCTION finished_statuses() RETURNS smallint[]
+    LANGUAGE sql IMMUTABLE AS $$ SELECT '{1,3,4,5}'::smallint[] $$;
+
 -- One orchestration step that neither continues as new nor starts instances: after its
 -- instance's lease is checked (when p_owner is given; else the caller's guards did), its
 -- history, consumed messages, activities (the first p_count leased to p_take_owner), messages
--- (to other instances, to itself, to entities) and its row. Readiness: the earliest of the
+-- (to other instances, to itself, to entities) and its row; if it ends the execution, the
+-- activities the execution still waited for are dropped. Readiness: the earliest of the
 -- messages it leaves and of those it sends itself.
 CREATE FUNCTION write_step(
     p_owner text, p_epoch bigint,
@@ -162,6 +167,13 @@ BEGIN
         FROM unnest(p_history) WITH ORDINALITY AS h(event, ord)
     ), c AS (
         DELETE FROM inbox WHERE instance_id = p_id AND id = ANY(p_consumed)
+    ), ended AS (
+        -- the step that ends the execution drops the activities it waited for (not its own:
+        -- they are written by this statement, which does not see them)
+        DELETE FROM activities
+        WHERE instance_id = p_id AND p_status = ANY(finished_statuses())
+        AND EXISTS (SELECT 1 FROM instances
+                    WHERE instance_id = p_id AND NOT status = ANY(finished_statuses()))
     ), a AS (
         INSERT INTO activities
             (instance_id, execution_id, event, visible_at, lease_owner, lease_epoch, lease_until)
