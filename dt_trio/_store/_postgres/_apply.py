@@ -577,14 +577,14 @@ def _start_instances(tx: Tx, new_instances: Sequence[NewInstance]) -> None:
     send(tx, conflicts)
 
 
-def _history_start(tx: Tx, instance_id: str) -> int | str:
+def _history_start(tx: Tx, instance_id: str) -> int | None:
     """Where a step's history goes: the length its lease read (see `Tx.history_at`), 0 for an
-    instance this transaction created, otherwise what the store has (a subquery)."""
+    instance this transaction created, otherwise None: after what the store has."""
     if instance_id in tx.history_at:
         return tx.history_at[instance_id]
     if instance_id in tx.created:
         return 0
-    return "SQL"
+    return None
 
 
 def _write_step(
@@ -612,20 +612,12 @@ def _write_step(
         )
     if result.history:
         start = 0 if result.reset_history else _history_start(tx, instance_id)
-        blobs = [e.SerializeToString() for e in result.history]
-        if start == "SQL":
-            tx.run(
-                "INSERT INTO history (instance_id, seq, event) SELECT %s, "
-                "(SELECT coalesce(max(seq) + 1, 0) FROM history WHERE instance_id = %s) "
-                "+ h.ord - 1, h.event FROM unnest(%s::bytea[]) WITH ORDINALITY AS h(event, ord)",
-                (instance_id, instance_id, blobs),
-            )
-        else:
-            tx.run(
-                "INSERT INTO history (instance_id, seq, event) SELECT %s, %s + h.ord - 1, h.event "
-                "FROM unnest(%s::bytea[]) WITH ORDINALITY AS h(event, ord)",
-                (instance_id, start, blobs),
-            )
+        tx.run(
+            "INSERT INTO history (instance_id, seq, event) SELECT %s, coalesce(%s::integer, "
+            "(SELECT coalesce(max(seq) + 1, 0) FROM history WHERE instance_id = %s)) "
+            "+ h.ord - 1, h.event FROM unnest(%s::bytea[]) WITH ORDINALITY AS h(event, ord)",
+            (instance_id, start, instance_id, [e.SerializeToString() for e in result.history]),
+        )
     if result.consumed:
         tx.run(
             "DELETE FROM inbox WHERE instance_id = %s AND id = ANY(%s::bigint[])",
@@ -702,7 +694,7 @@ def _write_one_step(
             guard.owner if guard is not None else None,
             guard.epoch if guard is not None else None,
             instance_id,
-            None if start == "SQL" else start,
+            start,
             [e.SerializeToString() for e in result.history],
             list(result.consumed),
             *state_values(state)[1:],

@@ -106,7 +106,8 @@ def describe(address: str) -> str:
 @dataclasses.dataclass
 class Counts:
     """What a store sent the server: statements, and transactions (each adds a BEGIN and a
-    COMMIT to its statements' round trips). For the bench; updated from worker threads."""
+    COMMIT to its statements' round trips), and the steps it wrote. For the bench; updated
+    from worker threads without a lock (a count may miss one now and then)."""
 
     statements: int = 0
     transactions: int = 0
@@ -352,8 +353,9 @@ class PostgresBackend:
                     and (ended or (not committing and (transaction or retry_lost)))
                     and (attempt < 3)
                 ):
-                    # A connection the server dropped (a restart, a terminated backend): the
-                    # transaction never committed; drop the pool's dead connections too.
+                    # A connection the server dropped (a restart, a terminated backend) before
+                    # the commit, or one whose work may run twice: try another, and drop the
+                    # pool's dead ones first.
                     with contextlib.suppress(Exception):
                         pool.check()
                     continue
