@@ -86,12 +86,13 @@ def _store_class() -> type[Any]:
 StoreClass = _store_class()
 
 
-def store_args() -> tuple[str, ...]:
-    """A new store's first arguments: "" (sqlite in memory), or the session's PostgreSQL
-    server and a hub of its own."""
+def store_args(tmp_path: pathlib.Path | None = None) -> tuple[str, ...]:
+    """A new store's first arguments: "" (sqlite in memory; with `tmp_path`, a file there, for
+    a store that outlives its store object), or the session's PostgreSQL server and a hub of
+    its own."""
     if STORE == "postgres":
         return (os.environ[_postgres.ENV_SERVER], _postgres.new_hub())
-    return ("",)
+    return (str(tmp_path / "hub.sqlite3") if tmp_path is not None else "",)
 
 
 # The kinds of store the store tests run on: an sqlite file and memory, or PostgreSQL (with

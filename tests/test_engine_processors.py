@@ -169,8 +169,8 @@ def test_work_given_back_again_and_again_waits_longer_each_time() -> None:
 class CountingLeases(StoreClass):
     """Counts the lease transactions of each kind."""
 
-    def __init__(self, signals: Signals) -> None:
-        super().__init__(*store_args(), listener=signals)
+    def __init__(self, signals: Signals, *place: str) -> None:
+        super().__init__(*(place or store_args()), listener=signals)
         self.leases: list[str] = []
         self._leased_orchestrations = 0
         self._orchestrations_leased = trio.Event()
@@ -254,7 +254,7 @@ async def test_work_no_connected_worker_takes_is_given_back_with_its_attempts_ke
     other orchestrators) goes back after a while, untried: however often, it is not
     poison."""
     signals = Signals()
-    store = CountingLeases(signals)
+    store = CountingLeases(signals, *store_args(tmp_path))  # (opened again below)
     executor = RemoteExecutor()
     other = pb.GetWorkItemsRequest()
     other.workItemFilters.orchestrations.add(name="other")

@@ -14,7 +14,6 @@ READ COMMITTED a statement that waits for a row lock re-reads that row, not othe
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -67,6 +66,7 @@ from dt_trio._errors import (
     InstanceNotFound,
     LockLost,
 )
+from dt_trio._log import get_logger
 from dt_trio._store._postgres._rows import (
     INSTANCE_COLUMNS,
     INSTANCE_FIELDS,
@@ -76,7 +76,7 @@ from dt_trio._store._postgres._rows import (
     utc,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 TERMINAL = [int(s) for s in Status if s.is_terminal]
 

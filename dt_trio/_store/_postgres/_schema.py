@@ -8,7 +8,6 @@ is refused (an older dt-trio must not write tables it does not understand).
 
 from __future__ import annotations
 
-import logging
 import pathlib
 from typing import Any
 
@@ -16,9 +15,10 @@ import psycopg
 from psycopg import sql
 
 from dt_trio._errors import StoreUnavailable
+from dt_trio._log import get_logger
 from dt_trio._store._select import check_hub
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SCHEMA_VERSION = 1
 _DDL = (pathlib.Path(__file__).parent / "schema.sql").read_text()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import logging
 import random
 import select
 import threading
@@ -50,6 +49,7 @@ from dt_trio._core._commit import (
     wakeups,
 )
 from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
+from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store._backend import (
     EntityFilter,
@@ -76,7 +76,7 @@ from dt_trio._store._postgres._rows import (
 from dt_trio._store._postgres._schema import ensure_schema, schema_name
 from dt_trio._store._select import DEFAULT_HUB, DEFAULT_LEASE_TTL
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 T = TypeVar("T")
 
 DEFAULT_POOL_SIZE = 8
