@@ -100,7 +100,7 @@ class Servers:
                 if kind == "postgres":
                     store = ["--db", pg, "--hub", hub, *extra]
                 cmd = [sys.executable, "-m", "dt_trio", "--port", str(port), *store]
-                cmd += ["--log-level", "INFO"]
+                cmd += ["--log-level", "INFO", "--no-ui"]
             log_path = os.path.join(workdir, f"{kind}-{i}-{port}.log")
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
@@ -277,7 +277,7 @@ def takeover(pg: str, kills: int) -> dict[str, Any]:
                 if k + 1 < kills:  # the first sidecar again, on its port
                     port = int(running.addresses[0].rsplit(":", 1)[1])
                     cmd = [sys.executable, "-m", "dt_trio", "--port", str(port), "--db", pg,
-                           "--hub", _hub_of(running), *extra]  # fmt: skip
+                           "--hub", _hub_of(running), "--no-ui", *extra]  # fmt: skip
                     running.procs[0] = subprocess.Popen(
                         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
                     )
