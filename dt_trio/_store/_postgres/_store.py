@@ -270,7 +270,7 @@ class PostgresBackend:
         )
 
     def busy(self) -> bool:
-        return self._limiter.borrowed_tokens > 0
+        return self._limiter.borrowed_tokens >= self._limiter.total_tokens
 
     # -- running transactions -------------------------------------------------------------
 
