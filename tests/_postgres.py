@@ -169,9 +169,24 @@ def run(command: list[str]) -> int:
         return subprocess.run(command, env={**os.environ, ENV_SERVER: address}).returncode
 
 
+# The hubs this process named (see `drop_hubs`).
+_named: list[str] = []
+
+
 def new_hub() -> str:
     """A hub name no other test uses (each test's store gets a schema of its own)."""
-    return f"t{uuid.uuid4().hex[:12]}"
+    _named.append(f"t{uuid.uuid4().hex[:12]}")
+    return _named[-1]
+
+
+def drop_hubs(address: str) -> None:
+    """Drop the schemas of the hubs this process named (on a server that outlives the run)."""
+    import psycopg
+
+    with psycopg.connect(address, autocommit=True) as conn:
+        for hub in _named:
+            conn.execute(f'DROP SCHEMA IF EXISTS "dt_trio_{hub}" CASCADE')
+    _named.clear()
 
 
 if __name__ == "__main__":

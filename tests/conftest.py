@@ -38,9 +38,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def pg_address() -> Iterator[str]:
-    """A PostgreSQL server for the whole session (made on first use)."""
+    """A PostgreSQL server for the whole session (made on first use); on a server that
+    outlives the session ($DT_TRIO_TEST_PG), the tests' hubs are dropped at its end."""
+    given = os.environ.get(_postgres.ENV_SERVER)
     with _postgres.server() as address:
         yield address
+        if given:
+            _postgres.drop_hubs(address)
 
 
 @pytest.fixture(scope="session", autouse=STORE == "postgres")
