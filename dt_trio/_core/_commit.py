@@ -27,11 +27,17 @@ Everything here is pure data: no trio, sqlite or gRPC.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from datetime import datetime
 
 from dt_trio._core._entities import EntityState, EntityStepResult, is_entity_id
-from dt_trio._core._state import InboxMessage, InstanceState, OutboundMessage, Status, StepResult
+from dt_trio._core._state import (
+    InboxMessage,
+    InstanceState,
+    OutboundMessage,
+    Status,
+    StepResult,
+    value,
+)
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 
@@ -43,7 +49,7 @@ class WorkKind(enum.Enum):
     ENTITY = "entity"
 
 
-@dataclass(frozen=True)
+@value
 class Lease:
     """One grant of a work item to a hub process: `owner` names the process, `epoch` the
     grant. A write guarded by a lease is refused unless the row is still leased to `owner` at
@@ -60,7 +66,7 @@ class Lease:
 # -- work items: what a lease hands a processor ---------------------------------------------
 
 
-@dataclass(frozen=True)
+@value
 class OrchestrationWorkItem:
     """A leased instance: its row, committed history and visible inbox. `attempt` is 1 plus
     the failed attempts at its next step."""
@@ -72,7 +78,7 @@ class OrchestrationWorkItem:
     attempt: int = 1
 
 
-@dataclass(frozen=True)
+@value
 class ActivityWorkItem:
     """A leased activity: its TaskScheduled event (eventId = task id) and the execution that
     scheduled it. `attempt` is 1 plus the failed attempts at it."""
@@ -85,7 +91,7 @@ class ActivityWorkItem:
     attempt: int = 1
 
 
-@dataclass(frozen=True)
+@value
 class EntityWorkItem:
     """A leased entity: its row and its whole visible queue (deferred messages included: they
     keep their place in the order). `attempt` as for orchestrations."""
@@ -99,7 +105,7 @@ class EntityWorkItem:
 # -- guards ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@value
 class Holds:
     """The work item `key` of `kind` (an instance id, an activity id, an entity id) is leased
     with `lease`. Fails with LockLost."""
@@ -109,7 +115,7 @@ class Holds:
     lease: Lease
 
 
-@dataclass(frozen=True)
+@value
 class AsFound:
     """The instance runs `execution_id`, nobody leases it, it was last updated at
     `last_updated_at` and its inbox is empty: as a step run ahead of its lease found it.
@@ -120,7 +126,7 @@ class AsFound:
     last_updated_at: datetime
 
 
-@dataclass(frozen=True)
+@value
 class Creatable:
     """No instance has the id, or its status is in `replaceable`. Fails with InstanceExists."""
 
@@ -128,14 +134,14 @@ class Creatable:
     replaceable: frozenset[Status]
 
 
-@dataclass(frozen=True)
+@value
 class Exists:
     """The instance exists. Fails with InstanceNotFound."""
 
     instance_id: str
 
 
-@dataclass(frozen=True)
+@value
 class InStatus:
     """The instance exists and is in `status`. Fails with InstanceNotFound, or with
     FailedPrecondition saying `why` ("only a failed instance can be rewound")."""
@@ -145,7 +151,7 @@ class InStatus:
     why: str
 
 
-@dataclass(frozen=True)
+@value
 class Unchanged:
     """The instance is not finished and was last updated at `last_updated_at`. Fails with
     FailedPrecondition (a commit with this guard normally has an `otherwise`)."""
@@ -160,7 +166,7 @@ Guard = Holds | AsFound | Creatable | Exists | InStatus | Unchanged
 # -- writes ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@value
 class CreateInstance:
     """Insert the instance row `state`; an instance with that id (its guard allowed it) is
     deleted first, with its history, inbox and activities. With `started`, its ExecutionStarted
@@ -172,7 +178,7 @@ class CreateInstance:
     visible_at: datetime
 
 
-@dataclass(frozen=True)
+@value
 class Send:
     """Deliver messages (see `OutboundMessage`): to an orchestration's inbox (dropped when the
     instance, or the execution the message names, is gone: counted in `Applied.dropped`), or to
@@ -182,7 +188,7 @@ class Send:
     messages: tuple[OutboundMessage, ...]
 
 
-@dataclass(frozen=True)
+@value
 class WriteStep:
     """Write one orchestration step (see `StepResult`): the history appended (on
     `reset_history`, the old history and activities deleted first), the consumed messages
@@ -195,7 +201,7 @@ class WriteStep:
     result: StepResult
 
 
-@dataclass(frozen=True)
+@value
 class DropPending:
     """Delete the instance's inbox and activities (a termination that does not wait for the
     orchestrator)."""
@@ -203,7 +209,7 @@ class DropPending:
     instance_id: str
 
 
-@dataclass(frozen=True)
+@value
 class DeleteActivity:
     """Delete the activity (its result is delivered by a `Send`, or is in a `WriteStep`'s
     history)."""
@@ -211,7 +217,7 @@ class DeleteActivity:
     activity_id: int
 
 
-@dataclass(frozen=True)
+@value
 class WriteEntityStep:
     """Write one entity step (see `EntityStepResult`): consumed messages deleted, deferred
     ones marked, the row replaced by `result.entity` with its lease cleared and its attempts
@@ -221,7 +227,7 @@ class WriteEntityStep:
     result: EntityStepResult
 
 
-@dataclass(frozen=True)
+@value
 class Reopen:
     """A failed instance runs again (a rewind): status RUNNING, no output, failure or
     completion time, last updated at the commit's `now`."""
@@ -237,7 +243,7 @@ class Attempts(enum.Enum):
     RESET = "reset"  # waiting was the decision (a postponed step): counting starts again
 
 
-@dataclass(frozen=True)
+@value
 class Release:
     """Give a lease back. If the item is no longer leased with `lease`, nothing changes (what
     you no longer hold is not yours to release). Otherwise the lease is cleared, `attempts`
@@ -268,7 +274,7 @@ Write = (
 # -- leases taken beside the writes -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@value
 class TakeActivities:
     """Lease the first `count` activities that the commit's `WriteStep` adds to `owner`, as
     they are written; they come back in `Applied.activities`, in the step's order."""
@@ -277,7 +283,7 @@ class TakeActivities:
     count: int
 
 
-@dataclass(frozen=True)
+@value
 class TakeInstance:
     """After the writes, lease the instance to `owner` if nobody leases it and it has a visible
     message; it comes back in `Applied.orchestrations`."""
@@ -289,7 +295,7 @@ class TakeInstance:
 Take = TakeActivities | TakeInstance
 
 
-@dataclass(frozen=True)
+@value
 class Commit:
     """One transaction (see the module's docstring). `now` is the time of the commit: the
     visibility of what it sends without a time of its own, and the times it stamps."""
@@ -301,7 +307,7 @@ class Commit:
     otherwise: Commit | None = None
 
 
-@dataclass(frozen=True)
+@value
 class Applied:
     """What a commit did beyond its writes.
 
@@ -322,7 +328,7 @@ class Applied:
 # -- wake-ups ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@value
 class Wakeups:
     """What a commit tells the hub (see `dt_trio._store.StoreListener`): which processors have
     new work, and which instances changed (with the state the commit wrote, when it wrote
@@ -341,7 +347,11 @@ def wakeups(commit: Commit, applied: Applied) -> Wakeups:
     if applied.alternative:
         assert commit.otherwise is not None, "only a commit with an otherwise has one"
         return wakeups(commit.otherwise, _evolve_applied(applied))
-    taken = {item.state.instance_id for item in applied.orchestrations}
+    taken = (
+        {item.state.instance_id for item in applied.orchestrations}
+        if applied.orchestrations
+        else ()
+    )
     orchestrations = activities = entities = False
     instances: dict[str, InstanceState | None] = {}
     # The messages sent: to orchestrations (those the commit took need no wake-up: they run

@@ -11,7 +11,6 @@ Everything here is pure: time comes in as an argument.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
 from dt_trio._core._commit import (
@@ -32,7 +31,6 @@ from dt_trio._core._commit import (
     Release,
     Reopen,
     Send,
-    Take,
     TakeActivities,
     TakeInstance,
     Unchanged,
@@ -41,13 +39,13 @@ from dt_trio._core._commit import (
     WriteStep,
 )
 from dt_trio._core._entities import EntityStepResult
-from dt_trio._core._state import InstanceState, OutboundMessage, Status, StepResult
+from dt_trio._core._state import InstanceState, OutboundMessage, Status, StepResult, value
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 FINISHED = frozenset(s for s in Status if s.is_terminal)
 
 
-@dataclass(frozen=True)
+@value
 class Ahead:
     """A step run before the commit that would lease its instance for it (the instance's
     creation, an activity's result), to be committed in that commit instead: its `result`,
@@ -58,10 +56,6 @@ class Ahead:
     found_update: datetime
     owner: str
     activities: int = 0
-
-
-def _take_activities(ahead: Ahead) -> tuple[Take, ...]:
-    return (TakeActivities(ahead.owner, ahead.activities),) if ahead.activities else ()
 
 
 def start(
@@ -87,7 +81,7 @@ def start(
             now,
             (CreateInstance(state, None, now), WriteStep(ahead.result)),
             (guard,),
-            _take_activities(ahead),
+            (TakeActivities(ahead.owner, ahead.activities),) if ahead.activities else (),
         )
     return Commit(
         now,
@@ -187,8 +181,8 @@ def deliver_result(
         now,
         (DeleteActivity(item.id), WriteStep(ahead.result)),
         (holds, AsFound(item.instance_id, item.execution_id, ahead.found_update)),
-        _take_activities(ahead),
-        otherwise=plain,
+        (TakeActivities(ahead.owner, ahead.activities),) if ahead.activities else (),
+        plain,
     )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,11 +31,12 @@ from dt_trio._core._state import (
     Status,
     StepResult,
     evolve,
+    value,
 )
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 
-@dataclass(frozen=True)
+@value
 class Dispatch:
     """Run the orchestrator with `past_events` + `new_events`; `consumed` names the inbox
     messages this step takes (delivered or dropped)."""
@@ -46,14 +46,14 @@ class Dispatch:
     consumed: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@value
 class Settle:
     """Commit `result` without running the orchestrator."""
 
     result: StepResult
 
 
-@dataclass(frozen=True)
+@value
 class Postpone:
     """Leave the messages in the inbox, invisible until `until`."""
 

@@ -7,6 +7,7 @@ but no I/O handles.
 from __future__ import annotations
 
 import enum
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -53,6 +54,16 @@ def evolve(value: V, **changes: Any) -> V:
     return new
 
 
+@typing.dataclass_transform(frozen_default=True)
+def value(cls: type[V]) -> type[V]:
+    """A dataclass for a value built on the hot path (each commit's guards, writes and answer,
+    work items, messages): immutable to the type checker, which treats it as frozen, and
+    hashable by its fields, but without frozen's guard at run time. That guard sets every
+    field through object.__setattr__ and made these values cost four times as much to build:
+    on the local API's hello cities it was 5% of all the work the hub did."""
+    return dataclass(unsafe_hash=True)(cls)
+
+
 @dataclass(frozen=True)
 class InstanceState:
     """The stored summary of one orchestration instance (one row of the instances table)."""
@@ -76,7 +87,7 @@ class InstanceState:
     trace_context: pb.OrchestrationTraceContext | None = None
 
 
-@dataclass(frozen=True)
+@value
 class InboxMessage:
     """An event waiting in an instance's inbox; `id` orders messages and names them on commit."""
 
@@ -84,7 +95,7 @@ class InboxMessage:
     event: pb.HistoryEvent
 
 
-@dataclass(frozen=True)
+@value
 class OutboundMessage:
     """An event to deliver to an instance's inbox, visible from `visible_at` (None: at once).
 
@@ -99,7 +110,7 @@ class OutboundMessage:
     execution_id: str | None = None
 
 
-@dataclass(frozen=True)
+@value
 class NewInstance:
     """An instance to create with its ExecutionStarted event (a sub-orchestration, or an
     orchestration an entity starts).
@@ -116,7 +127,7 @@ class NewInstance:
     replace_finished: bool = True
 
 
-@dataclass(frozen=True)
+@value
 class ActivityTask:
     """An activity to run: its TaskScheduled event (eventId = task id) and its orchestration."""
 

@@ -42,6 +42,7 @@ from typing import Protocol
 import trio
 
 from dt_trio._core._commit import WorkKind
+from dt_trio._core._state import value
 from dt_trio._errors import InvalidRequest, StoreUnavailable, UnknownWorkItem
 from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
@@ -92,7 +93,7 @@ class WorkUnclaimed(Exception):
 Check = Callable[[object], object]
 
 
-@dataclass(frozen=True)
+@value
 class Route:
     """What a worker's filters look at: the item's kind, name and version."""
 
@@ -101,7 +102,7 @@ class Route:
     version: str | None = None
 
 
-@dataclass(frozen=True)
+@value
 class OrchestrationStep:
     """One step for an orchestrator: the instance, its history so far and the new events.
     `work_item()` is its protocol form, built for SDK workers only: a replay in this process

@@ -9,6 +9,7 @@ another commit, started early or run ahead is the dispatcher's business.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
@@ -299,13 +300,14 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
             log.warning("%s: %s", item.instance_id, failure.errorMessage)
             await self._fail(item, failure)
             return
-        request = _activity_request(item)
+        work_item = _activity_work_item(item)
+        request = work_item.activityRequest
         try:
             answer = await self._executor.execute(
-                pb.WorkItem(activityRequest=request),
+                work_item,
                 route_of(item),
                 early.on_its_way if early is not None else None,
-                lambda response: _check_activity_result(request, response),
+                functools.partial(_check_activity_result, request),
             )
         except BaseException as exc:
             # Started early, the activity is touched in the store only as its step's commit
@@ -323,7 +325,7 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
         # stays leased until the commit; if the commit fails, the activity is handed out
         # again, so nothing is lost.
         self._executor.finish(answer)
-        held = await leased(item, early)
+        held = item if early is None else await early.leased()
         if held is None:
             log.info(
                 "%s: the result of %s is dropped: the step that scheduled it was not committed",
@@ -340,9 +342,13 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
             await self._lane.give_back(ops.release_activity(held, _now(), Attempts.COUNT))
 
 
-def _activity_request(item: ActivityWorkItem) -> pb.ActivityRequest:
+def _activity_work_item(item: ActivityWorkItem) -> pb.WorkItem:
+    # Built in place: a message passed to a constructor is copied.
+    work_item = pb.WorkItem()
     scheduled = item.scheduled.taskScheduled
-    request = pb.ActivityRequest(name=scheduled.name, taskId=item.scheduled.eventId)
+    request = work_item.activityRequest
+    request.name = scheduled.name
+    request.taskId = item.scheduled.eventId
     if scheduled.HasField("version"):
         request.version.CopyFrom(scheduled.version)
     if scheduled.HasField("input"):
@@ -352,7 +358,7 @@ def _activity_request(item: ActivityWorkItem) -> pb.ActivityRequest:
     request.tags.update(scheduled.tags)
     request.orchestrationInstance.instanceId = item.instance_id
     request.orchestrationInstance.executionId.value = item.execution_id
-    return request
+    return work_item
 
 
 def _check_activity_result(request: pb.ActivityRequest, response: object) -> pb.ActivityResponse:

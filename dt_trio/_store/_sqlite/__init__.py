@@ -91,9 +91,7 @@ class SqliteBackend:
     # -- writes ----------------------------------------------------------------------------
 
     async def apply(self, commit: Commit) -> Applied:
-        applied = await self._db.write(
-            functools.partial(_apply.apply, commit=commit, next_epoch=self._next_epoch)
-        )
+        applied = await self._db.write(functools.partial(_apply.apply, commit, self._next_epoch))
         notify(self.listener, wakeups(commit, applied))
         return applied
 

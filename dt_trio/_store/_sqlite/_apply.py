@@ -54,7 +54,7 @@ log = get_logger(__name__)
 _UNLEASED = Lease("", 0)
 
 
-def apply(conn: sqlite3.Connection, commit: Commit, next_epoch: Callable[[], int]) -> Applied:
+def apply(commit: Commit, next_epoch: Callable[[], int], conn: sqlite3.Connection) -> Applied:
     """Apply `commit` (all of it, or its `otherwise`, or nothing and raise). The leases it
     takes get one new epoch from `next_epoch`. A function of the store alone: safe to run
     again after its transaction was rolled back."""
@@ -74,7 +74,7 @@ def apply(conn: sqlite3.Connection, commit: Commit, next_epoch: Callable[[], int
         if failure is not None:
             if commit.otherwise is None:
                 raise failure
-            return evolve(apply(conn, commit.otherwise, next_epoch), alternative=True)
+            return evolve(apply(commit.otherwise, next_epoch, conn), alternative=True)
     now_us = us(commit.now)
     epoch = next_epoch() if commit.take else 0
     activities: TakeActivities | None = None
