@@ -1,4 +1,9 @@
-"""A real dt-trio sidecar in a subprocess, and the official SDK's worker and client against it."""
+"""A real dt-trio sidecar in a subprocess, and the official SDK's worker and client against it;
+the suite's store (see conftest.py) and the engine tests' helpers.
+
+The official SDK is imported only by the helpers that use it: conftest.py imports this module,
+and the pure tests run without the SDK installed.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +18,19 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _postgres
-import pytest
-from durabletask import client, worker
+
+if TYPE_CHECKING:
+    from durabletask import client, worker
 
 LISTENING = re.compile(r"server listening at (\S+):(\d+)(?:$|\")")  # text or JSON lines
 DASHBOARD = re.compile(r"dashboard at (\S+?)(?:$|\")")
 # The store the suite runs on (see conftest.py): sqlite, or postgres.
 STORE = os.environ.get("DT_TRIO_TEST_STORE", "sqlite")
+if STORE not in ("sqlite", "postgres"):
+    raise RuntimeError(f"DT_TRIO_TEST_STORE must be sqlite or postgres, not {STORE!r}")
 
 
 # On PostgreSQL, the leases of a sidecar the tests kill keep its work this long (seconds).
@@ -228,13 +236,6 @@ def running_sidecar(tmp_path: pathlib.Path, db: str | Store | None = None) -> It
             assert code == 0, f"sidecar exit code {code}:\n{sidecar.log_text()[-4000:]}"
 
 
-@pytest.fixture
-def sidecar(tmp_path: pathlib.Path) -> Iterator[Sidecar]:
-    """A sidecar on a store of its own, stopped with SIGTERM (exit code 0) afterwards."""
-    with running_sidecar(tmp_path) as s:
-        yield s
-
-
 @contextlib.contextmanager
 def sdk_worker(
     address: str,
@@ -242,6 +243,8 @@ def sdk_worker(
     activities: list[Callable[..., Any]] = (),  # type: ignore[assignment]
     entities: list[Any] = (),  # type: ignore[assignment]
 ) -> Iterator[worker.TaskHubGrpcWorker]:
+    from durabletask import worker
+
     w = worker.TaskHubGrpcWorker(host_address=address)
     for o in orchestrators:
         w.add_orchestrator(o)
@@ -257,6 +260,8 @@ def sdk_worker(
 
 
 def sdk_client(address: str) -> client.TaskHubGrpcClient:
+    from durabletask import client
+
     return client.TaskHubGrpcClient(host_address=address)
 
 

@@ -9,14 +9,13 @@ skipped on the other.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import pathlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import _postgres
 import pytest
-
-STORE = os.environ.get("DT_TRIO_TEST_STORE", "sqlite")
-if STORE not in ("sqlite", "postgres"):
-    raise RuntimeError(f"DT_TRIO_TEST_STORE must be sqlite or postgres, not {STORE!r}")
+from _harness import STORE, STORE_KINDS, Sidecar, running_sidecar, store_factory
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -55,3 +54,22 @@ def _postgres_for_the_harness(pg_address: str) -> Iterator[None]:
     yield
     if before is None:
         del os.environ[_postgres.ENV_SERVER]
+
+
+@pytest.fixture
+def sidecar(tmp_path: pathlib.Path) -> Iterator[Sidecar]:
+    """A sidecar on a store of its own, stopped with SIGTERM (exit code 0) afterwards."""
+    with running_sidecar(tmp_path) as s:
+        yield s
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Any]:
+    """An opened store of each kind the suite's store comes in (see STORE_KINDS), closed
+    afterwards."""
+    backend = store_factory(request.param, tmp_path)()
+    await backend.open()
+    try:
+        yield backend
+    finally:
+        await backend.close()

@@ -11,7 +11,6 @@ Newer SDKs (.NET, Java) split a large orchestrator answer into chunks (`isPartia
 from __future__ import annotations
 
 import contextlib
-import pathlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -20,17 +19,10 @@ from typing import Any
 
 import grpc
 import pytest
-from _harness import Sidecar, running_sidecar, sdk_client, wait_until
+from _harness import Sidecar, sdk_client, wait_until
 from durabletask import client, task, worker
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
-
-
-@pytest.fixture
-def sidecar(tmp_path: pathlib.Path) -> Iterator[Sidecar]:
-    with running_sidecar(tmp_path) as s:
-        yield s
-
 
 # -- a worker of the Go SDK's generation ----------------------------------------------------
 

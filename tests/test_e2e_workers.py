@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import pathlib
 import queue
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
-from _harness import Sidecar, running_sidecar, sdk_client, sdk_worker, wait_until
+from _harness import Sidecar, sdk_client, sdk_worker, wait_until
 from durabletask import client, task, worker
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
@@ -30,12 +28,6 @@ def beta(ctx: task.OrchestrationContext, _: Any) -> Any:
 
 def fan(ctx: task.OrchestrationContext, n: int) -> Any:
     return sum((yield task.when_all([ctx.call_activity(plus_one, input=i) for i in range(n)])))
-
-
-@pytest.fixture
-def sidecar(tmp_path: pathlib.Path) -> Iterator[Sidecar]:
-    with running_sidecar(tmp_path) as s:
-        yield s
 
 
 def filtered_worker(address: str, orchestrators: list[Any], activities: list[Any]) -> Any:

@@ -6,7 +6,6 @@ ordinary way (a message in the inbox, a lease, a step) takes over; nothing is lo
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -62,10 +61,6 @@ class CountingStore(StoreClass):
         if name is not None:
             self.commits.append(name)
         return applied
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -22,6 +21,7 @@ from _harness import (
     running_processors,
     store_args,
 )
+from _values import now
 
 from dt_trio._core import InstanceState, Status
 from dt_trio._core import _events as ev
@@ -44,10 +44,6 @@ from dt_trio._engine._executor import Route
 from dt_trio._engine._pacing import Parking
 from dt_trio._errors import StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 class GatedStore(StoreClass):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import pathlib
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import trio
 import trio.testing
 from _harness import StoreClass, store_args
+from _values import now
 
 from dt_trio import _core as core
 from dt_trio._core import InstanceState, Status, StepResult
@@ -28,10 +28,6 @@ from dt_trio._engine import (
 )
 from dt_trio._engine._executor import UNCLAIMED_SECONDS
 from dt_trio._proto import orchestrator_service_pb2 as pb
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 class PurgingStore(StoreClass):

@@ -4,13 +4,10 @@ or PostgreSQL)."""
 from __future__ import annotations
 
 import dataclasses
-import pathlib
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
 import pytest
-from _harness import STORE_KINDS, store_factory
+from _values import now
 
 from dt_trio import _core as core
 from dt_trio._core import EntityStepResult, InstanceState, OutboundMessage, Status, StepResult
@@ -21,20 +18,6 @@ from dt_trio._errors import LockLost
 from dt_trio._store import Backend, EntityFilter
 
 COUNTER = "@counter@k"
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-@pytest.fixture(params=STORE_KINDS)
-async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Any]:
-    backend = store_factory(request.param, tmp_path)()
-    await backend.open()
-    try:
-        yield backend
-    finally:
-        await backend.close()
 
 
 async def signal(store: Backend, op: str = "add", at: datetime | None = None) -> None:

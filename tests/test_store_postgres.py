@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import _postgres
+import _values
 import psycopg
 import pytest
 import trio
 import trio.testing
+from _values import new_state, now, started
 
 from dt_trio._core import (
     ActivityTask,
@@ -54,36 +56,6 @@ pytestmark = pytest.mark.postgres_only
 
 ME = "me:1:aaaa"
 YOU = "you:2:bbbb"
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-def new_state(instance_id: str = "i1", **kw: object) -> InstanceState:
-    t = now()
-    values: dict[str, object] = dict(
-        instance_id=instance_id,
-        name="orch",
-        execution_id="e0",
-        status=Status.PENDING,
-        created_at=t,
-        last_updated_at=t,
-        input='"x"',
-        tags={"team": "a"},
-    )
-    values.update(kw)
-    return InstanceState(**values)  # type: ignore[arg-type]
-
-
-def started(state: InstanceState) -> pb.HistoryEvent:
-    return ev.execution_started(
-        now(),
-        name=state.name,
-        instance_id=state.instance_id,
-        execution_id=state.execution_id,
-        input=state.input,
-    )
 
 
 def create(state: InstanceState, take: str | None = None, at: datetime | None = None) -> Commit:
@@ -468,7 +440,9 @@ async def test_the_commits_made_by_functions_write_what_the_general_path_writes(
 ) -> None:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     later = t0 + timedelta(hours=1)
-    monkeypatch.setitem(globals(), "now", lambda: t0)  # the same events both ways
+    # the same events both ways
+    monkeypatch.setitem(globals(), "now", lambda: t0)
+    monkeypatch.setattr(_values, "now", lambda: t0)
     dumps = []
     answers = []
     for functions in (True, False):

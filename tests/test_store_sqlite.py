@@ -8,13 +8,13 @@ import dataclasses
 import pathlib
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
 import trio
 from _harness import STORE_KINDS, cache_problems, store_factory
+from _values import new_state, now, started
 
 from dt_trio._core import (
     ActivityTask,
@@ -37,46 +37,6 @@ from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost, StoreUna
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Backend, InstanceFilter, SqliteBackend
 from dt_trio._store._sqlite._schema import APPLICATION_ID
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-def new_state(instance_id: str = "i1", **kw: object) -> InstanceState:
-    t = now()
-    values: dict[str, object] = dict(
-        instance_id=instance_id,
-        name="orch",
-        execution_id="e0",
-        status=Status.PENDING,
-        created_at=t,
-        last_updated_at=t,
-        input='"x"',
-        tags={"team": "a"},
-    )
-    values.update(kw)
-    return InstanceState(**values)  # type: ignore[arg-type]
-
-
-def started(state: InstanceState) -> object:
-    return ev.execution_started(
-        now(),
-        name=state.name,
-        instance_id=state.instance_id,
-        execution_id=state.execution_id,
-        input=state.input,
-    )
-
-
-@pytest.fixture(params=STORE_KINDS)
-async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Any]:
-    backend = store_factory(request.param, tmp_path)()
-    await backend.open()
-    try:
-        yield backend
-    finally:
-        await backend.close()
 
 
 async def lease_one(store: Backend, owner: str) -> OrchestrationWorkItem | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
-from _harness import Sidecar, running_sidecar, sdk_client, sdk_worker, wait_until
+from _harness import Sidecar, sdk_client, sdk_worker, wait_until
 from durabletask import client, task, worker
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
@@ -62,12 +62,6 @@ DOOMED = textwrap.dedent(
     time.sleep(600)
     """
 )
-
-
-@pytest.fixture
-def sidecar(tmp_path: pathlib.Path) -> Iterator[Sidecar]:
-    with running_sidecar(tmp_path) as s:
-        yield s
 
 
 @pytest.mark.parametrize("hang_in", ["activity", "orchestrator"])

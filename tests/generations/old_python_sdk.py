@@ -8,14 +8,11 @@ main test session, which has the current SDK).
 
 from __future__ import annotations
 
-import pathlib
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import durabletask
-import pytest
-from _harness import Gate, Sidecar, running_sidecar, sdk_client, sdk_worker, wait_until
+from _harness import Gate, Sidecar, sdk_client, sdk_worker, wait_until
 from durabletask import client, task
 
 assert not hasattr(durabletask, "entities"), "this module drives the SDK of 2023 (0.1.0)"
@@ -71,12 +68,6 @@ def eternal(ctx: task.OrchestrationContext, generation: int) -> Any:
         ctx.continue_as_new(1)
         return None
     return (yield ctx.call_activity(fast))
-
-
-@pytest.fixture
-def sidecar(tmp_path: pathlib.Path) -> Iterator[Sidecar]:
-    with running_sidecar(tmp_path) as s:
-        yield s
 
 
 def test_every_pattern_runs_on_the_old_worker(sidecar: Sidecar) -> None:
