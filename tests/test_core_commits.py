@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from dt_trio._core import (
     ActivityTask,
     EntityState,
@@ -178,7 +180,9 @@ def test_a_step_wakes_for_its_outbox_and_what_waits_and_names_what_changed() -> 
     assert wakeups(ops.step(LEASE, step_result(), NOW), Applied(waiting=True)).orchestrations
 
 
+@pytest.mark.contract
 def test_work_a_commit_took_wakes_nobody() -> None:
+    """Contract: work a commit handed over wakes no processor (no lease round for it)."""
     taken = OrchestrationWorkItem(STATE, [], [], LEASE)
     start = ops.start(STATE, STARTED, NOW, NOW, take="me")
     assert not wakeups(start, Applied(orchestrations=(taken,))).orchestrations

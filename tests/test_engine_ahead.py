@@ -79,9 +79,12 @@ async def run_cities(client: HubClient) -> tuple[str, str | None]:
     return instance_id, state.output
 
 
+@pytest.mark.contract
 async def test_each_step_is_committed_with_what_started_it(
     hub: tuple[CountingStore, HubClient],
 ) -> None:
+    """Contract: one commit per step of an in-process orchestration: its trigger (creation, result)
+    and the step together, never two."""
     store, client = hub
     instance_id, output = await run_cities(client)
     assert output == '[["Hello, Tokyo!", "Hello, Seattle!", "Hello, London!"], false]'

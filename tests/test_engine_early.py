@@ -148,9 +148,11 @@ async def run_one(
     return state, runs
 
 
+@pytest.mark.contract
 async def test_a_first_step_and_a_parked_step_reach_the_worker_before_their_commits(
     hub: tuple[GatedStore, RemoteExecutor, HubClient],
 ) -> None:
+    """Contract: a step is sent to its worker beside the commit that leases it, not after it."""
     store, executor, client = hub
     # Neither the creation nor the delivery of the result commits until the worker has the
     # step that follows it: each step must start beside its commit.
@@ -213,9 +215,12 @@ async def _worker_answering_all(
         nursery.start_soon(executor.complete, pending, response)
 
 
+@pytest.mark.contract
 async def test_a_commit_beside_early_work_starts_once_the_work_is_on_its_way(
     hub: tuple[GatedStore, RemoteExecutor, HubClient],
 ) -> None:
+    """Contract: with the writer idle, each commit beside early work starts once that work is on its
+    way (the exact work the worker held at each commit)."""
     store, executor, client = hub
     store.busy_as = False  # nothing else is being committed
     worker = functools.partial(_worker_answering_all, store, executor)
@@ -233,11 +238,15 @@ async def test_a_commit_beside_early_work_starts_once_the_work_is_on_its_way(
     ]
 
 
+@pytest.mark.contract
 async def test_with_the_writer_busy_a_commit_beside_early_work_queues_at_once(
     hub: tuple[GatedStore, RemoteExecutor, HubClient],
 ) -> None:
     """Under load the commit would wait for its turn anyway: it queues without waiting for
-    the work to be on its way (a client's StartInstance is answered that much sooner)."""
+    the work to be on its way (a client's StartInstance is answered that much sooner).
+
+    Contract: with the writer busy, a commit beside early work queues at once (the exact work the
+    worker held at each commit)."""
     store, executor, client = hub
     store.busy_as = True
     worker = functools.partial(_worker_answering_all, store, executor)
@@ -308,9 +317,11 @@ def test_parked_instances_are_bounded_in_number_and_in_history_events() -> None:
     assert parking.pop("c") is None and parking.pop("d") is not None
 
 
+@pytest.mark.contract
 async def test_results_arriving_together_start_one_step_not_one_per_result(
     hub: tuple[GatedStore, RemoteExecutor, HubClient],
 ) -> None:
+    """Contract: no step is run on a worker only to be dropped: every step run is committed."""
     store, executor, client = hub
     fan = 20
     steps_run = 0
@@ -352,12 +363,15 @@ async def test_results_arriving_together_start_one_step_not_one_per_result(
     assert steps_run == sum(e.HasField("orchestratorStarted") for e in history)
 
 
+@pytest.mark.contract
 async def test_a_fan_outs_first_activities_reach_the_worker_before_the_rest_are_started(
     hub: tuple[GatedStore, RemoteExecutor, HubClient],
 ) -> None:
     """A step that schedules many activities sends the first few on their own: the worker
     gets its first activity before the rest have even been handed to the executor (building
-    them all first kept the worker waiting 20 ms for 256)."""
+    them all first kept the worker waiting 20 ms for 256).
+
+    Contract: the first EARLY_FIRST activities of a fan-out go out before the rest are built."""
     store, executor, client = hub
     fan = EARLY_FIRST * 3
     started_at_first: list[int] = []  # activities the executor held when the first went out

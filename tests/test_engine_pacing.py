@@ -100,9 +100,12 @@ def result_of(request: pb.ActivityRequest) -> pb.ActivityResponse:
     return pb.ActivityResponse(instanceId=instance_id, taskId=request.taskId)
 
 
+@pytest.mark.contract
 async def test_results_that_arrive_while_a_step_would_replay_are_taken_together(
     hub: tuple[StoreClass, RemoteExecutor, HubClient, str],
 ) -> None:
+    """Contract: paced, results that arrive one by one while a step would replay make one step, not
+    one each."""
     store, executor, client, mode = hub
     steps: list[int] = []  # results new to each step
     first_result_answered = trio.Event()
@@ -157,10 +160,13 @@ class LongHolds(Pacing):
 
 
 @pytest.mark.sqlite_only  # (holds sqlite's writer so that the commits are grouped)
+@pytest.mark.contract
 async def test_results_committed_with_the_lease_that_starts_a_hold_are_not_missed() -> None:
     """All the results of a fan-out are committed in one transaction, the first of them
     leasing the instance for its next step, which holds for the rest: they are all in
-    already, so the step goes out at once (not a minute later, when its hold runs out)."""
+    already, so the step goes out at once (not a minute later, when its hold runs out).
+
+    Contract: a hold whose results are all in already does not wait (the steps, exactly)."""
     async with open_hub(LongHolds()) as (store, executor, client):
         steps: list[int] = []  # results new to each step
         results: list[tuple[Any, pb.ActivityResponse]] = []

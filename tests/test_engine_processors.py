@@ -7,6 +7,7 @@ import pathlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from _harness import StoreClass, store_args
@@ -215,12 +216,16 @@ async def running_hub(
         await store.close()
 
 
+@pytest.mark.contract
 async def test_a_hub_without_workers_leases_nothing_however_long_it_idles(
     mock_clock: trio.testing.MockClock,
 ) -> None:
     """Work waits in the store, where another process's workers could take it, until a
     worker that takes its kind connects here; meanwhile nothing is leased, not even by the
-    processors' idle poll."""
+    processors' idle poll.
+
+    Contract: no lease transaction while no connected worker takes the work (the leases,
+    exactly)."""
     signals = Signals()
     store = CountingLeases(signals)
     executor = RemoteExecutor()

@@ -106,11 +106,14 @@ async def finish(
 
 
 @pytest.mark.sqlite_only
+@pytest.mark.contract
 async def test_running_and_finished_instances_read_back_without_a_store_read(
     store: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Clients ask for instances while they run and as they finish (GetInstance, the waits):
-    the writer keeps the rows it last committed, and those reads need no read."""
+    the writer keeps the rows it last committed, and those reads need no read.
+
+    Contract: reads of instances the writer last committed cost no read of the database."""
     state = new_state()
     await create(store, state)
 
@@ -689,8 +692,11 @@ async def test_continue_as_new_queues_its_start_and_carryover_before_late_arriva
 
 
 @pytest.mark.sqlite_only
+@pytest.mark.contract
 async def test_queries_and_the_lease_are_served_by_indexes(tmp_path: pathlib.Path) -> None:
-    """At 100,000 instances a scan would be slow; every hot statement must use an index."""
+    """At 100,000 instances a scan would be slow; every hot statement must use an index.
+
+    Contract: every hot statement uses an index, never a scan of the instances."""
     import sqlite3
 
     backend = SqliteBackend(str(tmp_path / "plan.sqlite3"))
@@ -904,12 +910,15 @@ async def test_with_the_writer_running_a_write_returns_once_its_own_batch_is_com
 
 
 @pytest.mark.sqlite_only
+@pytest.mark.contract
 async def test_writes_queued_during_a_commit_follow_it_in_the_writer_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The batch after a commit starts in the writer's thread as soon as that commit is
     made: one hand-off to the thread, not one per batch with a turn of the event loop
-    between them."""
+    between them.
+
+    Contract: one hand-off to the writer thread for back-to-back batches."""
     store = SqliteBackend("")
     await store.open()
     hand_offs = 0
