@@ -3,7 +3,13 @@
 `DT_TRIO_TEST_STORE=postgres` runs the suite on PostgreSQL (`nox -s "tests(store='postgres')"`):
 a throwaway cluster for the session, or the server `DT_TRIO_TEST_PG` names; every test gets a
 task hub of its own. Tests of one store only are marked `sqlite_only` or `postgres_only` and
-skipped on the other.
+skipped on the other; tests whose result does not depend on the suite's store (they touch no
+store, or make an sqlite store of their own) are marked `store_independent` and run once, in
+the sqlite run: a PostgreSQL run deselects them.
+
+The fixtures every module may use are here (`sidecar`, `store`, `pg_address`); the helpers
+they are built on are in _harness.py, and nothing here imports the official SDK or a
+PostgreSQL driver, so the pure tests need neither.
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ from _harness import STORE, STORE_KINDS, Sidecar, running_sidecar, store_factory
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sqlite_only: a test of the sqlite store itself")
     config.addinivalue_line("markers", "postgres_only: a test of the PostgreSQL store itself")
+    config.addinivalue_line(
+        "markers",
+        "store_independent: the same whichever store the suite runs on (it touches none, or "
+        "makes an sqlite store of its own): run in the sqlite run only",
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -33,6 +44,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if other in item.keywords:
             item.add_marker(skip)
+    if STORE == "postgres":
+        # Run once, by the sqlite run: here they would only repeat it.
+        once = [item for item in items if "store_independent" in item.keywords]
+        if once:
+            config.hook.pytest_deselected(items=once)
+            items[:] = [item for item in items if "store_independent" not in item.keywords]
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ import pytest
 from _harness import sdk_client, sdk_worker, wait_until
 from durabletask import client, task
 
+pytestmark = pytest.mark.store_independent
+
 NOOP = pathlib.Path(__file__).parent / "bench" / "noop.py"
 STEPS: list[str] = []  # one entry per orchestrator run (first run or replay), by name
 

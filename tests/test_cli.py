@@ -66,6 +66,7 @@ def test_command_logs_its_start_in_order_and_stops_cleanly(
         assert pathlib.Path(store.db).exists()
 
 
+@pytest.mark.store_independent
 def test_module_and_console_script_share_the_arguments() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "dt_trio", "--help"], capture_output=True, text=True, check=True
@@ -74,6 +75,7 @@ def test_module_and_console_script_share_the_arguments() -> None:
         assert flag in out.stdout
 
 
+@pytest.mark.store_independent
 def test_a_bad_port_is_refused_with_a_message() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "dt_trio", "--port", "70000"], capture_output=True, text=True
@@ -82,6 +84,7 @@ def test_a_bad_port_is_refused_with_a_message() -> None:
     assert "--port must be between 0 and 65535" in out.stderr
 
 
+@pytest.mark.store_independent
 def test_a_taken_port_is_refused_with_a_message(tmp_path: pathlib.Path) -> None:
     first = Sidecar("", tmp_path / "a.log").start()
     try:
@@ -124,6 +127,7 @@ async def test_serve_embeds_in_a_trio_program_with_keywords(tmp_path: pathlib.Pa
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.store_independent
 def test_trio_run_serve_works_with_the_defaults(tmp_path: pathlib.Path) -> None:
     # The defaults: 127.0.0.1:4001 and ./taskhub.sqlite3 in the working directory.
     code = (
@@ -219,6 +223,7 @@ FOREIGN = {
 }
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize("kind", sorted(FOREIGN))
 def test_another_programs_database_is_refused_and_left_unchanged(
     tmp_path: pathlib.Path, kind: str
@@ -241,6 +246,7 @@ def test_another_programs_database_is_refused_and_left_unchanged(
     assert [p.name for p in tmp_path.iterdir()] == ["other.db"]
 
 
+@pytest.mark.store_independent
 def test_the_message_size_limit_is_configurable(tmp_path: pathlib.Path) -> None:
     import grpc
 
@@ -259,6 +265,7 @@ def test_the_message_size_limit_is_configurable(tmp_path: pathlib.Path) -> None:
         assert sidecar.stop() == 0
 
 
+@pytest.mark.store_independent
 def test_an_unreachable_postgres_is_refused_with_a_message() -> None:
     out = subprocess.run(
         [
@@ -279,6 +286,7 @@ def test_an_unreachable_postgres_is_refused_with_a_message() -> None:
     assert "s3cret" not in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -308,6 +316,7 @@ def dt_trio_command(
     )
 
 
+@pytest.mark.store_independent
 def test_a_second_signal_during_shutdown_is_logged_and_the_stop_stays_clean(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -329,6 +338,7 @@ def test_a_second_signal_during_shutdown_is_logged_and_the_stop_stays_clean(
     assert Sidecar(sidecar.db, tmp_path / "again.txt").start().stop() == 0
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize("taken", ["--port", "--ui"])
 def test_a_start_that_finds_its_port_taken_leaves_no_file_behind(
     tmp_path: pathlib.Path, taken: str
@@ -361,6 +371,7 @@ def _make_unwritable(directory: pathlib.Path) -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.store_independent
 def test_an_unwritable_directory_is_named_with_the_store(tmp_path: pathlib.Path) -> None:
     store_dir = tmp_path / "readonly"
     store_dir.mkdir()
@@ -380,6 +391,7 @@ def test_an_unwritable_directory_is_named_with_the_store(tmp_path: pathlib.Path)
     assert list(store_dir.iterdir()) == []
 
 
+@pytest.mark.store_independent
 def test_a_store_in_a_missing_directory_is_named_with_it(tmp_path: pathlib.Path) -> None:
     db = tmp_path / "no-such-dir" / "hub.sqlite3"
     out = dt_trio_command("--port", "0", "--db", str(db))
@@ -390,6 +402,7 @@ def test_a_store_in_a_missing_directory_is_named_with_it(tmp_path: pathlib.Path)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.store_independent
 def test_json_log_lines_are_one_object_each_with_the_instance_id_as_a_key(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -420,6 +433,7 @@ def test_json_log_lines_are_one_object_each_with_the_instance_id_as_a_key(
     assert (ended["instance_id"], ended["orchestration"]) == ("json-1", "hello")
 
 
+@pytest.mark.store_independent
 def test_the_text_log_format_stays_the_default(tmp_path: pathlib.Path) -> None:
     sidecar = Sidecar("", tmp_path / "log.txt").start()
     assert sidecar.stop() == 0

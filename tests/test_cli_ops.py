@@ -409,6 +409,7 @@ def test_errors_of_the_sidecar_exit_1_with_status_and_message(hub: Hub) -> None:
     assert down.code == 1 and f"UNAVAILABLE: cannot talk to 127.0.0.1:{port}" in down.err
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize(
     ("command", "message"),
     [
@@ -429,6 +430,7 @@ def test_usage_errors_exit_2(command: str, message: str) -> None:
     assert ran.code == 2 and message in ran.err and ran.out == ""
 
 
+@pytest.mark.store_independent
 def test_status_names_are_the_protocol_s() -> None:
     from dt_trio._proto import orchestrator_service_pb2 as pb
 
@@ -470,6 +472,7 @@ def test_the_command_in_a_shell(hub: Hub) -> None:
     assert "dt-trio instances --help" in shell("-m dt_trio --help").stdout
 
 
+@pytest.mark.store_independent
 def test_every_public_name_still_imports() -> None:
     import importlib
 
@@ -485,6 +488,7 @@ def test_every_public_name_still_imports() -> None:
 # -- TLS and a token -----------------------------------------------------------------------------
 
 
+@pytest.mark.store_independent
 def test_tls_and_token(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     openssl = (

@@ -49,6 +49,8 @@ from dt_trio._core._commit import (
 )
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
+pytestmark = pytest.mark.store_independent
+
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 LATER = NOW + timedelta(minutes=5)
 LEASE = Lease("me", 7)

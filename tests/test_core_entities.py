@@ -13,6 +13,8 @@ from dt_trio._core import EntityState, InboxMessage, InstanceState, Status
 from dt_trio._core import _events as ev
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
+pytestmark = pytest.mark.store_independent
+
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 COUNTER = "@counter@c1"
 

@@ -29,7 +29,7 @@ from _dashboard_scenario import (
     post_json,
     scenario_worker,
 )
-from _harness import Sidecar, sdk_client, wait_until
+from _harness import Sidecar, a_store, sdk_client, wait_until
 from durabletask import client, entities
 from durabletask.internal import orchestrator_service_pb2 as sdk_pb
 from durabletask.internal import orchestrator_service_pb2_grpc as sdk_grpc
@@ -41,7 +41,7 @@ Status = client.OrchestrationStatus
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
     tmp = tmp_path_factory.mktemp("dashboard")
-    sidecar = Sidecar(str(tmp / "hub.sqlite3"), tmp / "sidecar.log").start()
+    sidecar = Sidecar(a_store(tmp), tmp / "sidecar.log").start()
     try:
         with scenario_worker(sidecar.address):
             yield sidecar
@@ -86,6 +86,7 @@ def raw(
 # -- the command ---------------------------------------------------------------------------
 
 
+@pytest.mark.store_independent
 def test_the_command_logs_where_the_dashboard_is(tmp_path: pathlib.Path) -> None:
     sidecar = Sidecar("", tmp_path / "log.txt").start()
     try:
@@ -101,6 +102,7 @@ def test_the_command_logs_where_the_dashboard_is(tmp_path: pathlib.Path) -> None
         assert quiet.stop() == 0
 
 
+@pytest.mark.store_independent
 def test_a_dashboard_reachable_from_other_machines_needs_tls_or_insecure() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "dt_trio", "--ui", "0.0.0.0:0", "--db", ""],
@@ -243,6 +245,7 @@ def test_a_long_history_is_streamed_in_chunks_with_every_event(
     assert pending.count('<tr class="event') == 0
 
 
+@pytest.mark.store_independent
 def test_the_dashboard_serves_tls_with_the_sidecars_certificate(tmp_path: pathlib.Path) -> None:
     cert, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
@@ -445,6 +448,7 @@ def test_a_foreign_origin_or_host_is_refused(hub: Sidecar, c: client.TaskHubGrpc
     assert post_json(url, {"action": "terminate"}, {"Origin": same})[0] == 200
 
 
+@pytest.mark.store_independent
 def test_read_only_mode_hides_and_refuses_actions(tmp_path: pathlib.Path) -> None:
     sidecar = Sidecar("", tmp_path / "log.txt", "--ui-read-only").start()
     try:
@@ -468,6 +472,7 @@ def test_read_only_mode_hides_and_refuses_actions(tmp_path: pathlib.Path) -> Non
         assert sidecar.stop() == 0
 
 
+@pytest.mark.store_independent
 def test_with_a_token_the_dashboard_asks_for_it_once(tmp_path: pathlib.Path) -> None:
     sidecar = Sidecar("", tmp_path / "log.txt", "--token", "s3cret").start()
     try:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from dt_trio._core import Status
 from dt_trio._core import _events as ev
 from dt_trio._dashboard import _history as hist
 from dt_trio._proto import orchestrator_service_pb2 as pb
+
+pytestmark = pytest.mark.store_independent
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 

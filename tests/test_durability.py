@@ -16,6 +16,8 @@ from durabletask import task
 import dt_trio
 from dt_trio._store import Durability, SqliteBackend
 
+pytestmark = pytest.mark.sqlite_only
+
 
 def noop(ctx: task.OrchestrationContext, _: None) -> None:
     return None

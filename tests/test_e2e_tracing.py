@@ -83,6 +83,7 @@ def _ancestors(span: Span, by_id: dict[str, Span]) -> list[Span]:
     return chain
 
 
+@pytest.mark.store_independent
 def test_the_sdk_spans_form_one_tree_across_a_kill_9(tmp_path: pathlib.Path) -> None:
     with otlp_receiver() as receiver:
         sidecar = Sidecar(str(tmp_path / "hub.sqlite3"), tmp_path / "sidecar.log").start()
@@ -106,6 +107,7 @@ def test_the_sdk_spans_form_one_tree_across_a_kill_9(tmp_path: pathlib.Path) -> 
     check_hello_tree(out, spans, killed_at, "traced", "hello-client")
 
 
+@pytest.mark.store_independent
 def test_the_local_api_emits_the_same_tree_across_a_kill_9(tmp_path: pathlib.Path) -> None:
     """The local Python API has no SDK: dt-trio emits the same spans itself."""
     db = str(tmp_path / "hub.sqlite3")

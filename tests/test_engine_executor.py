@@ -15,6 +15,8 @@ from dt_trio._engine._executor import HEALTH_PING_INTERVAL, Route, WorkAbandoned
 from dt_trio._errors import UnknownWorkItem
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
+pytestmark = pytest.mark.store_independent
+
 
 def activity(name: str, instance_id: str | None = None, task_id: int = 0) -> pb.WorkItem:
     item = pb.WorkItem()

@@ -9,6 +9,8 @@ from dt_trio._grpc import _bounds as bounds
 from dt_trio._grpc._status import status_for
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
+pytestmark = pytest.mark.store_independent
+
 MIB = 1024 * 1024
 
 

@@ -6,10 +6,13 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 from durabletask.internal import orchestrator_service_pb2 as sdk_pb
 from google.protobuf import descriptor_pb2
 
 from dt_trio._proto import orchestrator_service_pb2 as pb
+
+pytestmark = pytest.mark.store_independent
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -55,6 +55,8 @@ from dt_trio._grpc._transport import (
 from dt_trio._proto import orchestrator_service_grpc as stubs
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
+pytestmark = pytest.mark.store_independent
+
 
 class Probe(stubs.TaskHubSidecarServiceServicer):  # type: ignore[misc]
     """A servicer that records what happens to its handlers."""

@@ -27,6 +27,8 @@ from dt_trio._grpc._http2 import (
     encode_headers,
 )
 
+pytestmark = pytest.mark.store_independent
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # RFC 9113 section 6 (frame types and flags), section 7 (error codes), section 6.5.2 (settings)

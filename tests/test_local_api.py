@@ -419,6 +419,7 @@ async def test_one_hub_serves_local_code_and_remote_sdk_workers(tmp_path: pathli
     assert remote is not None and remote.serialized_output == "16"
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize(
     ("example", "expected"),
     [
@@ -559,6 +560,7 @@ async def test_closing_the_hub_cancels_async_activities_and_a_new_hub_runs_them_
     assert state.output == "finished by the second hub"
 
 
+@pytest.mark.store_independent
 async def test_the_activities_of_a_finished_orchestration_never_run_again(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -602,6 +604,7 @@ async def test_the_activities_of_a_finished_orchestration_never_run_again(
     assert runs == ["doomed", "forgotten", "life 0", "life 1"]
 
 
+@pytest.mark.store_independent
 async def test_running_hubs_space_out_young_collections_and_restore_the_thresholds(
     tmp_path: pathlib.Path,
 ) -> None:

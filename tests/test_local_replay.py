@@ -5,11 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from dt_trio import OrchestrationContext, when_any
 from dt_trio._core import _events as ev
 from dt_trio._local import run_orchestrator
 from dt_trio._local._replay import ReplayCache
 from dt_trio._proto import orchestrator_service_pb2 as pb
+
+pytestmark = pytest.mark.store_independent
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 

@@ -16,6 +16,8 @@ from durabletask import client, task
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
 
+pytestmark = pytest.mark.store_independent
+
 
 def greet(ctx: task.OrchestrationContext, name: str) -> Any:
     return f"hi {name}"
