@@ -1,5 +1,5 @@
-"""Developer sessions: `nox` runs the tests (Python and JavaScript SDKs, the dashboard in a
-browser) and a small crash torture; `nox -s NAME` the rest."""
+"""Developer sessions: `nox` runs the linter, the type checker, the tests (Python and JavaScript
+SDKs, the dashboard in a browser) and a small crash torture; `nox -s NAME` the rest."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 
 import nox
 
-nox.options.sessions = ["tests", "generations", "browser", "js", "torture"]
+nox.options.sessions = ["lint", "typecheck", "tests", "generations", "browser", "js", "torture"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -77,6 +77,7 @@ def torture(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
+    """ruff: the rules and the format of pyproject.toml."""
     session.install("ruff==0.17.6")
     session.run("ruff", "check", "dt_trio", "tests", "examples", "noxfile.py")
     session.run("ruff", "format", "--check", "dt_trio", "tests", "examples", "noxfile.py")
@@ -84,7 +85,16 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[otel,postgres]", "mypy==2.4.1", "types-protobuf")
+    """mypy, strict, on dt_trio/ and tests/ (pyproject.toml says where the tests relax it)."""
+    session.install(
+        "-e",
+        ".[test,otel]",
+        "mypy==2.4.1",
+        "types-protobuf",
+        "types-grpcio",
+        "types-grpcio-health-checking",
+        "playwright>=1.50,<2",  # (its Python package only: the browser tests' types)
+    )
     session.run("mypy")
 
 

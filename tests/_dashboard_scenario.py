@@ -9,7 +9,7 @@ import contextlib
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -68,8 +68,8 @@ def counter(ctx: entities.EntityContext, value: Any) -> Any:
     return None
 
 
-ORCHESTRATORS = [hello_cities, checkout, approval, nap, parent, fan_out]
-ACTIVITIES = [say_hello, charge_card]
+ORCHESTRATORS: list[Callable[..., Any]] = [hello_cities, checkout, approval, nap, parent, fan_out]
+ACTIVITIES: list[Callable[..., Any]] = [say_hello, charge_card]
 
 
 @contextlib.contextmanager

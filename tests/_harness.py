@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,9 @@ import _postgres
 
 if TYPE_CHECKING:
     from durabletask import client, worker
+
+    from dt_trio._engine import HubClient, RemoteExecutor
+    from dt_trio._engine._executor import Executor
 
 LISTENING = re.compile(r"server listening at (\S+):(\d+)(?:$|\")")  # text or JSON lines
 DASHBOARD = re.compile(r"dashboard at (\S+?)(?:$|\")")
@@ -91,8 +94,16 @@ def _store_class() -> type[Any]:
 
 
 # The suite's store class, for tests that make a store of their own (or subclass one): build
-# it with `store_args()` first.
-StoreClass = _store_class()
+# it with `store_args()` first. The type checker checks the tests' subclasses against the
+# sqlite store (both implement the Backend protocol; the test doubles override its methods).
+if TYPE_CHECKING:
+    from dt_trio._store import SqliteBackend, StoreListener
+
+    class StoreClass(SqliteBackend):
+        def __init__(self, *place: str, listener: StoreListener | None = None) -> None: ...
+
+else:
+    StoreClass = _store_class()
 
 
 def store_args(tmp_path: pathlib.Path | None = None) -> tuple[str, ...]:
@@ -112,12 +123,13 @@ STORE_KINDS = ["file", "memory"] if STORE == "sqlite" else ["postgres", "postgre
 def store_factory(kind: str, tmp_path: pathlib.Path) -> Callable[..., Any]:
     """Stores of `kind` (see STORE_KINDS) on one place, not opened: each call makes a new
     store object there (as a new process would), with the given keywords (`listener`)."""
+    store_class = _store_class()
     if kind.startswith("postgres"):
-        place = (os.environ[_postgres.ENV_SERVER], _postgres.new_hub())
+        hub = (os.environ[_postgres.ENV_SERVER], _postgres.new_hub())
         general = {"functions": False} if kind == "postgres-general" else {}
-        return lambda **kw: StoreClass(*place, **general, **kw)
-    place = (str(tmp_path / "hub.sqlite3") if kind == "file" else "",)
-    return lambda **kw: StoreClass(*place, **kw)
+        return lambda **kw: store_class(*hub, **general, **kw)
+    path = str(tmp_path / "hub.sqlite3") if kind == "file" else ""
+    return lambda **kw: store_class(path, **kw)
 
 
 async def cache_problems(store: Any) -> list[str]:
@@ -239,9 +251,9 @@ def running_sidecar(tmp_path: pathlib.Path, db: str | Store | None = None) -> It
 @contextlib.contextmanager
 def sdk_worker(
     address: str,
-    orchestrators: list[Callable[..., Any]] = (),  # type: ignore[assignment]
-    activities: list[Callable[..., Any]] = (),  # type: ignore[assignment]
-    entities: list[Any] = (),  # type: ignore[assignment]
+    orchestrators: Sequence[Callable[..., Any]] = (),
+    activities: Sequence[Callable[..., Any]] = (),
+    entities: Sequence[Any] = (),
 ) -> Iterator[worker.TaskHubGrpcWorker]:
     from durabletask import worker
 
@@ -287,23 +299,38 @@ class Gate:
 
 
 @contextlib.asynccontextmanager
-async def running_processors(store: Any, executor: Any, **dispatch: Any) -> AsyncIterator[Any]:
+async def running_processors(
+    store: StoreClass, executor: Executor | RemoteExecutor, **dispatch: Any
+) -> AsyncIterator[HubClient]:
     """An opened store's orchestration and activity processors on one dispatcher (owner "me",
-    with `dispatch`'s options) running on `executor`, for the body; yields the HubClient that
+    with `dispatch`'s options) running on `executor` (SDK workers alone, as a hub without
+    local code has them, if it is a RemoteExecutor), for the body; yields the HubClient that
     starts instances."""
     import trio
 
-    from dt_trio._engine import ActivityProcessor, Dispatcher, HubClient, OrchestrationProcessor
+    from dt_trio._engine import (
+        ActivityProcessor,
+        Dispatcher,
+        HubClient,
+        OrchestrationProcessor,
+        RemoteExecutor,
+        RoutingExecutor,
+        Signals,
+    )
 
+    if isinstance(executor, RemoteExecutor):
+        executor = RoutingExecutor(None, executor)
+    signals = store.listener
+    assert isinstance(signals, Signals), "make the store with a Signals as its listener"
     await store.open()
     dispatcher = Dispatcher(store, executor, "me", **dispatch)
-    orchestrations = OrchestrationProcessor(dispatcher, store.listener)
-    activities = ActivityProcessor(dispatcher, store.listener)
+    orchestrations = OrchestrationProcessor(dispatcher, signals)
+    activities = ActivityProcessor(dispatcher, signals)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(orchestrations.run)
             await nursery.start(activities.run)
-            yield HubClient(store, store.listener, dispatcher)
+            yield HubClient(store, signals, dispatcher)
             nursery.cancel_scope.cancel()
     finally:
         await store.close()

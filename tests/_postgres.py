@@ -66,7 +66,7 @@ class Cluster:
     def address(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def _run(self, *args: str) -> None:
+    def _run(self, *args: str | pathlib.Path) -> None:
         command = [str(a) for a in args]
         if self._as_postgres:
             command = ["runuser", "-u", "postgres", "--", *command]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.store_independent
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
-def ids() -> object:
+def ids() -> Callable[[], str]:
     counter = itertools.count(1)
     return lambda: f"exec-{next(counter)}"
 
@@ -227,6 +228,7 @@ def test_create_sub_orchestration_creates_the_child_with_parent_info() -> None:
     assert parent.taskScheduledId == 4
     assert parent.orchestrationInstance.instanceId == "i1"
     assert result.history[-1].subOrchestrationInstanceCreated.instanceId == "i1:0004"
+    assert new.on_conflict is not None
     conflict = new.on_conflict.event.subOrchestrationInstanceFailed
     assert conflict.taskScheduledId == 4
 
@@ -423,7 +425,7 @@ def test_applying_the_rewritten_history_restarts_failed_children_and_wakes_the_i
     assert [ev.kind(e) for e in result.history][-1] == "executionRewound"
     (child,) = result.new_instances
     assert child.state.instance_id == "kid" and child.replace_finished is False
-    assert child.on_conflict.target_instance_id == "kid"
+    assert child.on_conflict is not None and child.on_conflict.target_instance_id == "kid"
     assert child.on_conflict.event.executionRewound.reason.value == "try again"
     assert [ev.kind(m.event) for m in result.messages] == ["orchestratorStarted"]
 

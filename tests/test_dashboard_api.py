@@ -3,6 +3,7 @@ command, with the official SDK as the other client (no browser: tests/browser do
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import pathlib
@@ -325,6 +326,10 @@ def _status(c: client.TaskHubGrpcClient, instance_id: str) -> Status | None:
     return state.runtime_status if state is not None else None
 
 
+def _suspended(c: client.TaskHubGrpcClient, instance_id: str) -> bool:
+    return _status(c, instance_id) == Status.SUSPENDED
+
+
 def test_bad_requests_get_a_status_and_a_message(hub: Sidecar) -> None:
     status, answer = post_json(f"{hub.ui_url}/api/instances/nobody", {"action": "terminate"})
     assert (status, answer) == (404, {"error": "no orchestration instance with id 'nobody'"})
@@ -356,7 +361,7 @@ def test_a_bulk_action_on_a_selection_skips_what_it_does_not_apply_to(
     assert status == 200
     assert (answer["matched"], answer["done"], answer["skipped"]) == (5, 3, 2)
     for instance_id in waiting:
-        wait_until(lambda i=instance_id: _status(c, i) == Status.SUSPENDED, what="suspended")
+        wait_until(functools.partial(_suspended, c, instance_id), what="suspended")
     status, answer = post_json(
         f"{hub.ui_url}/api/bulk",
         {"action": "purge", "filter": {"prefix": k, "status": "completed"}},
@@ -397,7 +402,7 @@ def test_an_instance_stream_sends_each_change_as_it_commits(
 
 
 def _next_event(response: http.client.HTTPResponse) -> Any:
-    lines = []
+    lines: list[str] = []
     while True:
         line = response.readline().decode()
         if line == "\n" and lines:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pathlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -125,7 +125,7 @@ def signal_later(ctx: task.OrchestrationContext, key: str) -> Any:
     return "signalled"
 
 
-ORCHESTRATORS = [
+ORCHESTRATORS: list[Callable[..., Any]] = [
     greeter,
     call_counter,
     bank,

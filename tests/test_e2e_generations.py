@@ -43,18 +43,18 @@ class GoStyle(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         if details.method.endswith("/CompleteOrchestratorTask"):
-            answer = pb.OrchestratorResponse(instanceId=request.instanceId)
-            answer.actions.extend(request.actions)
+            step = pb.OrchestratorResponse(instanceId=request.instanceId)
+            step.actions.extend(request.actions)
             if request.HasField("customStatus"):
-                answer.customStatus.CopyFrom(request.customStatus)
-            request, kind = answer, "orchestration"
+                step.customStatus.CopyFrom(request.customStatus)
+            request, kind = step, "orchestration"
         elif details.method.endswith("/CompleteActivityTask"):
-            answer = pb.ActivityResponse(instanceId=request.instanceId, taskId=request.taskId)
+            result = pb.ActivityResponse(instanceId=request.instanceId, taskId=request.taskId)
             if request.HasField("failureDetails"):
-                answer.failureDetails.CopyFrom(request.failureDetails)
+                result.failureDetails.CopyFrom(request.failureDetails)
             else:
-                answer.result.CopyFrom(request.result)
-            request, kind = answer, "activity"
+                result.result.CopyFrom(request.result)
+            request, kind = result, "activity"
         else:
             return continuation(details, request)
         outcome = continuation(details, request)
@@ -270,7 +270,7 @@ def test_a_stale_tokenless_answer_for_redelivered_work_changes_nothing(
                 )
             )
             assert error.code() == grpc.StatusCode.NOT_FOUND
-        assert c.get_orchestration_state(second).serialized_output == '"modern 1"'  # type: ignore[union-attr]
+        assert c.get_orchestration_state(second).serialized_output == '"modern 1"'
         assert c.wait_for_orchestration_completion(first, timeout=30) is not None
 
 
@@ -341,10 +341,7 @@ def test_an_answer_sent_in_chunks_counts_once_whole(sidecar: Sidecar) -> None:
         # (Had a chunk been taken for the whole answer, the next would be refused here.)
         raw.stub.CompleteOrchestratorTask(step_answer(first, schedule(2, 3), chunkIndex=2))
         wait_until(
-            lambda: (
-                c.get_orchestration_state(instance_id).serialized_custom_status  # type: ignore[union-attr]
-                == '"chunks"'
-            ),
+            lambda: c.get_orchestration_state(instance_id).serialized_custom_status == '"chunks"',
             what="the first chunk's custom status",
         )
         while True:

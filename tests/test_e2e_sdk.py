@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -124,7 +124,7 @@ def long_parent(ctx: task.OrchestrationContext, _: Any) -> Any:
     return (yield ctx.call_sub_orchestrator(waiter, instance_id=f"{ctx.instance_id}-kid"))
 
 
-ORCHESTRATORS = [
+ORCHESTRATORS: list[Callable[..., Any]] = [
     hello_cities,
     fan_out,
     sleeper,
@@ -139,7 +139,7 @@ ORCHESTRATORS = [
     retrying,
     long_parent,
 ]
-ACTIVITIES = [say_hello, double, explode, flaky]
+ACTIVITIES: list[Callable[..., Any]] = [say_hello, double, explode, flaky]
 
 
 @pytest.fixture(scope="module")

@@ -201,7 +201,7 @@ def check_hello_tree(
     # Paris in greet, the failing one, Oslo in the waiter after the restart.
     runs = [s for s in spans if s.name.startswith("activity:") and s.kind == "SERVER"]
     assert Counter(s.name for s in runs) == {"activity:say_hello": 5, "activity:flaky": 1}
-    callers = Counter()
+    callers: Counter[str] = Counter()
     for run in runs:
         call = by_id[run.parent_id]
         assert (call.name, call.kind) == (run.name, "CLIENT")
@@ -256,7 +256,7 @@ def test_a_restarted_instance_runs_in_the_trace_of_its_first_start(
         for chunk in stub.StreamInstanceHistory(request):
             for event in chunk.events:
                 if event.HasField("executionStarted"):
-                    return event.executionStarted.parentTraceContext.traceParent
+                    return str(event.executionStarted.parentTraceContext.traceParent)
         raise AssertionError("no ExecutionStarted")
 
     with (

@@ -22,6 +22,7 @@ from _harness import (
 
 from dt_trio._core import Status
 from dt_trio._engine import HubClient, RemoteExecutor, Signals
+from dt_trio._engine._executor import Pending
 from dt_trio._engine._pacing import Pacing
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
@@ -109,7 +110,7 @@ async def test_results_that_arrive_while_a_step_would_replay_are_taken_together(
     store, executor, client, mode = hub
     steps: list[int] = []  # results new to each step
     first_result_answered = trio.Event()
-    held: list[tuple[object, pb.ActivityResponse]] = []
+    held: list[tuple[Pending, pb.ActivityResponse]] = []
 
     async def slowly_answer_the_rest(_: trio.Nursery) -> None:
         await first_result_answered.wait()
@@ -129,9 +130,8 @@ async def test_results_that_arrive_while_a_step_would_replay_are_taken_together(
                     first_result_answered.set()
                 await executor.complete(pending, fan_out_answer(request, FAN))
             else:
-                request = item.activityRequest
-                response = result_of(request)
-                if request.taskId == 0:
+                response = result_of(item.activityRequest)
+                if item.activityRequest.taskId == 0:
                     await executor.complete(pending, response)
                 else:
                     held.append((pending, response))

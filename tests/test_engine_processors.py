@@ -25,6 +25,7 @@ from dt_trio._engine import (
     HubClient,
     OrchestrationProcessor,
     RemoteExecutor,
+    RoutingExecutor,
     Signals,
 )
 from dt_trio._engine._executor import UNCLAIMED_SECONDS
@@ -74,7 +75,9 @@ async def test_an_instance_purged_mid_step_does_not_stop_the_processor() -> None
         await finished_with_a_stray_event(store, "survivor")
         survivor_settled = signals.instance_event("survivor")
         executor = RemoteExecutor()
-        processor = OrchestrationProcessor(Dispatcher(store, executor, "me"), signals)
+        processor = OrchestrationProcessor(
+            Dispatcher(store, RoutingExecutor(None, executor), "me"), signals
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(a_worker, executor)  # work is leased while a worker can take it
             await nursery.start(processor.run)
@@ -121,7 +124,7 @@ async def test_an_activity_nobody_answers_fails_its_task_after_the_attempt_cap()
             activities=[ActivityTask("poisoned", "e", scheduled)],
         )
         await store.apply(ops.step(leased.lease, step, now()))
-        dispatch = Dispatcher(store, executor, "me")
+        dispatch = Dispatcher(store, RoutingExecutor(None, executor), "me")
         processor = ActivityProcessor(dispatch, signals, max_attempts=3)
         handed_out = 0
         async with trio.open_nursery() as nursery:
@@ -200,7 +203,7 @@ async def running_hub(
 ) -> AsyncIterator[HubClient]:
     """The three processors on `store`, for the body; yields a client that starts instances."""
     await store.open()
-    dispatch = Dispatcher(store, executor, "me")
+    dispatch = Dispatcher(store, RoutingExecutor(None, executor), "me")
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)

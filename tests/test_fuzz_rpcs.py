@@ -221,7 +221,7 @@ def test_a_ten_megabyte_input_is_served_and_a_bigger_one_is_resource_exhausted(
     sidecar, channel = hub
     options = [("grpc.max_send_message_length", 64 << 20)]
     with grpc.insecure_channel(sidecar.address, options=options) as big:
-        start = big.unary_unary(
+        start: Any = big.unary_unary(
             f"/{SERVICE.full_name}/StartInstance",
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=sdk_pb.CreateInstanceResponse.FromString,

@@ -186,7 +186,8 @@ async def test_unknown_method_is_unimplemented_with_its_name(
 
     def unknown() -> Any:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            return channel.unary_unary("/TaskHubSidecarService/NoSuchRpc")(b"")
+            call: Any = channel.unary_unary("/TaskHubSidecarService/NoSuchRpc")
+            return call(b"")
 
     with pytest.raises(grpc.RpcError) as info:
         await trio.to_thread.run_sync(unknown)

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -31,7 +32,7 @@ def sidecar(tmp_path: pathlib.Path) -> Iterator[Sidecar]:
         assert sidecar.stop() == 0
 
 
-def check(stub: health_pb2_grpc.HealthStub, service: str = "") -> int:
+def check(stub: Any, service: str = "") -> int:
     response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
     return int(response.status)
 
@@ -40,7 +41,7 @@ def test_check_answers_for_the_server_and_the_sidecar_service_without_a_token(
     sidecar: Sidecar,
 ) -> None:
     with grpc.insecure_channel(sidecar.address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        stub: Any = health_pb2_grpc.HealthStub(channel)
         assert check(stub) == SERVING
         assert check(stub, "TaskHubSidecarService") == SERVING
         with pytest.raises(grpc.RpcError) as info:
@@ -60,7 +61,7 @@ def test_check_answers_for_the_server_and_the_sidecar_service_without_a_token(
 def test_watch_follows_a_store_fault_and_the_shutdown(sidecar: Sidecar) -> None:
     metadata = [("authorization", "Bearer s3")]
     with grpc.insecure_channel(sidecar.address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        stub: Any = health_pb2_grpc.HealthStub(channel)
         sidecar_stub = stubs.TaskHubSidecarServiceStub(channel)
         watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
         assert next(watch).status == SERVING

@@ -130,7 +130,7 @@ class Client:
         self.encoder = hpack.Encoder()
 
     def block(self, fields: tuple[tuple[str, str], ...] = REQUEST) -> bytes:
-        return self.encoder.encode(fields)
+        return bytes(self.encoder.encode(fields))
 
     def headers(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from _values import now
@@ -36,8 +37,9 @@ async def lease(store: Backend, owner: str = "me") -> EntityWorkItem | None:
     return items[0] if items else None
 
 
-def ran(item: EntityWorkItem, state: str | None, **lock: str | None) -> EntityStepResult:
-    """The step of a worker that ran every operation of `item`'s queue."""
+def ran(item: EntityWorkItem, state: str | None, **lock: Any) -> EntityStepResult:
+    """The step of a worker that ran every operation of `item`'s queue (`lock`: the lock's
+    fields as they are after it)."""
     entity = dataclasses.replace(item.entity, state=state, last_modified_at=now(), **lock)
     return EntityStepResult(entity, tuple(m.id for m in item.inbox), ())
 

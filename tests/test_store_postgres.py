@@ -444,7 +444,7 @@ async def test_the_commits_made_by_functions_write_what_the_general_path_writes(
     monkeypatch.setitem(globals(), "now", lambda: t0)
     monkeypatch.setattr(_values, "now", lambda: t0)
     dumps = []
-    answers = []
+    answers: list[object] = []
     for functions in (True, False):
         store = PostgresBackend(pg_address, _postgres.new_hub(), functions=functions)
         await store.open()

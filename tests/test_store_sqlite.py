@@ -51,7 +51,7 @@ async def lease_one_activity(store: Backend, owner: str) -> ActivityWorkItem | N
 
 async def create(store: Backend, state: InstanceState) -> None:
     t = now()
-    await store.apply(ops.start(state, started(state), t, t))  # type: ignore[arg-type]
+    await store.apply(ops.start(state, started(state), t, t))
 
 
 async def commit_step(
@@ -108,7 +108,7 @@ async def finish(
 @pytest.mark.sqlite_only
 @pytest.mark.contract
 async def test_running_and_finished_instances_read_back_without_a_store_read(
-    store: Backend, monkeypatch: pytest.MonkeyPatch
+    store: SqliteBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Clients ask for instances while they run and as they finish (GetInstance, the waits):
     the writer keeps the rows it last committed, and those reads need no read.
@@ -196,7 +196,7 @@ async def test_lease_commit_appends_history_and_enqueues_the_outbox(store: Backe
         new_instances=[
             NewInstance(
                 child, started(child), OutboundMessage("i1", ev.event_raised(now(), "x", None))
-            )  # type: ignore[arg-type]
+            )
         ],
     )
     await commit_step(store, item, result)
@@ -677,7 +677,7 @@ async def test_continue_as_new_queues_its_start_and_carryover_before_late_arriva
             history=[],
             reset_history=True,
             messages=[
-                OutboundMessage("i1", started(fresh)),  # type: ignore[arg-type]
+                OutboundMessage("i1", started(fresh)),
                 OutboundMessage("i1", ev.event_raised(now(), "kept", None)),
             ],
         ),
@@ -859,7 +859,7 @@ def test_the_rows_of_finished_instances_are_kept_within_bounds() -> None:
 
 
 async def _one_write(
-    store: Backend,
+    store: SqliteBackend,
     value: int,
     gate: threading.Event | None = None,
     entered: threading.Event | None = None,

@@ -35,7 +35,7 @@ import collections
 import itertools
 import math
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -693,7 +693,7 @@ class RemoteExecutor:
         if pending.commit_error is not None:
             raise pending.commit_error
 
-    async def stream(self, request: pb.GetWorkItemsRequest) -> AsyncIterator[pb.WorkItem]:
+    async def stream(self, request: pb.GetWorkItemsRequest) -> AsyncGenerator[pb.WorkItem, None]:
         """The work items of one connected worker, with health pings while idle."""
         worker = _Worker(next(self._numbers), request)
         self._workers.append(worker)

@@ -77,7 +77,7 @@ def page(browser: Any, console: Console, request: pytest.FixtureRequest) -> Iter
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     p = context.new_page()
     p.set_default_timeout(10_000)
-    p.on("console", lambda m: m.type == "error" and console.errors.append(m.text))
+    p.on("console", lambda m: console.errors.append(m.text) if m.type == "error" else None)
     p.on("pageerror", lambda e: console.errors.append(f"uncaught: {e}"))
     p.on("dialog", lambda d: console.errors.append(f"unexpected dialog: {d.message}"))
     yield p

@@ -4,6 +4,7 @@ operator sees and clicks, checked against what the gRPC protocol says."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.server
 import json
 import pathlib
@@ -38,6 +39,9 @@ class Hub:
     def status(self, instance_id: str) -> Status | None:
         state = self.c.get_orchestration_state(instance_id)
         return state.runtime_status if state is not None else None
+
+    def suspended(self, instance_id: str) -> bool:
+        return self.status(instance_id) == Status.SUSPENDED
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +87,10 @@ def raise_event_as_an_operator(hub: Hub, instance_id: str, name: str, data: str)
 
 
 def rows(page: Page) -> list[str]:
-    return page.locator("#rows tr[data-id]").evaluate_all("rs => rs.map(r => r.dataset.id)")
+    ids: list[str] = page.locator("#rows tr[data-id]").evaluate_all(
+        "rs => rs.map(r => r.dataset.id)"
+    )
+    return ids
 
 
 def open_live(page: Page, url: str) -> None:
@@ -280,7 +287,7 @@ def test_selected_rows_are_acted_on_and_kept_selected_across_refreshes(
     confirm_with(page, "Suspend 2 selected instances?")
     expect(page.locator("#flash")).to_have_text("suspend: 2 of 2 done, 0 skipped")
     for instance_id in ids[:2]:
-        wait_until(lambda i=instance_id: hub.status(i) == Status.SUSPENDED, what="suspended")
+        wait_until(functools.partial(hub.suspended, instance_id), what="suspended")
     assert hub.status(ids[2]) == Status.RUNNING
     for instance_id in ids[:3]:
         hub.c.terminate_orchestration(instance_id)
@@ -405,7 +412,7 @@ def test_read_only_mode_has_no_actions(
                      body: JSON.stringify({action: 'terminate'})}).then(r => r.status)"""
             )
             assert status == 403
-            assert c.get_orchestration_state(waiting).runtime_status == Status.RUNNING  # type: ignore[union-attr]
+            assert c.get_orchestration_state(waiting).runtime_status == Status.RUNNING
             c.close()
     finally:
         assert sidecar.stop() == 0

@@ -8,6 +8,7 @@ main test session, which has the current SDK).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -71,7 +72,7 @@ def eternal(ctx: task.OrchestrationContext, generation: int) -> Any:
 
 
 def test_every_pattern_runs_on_the_old_worker(sidecar: Sidecar) -> None:
-    orchestrators = [chain, napper, listener, parent, chorus]
+    orchestrators: list[Callable[..., Any]] = [chain, napper, listener, parent, chorus]
     with sdk_worker(sidecar.address, orchestrators, [double, shout]):
         c = sdk_client(sidecar.address)
         ids = {
