@@ -19,7 +19,9 @@ queues GOAWAY with its code and raises `ProtocolError`; a stream error resets th
 
 from __future__ import annotations
 
+import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import hpack
@@ -27,18 +29,67 @@ import hpack.exceptions
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
-# frame types
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
-PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x5, 0x6, 0x7, 0x8, 0x9
-# flags
-END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-# error codes
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
-COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
-# settings
-S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
-S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
+
+class FrameType(enum.IntEnum):
+    """Frame types (RFC 9113 6); a peer's frame of another type is ignored."""
+
+    DATA = 0x0
+    HEADERS = 0x1
+    PRIORITY = 0x2
+    RST_STREAM = 0x3
+    SETTINGS = 0x4
+    PUSH_PROMISE = 0x5
+    PING = 0x6
+    GOAWAY = 0x7
+    WINDOW_UPDATE = 0x8
+    CONTINUATION = 0x9
+
+
+class Flag(enum.IntEnum):
+    """Bits of a frame's flags (RFC 9113 6): which apply depends on the frame type; ACK (of
+    SETTINGS and PING) is END_STREAM's bit."""
+
+    END_STREAM = 0x1
+    ACK = 0x1
+    END_HEADERS = 0x4
+    PADDED = 0x8
+    PRIORITY = 0x20
+
+
+class ErrorCode(enum.IntEnum):
+    """Error codes of RST_STREAM and GOAWAY (RFC 9113 7); a peer may send others."""
+
+    NO_ERROR = 0x0
+    PROTOCOL_ERROR = 0x1
+    INTERNAL_ERROR = 0x2
+    FLOW_CONTROL_ERROR = 0x3
+    SETTINGS_TIMEOUT = 0x4
+    STREAM_CLOSED = 0x5
+    FRAME_SIZE_ERROR = 0x6
+    REFUSED_STREAM = 0x7
+    CANCEL = 0x8
+    COMPRESSION_ERROR = 0x9
+    CONNECT_ERROR = 0xA
+    ENHANCE_YOUR_CALM = 0xB
+    INADEQUATE_SECURITY = 0xC
+    HTTP_1_1_REQUIRED = 0xD
+
+
+class Setting(enum.IntEnum):
+    """SETTINGS parameters (RFC 9113 6.5.2); a peer's unknown ones are ignored."""
+
+    HEADER_TABLE_SIZE = 0x1
+    ENABLE_PUSH = 0x2
+    MAX_CONCURRENT_STREAMS = 0x3
+    INITIAL_WINDOW_SIZE = 0x4
+    MAX_FRAME_SIZE = 0x5
+    MAX_HEADER_LIST_SIZE = 0x6
+
+
+# The members the frame loop uses on every request, as module names too (as `re` exports its
+# flags): a module name is found faster than an enum's member.
+DATA, HEADERS = FrameType.DATA, FrameType.HEADERS
+END_STREAM, END_HEADERS, PADDED = Flag.END_STREAM, Flag.END_HEADERS, Flag.PADDED
 
 # At most this many distinct header blocks are remembered per connection, taking at most this
 # many bytes (encoded and decoded; see `_decode`).
@@ -56,7 +107,7 @@ _SETTING = struct.Struct(">HI")
 class ProtocolError(Exception):
     """A connection error: GOAWAY with `code` is queued; the connection must close."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -82,7 +133,8 @@ class Data:
 
 @dataclass(slots=True)
 class Reset:
-    """The client reset the stream, or a stream error made us reset it."""
+    """The client reset the stream, or a stream error made us reset it (`code`: an ErrorCode,
+    or another code the client sent)."""
 
     stream_id: int
     code: int
@@ -95,7 +147,7 @@ class WindowOpened:
 
 @dataclass(slots=True)
 class GoAway:
-    """The client is going away."""
+    """The client is going away (`code`: an ErrorCode, or another code it sent)."""
 
     code: int
 
@@ -201,6 +253,18 @@ class ServerConnection:
         self._table_update = False
         self._decoded: dict[bytes, dict[str, str]] = {}  # see `_decode`
         self._decoded_bytes = 0
+        self._handlers: dict[int, Callable[[int, int, bytes, list[Event]], None]] = {
+            FrameType.DATA: self._on_data,
+            FrameType.HEADERS: self._on_headers,
+            FrameType.PRIORITY: self._on_priority,
+            FrameType.RST_STREAM: self._on_rst_stream,
+            FrameType.SETTINGS: self._on_settings,
+            FrameType.PUSH_PROMISE: self._on_push_promise,
+            FrameType.PING: self._on_ping,
+            FrameType.GOAWAY: self._on_goaway,
+            FrameType.WINDOW_UPDATE: self._on_window_update,
+            FrameType.CONTINUATION: self._on_continuation,
+        }
 
     # -- output --------------------------------------------------------------------------------
 
@@ -209,16 +273,16 @@ class ServerConnection:
         settings = b"".join(
             _SETTING.pack(k, v)
             for k, v in (
-                (S_MAX_CONCURRENT_STREAMS, self._max_streams),
-                (S_INITIAL_WINDOW_SIZE, self._stream_window),
-                (S_MAX_FRAME_SIZE, self._max_frame_size),
-                (S_MAX_HEADER_LIST_SIZE, self._decoder.max_header_list_size),
+                (Setting.MAX_CONCURRENT_STREAMS, self._max_streams),
+                (Setting.INITIAL_WINDOW_SIZE, self._stream_window),
+                (Setting.MAX_FRAME_SIZE, self._max_frame_size),
+                (Setting.MAX_HEADER_LIST_SIZE, self._decoder.max_header_list_size),
             )
         )
-        self._out += _frame(SETTINGS, 0, 0, settings)
+        self._out += _frame(FrameType.SETTINGS, 0, 0, settings)
         grow = self._connection_window - DEFAULT_WINDOW
         if grow > 0:
-            self._out += _frame(WINDOW_UPDATE, 0, 0, _U32.pack(grow))
+            self._out += _frame(FrameType.WINDOW_UPDATE, 0, 0, _U32.pack(grow))
             self._recv_window += grow
 
     def data_to_send(self) -> bytes:
@@ -258,7 +322,9 @@ class ServerConnection:
         self._out += _frame(HEADERS, flags, stream_id, first)
         while rest:
             chunk, rest = rest[:size], rest[size:]
-            self._out += _frame(CONTINUATION, 0 if rest else END_HEADERS, stream_id, chunk)
+            self._out += _frame(
+                FrameType.CONTINUATION, 0 if rest else END_HEADERS, stream_id, chunk
+            )
         if end_stream:
             self._close_local(stream_id)
 
@@ -278,28 +344,31 @@ class ServerConnection:
         stream.send_window -= taken
         return taken
 
-    def reset(self, stream_id: int, code: int) -> None:
+    def reset(self, stream_id: int, code: ErrorCode) -> None:
         if self._streams.pop(stream_id, None) is not None:
-            self._out += _frame(RST_STREAM, 0, stream_id, _U32.pack(code))
+            self._out += _frame(FrameType.RST_STREAM, 0, stream_id, _U32.pack(code))
 
     def _close_local(self, stream_id: int) -> None:
         stream = self._streams.pop(stream_id)
         if not stream.remote_closed:
             # We answered before the whole request arrived (too large, say): tell the client
             # to stop sending (RFC 9113 8.1).
-            self._out += _frame(RST_STREAM, 0, stream_id, _U32.pack(NO_ERROR))
+            self._out += _frame(FrameType.RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.NO_ERROR))
 
-    def go_away(self, code: int, message: str) -> None:
+    def go_away(self, code: ErrorCode, message: str) -> None:
         """Queue GOAWAY (`message` as its debug data): the connection takes no new stream and
         reads nothing more; streams up to the last one the peer opened were seen (those above
         it, the peer may retry elsewhere)."""
         if not self.closed:
             self.closed = True
             self._out += _frame(
-                GOAWAY, 0, 0, _U32.pack(self._last_stream_id) + _U32.pack(code) + message.encode()
+                FrameType.GOAWAY,
+                0,
+                0,
+                _U32.pack(self._last_stream_id) + _U32.pack(code) + message.encode(),
             )
 
-    def _fail(self, code: int, message: str) -> ProtocolError:
+    def _fail(self, code: ErrorCode, message: str) -> ProtocolError:
         self.go_away(code, message)
         return ProtocolError(code, message)
 
@@ -315,10 +384,10 @@ class ServerConnection:
         if not self._preface_seen:
             if len(self._in) < len(PREFACE):
                 if not PREFACE.startswith(bytes(self._in)):
-                    raise self._fail(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                    raise self._fail(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
                 return events
             if self._in[: len(PREFACE)] != PREFACE:
-                raise self._fail(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                raise self._fail(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
             del self._in[: len(PREFACE)]
             self._preface_seen = True
         buf = self._in
@@ -329,7 +398,9 @@ class ServerConnection:
                 length, kind, flags = head >> 8, head & 0xFF, buf[pos + 4]
                 stream_id = _U32.unpack_from(buf, pos + 5)[0] & MAX_WINDOW
                 if length > self._max_frame_size:
-                    raise self._fail(FRAME_SIZE_ERROR, f"a frame of {length} bytes is too large")
+                    raise self._fail(
+                        ErrorCode.FRAME_SIZE_ERROR, f"a frame of {length} bytes is too large"
+                    )
                 if len(buf) - pos - 9 < length:
                     break
                 payload = bytes(buf[pos + 9 : pos + 9 + length])
@@ -343,79 +414,89 @@ class ServerConnection:
     def _frame(
         self, kind: int, flags: int, stream_id: int, payload: bytes, events: list[Event]
     ) -> None:
-        if not self._settings_seen and kind != SETTINGS:
-            raise self._fail(PROTOCOL_ERROR, "the first frame must be SETTINGS")
-        if self._block is not None and (kind != CONTINUATION or stream_id != self._block[0]):
-            raise self._fail(PROTOCOL_ERROR, "a header block was interrupted")
-        if kind == DATA:
-            self._on_data(flags, stream_id, payload, events)
-        elif kind == HEADERS:
-            self._on_headers(flags, stream_id, payload, events)
-        elif kind == CONTINUATION:
-            if self._block is None:
-                raise self._fail(PROTOCOL_ERROR, "CONTINUATION without a header block")
-            self._block[2].extend(payload)
-            if len(self._block[2]) > self._max_header_block:
-                raise self._fail(ENHANCE_YOUR_CALM, "header block too large")
-            if flags & END_HEADERS:
-                block, self._block = self._block, None
-                self._on_header_block(block[0], block[1], bytes(block[2]), events)
-        elif kind == SETTINGS:
-            self._on_settings(flags, stream_id, payload, events)
-        elif kind == WINDOW_UPDATE:
-            self._on_window_update(stream_id, payload, events)
-        elif kind == PING:
-            if stream_id != 0 or len(payload) != 8:
-                raise self._fail(FRAME_SIZE_ERROR if stream_id == 0 else PROTOCOL_ERROR, "bad PING")
-            if not flags & ACK:
-                self._out += _frame(PING, ACK, 0, payload)
-        elif kind == RST_STREAM:
-            if stream_id == 0 or len(payload) != 4:
-                raise self._fail(PROTOCOL_ERROR, "bad RST_STREAM")
-            if stream_id > self._last_stream_id:
-                raise self._fail(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
-            if self._streams.pop(stream_id, None) is not None:
-                events.append(Reset(stream_id, _U32.unpack(payload)[0]))
-        elif kind == PRIORITY:
-            if stream_id == 0 or len(payload) != 5:
-                raise self._fail(PROTOCOL_ERROR, "bad PRIORITY")
-        elif kind == GOAWAY:
-            if stream_id != 0 or len(payload) < 8:
-                raise self._fail(PROTOCOL_ERROR, "bad GOAWAY")
-            events.append(GoAway(_U32.unpack_from(payload, 4)[0]))
-        elif kind == PUSH_PROMISE:
-            raise self._fail(PROTOCOL_ERROR, "a client must not send PUSH_PROMISE")
-        # other frame types are ignored (RFC 9113 5.5)
+        if not self._settings_seen and kind != FrameType.SETTINGS:
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
+        if self._block is not None and (
+            kind != FrameType.CONTINUATION or stream_id != self._block[0]
+        ):
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "a header block was interrupted")
+        handler = self._handlers.get(kind)
+        if handler is not None:  # other frame types are ignored (RFC 9113 5.5)
+            handler(flags, stream_id, payload, events)
+
+    def _on_continuation(
+        self, flags: int, stream_id: int, payload: bytes, events: list[Event]
+    ) -> None:
+        if self._block is None:
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without a header block")
+        self._block[2].extend(payload)
+        if len(self._block[2]) > self._max_header_block:
+            raise self._fail(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        if flags & END_HEADERS:
+            block, self._block = self._block, None
+            self._on_header_block(block[0], block[1], bytes(block[2]), events)
+
+    def _on_ping(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if stream_id != 0:
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "bad PING")
+        if len(payload) != 8:
+            raise self._fail(ErrorCode.FRAME_SIZE_ERROR, "bad PING")
+        if not flags & Flag.ACK:
+            self._out += _frame(FrameType.PING, Flag.ACK, 0, payload)
+
+    def _on_rst_stream(
+        self, flags: int, stream_id: int, payload: bytes, events: list[Event]
+    ) -> None:
+        if stream_id == 0 or len(payload) != 4:
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "bad RST_STREAM")
+        if stream_id > self._last_stream_id:
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on an idle stream")
+        if self._streams.pop(stream_id, None) is not None:
+            events.append(Reset(stream_id, _U32.unpack(payload)[0]))
+
+    def _on_priority(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if stream_id == 0 or len(payload) != 5:
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "bad PRIORITY")
+
+    def _on_goaway(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if stream_id != 0 or len(payload) < 8:
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "bad GOAWAY")
+        events.append(GoAway(_U32.unpack_from(payload, 4)[0]))
+
+    def _on_push_promise(
+        self, flags: int, stream_id: int, payload: bytes, events: list[Event]
+    ) -> None:
+        raise self._fail(ErrorCode.PROTOCOL_ERROR, "a client must not send PUSH_PROMISE")
 
     def _strip_padding(self, flags: int, payload: bytes) -> bytes:
         if not flags & PADDED:
             return payload
         if not payload or payload[0] >= len(payload):
-            raise self._fail(PROTOCOL_ERROR, "padding longer than the frame")
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "padding longer than the frame")
         return payload[1 : len(payload) - payload[0]]
 
     def _on_data(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if stream_id == 0:
-            raise self._fail(PROTOCOL_ERROR, "DATA on stream 0")
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
         size = len(payload)  # padding counts against flow control too
         self._recv_window -= size
         self._unacked += size
         if self._recv_window < 0:
-            raise self._fail(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+            raise self._fail(ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         data = self._strip_padding(flags, payload)
         stream = self._streams.get(stream_id)
         if stream is None:
             if stream_id > self._last_stream_id:
-                raise self._fail(PROTOCOL_ERROR, "DATA on an idle stream")
+                raise self._fail(ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
             return  # a stream already closed or reset on our side: dropped
         if stream.remote_closed:
-            self.reset(stream_id, STREAM_CLOSED)
-            events.append(Reset(stream_id, STREAM_CLOSED))
+            self.reset(stream_id, ErrorCode.STREAM_CLOSED)
+            events.append(Reset(stream_id, ErrorCode.STREAM_CLOSED))
             return
         stream.recv_window -= size
         if stream.recv_window < 0:
-            self.reset(stream_id, FLOW_CONTROL_ERROR)
-            events.append(Reset(stream_id, FLOW_CONTROL_ERROR))
+            self.reset(stream_id, ErrorCode.FLOW_CONTROL_ERROR)
+            events.append(Reset(stream_id, ErrorCode.FLOW_CONTROL_ERROR))
             return
         end = bool(flags & END_STREAM)
         if end:
@@ -423,24 +504,26 @@ class ServerConnection:
         else:
             stream.unacked += size
             if stream.unacked >= self._stream_window // 2:
-                self._out += _frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(stream.unacked))
+                self._out += _frame(
+                    FrameType.WINDOW_UPDATE, 0, stream_id, _U32.pack(stream.unacked)
+                )
                 stream.recv_window += stream.unacked
                 stream.unacked = 0
         events.append(Data(stream_id, data, end))
 
     def _give_back_window(self) -> None:
         if self._unacked >= self._connection_window // 2:
-            self._out += _frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._unacked))
+            self._out += _frame(FrameType.WINDOW_UPDATE, 0, 0, _U32.pack(self._unacked))
             self._recv_window += self._unacked
             self._unacked = 0
 
     def _on_headers(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if stream_id == 0 or stream_id % 2 == 0:
-            raise self._fail(PROTOCOL_ERROR, f"HEADERS on stream {stream_id}")
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, f"HEADERS on stream {stream_id}")
         fragment = self._strip_padding(flags, payload)
-        if flags & PRIORITY_FLAG:
+        if flags & Flag.PRIORITY:
             if len(fragment) < 5:
-                raise self._fail(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+                raise self._fail(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
             fragment = fragment[5:]
         end_stream = bool(flags & END_STREAM)
         if flags & END_HEADERS:
@@ -457,8 +540,8 @@ class ServerConnection:
         if stream is not None:
             # trailers from the client: they must end the stream
             if stream.remote_closed or not end_stream:
-                self.reset(stream_id, PROTOCOL_ERROR)
-                events.append(Reset(stream_id, PROTOCOL_ERROR))
+                self.reset(stream_id, ErrorCode.PROTOCOL_ERROR)
+                events.append(Reset(stream_id, ErrorCode.PROTOCOL_ERROR))
                 return
             stream.remote_closed = True
             events.append(Data(stream_id, b"", True))
@@ -467,16 +550,20 @@ class ServerConnection:
             # New requests take ever higher ids (RFC 9113 5.1.1); a gRPC client sends no
             # trailers, so this is a reused or out-of-order id.
             raise self._fail(
-                PROTOCOL_ERROR, f"HEADERS on closed or out-of-order stream {stream_id}"
+                ErrorCode.PROTOCOL_ERROR, f"HEADERS on closed or out-of-order stream {stream_id}"
             )
         self._last_stream_id = stream_id
         headers = dict(fields)
         if not all(k in headers for k in (":method", ":path", ":scheme")):
             # malformed request (RFC 9113 8.1.1): a stream error
-            self._out += _frame(RST_STREAM, 0, stream_id, _U32.pack(PROTOCOL_ERROR))
+            self._out += _frame(
+                FrameType.RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.PROTOCOL_ERROR)
+            )
             return
         if len(self._streams) >= self._max_streams:
-            self._out += _frame(RST_STREAM, 0, stream_id, _U32.pack(REFUSED_STREAM))
+            self._out += _frame(
+                FrameType.RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.REFUSED_STREAM)
+            )
             return
         self._streams[stream_id] = _Stream(
             self._peer_initial_window, self._stream_window, remote_closed=end_stream
@@ -500,7 +587,9 @@ class ServerConnection:
         try:
             fields = self._decoder.decode(block)
         except (hpack.exceptions.HPACKError, UnicodeDecodeError, ValueError) as exc:
-            raise self._fail(COMPRESSION_ERROR, f"cannot decode a header block: {exc}") from exc
+            raise self._fail(
+                ErrorCode.COMPRESSION_ERROR, f"cannot decode a header block: {exc}"
+            ) from exc
         headers: dict[str, str] = {}
         for name, value in fields:
             headers.setdefault(name, value)
@@ -516,57 +605,61 @@ class ServerConnection:
 
     def _on_settings(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if stream_id != 0:
-            raise self._fail(PROTOCOL_ERROR, "SETTINGS on a stream")
-        if flags & ACK:
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & Flag.ACK:
             if payload:
-                raise self._fail(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+                raise self._fail(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             return
         if len(payload) % 6:
-            raise self._fail(FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
+            raise self._fail(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
         self._settings_seen = True
         for offset in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, offset)
-            if key == S_ENABLE_PUSH and value > 1:
-                raise self._fail(PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
-            elif key == S_INITIAL_WINDOW_SIZE:
+            if key == Setting.ENABLE_PUSH and value > 1:
+                raise self._fail(ErrorCode.PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
+            elif key == Setting.INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
-                    raise self._fail(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
+                    raise self._fail(ErrorCode.FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
                 delta = value - self._peer_initial_window
                 self._peer_initial_window = value
                 for stream in self._streams.values():
                     stream.send_window += delta
                     if stream.send_window > MAX_WINDOW:
-                        raise self._fail(FLOW_CONTROL_ERROR, "a stream window overflowed")
+                        raise self._fail(ErrorCode.FLOW_CONTROL_ERROR, "a stream window overflowed")
                 events.append(WindowOpened())
-            elif key == S_MAX_FRAME_SIZE:
+            elif key == Setting.MAX_FRAME_SIZE:
                 if not MIN_FRAME_SIZE <= value <= MAX_FRAME_SIZE_LIMIT:
-                    raise self._fail(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value} out of range")
+                    raise self._fail(
+                        ErrorCode.PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value} out of range"
+                    )
                 self.peer_max_frame_size = value
-            elif key == S_HEADER_TABLE_SIZE:
+            elif key == Setting.HEADER_TABLE_SIZE:
                 # We never use the dynamic table when encoding, but a changed size must be
                 # acknowledged at the start of our next header block (RFC 7541 4.2).
                 self._table_update = True
-        self._out += _frame(SETTINGS, ACK, 0)
+        self._out += _frame(FrameType.SETTINGS, Flag.ACK, 0)
 
-    def _on_window_update(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
+    def _on_window_update(
+        self, flags: int, stream_id: int, payload: bytes, events: list[Event]
+    ) -> None:
         if len(payload) != 4:
-            raise self._fail(FRAME_SIZE_ERROR, "WINDOW_UPDATE must carry 4 bytes")
+            raise self._fail(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE must carry 4 bytes")
         increment = _U32.unpack(payload)[0] & MAX_WINDOW
         if stream_id == 0:
             if increment == 0:
-                raise self._fail(PROTOCOL_ERROR, "WINDOW_UPDATE of 0 on the connection")
+                raise self._fail(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0 on the connection")
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
-                raise self._fail(FLOW_CONTROL_ERROR, "the connection window overflowed")
+                raise self._fail(ErrorCode.FLOW_CONTROL_ERROR, "the connection window overflowed")
             events.append(WindowOpened())
             return
         stream = self._streams.get(stream_id)
         if stream is None:
             if stream_id > self._last_stream_id:
-                raise self._fail(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
+                raise self._fail(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
             return  # a closed stream: allowed, and meaningless (RFC 9113 6.9)
         if increment == 0 or stream.send_window + increment > MAX_WINDOW:
-            code = PROTOCOL_ERROR if increment == 0 else FLOW_CONTROL_ERROR
+            code = ErrorCode.PROTOCOL_ERROR if increment == 0 else ErrorCode.FLOW_CONTROL_ERROR
             self.reset(stream_id, code)
             events.append(Reset(stream_id, code))
             return

@@ -335,7 +335,7 @@ class _Connection:
             log.debug("closing a connection that did not begin HTTP/2 in time")
             return
         log.debug("closing a connection idle for %s s", self._idle_timeout)
-        self._http.go_away(http2.NO_ERROR, "idle")
+        self._http.go_away(http2.ErrorCode.NO_ERROR, "idle")
         # Gracefully: the peer reads the GOAWAY before it sees the connection close.
         with trio.move_on_after(_CLOSE_GRACE):
             try:
@@ -868,7 +868,7 @@ class _Acceptor:
             goodbye = http2.ServerConnection()
             goodbye.initiate()
             goodbye.go_away(
-                http2.ENHANCE_YOUR_CALM,
+                http2.ErrorCode.ENHANCE_YOUR_CALM,
                 f"too many connections: this server serves at most {self._max_connections}",
             )
             with trio.move_on_after(_CLOSE_GRACE):
