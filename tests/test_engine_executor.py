@@ -12,7 +12,7 @@ import trio.testing
 from dt_trio._core._commit import WorkKind
 from dt_trio._engine import RemoteExecutor
 from dt_trio._engine._executor import HEALTH_PING_INTERVAL, Route, WorkAbandoned, WorkUnclaimed
-from dt_trio._errors import UnknownWorkItem
+from dt_trio._errors import InvalidRequest, UnknownWorkItem
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 pytestmark = pytest.mark.store_independent
@@ -124,6 +124,31 @@ async def test_an_answer_its_check_refuses_is_refused_and_the_item_handed_out_ag
         pending = executor.lookup(sent.completionToken)
         with pytest.raises(ValueError, match="not the answer"):
             await executor.complete(pending, pb.ActivityResponse())
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcomes == ["abandoned, again in 0.0 s"]
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_answer_for_another_kind_of_work_is_refused_and_the_item_handed_out_again() -> (
+    None
+):
+    executor = RemoteExecutor()
+    async with trio.open_nursery() as nursery:
+        outcomes: list[str] = []
+
+        async def processor() -> None:
+            try:
+                await executor.execute(activity("a"), Route(WorkKind.ACTIVITY, "a"))
+            except WorkAbandoned as exc:
+                outcomes.append(f"abandoned, again in {exc.delay} s")
+
+        nursery.start_soon(processor)
+        stream = executor.stream(pb.GetWorkItemsRequest())
+        sent = await stream.__anext__()
+        assert executor.lookup(sent.completionToken, kind=WorkKind.ACTIVITY).token
+        with pytest.raises(InvalidRequest, match="an activity work item, not an orchestration"):
+            executor.lookup(sent.completionToken, kind=WorkKind.ORCHESTRATION)
         await trio.testing.wait_all_tasks_blocked()
         assert outcomes == ["abandoned, again in 0.0 s"]
         await stream.aclose()

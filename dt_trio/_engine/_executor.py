@@ -519,12 +519,13 @@ class RemoteExecutor:
 
     # -- rpc side --------------------------------------------------------------------------
 
-    def lookup(self, token: str, key: AnswerKey | None = None, kind: str | None = None) -> Pending:
+    def lookup(
+        self, token: str, key: AnswerKey | None = None, kind: WorkKind | None = None
+    ) -> Pending:
         """The item an answer is for: the one sent with completion token `token`; or, for an
         answer that carries none, the one in a worker's hands that `key` names (see the
-        module docstring). UnknownWorkItem if no item waits for it; with `kind` (the work
-        item's request field), an answer to an item of another kind is refused, and the
-        item handed out again."""
+        module docstring). UnknownWorkItem if no item waits for it; with `kind`, an answer to
+        an item of another kind is refused, and the item handed out again."""
         if not token:
             if key is None:
                 raise self._unmatched(
@@ -543,10 +544,10 @@ class RemoteExecutor:
                     "stream ended"
                 )
             )
-        if kind is not None and pending.work_item.WhichOneof("request") != kind:
+        if kind is not None and pending.route.kind is not kind:
             error = InvalidRequest(
-                f"completion token '{token}' belongs to an "
-                f"{pending.work_item.WhichOneof('request')} work item, not an {kind}"
+                f"completion token '{escaped(token)}' belongs to an "
+                f"{pending.route.kind.value} work item, not an {kind.value}"
             )
             self.refuse(pending, error)
             raise error

@@ -541,7 +541,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         pending = self._executor.lookup(
             request.completionToken,
             (WorkKind.ORCHESTRATION, request.instanceId, -1),
-            "orchestratorRequest",
+            WorkKind.ORCHESTRATION,
         )
         self._executor.deliver(pending, request)
         return pb.CompleteTaskResponse()
@@ -551,7 +551,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
         pending = self._executor.lookup(
             request.completionToken,
             (WorkKind.ACTIVITY, request.instanceId, request.taskId),
-            "activityRequest",
+            WorkKind.ACTIVITY,
         )
         self._executor.deliver(pending, request)
         return pb.CompleteTaskResponse()
@@ -559,7 +559,7 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     async def CompleteEntityTask(self, request: pb.EntityBatchResult) -> pb.CompleteTaskResponse:
         # An EntityBatchResult names no entity: only its token can match it (every SDK that
         # reads entityRequestV2, the form dt-trio sends, answers with it).
-        pending = self._executor.lookup(request.completionToken, None, "entityRequestV2")
+        pending = self._executor.lookup(request.completionToken, None, WorkKind.ENTITY)
         await self._executor.complete(pending, request)
         return pb.CompleteTaskResponse()
 
@@ -567,23 +567,23 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     async def AbandonTaskOrchestratorWorkItem(
         self, request: pb.AbandonOrchestrationTaskRequest
     ) -> pb.AbandonOrchestrationTaskResponse:
-        self._abandon(request.completionToken, "orchestratorRequest")
+        self._abandon(request.completionToken, WorkKind.ORCHESTRATION)
         return pb.AbandonOrchestrationTaskResponse()
 
     @immediate
     async def AbandonTaskActivityWorkItem(
         self, request: pb.AbandonActivityTaskRequest
     ) -> pb.AbandonActivityTaskResponse:
-        self._abandon(request.completionToken, "activityRequest")
+        self._abandon(request.completionToken, WorkKind.ACTIVITY)
         return pb.AbandonActivityTaskResponse()
 
     @immediate
     async def AbandonTaskEntityWorkItem(
         self, request: pb.AbandonEntityTaskRequest
     ) -> pb.AbandonEntityTaskResponse:
-        self._abandon(request.completionToken, "entityRequestV2")
+        self._abandon(request.completionToken, WorkKind.ENTITY)
         return pb.AbandonEntityTaskResponse()
 
-    def _abandon(self, token: str, kind: str) -> None:
+    def _abandon(self, token: str, kind: WorkKind) -> None:
         pending = self._executor.lookup(token, None, kind)
         pending.abandon(WORKER_ABANDON_DELAY_SECONDS)
