@@ -44,6 +44,7 @@ from dt_trio._core._state import (
     Status,
     StepResult,
     evolve,
+    new_instance,
 )
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "fail_undeliverable",
     "held_locks",
     "is_entity_id",
+    "new_instance",
     "parent_notification",
     "plan_entity_batch",
     "plan_step",

@@ -30,10 +30,9 @@ from datetime import datetime
 from dt_trio._core import _events as ev
 from dt_trio._core._state import (
     InboxMessage,
-    InstanceState,
     NewInstance,
     OutboundMessage,
-    Status,
+    new_instance,
 )
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
@@ -384,32 +383,15 @@ def _new_orchestration(
             f"startNewOrchestration needs an orchestrator name and an instance id that does "
             f"not start with '@' (got name '{start.name}', id '{instance_id[:200]}')"
         )
-    execution_id = new_id()
-    at = _time(start, "scheduledTime")
-    version, input_ = ev.opt_str(start, "version"), ev.opt_str(start, "input")
-    state = InstanceState(
-        instance_id=instance_id,
-        name=start.name,
-        execution_id=execution_id,
-        status=Status.PENDING,
-        created_at=now,
-        last_updated_at=now,
-        version=version,
-        input=input_,
-        scheduled_start_at=at,
-    )
-    started = ev.execution_started(
+    state, started = new_instance(
         now,
-        name=start.name,
-        instance_id=instance_id,
-        execution_id=execution_id,
-        input=input_,
-        version=version,
-        tags={},
-        scheduled_start=at,
-        parent_trace_context=start.parentTraceContext
-        if start.HasField("parentTraceContext")
-        else None,
+        start.name,
+        instance_id,
+        new_id(),
+        input=ev.opt_str(start, "input"),
+        version=ev.opt_str(start, "version"),
+        start_at=_time(start, "scheduledTime"),
+        trace=start.parentTraceContext if start.HasField("parentTraceContext") else None,
     )
     # An entity that starts an orchestration whose id is taken gets no answer: the start is
     # dropped, as a client's start of a running id would be refused.

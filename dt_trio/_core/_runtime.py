@@ -31,6 +31,7 @@ from dt_trio._core._state import (
     Status,
     StepResult,
     evolve,
+    new_instance,
     value,
 )
 from dt_trio._proto import orchestrator_service_pb2 as pb
@@ -442,33 +443,16 @@ class _StepBuilder:
         ev.set_str(parent.version, self.state.version)
         parent.orchestrationInstance.instanceId = self.state.instance_id
         parent.orchestrationInstance.executionId.value = self.state.execution_id
-        execution_id = self.new_id()
-        version = ev.opt_str(created, "version")
-        input_ = ev.opt_str(created, "input")
-        child = InstanceState(
-            instance_id=created.instanceId,
-            name=created.name,
-            execution_id=execution_id,
-            status=Status.PENDING,
-            created_at=self.now,
-            last_updated_at=self.now,
-            version=version,
-            input=input_,
-            parent_instance_id=self.state.instance_id,
-            tags=dict(created.tags),
-        )
-        started = ev.execution_started(
+        child, started = new_instance(
             self.now,
-            name=created.name,
-            instance_id=created.instanceId,
-            execution_id=execution_id,
-            input=input_,
-            version=version,
+            created.name,
+            created.instanceId,
+            self.new_id(),
+            input=ev.opt_str(created, "input"),
+            version=ev.opt_str(created, "version"),
             tags=created.tags,
             parent=parent,
-            parent_trace_context=created.parentTraceContext
-            if created.HasField("parentTraceContext")
-            else None,
+            trace=created.parentTraceContext if created.HasField("parentTraceContext") else None,
         )
         self.new_instances.append(NewInstance(child, started, on_conflict, replace_finished))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
+from dt_trio._core import _events as ev
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 
@@ -85,6 +86,50 @@ class InstanceState:
     tags: Mapping[str, str] = field(default_factory=dict)
     # The SDK's span of this execution, handed back on every step so its traces connect.
     trace_context: pb.OrchestrationTraceContext | None = None
+
+
+def new_instance(
+    now: datetime,
+    name: str,
+    instance_id: str,
+    execution_id: str,
+    *,
+    input: str | None,
+    version: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    start_at: datetime | None = None,
+    parent: pb.ParentInstanceInfo | None = None,
+    trace: pb.TraceContext | None = None,
+) -> tuple[InstanceState, pb.HistoryEvent]:
+    """A new instance, PENDING until its first step, and the ExecutionStarted event that
+    starts it (at `start_at`, if given; a sub-orchestration's `parent`; the caller's span as
+    its `trace`): a client's start, an entity's, a parent's."""
+    state = InstanceState(
+        instance_id=instance_id,
+        name=name,
+        execution_id=execution_id,
+        status=Status.PENDING,
+        created_at=now,
+        last_updated_at=now,
+        version=version,
+        input=input,
+        scheduled_start_at=start_at,
+        parent_instance_id=parent.orchestrationInstance.instanceId if parent else None,
+        tags=dict(tags or {}),
+    )
+    started = ev.execution_started(
+        now,
+        name=name,
+        instance_id=instance_id,
+        execution_id=execution_id,
+        input=input,
+        version=version,
+        tags=tags,
+        scheduled_start=start_at,
+        parent=parent,
+        parent_trace_context=trace,
+    )
+    return state, started
 
 
 @value

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 
-from dt_trio._core import InstanceState, Status, check_entity_id, signal_event
+from dt_trio._core import InstanceState, Status, check_entity_id, new_instance, signal_event
 from dt_trio._core import _events as ev
 from dt_trio._core import _operations as ops
 from dt_trio._engine._dispatch import Dispatcher
@@ -65,30 +65,16 @@ class HubClient:
                 "entity ids"
             )
         now = _now()
-        execution_id = execution_id or uuid.uuid4().hex
-        tags = dict(tags or {})
-        state = InstanceState(
-            instance_id=instance_id,
-            name=name,
-            execution_id=execution_id,
-            status=Status.PENDING,
-            created_at=now,
-            last_updated_at=now,
-            version=version,
-            input=input,
-            scheduled_start_at=start_at,
-            tags=tags,
-        )
-        started = ev.execution_started(
+        state, started = new_instance(
             now,
-            name=name,
-            instance_id=instance_id,
-            execution_id=execution_id,
+            name,
+            instance_id,
+            execution_id or uuid.uuid4().hex,
             input=input,
             version=version,
             tags=tags,
-            scheduled_start=start_at,
-            parent_trace_context=trace,
+            start_at=start_at,
+            trace=trace,
         )
         visible = start_at if start_at is not None and start_at > now else now
         allowed = frozenset(replaceable) if replaceable is not None else None
