@@ -367,11 +367,10 @@ def _time(
 ) -> datetime | None:
     if not parent.HasField(name):
         return None
-    ts = getattr(parent, name)
     try:
-        return ev.to_datetime(ts)
-    except (ValueError, OverflowError, OSError) as exc:
-        raise InvalidEntityResult(f"{name} is not a valid timestamp ({exc})") from None
+        return ev.checked_time(getattr(parent, name), name)
+    except ValueError as exc:
+        raise InvalidEntityResult(str(exc)) from None
 
 
 def _new_orchestration(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
@@ -26,6 +27,17 @@ def to_datetime(ts: object) -> datetime:
     seconds: int = ts.seconds  # type: ignore[attr-defined]
     nanos: int = ts.nanos  # type: ignore[attr-defined]
     return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+
+
+def checked_time(ts: Any, field: str) -> datetime:
+    """A Timestamp a peer sent, as `to_datetime` reads it; ValueError naming `field` if it is
+    no time (nanos out of range, seconds beyond the years 1..9999)."""
+    if not 0 <= ts.nanos < 1_000_000_000:
+        raise ValueError(f"{field} has nanos={ts.nanos}, outside 0..999999999")
+    try:
+        return to_datetime(ts)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise ValueError(f"{field} is not a valid timestamp ({exc})") from None
 
 
 def set_time(ts: object, dt: datetime) -> None:

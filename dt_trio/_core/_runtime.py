@@ -675,12 +675,10 @@ class InvalidAction(ValueError):
 
 
 def _valid_time(ts: Any, field: str) -> datetime:
-    if not 0 <= ts.nanos < 1_000_000_000:
-        raise InvalidAction(f"{field} has nanos={ts.nanos}, outside 0..999999999")
     try:
-        return ev.to_datetime(ts)
-    except (ValueError, OverflowError, OSError) as exc:
-        raise InvalidAction(f"{field} is not a valid timestamp ({exc})") from exc
+        return ev.checked_time(ts, field)
+    except ValueError as exc:
+        raise InvalidAction(str(exc)) from None
 
 
 def _entity_target(instance_id: str) -> str:

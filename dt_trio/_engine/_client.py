@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Collection, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 
-from dt_trio._core import InstanceState, Status, check_entity_id, new_instance, signal_event
+from dt_trio._core import (
+    InstanceState,
+    Status,
+    check_entity_id,
+    is_entity_id,
+    new_instance,
+    signal_event,
+)
 from dt_trio._core import _events as ev
 from dt_trio._core import _operations as ops
 from dt_trio._engine._dispatch import Dispatcher
+from dt_trio._engine._dispatch import utc_now as _now
 from dt_trio._engine._signals import Signals
 from dt_trio._errors import FailedPrecondition, InstanceNotFound, InvalidRequest
 from dt_trio._log import get_logger
@@ -22,10 +30,6 @@ from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Backend
 
 log = get_logger(__name__)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class HubClient:
@@ -59,7 +63,7 @@ class HubClient:
         if not name:
             raise InvalidRequest("the orchestrator name is required and must not be empty")
         instance_id = instance_id or uuid.uuid4().hex
-        if instance_id.startswith("@"):
+        if is_entity_id(instance_id):
             raise InvalidRequest(
                 f"instanceId '{instance_id[:200]}' starts with '@', which is reserved for "
                 "entity ids"

@@ -66,8 +66,12 @@ LEASE_BATCH = 64
 EARLY_FIRST = 32
 
 
-def _now() -> datetime:
+def utc_now() -> datetime:
+    """The time, for what the engine and the service stamp (the core takes it as an argument)."""
     return datetime.now(UTC)
+
+
+_now = utc_now
 
 
 def _new_id() -> str:

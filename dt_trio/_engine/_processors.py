@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
 import trio
@@ -27,6 +27,7 @@ from dt_trio._core._commit import (
     OrchestrationWorkItem,
 )
 from dt_trio._engine._dispatch import Dispatcher, Early, Lane, leased, route_of
+from dt_trio._engine._dispatch import utc_now as _now
 from dt_trio._engine._executor import WorkAbandoned, WorkTooLarge, WorkUnclaimed, escaped
 from dt_trio._engine._signals import Signals, Wakeup
 from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
@@ -58,10 +59,6 @@ def _log_failure(processor: str, what: str, exc: Exception) -> None:
         log.warning("%s: %s waits for the store: %s", processor, what, exc)
     else:
         log.exception("%s: %s failed; it is retried later", processor, what)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _later(seconds: float) -> datetime:

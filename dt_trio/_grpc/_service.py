@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 from google.protobuf import empty_pb2
@@ -15,6 +15,7 @@ from dt_trio._core import _events as ev
 from dt_trio._core import _operations as ops
 from dt_trio._core._commit import WorkKind
 from dt_trio._engine import HubClient, RemoteExecutor
+from dt_trio._engine._dispatch import utc_now as _now
 from dt_trio._errors import InstanceNotFound, InvalidRequest
 from dt_trio._grpc import _bounds as bounds
 from dt_trio._grpc._transport import immediate
@@ -46,10 +47,6 @@ HISTORY_CHUNK_EVENTS = 256
 HISTORY_CHUNK_BYTES = 1 << 20
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _require(value: str, field: str) -> str:
     if not value:
         raise InvalidRequest(f"{field} is required and must not be empty")
@@ -60,16 +57,10 @@ def _timestamp(parent: Any, field: str) -> datetime | None:
     """A Timestamp field as a datetime; InvalidRequest when it is out of range."""
     if not parent.HasField(field):
         return None
-    ts = getattr(parent, field)
-    if not 0 <= ts.nanos < 1_000_000_000:
-        raise InvalidRequest(f"{field} has nanos={ts.nanos}, outside 0..999999999")
     try:
-        value = ev.to_datetime(ts)
-    except (ValueError, OverflowError, OSError) as exc:
-        raise InvalidRequest(f"{field} is not a valid timestamp: {exc}") from exc
-    if value.year < 1 or value.year > 9999:
-        raise InvalidRequest(f"{field} is outside the years 1..9999")
-    return value
+        return ev.checked_time(getattr(parent, field), field)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 def _statuses(values: Any, field: str) -> frozenset[Status] | None:
