@@ -374,16 +374,8 @@ class _StepBuilder:
     def _on_scheduleTask(self, action: pb.OrchestratorAction) -> None:
         task = action.scheduleTask
         event = ev.new_event(self.now, action.id)
-        scheduled = event.taskScheduled
-        scheduled.name = task.name
-        if task.HasField("version"):
-            scheduled.version.CopyFrom(task.version)
-        if task.HasField("input"):
-            scheduled.input.CopyFrom(task.input)
-        scheduled.tags.update(task.tags)
-        if task.HasField("parentTraceContext"):
-            scheduled.parentTraceContext.CopyFrom(task.parentTraceContext)
-        scheduled.SetInParent()
+        _copy_call(task, event.taskScheduled)
+        event.taskScheduled.SetInParent()
         self.history.append(event)
         self.activities.append(ActivityTask(self.state.instance_id, self.state.execution_id, event))
 
@@ -409,14 +401,7 @@ class _StepBuilder:
         event = ev.new_event(self.now, action.id)
         created = event.subOrchestrationInstanceCreated
         created.instanceId = child_id
-        created.name = create.name
-        if create.HasField("version"):
-            created.version.CopyFrom(create.version)
-        if create.HasField("input"):
-            created.input.CopyFrom(create.input)
-        created.tags.update(create.tags)
-        if create.HasField("parentTraceContext"):
-            created.parentTraceContext.CopyFrom(create.parentTraceContext)
+        _copy_call(create, created)
         self.history.append(event)
         conflict = ev.sub_orchestration_failed(
             self.now,
@@ -672,6 +657,19 @@ class _StepBuilder:
 
 class InvalidAction(ValueError):
     """An orchestrator action that cannot be carried out as sent."""
+
+
+def _copy_call(
+    action: pb.ScheduleTaskAction | pb.CreateSubOrchestrationAction,
+    event: pb.TaskScheduledEvent | pb.SubOrchestrationInstanceCreatedEvent,
+) -> None:
+    """What a call of an activity or an orchestrator names (name, version, input, tags, the
+    caller's span), from the action into the event that records it."""
+    event.name = action.name
+    for field in ("version", "input", "parentTraceContext"):
+        if action.HasField(field):
+            getattr(event, field).CopyFrom(getattr(action, field))
+    event.tags.update(action.tags)
 
 
 def _valid_time(ts: Any, field: str) -> datetime:

@@ -851,10 +851,7 @@ class RoutingExecutor:
         on_its_way: trio.Event | None = None,
         check: Check | None = None,
     ) -> Answer:
-        if self.runs_here(route):
-            assert self.local is not None
-            return await self.local.execute(work_item, route, on_its_way, check)
-        return await self.remote.execute(work_item, route, on_its_way, check)
+        return await self._runner(route).execute(work_item, route, on_its_way, check)
 
     async def execute_step(
         self,
@@ -863,10 +860,12 @@ class RoutingExecutor:
         on_its_way: trio.Event | None = None,
         check: Check | None = None,
     ) -> Answer:
-        if self.runs_here(route):
-            assert self.local is not None
-            return await self.local.execute_step(step, route, on_its_way, check)
-        return await self.remote.execute_step(step, route, on_its_way, check)
+        return await self._runner(route).execute_step(step, route, on_its_way, check)
+
+    def _runner(self, route: Route) -> LocalRunner | RemoteExecutor:
+        if self.local is not None and self.local.accepts(route):
+            return self.local
+        return self.remote
 
     def finish(self, answer: Answer, error: BaseException | None = None) -> None:
         if isinstance(answer, Pending):

@@ -48,7 +48,7 @@ from dt_trio._errors import (
 )
 from dt_trio._log import get_logger
 from dt_trio._store._sqlite import _entities, _instances, _work
-from dt_trio._store._sqlite._rows import us
+from dt_trio._store._sqlite._rows import release_lease, us
 
 log = get_logger(__name__)
 _UNLEASED = Lease("", 0)
@@ -267,5 +267,11 @@ def _release(conn: sqlite3.Connection, release: Release, now_us: int) -> None:
         _work.release(conn, release.key, release.lease, release.attempts, visible)
         return
     assert isinstance(release.key, str)
-    module = _instances if release.kind is WorkKind.ORCHESTRATION else _entities
-    module.release(conn, release.key, release.lease, release.attempts, release.message_ids, until)
+    table, inbox = (
+        ("instances", "inbox")
+        if release.kind is WorkKind.ORCHESTRATION
+        else ("entities", "entity_inbox")
+    )
+    release_lease(
+        conn, table, inbox, release.key, release.lease, release.attempts, release.message_ids, until
+    )

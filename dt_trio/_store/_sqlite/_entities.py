@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
 
 from dt_trio._core import EntityState, EntityStepResult, InboxMessage, held_locks
-from dt_trio._core._commit import Attempts, EntityWorkItem, Lease
+from dt_trio._core._commit import EntityWorkItem, Lease
 from dt_trio._store._backend import EntityFilter, Leased
 from dt_trio._store._sqlite import _instances
 from dt_trio._store._sqlite._rows import (
-    ATTEMPTS_SQL,
     FINISHED,
     event,
     for_ids,
@@ -84,31 +82,6 @@ def write_step(conn: sqlite3.Connection, result: EntityStepResult) -> None:
         "(SELECT 1 FROM entity_inbox WHERE instance_id = ?)",
         (entity.instance_id, entity.instance_id),
     )
-
-
-def release(
-    conn: sqlite3.Connection,
-    entity_id: str,
-    lease: Lease,
-    attempts: Attempts,
-    message_ids: Sequence[int],
-    until_us: int | None,
-) -> None:
-    """Clear the entity's lease if it is still `lease`; its `message_ids` become visible at
-    `until_us` (None: as they are)."""
-    released = conn.execute(
-        "UPDATE entities SET leased_by = NULL, lease_epoch = NULL, "
-        f"failed_attempts = {ATTEMPTS_SQL[attempts]} "
-        "WHERE instance_id = ? AND leased_by = ? AND lease_epoch = ?",
-        (entity_id, lease.owner, lease.epoch),
-    ).rowcount
-    if released and until_us is not None:
-        for_ids(
-            conn,
-            "UPDATE entity_inbox SET visible_at = ? WHERE id IN ({})",
-            message_ids,
-            (until_us,),
-        )
 
 
 _NEXT_ENTITY = (

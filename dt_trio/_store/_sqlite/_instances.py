@@ -8,12 +8,11 @@ import sqlite3
 from collections.abc import Sequence
 
 from dt_trio._core import InboxMessage, InstanceState, Status, StepResult
-from dt_trio._core._commit import Attempts, Lease, OrchestrationWorkItem
+from dt_trio._core._commit import Lease, OrchestrationWorkItem
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store._backend import InstanceFilter, Leased, PageKey
 from dt_trio._store._sqlite._cache import cache_of
 from dt_trio._store._sqlite._rows import (
-    ATTEMPTS_SQL,
     FINISHED,
     INSTANCE_COLUMNS,
     INSTANCE_FIELDS,
@@ -215,26 +214,6 @@ def reopen(conn: sqlite3.Connection, instance_id: str, now_us: int) -> None:
     cache = cache_of(conn)
     if cache is not None:
         cache.put(instance_id, None)  # read again at the next lease
-
-
-def release(
-    conn: sqlite3.Connection,
-    instance_id: str,
-    lease: Lease,
-    attempts: Attempts,
-    message_ids: Sequence[int],
-    until_us: int | None,
-) -> None:
-    """Clear the instance's lease if it is still `lease`; its `message_ids` become visible at
-    `until_us` (None: as they are)."""
-    released = conn.execute(
-        "UPDATE instances SET leased_by = NULL, lease_epoch = NULL, "
-        f"failed_attempts = {ATTEMPTS_SQL[attempts]} "
-        "WHERE instance_id = ? AND leased_by = ? AND lease_epoch = ?",
-        (instance_id, lease.owner, lease.epoch),
-    ).rowcount
-    if released and until_us is not None:
-        for_ids(conn, "UPDATE inbox SET visible_at = ? WHERE id IN ({})", message_ids, (until_us,))
 
 
 # -- leases ------------------------------------------------------------------------------------

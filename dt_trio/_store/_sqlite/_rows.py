@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from dt_trio._core import InstanceState, Status
-from dt_trio._core._commit import Attempts
+from dt_trio._core._commit import Attempts, Lease
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 FINISHED = tuple(int(s) for s in Status if s.is_terminal)
@@ -139,6 +139,30 @@ ATTEMPTS_SQL = {
     Attempts.COUNT: "failed_attempts + 1",
     Attempts.RESET: "0",
 }
+
+
+def release_lease(
+    conn: sqlite3.Connection,
+    table: str,
+    inbox: str,
+    key: str,
+    lease: Lease,
+    attempts: Attempts,
+    message_ids: Sequence[int],
+    until_us: int | None,
+) -> None:
+    """Clear the lease of row `key` of `table` (instances, entities) if it is still `lease`;
+    its `message_ids` in `inbox` become visible at `until_us` (None: as they are)."""
+    released = conn.execute(
+        f"UPDATE {table} SET leased_by = NULL, lease_epoch = NULL, "
+        f"failed_attempts = {ATTEMPTS_SQL[attempts]} "
+        "WHERE instance_id = ? AND leased_by = ? AND lease_epoch = ?",
+        (key, lease.owner, lease.epoch),
+    ).rowcount
+    if released and until_us is not None:
+        for_ids(
+            conn, f"UPDATE {inbox} SET visible_at = ? WHERE id IN ({{}})", message_ids, (until_us,)
+        )
 
 
 def lease_next(
