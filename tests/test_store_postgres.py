@@ -50,6 +50,7 @@ from dt_trio._core._commit import (
 from dt_trio._engine import Signals
 from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost, StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
+from dt_trio._store import FinishedFilter
 from dt_trio._store._postgres import PostgresBackend
 
 pytestmark = pytest.mark.postgres_only
@@ -429,7 +430,7 @@ async def test_queries_page_by_creation_and_purges_take_finished_trees(
     for item in items:
         done = dataclasses.replace(item.state, status=Status.COMPLETED, completed_at=now())
         await store.apply(step(item, state=done))
-    ids, _ = await store.list_finished_ids(None, None, None, 10, None)
+    ids, _ = await store.list_finished_ids(FinishedFilter(), 10, None)
     assert sorted(ids) == [f"q{i}" for i in range(5)]
     assert await store.purge_where(InstanceFilter(), False, 2, None) == (5, True)
     assert await store.get_instance("q1") is None

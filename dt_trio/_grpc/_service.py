@@ -22,7 +22,7 @@ from dt_trio._grpc._transport import immediate
 from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_grpc as grpc_stubs
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import Backend, EntityFilter, InstanceFilter, PageKey
+from dt_trio._store import Backend, EntityFilter, FinishedFilter, InstanceFilter, PageKey
 
 log = get_logger(__name__)
 
@@ -385,15 +385,15 @@ class SidecarService(grpc_stubs.TaskHubSidecarServiceServicer):  # type: ignore[
     async def ListInstanceIds(
         self, request: pb.ListInstanceIdsRequest
     ) -> pb.ListInstanceIdsResponse:
-        statuses = _statuses(request.runtimeStatus, "runtimeStatus")
-        completed_from = _timestamp(request, "completedTimeFrom")
-        completed_to = _timestamp(request, "completedTimeTo")
+        where = FinishedFilter(
+            statuses=_statuses(request.runtimeStatus, "runtimeStatus"),
+            completed_from=_timestamp(request, "completedTimeFrom"),
+            completed_to=_timestamp(request, "completedTimeTo"),
+        )
         after = _page_key(ev.opt_str(request, "lastInstanceKey"), "lastInstanceKey")
 
         async def fetch(size: int) -> tuple[list[str], PageKey | None]:
-            return await self._store.list_finished_ids(
-                statuses, completed_from, completed_to, size, after
-            )
+            return await self._store.list_finished_ids(where, size, after)
 
         ids, next_key = await _bounded_page(
             fetch,

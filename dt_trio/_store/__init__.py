@@ -3,6 +3,7 @@
 from dt_trio._store._backend import (
     Backend,
     EntityFilter,
+    FinishedFilter,
     InstanceFilter,
     Leased,
     NullListener,
@@ -27,6 +28,7 @@ __all__ = [
     "Backend",
     "Durability",
     "EntityFilter",
+    "FinishedFilter",
     "InstanceFilter",
     "InvalidHubName",
     "Leased",

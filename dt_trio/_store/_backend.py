@@ -49,6 +49,20 @@ class EntityFilter:
 
 
 @dataclass(frozen=True)
+class FinishedFilter:
+    """Which finished instances ListInstanceIds returns; None means "any"."""
+
+    statuses: frozenset[Status] | None = None
+    completed_from: datetime | None = None
+    completed_to: datetime | None = None  # exclusive
+
+    @property
+    def terminal_statuses(self) -> list[Status]:
+        """The statuses asked for that an instance can finish in (every one, if none)."""
+        return [s for s in (self.statuses or Status) if s.is_terminal]
+
+
+@dataclass(frozen=True)
 class InstanceFilter:
     """Which instances a query or a purge is about; None means "any"."""
 
@@ -186,12 +200,7 @@ class Backend(Protocol):
         """How many instances match `where`, per status (statuses with none left out)."""
 
     async def list_finished_ids(
-        self,
-        statuses: frozenset[Status] | None,
-        completed_from: datetime | None,
-        completed_to: datetime | None,
-        page_size: int,
-        after: PageKey | None,
+        self, where: FinishedFilter, page_size: int, after: PageKey | None
     ) -> tuple[list[str], PageKey | None]:
         """Ids of finished instances ordered by (completed time, id), and the next page's key."""
 

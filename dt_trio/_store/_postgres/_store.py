@@ -53,6 +53,7 @@ from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store._backend import (
     EntityFilter,
+    FinishedFilter,
     InstanceFilter,
     Leased,
     NullListener,
@@ -610,24 +611,19 @@ class PostgresBackend:
         return {Status(status): count for status, count in await self._hop(read, False)}
 
     async def list_finished_ids(
-        self,
-        statuses: frozenset[Status] | None,
-        completed_from: datetime | None,
-        completed_to: datetime | None,
-        page_size: int,
-        after: PageKey | None,
+        self, where: FinishedFilter, page_size: int, after: PageKey | None
     ) -> tuple[list[str], PageKey | None]:
-        allowed = [int(s) for s in (statuses or Status) if s.is_terminal]
+        allowed = [int(s) for s in where.terminal_statuses]
         if not allowed:
             return [], None
         clauses = ["completed_at IS NOT NULL", "status = ANY(%s::smallint[])"]
         params: list[object] = [allowed]
-        if completed_from is not None:
+        if where.completed_from is not None:
             clauses.append("completed_at >= %s")
-            params.append(utc(completed_from))
-        if completed_to is not None:
+            params.append(utc(where.completed_from))
+        if where.completed_to is not None:
             clauses.append("completed_at < %s")
-            params.append(utc(completed_to))
+            params.append(utc(where.completed_to))
         if after is not None:
             clauses.append("(completed_at, instance_id) > (%s, %s)")
             params += [from_us(after[0]), after[1]]

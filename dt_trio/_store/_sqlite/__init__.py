@@ -37,6 +37,7 @@ from dt_trio._errors import LockLost
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store._backend import (
     EntityFilter,
+    FinishedFilter,
     InstanceFilter,
     Leased,
     NullListener,
@@ -190,21 +191,11 @@ class SqliteBackend:
         return await self._db.read(functools.partial(_instances.count, where=where))
 
     async def list_finished_ids(
-        self,
-        statuses: frozenset[Status] | None,
-        completed_from: datetime | None,
-        completed_to: datetime | None,
-        page_size: int,
-        after: PageKey | None,
+        self, where: FinishedFilter, page_size: int, after: PageKey | None
     ) -> tuple[list[str], PageKey | None]:
         return await self._db.read(
             functools.partial(
-                _instances.list_finished,
-                statuses=statuses,
-                completed_from_us=us(completed_from) if completed_from is not None else None,
-                completed_to_us=us(completed_to) if completed_to is not None else None,
-                page_size=page_size,
-                after=after,
+                _instances.list_finished, where=where, page_size=page_size, after=after
             )
         )
 

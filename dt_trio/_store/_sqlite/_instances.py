@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dt_trio._core import InboxMessage, InstanceState, Status, StepResult
 from dt_trio._core._commit import Lease, OrchestrationWorkItem
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store._backend import InstanceFilter, Leased, PageKey
+from dt_trio._store._backend import FinishedFilter, InstanceFilter, Leased, PageKey
 from dt_trio._store._sqlite._cache import cache_of
 from dt_trio._store._sqlite._rows import (
     FINISHED,
@@ -408,24 +408,19 @@ def count(conn: sqlite3.Connection, where: InstanceFilter) -> dict[Status, int]:
 
 
 def list_finished(
-    conn: sqlite3.Connection,
-    statuses: frozenset[Status] | None,
-    completed_from_us: int | None,
-    completed_to_us: int | None,
-    page_size: int,
-    after: PageKey | None,
+    conn: sqlite3.Connection, where: FinishedFilter, page_size: int, after: PageKey | None
 ) -> tuple[list[str], PageKey | None]:
-    allowed = [int(s) for s in (statuses or Status) if s.is_terminal]
+    allowed = [int(s) for s in where.terminal_statuses]
     if not allowed:
         return [], None
     clauses = ["completed_at IS NOT NULL", f"status IN ({marks(len(allowed))})"]
     params: list[object] = list(allowed)
-    if completed_from_us is not None:
+    if where.completed_from is not None:
         clauses.append("completed_at >= ?")
-        params.append(completed_from_us)
-    if completed_to_us is not None:
+        params.append(us(where.completed_from))
+    if where.completed_to is not None:
         clauses.append("completed_at < ?")
-        params.append(completed_to_us)
+        params.append(us(where.completed_to))
     if after is not None:
         clauses.append("(completed_at, instance_id) > (?, ?)")
         params += [after[0], after[1]]
