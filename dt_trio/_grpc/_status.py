@@ -4,33 +4,23 @@ from __future__ import annotations
 
 from purerpc.grpclib.status import StatusCode
 
-from dt_trio._errors import (
-    AnswerTooLarge,
-    DtTrioError,
-    FailedPrecondition,
-    InstanceExists,
-    InstanceNotFound,
-    InvalidRequest,
-    LockLost,
-    StoreUnavailable,
-    UnknownWorkItem,
-)
+from dt_trio import _errors as errors
 
-_CODES: dict[type[DtTrioError], StatusCode] = {
-    AnswerTooLarge: StatusCode.RESOURCE_EXHAUSTED,
-    InvalidRequest: StatusCode.INVALID_ARGUMENT,
-    InstanceNotFound: StatusCode.NOT_FOUND,
-    InstanceExists: StatusCode.ALREADY_EXISTS,
-    UnknownWorkItem: StatusCode.NOT_FOUND,
-    FailedPrecondition: StatusCode.FAILED_PRECONDITION,
-    LockLost: StatusCode.ABORTED,
-    StoreUnavailable: StatusCode.UNAVAILABLE,
+_CODES: dict[type[errors.DtTrioError], StatusCode] = {
+    errors.AnswerTooLarge: StatusCode.RESOURCE_EXHAUSTED,
+    errors.InvalidRequest: StatusCode.INVALID_ARGUMENT,
+    errors.InstanceNotFound: StatusCode.NOT_FOUND,
+    errors.InstanceExists: StatusCode.ALREADY_EXISTS,
+    errors.UnknownWorkItem: StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: StatusCode.FAILED_PRECONDITION,
+    errors.LockLost: StatusCode.ABORTED,
+    errors.StoreUnavailable: StatusCode.UNAVAILABLE,
 }
 
 
 def status_for(exc: BaseException) -> tuple[StatusCode, str] | None:
     """The status a handler's exception is answered with; None for an unexpected error."""
-    if isinstance(exc, DtTrioError):
+    if isinstance(exc, errors.DtTrioError):
         for cls in type(exc).__mro__:
             code = _CODES.get(cls)
             if code is not None:
