@@ -11,10 +11,10 @@ import pytest
 import trio
 import trio.testing
 from _harness import StoreClass, store_args
-from _values import now
+from _values import new_state, now, started
 
 from dt_trio import _core as core
-from dt_trio._core import InstanceState, Status, StepResult
+from dt_trio._core import Status, StepResult
 from dt_trio._core import _events as ev
 from dt_trio._core import _operations as ops
 from dt_trio._core._commit import Applied, Commit, WriteStep
@@ -50,19 +50,9 @@ async def a_worker(executor: RemoteExecutor, request: pb.GetWorkItemsRequest | N
 
 
 async def finished_with_a_stray_event(store: StoreClass, instance_id: str) -> None:
-    t = now()
-    state = InstanceState(
-        instance_id=instance_id,
-        name="orch",
-        execution_id="e",
-        status=Status.COMPLETED,
-        created_at=t,
-        last_updated_at=t,
-    )
-    started = ev.execution_started(
-        t, name="orch", instance_id=instance_id, execution_id="e", input=None
-    )
-    await store.apply(ops.start(state, started, t, t))
+    state = new_state(instance_id, status=Status.COMPLETED)
+    t = state.created_at
+    await store.apply(ops.start(state, started(state), t, t))
     await store.apply(ops.send_event(instance_id, ev.event_raised(t, "late", None), t))
 
 
@@ -101,19 +91,9 @@ async def test_an_activity_nobody_answers_fails_its_task_after_the_attempt_cap()
     await store.open()
     executor = RemoteExecutor()
     try:
-        t = now()
-        state = InstanceState(
-            instance_id="poisoned",
-            name="orch",
-            execution_id="e",
-            status=Status.RUNNING,
-            created_at=t,
-            last_updated_at=t,
-        )
-        started = ev.execution_started(
-            t, name="orch", instance_id="poisoned", execution_id="e", input=None
-        )
-        await store.apply(ops.start(state, started, t, t))
+        state = new_state("poisoned", status=Status.RUNNING, execution_id="e")
+        t = state.created_at
+        await store.apply(ops.start(state, started(state), t, t))
         (leased,) = await store.lease_orchestrations("me", now(), 1)
         scheduled = ev.new_event(t, 1)
         scheduled.taskScheduled.name = "crashy"
