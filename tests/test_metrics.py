@@ -426,3 +426,43 @@ async def test_each_hub_in_a_process_has_metrics_of_its_own(
     assert [s.get(ran, name="shout", outcome="completed") for s in scrapes] == [4, 3]
     ended = "dt_trio_orchestrations_ended_total"
     assert [s.get(ended, name="shouting", status="completed") for s in scrapes] == [2, 1]
+
+
+# -- what a commit counts (pure) -------------------------------------------------------------
+
+
+def test_an_end_is_counted_once_and_a_commit_not_applied_counts_nothing() -> None:
+    from datetime import UTC, datetime
+
+    from dt_trio import _core as core
+    from dt_trio._core import InboxMessage, InstanceState, Status
+    from dt_trio._core import _events as ev
+    from dt_trio._core import _operations as ops
+    from dt_trio._core._commit import Applied, Lease
+    from dt_trio._metrics._tally import Tally
+
+    t = datetime.now(UTC)
+    running = InstanceState("i1", "orch", "e0", Status.RUNNING, t, t)
+    history = [
+        ev.orchestrator_started(t),
+        ev.execution_started(t, name="orch", instance_id="i1", execution_id="e0", input=None),
+    ]
+    tally = Tally()
+    terminated = core.terminate_now(running, history, "stop", t)
+    forced = ops.terminate_forced(terminated, t, t)
+    tally.committed(forced, Applied(alternative=True))  # the instance had moved on
+    assert not tally.ended
+    tally.committed(forced, Applied())
+    assert tally.ended == {("orch", Status.TERMINATED): 1}
+    # A late event for the ended instance is consumed, and appends nothing: no second end.
+    late = [InboxMessage(7, ev.event_raised(t, "late", None))]
+    settle = core.plan_step(terminated.state, [*history, *terminated.history], late, t)
+    assert isinstance(settle, core.Settle)
+    tally.committed(ops.step(Lease("me", 1), settle.result, t), Applied())
+    assert tally.ended == {("orch", Status.TERMINATED): 1}
+    # A poison step fails its orchestration: an end too.
+    poison = core.plan_step(running, history, late, t, core.MAX_STEP_ATTEMPTS + 1)
+    assert isinstance(poison, core.Settle) and core.poisoned(running, core.MAX_STEP_ATTEMPTS + 1)
+    tally.committed(ops.step(Lease("me", 2), poison.result, t), Applied())
+    assert tally.ended == {("orch", Status.TERMINATED): 1, ("orch", Status.FAILED): 1}
+    assert not tally.started
