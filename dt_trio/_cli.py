@@ -98,8 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=list(Durability),
         default=Durability.NORMAL,
         help="normal: a commit survives the sidecar's crash; full: also an OS crash or power "
-        "loss (sqlite synchronous=FULL: a sync per group commit; needs a file) "
-        "(default: %(default)s)",
+        "loss (sqlite synchronous=FULL: a sync per group commit; needs a file; PostgreSQL "
+        "synchronous_commit=on) (default: %(default)s)",
     )
     parser.add_argument(
         "--max-message-bytes",
@@ -145,7 +145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--insecure",
         action="store_true",
-        help="allow a non-loopback --host without TLS",
+        help="allow a non-loopback --host, --ui or --metrics without TLS",
     )
     parser.add_argument(
         "--ui",
