@@ -15,6 +15,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ import trio
 
 from dt_trio._errors import StoreUnavailable
 from dt_trio._log import get_logger
+from dt_trio._metrics._tally import CommitStats
 from dt_trio._store._sqlite._cache import InstanceCache, WriterConnection
 
 log = get_logger(__name__)
@@ -87,6 +89,8 @@ class Connections:
         # whether this store created it.
         self._held: _Held | None = None
         self._faulty = False  # the last write failed for want of a usable store
+        # Each group commit's time and size (for /metrics), counted by the writer thread.
+        self.stats = CommitStats()
 
     @property
     def cache(self) -> InstanceCache | None:
@@ -257,6 +261,7 @@ class Connections:
                 if not batch:
                     self._writing = False
                     return
+            started = time.perf_counter()
             try:
                 self._write_batch(batch)
             except Exception as exc:  # a bug: fail this batch's writes, not the next ones
@@ -264,6 +269,7 @@ class Connections:
                 for slot in batch:
                     if slot.outcome is None:
                         slot.outcome = outcome.Error(exc)
+            self.stats.committed(time.perf_counter() - started, len(batch))
             token.run_sync_soon(_wake_writers, batch)
 
     def _write_batch(self, batch: list[_WriteSlot]) -> None:
