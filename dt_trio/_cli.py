@@ -98,8 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=list(Durability),
         default=Durability.NORMAL,
         help="normal: a commit survives the sidecar's crash; full: also an OS crash or power "
-        "loss (sqlite synchronous=FULL: a sync per group commit; needs a file) "
-        "(default: %(default)s)",
+        "loss (sqlite synchronous=FULL: a sync per group commit; needs a file; PostgreSQL "
+        "synchronous_commit=on) (default: %(default)s)",
     )
     parser.add_argument(
         "--max-message-bytes",
@@ -145,7 +145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--insecure",
         action="store_true",
-        help="allow a non-loopback --host without TLS",
+        help="allow a non-loopback --host, --ui or --metrics without TLS",
     )
     parser.add_argument(
         "--ui",
@@ -156,6 +156,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-ui", action="store_true", help="do not serve the dashboard")
     parser.add_argument(
         "--ui-read-only", action="store_true", help="a dashboard that shows but cannot act"
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve /metrics (Prometheus), /healthz and /readyz here, port 0 for any; the "
+        "dashboard's port serves them too (default: only there)",
     )
     parser.add_argument(
         "--log-level",
@@ -207,6 +213,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--ui {args.ui} is reachable from other machines: give --tls-cert and --tls-key "
             "(and preferably --token), or --insecure to serve plaintext anyway, or --no-ui"
         )
+    if args.metrics is not None:
+        try:
+            metrics_host = parse_address(args.metrics)[0]
+        except ValueError as exc:
+            parser.error(f"--metrics {exc}")
+        if (
+            not _is_loopback(parser, "--metrics", metrics_host)
+            and not args.tls_cert
+            and not args.insecure
+        ):
+            parser.error(
+                f"--metrics {args.metrics} is reachable from other machines: give --tls-cert "
+                "and --tls-key, or --insecure to serve plaintext anyway"
+            )
     if args.durability is Durability.FULL and not args.db:
         parser.error("--durability full needs a store file: an in-memory store keeps nothing")
     if args.max_message_bytes < 1024:
@@ -279,6 +299,7 @@ async def run(args: argparse.Namespace) -> None:
                         token=args.token,
                         ui=None if args.no_ui else args.ui,
                         ui_read_only=args.ui_read_only,
+                        metrics=args.metrics,
                         health=health,
                     )
                 nursery.cancel_scope.cancel()

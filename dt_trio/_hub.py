@@ -11,16 +11,19 @@
                 ├── gRPC server (TaskHubSidecarService, Health)    -- started 2nd (serve only)
                 ├── store watch: while the store has a fault, tries a write now and then
                 ├── dashboard (hypercorn, Starlette; with `ui`)    -- started 3rd
-                ├── orchestration processor  ─┐ serve the lanes of  -- started 4th
-                ├── activity processor        │ one dispatcher      -- started 5th
-                └── entity processor         ─┘                     -- started 6th
+                │   with /metrics, /healthz, /readyz beside it
+                ├── /metrics, /healthz, /readyz alone (with `metrics`) -- started 4th
+                ├── orchestration processor  ─┐ serve the lanes of  -- started 5th
+                ├── activity processor        │ one dispatcher      -- started 6th
+                └── entity processor         ─┘                     -- started 7th
 
 The executor routes each work item to this process's own Python code (a `Registry`, run by the
 local executor) or to the SDK workers connected over gRPC (the remote executor, whose worker
 streams are served by the gRPC server). Commits wake the processors through `Signals`; the
 dispatcher hands the work a commit makes for this process straight to the processor's lane.
 The dashboard reads through the store and acts through the processors' client, as the gRPC
-service does; the same signals drive its live pages.
+service does; the same signals drive its live pages. /metrics reads what the hub counted
+(`Signals.tally`) and holds (its lanes, the remote executor's queues) as it is scraped.
 Cancelling the hub (Ctrl-C, SIGTERM via the command, or the caller's cancel scope) cancels them
 all; in-flight work items that were not committed are simply not committed, and their leases
 are released when the store is opened next (sqlite) or as it closes (PostgreSQL; those of a
@@ -108,6 +111,7 @@ async def serve(
     registry: Registry | None = None,
     ui: str | None = None,
     ui_read_only: bool = False,
+    metrics: str | None = None,
     health: Health | None = None,
     durability: Durability = Durability.NORMAL,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
@@ -127,21 +131,28 @@ async def serve(
     Orchestrators and activities in `registry` run in this process, everything else on connected
     SDK workers. With `ui` ('HOST:PORT', port 0 for any) the web dashboard is served there too
     (with the same TLS and token; `ui_read_only` hides and refuses its actions); the `dt-trio`
-    command serves it by default, this function does not. Reports `(host, port)` through
-    `task_status` once everything is running. `durability` FULL makes every commit survive an OS
-    crash or power loss too (see `Durability`; sqlite needs a file). Cancellation stops the
-    servers and the processors and closes the store. `health` is the readiness the gRPC health
-    service reports (the command drains its watchers before it cancels); a new one if not given.
+    command serves it by default, this function does not. The dashboard's port also serves
+    /metrics (Prometheus), /healthz and /readyz, without the token; with `metrics`
+    ('HOST:PORT') those three are served there too (with the same TLS). Reports `(host, port)`
+    through `task_status` once everything is running. `durability` FULL makes every commit
+    survive an OS crash or power loss too (see `Durability`; sqlite needs a file). Cancellation
+    stops the servers and the processors and closes the store. `health` is the readiness the
+    gRPC health service and /readyz report (the command drains its watchers before it
+    cancels); a new one if not given.
     """
     signals = Signals(health)
     # The addresses first: a start that fails for want of one (a port in use) must not have
     # created the store's files.
     listeners = await open_listeners(host, port)
+    http_sockets: list[socket.socket] = []
     try:
-        ui_socket = _listen_dashboard(ui)
+        ui_socket = _listen_http(ui, http_sockets)
+        metrics_socket = _listen_http(metrics, http_sockets)
     except BaseException:
         for listener in listeners:
             listener.socket.close()
+        for sock in http_sockets:
+            sock.close()
         raise
     try:
         with _collections_spaced():
@@ -171,30 +182,25 @@ async def serve(
                 )
                 address = (host, bound_port(listeners))
                 log.info("server listening at %s", format_address(*address))
-                if ui_socket is not None:
-                    from dt_trio._dashboard._server import serve_dashboard
-
-                    await nursery.start(
-                        functools.partial(
-                            serve_dashboard,
-                            processors.client,
-                            ui_socket,
-                            read_only=ui_read_only,
-                            token=token,
-                            ssl_context=ssl_context,
-                        )
-                    )
+                await processors.serve_http(
+                    nursery,
+                    ui_socket,
+                    metrics_socket,
+                    read_only=ui_read_only,
+                    token=token,
+                    ssl_context=ssl_context,
+                )
                 await processors.start(nursery)
                 signals.health.update(listening=True)
                 task_status.started(address)
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
     finally:
-        # (serve_grpc and serve_dashboard close them, if they got to run)
+        # (serve_grpc and the HTTP servers close them, if they got to run)
         for listener in listeners:
             listener.socket.close()
-        if ui_socket is not None:
-            ui_socket.close()
+        for sock in http_sockets:
+            sock.close()
 
 
 @contextlib.asynccontextmanager
@@ -206,6 +212,7 @@ async def open_task_hub(
     lease_ttl: float = DEFAULT_LEASE_TTL,
     ui: str | None = None,
     ui_read_only: bool = False,
+    metrics: str | None = None,
     durability: Durability = Durability.NORMAL,
 ) -> AsyncIterator[Client]:
     """Run a task hub in this process, without gRPC, for the body of an ``async with``.
@@ -214,11 +221,20 @@ async def open_task_hub(
     store is `db` (an sqlite file, "" in memory, or a PostgreSQL address), committed with
     `durability` (see `serve`). With `ui` ('HOST:PORT', port 0 for any; off by default) the
     web dashboard is served there, plain HTTP without a token (keep it on loopback);
-    `ui_read_only` hides and refuses its actions. Leaving the block stops the hub: work in
-    flight that was not committed runs again when a hub opens the store next.
+    `ui_read_only` hides and refuses its actions. /metrics, /healthz and /readyz are served
+    on the dashboard's port, and with `metrics` ('HOST:PORT') there (plain HTTP too). Leaving
+    the block stops the hub: work in flight that was not committed runs again when a hub
+    opens the store next.
     """
     signals = Signals()
-    ui_socket = _listen_dashboard(ui)  # (before the store: see serve)
+    http_sockets: list[socket.socket] = []  # (before the store: see serve)
+    try:
+        ui_socket = _listen_http(ui, http_sockets)
+        metrics_socket = _listen_http(metrics, http_sockets)
+    except BaseException:
+        for sock in http_sockets:
+            sock.close()
+        raise
     try:
         with _collections_spaced():
             async with (
@@ -226,31 +242,30 @@ async def open_task_hub(
                 trio.open_nursery() as nursery,
             ):
                 processors = _Processors(store, signals, registry, RemoteExecutor())
-                if ui_socket is not None:
-                    from dt_trio._dashboard._server import serve_dashboard
-
-                    await nursery.start(
-                        functools.partial(
-                            serve_dashboard, processors.client, ui_socket, read_only=ui_read_only
-                        )
-                    )
+                await processors.serve_http(
+                    nursery, ui_socket, metrics_socket, read_only=ui_read_only
+                )
                 await processors.start(nursery)
+                signals.health.update(listening=True)  # (no gRPC: ready once work runs)
                 yield Client(processors.client, registry)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
     finally:
-        if ui_socket is not None:
-            ui_socket.close()
+        for sock in http_sockets:
+            sock.close()
 
 
-def _listen_dashboard(ui: str | None) -> socket.socket | None:
-    """The dashboard's listening socket, if there is to be one."""
-    if ui is None:
+def _listen_http(address: str | None, sockets: list[socket.socket]) -> socket.socket | None:
+    """A listening socket for the dashboard or /metrics at `address`, if there is to be one,
+    also added to `sockets`."""
+    if address is None:
         return None
     from dt_trio._dashboard._server import listen_dashboard  # its imports take 0.1 s
 
-    return listen_dashboard(ui)
+    sock = listen_dashboard(address)
+    sockets.append(sock)
+    return sock
 
 
 # A hub's state in flight (histories, parked steps, orchestrators waiting between steps) lives
@@ -323,6 +338,46 @@ class _Processors:
         self.activities = ActivityProcessor(dispatch, signals)
         self.entities = EntityProcessor(dispatch, signals)
         self.client = HubClient(store, signals, dispatch)
+        self._signals = signals
+        self._store = store
+        self._remote = remote
+        self._dispatch = dispatch
+
+    async def serve_http(
+        self,
+        nursery: trio.Nursery,
+        ui: socket.socket | None,
+        metrics: socket.socket | None,
+        *,
+        read_only: bool,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """Start the dashboard on `ui` and the probes alone on `metrics`, where given."""
+        if ui is None and metrics is None:
+            return
+        # (imported only here: with prometheus-client and Starlette, 0.1 s)
+        from dt_trio._dashboard._server import serve_dashboard
+        from dt_trio._metrics._collector import HubView
+        from dt_trio._metrics._http import Probes, serve_probes
+
+        probes = Probes(HubView(self._signals, self._store, self._remote, self._dispatch))
+        if ui is not None:
+            await nursery.start(
+                functools.partial(
+                    serve_dashboard,
+                    self.client,
+                    ui,
+                    read_only=read_only,
+                    token=token,
+                    ssl_context=ssl_context,
+                    probes=probes,
+                )
+            )
+        if metrics is not None:
+            await nursery.start(
+                functools.partial(serve_probes, probes, metrics, ssl_context=ssl_context)
+            )
 
     async def start(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.orchestrations.run)

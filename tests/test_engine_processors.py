@@ -17,7 +17,7 @@ from dt_trio import _core as core
 from dt_trio._core import Status, StepResult
 from dt_trio._core import _events as ev
 from dt_trio._core import _operations as ops
-from dt_trio._core._commit import Applied, Commit, WriteStep
+from dt_trio._core._commit import Applied, Commit, WorkKind, WriteStep
 from dt_trio._engine import (
     ActivityProcessor,
     Dispatcher,
@@ -131,6 +131,12 @@ async def test_an_activity_nobody_answers_fails_its_task_after_the_attempt_cap()
         assert failure.errorType == "ActivityAbandonedError"
         assert "handed to workers 3 times" in failure.errorMessage
         assert handed_out == 3
+        # What /metrics shows of it: leased 4 times (3 of them again), failed as poison.
+        tally = signals.tally
+        assert tally.redeliveries == {WorkKind.ACTIVITY: 3}
+        assert tally.poisoned == {WorkKind.ACTIVITY: 1}
+        assert tally.activities == {("crashy", True): 1}
+        assert "crashy" not in tally.activity_seconds  # it never ran
     finally:
         await store.close()
 
@@ -252,6 +258,8 @@ async def test_work_no_connected_worker_takes_is_given_back_with_its_attempts_ke
                 await trio.testing.wait_all_tasks_blocked()
                 mock_clock.jump(UNCLAIMED_SECONDS)  # nobody took it: it goes back
             nursery.cancel_scope.cancel()
+    # Never tried: no redelivery, no poison, for /metrics either.
+    assert not signals.tally.redeliveries and not signals.tally.poisoned
     await store.open()
     try:
         [item] = await store.lease_orchestrations("me", now(), 1)

@@ -70,6 +70,12 @@ MAX_STEP_ATTEMPTS = 10
 NOT_STARTED_RETRY_SECONDS = 1.0
 
 
+def poisoned(state: InstanceState, attempt: int) -> bool:
+    """Whether the step of `state` leased for the `attempt`-th time is poison (see
+    `plan_step`): the orchestration fails instead of running it."""
+    return attempt > MAX_STEP_ATTEMPTS and not state.status.is_terminal
+
+
 def plan_step(
     state: InstanceState,
     history: Sequence[pb.HistoryEvent],
@@ -83,7 +89,7 @@ def plan_step(
     is poison (its worker crashes on it, or it never commits) and the orchestration fails.
     """
     ids = tuple(m.id for m in inbox)
-    if attempt > MAX_STEP_ATTEMPTS and not state.status.is_terminal:
+    if poisoned(state, attempt):
         return Settle(_fail_poisoned(state, history, ids, now, attempt - 1))
     rewind = next((m.event for m in inbox if m.event.HasField("executionRewound")), None)
     if rewind is not None:

@@ -18,7 +18,7 @@ import pathlib
 import re
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote
 
 import jinja2
@@ -69,6 +69,9 @@ from dt_trio._errors import (
 from dt_trio._log import get_logger
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import EntityFilter
+
+if TYPE_CHECKING:
+    from dt_trio._metrics._http import Probes
 
 log = get_logger(__name__)
 
@@ -554,11 +557,12 @@ def _event_filter(request: Request) -> hist.EventFilter:
         raise InvalidRequest(f"events '{value[:50]}' is none of all, failed, pending") from None
 
 
-def create_app(client: HubClient, guard: Guard) -> ASGIApp:
-    """The dashboard of the hub `client` works on, behind `guard`."""
+def create_app(client: HubClient, guard: Guard, probes: Probes | None = None) -> ASGIApp:
+    """The dashboard of the hub `client` works on, behind `guard`, with `probes` (/metrics,
+    /healthz, /readyz: open without the token) beside it."""
     dashboard = Dashboard(client, guard)
     app = Starlette(
-        routes=dashboard.routes(),
+        routes=[*dashboard.routes(), *(probes.routes() if probes is not None else ())],
         exception_handlers={DtTrioError: dashboard.on_error, HTTPException: dashboard.on_error},
     )
     return GuardMiddleware(app, guard)

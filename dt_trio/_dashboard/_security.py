@@ -26,8 +26,10 @@ _HEADERS = [
     (b"cross-origin-opener-policy", b"same-origin"),
 ]
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-# Reachable without the token: the login page and what it is drawn with.
+# Reachable without the token: the login page and what it is drawn with; and the probes
+# (scrapers and the kubelet send no token; see dt_trio/_metrics/_http.py).
 _OPEN_PATHS = ("/login", "/static/", "/favicon.ico")
+_PROBES = frozenset({"/metrics", "/healthz", "/readyz"})
 
 
 def session_value(token: str) -> str:
@@ -133,7 +135,7 @@ class GuardMiddleware:
             site = headers.get("sec-fetch-site")
             if origin is None and site not in (None, "same-origin", "none"):
                 return 403, "cross-site request refused"
-        if path.startswith(_OPEN_PATHS):
+        if path.startswith(_OPEN_PATHS) or path in _PROBES:
             return None
         if not self.guard.authenticated(headers):
             return 401, "this dashboard needs the sidecar's token: log in at /login"

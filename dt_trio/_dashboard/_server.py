@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import socket
 import ssl
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 from hypercorn.config import Config, Sockets
@@ -13,12 +13,16 @@ from hypercorn.logging import Logger
 from hypercorn.trio.run import worker_serve
 from hypercorn.typing import ASGIFramework
 from hypercorn.utils import wrap_app
+from starlette.types import ASGIApp
 
 from dt_trio._dashboard._address import is_loopback, parse_address
 from dt_trio._dashboard._app import create_app
 from dt_trio._dashboard._security import Guard
 from dt_trio._engine import HubClient
 from dt_trio._log import get_logger
+
+if TYPE_CHECKING:
+    from dt_trio._metrics._http import Probes
 
 log = get_logger("dt_trio")
 
@@ -74,18 +78,34 @@ async def serve_dashboard(
     read_only: bool = False,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    probes: Probes | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the dashboard of `client`'s hub on `sock` (see `listen_dashboard`; closed when
-    this ends) until cancelled. Reports its URL through `task_status`."""
-    bound_host, bound_port = sock.getsockname()[:2]
+    this ends) until cancelled, with `probes` (/metrics, /healthz, /readyz) beside it.
+    Reports its URL through `task_status`."""
     guard = Guard(
         token=token,
         read_only=read_only,
-        loopback=is_loopback(bound_host),
+        loopback=is_loopback(sock.getsockname()[0]),
         tls=ssl_context is not None,
     )
-    app = wrap_app(cast(ASGIFramework, create_app(client, guard)), 0, "asgi")
+    app = create_app(client, guard, probes)
+    await serve_app(app, sock, "dashboard", ssl_context=ssl_context, task_status=task_status)
+
+
+async def serve_app(
+    app: ASGIApp,
+    sock: socket.socket,
+    what: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` on `sock` (closed when this ends) under hypercorn's trio worker until
+    cancelled; logs "`what` at URL" once it serves, and reports the URL through
+    `task_status`."""
+    bound_host, bound_port = sock.getsockname()[:2]
     config = _Config(ssl_context)
     sockets = Sockets(
         secure_sockets=[sock] if ssl_context is not None else [],
@@ -94,11 +114,11 @@ async def serve_dashboard(
     )
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"{'https' if ssl_context else 'http'}://{shown}:{bound_port}"
-
+    wrapped = wrap_app(cast(ASGIFramework, app), 0, "asgi")
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(functools.partial(worker_serve, app, config, sockets=sockets))
-            log.info("dashboard at %s", url)
+            await nursery.start(functools.partial(worker_serve, wrapped, config, sockets=sockets))
+            log.info("%s at %s", what, url)
             task_status.started(url)
     finally:
         sock.close()

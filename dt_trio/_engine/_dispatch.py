@@ -147,6 +147,7 @@ class Lane(Generic[W]):
         self._store = store
         self._executor = executor
         self._route = route
+        self._size = size
         self._slots = trio.Semaphore(size)
         self._lease_waiting = False  # the lease loop waits for a slot (see `_take_slots`)
         self._stranded: list[Commit] = []
@@ -154,6 +155,11 @@ class Lane(Generic[W]):
         self._process: Process[W] | None = None
 
     # -- slots ---------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """The items this lane holds: leased, or being leased beside a commit."""
+        return self._size - self._slots.value
 
     def reserve(self, count: int) -> int:
         """Take up to `count` free slots now, without waiting; 0 while the lane does not

@@ -35,6 +35,7 @@ import collections
 import itertools
 import math
 import secrets
+import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -207,6 +208,8 @@ class Pending:
     chunks: pb.OrchestratorResponse | None = None
     chunk_count: int = 0
     chunk_bytes: int = 0
+    # When it was queued (time.monotonic()): the age of work waiting for a worker.
+    queued_at: float = 0.0
 
     def went_out(self) -> None:
         if self.on_its_way is not None:
@@ -339,6 +342,20 @@ class RemoteExecutor:
     def connected(self) -> int:
         return len(self._workers)
 
+    def waiting(self, kind: WorkKind) -> tuple[int, float | None]:
+        """How many items of `kind` wait for a worker to take them, and when the oldest was
+        queued (time.monotonic(); None: none waits). Walks the queue: for a scrape, not for
+        the hot path."""
+        count = 0
+        oldest: float | None = None
+        for pending in self._queues[kind]:
+            if pending.answered.is_set():
+                continue  # withdrawn, still in the queue
+            count += 1
+            if oldest is None or pending.queued_at < oldest:
+                oldest = pending.queued_at
+        return count, oldest
+
     # -- processor side --------------------------------------------------------------------
 
     def runs_here(self, route: Route) -> bool:
@@ -400,7 +417,13 @@ class RemoteExecutor:
         token = secrets.token_hex(12)
         work_item.completionToken = token
         pending = Pending(
-            token, work_item, route, answer_key(work_item), on_its_way=on_its_way, check=check
+            token,
+            work_item,
+            route,
+            answer_key(work_item),
+            on_its_way=on_its_way,
+            check=check,
+            queued_at=time.monotonic(),
         )
         self._pending[token] = pending
         self._queues[route.kind].append(pending)

@@ -10,6 +10,7 @@ another commit, started early or run ahead is the dispatcher's business.
 from __future__ import annotations
 
 import functools
+import time
 import uuid
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
@@ -25,6 +26,7 @@ from dt_trio._core._commit import (
     Commit,
     EntityWorkItem,
     OrchestrationWorkItem,
+    WorkKind,
 )
 from dt_trio._engine._dispatch import Dispatcher, Early, Lane, leased, route_of
 from dt_trio._engine._dispatch import utc_now as _now
@@ -32,11 +34,12 @@ from dt_trio._engine._executor import WorkAbandoned, WorkTooLarge, WorkUnclaimed
 from dt_trio._engine._signals import Signals, Wakeup
 from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
 from dt_trio._log import get_logger
+from dt_trio._metrics._tally import Attempted
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import Leased
 
 log = get_logger(__name__)
-W = TypeVar("W")
+W = TypeVar("W", bound=Attempted)
 
 # An activity handed out this many times without an answer fails its task.
 MAX_ACTIVITY_ATTEMPTS = 10
@@ -77,12 +80,18 @@ class _Processor(Generic[W]):
         self._executor = dispatch.executor
         self._owner = dispatch.owner
         self._signals = signals
+        self._tally = signals.tally
         self._lane = lane
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         log.info("%s: waiting for new work items...", self.name)
         task_status.started()
-        await self._lane.serve(self._lease, self._process, self._wakeup())
+        await self._lane.serve(self._lease_counted, self._process, self._wakeup())
+
+    async def _lease_counted(self, limit: int) -> Leased[W]:
+        leased = await self._lease(limit)
+        self._tally.leased(self._lane.kind, leased)
+        return leased
 
     def _wakeup(self) -> Wakeup:
         raise NotImplementedError
@@ -158,6 +167,8 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
             return
         if isinstance(plan, core.Settle):
             await self._dispatch.commit_step(item, plan.result)
+            if core.poisoned(state, item.attempt):
+                self._tally.poisoned[WorkKind.ORCHESTRATION] += 1
             return
         if isinstance(plan, core.Postpone):
             release = ops.release_step(item, _now(), Attempts.RESET, plan.message_ids, plan.until)
@@ -267,7 +278,9 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
         return ops.release_activity(item, _now(), Attempts.COUNT, _later(FAILED_STEP_RETRY_SECONDS))
 
     async def _fail(self, item: ActivityWorkItem, failure: pb.TaskFailureDetails) -> None:
+        """Fail the activity without running it (no worker will)."""
         await self._dispatch.deliver(item, ev.task_failed(_now(), item.scheduled.eventId, failure))
+        self._tally.activity_done(item.scheduled.taskScheduled.name, True, None)
 
     async def _not_run(self, item: ActivityWorkItem, exc: BaseException) -> None:
         """A leased activity no worker answered; `exc` says why."""
@@ -296,9 +309,11 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
             )
             log.warning("%s: %s", item.instance_id, failure.errorMessage)
             await self._fail(item, failure)
+            self._tally.poisoned[WorkKind.ACTIVITY] += 1
             return
         work_item = _activity_work_item(item)
         request = work_item.activityRequest
+        started = time.perf_counter()
         try:
             answer = await self._executor.execute(
                 work_item,
@@ -317,6 +332,7 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
             return
         response = answer.checked
         assert isinstance(response, pb.ActivityResponse)
+        seconds = time.perf_counter() - started
         # The worker is done (its rpc was answered as it delivered the result, as
         # durabletask-go does): its slot is freed now, not after the commit. The activity
         # stays leased until the commit; if the commit fails, the activity is handed out
@@ -337,6 +353,8 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
         except Exception as exc:
             _log_failure(self.name, f"the result of {self._describe(held)}", exc)
             await self._lane.give_back(ops.release_activity(held, _now(), Attempts.COUNT))
+            return
+        self._tally.activity_done(request.name, response.HasField("failureDetails"), seconds)
 
 
 def _activity_work_item(item: ActivityWorkItem) -> pb.WorkItem:
@@ -409,6 +427,7 @@ class EntityProcessor(_Processor[EntityWorkItem]):
             log.warning("%s: %s", self.name, reason)
             failed = core.fail_entity_batch(batch, _now(), reason)
             await self._store.apply(ops.entity_step(item, failed, _now()))
+            self._tally.poisoned[WorkKind.ENTITY] += 1
             return
         ids = [m.id for m in batch.operations]
         try:

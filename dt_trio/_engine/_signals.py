@@ -1,11 +1,14 @@
-"""In-process wake-ups: how a commit reaches the processors and the rpcs waiting on it."""
+"""In-process wake-ups: how a commit reaches the processors and the rpcs waiting on it (and
+the hub's tally of what it committed)."""
 
 from __future__ import annotations
 
 import trio
 
 from dt_trio._core import InstanceState
+from dt_trio._core._commit import Applied, Commit
 from dt_trio._health import Health
+from dt_trio._metrics._tally import Tally
 
 
 class Wakeup:
@@ -83,6 +86,7 @@ class Signals:
         self.changes = Changes()
         self._instances: dict[str, InstanceChange] = {}
         self.health = health or Health()  # the store's faults are part of it
+        self.tally = Tally()  # what the hub did, for /metrics
 
     def orchestration_work_added(self) -> None:
         self.orchestration_work.set()
@@ -102,6 +106,9 @@ class Signals:
 
     def store_fault(self, reason: str | None) -> None:
         self.health.store_fault(reason)
+
+    def committed(self, commit: Commit, applied: Applied) -> None:
+        self.tally.committed(commit, applied)
 
     def any_instance_changed(self) -> None:
         for change in list(self._instances.values()):

@@ -24,6 +24,7 @@ from dt_trio._core._commit import (
     OrchestrationWorkItem,
     Wakeups,
 )
+from dt_trio._metrics._tally import CommitStats
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 W = TypeVar("W")
@@ -94,6 +95,9 @@ class StoreListener(Protocol):
         """Any instance may have changed (news from another sidecar was lost, or named too
         many instances): whoever waits for one reads it again."""
 
+    def committed(self, commit: Commit, applied: Applied) -> None:
+        """`commit` was applied by this store, as `applied` says (what the hub counts)."""
+
 
 def notify(listener: StoreListener, wakeups: Wakeups) -> None:
     """Tell `listener` what a commit woke (see `dt_trio._core._commit.wakeups`)."""
@@ -128,11 +132,16 @@ class NullListener:
     def any_instance_changed(self) -> None:
         pass
 
+    def committed(self, commit: Commit, applied: Applied) -> None:
+        pass
+
 
 class Backend(Protocol):
     """A durable task hub store (see docs/store.md)."""
 
     description: str
+    # Its write transactions (see `CommitStats`), for /metrics.
+    commit_stats: CommitStats
 
     async def open(self) -> None:
         """Create or migrate the schema; refuse a store this version cannot use."""

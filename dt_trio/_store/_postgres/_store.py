@@ -50,6 +50,7 @@ from dt_trio._core._commit import (
 )
 from dt_trio._errors import InvalidRequest, LockLost, StoreUnavailable
 from dt_trio._log import get_logger
+from dt_trio._metrics._tally import CommitStats
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store._backend import (
     EntityFilter,
@@ -172,6 +173,8 @@ class PostgresBackend:
         self._faulty = False
         self._fault_lock = threading.Lock()
         self.counts = Counts()
+        # Each commit's transaction (one write each: no group commit here), for /metrics.
+        self.commit_stats = CommitStats()
 
     # -- connections ----------------------------------------------------------------------
 
@@ -434,12 +437,15 @@ class PostgresBackend:
             return applied
 
         # (one call is one statement: its own transaction)
+        started = time.perf_counter()
         applied = await self._hop(write, transaction=call is None, retry_lost=False)
+        self.commit_stats.committed(time.perf_counter() - started, 1)
         self._track(done[0])
         self.counts.steps += done[0].steps
         if applied.dropped:
             log.info("%d message(s) dropped: their instance or execution is gone", applied.dropped)
         self._tell(wakeups(commit, applied))
+        self.listener.committed(commit, applied)
         return applied
 
     # -- leases -----------------------------------------------------------------------------

@@ -84,6 +84,7 @@ class SqliteBackend:
             lambda reason: self.listener.store_fault(reason),
         )
         self._next_epoch = functools.partial(next, itertools.count(1))
+        self.commit_stats = self._db.stats
 
     async def open(self) -> None:
         """Open the store: create the file (owner-only) if it does not exist, take it for
@@ -117,6 +118,7 @@ class SqliteBackend:
     async def apply(self, commit: Commit) -> Applied:
         applied = await self._db.write(functools.partial(_apply.apply, commit, self._next_epoch))
         notify(self.listener, wakeups(commit, applied))
+        self.listener.committed(commit, applied)
         return applied
 
     # -- leases ----------------------------------------------------------------------------

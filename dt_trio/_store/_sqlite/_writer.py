@@ -15,6 +15,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ import trio
 
 from dt_trio._errors import StoreUnavailable
 from dt_trio._log import get_logger
+from dt_trio._metrics._tally import CommitStats
 from dt_trio._store._sqlite._cache import InstanceCache, WriterConnection
 
 log = get_logger(__name__)
@@ -34,6 +36,15 @@ READERS = 4
 
 class _Failed(Exception):
     """Rolls back the transaction of a lone write that failed."""
+
+
+class _Lost(Exception):
+    """A write of a batch failed in a way that made sqlite roll the whole transaction back:
+    every write of the batch fails with `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclasses.dataclass(eq=False)
@@ -78,6 +89,8 @@ class Connections:
         # whether this store created it.
         self._held: _Held | None = None
         self._faulty = False  # the last write failed for want of a usable store
+        # Each group commit's time and size (for /metrics), counted by the writer thread.
+        self.stats = CommitStats()
 
     @property
     def cache(self) -> InstanceCache | None:
@@ -248,6 +261,7 @@ class Connections:
                 if not batch:
                     self._writing = False
                     return
+            started = time.perf_counter()
             try:
                 self._write_batch(batch)
             except Exception as exc:  # a bug: fail this batch's writes, not the next ones
@@ -255,6 +269,7 @@ class Connections:
                 for slot in batch:
                     if slot.outcome is None:
                         slot.outcome = outcome.Error(exc)
+            self.stats.committed(time.perf_counter() - started, len(batch))
             token.run_sync_soon(_wake_writers, batch)
 
     def _write_batch(self, batch: list[_WriteSlot]) -> None:
@@ -284,6 +299,10 @@ class Connections:
                         slot.outcome = outcome.Error(exc)
                         if alone:
                             raise _Failed from exc
+                        if not conn.in_transaction:
+                            # sqlite rolled the whole transaction back itself (a full disk, an
+                            # I/O error): the writes before this one are gone with it.
+                            raise _Lost(exc) from exc
                         conn.execute("ROLLBACK TO one_write")
                         cache.undo_to(mark)
                     if not alone:
@@ -291,6 +310,9 @@ class Connections:
             committed = True
         except _Failed:
             pass  # the transaction was rolled back; the write's outcome says why
+        except _Lost as lost:
+            for slot in batch:
+                slot.outcome = outcome.Error(lost.error)
         except sqlite3.Error as exc:
             failed = StoreUnavailable(f"the store cannot write: {exc}")
             for slot in batch:
