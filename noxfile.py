@@ -3,6 +3,7 @@ browser) and a small crash torture; `nox -s NAME` the rest."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 
@@ -13,10 +14,33 @@ nox.options.reuse_existing_virtualenvs = True
 
 
 @nox.session(python="3.11")
-def tests(session: nox.Session) -> None:
-    """The whole test suite: core, store, gRPC and end-to-end with the official SDK."""
+@nox.parametrize("store", ["sqlite", "postgres"])
+def tests(session: nox.Session, store: str) -> None:
+    """The whole test suite: core, store, gRPC and end-to-end with the official SDK, on the
+    sqlite store and on PostgreSQL (a throwaway cluster, or the server $DT_TRIO_TEST_PG)."""
     session.install("-e", ".[test]")
-    session.run("pytest", "--ignore=tests/browser", *session.posargs)
+    if store == "postgres":
+        _need_postgres(session)
+    session.run(
+        "pytest", "--ignore=tests/browser", *session.posargs, env={"DT_TRIO_TEST_STORE": store}
+    )
+
+
+def _need_postgres(session: nox.Session) -> None:
+    """PostgreSQL's server binaries for the tests' throwaway clusters: Debian's package, installed
+    here if missing (as root, the way CI runs)."""
+    if os.environ.get("DT_TRIO_TEST_PG") or os.environ.get("PG_BIN"):
+        return
+    if glob.glob("/usr/lib/postgresql/*/bin/initdb") or shutil.which("initdb"):
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        session.error(
+            "the PostgreSQL tests need its server: apt-get install postgresql (or set PG_BIN to "
+            "its bin directory, or DT_TRIO_TEST_PG to a server's address)"
+        )
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "update", "-q", external=True, env=env)
+    session.run("apt-get", "install", "-y", "-q", "postgresql", external=True, env=env)
 
 
 @nox.session(python="3.11")
@@ -43,8 +67,11 @@ def generations(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def torture(session: nox.Session) -> None:
     """kill -9 the sidecar again and again under load; nothing may be lost. Small by default:
-    -- --orchestrations N --kills K [--seed S] [--json FILE] for a longer run."""
+    -- --orchestrations N --kills K [--seed S] [--json FILE] for a longer run; -- --store
+    postgres --sidecars 3 for several sidecars on PostgreSQL, one killed at a time."""
     session.install("-e", ".[test]")
+    if "postgres" in session.posargs:
+        _need_postgres(session)
     session.run("python", "tests/torture/torture.py", *session.posargs)
 
 
@@ -57,7 +84,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[otel]", "mypy==2.4.1", "types-protobuf")
+    session.install("-e", ".[otel,postgres]", "mypy==2.4.1", "types-protobuf")
     session.run("mypy")
 
 
@@ -81,16 +108,21 @@ def sdk_suites(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
-def js(session: nox.Session) -> None:
-    """The official JavaScript SDK (@microsoft/durabletask-js) against dt-trio."""
+@nox.parametrize("store", ["sqlite", "postgres"])
+def js(session: nox.Session, store: str) -> None:
+    """The official JavaScript SDK (@microsoft/durabletask-js) against dt-trio, on an sqlite
+    store in memory and on PostgreSQL."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         session.skip("node and npm are not on PATH: the JavaScript SDK tests need Node.js 18+")
-    session.install("-e", ".")
+    session.install("-e", ".[postgres]")
     session.run("npm", "ci", "--silent", "--prefix", "tests/js", external=True)
     python = os.path.join(session.bin, "python")
-    session.run(
-        "npm", "test", "--prefix", "tests/js", external=True, env={"DT_TRIO_PYTHON": python}
-    )
+    test = ["npm", "test", "--prefix", "tests/js"]
+    if store == "postgres":
+        _need_postgres(session)
+        # a throwaway cluster (or $DT_TRIO_TEST_PG) around the run
+        test = ["python", "tests/_postgres.py", *test]
+    session.run(*test, external=True, env={"DT_TRIO_PYTHON": python})
 
 
 @nox.session(python="3.11")
@@ -98,6 +130,9 @@ def bench(session: nox.Session) -> None:
     """dt-trio against the SDK's in-memory reference server (and a no-op server, for the SDK
     worker's own limit), and what the dashboard costs: -- [--quick] [--rounds N] [--json FILE]
     [--only-dashboard]; a full run writes docs/bench-results/DATE-COMMIT.json and .md (the
-    markdown table of the targets)."""
+    markdown table of the targets); -- --store postgres for 1, 2 and 3 sidecars on
+    PostgreSQL."""
     session.install("-e", ".[test]")
+    if "postgres" in session.posargs:
+        _need_postgres(session)
     session.run("python", "tests/bench/bench.py", *session.posargs)

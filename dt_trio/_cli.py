@@ -27,7 +27,14 @@ from dt_trio._health import Health
 from dt_trio._hub import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, lone_error, serve
 from dt_trio._log import get_logger
 from dt_trio._log_json import JsonFormatter
-from dt_trio._store import Durability
+from dt_trio._store import (
+    DEFAULT_HUB,
+    DEFAULT_LEASE_TTL,
+    Durability,
+    InvalidHubName,
+    check_hub,
+    is_postgres_address,
+)
 
 log = get_logger("dt_trio")
 
@@ -51,7 +58,8 @@ def _is_loopback(parser: argparse.ArgumentParser, flag: str, host: str) -> bool:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dt-trio",
-        description="Durable Task sidecar: serves TaskHubSidecarService over gRPC on sqlite.",
+        description="Durable Task sidecar: serves TaskHubSidecarService over gRPC on sqlite "
+        "or PostgreSQL.",
         epilog="To operate a running sidecar: dt-trio instances --help, dt-trio entities --help.",
     )
     parser.add_argument(
@@ -66,7 +74,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--db",
         default=f"./{DEFAULT_DB}",
-        help='sqlite file of the task hub; "" for an in-memory store (default: %(default)s)',
+        help='the store: an sqlite file, "" for an in-memory store, or a PostgreSQL database '
+        "that several sidecars share, postgresql://user:password@host:5432/dbname "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--hub",
+        default=None,
+        help="task hub name in a PostgreSQL database: hubs share a database, sidecars of one "
+        f"hub share its work (default: {DEFAULT_HUB})",
+    )
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="PostgreSQL: how long a sidecar that died keeps its work from the others "
+        f"(leases are renewed while it lives; default: {DEFAULT_LEASE_TTL:g})",
     )
     parser.add_argument(
         "--durability",
@@ -74,8 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=list(Durability),
         default=Durability.NORMAL,
         help="normal: a commit survives the sidecar's crash; full: also an OS crash or power "
-        "loss (sqlite synchronous=FULL: a sync per group commit; needs a file) "
-        "(default: %(default)s)",
+        "loss (sqlite synchronous=FULL: a sync per group commit; needs a file; PostgreSQL "
+        "synchronous_commit=on) (default: %(default)s)",
     )
     parser.add_argument(
         "--max-message-bytes",
@@ -121,7 +145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--insecure",
         action="store_true",
-        help="allow a non-loopback --host without TLS",
+        help="allow a non-loopback --host or --ui without TLS",
     )
     parser.add_argument(
         "--ui",
@@ -157,6 +181,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--host {args.host} is reachable from other machines: give --tls-cert and "
             "--tls-key (and preferably --token), or --insecure to serve plaintext anyway"
         )
+    if not is_postgres_address(args.db):
+        for flag, value in (("--hub", args.hub), ("--lease-ttl", args.lease_ttl)):
+            if value is not None:
+                parser.error(f"{flag} is for a PostgreSQL --db (an sqlite file holds one hub)")
+    try:
+        args.hub = check_hub(args.hub or DEFAULT_HUB)
+    except InvalidHubName as exc:
+        parser.error(str(exc))
+    if args.lease_ttl is None:
+        args.lease_ttl = DEFAULT_LEASE_TTL
+    elif not 1 <= args.lease_ttl <= 3600:
+        parser.error(f"--lease-ttl must be between 1 and 3600 seconds, not {args.lease_ttl:g}")
     try:
         ui_host = parse_address(args.ui)[0]
     except ValueError as exc:
@@ -232,6 +268,8 @@ async def run(args: argparse.Namespace) -> None:
                         port=args.port,
                         db=args.db,
                         durability=args.durability,
+                        hub=args.hub,
+                        lease_ttl=args.lease_ttl,
                         max_message_bytes=args.max_message_bytes,
                         max_buffered_bytes=args.max_buffered_bytes,
                         max_connections=args.max_connections,
@@ -258,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The store says once when it cannot reach PostgreSQL and once when it can again; the
+    # pool's own warning for every attempt in between says nothing more.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     log.setLevel(level)
     if args.log_format == "json":
         for handler in logging.getLogger().handlers:

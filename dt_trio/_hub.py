@@ -5,8 +5,8 @@
         │                       is made; serve only)
         store (opened next, closed last)
         └── store nursery
-            ├── store's own duties (`Backend.run`): sqlite's group-commit writer
-            │                                                    -- started 1st, stopped last
+            ├── store's own duties (`Backend.run`): sqlite's group-commit writer;
+            │   PostgreSQL's lease renewals, wake-ups and poll   -- started 1st, stopped last
             └── nursery
                 ├── gRPC server (TaskHubSidecarService, Health)    -- started 2nd (serve only)
                 ├── store watch: while the store has a fault, tries a write now and then
@@ -23,7 +23,8 @@ The dashboard reads through the store and acts through the processors' client, a
 service does; the same signals drive its live pages.
 Cancelling the hub (Ctrl-C, SIGTERM via the command, or the caller's cancel scope) cancels them
 all; in-flight work items that were not committed are simply not committed, and their leases
-are released when the store is opened next. The store writer stops once the rest has: what
+are released when the store is opened next (sqlite) or as it closes (PostgreSQL; those of a
+process that died expire). The store writer stops once the rest has: what
 they queued on their way out (leases given back) is still committed.
 """
 
@@ -66,7 +67,7 @@ from dt_trio._grpc._transport import (
 from dt_trio._health import Health, watch_store
 from dt_trio._local import Client, LocalExecutor, Registry
 from dt_trio._log import get_logger
-from dt_trio._store import Durability, SqliteBackend
+from dt_trio._store import DEFAULT_HUB, DEFAULT_LEASE_TTL, Backend, Durability, make_store
 
 log = get_logger("dt_trio")
 
@@ -95,6 +96,8 @@ async def serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     db: str = DEFAULT_DB,
+    hub: str = DEFAULT_HUB,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_buffered_bytes: int | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -111,23 +114,24 @@ async def serve(
 ) -> None:
     """Run a task hub sidecar until cancelled.
 
-    `db` is an sqlite file (created if missing) or "" for an in-memory store. `port` 0 picks a
-    free port. A request message larger than `max_message_bytes` is answered
-    RESOURCE_EXHAUSTED, and so is one that would take the request bytes held across all
-    connections beyond `max_buffered_bytes` (default 64 MiB, or 4 x `max_message_bytes` if
-    more). At most `max_connections` connections are served at once; one that has not begun
-    HTTP/2 (TLS included) `handshake_timeout` seconds after it was accepted is closed, and so
-    is one without calls for `idle_timeout` seconds. `ssl_context` serves TLS; `token`
-    requires every call to carry `authorization: Bearer <token>`. Orchestrators and
-    activities in `registry` run in this process, everything else on connected SDK workers.
-    With `ui` ('HOST:PORT', port 0 for any) the web dashboard is served there too (with the
-    same TLS and token; `ui_read_only` hides and refuses its actions); the `dt-trio` command
-    serves it by default, this function does not. Reports `(host, port)` through
-    `task_status` once everything is running. `durability` FULL makes every commit survive an
-    OS crash or power loss too (see `Durability`; needs a file). Cancellation stops the
-    servers and the processors and closes the store. `health` is the readiness the gRPC
-    health service reports (the command drains its watchers before it cancels); a new one if
-    not given.
+    `db` is an sqlite file (created if missing), "" for an in-memory store, or a PostgreSQL
+    database (postgresql://user:password@host:port/dbname) that several sidecars may share:
+    `hub` names the task hub in it, `lease_ttl` is how long (seconds) a sidecar that died keeps
+    its work from the others. `port` 0 picks a free port. A request message larger than
+    `max_message_bytes` is answered RESOURCE_EXHAUSTED, and so is one that would take the
+    request bytes held across all connections beyond `max_buffered_bytes` (default 64 MiB, or 4
+    x `max_message_bytes` if more). At most `max_connections` connections are served at once;
+    one that has not begun HTTP/2 (TLS included) `handshake_timeout` seconds after it was
+    accepted is closed, and so is one without calls for `idle_timeout` seconds. `ssl_context`
+    serves TLS; `token` requires every call to carry `authorization: Bearer <token>`.
+    Orchestrators and activities in `registry` run in this process, everything else on connected
+    SDK workers. With `ui` ('HOST:PORT', port 0 for any) the web dashboard is served there too
+    (with the same TLS and token; `ui_read_only` hides and refuses its actions); the `dt-trio`
+    command serves it by default, this function does not. Reports `(host, port)` through
+    `task_status` once everything is running. `durability` FULL makes every commit survive an OS
+    crash or power loss too (see `Durability`; sqlite needs a file). Cancellation stops the
+    servers and the processors and closes the store. `health` is the readiness the gRPC health
+    service reports (the command drains its watchers before it cancels); a new one if not given.
     """
     signals = Signals(health)
     # The addresses first: a start that fails for want of one (a port in use) must not have
@@ -142,7 +146,7 @@ async def serve(
     try:
         with _collections_spaced():
             async with (
-                _running_store(db, signals, durability) as store,
+                _running_store(db, signals, hub, lease_ttl, durability) as store,
                 trio.open_nursery() as nursery,
             ):
                 remote = RemoteExecutor()
@@ -198,6 +202,8 @@ async def open_task_hub(
     db: str = DEFAULT_DB,
     *,
     registry: Registry,
+    hub: str = DEFAULT_HUB,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
     ui: str | None = None,
     ui_read_only: bool = False,
     durability: Durability = Durability.NORMAL,
@@ -205,18 +211,18 @@ async def open_task_hub(
     """Run a task hub in this process, without gRPC, for the body of an ``async with``.
 
     Yields the `Client` of the hub. Orchestrators and activities in `registry` run here; the
-    store is `db` (an sqlite file, or "" in memory), committed with `durability`
-    (see `serve`). With `ui` ('HOST:PORT', port 0 for any;
-    off by default) the web dashboard is served there, plain HTTP without a token (keep it on
-    loopback); `ui_read_only` hides and refuses its actions. Leaving the block stops the hub:
-    work in flight that was not committed runs again when a hub opens the store next.
+    store is `db` (an sqlite file, "" in memory, or a PostgreSQL address), committed with
+    `durability` (see `serve`). With `ui` ('HOST:PORT', port 0 for any; off by default) the
+    web dashboard is served there, plain HTTP without a token (keep it on loopback);
+    `ui_read_only` hides and refuses its actions. Leaving the block stops the hub: work in
+    flight that was not committed runs again when a hub opens the store next.
     """
     signals = Signals()
     ui_socket = _listen_dashboard(ui)  # (before the store: see serve)
     try:
         with _collections_spaced():
             async with (
-                _running_store(db, signals, durability) as store,
+                _running_store(db, signals, hub, lease_ttl, durability) as store,
                 trio.open_nursery() as nursery,
             ):
                 processors = _Processors(store, signals, registry, RemoteExecutor())
@@ -279,11 +285,11 @@ def _collections_spaced() -> Iterator[None]:
 
 @contextlib.asynccontextmanager
 async def _running_store(
-    db: str, signals: Signals, durability: Durability
-) -> AsyncIterator[SqliteBackend]:
-    """The store, open and with its writer running, for the body; the writer stops (after
+    db: str, signals: Signals, hub: str, lease_ttl: float, durability: Durability
+) -> AsyncIterator[Backend]:
+    """The store, open and with its own duties running, for the body; they stop (after
     committing what the body queued) and the store closes when the body is done."""
-    store = SqliteBackend(db, listener=signals, durability=durability)
+    store = make_store(db, signals, hub=hub, lease_ttl=lease_ttl, durability=durability)
     await store.open()
     log.info("backend started: %s", store.description)
     signals.health.update(store_open=True)
@@ -304,7 +310,7 @@ class _Processors:
 
     def __init__(
         self,
-        store: SqliteBackend,
+        store: Backend,
         signals: Signals,
         registry: Registry | None,
         remote: RemoteExecutor,

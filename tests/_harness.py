@@ -12,20 +12,128 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import _postgres
 import pytest
 from durabletask import client, worker
 
 LISTENING = re.compile(r"server listening at (\S+):(\d+)(?:$|\")")  # text or JSON lines
 DASHBOARD = re.compile(r"dashboard at (\S+?)(?:$|\")")
+# The store the suite runs on (see conftest.py): sqlite, or postgres.
+STORE = os.environ.get("DT_TRIO_TEST_STORE", "sqlite")
+
+
+# On PostgreSQL, the leases of a sidecar the tests kill keep its work this long (seconds).
+TEST_LEASE_TTL = 5.0
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where a test's task hub lives: `db` (an sqlite file, or a PostgreSQL address) and, on
+    PostgreSQL, a `hub` of the test's own."""
+
+    db: str
+    hub: str = "default"
+    lease_ttl: float = TEST_LEASE_TTL
+
+    @property
+    def postgres(self) -> bool:
+        return self.db.startswith("postgresql://")
+
+    def args(self) -> list[str]:
+        """The command's arguments."""
+        if not self.postgres:
+            return ["--db", self.db]
+        return ["--db", self.db, "--hub", self.hub, "--lease-ttl", str(self.lease_ttl)]
+
+    def kwargs(self) -> dict[str, Any]:
+        """`serve`'s and `open_task_hub`'s keywords."""
+        if not self.postgres:
+            return {"db": self.db}
+        return {"db": self.db, "hub": self.hub, "lease_ttl": self.lease_ttl}
+
+
+def query_store(store: Store, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of `sql` (plain SQL both stores understand, on the tables of `store`'s hub), read
+    directly from the store (an sqlite file read-only, or the hub's schema)."""
+    if store.postgres:
+        import psycopg
+
+        with psycopg.connect(store.db, options=f"-c search_path=dt_trio_{store.hub}") as conn:
+            return conn.execute(sql.encode()).fetchall()
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{store.db}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def _store_class() -> type[Any]:
+    if STORE == "postgres":
+        from dt_trio._store._postgres import PostgresBackend
+
+        return PostgresBackend
+    from dt_trio._store import SqliteBackend
+
+    return SqliteBackend
+
+
+# The suite's store class, for tests that make a store of their own (or subclass one): build
+# it with `store_args()` first.
+StoreClass = _store_class()
+
+
+def store_args(tmp_path: pathlib.Path | None = None) -> tuple[str, ...]:
+    """A new store's first arguments: "" (sqlite in memory; with `tmp_path`, a file there, for
+    a store that outlives its store object), or the session's PostgreSQL server and a hub of
+    its own."""
+    if STORE == "postgres":
+        return (os.environ[_postgres.ENV_SERVER], _postgres.new_hub())
+    return (str(tmp_path / "hub.sqlite3") if tmp_path is not None else "",)
+
+
+# The kinds of store the store tests run on: an sqlite file and memory, or PostgreSQL (with
+# the commits made most as calls of the schema's functions, and every commit the general way).
+STORE_KINDS = ["file", "memory"] if STORE == "sqlite" else ["postgres", "postgres-general"]
+
+
+def store_factory(kind: str, tmp_path: pathlib.Path) -> Callable[..., Any]:
+    """Stores of `kind` (see STORE_KINDS) on one place, not opened: each call makes a new
+    store object there (as a new process would), with the given keywords (`listener`)."""
+    if kind.startswith("postgres"):
+        place = (os.environ[_postgres.ENV_SERVER], _postgres.new_hub())
+        general = {"functions": False} if kind == "postgres-general" else {}
+        return lambda **kw: StoreClass(*place, **general, **kw)
+    place = (str(tmp_path / "hub.sqlite3") if kind == "file" else "",)
+    return lambda **kw: StoreClass(*place, **kw)
+
+
+async def cache_problems(store: Any) -> list[str]:
+    """Where the store's cache of instances differs from the store (sqlite's; a PostgreSQL
+    store keeps none): empty when it is coherent."""
+    verify = getattr(store, "verify_cache", None)
+    return [] if verify is None else list(await verify())
+
+
+def a_store(tmp_path: pathlib.Path, name: str = "taskhub.sqlite3") -> Store:
+    """A new task hub on the suite's store: the file `name` in `tmp_path`, or a hub of its
+    own on the session's PostgreSQL server."""
+    if STORE == "postgres":
+        return Store(os.environ[_postgres.ENV_SERVER], _postgres.new_hub())
+    return Store(str(tmp_path / name))
 
 
 class Sidecar:
-    """`python -m dt_trio` on an ephemeral port; stderr is drained into a log file."""
+    """`python -m dt_trio` on an ephemeral port; stderr is drained into a log file. `db` is a
+    path or address, or a `Store`."""
 
-    def __init__(self, db: str, log_path: pathlib.Path, *extra_args: str) -> None:
-        self.db = db
+    def __init__(self, db: str | Store, log_path: pathlib.Path, *extra_args: str) -> None:
+        self.store = db if isinstance(db, Store) else Store(db)
+        self.db = self.store.db
         self.extra_args = list(extra_args)
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -76,8 +184,7 @@ class Sidecar:
             "127.0.0.1",
             "--port",
             str(port),
-            "--db",
-            self.db,
+            *self.store.args(),
             "--ui",
             "127.0.0.1:0",  # the dashboard on a port of its own (see `ui_url`)
         ]
@@ -111,9 +218,8 @@ class Sidecar:
 
 
 @contextlib.contextmanager
-def running_sidecar(tmp_path: pathlib.Path, db: str | None = None) -> Iterator[Sidecar]:
-    path = str(tmp_path / "taskhub.sqlite3") if db is None else db
-    sidecar = Sidecar(path, tmp_path / "sidecar.log").start()
+def running_sidecar(tmp_path: pathlib.Path, db: str | Store | None = None) -> Iterator[Sidecar]:
+    sidecar = Sidecar(a_store(tmp_path) if db is None else db, tmp_path / "sidecar.log").start()
     try:
         yield sidecar
     finally:
@@ -124,7 +230,7 @@ def running_sidecar(tmp_path: pathlib.Path, db: str | None = None) -> Iterator[S
 
 @pytest.fixture
 def sidecar(tmp_path: pathlib.Path) -> Iterator[Sidecar]:
-    """A sidecar on an sqlite file of its own, stopped with SIGTERM (exit code 0) afterwards."""
+    """A sidecar on a store of its own, stopped with SIGTERM (exit code 0) afterwards."""
     with running_sidecar(tmp_path) as s:
         yield s
 

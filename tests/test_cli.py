@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -16,13 +17,13 @@ from typing import Any
 
 import pytest
 import trio
-from _harness import Gate, Sidecar, sdk_client, sdk_worker
+from _harness import STORE_KINDS, Gate, Sidecar, Store, a_store, sdk_client, sdk_worker
 from durabletask import task
 
 import dt_trio
 
 STARTUP_LINES = [
-    "backend started: sqlite::",
+    "backend started: ",
     "server listening at 127.0.0.1:",
     "orchestration-processor: waiting for new work items...",
     "activity-processor: waiting for new work items...",
@@ -40,20 +41,29 @@ def in_order(text: str, fragments: list[str]) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-@pytest.mark.parametrize("db", ["file", "memory"])
+@pytest.mark.parametrize("db", [k for k in STORE_KINDS if k != "postgres-general"])
 def test_command_logs_its_start_in_order_and_stops_cleanly(
     tmp_path: pathlib.Path, sig: int, db: str
 ) -> None:
-    path = str(tmp_path / "hub.sqlite3") if db == "file" else ""
-    sidecar = Sidecar(path, tmp_path / "log.txt").start()
+    if db == "postgres":
+        from psycopg.conninfo import conninfo_to_dict
+
+        store = a_store(tmp_path)
+        info = conninfo_to_dict(store.db)
+        where = f"{info['host']}:{info['port']}/{info['dbname']}"
+        # a password in the address is never logged
+        store = dataclasses.replace(store, db=f"postgresql://{info['user']}:s3cret@{where}")
+        expected = f"backend started: postgres::{where}#{store.hub}"
+    else:
+        store = Store(str(tmp_path / "hub.sqlite3") if db == "file" else "")
+        expected = f"backend started: sqlite::{store.db or 'memory'}"
+    sidecar = Sidecar(store, tmp_path / "log.txt").start()
     assert sidecar.stop(sig) == 0
     log = sidecar.log_text()
-    assert in_order(log, STARTUP_LINES), log
-    expected = f"backend started: sqlite::{path}" if path else "backend started: sqlite::memory"
-    assert expected in log
-    assert "Traceback" not in log
-    if path:
-        assert pathlib.Path(path).exists()
+    assert in_order(log, [expected, *STARTUP_LINES[1:]]), log
+    assert "Traceback" not in log and "s3cret" not in log
+    if db == "file":
+        assert pathlib.Path(store.db).exists()
 
 
 def test_module_and_console_script_share_the_arguments() -> None:
@@ -93,11 +103,11 @@ def greet(ctx: task.OrchestrationContext, name: str) -> str:
 
 
 async def test_serve_embeds_in_a_trio_program_with_keywords(tmp_path: pathlib.Path) -> None:
-    db = str(tmp_path / "embedded.sqlite3")
+    store = a_store(tmp_path).kwargs()
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(
             lambda task_status: dt_trio.serve(
-                host="127.0.0.1", port=0, db=db, task_status=task_status
+                host="127.0.0.1", port=0, **store, task_status=task_status
             )
         )
         address = f"{host}:{port}"
@@ -129,7 +139,7 @@ def test_trio_run_serve_works_with_the_defaults(tmp_path: pathlib.Path) -> None:
 
 
 def test_hello_cities_example_runs_against_the_sidecar(tmp_path: pathlib.Path) -> None:
-    sidecar = Sidecar(str(tmp_path / "hub.sqlite3"), tmp_path / "log.txt").start()
+    sidecar = Sidecar(a_store(tmp_path), tmp_path / "log.txt").start()
     try:
         example = pathlib.Path(__file__).parent.parent / "examples" / "hello_cities.py"
         out = subprocess.run(
@@ -144,6 +154,7 @@ def test_hello_cities_example_runs_against_the_sidecar(tmp_path: pathlib.Path) -
         assert sidecar.stop() == 0
 
 
+@pytest.mark.sqlite_only  # (several sidecars share a PostgreSQL hub)
 def test_a_second_sidecar_on_the_same_store_is_refused_whatever_the_path_spelling(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -246,6 +257,43 @@ def test_the_message_size_limit_is_configurable(tmp_path: pathlib.Path) -> None:
             assert state is not None and json.loads(state.serialized_output) == "hi small"
     finally:
         assert sidecar.stop() == 0
+
+
+def test_an_unreachable_postgres_is_refused_with_a_message() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dt_trio",
+            "--port",
+            "0",
+            "--db",
+            "postgresql://u:s3cret@127.0.0.1:1/x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "cannot start: cannot open the store postgres::127.0.0.1:1/x:" in out.stderr
+    assert "s3cret" not in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--hub", "orders"], "--hub is for a PostgreSQL --db"),
+        (["--lease-ttl", "10"], "--lease-ttl is for a PostgreSQL --db"),
+        (["--db", "postgresql://h/db", "--hub", "no-dash"], "invalid task hub name 'no-dash'"),
+        (["--db", "postgresql://h/db", "--lease-ttl", "0.5"], "--lease-ttl must be between 1"),
+    ],
+)
+def test_hub_options_that_cannot_apply_are_refused(args: list[str], message: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "dt_trio", "--db", "", *args], capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert message in out.stderr
 
 
 def dt_trio_command(

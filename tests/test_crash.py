@@ -7,7 +7,7 @@ import pathlib
 import threading
 from typing import Any
 
-from _harness import Sidecar, sdk_client, sdk_worker, wait_until
+from _harness import Sidecar, a_store, sdk_client, sdk_worker, wait_until
 from durabletask import history, task
 
 STEPS = 8
@@ -31,7 +31,7 @@ def test_orchestration_survives_kill_9_and_restart_on_the_same_file(tmp_path: pa
             out.append((yield ctx.call_activity(step, input=i)))
         return out
 
-    sidecar = Sidecar(str(tmp_path / "hub.sqlite3"), tmp_path / "sidecar.log").start()
+    sidecar = Sidecar(a_store(tmp_path), tmp_path / "sidecar.log").start()
     try:
         with sdk_worker(sidecar.address, [steps], [step]):
             c = sdk_client(sidecar.address)
@@ -39,7 +39,7 @@ def test_orchestration_survives_kill_9_and_restart_on_the_same_file(tmp_path: pa
             wait_until(lambda: 3 in executed, what="step 3 to start")
             sidecar.kill()  # SIGKILL: no shutdown code runs
             release.set()  # the worker's answer for step 3 now has nobody to go to
-        sidecar.restart()  # the same sqlite file
+        sidecar.restart()  # the same store
         with sdk_worker(sidecar.address, [steps], [step]):
             c = sdk_client(sidecar.address)
             state = c.wait_for_orchestration_completion(instance_id, timeout=60)
@@ -69,7 +69,7 @@ def test_a_pending_timer_and_event_survive_a_restart(tmp_path: pathlib.Path) -> 
         yield ctx.create_timer(timedelta(seconds=1))
         return (yield ctx.wait_for_external_event("go"))
 
-    sidecar = Sidecar(str(tmp_path / "hub.sqlite3"), tmp_path / "sidecar.log").start()
+    sidecar = Sidecar(a_store(tmp_path), tmp_path / "sidecar.log").start()
     try:
         with sdk_worker(sidecar.address, [patient]):
             c = sdk_client(sidecar.address)
@@ -107,7 +107,7 @@ def test_entity_state_locks_and_queued_operations_survive_kill_9(tmp_path: pathl
         return value
 
     entity = entities.EntityInstanceId("tally", "t")
-    sidecar = Sidecar(str(tmp_path / "hub.sqlite3"), tmp_path / "sidecar.log").start()
+    sidecar = Sidecar(a_store(tmp_path), tmp_path / "sidecar.log").start()
     try:
         with sdk_worker(sidecar.address, [bump], entities=[tally]):
             c = sdk_client(sidecar.address)
@@ -151,7 +151,7 @@ def test_sigterm_under_load_stops_cleanly_and_a_restart_finishes_everything(
         return (yield ctx.call_activity(triple, input=a))
 
     count = 500
-    sidecar = Sidecar(str(tmp_path / "hub.sqlite3"), tmp_path / "sidecar.log").start()
+    sidecar = Sidecar(a_store(tmp_path), tmp_path / "sidecar.log").start()
     try:
         with sdk_worker(sidecar.address, [loaded], [triple]):
             c = sdk_client(sidecar.address)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import trio
-from _harness import commit_instance, commit_name, running_processors
+from _harness import StoreClass, commit_instance, commit_name, running_processors, store_args
 
 import dt_trio
 from dt_trio._core import _events as ev
@@ -24,7 +24,6 @@ from dt_trio._engine import (
     Signals,
 )
 from dt_trio._local import LocalExecutor
-from dt_trio._store import SqliteBackend
 
 registry = dt_trio.Registry()
 
@@ -43,13 +42,13 @@ def cities(ctx: dt_trio.OrchestrationContext, _: Any) -> Any:
     return [out, late.is_complete]
 
 
-class CountingStore(SqliteBackend):
+class CountingStore(StoreClass):
     """Counts the commits of each kind; with `event_before_result`, an event reaches the
     instance just before each activity result's commit."""
 
     def __init__(self) -> None:
         self.signals = Signals()
-        super().__init__("", listener=self.signals)
+        super().__init__(*store_args(), listener=self.signals)
         self.commits: list[str] = []
         self.event_before_result = False
 

@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from _harness import commit_instance, commit_name, fan_out_answer, run_beside, running_processors
+from _harness import (
+    StoreClass,
+    cache_problems,
+    commit_instance,
+    commit_name,
+    fan_out_answer,
+    run_beside,
+    running_processors,
+    store_args,
+)
 
 from dt_trio._core import InstanceState, Status
 from dt_trio._core import _events as ev
@@ -35,21 +44,20 @@ from dt_trio._engine._executor import Route
 from dt_trio._engine._pacing import Parking
 from dt_trio._errors import StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import SqliteBackend
 
 
 def now() -> datetime:
     return datetime.now(UTC)
 
 
-class GatedStore(SqliteBackend):
+class GatedStore(StoreClass):
     """A store whose commits the tests hold back (`gates`: "create" or "result" -> event that
     lets such a commit through) or disturb (`fail_first_step`, `event_before_result`), and
     which says it is busy or idle as a test wants (`busy_as`; None: as it is)."""
 
     def __init__(self) -> None:
         self.signals = Signals()
-        super().__init__("", listener=self.signals)
+        super().__init__(*store_args(), listener=self.signals)
         self.gates: dict[str, trio.Event] = {}
         self.fail_first_step = False
         self.event_before_result = False
@@ -135,7 +143,7 @@ async def run_one(
     history = await store.get_history(state.instance_id)
     assert sum(e.HasField("taskScheduled") for e in history) == 1
     assert sum(e.HasField("taskCompleted") for e in history) == 1
-    await store.verify_cache()
+    await cache_problems(store)
     return state, runs
 
 
@@ -366,4 +374,4 @@ async def test_a_fan_outs_first_activities_reach_the_worker_before_the_rest_are_
     assert started_at_first == [EARLY_FIRST]
     history = await store.get_history(state.instance_id)
     assert sum(e.HasField("taskCompleted") for e in history) == fan
-    assert await store.verify_cache() == []
+    assert await cache_problems(store) == []

@@ -11,13 +11,19 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from _harness import fan_out_answer, run_beside, running_processors
+from _harness import (
+    StoreClass,
+    cache_problems,
+    fan_out_answer,
+    run_beside,
+    running_processors,
+    store_args,
+)
 
 from dt_trio._core import Status
 from dt_trio._engine import HubClient, RemoteExecutor, Signals
 from dt_trio._engine._pacing import Pacing
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import SqliteBackend
 
 FAN = 10
 SLOW_STEP = 0.5
@@ -69,8 +75,8 @@ def test_a_watch_counts_results_from_its_start_and_is_done_once_the_missing_are_
 @contextlib.asynccontextmanager
 async def open_hub(
     pacing: Pacing,
-) -> AsyncIterator[tuple[SqliteBackend, RemoteExecutor, HubClient]]:
-    store = SqliteBackend("", listener=Signals())
+) -> AsyncIterator[tuple[StoreClass, RemoteExecutor, HubClient]]:
+    store = StoreClass(*store_args(), listener=Signals())
     executor = RemoteExecutor()
     async with running_processors(store, executor, pacing=pacing) as client:
         yield store, executor, client
@@ -79,7 +85,7 @@ async def open_hub(
 @pytest.fixture(params=["paced", "unpaced"])
 async def hub(
     request: pytest.FixtureRequest,
-) -> AsyncIterator[tuple[SqliteBackend, RemoteExecutor, HubClient, str]]:
+) -> AsyncIterator[tuple[StoreClass, RemoteExecutor, HubClient, str]]:
     async with open_hub(Pacing(max_hold=0.0 if request.param == "unpaced" else 1.0)) as hub:
         yield (*hub, request.param)
 
@@ -95,7 +101,7 @@ def result_of(request: pb.ActivityRequest) -> pb.ActivityResponse:
 
 
 async def test_results_that_arrive_while_a_step_would_replay_are_taken_together(
-    hub: tuple[SqliteBackend, RemoteExecutor, HubClient, str],
+    hub: tuple[StoreClass, RemoteExecutor, HubClient, str],
 ) -> None:
     store, executor, client, mode = hub
     steps: list[int] = []  # results new to each step
@@ -137,7 +143,7 @@ async def test_results_that_arrive_while_a_step_would_replay_are_taken_together(
         assert steps[2:] == [FAN - 1]
     else:
         assert len(steps) > 3, steps
-    assert await store.verify_cache() == []
+    assert await cache_problems(store) == []
 
 
 class LongHolds(Pacing):
@@ -150,6 +156,7 @@ class LongHolds(Pacing):
         super().stepped(instance_id, answered, 60.0)
 
 
+@pytest.mark.sqlite_only  # (holds sqlite's writer so that the commits are grouped)
 async def test_results_committed_with_the_lease_that_starts_a_hold_are_not_missed() -> None:
     """All the results of a fan-out are committed in one transaction, the first of them
     leasing the instance for its next step, which holds for the rest: they are all in

@@ -9,18 +9,18 @@ from datetime import UTC, datetime
 import pytest
 import trio
 import trio.testing
+from _harness import StoreClass, store_args
 
 from dt_trio._core import InstanceState, Status
 from dt_trio._core import _events as ev
 from dt_trio._core import _operations as ops
 from dt_trio._engine import HubClient, Signals
-from dt_trio._store import SqliteBackend
 
 
 @pytest.fixture
-async def hub() -> AsyncIterator[tuple[Signals, SqliteBackend, HubClient]]:
+async def hub() -> AsyncIterator[tuple[Signals, StoreClass, HubClient]]:
     signals = Signals()
-    store = SqliteBackend("", listener=signals)
+    store = StoreClass(*store_args(), listener=signals)
     await store.open()
     try:
         yield signals, store, HubClient(store, signals)
@@ -28,7 +28,7 @@ async def hub() -> AsyncIterator[tuple[Signals, SqliteBackend, HubClient]]:
         await store.close()
 
 
-async def pending_instance(store: SqliteBackend) -> InstanceState:
+async def pending_instance(store: StoreClass) -> InstanceState:
     t = datetime.now(UTC)
     state = InstanceState("i1", "orch", "e1", Status.PENDING, t, t)
     started = ev.execution_started(t, name="orch", instance_id="i1", execution_id="e1", input=None)
@@ -49,7 +49,7 @@ async def parked(signals: Signals, instance_id: str, waiters: int) -> None:
 
 
 async def test_a_waiter_gets_the_latest_of_changes_made_before_it_woke(
-    hub: tuple[Signals, SqliteBackend, HubClient],
+    hub: tuple[Signals, StoreClass, HubClient],
 ) -> None:
     signals, store, client = hub
     state = await pending_instance(store)
@@ -73,7 +73,7 @@ async def test_a_waiter_gets_the_latest_of_changes_made_before_it_woke(
 
 
 async def test_a_change_without_a_state_is_read_from_the_store(
-    hub: tuple[Signals, SqliteBackend, HubClient],
+    hub: tuple[Signals, StoreClass, HubClient],
 ) -> None:
     signals, store, client = hub
     state = await pending_instance(store)
@@ -97,7 +97,7 @@ async def test_a_change_without_a_state_is_read_from_the_store(
 
 
 async def test_waiting_on_a_finished_or_missing_instance_leaves_nothing_registered(
-    hub: tuple[Signals, SqliteBackend, HubClient],
+    hub: tuple[Signals, StoreClass, HubClient],
 ) -> None:
     signals, store, client = hub
     assert await client.wait("missing", lambda s: True) is None

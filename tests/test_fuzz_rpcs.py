@@ -11,13 +11,12 @@ orchestrations. Hypothesis runs derandomized, so the examples are the same on ev
 from __future__ import annotations
 
 import pathlib
-import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
-from _harness import Sidecar, running_sidecar, sdk_client, sdk_worker
+from _harness import Sidecar, query_store, running_sidecar, sdk_client, sdk_worker
 from durabletask import client, entities, task
 from durabletask.internal import orchestrator_service_pb2 as sdk_pb
 from google.protobuf import descriptor as d
@@ -242,24 +241,22 @@ def test_after_the_fuzzing_the_store_is_consistent_and_still_runs_orchestrations
     hub: tuple[Sidecar, grpc.Channel],
 ) -> None:
     sidecar, _ = hub
-    db = sqlite3.connect(f"file:{sidecar.db}?mode=ro", uri=True)
-    try:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        for table, parent in (
-            ("history", "instances"),
-            ("inbox", "instances"),
-            ("activities", "instances"),
-            ("entity_inbox", "entities"),
-        ):
-            orphans = db.execute(
-                f"SELECT COUNT(*) FROM {table} t WHERE NOT EXISTS "
-                f"(SELECT 1 FROM {parent} p WHERE p.instance_id = t.instance_id)"
-            ).fetchone()[0]
-            assert orphans == 0, f"{orphans} rows of {table} belong to no row of {parent}"
-        statuses = {r[0] for r in db.execute("SELECT DISTINCT status FROM instances")}
-        assert statuses <= set(range(8))
-    finally:
-        db.close()
+    if not sidecar.store.postgres:
+        assert query_store(sidecar.store, "PRAGMA integrity_check") == [("ok",)]
+    for table, parent in (
+        ("history", "instances"),
+        ("inbox", "instances"),
+        ("activities", "instances"),
+        ("entity_inbox", "entities"),
+    ):
+        [(orphans,)] = query_store(
+            sidecar.store,
+            f"SELECT COUNT(*) FROM {table} t WHERE NOT EXISTS "
+            f"(SELECT 1 FROM {parent} p WHERE p.instance_id = t.instance_id)",
+        )
+        assert orphans == 0, f"{orphans} rows of {table} belong to no row of {parent}"
+    statuses = {r[0] for r in query_store(sidecar.store, "SELECT DISTINCT status FROM instances")}
+    assert statuses <= set(range(8))
     with sdk_worker(sidecar.address, [waiter, quick]):
         c = sdk_client(sidecar.address)
         instance_id = c.schedule_new_orchestration(quick)

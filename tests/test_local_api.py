@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import pathlib
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+from _harness import a_store, cache_problems
 
 import dt_trio
 from dt_trio import Status
@@ -138,10 +140,10 @@ def sender(ctx: dt_trio.OrchestrationContext, target: str) -> Any:
 
 @pytest.fixture
 async def client(tmp_path: pathlib.Path) -> AsyncIterator[dt_trio.Client]:
-    async with dt_trio.open_task_hub(str(tmp_path / "local.sqlite3"), registry=registry) as c:
+    async with dt_trio.open_task_hub(**a_store(tmp_path).kwargs(), registry=registry) as c:
         yield c
         # Every test here doubles as a check of the store's instance cache.
-        assert await c._hub.store.verify_cache() == []  # type: ignore[attr-defined]
+        assert await cache_problems(c._hub.store) == []
 
 
 async def run(client: dt_trio.Client, orchestrator: Any, input: Any = None) -> Any:
@@ -295,14 +297,14 @@ async def test_a_changed_orchestrator_fails_with_a_non_determinism_error(
         yield ctx.wait_for_external_event("go")
         return "done"
 
-    db = str(tmp_path / "nd.sqlite3")
-    async with dt_trio.open_task_hub(db, registry=changing) as c:
+    store = a_store(tmp_path).kwargs()
+    async with dt_trio.open_task_hub(**store, registry=changing) as c:
         instance_id = await c.schedule(evolving)
         with trio.fail_after(10):
             await c.wait_until(instance_id, lambda s: s.custom_status == "waiting")
     # A new deployment bills first: the event replays the code, which now differs.
     deployed[0] = "bill first"
-    async with dt_trio.open_task_hub(db, registry=changing) as c:
+    async with dt_trio.open_task_hub(**store, registry=changing) as c:
         await c.raise_event(instance_id, "go")
         with trio.fail_after(10):
             state = await c.wait_for_completion(instance_id)
@@ -314,10 +316,10 @@ async def test_a_changed_orchestrator_fails_with_a_non_determinism_error(
 
 RESTART = textwrap.dedent(
     """
-    import pathlib, sys, time
+    import json, pathlib, sys, time
     import trio, dt_trio
 
-    db, phase, marker = sys.argv[1:4]
+    store, phase, marker = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
     registry = dt_trio.Registry()
 
     @registry.activity
@@ -338,7 +340,7 @@ RESTART = textwrap.dedent(
         return [a, b]
 
     async def main():
-        async with dt_trio.open_task_hub(db, registry=registry) as client:
+        async with dt_trio.open_task_hub(**store, registry=registry) as client:
             if phase == "first":
                 await client.schedule(journey, 1, instance_id="journey")
                 await trio.sleep_forever()
@@ -351,7 +353,7 @@ RESTART = textwrap.dedent(
 
 
 def test_a_new_process_finishes_what_a_killed_one_started(tmp_path: pathlib.Path) -> None:
-    db, marker = str(tmp_path / "restart.sqlite3"), tmp_path / "marker"
+    db, marker = json.dumps(a_store(tmp_path).kwargs()), tmp_path / "marker"
     first = subprocess.Popen([sys.executable, "-c", RESTART, db, "first", str(marker)])
     try:
         for _ in range(1000):
@@ -395,7 +397,7 @@ async def test_one_hub_serves_local_code_and_remote_sdk_workers(tmp_path: pathli
             lambda task_status: dt_trio.serve(
                 host="127.0.0.1",
                 port=0,
-                db=str(tmp_path / "mixed.sqlite3"),
+                **a_store(tmp_path).kwargs(),
                 registry=registry,
                 task_status=task_status,
             )
@@ -520,7 +522,7 @@ async def test_entities_signal_entities_and_start_orchestrations(client: dt_trio
 async def test_closing_the_hub_cancels_async_activities_and_a_new_hub_runs_them_again(
     tmp_path: pathlib.Path,
 ) -> None:
-    db = str(tmp_path / "cancel.sqlite3")
+    store = a_store(tmp_path).kwargs()
     entered = trio.Event()
     cancelled: list[bool] = []
     first = dt_trio.Registry()
@@ -546,12 +548,12 @@ async def test_closing_the_hub_cancels_async_activities_and_a_new_hub_runs_them_
     first.add_orchestrator(waits)
     second.add_orchestrator(waits)
     second.add_activity(long_job_again, name="long_job")
-    async with dt_trio.open_task_hub(db, registry=first) as c:
+    async with dt_trio.open_task_hub(**store, registry=first) as c:
         await c.schedule(waits, instance_id="job")
         with trio.fail_after(10):
             await entered.wait()
     assert cancelled == [True]  # cancelled with the hub's nursery, not left running
-    async with dt_trio.open_task_hub(db, registry=second) as c:
+    async with dt_trio.open_task_hub(**store, registry=second) as c:
         with trio.fail_after(10):
             state = await c.wait_for_completion("job")
     assert state.output == "finished by the second hub"

@@ -1,4 +1,5 @@
-"""The sqlite store's entities: queues, leases, deferred messages, cleaning, on file and memory."""
+"""Entities in the store: queues, leases, deferred messages, cleaning (sqlite file and memory,
+or PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import dataclasses
 import pathlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from _harness import STORE_KINDS, store_factory
 
 from dt_trio import _core as core
 from dt_trio._core import EntityStepResult, InstanceState, OutboundMessage, Status, StepResult
@@ -15,7 +18,7 @@ from dt_trio._core import _events as ev
 from dt_trio._core import _operations as ops
 from dt_trio._core._commit import EntityWorkItem, Lease
 from dt_trio._errors import LockLost
-from dt_trio._store import EntityFilter, SqliteBackend
+from dt_trio._store import Backend, EntityFilter
 
 COUNTER = "@counter@k"
 
@@ -24,11 +27,9 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-@pytest.fixture(params=["file", "memory"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: pathlib.Path
-) -> AsyncIterator[SqliteBackend]:
-    backend = SqliteBackend(str(tmp_path / "hub.sqlite3") if request.param == "file" else "")
+@pytest.fixture(params=STORE_KINDS)
+async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Any]:
+    backend = store_factory(request.param, tmp_path)()
     await backend.open()
     try:
         yield backend
@@ -36,17 +37,17 @@ async def store(
         await backend.close()
 
 
-async def signal(store: SqliteBackend, op: str = "add", at: datetime | None = None) -> None:
+async def signal(store: Backend, op: str = "add", at: datetime | None = None) -> None:
     t = now()
     event = core.signal_event(t, COUNTER, op, "1", op)
     await store.apply(ops.signal_entity(COUNTER, event, at or t, t))
 
 
-async def commit(store: SqliteBackend, item: EntityWorkItem, result: EntityStepResult) -> None:
+async def commit(store: Backend, item: EntityWorkItem, result: EntityStepResult) -> None:
     await store.apply(ops.entity_step(item, result, now()))
 
 
-async def lease(store: SqliteBackend, owner: str = "me") -> EntityWorkItem | None:
+async def lease(store: Backend, owner: str = "me") -> EntityWorkItem | None:
     items = await store.lease_entities(owner, now(), 10)
     assert len(items) <= 1
     return items[0] if items else None
@@ -59,7 +60,7 @@ def ran(item: EntityWorkItem, state: str | None, **lock: str | None) -> EntitySt
 
 
 async def test_a_signal_creates_the_entity_and_a_commit_stores_its_state(
-    store: SqliteBackend,
+    store: Backend,
 ) -> None:
     await signal(store)
     transient = await store.get_entity(COUNTER)
@@ -75,7 +76,7 @@ async def test_a_signal_creates_the_entity_and_a_commit_stores_its_state(
     assert await lease(store) is None
 
 
-async def test_an_entity_left_without_state_lock_or_queue_is_deleted(store: SqliteBackend) -> None:
+async def test_an_entity_left_without_state_lock_or_queue_is_deleted(store: Backend) -> None:
     await signal(store, "delete")
     item = await lease(store)
     assert item is not None
@@ -83,7 +84,7 @@ async def test_an_entity_left_without_state_lock_or_queue_is_deleted(store: Sqli
     assert await store.get_entity(COUNTER) is None
 
 
-async def test_a_commit_without_the_lease_is_refused(store: SqliteBackend) -> None:
+async def test_a_commit_without_the_lease_is_refused(store: Backend) -> None:
     await signal(store)
     item = await lease(store)
     assert item is not None
@@ -92,7 +93,7 @@ async def test_a_commit_without_the_lease_is_refused(store: SqliteBackend) -> No
         await commit(store, intruder, ran(item, "1"))
 
 
-async def test_deferred_messages_do_not_lease_the_entity_again(store: SqliteBackend) -> None:
+async def test_deferred_messages_do_not_lease_the_entity_again(store: Backend) -> None:
     await signal(store)
     item = await lease(store)
     assert item is not None
@@ -104,7 +105,7 @@ async def test_deferred_messages_do_not_lease_the_entity_again(store: SqliteBack
     assert again is not None and len(again.inbox) == 2
 
 
-async def test_a_delayed_signal_is_leased_at_its_time(store: SqliteBackend) -> None:
+async def test_a_delayed_signal_is_leased_at_its_time(store: Backend) -> None:
     at = now() + timedelta(hours=1)
     await signal(store, at=at)
     nothing = await store.lease_entities("me", now(), 10)
@@ -112,7 +113,7 @@ async def test_a_delayed_signal_is_leased_at_its_time(store: SqliteBackend) -> N
 
 
 async def test_messages_reach_orchestrations_only_in_the_execution_they_name(
-    store: SqliteBackend,
+    store: Backend,
 ) -> None:
     t = now()
     state = InstanceState("orch1", "o", "x2", Status.RUNNING, t, t)
@@ -136,7 +137,7 @@ async def test_messages_reach_orchestrations_only_in_the_execution_they_name(
 
 
 async def test_cleaning_releases_orphaned_locks_and_removes_empty_entities(
-    store: SqliteBackend,
+    store: Backend,
 ) -> None:
     await signal(store)
     item = await lease(store)
@@ -153,7 +154,7 @@ async def test_cleaning_releases_orphaned_locks_and_removes_empty_entities(
     assert (await store.get_entity(COUNTER)) is not None
 
 
-async def test_query_entities_pages_by_id(store: SqliteBackend) -> None:
+async def test_query_entities_pages_by_id(store: Backend) -> None:
     t = now()
     for n in range(5):
         entity_id = f"@counter@q{n}"
@@ -175,7 +176,7 @@ async def test_query_entities_pages_by_id(store: SqliteBackend) -> None:
 
 
 async def test_cleaning_releases_a_lock_the_owners_current_execution_does_not_hold(
-    store: SqliteBackend,
+    store: Backend,
 ) -> None:
     t = now()
     owner = InstanceState("orch1", "o", "x2", Status.RUNNING, t, t)

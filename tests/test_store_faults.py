@@ -3,6 +3,8 @@
 While the store cannot write, callers get UNAVAILABLE with the reason, the sidecar logs the
 fault once and keeps serving reads; when the fault clears, the work that waited goes on and
 nothing is lost or corrupted. (A second dt-trio on the same file is refused: test_cli.py.)
+These are sqlite's faults; PostgreSQL's (a restart, killed connections) are in
+test_store_postgres.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import grpc
 import pytest
 from _harness import Sidecar, sdk_client, sdk_worker, wait_until
 from durabletask import client, task
+
+pytestmark = pytest.mark.sqlite_only
 
 FILE_LIMIT = 6 << 20  # bytes any one file of the store may reach while the "disk" is full
 BIG = "x" * (256 << 10)

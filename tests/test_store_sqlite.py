@@ -1,4 +1,5 @@
-"""The sqlite store, on a file and in memory, through its async interface."""
+"""The store through its async interface: on an sqlite file and in memory (or, on a
+PostgreSQL run, on PostgreSQL), and the sqlite store's own machinery (marked sqlite_only)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+from _harness import STORE_KINDS, cache_problems, store_factory
 
 from dt_trio._core import (
     ActivityTask,
@@ -33,7 +35,7 @@ from dt_trio._core._commit import (
 )
 from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost, StoreUnavailable
 from dt_trio._proto import orchestrator_service_pb2 as pb
-from dt_trio._store import InstanceFilter, SqliteBackend
+from dt_trio._store import Backend, InstanceFilter, SqliteBackend
 from dt_trio._store._sqlite._schema import APPLICATION_ID
 
 
@@ -67,12 +69,9 @@ def started(state: InstanceState) -> object:
     )
 
 
-@pytest.fixture(params=["file", "memory"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: pathlib.Path
-) -> AsyncIterator[SqliteBackend]:
-    path = str(tmp_path / "hub.sqlite3") if request.param == "file" else ""
-    backend = SqliteBackend(path)
+@pytest.fixture(params=STORE_KINDS)
+async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Any]:
+    backend = store_factory(request.param, tmp_path)()
     await backend.open()
     try:
         yield backend
@@ -80,28 +79,28 @@ async def store(
         await backend.close()
 
 
-async def lease_one(store: SqliteBackend, owner: str) -> OrchestrationWorkItem | None:
+async def lease_one(store: Backend, owner: str) -> OrchestrationWorkItem | None:
     items = await store.lease_orchestrations(owner, now(), 1)
     return items[0] if items else None
 
 
-async def lease_one_activity(store: SqliteBackend, owner: str) -> ActivityWorkItem | None:
+async def lease_one_activity(store: Backend, owner: str) -> ActivityWorkItem | None:
     items = await store.lease_activities(owner, now(), 1)
     return items[0] if items else None
 
 
-async def create(store: SqliteBackend, state: InstanceState) -> None:
+async def create(store: Backend, state: InstanceState) -> None:
     t = now()
     await store.apply(ops.start(state, started(state), t, t))  # type: ignore[arg-type]
 
 
 async def commit_step(
-    store: SqliteBackend, item: OrchestrationWorkItem, result: StepResult, take: int = 0
+    store: Backend, item: OrchestrationWorkItem, result: StepResult, take: int = 0
 ) -> Applied:
     return await store.apply(ops.step(item.lease, result, now(), take))
 
 
-async def test_created_instance_reads_back_with_every_field(store: SqliteBackend) -> None:
+async def test_created_instance_reads_back_with_every_field(store: Backend) -> None:
     trace = pb.OrchestrationTraceContext()
     trace.spanID.value = "abc"
     state = new_state(
@@ -114,7 +113,7 @@ async def test_created_instance_reads_back_with_every_field(store: SqliteBackend
 
 
 async def test_creating_over_a_running_instance_is_refused_and_changes_nothing(
-    store: SqliteBackend,
+    store: Backend,
 ) -> None:
     await create(store, new_state())
     with pytest.raises(InstanceExists, match="'i1' already exists and is pending"):
@@ -123,7 +122,7 @@ async def test_creating_over_a_running_instance_is_refused_and_changes_nothing(
     assert loaded is not None and loaded.input == '"x"'
 
 
-async def test_a_finished_instance_may_be_replaced(store: SqliteBackend) -> None:
+async def test_a_finished_instance_may_be_replaced(store: Backend) -> None:
     await create(store, new_state())
     item = await lease_one(store, "me")
     assert item is not None
@@ -135,7 +134,7 @@ async def test_a_finished_instance_may_be_replaced(store: SqliteBackend) -> None
 
 
 async def finish(
-    store: SqliteBackend, instance_id: str = "i1", status: Status = Status.COMPLETED
+    store: Backend, instance_id: str = "i1", status: Status = Status.COMPLETED
 ) -> InstanceState:
     item = await lease_one(store, "me")
     assert item is not None and item.state.instance_id == instance_id
@@ -146,8 +145,9 @@ async def finish(
     return done
 
 
+@pytest.mark.sqlite_only
 async def test_running_and_finished_instances_read_back_without_a_store_read(
-    store: SqliteBackend, monkeypatch: pytest.MonkeyPatch
+    store: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Clients ask for instances while they run and as they finish (GetInstance, the waits):
     the writer keeps the rows it last committed, and those reads need no read."""
@@ -164,11 +164,14 @@ async def test_running_and_finished_instances_read_back_without_a_store_read(
     with monkeypatch.context() as patched:
         patched.setattr(store._db, "read", no_read)
         assert await store.get_instance("i1") == done
-    assert await store.verify_cache() == []
+    assert await cache_problems(store) == []
 
 
-async def test_a_closed_store_answers_no_read_from_its_cache(tmp_path: pathlib.Path) -> None:
-    store = SqliteBackend(str(tmp_path / "closed.sqlite3"))
+@pytest.mark.parametrize("kind", STORE_KINDS)
+async def test_a_closed_store_answers_no_read_from_its_cache(
+    tmp_path: pathlib.Path, kind: str
+) -> None:
+    store = store_factory(kind, tmp_path)()
     await store.open()
     await create(store, new_state())
     await store.close()
@@ -179,7 +182,7 @@ async def test_a_closed_store_answers_no_read_from_its_cache(tmp_path: pathlib.P
 
 
 async def test_every_change_of_a_finished_instance_reaches_its_kept_row(
-    store: SqliteBackend,
+    store: Backend,
 ) -> None:
     await create(store, new_state())
     await finish(store)
@@ -192,7 +195,7 @@ async def test_every_change_of_a_finished_instance_reaches_its_kept_row(
     await store.apply(ops.rewind("i1", rewound, now()))
     loaded = await store.get_instance("i1")
     assert loaded is not None and loaded.status == Status.RUNNING and loaded.output is None
-    assert await store.verify_cache() == []
+    assert await cache_problems(store) == []
     await finish(store)
     assert await store.purge("i1", recursive=False) == 1
     assert await store.get_instance("i1") is None
@@ -200,10 +203,10 @@ async def test_every_change_of_a_finished_instance_reaches_its_kept_row(
     await finish(store)
     await store.delete_everything()
     assert await store.get_instance("i1") is None
-    assert await store.verify_cache() == []
+    assert await cache_problems(store) == []
 
 
-async def test_lease_commit_appends_history_and_enqueues_the_outbox(store: SqliteBackend) -> None:
+async def test_lease_commit_appends_history_and_enqueues_the_outbox(store: Backend) -> None:
     await create(store, new_state())
     await create(store, new_state("target"))
     item = await lease_one(store, "me")
@@ -251,7 +254,7 @@ async def test_lease_commit_appends_history_and_enqueues_the_outbox(store: Sqlit
     assert await lease_one_activity(store, "me") is None
 
 
-async def test_commit_without_the_lease_is_refused(store: SqliteBackend) -> None:
+async def test_commit_without_the_lease_is_refused(store: Backend) -> None:
     await create(store, new_state())
     item = await lease_one(store, "me")
     assert item is not None
@@ -260,7 +263,7 @@ async def test_commit_without_the_lease_is_refused(store: SqliteBackend) -> None
         await store.apply(ops.step(Lease("intruder", item.lease.epoch), step, now()))
 
 
-async def test_a_stale_grant_changes_nothing_even_for_the_same_owner(store: SqliteBackend) -> None:
+async def test_a_stale_grant_changes_nothing_even_for_the_same_owner(store: Backend) -> None:
     """A lease is (owner, epoch): the holder of an earlier grant of the same row, in the same
     process, can neither commit nor release what was leased again since."""
     await create(store, new_state())
@@ -281,7 +284,7 @@ async def test_a_stale_grant_changes_nothing_even_for_the_same_owner(store: Sqli
 
 
 async def test_activity_results_reach_only_the_execution_that_scheduled_them(
-    store: SqliteBackend,
+    store: Backend,
 ) -> None:
     await create(store, new_state())
     item = await lease_one(store, "me")
@@ -346,7 +349,7 @@ async def test_the_step_that_ends_an_execution_drops_the_activities_it_waited_fo
 
 
 async def test_a_step_with_more_activities_than_one_statement_writes_them_all_in_order(
-    store: SqliteBackend,
+    store: Backend,
 ) -> None:
     """Steps write their rows many to a statement (500): a fan-out of 1,201 activities, some
     handed over in the commit, the rest queued, keeps every event, id and inbox message."""
@@ -402,7 +405,7 @@ def scheduling_step(
     )
 
 
-async def test_a_creation_commits_the_first_step_run_ahead_of_it(store: SqliteBackend) -> None:
+async def test_a_creation_commits_the_first_step_run_ahead_of_it(store: Backend) -> None:
     state = new_state()
     first = scheduling_step(state, [ev.orchestrator_started(now()), started(state)], 0)
     ahead = ops.Ahead(first, state.last_updated_at, "me", 1)
@@ -421,7 +424,7 @@ async def test_a_creation_commits_the_first_step_run_ahead_of_it(store: SqliteBa
     assert await lease_one_activity(store, "me") is None
 
 
-async def created_with_first_step(store: SqliteBackend) -> tuple[StepResult, ActivityWorkItem]:
+async def created_with_first_step(store: Backend) -> tuple[StepResult, ActivityWorkItem]:
     """Instance i1, created with its first step run ahead: it scheduled activity 0, leased
     to "me"."""
     state = new_state()
@@ -433,7 +436,7 @@ async def created_with_first_step(store: SqliteBackend) -> tuple[StepResult, Act
 
 
 async def test_an_activity_result_commits_the_step_run_ahead_of_it_if_nothing_changed(
-    store: SqliteBackend,
+    store: Backend,
 ) -> None:
     first, activity = await created_with_first_step(store)
     done = ev.task_completed(now(), 0, '"a"')
@@ -452,7 +455,7 @@ async def test_an_activity_result_commits_the_step_run_ahead_of_it_if_nothing_ch
 
 @pytest.mark.parametrize("change", ["event", "lease", "step"])
 async def test_an_activity_result_drops_a_step_run_ahead_of_a_change(
-    store: SqliteBackend, change: str
+    store: Backend, change: str
 ) -> None:
     first, activity = await created_with_first_step(store)
     await store.apply(ops.send_event("i1", ev.event_raised(now(), "x", None), now()))
@@ -486,13 +489,13 @@ async def test_an_activity_result_drops_a_step_run_ahead_of_a_change(
         assert ev.kind(leased.inbox[-1].event) == "taskCompleted"
 
 
-async def test_enqueue_to_a_missing_instance_is_not_found(store: SqliteBackend) -> None:
+async def test_enqueue_to_a_missing_instance_is_not_found(store: Backend) -> None:
     with pytest.raises(InstanceNotFound, match="'ghost'"):
         await store.apply(ops.send_event("ghost", ev.event_raised(now(), "x", None), now()))
 
 
 async def test_purge_deletes_finished_trees_and_keeps_running_instances(
-    store: SqliteBackend,
+    store: Backend,
 ) -> None:
     for state in (
         new_state("root", status=Status.COMPLETED),
@@ -542,6 +545,7 @@ async def test_counts_per_status_follow_the_filter(store: SqliteBackend) -> None
     assert await store.count_instances(InstanceFilter(name="nobody")) == {}
 
 
+@pytest.mark.sqlite_only
 async def test_reopening_a_file_releases_leases_of_the_previous_process(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -562,6 +566,7 @@ async def test_reopening_a_file_releases_leases_of_the_previous_process(
     assert oct(mode.st_mode & 0o777) == "0o600"
 
 
+@pytest.mark.sqlite_only
 async def test_a_store_is_held_by_one_store_object_whatever_the_path_spelling(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -594,6 +599,7 @@ async def test_a_store_is_held_by_one_store_object_whatever_the_path_spelling(
     ]
 
 
+@pytest.mark.sqlite_only
 async def test_a_file_that_open_created_is_removed_when_the_open_fails(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -606,6 +612,7 @@ async def test_a_file_that_open_created_is_removed_when_the_open_fails(
     assert list(await trio.Path(deep).iterdir()) == []
 
 
+@pytest.mark.sqlite_only
 async def test_an_empty_file_becomes_a_store_and_a_store_of_before_its_mark_opens(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -628,6 +635,7 @@ async def test_an_empty_file_becomes_a_store_and_a_store_of_before_its_mark_open
         assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize(
     "schema,what",
     [
@@ -652,14 +660,15 @@ async def test_a_database_that_is_not_a_store_is_refused_unchanged(
     assert [p.name for p in await trio.Path(tmp_path).iterdir()] == ["other.db"]
 
 
+@pytest.mark.parametrize("kind", [k for k in STORE_KINDS if k != "memory"])
 async def test_work_held_by_processes_that_died_is_not_poisoned_by_it(
-    tmp_path: pathlib.Path,
+    tmp_path: pathlib.Path, kind: str
 ) -> None:
     """A sidecar killed again and again while it holds work (no worker connected yet, say)
     has not tried that work: however many times it happens, the next lease is attempt 1."""
-    path = str(tmp_path / "hub.sqlite3")
+    stores = store_factory(kind, tmp_path)
     for life in range(12):
-        store = SqliteBackend(path)
+        store = stores()
         await store.open()
         try:
             if life == 0:
@@ -688,7 +697,7 @@ async def test_work_held_by_processes_that_died_is_not_poisoned_by_it(
 
 
 async def test_continue_as_new_queues_its_start_and_carryover_before_late_arrivals(
-    store: SqliteBackend,
+    store: Backend,
 ) -> None:
     await create(store, new_state())
     item = await lease_one(store, "me")
@@ -719,6 +728,7 @@ async def test_continue_as_new_queues_its_start_and_carryover_before_late_arriva
     assert await store.get_history("i1") == []
 
 
+@pytest.mark.sqlite_only
 async def test_queries_and_the_lease_are_served_by_indexes(tmp_path: pathlib.Path) -> None:
     """At 100,000 instances a scan would be slow; every hot statement must use an index."""
     import sqlite3
@@ -750,7 +760,7 @@ async def test_queries_and_the_lease_are_served_by_indexes(tmp_path: pathlib.Pat
 
 
 async def test_concurrent_writes_commit_together_and_a_failing_one_fails_alone(
-    store: SqliteBackend,
+    store: Backend,
 ) -> None:
     await create(store, new_state("taken"))
     outcomes: dict[str, str] = {}
@@ -779,10 +789,10 @@ async def test_concurrent_writes_commit_together_and_a_failing_one_fails_alone(
     assert taken is not None and taken.input == '"x"'
     # The batch ran whole first, failed, and ran again write by write: the writer's cache
     # kept only what committed.
-    assert await store.verify_cache() == []
+    assert await cache_problems(store) == []
 
 
-async def test_leases_come_in_batches_earliest_first_and_never_twice(store: SqliteBackend) -> None:
+async def test_leases_come_in_batches_earliest_first_and_never_twice(store: Backend) -> None:
     for i in range(5):
         await create(store, new_state(f"b{i}"))
     first = await store.lease_orchestrations("me", now(), 3)
@@ -793,7 +803,7 @@ async def test_leases_come_in_batches_earliest_first_and_never_twice(store: Sqli
     assert await store.lease_orchestrations("late", now(), 10) == []
 
 
-async def test_failed_attempts_count_until_a_step_commits_or_waits(store: SqliteBackend) -> None:
+async def test_failed_attempts_count_until_a_step_commits_or_waits(store: Backend) -> None:
     await create(store, new_state())
     for _ in range(3):
         # leases given back untried (a stopping hub), like leases a killed sidecar held
@@ -817,6 +827,7 @@ async def test_failed_attempts_count_until_a_step_commits_or_waits(store: Sqlite
     assert item is not None and item.attempt == 1
 
 
+@pytest.mark.sqlite_only
 def test_the_instance_cache_keeps_only_what_commits() -> None:
     from dt_trio._store._sqlite._cache import InstanceCache as _InstanceCache
 
@@ -849,6 +860,7 @@ def test_the_instance_cache_keeps_only_what_commits() -> None:
     assert (cache.get("c"), cache.get("d")) == (None, (b[0], (), 20))
 
 
+@pytest.mark.sqlite_only
 def test_the_rows_of_finished_instances_are_kept_within_bounds() -> None:
     from dt_trio._store._sqlite._cache import InstanceCache as _InstanceCache
 
@@ -881,7 +893,7 @@ def test_the_rows_of_finished_instances_are_kept_within_bounds() -> None:
 
 
 async def _one_write(
-    store: SqliteBackend,
+    store: Backend,
     value: int,
     gate: threading.Event | None = None,
     entered: threading.Event | None = None,
@@ -898,6 +910,7 @@ async def _one_write(
     return await store._db.write(write)
 
 
+@pytest.mark.sqlite_only
 async def test_with_the_writer_running_a_write_returns_once_its_own_batch_is_committed() -> None:
     store = SqliteBackend("")
     await store.open()
@@ -930,6 +943,7 @@ async def test_with_the_writer_running_a_write_returns_once_its_own_batch_is_com
         await store.close()
 
 
+@pytest.mark.sqlite_only
 async def test_writes_queued_during_a_commit_follow_it_in_the_writer_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -975,6 +989,7 @@ async def test_writes_queued_during_a_commit_follow_it_in_the_writer_thread(
         await store.close()
 
 
+@pytest.mark.sqlite_only
 async def test_writes_queued_when_the_writer_stops_are_committed() -> None:
     store = SqliteBackend("")
     await store.open()
@@ -1048,6 +1063,7 @@ CREATE INDEX entity_inbox_instance ON entity_inbox (instance_id, visible_at);
 """
 
 
+@pytest.mark.sqlite_only
 async def test_a_store_of_the_first_schema_opens_with_its_work_and_failed_attempts(
     tmp_path: pathlib.Path,
 ) -> None:

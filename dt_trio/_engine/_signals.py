@@ -103,6 +103,10 @@ class Signals:
     def store_fault(self, reason: str | None) -> None:
         self.health.store_fault(reason)
 
+    def any_instance_changed(self) -> None:
+        for change in list(self._instances.values()):
+            change.fire(None)
+
     def instance_event(self, instance_id: str) -> InstanceChange:
         """The next change of the instance, for one waiter, who must `release` it. Take it
         *before* reading the instance, so that a change between the read and the wait is not

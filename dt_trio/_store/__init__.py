@@ -1,4 +1,4 @@
-"""Persistence: the Backend protocol and its sqlite implementation."""
+"""Persistence: the Backend protocol, its sqlite and PostgreSQL implementations."""
 
 from dt_trio._store._backend import (
     Backend,
@@ -11,17 +11,31 @@ from dt_trio._store._backend import (
     notify,
 )
 from dt_trio._store._durability import Durability
+from dt_trio._store._select import (
+    DEFAULT_HUB,
+    DEFAULT_LEASE_TTL,
+    InvalidHubName,
+    check_hub,
+    is_postgres_address,
+    make_store,
+)
 from dt_trio._store._sqlite import SqliteBackend
 
 __all__ = [
+    "DEFAULT_HUB",
+    "DEFAULT_LEASE_TTL",
     "Backend",
     "Durability",
     "EntityFilter",
     "InstanceFilter",
+    "InvalidHubName",
     "Leased",
     "NullListener",
     "PageKey",
     "SqliteBackend",
     "StoreListener",
+    "check_hub",
+    "is_postgres_address",
+    "make_store",
     "notify",
 ]

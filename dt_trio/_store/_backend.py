@@ -76,6 +76,10 @@ class StoreListener(Protocol):
         """Writes began failing for want of a usable store (`reason`), or work again (None).
         Called in the event loop's thread, once per change."""
 
+    def any_instance_changed(self) -> None:
+        """Any instance may have changed (news from another sidecar was lost, or named too
+        many instances): whoever waits for one reads it again."""
+
 
 def notify(listener: StoreListener, wakeups: Wakeups) -> None:
     """Tell `listener` what a commit woke (see `dt_trio._core._commit.wakeups`)."""
@@ -105,6 +109,9 @@ class NullListener:
         pass
 
     def store_fault(self, reason: str | None) -> None:
+        pass
+
+    def any_instance_changed(self) -> None:
         pass
 
 

@@ -1,6 +1,6 @@
 """dt-trio against the official SDK's in-memory reference server, same SDK worker and client.
 
-    python tests/bench/bench.py [--quick] [--rounds N] [--json FILE]
+    python tests/bench/bench.py [--quick] [--rounds N] [--json FILE] [--store postgres]
 
 The servers run in their own processes; this process runs the official Python SDK's worker and
 client against each in turn. dt-trio runs on an sqlite file in WAL mode (durable), once more
@@ -27,6 +27,8 @@ a fresh interpreter, as a user's script), in normal and full durability, and a s
 performance issues with its ratio, and the figures: printed, and written beside the JSON
 results (a full run's go to docs/bench-results/DATE-COMMIT.json and .md, to be committed).
 
+With --store postgres, dt-trio on PostgreSQL instead, with 1, 2 and 3 sidecars: see
+bench_postgres.py.
 Last, what the web dashboard costs: hello cities on dt-trio without it, and with three
 clients on its instance list (the page, then its live stream, as a browser keeps it open),
 in turns (`--only-dashboard` measures only that).
@@ -835,11 +837,21 @@ def main() -> int:
         "medians are reported",
     )
     parser.add_argument(
+        "--store",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="postgres: 1, 2 and 3 sidecars on PostgreSQL (see bench_postgres.py)",
+    )
+    parser.add_argument(
         "--only-dashboard",
         action="store_true",
         help="measure only what the dashboard costs (hello cities with three live clients)",
     )
     args = parser.parse_args()
+    if args.store == "postgres":
+        import bench_postgres
+
+        return bench_postgres.main(args.quick, args.rounds, args.json)
     if args.local_round:
         print(json.dumps(trio.run(local_workloads, args.quick, args.local_round)))
         return 0

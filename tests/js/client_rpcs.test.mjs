@@ -14,12 +14,17 @@ import {
 } from "@microsoft/durabletask-js";
 
 const python = process.env.DT_TRIO_PYTHON ?? "python3";
+// The store: in memory, or a task hub of this run's own on the PostgreSQL server named here.
+const postgres = process.env.DT_TRIO_TEST_PG;
+const store = postgres
+  ? ["--db", postgres, "--hub", `js${process.pid}_${Date.now()}`]
+  : ["--db", ""];
 let sidecar, address, client, worker;
 let fragileBroken = true;
 
 function startSidecar() {
   return new Promise((resolve, reject) => {
-    const proc = spawn(python, ["-m", "dt_trio", "--port", "0", "--db", "", "--no-ui"], {
+    const proc = spawn(python, ["-m", "dt_trio", "--port", "0", ...store, "--no-ui"], {
       stdio: ["ignore", "ignore", "pipe"],
     });
     let log = "";

@@ -36,6 +36,15 @@ class _Failed(Exception):
     """Rolls back the transaction of a lone write that failed."""
 
 
+class _Lost(Exception):
+    """A write of a batch failed in a way that made sqlite roll the whole transaction back:
+    every write of the batch fails with `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclasses.dataclass(eq=False)
 class _WriteSlot:
     """One write waiting for its turn in a group commit."""
@@ -284,6 +293,10 @@ class Connections:
                         slot.outcome = outcome.Error(exc)
                         if alone:
                             raise _Failed from exc
+                        if not conn.in_transaction:
+                            # sqlite rolled the whole transaction back itself (a full disk, an
+                            # I/O error): the writes before this one are gone with it.
+                            raise _Lost(exc) from exc
                         conn.execute("ROLLBACK TO one_write")
                         cache.undo_to(mark)
                     if not alone:
@@ -291,6 +304,9 @@ class Connections:
             committed = True
         except _Failed:
             pass  # the transaction was rolled back; the write's outcome says why
+        except _Lost as lost:
+            for slot in batch:
+                slot.outcome = outcome.Error(lost.error)
         except sqlite3.Error as exc:
             failed = StoreUnavailable(f"the store cannot write: {exc}")
             for slot in batch:
