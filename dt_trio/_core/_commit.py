@@ -41,8 +41,9 @@ from dt_trio._core._state import (
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 
-class WorkKind(enum.Enum):
-    """The three kinds of work a hub leases and hands to workers."""
+class WorkKind(enum.StrEnum):
+    """The three kinds of work a hub leases and hands to workers. (A str enum: it keys the
+    executor's queues and counters, and str's hash is a C call where Enum's is Python's.)"""
 
     ORCHESTRATION = "orchestration"
     ACTIVITY = "activity"
@@ -235,7 +236,7 @@ class Reopen:
     instance_id: str
 
 
-class Attempts(enum.Enum):
+class Attempts(enum.StrEnum):
     """What a release does to the item's count of failed attempts."""
 
     KEEP = "keep"  # given back untried (the hub is stopping, a lease nobody ran)

@@ -201,9 +201,10 @@ class Pending:
     on_its_way: trio.Event | None = None
     # Given back because no worker accepts it (see `RemoteExecutor._answer`).
     unclaimed: bool = False
-    # The wait for the answer while some worker accepts the item: cancelled when the last
-    # one leaves, so that the wait for another one starts.
-    watch: trio.CancelScope | None = None
+    # What the processor's task waits on: set once answered or abandoned, and when the last
+    # worker that took the item's kind leaves while it waits in the queue (then it waits for
+    # another one in time; see `_answer`).
+    wake: trio.Event = field(default_factory=trio.Event)
     # An orchestrator answer coming in chunks: the chunks so far, merged (see `_whole`).
     chunks: pb.OrchestratorResponse | None = None
     chunk_count: int = 0
@@ -218,7 +219,11 @@ class Pending:
     def abandon(self, delay: float) -> None:
         if not self.answered.is_set():
             self.abandon_delay = delay
-            self.answered.set()
+            self.mark_answered()
+
+    def mark_answered(self) -> None:
+        self.answered.set()
+        self.wake.set()
 
     def ack(self, error: BaseException | None = None) -> None:
         """Tell the completing rpc how its commit went."""
@@ -456,15 +461,16 @@ class RemoteExecutor:
         accepts it, at most `unclaimed_seconds` (then it is abandoned as `unclaimed`)."""
         while not pending.answered.is_set():
             if pending.worker is None and not self._claimable(pending.route):
-                with trio.move_on_after(self.unclaimed_seconds):
-                    await pending.answered.wait()
-                if pending.worker is None and not self._claimable(pending.route):
-                    pending.unclaimed = True
-                    pending.abandon(0.0)
-                continue
-            with trio.CancelScope() as pending.watch:
-                await pending.answered.wait()
-            pending.watch = None
+                with trio.move_on_after(self.unclaimed_seconds) as waited:
+                    await pending.wake.wait()
+                if waited.cancelled_caught and pending.worker is None:
+                    if not self._claimable(pending.route):
+                        pending.unclaimed = True
+                        pending.abandon(0.0)
+            else:
+                await pending.wake.wait()
+            if not pending.answered.is_set():
+                pending.wake = trio.Event()  # woken to look again (see `stream`)
 
     def _claimable(self, route: Route) -> bool:
         return any(w.accepts(route) for w in self._workers)
@@ -652,7 +658,7 @@ class RemoteExecutor:
             self.refuse(pending, exc)  # handed out again: nothing is lost
             raise
         pending.response = whole
-        pending.answered.set()
+        pending.mark_answered()
 
     @staticmethod
     def _whole(pending: Pending, response: object) -> object | None:
@@ -710,7 +716,7 @@ class RemoteExecutor:
             self._give_back(pending, gives_back)
             return
         pending.response = response
-        pending.answered.set()
+        pending.mark_answered()
         with trio.CancelScope(shield=True):
             # The commit happens whether or not the caller stays; its outcome is the answer.
             await pending.committed.wait()
@@ -780,9 +786,8 @@ class RemoteExecutor:
             self._note_workers_changed()
             for pending in self._pending.values():
                 # Waiting for a worker no connected one is any more: wait for one in time.
-                if pending.watch is not None and pending.worker is None:
-                    if not self._claimable(pending.route):
-                        pending.watch.cancel()
+                if pending.worker is None and not self._claimable(pending.route):
+                    pending.wake.set()
             self._dispatch()
 
 
