@@ -8,14 +8,16 @@ client, scheduling round-robin through the sidecars and waiting on the one it sc
 through), so that 1, 2 and 3 sidecars are measured the same way, and the sqlite sidecar and
 the reference the same way as them. Then, on PostgreSQL: how soon a commit on one sidecar
 wakes another (store to store, in this process), how long a killed sidecar's work waits for
-another to take it over, what the sidecar sends the database per orchestration step, and how
-often it asks while idle. PostgreSQL is a throwaway cluster (or $DT_TRIO_TEST_PG); its version
-and settings are in the report.
+another to take it over, what the sidecars send the database per orchestration step (hello
+cities alone: every statement, the waits' reads and the wake-ups included, over the steps
+written), and how often a sidecar asks while idle. PostgreSQL is a throwaway cluster (or
+$DT_TRIO_TEST_PG); its version and settings are in the report.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import platform
@@ -34,7 +36,16 @@ from durabletask import client, task, worker
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import _postgres
-from bench import fan_out, free_port, hello_cities, one_activity, percentile, say_hello
+from bench import (
+    commit,
+    fan_out,
+    free_port,
+    hello_cities,
+    machine,
+    one_activity,
+    percentile,
+    say_hello,
+)
 
 SETTINGS = ("server_version", "fsync", "synchronous_commit", "shared_buffers", "max_connections")
 LEASE_TTL = 5.0  # for the takeover measurement
@@ -181,7 +192,7 @@ def fan(clients: list[client.TaskHubGrpcClient], n: int) -> dict[str, float]:
             state = c.wait_for_orchestration_completion(instance_id, timeout=600)
             assert state is not None and state.serialized_output == str(n)
         rates.append(n * len(clients) / (time.perf_counter() - started))
-        return {"activities_per_s": percentile(rates, 50)}
+    return {"activities_per_s": percentile(rates, 50)}
 
 
 def throughput(kind: str, count: int, pg: str, quick: bool) -> dict[str, Any]:
@@ -200,13 +211,24 @@ def throughput(kind: str, count: int, pg: str, quick: bool) -> dict[str, Any]:
         finally:
             for c in clients:
                 c.close()
-    if kind == "postgres":
-        # everything the sidecars sent, the waits' reads and the wake-ups included
-        results["per orchestration step"] = {
-            "statements": running.statements / running.steps,
-            "round_trips": running.round_trips / running.steps,
-        }
     return results
+
+
+def per_step(count: int, pg: str, n: int) -> dict[str, float]:
+    """What `count` sidecars send the database per orchestration step of hello cities (one
+    activity result per step): everything, the waits' reads and the wake-ups included, as
+    the sidecars count it, over the steps they wrote."""
+    with servers("postgres", count, pg) as running:
+        clients = [client.TaskHubGrpcClient(host_address=a) for a in running.addresses]
+        try:
+            hello(clients, n)
+        finally:
+            for c in clients:
+                c.close()
+    return {
+        "statements": running.statements / running.steps,
+        "round_trips": running.round_trips / running.steps,
+    }
 
 
 async def wake_latency(pg: str, samples: int) -> dict[str, float]:
@@ -255,25 +277,37 @@ async def wake_latency(pg: str, samples: int) -> dict[str, float]:
 def takeover(pg: str, kills: int) -> dict[str, Any]:
     """Two sidecars with a worker each; an activity that sleeps runs on the first, which is
     killed (with its worker) mid-activity: how long until the second finishes the
-    orchestration, beyond the activity's own time."""
+    orchestration, beyond the activity's own time (it runs again from its start)."""
     seconds = []
     extra = ("--lease-ttl", str(LEASE_TTL))
+    activity = 1.0
     with servers("postgres", 2, pg, *extra) as running:
         first, second = (client.TaskHubGrpcClient(host_address=a) for a in running.addresses)
         try:
             for k in range(kills):
-                # only the first sidecar has a worker while the activity starts
+                # the first sidecar's worker is connected, and is the only one while the
+                # activity starts
+                first.wait_for_orchestration_completion(
+                    first.schedule_new_orchestration(one_activity), timeout=60
+                )
                 running.workers[1].terminate()
                 running.workers[1].wait(30)
-                instance_id = first.schedule_new_orchestration(held, input=0.5)
-                time.sleep(0.3)  # the activity runs on the first sidecar's worker
+                instance_id = first.schedule_new_orchestration(held, input=activity)
+                deadline = time.monotonic() + 30
+                while True:  # its first step is committed: the activity runs on that worker
+                    state = first.get_orchestration_state(instance_id)
+                    if state is not None and state.runtime_status.name == "RUNNING":
+                        break
+                    assert time.monotonic() < deadline, "the activity did not start"
+                    time.sleep(0.01)
+                time.sleep(0.2)
                 running.procs[0].kill()  # first: alive, it would give the activity back
                 killed = time.perf_counter()
                 running.workers[0].kill()
                 running.workers[1] = running.start_worker(running.addresses[1])
                 state = second.wait_for_orchestration_completion(instance_id, timeout=120)
                 assert state is not None and state.serialized_output == '"slow"'
-                seconds.append(time.perf_counter() - killed - 0.5)
+                seconds.append(time.perf_counter() - killed - activity)
                 if k + 1 < kills:  # the first sidecar again, on its port
                     port = int(running.addresses[0].rsplit(":", 1)[1])
                     cmd = [sys.executable, "-m", "dt_trio", "--port", str(port), "--db", pg,
@@ -312,14 +346,26 @@ def postgres_settings(pg: str) -> dict[str, str]:
         return {name: str(conn.execute(f"SHOW {name}").fetchone()[0]) for name in SETTINGS}  # type: ignore[index]
 
 
-def main(quick: bool, rounds: int, json_path: str) -> int:
+def main(quick: bool, rounds: int, json_path: str | None) -> int:
+    """The whole run: throughput in `rounds` interleaved rounds (each round another server
+    goes first; medians, with every round kept), then the PostgreSQL-only figures. Written as
+    JSON and a markdown table beside it (docs/bench-results/DATE-COMMIT-postgres.json unless
+    --quick or --json)."""
+    date = datetime.date.today().isoformat()
+    at = commit()
+    if json_path is None:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        json_path = (
+            "bench-results-postgres.json"
+            if quick
+            else os.path.join(root, "docs", "bench-results", f"{date}-{at}-postgres.json")
+        )
     report: dict[str, Any] = {
-        "machine": {
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "date": date,
+        "commit": at,
+        "machine": {**machine(), "platform": platform.platform()},
         "quick": quick,
+        "rounds": rounds,
     }
     with _postgres.server() as pg:
         report["postgres"] = postgres_settings(pg)
@@ -329,6 +375,7 @@ def main(quick: bool, rounds: int, json_path: str) -> int:
             for kind, count in runs[r % len(runs) :] + runs[: r % len(runs)]:
                 label = f"{kind} x{count}" if kind == "postgres" else kind
                 results.setdefault(label, []).append(throughput(kind, count, pg, quick))
+            print(f"round {r + 1} of {rounds} done", file=sys.stderr)
         report["throughput"] = {
             label: {
                 workload: {
@@ -339,13 +386,94 @@ def main(quick: bool, rounds: int, json_path: str) -> int:
             }
             for label, runs_of in results.items()
         }
+        report["each_round"] = results
+        report["per_orchestration_step"] = {
+            f"postgres x{count}": per_step(count, pg, 100 if quick else 300) for count in (1, 2, 3)
+        }
         report["wake_up_across_sidecars"] = trio.run(wake_latency, pg, 100 if quick else 500)
         report["takeover_after_kill_9"] = takeover(pg, 1 if quick else 3)
         report["idle"] = idle(pg)
+    table = markdown(report)
     print(json.dumps(report, indent=2))
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
+    with open(os.path.splitext(json_path)[0] + ".md", "w") as f:
+        f.write(table)
+    print(table)
+    print(f"written to {json_path} and its .md")
     return 0
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The targets of the PostgreSQL store and every throughput figure, with each round."""
+    rounds = report["each_round"]
+    hello_key = next(k for k in rounds["reference"][0] if k.startswith("hello"))
+    fan_key = next(k for k in rounds["reference"][0] if k.startswith("fan-out"))
+
+    def each(label: str, key: str, metric: str) -> list[float]:
+        return [run[key][metric] for run in rounds[label]]
+
+    ratios = [
+        p / r
+        for p, r in zip(
+            each("postgres x1", hello_key, "orchestrations_per_s"),
+            each("reference", hello_key, "orchestrations_per_s"),
+            strict=True,
+        )
+    ]
+    median = report["throughput"]
+    ratio = (
+        median["postgres x1"][hello_key]["orchestrations_per_s"]
+        / median["reference"][hello_key]["orchestrations_per_s"]
+    )
+    step = report["per_orchestration_step"]
+    wake = report["wake_up_across_sidecars"]
+    idle_rate = report["idle"]["statements_per_s"]
+    pg = report["postgres"]
+    m = report["machine"]
+    out = [
+        f"PostgreSQL store, {report['date']}, commit {report['commit']}: {m.get('cpu', '')}, "
+        f"{m.get('cores')} cores, Python {m.get('python')}; PostgreSQL {pg['server_version']} "
+        f"(fsync {pg['fsync']}, synchronous_commit {pg['synchronous_commit']}, shared_buffers "
+        f"{pg['shared_buffers']}); {report['rounds']} rounds, medians [min..max].",
+        "",
+        "| target | figure | goal | met |",
+        "| --- | --- | --- | --- |",
+        f"| hello cities, 1 sidecar / in-memory reference | {ratio:.2f}x (rounds: "
+        f"{', '.join(f'{r:.2f}' for r in ratios)}) | >= 1.0x | {'yes' if ratio >= 1 else 'no'} |",
+        f"| cross-sidecar wake-up p50 (p99) | {wake['p50_ms']:.2f} ms ({wake['p99_ms']:.2f} ms) "
+        f"| < 5 ms | {'yes' if wake['p50_ms'] < 5 else 'no'} |",
+    ]
+    for label, figures in step.items():
+        trips, statements = figures["round_trips"], figures["statements"]
+        out.append(
+            f"| round trips per orchestration step, {label} | {trips:.2f} ({statements:.2f} "
+            f"statements) | <= 2 | {'yes' if trips <= 2 else 'no'} |"
+        )
+    out += [
+        f"| statements per second while idle, per sidecar | {idle_rate:.2f} | < 2 | "
+        f"{'yes' if idle_rate < 2 else 'no'} |",
+        "",
+        "| server | hello cities /s | p50 ms | fan-out activities /s |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label in rounds:
+        rates = each(label, hello_key, "orchestrations_per_s")
+        fans = each(label, fan_key, "activities_per_s")
+        out.append(
+            f"| {label} | {median[label][hello_key]['orchestrations_per_s']:.0f} "
+            f"[{min(rates):.0f}..{max(rates):.0f}] | {median[label][hello_key]['p50_ms']:.1f} | "
+            f"{median[label][fan_key]['activities_per_s']:.0f} [{min(fans):.0f}..{max(fans):.0f}] |"
+        )
+    takeover_s = report["takeover_after_kill_9"]
+    out += [
+        "",
+        f"Takeover after kill -9 (lease time to live {takeover_s['lease_ttl_s']} s): "
+        f"{', '.join(f'{t} s' for t in takeover_s['takeover_s'])}.",
+        "",
+    ]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
