@@ -107,13 +107,17 @@ def protos(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def sdk_suites(session: nox.Session) -> None:
-    """The official SDK's e2e suites against dt-trio: -- --repo PATH [SUITE ...]."""
+    """The official SDK's e2e suites against dt-trio: -- --repo PATH [--store postgres]
+    [SUITE ...] (sqlite in memory by default; each suite's sidecar a hub of its own on a
+    throwaway PostgreSQL cluster with --store postgres)."""
     if "--repo" not in session.posargs:
         session.skip(
             "give a clone of microsoft/durabletask-python: nox -s sdk_suites -- --repo PATH"
         )
     # the async suite's tests are asyncio coroutines
     session.install("-e", ".[test]", "pytest-asyncio")
+    if "postgres" in session.posargs:
+        _need_postgres(session)
     session.run("python", "tests/sdk_suites/run_official.py", *session.posargs)
 
 
