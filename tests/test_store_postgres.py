@@ -236,6 +236,93 @@ async def test_a_commit_without_the_lease_is_refused_and_changes_nothing(
     assert len(await store.get_history("i1")) == 2
 
 
+async def queued_behind_a_held_row(
+    store: PostgresBackend, pg_address: str, held: OrchestrationWorkItem, commits: list[Commit]
+) -> list[BaseException | None]:
+    """Apply `commits` together, in one batch of the store's writer: a step of `held` goes
+    first and waits for the instance's row, which another program holds, while `commits`
+    queue behind it; then the row is let go. What each of `commits` raised (None: applied)."""
+    outcomes: list[BaseException | None] = [None] * len(commits)
+    blocker = psycopg.connect(pg_address)
+    try:
+        blocker.execute(
+            f"SELECT 1 FROM {store.schema}.instances WHERE instance_id = %s FOR UPDATE",
+            (held.state.instance_id,),
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.apply, step(held))
+            with trio.fail_after(10):
+                while True:  # until the step waits for the row
+                    waiting = blocker.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dt-trio' "
+                        "AND wait_event_type = 'Lock'"
+                    ).fetchone()
+                    if waiting and waiting[0]:
+                        break
+                    await trio.sleep(0.01)
+
+            async def apply(i: int, commit: Commit) -> None:
+                try:
+                    await store.apply(commit)
+                except Exception as exc:
+                    outcomes[i] = exc
+
+            for i, commit in enumerate(commits):
+                nursery.start_soon(apply, i, commit)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(store._queue) == len(commits)
+            pipelines = store.counts.pipelines
+            blocker.rollback()
+    finally:
+        blocker.close()
+    assert store.counts.pipelines == pipelines + 1  # all of them in one round trip
+    return outcomes
+
+
+async def test_a_stale_commit_in_a_batch_is_refused_alone(
+    store: PostgresBackend, pg_address: str
+) -> None:
+    for i in ("held", "a", "b"):
+        await store.apply(create(new_state(i)))
+    held, a, b = await store.lease_orchestrations(ME, now(), 3)
+    stale = dataclasses.replace(b, lease=Lease(ME, b.lease.epoch - 1))
+    outcomes = await queued_behind_a_held_row(
+        store, pg_address, held, [step(a), step(stale), create(new_state("c"), take=ME)]
+    )
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], LockLost)
+    assert len(await store.get_history("a")) == 2
+    assert await store.get_history("b") == []  # the stale one wrote nothing
+    assert await store.get_instance("c") is not None
+    await store.apply(step(b))  # the lease it had is still good
+    assert len(await store.get_history("b")) == 2
+
+
+async def test_a_failed_commit_in_a_batch_fails_alone_and_the_others_are_written_once(
+    store: PostgresBackend, pg_address: str
+) -> None:
+    import random
+    import string
+
+    from dt_trio._errors import InvalidRequest
+
+    huge = "".join(random.choices(string.ascii_letters, k=10_000))  # beyond an index entry
+    for i in ("held", "a", "b"):
+        await store.apply(create(new_state(i)))
+    held, a, b = await store.lease_orchestrations(ME, now(), 3)
+    outcomes = await queued_behind_a_held_row(
+        store,
+        pg_address,
+        held,
+        [create(new_state("c")), step(a), create(new_state(huge)), step(b)],
+    )
+    # the server skipped what followed the bad one: written after it, each on its own
+    assert isinstance(outcomes[2], InvalidRequest)
+    assert outcomes[:2] == [None, None] and outcomes[3] is None  # c not created twice
+    assert len(await store.get_history("a")) == 2 and len(await store.get_history("b")) == 2
+    assert await store.get_instance("c") is not None
+
+
 async def test_messages_to_a_gone_execution_or_instance_are_dropped_and_counted(
     store: PostgresBackend,
 ) -> None:

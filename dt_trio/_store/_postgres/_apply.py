@@ -207,11 +207,28 @@ def apply(tx: Tx, commit: Commit) -> Applied:
     )
 
 
-def one_call(commit: Commit) -> Callable[[Tx], Applied] | None:
+@dataclass(frozen=True)
+class Call:
+    """A commit as one statement of a function of the schema: the statement, and what makes
+    the row it answers the commit's `Applied` (raising LockLost when the lease was not held:
+    the function then wrote nothing). Sent alone, or pipelined with others (see `_store`)."""
+
+    query: str
+    params: Sequence[Any]
+    finish: Callable[[Sequence[Any]], Applied]
+
+    def run(self, tx: Tx) -> Applied:
+        row = tx.run(self.query, self.params).fetchone()
+        assert row is not None
+        return self.finish(row)
+
+
+def one_call(commit: Commit) -> Callable[[Tx], Call] | None:
     """`commit` as one call of a function of the schema, when it has the shape of one (the
-    commits the engine makes most): a step under its instance's lease (write_step), or an
-    activity's result under the activity's lease, with the instance taken or not (deliver).
-    The call raises LockLost, having written nothing, when the lease is not held."""
+    commits the engine makes most): a step under its instance's lease (write_step), an
+    activity's result under the activity's lease, with the instance taken or not (deliver),
+    or a start. The call refuses (LockLost), having written nothing, when the lease is not
+    held. Made for a transaction (`Tx`), whose time and leases its parameters use."""
     if commit.otherwise is not None or len(commit.guards) != 1:
         return None
     guard = commit.guards[0]
@@ -233,12 +250,17 @@ def one_call(commit: Commit) -> Callable[[Tx], Applied] | None:
             return None
         take = next((t for t in takes if isinstance(t, TakeActivities)), None)
 
-        def step(tx: Tx) -> Applied:
-            written = _write_one_step(tx, result, take, guard.lease)
-            if written is None:
-                raise _lost(guard)
-            handed, waiting = written
-            return Applied(activities=tuple(handed), waiting=waiting, dropped=tx.dropped)
+        def step(tx: Tx) -> Call:
+            query, params, written = _step_call(tx, result, take, guard.lease)
+
+            def finish(row: Sequence[Any]) -> Applied:
+                handed = written(row)
+                if handed is None:
+                    raise _lost(guard)
+                activities, waiting = handed
+                return Applied(activities=tuple(activities), waiting=waiting, dropped=tx.dropped)
+
+            return Call(query, params, finish)
 
         return step
     if guard.kind is not WorkKind.ACTIVITY or len(writes) != 2:
@@ -263,9 +285,22 @@ def one_call(commit: Commit) -> Callable[[Tx], Applied] | None:
             return None
         owner = takes[0].owner
 
-    def deliver(tx: Tx) -> Applied:
+    def deliver(tx: Tx) -> Call:
         now = utc(tx.now)
-        row = tx.run(
+
+        def finish(row: Sequence[Any]) -> Applied:
+            held, delivered = row[0], row[1]
+            if not held:
+                raise _lost(guard)
+            tx.released.append((WorkKind.ACTIVITY, guard.key))
+            if not delivered:
+                return Applied(dropped=1)
+            if owner is None or row[2] is None:
+                return Applied()
+            taken = _taken(tx, row[2:], owner)
+            return Applied(orchestrations=(taken,))
+
+        return Call(
             "SELECT * FROM deliver(%s::bigint, %s::text, %s::bigint, %s::text, %s::text, "
             "%s::bytea, %s::timestamptz, %s::text, %s::interval, %s::timestamptz)",
             (
@@ -280,25 +315,15 @@ def one_call(commit: Commit) -> Callable[[Tx], Applied] | None:
                 tx.ttl,
                 now,
             ),
-        ).fetchone()
-        assert row is not None
-        held, delivered = row[0], row[1]
-        if not held:
-            raise _lost(guard)
-        tx.released.append((WorkKind.ACTIVITY, guard.key))
-        if not delivered:
-            return Applied(dropped=1)
-        if owner is None or row[2] is None:
-            return Applied()
-        taken = _taken(tx, row[2:], owner)
-        return Applied(orchestrations=(taken,))
+            finish,
+        )
 
     return deliver
 
 
 def _start_call(
     guard: Creatable, writes: Sequence[Write], takes: Sequence[Take]
-) -> Callable[[Tx], Applied] | None:
+) -> Callable[[Tx], Call] | None:
     """A start (Creatable, CreateInstance with its message, the instance taken or not) as
     one call of the schema's start."""
     if len(writes) != 1 or not isinstance(writes[0], CreateInstance):
@@ -315,8 +340,21 @@ def _start_call(
             return None
         owner = takes[0].owner
 
-    def start(tx: Tx) -> Applied:
-        row = tx.run(
+    def start(tx: Tx) -> Call:
+        def finish(row: Sequence[Any]) -> Applied:
+            status, message, epoch = row
+            if status is not None:
+                raise InstanceExists(state.instance_id, Status(status).label)
+            tx.created.add(state.instance_id)
+            if epoch is None:
+                return Applied()
+            assert owner is not None
+            lease = Lease(owner, epoch)
+            tx.taken.append((WorkKind.ORCHESTRATION, state.instance_id, lease, 0))
+            item = OrchestrationWorkItem(state, [], [InboxMessage(message, started)], lease)
+            return Applied(orchestrations=(item,))
+
+        return Call(
             "SELECT * FROM start(%s::smallint[], %s::text, %s::text, %s::text, %s::text, "
             "%s::smallint, %s::text, %s::text, %s::text, %s::bytea, %s::timestamptz, "
             "%s::timestamptz, %s::timestamptz, %s::timestamptz, %s::text, %s::jsonb, %s::bytea, "
@@ -330,19 +368,8 @@ def _start_call(
                 tx.ttl,
                 utc(tx.now),
             ),
-        ).fetchone()
-        assert row is not None
-        status, message, epoch = row
-        if status is not None:
-            raise InstanceExists(state.instance_id, Status(status).label)
-        tx.created.add(state.instance_id)
-        if epoch is None:
-            return Applied()
-        assert owner is not None
-        lease = Lease(owner, epoch)
-        tx.taken.append((WorkKind.ORCHESTRATION, state.instance_id, lease, 0))
-        item = OrchestrationWorkItem(state, [], [InboxMessage(message, started)], lease)
-        return Applied(orchestrations=(item,))
+            finish,
+        )
 
     return start
 
@@ -593,9 +620,7 @@ def _write_step(
     """Write one orchestration step (see `WriteStep`); the activities it leased and whether
     the instance has messages after it."""
     if tx.functions and not (result.reset_history or result.new_instances):
-        written = _write_one_step(tx, result, take)
-        assert written is not None  # (no guard: the commit's guards held)
-        return written
+        return _write_one_step(tx, result, take)
     tx.steps += 1
     state = result.state
     instance_id = state.instance_id
@@ -667,16 +692,31 @@ _WRITE_STEP = (
 
 
 def _write_one_step(
-    tx: Tx, result: StepResult, take: TakeActivities | None, guard: Lease | None = None
-) -> tuple[list[ActivityWorkItem], bool] | None:
+    tx: Tx, result: StepResult, take: TakeActivities | None
+) -> tuple[list[ActivityWorkItem], bool]:
     """`_write_step` in one call of the schema's write_step, for a step that does not
-    continue as new and starts no instance; with `guard`, after checking that the instance
-    is leased with it (None if it is not: nothing was written)."""
+    continue as new and starts no instance (the commit's guards held)."""
+    query, params, written = _step_call(tx, result, take, None)
+    row = tx.run(query, params).fetchone()
+    assert row is not None
+    handed = written(row)
+    assert handed is not None  # (no guard)
+    return handed
+
+
+def _step_call(
+    tx: Tx, result: StepResult, take: TakeActivities | None, guard: Lease | None
+) -> tuple[
+    str, Sequence[Any], Callable[[Sequence[Any]], tuple[list[ActivityWorkItem], bool] | None]
+]:
+    """The call of write_step for a step (see `_write_one_step`), with `guard`: after checking
+    that the instance is leased with it. Returns the statement, its parameters, and what makes
+    its row the activities the step leased and whether the instance has messages after it
+    (None if the lease was not held: nothing was written)."""
     state = result.state
     instance_id = state.instance_id
     now = utc(tx.now)
     start = _history_start(tx, instance_id)
-    tx.steps += 1
     activities = result.activities
     count = min(take.count, len(activities)) if take is not None else 0
     owner = take.owner if take is not None else None
@@ -688,39 +728,40 @@ def _write_one_step(
     ]
     own = [m for m in result.messages if m.target_instance_id == instance_id]
     to_entities = [m for m in result.messages if is_entity_id(m.target_instance_id)]
-    row = tx.run(
-        _WRITE_STEP,
-        (
-            guard.owner if guard is not None else None,
-            guard.epoch if guard is not None else None,
-            instance_id,
-            start,
-            [e.SerializeToString() for e in result.history],
-            list(result.consumed),
-            *state_values(state)[1:],
-            now,
-            count,
-            owner,
-            tx.ttl,
-            [a.scheduled.SerializeToString() for a in activities],
-            [m.target_instance_id for m in others],
-            [m.event.SerializeToString() for m in others],
-            [utc(m.visible_at) if m.visible_at else now for m in others],
-            [m.execution_id for m in others],
-            [m.event.SerializeToString() for m in own],
-            [utc(m.visible_at) if m.visible_at else now for m in own],
-            [m.target_instance_id for m in to_entities],
-            [m.event.SerializeToString() for m in to_entities],
-            [utc(m.visible_at) if m.visible_at else now for m in to_entities],
-        ),
-    ).fetchone()
-    assert row is not None
-    held, waiting, delivered, leased, epochs = row
-    if not held:
-        return None
-    tx.dropped += len(others) - delivered
-    tx.released.append((WorkKind.ORCHESTRATION, instance_id))
-    return _handed(tx, activities[:count], leased, epochs, owner or ""), bool(waiting)
+    params = (
+        guard.owner if guard is not None else None,
+        guard.epoch if guard is not None else None,
+        instance_id,
+        start,
+        [e.SerializeToString() for e in result.history],
+        list(result.consumed),
+        *state_values(state)[1:],
+        now,
+        count,
+        owner,
+        tx.ttl,
+        [a.scheduled.SerializeToString() for a in activities],
+        [m.target_instance_id for m in others],
+        [m.event.SerializeToString() for m in others],
+        [utc(m.visible_at) if m.visible_at else now for m in others],
+        [m.execution_id for m in others],
+        [m.event.SerializeToString() for m in own],
+        [utc(m.visible_at) if m.visible_at else now for m in own],
+        [m.target_instance_id for m in to_entities],
+        [m.event.SerializeToString() for m in to_entities],
+        [utc(m.visible_at) if m.visible_at else now for m in to_entities],
+    )
+
+    def written(row: Sequence[Any]) -> tuple[list[ActivityWorkItem], bool] | None:
+        held, waiting, delivered, leased, epochs = row
+        if not held:
+            return None
+        tx.steps += 1
+        tx.dropped += len(others) - delivered
+        tx.released.append((WorkKind.ORCHESTRATION, instance_id))
+        return _handed(tx, activities[:count], leased, epochs, owner or ""), bool(waiting)
+
+    return _WRITE_STEP, params, written
 
 
 def _insert_activities(

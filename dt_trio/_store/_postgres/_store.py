@@ -4,6 +4,10 @@ Every transaction is one hop to a worker thread (`trio.to_thread.run_sync`, a Ca
 the size of the connection pool) running psycopg 3 synchronously: psycopg's async API and
 asyncpg are asyncio-only. The store's own duties run in `run`, in the hub's nursery:
 
+- the writer: the commits made most (one call of a function of the schema each) are queued
+  and sent in batches, each batch pipelined on one connection in one round trip (each commit
+  its own transaction, fenced by its own lease: a refused one leaves the others written), in
+  one thread hop for as long as commits keep coming (see `_write_loop`);
 - renewal: every lease this process holds is renewed every ttl/3, one statement per table;
 - the notifier: what commits here woke is sent to the other sidecars (see `_notify`);
 - the listener: a LISTEN connection watched without a thread (`trio.lowlevel.wait_readable`
@@ -24,10 +28,11 @@ import select
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import outcome
 import psycopg
 import psycopg.errors
 import trio
@@ -64,7 +69,7 @@ from dt_trio._store._backend import (
 )
 from dt_trio._store._durability import Durability
 from dt_trio._store._postgres import _apply
-from dt_trio._store._postgres._apply import LEASED_INSTANCE, TERMINAL, Tx
+from dt_trio._store._postgres._apply import LEASED_INSTANCE, TERMINAL, Call, Tx
 from dt_trio._store._postgres._notify import NOTIFY_INTERVAL, Notice, Outbox, wakeups_of
 from dt_trio._store._postgres._rows import (
     ENTITY_COLUMNS,
@@ -108,17 +113,21 @@ def describe(address: str) -> str:
 
 @dataclasses.dataclass
 class Counts:
-    """What a store sent the server: statements, and transactions (each adds a BEGIN and a
-    COMMIT to its statements' round trips), and the steps it wrote. For the bench; updated
-    from worker threads without a lock (a count may miss one now and then)."""
+    """What a store sent the server: statements, transactions (each adds a BEGIN and a COMMIT
+    to its statements' round trips), pipelines (their statements, BEGIN and COMMIT included,
+    are sent together and answered together: one round trip each), and the steps it wrote.
+    For the bench; updated from worker threads without a lock (a count may miss one now and
+    then)."""
 
     statements: int = 0
     transactions: int = 0
+    pipelined: int = 0  # statements sent in pipelines
+    pipelines: int = 0
     steps: int = 0  # orchestration steps written
 
     @property
     def round_trips(self) -> int:
-        return self.statements + 2 * self.transactions
+        return self.statements - self.pipelined + self.pipelines + 2 * self.transactions
 
 
 @dataclasses.dataclass
@@ -127,6 +136,20 @@ class _Held:
 
     lease: Lease
     history: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Queued:
+    """A commit of one call waiting for the writer (see `PostgresBackend._write_loop`): what
+    makes its call, its time and leases (see `Tx`), and once written its transaction and what
+    came of it."""
+
+    prepare: Callable[[Tx], Call]
+    now: datetime
+    history_at: Mapping[str, int]
+    tx: Tx | None = None
+    outcome: outcome.Outcome[Applied] | None = None
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
 
 
 class PostgresBackend:
@@ -172,8 +195,13 @@ class PostgresBackend:
         self._outbox = Outbox(self._id)
         self._faulty = False
         self._fault_lock = threading.Lock()
+        # The writer's queue and flag, shared with its thread (see `_written`).
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Queued] = []
+        self._writing = False
+        self._writer_wakeup: trio.Event | None = None
         self.counts = Counts()
-        # Each commit's transaction (one write each: no group commit here), for /metrics.
+        # Each commit's transaction, or the writer's batch of them, for /metrics.
         self.commit_stats = CommitStats()
 
     # -- connections ----------------------------------------------------------------------
@@ -427,26 +455,169 @@ class PostgresBackend:
             and (held := self._held[WorkKind.ORCHESTRATION].get(guard.key)) is not None
             and held.lease == guard.lease
         }
-        done: list[Tx] = []
-        call = _apply.one_call(commit) if self._functions else None
+        prepare = _apply.one_call(commit) if self._functions else None
+        if prepare is not None:
+            slot = _Queued(prepare, commit.now, history_at)
+            applied = await self._written(slot)
+            assert slot.tx is not None
+            tx = slot.tx
+        else:
+            done: list[Tx] = []
 
-        def write(conn: psycopg.Connection[Any]) -> Applied:
-            tx = Tx(conn, commit.now, self._ttl, history_at, functions=self._functions)
-            applied = _apply.apply(tx, commit) if call is None else call(tx)
-            done[:] = [tx]
-            return applied
+            def write(conn: psycopg.Connection[Any]) -> Applied:
+                tx = Tx(conn, commit.now, self._ttl, history_at, functions=self._functions)
+                applied = _apply.apply(tx, commit)
+                done[:] = [tx]
+                return applied
 
-        # (one call is one statement: its own transaction)
-        started = time.perf_counter()
-        applied = await self._hop(write, transaction=call is None, retry_lost=False)
-        self.commit_stats.committed(time.perf_counter() - started, 1)
-        self._track(done[0])
-        self.counts.steps += done[0].steps
+            started = time.perf_counter()
+            applied = await self._hop(write, retry_lost=False)
+            self.commit_stats.committed(time.perf_counter() - started, 1)
+            tx = done[0]
+        self._track(tx)
+        self.counts.steps += tx.steps
         if applied.dropped:
             log.info("%d message(s) dropped: their instance or execution is gone", applied.dropped)
         self._tell(wakeups(commit, applied))
         self.listener.committed(commit, applied)
         return applied
+
+    # -- the writer ---------------------------------------------------------------------------
+
+    async def _written(self, slot: _Queued) -> Applied:
+        """Queue a commit of one call for the writer and wait until it is written (or refused).
+
+        Commits that queue while a batch is on its way go in the next batch. The writer task
+        (`run`) drives the batches or, while it does not run, whoever finds it idle; either
+        way shielded, so that a cancelled caller strands nobody. Like a transaction's hop, the
+        wait is not cancelled: a commit in flight is tracked (its leases, its wake-ups)."""
+        with self._queue_lock:
+            self._queue.append(slot)
+            idle, self._writing = not self._writing, True
+        with trio.CancelScope(shield=True):
+            if idle:
+                if self._writer_wakeup is not None:
+                    self._writer_wakeup.set()
+                else:
+                    await self._drive()
+            await slot.done.wait()
+        assert slot.outcome is not None
+        return slot.outcome.unwrap()
+
+    async def _writer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        wakeup = self._writer_wakeup = trio.Event()
+        task_status.started()
+        try:
+            while True:
+                await wakeup.wait()
+                wakeup = self._writer_wakeup = trio.Event()
+                await self._drive()
+        finally:
+            self._writer_wakeup = None
+            if self._writing:  # woken, but cancelled before it drove
+                await self._drive()
+
+    async def _drive(self) -> None:
+        """Write batches until the queue is empty, in one hop (shielded: others' commits are
+        queued)."""
+        token = trio.lowlevel.current_trio_token()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._write_loop, token, limiter=self._limiter)
+
+    def _write_loop(self, token: trio.lowlevel.TrioToken) -> None:
+        """In a worker thread: write batch after batch until the queue is empty; each batch's
+        callers are woken as it is written."""
+        while True:
+            with self._queue_lock:
+                batch, self._queue = self._queue, []
+                if not batch:
+                    self._writing = False
+                    return
+            started = time.perf_counter()
+            try:
+                self._write_batch(batch)
+            except Exception as exc:  # a bug: fail this batch's commits, not the next ones
+                log.exception("the store's writer failed")
+                for slot in batch:
+                    if slot.outcome is None:
+                        slot.outcome = outcome.Error(exc)
+            self.commit_stats.committed(time.perf_counter() - started, len(batch))
+            token.run_sync_soon(_wake, batch)
+
+    def _write_batch(self, batch: list[_Queued]) -> None:
+        """Write `batch`: a lone commit as its one statement; several pipelined (see
+        `_pipeline`), and those the pipeline did not write each on its own."""
+        alone = batch if len(batch) == 1 else self._pipeline(batch)
+        for slot in alone:
+            slot.outcome = outcome.capture(
+                self._call, functools.partial(self._write_one, slot), False, False
+            )
+
+    def _write_one(self, slot: _Queued, conn: psycopg.Connection[Any]) -> Applied:
+        tx = self._slot_tx(slot, conn)
+        return slot.prepare(tx).run(tx)
+
+    def _slot_tx(self, slot: _Queued, conn: psycopg.Connection[Any]) -> Tx:
+        slot.tx = Tx(conn, slot.now, self._ttl, slot.history_at, functions=self._functions)
+        return slot.tx
+
+    def _pipeline(self, batch: list[_Queued]) -> list[_Queued]:
+        """Write `batch` in one round trip: on one connection in pipeline mode, each commit's
+        call in a transaction of its own (BEGIN, the call, COMMIT), so that each is fenced by
+        its own lease and a refused one (its function writes nothing) leaves the others
+        written. Returns the commits to write again on their own: after an error the server
+        skips the rest of the pipeline, and the failed commit's transaction is rolled back. A
+        connection lost after a COMMIT was sent leaves its commit unknown: UNAVAILABLE (as a
+        lone commit's)."""
+        pool = self._pool
+        if pool is None:
+            return batch
+        sent: list[tuple[_Queued, Call, psycopg.Cursor[Any], psycopg.Cursor[Any]]] = []
+        error: psycopg.Error | None = None
+        try:
+            with pool.connection() as conn:
+                if _dropped(conn):
+                    conn.close()
+                    return batch
+                counted = self.counts.statements
+                try:
+                    with conn.pipeline():
+                        for slot in batch:
+                            tx = self._slot_tx(slot, conn)
+                            call = slot.prepare(tx)
+                            conn.execute("BEGIN")
+                            cursor = tx.run(call.query, call.params)
+                            sent.append((slot, call, cursor, conn.execute("COMMIT")))
+                except psycopg.Error as exc:
+                    error = exc
+                self.counts.pipelines += 1
+                self.counts.pipelined += self.counts.statements - counted
+                if error is not None and not conn.broken:
+                    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                        conn.execute("ROLLBACK")
+                broken = conn.broken
+        except PoolTimeout as exc:
+            fault = self._unavailable(f"no connection: {exc}")
+            return _failed(batch, fault)
+        except psycopg.Error as exc:  # the ROLLBACK, on a connection lost meanwhile
+            error, broken = exc, True
+        again: list[_Queued] = []
+        for slot, call, cursor, committed in sent:
+            if committed.pgresult is not None and committed.statusmessage == "COMMIT":
+                row = cursor.fetchone()
+                assert row is not None
+                slot.outcome = outcome.capture(call.finish, row)
+            elif broken and not isinstance(error, _SESSION_ENDED):
+                # its COMMIT may have reached the server before the connection was lost
+                slot.outcome = outcome.Error(self._unavailable(str(error).strip()))
+            else:
+                again.append(slot)
+        if error is None:
+            self._note_health(None)
+        sent_ids = {id(s) for s, *_ in sent}
+        return again + [s for s in batch if id(s) not in sent_ids]
 
     # -- leases -----------------------------------------------------------------------------
 
@@ -838,6 +1009,7 @@ class PostgresBackend:
         """Renew this process's leases, send and receive wake-ups, poll as a fallback, until
         cancelled (see the module's docstring); what is left to send is sent on the way out."""
         async with trio.open_nursery() as nursery:
+            await nursery.start(self._writer)
             await nursery.start(self._listen)
             nursery.start_soon(self._notify)
             nursery.start_soon(self._renew)
@@ -1038,6 +1210,18 @@ def _lease(
     next_at = rows[0][-1] if rows else None
     leased = sorted((r[:-1] for r in rows if r[0] is not None), key=lambda r: r[-1])
     return leased, next_at if len(leased) < limit else None
+
+
+def _wake(batch: list[_Queued]) -> None:
+    """In the event loop's thread: wake the callers of a batch the writer wrote."""
+    for slot in batch:
+        slot.done.set()
+
+
+def _failed(batch: list[_Queued], fault: Exception) -> list[_Queued]:
+    for slot in batch:
+        slot.outcome = outcome.Error(fault)
+    return []
 
 
 _SESSION_ENDED = (
