@@ -52,6 +52,7 @@ from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost, StoreUna
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import FinishedFilter
 from dt_trio._store._postgres import PostgresBackend
+from dt_trio._store._postgres._store import WRITERS
 
 pytestmark = pytest.mark.postgres_only
 
@@ -236,30 +237,36 @@ async def test_a_commit_without_the_lease_is_refused_and_changes_nothing(
     assert len(await store.get_history("i1")) == 2
 
 
-async def queued_behind_a_held_row(
-    store: PostgresBackend, pg_address: str, held: OrchestrationWorkItem, commits: list[Commit]
+async def queued_behind_held_rows(
+    store: PostgresBackend,
+    pg_address: str,
+    held: list[OrchestrationWorkItem],
+    commits: list[Commit],
 ) -> list[BaseException | None]:
-    """Apply `commits` together, in one batch of the store's writer: a step of `held` goes
-    first and waits for the instance's row, which another program holds, while `commits`
-    queue behind it; then the row is let go. What each of `commits` raised (None: applied)."""
+    """Apply `commits` together, in one batch: steps of `held` (one per writer of the store)
+    go first, one by one, and wait for their instances' rows, which another program holds,
+    while `commits` queue behind them; then the rows are let go. What each of `commits` raised
+    (None: applied)."""
+    assert len(held) == WRITERS
     outcomes: list[BaseException | None] = [None] * len(commits)
     blocker = psycopg.connect(pg_address)
     try:
         blocker.execute(
-            f"SELECT 1 FROM {store.schema}.instances WHERE instance_id = %s FOR UPDATE",
-            (held.state.instance_id,),
+            f"SELECT 1 FROM {store.schema}.instances WHERE instance_id = ANY(%s) FOR UPDATE",
+            ([h.state.instance_id for h in held],),
         )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(store.apply, step(held))
-            with trio.fail_after(10):
-                while True:  # until the step waits for the row
-                    waiting = blocker.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dt-trio' "
-                        "AND wait_event_type = 'Lock'"
-                    ).fetchone()
-                    if waiting and waiting[0]:
-                        break
-                    await trio.sleep(0.01)
+            for n, h in enumerate(held, 1):
+                nursery.start_soon(store.apply, step(h))
+                with trio.fail_after(10):
+                    while True:  # until the step waits for its row
+                        waiting = blocker.execute(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE application_name = 'dt-trio' AND wait_event_type = 'Lock'"
+                        ).fetchone()
+                        if waiting and waiting[0] == n:
+                            break
+                        await trio.sleep(0.01)
 
             async def apply(i: int, commit: Commit) -> None:
                 try:
@@ -282,11 +289,11 @@ async def queued_behind_a_held_row(
 async def test_a_stale_commit_in_a_batch_is_refused_alone(
     store: PostgresBackend, pg_address: str
 ) -> None:
-    for i in ("held", "a", "b"):
+    for i in ("held1", "held2", "a", "b"):
         await store.apply(create(new_state(i)))
-    held, a, b = await store.lease_orchestrations(ME, now(), 3)
+    *held, a, b = await store.lease_orchestrations(ME, now(), 4)
     stale = dataclasses.replace(b, lease=Lease(ME, b.lease.epoch - 1))
-    outcomes = await queued_behind_a_held_row(
+    outcomes = await queued_behind_held_rows(
         store, pg_address, held, [step(a), step(stale), create(new_state("c"), take=ME)]
     )
     assert outcomes[0] is None and outcomes[2] is None
@@ -307,10 +314,10 @@ async def test_a_failed_commit_in_a_batch_fails_alone_and_the_others_are_written
     from dt_trio._errors import InvalidRequest
 
     huge = "".join(random.choices(string.ascii_letters, k=10_000))  # beyond an index entry
-    for i in ("held", "a", "b"):
+    for i in ("held1", "held2", "a", "b"):
         await store.apply(create(new_state(i)))
-    held, a, b = await store.lease_orchestrations(ME, now(), 3)
-    outcomes = await queued_behind_a_held_row(
+    *held, a, b = await store.lease_orchestrations(ME, now(), 4)
+    outcomes = await queued_behind_held_rows(
         store,
         pg_address,
         held,

@@ -4,10 +4,11 @@ Every transaction is one hop to a worker thread (`trio.to_thread.run_sync`, a Ca
 the size of the connection pool) running psycopg 3 synchronously: psycopg's async API and
 asyncpg are asyncio-only. The store's own duties run in `run`, in the hub's nursery:
 
-- the writer: the commits made most (one call of a function of the schema each) are queued
+- the writers: the commits made most (one call of a function of the schema each) are queued
   and sent in batches, each batch pipelined on one connection in one round trip (each commit
   its own transaction, fenced by its own lease: a refused one leaves the others written), in
-  one thread hop for as long as commits keep coming (see `_write_loop`);
+  one thread hop for as long as commits keep coming; two batches at most on their way at once
+  (see `_write_loop`);
 - renewal: every lease this process holds is renewed every ttl/3, one statement per table;
 - the notifier: what commits here woke is sent to the other sidecars (see `_notify`);
 - the listener: a LISTEN connection watched without a thread (`trio.lowlevel.wait_readable`
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import random
 import select
 import threading
@@ -94,6 +96,8 @@ STATEMENT_TIMEOUT_MS = 30_000
 CONNECT_TIMEOUT = 2.0
 # The fallback poll's period, jittered by a quarter either way.
 POLL_SECONDS = 1.0
+# At most this many batches of commits are written at once (each on a connection of its own).
+WRITERS = 2
 # Deadlocks and serialization failures are retried this many times.
 RETRIES = 8
 # While the LISTEN connection cannot be made again, retry this often (at most).
@@ -195,11 +199,12 @@ class PostgresBackend:
         self._outbox = Outbox(self._id)
         self._faulty = False
         self._fault_lock = threading.Lock()
-        # The writer's queue and flag, shared with its thread (see `_written`).
+        # The writers' queue and count, shared with their threads (see `_written`).
         self._queue_lock = threading.Lock()
         self._queue: list[_Queued] = []
-        self._writing = False
-        self._writer_wakeup: trio.Event | None = None
+        self._writers = 0  # writer loops started (see `_written`)
+        # While the writer tasks run (see `run`): a token for each writer loop to start.
+        self._start_writer: trio.MemorySendChannel[None] | None = None
         self.counts = Counts()
         # Each commit's transaction, or the writer's batch of them, for /metrics.
         self.commit_stats = CommitStats()
@@ -487,17 +492,20 @@ class PostgresBackend:
     async def _written(self, slot: _Queued) -> Applied:
         """Queue a commit of one call for the writer and wait until it is written (or refused).
 
-        Commits that queue while a batch is on its way go in the next batch. The writer task
-        (`run`) drives the batches or, while it does not run, whoever finds it idle; either
-        way shielded, so that a cancelled caller strands nobody. Like a transaction's hop, the
-        wait is not cancelled: a commit in flight is tracked (its leases, its wake-ups)."""
+        Up to WRITERS batches are on their way at once; commits that queue meanwhile go in
+        the next batch. The writer tasks (`run`) write the batches or, while they do not run,
+        whoever starts a writer loop; either way shielded, so that a cancelled caller strands
+        nobody. Like a transaction's hop, the wait is not cancelled: a commit in flight is
+        tracked (its leases, its wake-ups)."""
         with self._queue_lock:
             self._queue.append(slot)
-            idle, self._writing = not self._writing, True
+            start = self._writers < WRITERS
+            if start:
+                self._writers += 1
         with trio.CancelScope(shield=True):
-            if idle:
-                if self._writer_wakeup is not None:
-                    self._writer_wakeup.set()
+            if start:
+                if self._start_writer is not None:
+                    self._start_writer.send_nowait(None)
                 else:
                     await self._drive()
             await slot.done.wait()
@@ -507,16 +515,26 @@ class PostgresBackend:
     async def _writer(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        wakeup = self._writer_wakeup = trio.Event()
-        task_status.started()
-        try:
-            while True:
-                await wakeup.wait()
-                wakeup = self._writer_wakeup = trio.Event()
+        """WRITERS tasks, each writing batches whenever told to (see `_written`)."""
+        send, receive = trio.open_memory_channel[None](math.inf)
+
+        async def write() -> None:
+            async for _ in receive:
                 await self._drive()
+
+        self._start_writer = send
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(WRITERS):
+                    nursery.start_soon(write)
+                task_status.started()
         finally:
-            self._writer_wakeup = None
-            if self._writing:  # woken, but cancelled before it drove
+            self._start_writer = None
+            while True:  # told, but cancelled before they wrote
+                try:
+                    receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
                 await self._drive()
 
     async def _drive(self) -> None:
@@ -533,7 +551,7 @@ class PostgresBackend:
             with self._queue_lock:
                 batch, self._queue = self._queue, []
                 if not batch:
-                    self._writing = False
+                    self._writers -= 1
                     return
             started = time.perf_counter()
             try:
@@ -581,19 +599,22 @@ class PostgresBackend:
                 if _dropped(conn):
                     conn.close()
                     return batch
-                counted = self.counts.statements
+                pipelined = 0  # statements sent (another writer's are counted by it)
                 try:
                     with conn.pipeline():
                         for slot in batch:
                             tx = self._slot_tx(slot, conn)
                             call = slot.prepare(tx)
+                            pipelined += 1
                             conn.execute("BEGIN")
+                            pipelined += 1
                             cursor = tx.run(call.query, call.params)
+                            pipelined += 1
                             sent.append((slot, call, cursor, conn.execute("COMMIT")))
                 except psycopg.Error as exc:
                     error = exc
                 self.counts.pipelines += 1
-                self.counts.pipelined += self.counts.statements - counted
+                self.counts.pipelined += pipelined
                 if error is not None and not conn.broken:
                     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                         conn.execute("ROLLBACK")
