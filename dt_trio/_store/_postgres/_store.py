@@ -468,8 +468,8 @@ class PostgresBackend:
                 # A start, which a client waits for before it starts the next: on its way at
                 # once, beside the batches, not behind one (the bench's hello cities are
                 # scheduled one after the other).
-                write = functools.partial(self._write_one, slot)
-                applied = await self._hop(write, transaction=False, retry_lost=False)
+                at_once = functools.partial(self._write_one, slot)
+                applied = await self._hop(at_once, transaction=False, retry_lost=False)
             else:
                 applied = await self._written(slot)
             assert slot.tx is not None
