@@ -248,6 +248,7 @@ async def queued_behind_held_rows(
     while `commits` queue behind them; then the rows are let go. What each of `commits` raised
     (None: applied)."""
     assert len(held) == WRITERS
+    store._outbox.take()  # (what was to be told the other sidecars would go in a pipeline)
     outcomes: list[BaseException | None] = [None] * len(commits)
     blocker = psycopg.connect(pg_address)
     try:

@@ -371,7 +371,7 @@ class PostgresBackend:
                         broken = conn.broken
                 self._note_health(None)
                 return value
-            except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected) as exc:
+            except _RETRIED as exc:
                 if attempt >= RETRIES:
                     raise self._unavailable(f"gave up after {attempt} attempts: {exc}") from exc
                 log.debug("retrying a transaction: %s", exc.diag.message_primary)
@@ -547,39 +547,59 @@ class PostgresBackend:
 
     async def _drive(self) -> None:
         """Write batches until the queue is empty, in one hop (shielded: others' commits are
-        queued)."""
+        queued). The wake-ups waiting for the other sidecars go with the first batch (see
+        `_notify`): no round trip of their own."""
         token = trio.lowlevel.current_trio_token()
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._write_loop, token, limiter=self._limiter)
+            notice = self._outbox.take()
+            await trio.to_thread.run_sync(self._write_loop, token, notice, limiter=self._limiter)
 
-    def _write_loop(self, token: trio.lowlevel.TrioToken) -> None:
+    def _write_loop(self, token: trio.lowlevel.TrioToken, notice: str | None) -> None:
         """In a worker thread: write batch after batch until the queue is empty; each batch's
         callers are woken as it is written."""
-        while True:
-            with self._queue_lock:
-                batch, self._queue = self._queue, []
-                if not batch:
-                    self._writers -= 1
-                    return
-            started = time.perf_counter()
-            try:
-                self._write_batch(batch)
-            except Exception as exc:  # a bug: fail this batch's commits, not the next ones
-                log.exception("the store's writer failed")
-                for slot in batch:
-                    if slot.outcome is None:
-                        slot.outcome = outcome.Error(exc)
-            self.commit_stats.committed(time.perf_counter() - started, len(batch))
-            token.run_sync_soon(_wake, batch)
+        try:
+            while True:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                    if not batch:
+                        self._writers -= 1
+                        return
+                started = time.perf_counter()
+                try:
+                    notice = self._write_batch(batch, notice)
+                except Exception as exc:  # a bug: fail this batch's commits, not the next ones
+                    log.exception("the store's writer failed")
+                    for slot in batch:
+                        if slot.outcome is None:
+                            slot.outcome = outcome.Error(exc)
+                self.commit_stats.committed(time.perf_counter() - started, len(batch))
+                token.run_sync_soon(_wake, batch)
+        finally:
+            if notice is not None:  # not sent with a batch: on its own
+                try:
+                    self._call(functools.partial(self._send, notice), False, True)
+                except Exception as exc:
+                    # The others' fallback poll finds the work; their waiters wait for the
+                    # next news.
+                    log.debug("a wake-up for the other sidecars was not sent: %s", exc)
 
-    def _write_batch(self, batch: list[_Queued]) -> None:
-        """Write `batch`: a lone commit as its one statement; several pipelined (see
-        `_pipeline`), and those the pipeline did not write each on its own."""
-        alone = batch if len(batch) == 1 else self._pipeline(batch)
+    def _send(self, notice: str, conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SELECT pg_notify(%s, %s)", (self.schema, notice))
+
+    def _write_batch(self, batch: list[_Queued], notice: str | None) -> str | None:
+        """Write `batch`: a lone commit as its one statement; several, or one with `notice`
+        (wake-ups for the other sidecars), pipelined (see `_pipeline`), and those the pipeline
+        did not write each on its own. Returns `notice` if it is still to be sent."""
+        alone = batch
+        if len(batch) > 1 or notice is not None:
+            alone, sent = self._pipeline(batch, notice)
+            if sent:
+                notice = None
         for slot in alone:
             slot.outcome = outcome.capture(
                 self._call, functools.partial(self._write_one, slot), False, False
             )
+        return notice
 
     def _write_one(self, slot: _Queued, conn: psycopg.Connection[Any]) -> Applied:
         tx = self._slot_tx(slot, conn)
@@ -589,27 +609,34 @@ class PostgresBackend:
         slot.tx = Tx(conn, slot.now, self._ttl, slot.history_at, functions=self._functions)
         return slot.tx
 
-    def _pipeline(self, batch: list[_Queued]) -> list[_Queued]:
+    def _pipeline(self, batch: list[_Queued], notice: str | None) -> tuple[list[_Queued], bool]:
         """Write `batch` in one round trip: on one connection in pipeline mode, each commit's
         call in a transaction of its own (BEGIN, the call, COMMIT), so that each is fenced by
         its own lease and a refused one (its function writes nothing) leaves the others
         written. Returns the commits to write again on their own: after an error the server
         skips the rest of the pipeline, and the failed commit's transaction is rolled back. A
         connection lost after a COMMIT was sent leaves its commit unknown: UNAVAILABLE (as a
-        lone commit's)."""
+        lone commit's). `notice` goes first, in a transaction of its own (a NOTIFY in a commit
+        would serialise the commits); returns whether it was sent."""
         pool = self._pool
         if pool is None:
-            return batch
+            return batch, False
+        notified: psycopg.Cursor[Any] | None = None
         sent: list[tuple[_Queued, Call, psycopg.Cursor[Any], psycopg.Cursor[Any]]] = []
         error: psycopg.Error | None = None
         try:
             with pool.connection() as conn:
                 if _dropped(conn):
                     conn.close()
-                    return batch
+                    return batch, False
                 pipelined = 0  # statements sent (another writer's are counted by it)
                 try:
                     with conn.pipeline():
+                        if notice is not None:
+                            pipelined += 3
+                            conn.execute("BEGIN")
+                            conn.execute("SELECT pg_notify(%s, %s)", (self.schema, notice))
+                            notified = conn.execute("COMMIT")
                         for slot in batch:
                             tx = self._slot_tx(slot, conn)
                             call = slot.prepare(tx)
@@ -629,7 +656,7 @@ class PostgresBackend:
                 broken = conn.broken
         except PoolTimeout as exc:
             fault = self._unavailable(f"no connection: {exc}")
-            return _failed(batch, fault)
+            return _failed(batch, fault), False
         except psycopg.Error as exc:  # the ROLLBACK, on a connection lost meanwhile
             error, broken = exc, True
         again: list[_Queued] = []
@@ -645,8 +672,11 @@ class PostgresBackend:
                 again.append(slot)
         if error is None:
             self._note_health(None)
+        elif isinstance(error, _RETRIED):
+            log.debug("retrying a transaction: %s", error.diag.message_primary)
         sent_ids = {id(s) for s, *_ in sent}
-        return again + [s for s in batch if id(s) not in sent_ids]
+        told = notified is not None and notified.statusmessage == "COMMIT"
+        return again + [s for s in batch if id(s) not in sent_ids], told
 
     # -- leases -----------------------------------------------------------------------------
 
@@ -1252,6 +1282,9 @@ def _failed(batch: list[_Queued], fault: Exception) -> list[_Queued]:
         slot.outcome = outcome.Error(fault)
     return []
 
+
+# Errors after which a transaction is tried again.
+_RETRIED = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 
 _SESSION_ENDED = (
     psycopg.errors.AdminShutdown,
