@@ -150,10 +150,10 @@ _GO_DEBIAN = {
     "golang-github-cenkalti-backoff-dev": "github.com/cenkalti/backoff",
     "golang-opentelemetry-otel-dev": "go.opentelemetry.io/otel",
 }
-# Sources no registry here has: git repositories or trees (defaults: snapshots, where present)
+# Sources no registry here has: clones (git repositories or trees) named by these variables.
 _GO_SOURCES = {
-    "DT_TRIO_GO_SDK": "/work/.mirror/microsoft+durabletask-go/repo",
-    "DT_TRIO_GO_SEMAPHORE": "/work/.mirror/marusama+semaphore/repo",
+    "DT_TRIO_GO_SDK": "microsoft/durabletask-go",
+    "DT_TRIO_GO_SEMAPHORE": "marusama/semaphore (v2.5.0)",
 }
 
 
@@ -173,10 +173,10 @@ def go(session: nox.Session, store: str) -> None:
         missing.insert(0, "golang-go")
     if missing:
         session.skip(f"Debian's Go packages are missing: apt-get install {' '.join(missing)}")
-    sources = {name: os.environ.get(name, default) for name, default in _GO_SOURCES.items()}
+    sources = {name: os.environ.get(name, "") for name in _GO_SOURCES}
     for name, path in sources.items():
         if not os.path.isdir(path):
-            session.skip(f"no source at {path}: set {name} to a clone (git or tree)")
+            session.skip(f"set {name} to a clone of {_GO_SOURCES[name]} (none at {path!r})")
     session.install("-e", ".[postgres]")
     test = ["python", "tests/go/run.py"]
     if store == "postgres":
