@@ -365,12 +365,7 @@ def signal_event(
 def _time(
     parent: pb.SendSignalAction | pb.StartNewOrchestrationAction, name: str
 ) -> datetime | None:
-    if not parent.HasField(name):
-        return None
-    try:
-        return ev.checked_time(getattr(parent, name), name)
-    except ValueError as exc:
-        raise InvalidEntityResult(str(exc)) from None
+    return ev.optional_time(parent, name, InvalidEntityResult)
 
 
 def _new_orchestration(
