@@ -4,10 +4,11 @@ A durable entity (`@name@key`) has a serialized state, at most one lock (held by
 section of an orchestration) and a queue of messages: operations (signals and calls), lock
 requests and unlocks. One step of an entity is:
 
-1. `plan_entity_batch` walks the queue in order. Lock requests and unlocks are settled here,
-   without a worker. Operations that may run now (the entity is not locked, or the call comes
-   from the orchestration holding the lock) form the batch, in queue order; the others stay
-   queued (deferred) until the lock is released.
+1. `plan_entity_batch` walks the queue in order. Lock requests and unlocks are handled here
+   (a lock granted or its request forwarded, a lock released), without a worker. Operations
+   that may run now (the entity is not locked, or the call comes from the orchestration
+   holding the lock) form the batch, in queue order; the others stay queued (deferred) until
+   the lock is released.
 2. A worker runs the batch and answers an EntityBatchResult, one result per operation.
 3. `apply_entity_result` turns it into an `EntityStepResult`: the new state, each call's result
    routed to the calling orchestration, and the signals and orchestrations the batch started.
@@ -92,7 +93,7 @@ class EntityBatch:
     """What one look at an entity's queue decided.
 
     `entity` carries the lock as it is after the queue was walked; `operations` are the queue
-    messages to run, in order; `consumed` the lock messages settled; `deferred` the messages that
+    messages to run, in order; `consumed` the lock messages handled; `deferred` the messages that
     wait for the lock; `messages` the lock requests forwarded and the grants.
     """
 
@@ -126,7 +127,7 @@ class InvalidEntityResult(ValueError):
 def plan_entity_batch(
     entity: EntityState, inbox: Sequence[InboxMessage], now: datetime
 ) -> EntityBatch:
-    """Walk the queue in order: settle lock messages, collect the operations that may run."""
+    """Walk the queue in order: handle lock messages, collect the operations that may run."""
     locked_by, owner = entity.locked_by, entity.lock_owner
     queue = collections.deque(inbox)
     deferred: list[InboxMessage] = []
@@ -206,7 +207,8 @@ def _pass_lock_on(request: pb.EntityLockRequestedEvent, now: datetime) -> Outbou
 
 
 def settle_entity(batch: EntityBatch) -> EntityStepResult:
-    """Commit a batch that has no operation to run (only lock messages, or only waiting)."""
+    """Settle a batch that has no operation to run (only lock messages, or only waiting): its
+    result without a worker, as `Settle` commits an orchestration step without one."""
     if batch.operations:
         raise ValueError("a batch with operations needs a worker's result")
     return EntityStepResult(batch.entity, batch.consumed, batch.deferred, batch.messages)

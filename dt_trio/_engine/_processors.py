@@ -389,7 +389,7 @@ def _check_activity_result(request: pb.ActivityRequest, response: object) -> pb.
 
 
 class EntityProcessor(_Processor[EntityWorkItem]):
-    """Runs entity batches: settle locks, run the operations on a worker, commit the result."""
+    """Runs entity batches: grant and release locks, run the operations on a worker, commit the result."""
 
     name = "entity-processor"
 
