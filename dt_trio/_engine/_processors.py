@@ -389,7 +389,8 @@ def _check_activity_result(request: pb.ActivityRequest, response: object) -> pb.
 
 
 class EntityProcessor(_Processor[EntityWorkItem]):
-    """Runs entity batches: grant and release locks, run the operations on a worker, commit the result."""
+    """Runs entity batches: grants and releases locks, runs the operations on a worker, commits
+    the result."""
 
     name = "entity-processor"
 
