@@ -329,7 +329,7 @@ def _signal(send: pb.SendSignalAction, now: datetime, new_id: Callable[[], str])
         target = check_entity_id(send.instanceId, "sendSignal.instanceId")
     except ValueError as exc:
         raise InvalidEntityResult(str(exc)) from None
-    at = _time(send, "scheduledTime")
+    at = ev.optional_time(send, "scheduledTime", InvalidEntityResult)
     return OutboundMessage(
         target,
         signal_event(
@@ -364,12 +364,6 @@ def signal_event(
     return event
 
 
-def _time(
-    parent: pb.SendSignalAction | pb.StartNewOrchestrationAction, name: str
-) -> datetime | None:
-    return ev.optional_time(parent, name, InvalidEntityResult)
-
-
 def _new_orchestration(
     start: pb.StartNewOrchestrationAction, now: datetime, new_id: Callable[[], str]
 ) -> NewInstance:
@@ -386,7 +380,7 @@ def _new_orchestration(
         new_id(),
         input=ev.opt_str(start, "input"),
         version=ev.opt_str(start, "version"),
-        start_at=_time(start, "scheduledTime"),
+        start_at=ev.optional_time(start, "scheduledTime", InvalidEntityResult),
         trace=start.parentTraceContext if start.HasField("parentTraceContext") else None,
     )
     # An entity that starts an orchestration whose id is taken gets no answer: the start is
