@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
@@ -74,7 +75,16 @@ class _Processor(Generic[W]):
 
     name = "processor"
 
-    def __init__(self, dispatch: Dispatcher, signals: Signals, lane: Lane[W]) -> None:
+    def __init__(
+        self,
+        dispatch: Dispatcher,
+        signals: Signals,
+        lane: Lane[W],
+        wakeup: Wakeup,
+        lease: Callable[[str, datetime, int], Awaitable[Leased[W]]],
+    ) -> None:
+        """`lane` is the processor's lane of `dispatch`; `wakeup` the signal of its kind of work;
+        `lease` the store's lease of its kind (owner, now, limit)."""
         self._dispatch = dispatch
         self._store = dispatch.store
         self._executor = dispatch.executor
@@ -82,22 +92,18 @@ class _Processor(Generic[W]):
         self._signals = signals
         self._tally = signals.tally
         self._lane = lane
+        self._wakeup = wakeup
+        self._lease = lease
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         log.info("%s: waiting for new work items...", self.name)
         task_status.started()
-        await self._lane.serve(self._lease_counted, self._process, self._wakeup())
+        await self._lane.serve(self._lease_counted, self._process, self._wakeup)
 
     async def _lease_counted(self, limit: int) -> Leased[W]:
-        leased = await self._lease(limit)
+        leased = await self._lease(self._owner, _now(), limit)
         self._tally.leased(self._lane.kind, leased)
         return leased
-
-    def _wakeup(self) -> Wakeup:
-        raise NotImplementedError
-
-    async def _lease(self, limit: int) -> Leased[W]:
-        raise NotImplementedError
 
     async def _step(self, item: W, early: Early[W] | None) -> None:
         """Run `item`; with `early`, before the commit that leases it (see `leased`)."""
@@ -131,13 +137,13 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
     name = "orchestration-processor"
 
     def __init__(self, dispatch: Dispatcher, signals: Signals) -> None:
-        super().__init__(dispatch, signals, dispatch.orchestrations)
-
-    def _wakeup(self) -> Wakeup:
-        return self._signals.orchestration_work
-
-    async def _lease(self, limit: int) -> Leased[OrchestrationWorkItem]:
-        return await self._store.lease_orchestrations(self._owner, _now(), limit)
+        super().__init__(
+            dispatch,
+            signals,
+            dispatch.orchestrations,
+            signals.orchestration_work,
+            dispatch.store.lease_orchestrations,
+        )
 
     def _describe(self, item: OrchestrationWorkItem) -> str:
         return f"a step of {item.state.instance_id}"
@@ -262,14 +268,14 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
         signals: Signals,
         max_attempts: int = MAX_ACTIVITY_ATTEMPTS,
     ) -> None:
-        super().__init__(dispatch, signals, dispatch.activities)
+        super().__init__(
+            dispatch,
+            signals,
+            dispatch.activities,
+            signals.activity_work,
+            dispatch.store.lease_activities,
+        )
         self._max_attempts = max_attempts
-
-    def _wakeup(self) -> Wakeup:
-        return self._signals.activity_work
-
-    async def _lease(self, limit: int) -> Leased[ActivityWorkItem]:
-        return await self._store.lease_activities(self._owner, _now(), limit)
 
     def _describe(self, item: ActivityWorkItem) -> str:
         return f"activity {item.scheduled.eventId} of {item.instance_id}"
@@ -389,18 +395,15 @@ def _check_activity_result(request: pb.ActivityRequest, response: object) -> pb.
 
 
 class EntityProcessor(_Processor[EntityWorkItem]):
-    """Runs entity batches: settle locks, run the operations on a worker, commit the result."""
+    """Runs entity batches: grants and releases locks, runs the operations on a worker, commits
+    the result."""
 
     name = "entity-processor"
 
     def __init__(self, dispatch: Dispatcher, signals: Signals) -> None:
-        super().__init__(dispatch, signals, dispatch.entities)
-
-    def _wakeup(self) -> Wakeup:
-        return self._signals.entity_work
-
-    async def _lease(self, limit: int) -> Leased[EntityWorkItem]:
-        return await self._store.lease_entities(self._owner, _now(), limit)
+        super().__init__(
+            dispatch, signals, dispatch.entities, signals.entity_work, dispatch.store.lease_entities
+        )
 
     def _describe(self, item: EntityWorkItem) -> str:
         return f"a batch of {item.entity.instance_id}"

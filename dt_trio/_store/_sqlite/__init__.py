@@ -46,9 +46,9 @@ from dt_trio._store._backend import (
     notify,
 )
 from dt_trio._store._durability import Durability
+from dt_trio._store._rows import us
 from dt_trio._store._sqlite import _apply, _entities, _instances, _schema, _work
 from dt_trio._store._sqlite._cache import cache_of
-from dt_trio._store._sqlite._rows import us
 from dt_trio._store._sqlite._writer import Connections
 
 W = TypeVar("W")
