@@ -419,6 +419,7 @@ class Dispatcher:
                 "%s: dropped the result of activity %d: the execution that scheduled it is gone",
                 item.instance_id,
                 item.scheduled.eventId,
+                extra={"instance_id": item.instance_id},
             )
 
     async def commit_step(self, item: OrchestrationWorkItem, result: core.StepResult) -> None:

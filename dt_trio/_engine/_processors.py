@@ -220,7 +220,13 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
             await self._lane.give_back(ops.release_step(item, _now(), failed))
             if isinstance(exc, LockLost):
                 # the instance was purged or deleted meanwhile
-                log.info("%s: a step of %s is dropped: %s", self.name, state.instance_id, exc)
+                log.info(
+                    "%s: a step of %s is dropped: %s",
+                    self.name,
+                    state.instance_id,
+                    exc,
+                    extra={"instance_id": state.instance_id},
+                )
                 return
             if isinstance(exc, Exception):
                 _log_failure(self.name, f"the commit of a step of {state.instance_id}", exc)
@@ -233,7 +239,13 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
         """A leased step no worker answered; `exc` says why."""
         state = item.state
         if isinstance(exc, WorkTooLarge):
-            log.warning("%s: %s fails: %s", self.name, state.instance_id, exc)
+            log.warning(
+                "%s: %s fails: %s",
+                self.name,
+                state.instance_id,
+                exc,
+                extra={"instance_id": state.instance_id},
+            )
             failure = ev.failure("WorkItemTooLargeError", str(exc))
             await self._dispatch.commit_step(
                 item, core.fail_undeliverable(state, plan, _now(), failure)
@@ -291,7 +303,13 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
     async def _not_run(self, item: ActivityWorkItem, exc: BaseException) -> None:
         """A leased activity no worker answered; `exc` says why."""
         if isinstance(exc, WorkTooLarge):
-            log.warning("%s: %s fails: %s", item.instance_id, self._describe(item), exc)
+            log.warning(
+                "%s: %s fails: %s",
+                item.instance_id,
+                self._describe(item),
+                exc,
+                extra={"instance_id": item.instance_id},
+            )
             await self._fail(item, ev.failure("WorkItemTooLargeError", str(exc)))
         elif isinstance(exc, WorkAbandoned):
             delay = max(exc.delay, _backoff(item.attempt))
@@ -313,7 +331,12 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
                 f"workers {item.attempt - 1} times without an answer",
                 non_retriable=False,
             )
-            log.warning("%s: %s", item.instance_id, failure.errorMessage)
+            log.warning(
+                "%s: %s",
+                item.instance_id,
+                failure.errorMessage,
+                extra={"instance_id": item.instance_id},
+            )
             await self._fail(item, failure)
             self._tally.poisoned[WorkKind.ACTIVITY] += 1
             return
@@ -350,6 +373,7 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
                 "%s: the result of %s is dropped: the step that scheduled it was not committed",
                 item.instance_id,
                 self._describe(item),
+                extra={"instance_id": item.instance_id},
             )
             return
         try:
@@ -468,6 +492,7 @@ class EntityProcessor(_Processor[EntityWorkItem]):
                 "out again: %s",
                 escaped(entity_id),
                 escaped(str(exc), 1000),
+                extra={"instance_id": entity_id},
             )
             later = _later(_backoff(item.attempt))
             await self._lane.give_back(ops.release_entity(item, _now(), Attempts.COUNT, ids, later))
