@@ -258,9 +258,6 @@ class Connections:
             if self._writing:  # woken, but cancelled before it drove
                 await self._drive()
 
-    def busy(self) -> bool:
-        return self._writing
-
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in a write transaction, grouped with the writes waiting beside it.
 
