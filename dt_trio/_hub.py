@@ -275,10 +275,14 @@ def _listen_http(address: str | None, sockets: list[socket.socket]) -> socket.so
 
 # A hub's state in flight (histories, parked steps, orchestrators waiting between steps) lives
 # long and makes no cyclic garbage, but the collector's default first threshold (700 net
-# allocations) has it scanned again and again: 15% of a busy local hub's time, measured.
+# allocations) has it scanned again and again: 15% of a busy local hub's time, measured. What
+# the process held before the first hub started (modules, the application's own objects) is
+# moved out of the collector's sight while hubs run (gc.freeze): the oldest generation's
+# collections that the hub's state brings on then do not scan it all again.
 GC_YOUNG_THRESHOLD = 50_000
 _hubs_running = 0
 _thresholds_before: tuple[int, int, int] | None = None
+_froze = False  # the first hub froze the process's objects (not if the application had)
 _hubs_lock = threading.Lock()  # hubs may run in several threads' trio runs
 
 
@@ -286,13 +290,18 @@ _hubs_lock = threading.Lock()  # hubs may run in several threads' trio runs
 def _collections_spaced() -> Iterator[None]:
     """While hubs run in this process, the garbage collector's youngest generation is
     collected after GC_YOUNG_THRESHOLD net allocations instead of the default 700 (a higher
-    threshold set by the application stays); the last hub to stop restores the thresholds."""
-    global _hubs_running, _thresholds_before
+    threshold set by the application stays), and what the process held before is frozen;
+    the last hub to stop restores the thresholds and unfreezes it (garbage among it is then
+    collected as usual)."""
+    global _hubs_running, _thresholds_before, _froze
     with _hubs_lock:
         if _hubs_running == 0:
             _thresholds_before = gc.get_threshold()
             if _thresholds_before[0] < GC_YOUNG_THRESHOLD:
                 gc.set_threshold(GC_YOUNG_THRESHOLD, *_thresholds_before[1:])
+            _froze = gc.get_freeze_count() == 0
+            if _froze:
+                gc.freeze()
         _hubs_running += 1
     try:
         yield
@@ -301,6 +310,8 @@ def _collections_spaced() -> Iterator[None]:
             _hubs_running -= 1
             if _hubs_running == 0 and _thresholds_before is not None:
                 gc.set_threshold(*_thresholds_before)
+                if _froze:
+                    gc.unfreeze()
 
 
 @contextlib.asynccontextmanager

@@ -102,9 +102,6 @@ class SqliteBackend:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self._db.run(task_status=task_status)
 
-    def busy(self) -> bool:
-        return self._db.busy()
-
     async def try_write(self) -> None:
         def rewrite(conn: sqlite3.Connection) -> None:
             # the schema version, rewritten as it is: a write that changes nothing
