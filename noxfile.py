@@ -139,6 +139,54 @@ def js(session: nox.Session, store: str) -> None:
     session.run(*test, external=True, env={"DT_TRIO_PYTHON": python})
 
 
+# What tests/go/run.py builds durabletask-go with besides `go`: Debian's Go libraries (GOPATH
+# mode, as no Go module proxy is reached), each package with a directory it installs.
+_GO_DEBIAN = {
+    "golang-google-grpc-dev": "google.golang.org/grpc",
+    "golang-google-protobuf-dev": "google.golang.org/protobuf",
+    # grpc 1.33 marshals through github.com/golang/protobuf: its 1.3 cannot (APIv2 messages)
+    "golang-github-golang-protobuf-1-5-dev": "github.com/golang/protobuf/internal/gengogrpc",
+    "golang-github-google-uuid-dev": "github.com/google/uuid",
+    "golang-github-cenkalti-backoff-dev": "github.com/cenkalti/backoff",
+    "golang-opentelemetry-otel-dev": "go.opentelemetry.io/otel",
+}
+# Sources no registry here has: clones (git repositories or trees) named by these variables.
+_GO_SOURCES = {
+    "DT_TRIO_GO_SDK": "microsoft/durabletask-go",
+    "DT_TRIO_GO_SEMAPHORE": "marusama/semaphore (v2.5.0)",
+}
+
+
+@nox.session(python="3.11")
+@nox.parametrize("store", ["sqlite", "postgres"])
+def go(session: nox.Session, store: str) -> None:
+    """durabletask-go's own client and worker (`client`, `task`) against dt-trio (tests/go/), on
+    an sqlite store in memory and on PostgreSQL: needs Debian's Go packages and the sources of
+    durabletask-go ($DT_TRIO_GO_SDK) and marusama/semaphore ($DT_TRIO_GO_SEMAPHORE); skipped
+    without them."""
+    missing = [
+        package
+        for package, path in _GO_DEBIAN.items()
+        if not os.path.exists(os.path.join("/usr/share/gocode/src", path))
+    ]
+    if shutil.which("go") is None:
+        missing.insert(0, "golang-go")
+    if missing:
+        session.skip(f"Debian's Go packages are missing: apt-get install {' '.join(missing)}")
+    sources = {name: os.environ.get(name, "") for name in _GO_SOURCES}
+    for name, path in sources.items():
+        if not os.path.isdir(path):
+            session.skip(f"set {name} to a clone of {_GO_SOURCES[name]} (none at {path!r})")
+    session.install("-e", ".[postgres]")
+    test = ["python", "tests/go/run.py"]
+    if store == "postgres":
+        _need_postgres(session)
+        test = ["python", "tests/_postgres.py", *test]  # a throwaway cluster (or $DT_TRIO_TEST_PG)
+    session.run(
+        *test, "--sdk", sources["DT_TRIO_GO_SDK"], "--semaphore", sources["DT_TRIO_GO_SEMAPHORE"]
+    )
+
+
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
     """dt-trio against the SDK's in-memory reference server (and a no-op server, for the SDK

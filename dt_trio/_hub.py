@@ -34,6 +34,7 @@ they queued on their way out (leases given back) is still committed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import os
@@ -144,63 +145,46 @@ async def serve(
     # The addresses first: a start that fails for want of one (a port in use) must not have
     # created the store's files.
     listeners = await open_listeners(host, port)
-    http_sockets: list[socket.socket] = []
     try:
-        ui_socket = _listen_http(ui, http_sockets)
-        metrics_socket = _listen_http(metrics, http_sockets)
-    except BaseException:
-        for listener in listeners:
-            listener.socket.close()
-        for sock in http_sockets:
-            sock.close()
-        raise
-    try:
-        with _collections_spaced():
-            async with (
-                _running_store(db, signals, hub, lease_ttl, durability) as store,
-                trio.open_nursery() as nursery,
-            ):
-                remote = RemoteExecutor()
-                processors = _Processors(store, signals, registry, remote)
-                service = SidecarService(store, remote, processors.client)
-                checks = HealthService(signals.health, [service.service.name])
-                nursery.start_soon(watch_store, signals.health, store.try_write)
-                await nursery.start(
-                    functools.partial(
-                        serve_grpc,
-                        [service, checks],
-                        listeners,
-                        status_for=status_for,
-                        max_message_bytes=max_message_bytes,
-                        max_buffered_bytes=max_buffered_bytes,
-                        max_connections=max_connections,
-                        handshake_timeout=handshake_timeout,
-                        idle_timeout=idle_timeout,
-                        ssl_context=ssl_context,
-                        token=token,
-                    )
-                )
-                address = (host, bound_port(listeners))
-                log.info("server listening at %s", format_address(*address))
-                await processors.serve_http(
-                    nursery,
-                    ui_socket,
-                    metrics_socket,
-                    read_only=ui_read_only,
-                    token=token,
+        async with _running_hub(db, signals, hub, lease_ttl, durability, ui, metrics) as running:
+            nursery = running.nursery
+            remote = RemoteExecutor()
+            processors = _Processors(running.store, signals, registry, remote)
+            service = SidecarService(running.store, remote, processors.client)
+            checks = HealthService(signals.health, [service.service.name])
+            nursery.start_soon(watch_store, signals.health, running.store.try_write)
+            await nursery.start(
+                functools.partial(
+                    serve_grpc,
+                    [service, checks],
+                    listeners,
+                    status_for=status_for,
+                    max_message_bytes=max_message_bytes,
+                    max_buffered_bytes=max_buffered_bytes,
+                    max_connections=max_connections,
+                    handshake_timeout=handshake_timeout,
+                    idle_timeout=idle_timeout,
                     ssl_context=ssl_context,
+                    token=token,
                 )
-                await processors.start(nursery)
-                signals.health.update(listening=True)
-                task_status.started(address)
-    except BaseExceptionGroup as group:
-        raise lone_error(group) from None
+            )
+            address = (host, bound_port(listeners))
+            log.info("server listening at %s", format_address(*address))
+            await processors.serve_http(
+                nursery,
+                running.ui_socket,
+                running.metrics_socket,
+                read_only=ui_read_only,
+                token=token,
+                ssl_context=ssl_context,
+            )
+            await processors.start(nursery)
+            signals.health.update(listening=True)
+            task_status.started(address)
     finally:
-        # (serve_grpc and the HTTP servers close them, if they got to run)
+        # (serve_grpc closes them, if it got to run)
         for listener in listeners:
             listener.socket.close()
-        for sock in http_sockets:
-            sock.close()
 
 
 @contextlib.asynccontextmanager
@@ -227,28 +211,49 @@ async def open_task_hub(
     opens the store next.
     """
     signals = Signals()
-    http_sockets: list[socket.socket] = []  # (before the store: see serve)
+    async with _running_hub(db, signals, hub, lease_ttl, durability, ui, metrics) as running:
+        processors = _Processors(running.store, signals, registry, RemoteExecutor())
+        await processors.serve_http(
+            running.nursery, running.ui_socket, running.metrics_socket, read_only=ui_read_only
+        )
+        await processors.start(running.nursery)
+        signals.health.update(listening=True)  # (no gRPC: ready once work runs)
+        yield Client(processors.client, registry)
+        running.nursery.cancel_scope.cancel()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Running:
+    store: Backend
+    nursery: trio.Nursery  # the hub's, inside the store's
+    ui_socket: socket.socket | None
+    metrics_socket: socket.socket | None
+
+
+@contextlib.asynccontextmanager
+async def _running_hub(
+    db: str,
+    signals: Signals,
+    hub: str,
+    lease_ttl: float,
+    durability: Durability,
+    ui: str | None,
+    metrics: str | None,
+) -> AsyncIterator[_Running]:
+    """What serve and open_task_hub both run in: the dashboard's and /metrics' sockets
+    listening (before the store: see serve), the store running and the hub's nursery. Leaving
+    closes the sockets (the HTTP servers close them too, if they got to run); a lone failure
+    comes out as itself (`lone_error`)."""
+    http_sockets: list[socket.socket] = []
     try:
         ui_socket = _listen_http(ui, http_sockets)
         metrics_socket = _listen_http(metrics, http_sockets)
-    except BaseException:
-        for sock in http_sockets:
-            sock.close()
-        raise
-    try:
         with _collections_spaced():
             async with (
                 _running_store(db, signals, hub, lease_ttl, durability) as store,
                 trio.open_nursery() as nursery,
             ):
-                processors = _Processors(store, signals, registry, RemoteExecutor())
-                await processors.serve_http(
-                    nursery, ui_socket, metrics_socket, read_only=ui_read_only
-                )
-                await processors.start(nursery)
-                signals.health.update(listening=True)  # (no gRPC: ready once work runs)
-                yield Client(processors.client, registry)
-                nursery.cancel_scope.cancel()
+                yield _Running(store, nursery, ui_socket, metrics_socket)
     except BaseExceptionGroup as group:
         raise lone_error(group) from None
     finally:
@@ -270,10 +275,14 @@ def _listen_http(address: str | None, sockets: list[socket.socket]) -> socket.so
 
 # A hub's state in flight (histories, parked steps, orchestrators waiting between steps) lives
 # long and makes no cyclic garbage, but the collector's default first threshold (700 net
-# allocations) has it scanned again and again: 15% of a busy local hub's time, measured.
+# allocations) has it scanned again and again: 15% of a busy local hub's time, measured. What
+# the process held before the first hub started (modules, the application's own objects) is
+# moved out of the collector's sight while hubs run (gc.freeze): the oldest generation's
+# collections that the hub's state brings on then do not scan it all again.
 GC_YOUNG_THRESHOLD = 50_000
 _hubs_running = 0
 _thresholds_before: tuple[int, int, int] | None = None
+_froze = False  # the first hub froze the process's objects (not if the application had)
 _hubs_lock = threading.Lock()  # hubs may run in several threads' trio runs
 
 
@@ -281,13 +290,18 @@ _hubs_lock = threading.Lock()  # hubs may run in several threads' trio runs
 def _collections_spaced() -> Iterator[None]:
     """While hubs run in this process, the garbage collector's youngest generation is
     collected after GC_YOUNG_THRESHOLD net allocations instead of the default 700 (a higher
-    threshold set by the application stays); the last hub to stop restores the thresholds."""
-    global _hubs_running, _thresholds_before
+    threshold set by the application stays), and what the process held before is frozen;
+    the last hub to stop restores the thresholds and unfreezes it (garbage among it is then
+    collected as usual)."""
+    global _hubs_running, _thresholds_before, _froze
     with _hubs_lock:
         if _hubs_running == 0:
             _thresholds_before = gc.get_threshold()
             if _thresholds_before[0] < GC_YOUNG_THRESHOLD:
                 gc.set_threshold(GC_YOUNG_THRESHOLD, *_thresholds_before[1:])
+            _froze = gc.get_freeze_count() == 0
+            if _froze:
+                gc.freeze()
         _hubs_running += 1
     try:
         yield
@@ -296,6 +310,8 @@ def _collections_spaced() -> Iterator[None]:
             _hubs_running -= 1
             if _hubs_running == 0 and _thresholds_before is not None:
                 gc.set_threshold(*_thresholds_before)
+                if _froze:
+                    gc.unfreeze()
 
 
 @contextlib.asynccontextmanager

@@ -418,6 +418,10 @@ def test_json_log_lines_are_one_object_each_with_the_instance_id_as_a_key(
             c.schedule_new_orchestration(hello, instance_id="json-1")
             state = c.wait_for_orchestration_completion("json-1", timeout=30)
             assert state is not None
+            # a step too large for a worker fails, with a warning about that instance
+            c.schedule_new_orchestration(hello, input="x" * (5 << 20), instance_id="json-2")
+            state = c.wait_for_orchestration_completion("json-2", fetch_payloads=False, timeout=30)
+            assert state is not None and state.runtime_status.name == "FAILED"
     finally:
         assert sidecar.stop() == 0
     lines = [json.loads(line) for line in sidecar.log_text().splitlines()]
@@ -425,12 +429,14 @@ def test_json_log_lines_are_one_object_each_with_the_instance_id_as_a_key(
         assert {"time", "level", "logger", "message"} <= line.keys(), line
         assert datetime.fromisoformat(line["time"]).tzinfo is not None
     assert in_order("\n".join(line["message"] for line in lines), STARTUP_LINES)
-    (created,) = [line for line in lines if "created orchestration" in line["message"]]
+    (created, _) = [line for line in lines if "created orchestration" in line["message"]]
     assert created["message"] == "json-1: created orchestration 'hello'"  # as in text
     assert (created["level"], created["logger"]) == ("INFO", "dt_trio._engine._client")
     assert (created["instance_id"], created["orchestration"]) == ("json-1", "hello")
     (ended,) = [line for line in lines if line.get("status") == "completed"]
     assert (ended["instance_id"], ended["orchestration"]) == ("json-1", "hello")
+    (failed,) = [line for line in lines if line["level"] == "WARNING"]
+    assert failed["instance_id"] == "json-2" and "json-2" in failed["message"], failed
 
 
 @pytest.mark.store_independent

@@ -614,17 +614,25 @@ async def test_running_hubs_space_out_young_collections_and_restore_the_threshol
 
     before = gc.get_threshold()
     gc.set_threshold(700, *before[1:])
+    assert gc.get_freeze_count() == 0
     try:
         registry = dt_trio.Registry()
         async with dt_trio.open_task_hub(str(tmp_path / "a.sqlite3"), registry=registry):
             assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+            # what the process held before the hub started is out of the collector's sight
+            assert gc.get_freeze_count() > 0
             async with dt_trio.open_task_hub(str(tmp_path / "b.sqlite3"), registry=registry):
                 assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
             assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD  # one hub still runs
+            assert gc.get_freeze_count() > 0
         assert gc.get_threshold() == (700, *before[1:])
-        # an application's own, higher threshold is left alone
+        assert gc.get_freeze_count() == 0  # collectable again
+        # an application's own, higher threshold is left alone, and so is its own freeze
         gc.set_threshold(GC_YOUNG_THRESHOLD * 2, *before[1:])
+        gc.freeze()
         async with dt_trio.open_task_hub(str(tmp_path / "c.sqlite3"), registry=registry):
             assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD * 2
+        assert gc.get_freeze_count() > 0  # still the application's
     finally:
+        gc.unfreeze()
         gc.set_threshold(*before)

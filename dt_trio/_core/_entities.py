@@ -4,10 +4,11 @@ A durable entity (`@name@key`) has a serialized state, at most one lock (held by
 section of an orchestration) and a queue of messages: operations (signals and calls), lock
 requests and unlocks. One step of an entity is:
 
-1. `plan_entity_batch` walks the queue in order. Lock requests and unlocks are settled here,
-   without a worker. Operations that may run now (the entity is not locked, or the call comes
-   from the orchestration holding the lock) form the batch, in queue order; the others stay
-   queued (deferred) until the lock is released.
+1. `plan_entity_batch` walks the queue in order. Lock requests and unlocks are handled here
+   (a lock granted or its request forwarded, a lock released), without a worker. Operations
+   that may run now (the entity is not locked, or the call comes from the orchestration
+   holding the lock) form the batch, in queue order; the others stay queued (deferred) until
+   the lock is released.
 2. A worker runs the batch and answers an EntityBatchResult, one result per operation.
 3. `apply_entity_result` turns it into an `EntityStepResult`: the new state, each call's result
    routed to the calling orchestration, and the signals and orchestrations the batch started.
@@ -92,7 +93,7 @@ class EntityBatch:
     """What one look at an entity's queue decided.
 
     `entity` carries the lock as it is after the queue was walked; `operations` are the queue
-    messages to run, in order; `consumed` the lock messages settled; `deferred` the messages that
+    messages to run, in order; `consumed` the lock messages handled; `deferred` the messages that
     wait for the lock; `messages` the lock requests forwarded and the grants.
     """
 
@@ -126,7 +127,7 @@ class InvalidEntityResult(ValueError):
 def plan_entity_batch(
     entity: EntityState, inbox: Sequence[InboxMessage], now: datetime
 ) -> EntityBatch:
-    """Walk the queue in order: settle lock messages, collect the operations that may run."""
+    """Walk the queue in order: handle lock messages, collect the operations that may run."""
     locked_by, owner = entity.locked_by, entity.lock_owner
     queue = collections.deque(inbox)
     deferred: list[InboxMessage] = []
@@ -206,7 +207,8 @@ def _pass_lock_on(request: pb.EntityLockRequestedEvent, now: datetime) -> Outbou
 
 
 def settle_entity(batch: EntityBatch) -> EntityStepResult:
-    """Commit a batch that has no operation to run (only lock messages, or only waiting)."""
+    """Settle a batch that has no operation to run (only lock messages, or only waiting): its
+    result without a worker, as `Settle` commits an orchestration step without one."""
     if batch.operations:
         raise ValueError("a batch with operations needs a worker's result")
     return EntityStepResult(batch.entity, batch.consumed, batch.deferred, batch.messages)
@@ -327,7 +329,7 @@ def _signal(send: pb.SendSignalAction, now: datetime, new_id: Callable[[], str])
         target = check_entity_id(send.instanceId, "sendSignal.instanceId")
     except ValueError as exc:
         raise InvalidEntityResult(str(exc)) from None
-    at = _time(send, "scheduledTime")
+    at = ev.optional_time(send, "scheduledTime", InvalidEntityResult)
     return OutboundMessage(
         target,
         signal_event(
@@ -362,17 +364,6 @@ def signal_event(
     return event
 
 
-def _time(
-    parent: pb.SendSignalAction | pb.StartNewOrchestrationAction, name: str
-) -> datetime | None:
-    if not parent.HasField(name):
-        return None
-    try:
-        return ev.checked_time(getattr(parent, name), name)
-    except ValueError as exc:
-        raise InvalidEntityResult(str(exc)) from None
-
-
 def _new_orchestration(
     start: pb.StartNewOrchestrationAction, now: datetime, new_id: Callable[[], str]
 ) -> NewInstance:
@@ -389,7 +380,7 @@ def _new_orchestration(
         new_id(),
         input=ev.opt_str(start, "input"),
         version=ev.opt_str(start, "version"),
-        start_at=_time(start, "scheduledTime"),
+        start_at=ev.optional_time(start, "scheduledTime", InvalidEntityResult),
         trace=start.parentTraceContext if start.HasField("parentTraceContext") else None,
     )
     # An entity that starts an orchestration whose id is taken gets no answer: the start is

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -38,6 +38,19 @@ def checked_time(ts: Any, field: str) -> datetime:
         return to_datetime(ts)
     except (ValueError, OverflowError, OSError) as exc:
         raise ValueError(f"{field} is not a valid timestamp ({exc})") from None
+
+
+def optional_time(
+    parent: Any, field: str, error: Callable[[str], Exception] = ValueError
+) -> datetime | None:
+    """`parent`'s Timestamp `field` as `checked_time` reads it, None where it is not set;
+    `error` (with `checked_time`'s message) where it is no time."""
+    if not parent.HasField(field):
+        return None
+    try:
+        return checked_time(getattr(parent, field), field)
+    except ValueError as exc:
+        raise error(str(exc)) from None
 
 
 def set_time(ts: object, dt: datetime) -> None:

@@ -49,7 +49,8 @@ class Dispatch:
 
 @value
 class Settle:
-    """Commit `result` without running the orchestrator."""
+    """Commit `result` without running the orchestrator: the step is settled (dt-trio's one
+    meaning of the word, for entities too: `settle_entity`)."""
 
     result: StepResult
 

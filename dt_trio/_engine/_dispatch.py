@@ -94,8 +94,8 @@ class Early(Generic[W]):
     tells it the item it leased, or None if it leased nothing (it failed, or the instance
     could not be leased); the worker runs meanwhile instead of after the commit.
 
-    The commit starts once the work is `on_its_way` to its worker (see
-    `Dispatcher._commit_after`)."""
+    The commit is queued at once, not once the work is on its way: the store commits in a
+    thread of its own while the event loop sends the work."""
 
     def __init__(self) -> None:
         self._done = trio.Event()
@@ -419,6 +419,7 @@ class Dispatcher:
                 "%s: dropped the result of activity %d: the execution that scheduled it is gone",
                 item.instance_id,
                 item.scheduled.eventId,
+                extra={"instance_id": item.instance_id},
             )
 
     async def commit_step(self, item: OrchestrationWorkItem, result: core.StepResult) -> None:
@@ -460,7 +461,6 @@ class Dispatcher:
                 if len(items) > len(sent):
                     await _all_on_their_way(sent)
                     sent += lane.start_early(items[len(sent) :])
-                await self._commit_after(sent)
                 applied = await commit(reserved)
         finally:
             lane.commit_done(sent, applied.activities if applied is not None else ())
@@ -488,18 +488,6 @@ class Dispatcher:
                 },
             )
         return applied
-
-    async def _commit_after(self, early: Sequence[Early[Any] | None]) -> None:
-        """Wait until the first work started early is on its way to its worker (a turn or
-        two of the event loop: the worker's stream was waiting for it), so that the commit
-        beside it does not compete with sending it: the worker gets it sooner, and the
-        commit is still made long before the worker answers. Not while the store is busy:
-        the commit would wait for its turn anyway, and waiting here first only delays it
-        (and whoever waits for it, a client's StartInstance say) by those turns of the event
-        loop."""
-        first = next((e for e in early if e is not None), None)
-        if first is not None and not self.store.busy() and not first.on_its_way.is_set():
-            await first.on_its_way.wait()  # (waiting on a set event would still take a turn)
 
     # -- hand-overs: commits that lease an instance to this process ------------------------
 
@@ -542,7 +530,6 @@ class Dispatcher:
         applied: Applied | None = None
         try:
             with trio.CancelScope(shield=True):
-                await self._commit_after(early)
                 applied = await self.store.apply(build(self.owner, None))
         finally:
             lane.commit_done(early, applied.orchestrations if applied is not None else ())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
@@ -74,7 +75,16 @@ class _Processor(Generic[W]):
 
     name = "processor"
 
-    def __init__(self, dispatch: Dispatcher, signals: Signals, lane: Lane[W]) -> None:
+    def __init__(
+        self,
+        dispatch: Dispatcher,
+        signals: Signals,
+        lane: Lane[W],
+        wakeup: Wakeup,
+        lease: Callable[[str, datetime, int], Awaitable[Leased[W]]],
+    ) -> None:
+        """`lane` is the processor's lane of `dispatch`; `wakeup` the signal of its kind of work;
+        `lease` the store's lease of its kind (owner, now, limit)."""
         self._dispatch = dispatch
         self._store = dispatch.store
         self._executor = dispatch.executor
@@ -82,22 +92,18 @@ class _Processor(Generic[W]):
         self._signals = signals
         self._tally = signals.tally
         self._lane = lane
+        self._wakeup = wakeup
+        self._lease = lease
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         log.info("%s: waiting for new work items...", self.name)
         task_status.started()
-        await self._lane.serve(self._lease_counted, self._process, self._wakeup())
+        await self._lane.serve(self._lease_counted, self._process, self._wakeup)
 
     async def _lease_counted(self, limit: int) -> Leased[W]:
-        leased = await self._lease(limit)
+        leased = await self._lease(self._owner, _now(), limit)
         self._tally.leased(self._lane.kind, leased)
         return leased
-
-    def _wakeup(self) -> Wakeup:
-        raise NotImplementedError
-
-    async def _lease(self, limit: int) -> Leased[W]:
-        raise NotImplementedError
 
     async def _step(self, item: W, early: Early[W] | None) -> None:
         """Run `item`; with `early`, before the commit that leases it (see `leased`)."""
@@ -131,13 +137,13 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
     name = "orchestration-processor"
 
     def __init__(self, dispatch: Dispatcher, signals: Signals) -> None:
-        super().__init__(dispatch, signals, dispatch.orchestrations)
-
-    def _wakeup(self) -> Wakeup:
-        return self._signals.orchestration_work
-
-    async def _lease(self, limit: int) -> Leased[OrchestrationWorkItem]:
-        return await self._store.lease_orchestrations(self._owner, _now(), limit)
+        super().__init__(
+            dispatch,
+            signals,
+            dispatch.orchestrations,
+            signals.orchestration_work,
+            dispatch.store.lease_orchestrations,
+        )
 
     def _describe(self, item: OrchestrationWorkItem) -> str:
         return f"a step of {item.state.instance_id}"
@@ -214,7 +220,13 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
             await self._lane.give_back(ops.release_step(item, _now(), failed))
             if isinstance(exc, LockLost):
                 # the instance was purged or deleted meanwhile
-                log.info("%s: a step of %s is dropped: %s", self.name, state.instance_id, exc)
+                log.info(
+                    "%s: a step of %s is dropped: %s",
+                    self.name,
+                    state.instance_id,
+                    exc,
+                    extra={"instance_id": state.instance_id},
+                )
                 return
             if isinstance(exc, Exception):
                 _log_failure(self.name, f"the commit of a step of {state.instance_id}", exc)
@@ -227,7 +239,13 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
         """A leased step no worker answered; `exc` says why."""
         state = item.state
         if isinstance(exc, WorkTooLarge):
-            log.warning("%s: %s fails: %s", self.name, state.instance_id, exc)
+            log.warning(
+                "%s: %s fails: %s",
+                self.name,
+                state.instance_id,
+                exc,
+                extra={"instance_id": state.instance_id},
+            )
             failure = ev.failure("WorkItemTooLargeError", str(exc))
             await self._dispatch.commit_step(
                 item, core.fail_undeliverable(state, plan, _now(), failure)
@@ -262,14 +280,14 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
         signals: Signals,
         max_attempts: int = MAX_ACTIVITY_ATTEMPTS,
     ) -> None:
-        super().__init__(dispatch, signals, dispatch.activities)
+        super().__init__(
+            dispatch,
+            signals,
+            dispatch.activities,
+            signals.activity_work,
+            dispatch.store.lease_activities,
+        )
         self._max_attempts = max_attempts
-
-    def _wakeup(self) -> Wakeup:
-        return self._signals.activity_work
-
-    async def _lease(self, limit: int) -> Leased[ActivityWorkItem]:
-        return await self._store.lease_activities(self._owner, _now(), limit)
 
     def _describe(self, item: ActivityWorkItem) -> str:
         return f"activity {item.scheduled.eventId} of {item.instance_id}"
@@ -285,7 +303,13 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
     async def _not_run(self, item: ActivityWorkItem, exc: BaseException) -> None:
         """A leased activity no worker answered; `exc` says why."""
         if isinstance(exc, WorkTooLarge):
-            log.warning("%s: %s fails: %s", item.instance_id, self._describe(item), exc)
+            log.warning(
+                "%s: %s fails: %s",
+                item.instance_id,
+                self._describe(item),
+                exc,
+                extra={"instance_id": item.instance_id},
+            )
             await self._fail(item, ev.failure("WorkItemTooLargeError", str(exc)))
         elif isinstance(exc, WorkAbandoned):
             delay = max(exc.delay, _backoff(item.attempt))
@@ -307,7 +331,12 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
                 f"workers {item.attempt - 1} times without an answer",
                 non_retriable=False,
             )
-            log.warning("%s: %s", item.instance_id, failure.errorMessage)
+            log.warning(
+                "%s: %s",
+                item.instance_id,
+                failure.errorMessage,
+                extra={"instance_id": item.instance_id},
+            )
             await self._fail(item, failure)
             self._tally.poisoned[WorkKind.ACTIVITY] += 1
             return
@@ -344,6 +373,7 @@ class ActivityProcessor(_Processor[ActivityWorkItem]):
                 "%s: the result of %s is dropped: the step that scheduled it was not committed",
                 item.instance_id,
                 self._describe(item),
+                extra={"instance_id": item.instance_id},
             )
             return
         try:
@@ -389,18 +419,15 @@ def _check_activity_result(request: pb.ActivityRequest, response: object) -> pb.
 
 
 class EntityProcessor(_Processor[EntityWorkItem]):
-    """Runs entity batches: settle locks, run the operations on a worker, commit the result."""
+    """Runs entity batches: grants and releases locks, runs the operations on a worker, commits
+    the result."""
 
     name = "entity-processor"
 
     def __init__(self, dispatch: Dispatcher, signals: Signals) -> None:
-        super().__init__(dispatch, signals, dispatch.entities)
-
-    def _wakeup(self) -> Wakeup:
-        return self._signals.entity_work
-
-    async def _lease(self, limit: int) -> Leased[EntityWorkItem]:
-        return await self._store.lease_entities(self._owner, _now(), limit)
+        super().__init__(
+            dispatch, signals, dispatch.entities, signals.entity_work, dispatch.store.lease_entities
+        )
 
     def _describe(self, item: EntityWorkItem) -> str:
         return f"a batch of {item.entity.instance_id}"
@@ -465,6 +492,7 @@ class EntityProcessor(_Processor[EntityWorkItem]):
                 "out again: %s",
                 escaped(entity_id),
                 escaped(str(exc), 1000),
+                extra={"instance_id": entity_id},
             )
             later = _later(_backoff(item.attempt))
             await self._lane.give_back(ops.release_entity(item, _now(), Attempts.COUNT, ids, later))

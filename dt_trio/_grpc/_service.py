@@ -55,12 +55,7 @@ def _require(value: str, field: str) -> str:
 
 def _timestamp(parent: Any, field: str) -> datetime | None:
     """A Timestamp field as a datetime; InvalidRequest when it is out of range."""
-    if not parent.HasField(field):
-        return None
-    try:
-        return ev.checked_time(getattr(parent, field), field)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
+    return ev.optional_time(parent, field, InvalidRequest)
 
 
 def _statuses(values: Any, field: str) -> frozenset[Status] | None:

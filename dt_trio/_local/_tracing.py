@@ -25,10 +25,11 @@ import contextvars
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from dt_trio._local._replay import Step
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
 SCOPE = "dt_trio"
@@ -56,13 +57,9 @@ _RESULTS = {
 }
 
 
-class Step(Protocol):
-    @property
-    def instance_id(self) -> str: ...
-    @property
-    def past_events(self) -> Sequence[pb.HistoryEvent]: ...
-    @property
-    def new_events(self) -> Sequence[pb.HistoryEvent]: ...
+class TracedStep(Step, Protocol):
+    """A step whose spans are made: its events, and the span of the execution they belong to."""
+
     @property
     def trace_context(self) -> pb.OrchestrationTraceContext | None: ...
 
@@ -260,7 +257,7 @@ def activity_failed(span: Any, exc: BaseException) -> None:
 # -- orchestrations -------------------------------------------------------------------------
 
 
-def trace_step(step: Step, response: pb.OrchestratorResponse) -> None:
+def trace_step(step: TracedStep, response: pb.OrchestratorResponse) -> None:
     """What the SDK does around a step, for a step run here: the context each new call carries,
     the spans of the calls whose results this step brought, the orchestration's span when it
     ends, and the span id and start kept for the next step (in `response`)."""
@@ -305,7 +302,7 @@ def trace_step(step: Step, response: pb.OrchestratorResponse) -> None:
         response.orchestrationTraceContext.spanID.value = own.spanID
 
 
-def _execution_started(step: Step) -> pb.ExecutionStartedEvent | None:
+def _execution_started(step: TracedStep) -> pb.ExecutionStartedEvent | None:
     for events in (step.past_events, step.new_events):
         for event in events[:3]:  # it follows the step's OrchestratorStarted
             if event.HasField("executionStarted"):
@@ -322,7 +319,9 @@ def _kept_span_id(kept: pb.OrchestrationTraceContext | None) -> int | None:
         return None
 
 
-def _results(tracer: Any, step: Step, name: str, own: pb.TraceContext | None, under: Any) -> None:
+def _results(
+    tracer: Any, step: TracedStep, name: str, own: pb.TraceContext | None, under: Any
+) -> None:
     """The spans of the calls this step's new events answer: an activity's or a child's call
     (from its scheduling to its result) and a timer (from its creation to its firing)."""
     answered: dict[int, pb.HistoryEvent] = {}

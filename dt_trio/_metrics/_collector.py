@@ -8,8 +8,9 @@ what each counts are in docs/observability.md.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -44,6 +45,28 @@ def _buckets(histogram: Histogram) -> tuple[list[tuple[str, float]], float]:
     return list(zip(bounds, counts, strict=True)), total
 
 
+_Family = CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
+
+
+def _family(
+    kind: type[_Family],
+    name: str,
+    help: str,
+    labels: list[str],
+    samples: Iterable[tuple[Any, ...]],
+) -> _Family:
+    """A metric family of `kind` named PREFIX + `name`, with a sample for each of `samples`:
+    its labels' values, then its value (a histogram's: its buckets and sum)."""
+    family = kind(PREFIX + name, help, labels=labels)
+    for sample in samples:
+        family.add_metric(*sample)
+    return family
+
+
+def _age(now: float, oldest: float | None) -> float:
+    return 0.0 if oldest is None else max(0.0, now - oldest)
+
+
 class HubCollector:
     """Builds the metric families of one hub from what it counted and holds now."""
 
@@ -53,86 +76,85 @@ class HubCollector:
     def collect(self) -> Iterator[Metric]:
         hub = self._hub
         tally = hub.signals.tally
-
-        started = CounterMetricFamily(
-            PREFIX + "orchestrations_started",
+        yield _family(
+            CounterMetricFamily,
+            "orchestrations_started",
             "Orchestration instances created by this hub's commits (starts, sub-orchestrations, "
             "orchestrations started by entities).",
-            labels=["name"],
+            ["name"],
+            (([name], count) for name, count in sorted(tally.started.items())),
         )
-        for name, count in sorted(tally.started.items()):
-            started.add_metric([name], count)
-        yield started
-
-        ended = CounterMetricFamily(
-            PREFIX + "orchestrations_ended",
+        yield _family(
+            CounterMetricFamily,
+            "orchestrations_ended",
             "Orchestration executions that ended in this hub's commits, by final status.",
-            labels=["name", "status"],
+            ["name", "status"],
+            (([name, status.label], n) for (name, status), n in sorted(tally.ended.items())),
         )
-        for (name, status), count in sorted(tally.ended.items()):
-            ended.add_metric([name, status.label], count)
-        yield ended
-
-        activities = CounterMetricFamily(
-            PREFIX + "activities",
+        yield _family(
+            CounterMetricFamily,
+            "activities",
             "Activity results committed, by outcome.",
-            labels=["name", "outcome"],
+            ["name", "outcome"],
+            (
+                ([name, "failed" if failed else "completed"], count)
+                for (name, failed), count in sorted(tally.activities.items())
+            ),
         )
-        for (name, failed), count in sorted(tally.activities.items()):
-            activities.add_metric([name, "failed" if failed else "completed"], count)
-        yield activities
-
-        durations = HistogramMetricFamily(
-            PREFIX + "activity_duration_seconds",
+        yield _family(
+            HistogramMetricFamily,
+            "activity_duration_seconds",
             "How long activities ran: from being handed to a worker (or waiting for one) to "
             "its answer.",
-            labels=["name"],
+            ["name"],
+            (([name], *_buckets(h)) for name, h in sorted(tally.activity_seconds.items())),
         )
-        for name, histogram in sorted(tally.activity_seconds.items()):
-            durations.add_metric([name], *_buckets(histogram))
-        yield durations
 
-        waiting = GaugeMetricFamily(
-            PREFIX + "work_items_waiting",
-            "Work items this hub holds that wait for an SDK worker to take them.",
-            labels=["kind"],
-        )
-        age = GaugeMetricFamily(
-            PREFIX + "oldest_work_item_age_seconds",
-            "How long the oldest of the work items waiting for a worker has waited (0: none "
-            "waits).",
-            labels=["kind"],
-        )
-        held = GaugeMetricFamily(
-            PREFIX + "leases_held",
-            "Work items this hub holds: leased, running or being committed.",
-            labels=["kind"],
-        )
-        redeliveries = CounterMetricFamily(
-            PREFIX + "redeliveries",
-            "Work items leased again after a failed attempt (given back by a worker, left by "
-            "a worker's stream that ended, answered wrongly, or not committed).",
-            labels=["kind"],
-        )
-        poisoned = CounterMetricFamily(
-            PREFIX + "poison_failures",
-            "Work items failed because they were tried too often without success.",
-            labels=["kind"],
-        )
         now = time.monotonic()
+        waiting = {kind: hub.remote.waiting(kind) for kind in WorkKind}
         lanes = {
             WorkKind.ORCHESTRATION: hub.dispatch.orchestrations.in_flight,
             WorkKind.ACTIVITY: hub.dispatch.activities.in_flight,
             WorkKind.ENTITY: hub.dispatch.entities.in_flight,
         }
-        for kind in WorkKind:
-            count, oldest = hub.remote.waiting(kind)
-            waiting.add_metric([kind.value], count)
-            age.add_metric([kind.value], 0.0 if oldest is None else max(0.0, now - oldest))
-            held.add_metric([kind.value], lanes[kind])
-            redeliveries.add_metric([kind.value], tally.redeliveries[kind])
-            poisoned.add_metric([kind.value], tally.poisoned[kind])
-        yield from (waiting, age, held, redeliveries, poisoned)
+        per_kind: tuple[tuple[type[_Family], str, str, Callable[[WorkKind], float]], ...] = (
+            (
+                GaugeMetricFamily,
+                "work_items_waiting",
+                "Work items this hub holds that wait for an SDK worker to take them.",
+                lambda kind: waiting[kind][0],
+            ),
+            (
+                GaugeMetricFamily,
+                "oldest_work_item_age_seconds",
+                "How long the oldest of the work items waiting for a worker has waited (0: "
+                "none waits).",
+                lambda kind: _age(now, waiting[kind][1]),
+            ),
+            (
+                GaugeMetricFamily,
+                "leases_held",
+                "Work items this hub holds: leased, running or being committed.",
+                lanes.__getitem__,
+            ),
+            (
+                CounterMetricFamily,
+                "redeliveries",
+                "Work items leased again after a failed attempt (given back by a worker, left "
+                "by a worker's stream that ended, answered wrongly, or not committed).",
+                tally.redeliveries.__getitem__,
+            ),
+            (
+                CounterMetricFamily,
+                "poison_failures",
+                "Work items failed because they were tried too often without success.",
+                tally.poisoned.__getitem__,
+            ),
+        )
+        for family_type, name, help, value in per_kind:
+            yield _family(
+                family_type, name, help, ["kind"], (([k.value], value(k)) for k in WorkKind)
+            )
 
         yield GaugeMetricFamily(
             PREFIX + "workers_connected",
@@ -141,19 +163,21 @@ class HubCollector:
         )
 
         stats = hub.store.commit_stats
-        seconds = HistogramMetricFamily(
-            PREFIX + "store_commit_seconds",
+        yield _family(
+            HistogramMetricFamily,
+            "store_commit_seconds",
             "How long the store's write transactions took (sqlite: a group commit; "
             "PostgreSQL: a commit's transaction).",
+            [],
+            [([], *_buckets(stats.seconds))],
         )
-        seconds.add_metric([], *_buckets(stats.seconds))
-        yield seconds
-        writes = HistogramMetricFamily(
-            PREFIX + "store_commit_writes",
+        yield _family(
+            HistogramMetricFamily,
+            "store_commit_writes",
             "Writes per store transaction (sqlite's group commit size; 1 on PostgreSQL).",
+            [],
+            [([], *_buckets(stats.writes))],
         )
-        writes.add_metric([], *_buckets(stats.writes))
-        yield writes
 
         readiness = hub.signals.health.readiness
         yield GaugeMetricFamily(

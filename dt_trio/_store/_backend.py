@@ -153,9 +153,6 @@ class Backend(Protocol):
         commits what is still queued when cancelled). A hub runs it beside everything that
         writes, and stops it last. Without it, commits still work: their callers drive them."""
 
-    def busy(self) -> bool:
-        """Whether a commit queued now would wait behind others."""
-
     async def try_write(self) -> None:
         """Commit a write that changes nothing anyone reads, so that a store fault shows or
         clears (StoreUnavailable while it lasts): the hub's health watch calls it while the

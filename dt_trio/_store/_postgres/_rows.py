@@ -2,39 +2,36 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
 from dt_trio._core import EntityState, InstanceState, Status
 from dt_trio._proto import orchestrator_service_pb2 as pb
+from dt_trio._store import _rows
+from dt_trio._store._rows import INSTANCE_COLUMNS, INSTANCE_FIELDS, event, from_us, us
 
-# The columns of an InstanceState, in the order of `state_values` and `to_state`.
-INSTANCE_COLUMNS = (
-    "instance_id, name, version, execution_id, status, input, output, custom_status, failure, "
-    "created_at, last_updated_at, completed_at, scheduled_start_at, parent_instance_id, tags, "
-    "trace_context"
-)
-INSTANCE_FIELDS = 16
+__all__ = [
+    "ENTITY_COLUMNS",
+    "INSTANCE_COLUMNS",
+    "INSTANCE_FIELDS",
+    "event",
+    "from_us",
+    "state_values",
+    "to_entity",
+    "to_state",
+    "us",
+    "utc",
+]
+
 # An entity's columns, its backlog counted (from `entities e`), in the order of `to_entity`.
 ENTITY_COLUMNS = (
     "e.instance_id, e.state, e.last_modified_at, e.locked_by, e.lock_owner, "
     "(SELECT count(*) FROM entity_inbox m WHERE m.instance_id = e.instance_id)"
 )
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def us(dt: datetime) -> int:
-    """Microseconds since the epoch (a page key's time, as the sqlite store has it)."""
-    return ((dt if dt.tzinfo else dt.replace(tzinfo=UTC)) - _EPOCH) // _MICROSECOND
-
-
-def from_us(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
 
 
 def utc(dt: datetime) -> datetime:
@@ -42,25 +39,8 @@ def utc(dt: datetime) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
-def state_values(state: InstanceState) -> tuple[object, ...]:
-    return (
-        state.instance_id,
-        state.name,
-        state.version,
-        state.execution_id,
-        int(state.status),
-        state.input,
-        state.output,
-        state.custom_status,
-        state.failure.SerializeToString() if state.failure is not None else None,
-        utc(state.created_at),
-        utc(state.last_updated_at),
-        utc(state.completed_at) if state.completed_at else None,
-        utc(state.scheduled_start_at) if state.scheduled_start_at else None,
-        state.parent_instance_id,
-        Jsonb(dict(state.tags)) if state.tags else None,
-        state.trace_context.SerializeToString() if state.trace_context is not None else None,
-    )
+# (a partial: no call more than the shared function's, on every step's commit)
+state_values = functools.partial(_rows.state_values, time=utc, tags=Jsonb)
 
 
 def to_state(row: Sequence[Any]) -> InstanceState:
@@ -95,7 +75,3 @@ def to_entity(row: Sequence[Any]) -> EntityState:
         lock_owner=row[4],
         backlog=row[5],
     )
-
-
-def event(blob: bytes) -> pb.HistoryEvent:
-    return pb.HistoryEvent.FromString(blob)

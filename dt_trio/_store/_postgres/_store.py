@@ -315,9 +315,6 @@ class PostgresBackend:
             counts.steps,
         )
 
-    def busy(self) -> bool:
-        return self._limiter.borrowed_tokens >= self._limiter.total_tokens
-
     # -- running transactions -------------------------------------------------------------
 
     async def _hop(

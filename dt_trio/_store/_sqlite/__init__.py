@@ -46,9 +46,9 @@ from dt_trio._store._backend import (
     notify,
 )
 from dt_trio._store._durability import Durability
+from dt_trio._store._rows import us
 from dt_trio._store._sqlite import _apply, _entities, _instances, _schema, _work
 from dt_trio._store._sqlite._cache import cache_of
-from dt_trio._store._sqlite._rows import us
 from dt_trio._store._sqlite._writer import Connections
 
 W = TypeVar("W")
@@ -101,9 +101,6 @@ class SqliteBackend:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self._db.run(task_status=task_status)
-
-    def busy(self) -> bool:
-        return self._db.busy()
 
     async def try_write(self) -> None:
         def rewrite(conn: sqlite3.Connection) -> None:

@@ -47,8 +47,9 @@ from dt_trio._errors import (
     LockLost,
 )
 from dt_trio._log import get_logger
+from dt_trio._store._rows import us
 from dt_trio._store._sqlite import _entities, _instances, _work
-from dt_trio._store._sqlite._rows import release_lease, us
+from dt_trio._store._sqlite._rows import release_lease
 
 log = get_logger(__name__)
 _UNLEASED = Lease("", 0)

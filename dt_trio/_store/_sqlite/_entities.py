@@ -7,16 +7,15 @@ import sqlite3
 from dt_trio._core import EntityState, EntityStepResult, InboxMessage, held_locks
 from dt_trio._core._commit import EntityWorkItem, Lease
 from dt_trio._store._backend import EntityFilter, Leased
+from dt_trio._store._rows import event, us
 from dt_trio._store._sqlite import _instances
 from dt_trio._store._sqlite._rows import (
     FINISHED,
-    event,
     for_ids,
     lease_next,
     marks,
     next_at,
     to_datetime,
-    us,
 )
 
 _COLUMNS = (

@@ -11,12 +11,10 @@ from dt_trio._core import InboxMessage, InstanceState, Status, StepResult
 from dt_trio._core._commit import Lease, OrchestrationWorkItem
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store._backend import FinishedFilter, InstanceFilter, Leased, PageKey
+from dt_trio._store._rows import INSTANCE_COLUMNS, INSTANCE_FIELDS, event, us
 from dt_trio._store._sqlite._cache import cache_of
 from dt_trio._store._sqlite._rows import (
     FINISHED,
-    INSTANCE_COLUMNS,
-    INSTANCE_FIELDS,
-    event,
     for_ids,
     insert_rows,
     lease_next,
@@ -24,7 +22,6 @@ from dt_trio._store._sqlite._rows import (
     next_at,
     row_to_state,
     state_values,
-    us,
 )
 
 # -- what guards look at -----------------------------------------------------------------------

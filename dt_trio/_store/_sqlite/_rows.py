@@ -12,33 +12,18 @@ from datetime import UTC, datetime, timedelta
 from dt_trio._core import InstanceState, Status
 from dt_trio._core._commit import Attempts, Lease
 from dt_trio._proto import orchestrator_service_pb2 as pb
+from dt_trio._store import _rows
+from dt_trio._store._rows import us
 
 FINISHED = tuple(int(s) for s in Status if s.is_terminal)
 
-INSTANCE_FIELDS = 16
-INSTANCE_COLUMNS = (
-    "instance_id, name, version, execution_id, status, input, output, custom_status, failure, "
-    "created_at, last_updated_at, completed_at, scheduled_start_at, parent_instance_id, tags, "
-    "trace_context"
-)
-
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def us(dt: datetime) -> int:
-    # Exact integer arithmetic: a time read back compares equal to the one written.
-    return ((dt if dt.tzinfo else dt.replace(tzinfo=UTC)) - _EPOCH) // _MICROSECOND
 
 
 def to_datetime(us: int | None) -> datetime | None:
     if us is None:
         return None
     return _EPOCH + timedelta(microseconds=us)
-
-
-def event(blob: bytes) -> pb.HistoryEvent:
-    return pb.HistoryEvent.FromString(blob)
 
 
 def row_to_state(row: sqlite3.Row) -> InstanceState:
@@ -65,26 +50,9 @@ def row_to_state(row: sqlite3.Row) -> InstanceState:
     )
 
 
-def state_values(state: InstanceState) -> tuple[object, ...]:
-    """The values of INSTANCE_COLUMNS for `state`, in order."""
-    return (
-        state.instance_id,
-        state.name,
-        state.version,
-        state.execution_id,
-        int(state.status),
-        state.input,
-        state.output,
-        state.custom_status,
-        state.failure.SerializeToString() if state.failure is not None else None,
-        us(state.created_at),
-        us(state.last_updated_at),
-        us(state.completed_at) if state.completed_at else None,
-        us(state.scheduled_start_at) if state.scheduled_start_at else None,
-        state.parent_instance_id,
-        json.dumps(dict(state.tags)) if state.tags else None,
-        state.trace_context.SerializeToString() if state.trace_context is not None else None,
-    )
+# The values of INSTANCE_COLUMNS for a state (a partial: no call more than the shared
+# function's, on every step's commit).
+state_values = functools.partial(_rows.state_values, time=us, tags=json.dumps)
 
 
 # Rows per statement of a bulk write (at most 6 parameters a row: well under sqlite's limit of

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dt_trio._core import ActivityTask
 from dt_trio._core._commit import ActivityWorkItem, Attempts, Lease
 from dt_trio._store._backend import Leased
-from dt_trio._store._sqlite._rows import ATTEMPTS_SQL, event, insert_rows, marks, next_at
+from dt_trio._store._rows import event
+from dt_trio._store._sqlite._rows import ATTEMPTS_SQL, insert_rows, marks, next_at
 
 
 def holder(conn: sqlite3.Connection, activity_id: int) -> Lease | None:
