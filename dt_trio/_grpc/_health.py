@@ -8,6 +8,7 @@ none (they tell nothing but the status).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterable
 
 from purerpc.grpclib.status import StatusCode
@@ -48,10 +49,15 @@ class HealthService(health_grpc.HealthServicer):  # type: ignore[misc]
 
     async def Watch(self, request: pb.HealthCheckRequest) -> AsyncIterator[pb.HealthCheckResponse]:
         """The status now, then each time it changes; an unknown service is SERVICE_UNKNOWN
-        and the call stays open, as the protocol says."""
+        and the call stays open, as the protocol says. A server that stops ends the call
+        (UNAVAILABLE) right after its NOT_SERVING: a client that had not read that message
+        when the connection closed would lose it with a call cut off, not with a call ended."""
         sent = None
-        async for readiness in self._health.watch():
-            status = self._status(request.service, readiness)
-            if status != sent:
-                sent = status
-                yield pb.HealthCheckResponse(status=status)
+        async with contextlib.aclosing(self._health.watch()) as changes:
+            async for readiness in changes:
+                status = self._status(request.service, readiness)
+                if status != sent:
+                    sent = status
+                    yield pb.HealthCheckResponse(status=status)
+                if readiness.stopping:
+                    raise RpcError(StatusCode.UNAVAILABLE, "the server is stopping")
