@@ -15,7 +15,7 @@ writes (a pod that is not ready gets no traffic that would write).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -108,7 +108,7 @@ class Health:
         if all(seen == self._version for seen in self._watchers.values()):
             self._caught_up.set()
 
-    async def watch(self) -> AsyncIterator[Readiness]:
+    async def watch(self) -> AsyncGenerator[Readiness, None]:
         """The readiness now, then after each change (the latest one, when several came while
         the watcher was busy). A value counts as handled once the watcher asks for the next."""
         me = object()
