@@ -288,7 +288,6 @@ class _Connection:
 
     async def run(self) -> None:
         self._http.initiate()
-        stopping = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
@@ -298,9 +297,6 @@ class _Connection:
                         await self._read_loop(nursery)
                     if self._timer.cancelled_caught:
                         await self._timed_out()
-                except trio.Cancelled:
-                    stopping = True  # the server stops (the peer's end is no Cancelled)
-                    raise
                 finally:
                     # The peer is gone or misbehaved: nothing it started may outlive it.
                     nursery.cancel_scope.cancel()
@@ -314,24 +310,6 @@ class _Connection:
             # watcher's last status), unless that send was cut.
             if not self._sending and self._http.has_data_to_send():
                 await self._send(self._http.data_to_send())
-            if stopping and not self._sending:
-                await self._close_gracefully()
-
-    async def _close_gracefully(self) -> None:
-        """A stopping server's goodbye, within the last writes' time: GOAWAY, our end of the
-        stream, then read until the peer closes its own. Closed at once instead, a socket with
-        bytes the peer sent unread (a window update, a ping) is reset, and the peer's kernel
-        may drop what we wrote last before its application reads it."""
-        self._http.go_away(http2.ErrorCode.NO_ERROR, "the server is stopping")
-        with trio.CancelScope(shield=True, deadline=self._last_write_by or 0.0):
-            try:
-                await self._transport.send_all(self._http.data_to_send())
-                if isinstance(self._transport, trio.abc.HalfCloseableStream):
-                    await self._transport.send_eof()
-                while await self._transport.receive_some(_READ_SIZE):
-                    pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
 
     async def _send(self, data: bytes) -> bool:
         """Write frames taken from the HTTP/2 layer whole (cut, they would garble the
