@@ -204,8 +204,11 @@ def bench(session: nox.Session) -> None:
 def profile(session: nox.Session) -> None:
     """Where dt-trio's time goes, per layer (tests/bench/layers.py): CPU per orchestration and
     per activity by thread, and the py-spy sampler's share of each layer, for the sidecar's
-    hello cities and fan-out and the local API's hello cities: -- [--quick] [--out FILE]."""
+    hello cities and fan-out and the local API's hello cities: -- [--quick] [--out FILE]
+    [--samples DIR] [--store postgres]."""
     # py-spy: a sampling profiler that attaches to a running process and sees every thread;
     # nothing hand-written does that, and cProfile would see one thread and slow it down.
     session.install("-e", ".[test]", "py-spy")
+    if "postgres" in session.posargs:
+        _need_postgres(session)
     session.run("python", "tests/bench/layers.py", *session.posargs)

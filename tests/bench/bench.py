@@ -122,8 +122,10 @@ class Server:
 
 
 @contextmanager
-def server(kind: str, ui: str | None = None) -> Iterator[Server]:
-    """A server of `kind` on a free port; dt-trio serves its dashboard at `ui` if given."""
+def server(kind: str, ui: str | None = None, db: str | None = None) -> Iterator[Server]:
+    """A server of `kind` on a free port; dt-trio serves its dashboard at `ui` if given, and
+    keeps its store at `db` if given (an address: PostgreSQL's, say), else in a file of its
+    own."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         if kind.startswith("dt-trio"):
@@ -136,7 +138,7 @@ def server(kind: str, ui: str | None = None) -> Iterator[Server]:
                 "--log-level",
                 "WARNING",
                 "--db",
-                os.path.join(tmp, "bench.sqlite3"),
+                db or os.path.join(tmp, "bench.sqlite3"),
                 "--durability",
                 "full" if kind == FULL else "normal",
                 *(["--ui", ui] if ui else ["--no-ui"]),

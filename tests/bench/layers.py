@@ -1,6 +1,7 @@
 """Where dt-trio's time goes, per layer: the profile behind the performance targets not met.
 
-    python tests/bench/layers.py [--quick] [--out FILE] [--samples DIR]     (nox -s profile)
+    python tests/bench/layers.py [--quick] [--out FILE] [--samples DIR] [--store postgres]
+    (nox -s profile)
 
 Three workloads, each profiled alone in a process of its own with the py-spy sampler
 (attached once the workload is warm, detached when it ends):
@@ -38,6 +39,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import trio
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import _postgres
 from bench import (
     commit,
     fan_out,
@@ -63,6 +67,7 @@ LAYERS = (
     ("/dt_trio/_engine/", "engine"),
     ("/dt_trio/_core/", "core"),
     ("/dt_trio/_store/", "store (Python)"),
+    ("/psycopg", "psycopg"),
     ("/dt_trio/_local/_replay", "replay (local orchestrator runtime)"),
     ("/dt_trio/", "dt_trio, other"),
     ("/trio/", "trio"),
@@ -150,10 +155,13 @@ def sampled(pid: int, keep: str | None) -> Iterator[dict[str, Any]]:
         result["layers"], result["loop_samples"], result["other_samples"] = read_samples(raw, pid)
 
 
-def sidecar_profiles(quick: bool, keep: str | None) -> dict[str, dict[str, Any]]:
+def sidecar_profiles(
+    quick: bool, keep: str | None, db: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """The sidecar's hello cities and fan-out, on a file of its own or on `db`."""
     n_hello, n_fan = (200, 200) if quick else (1000, 1000)
     profiles = {}
-    with server("dt-trio") as s:
+    with server("dt-trio", db=db) as s:
         c = client.TaskHubGrpcClient(host_address=s.address)
         w = worker.TaskHubGrpcWorker(host_address=s.address)
         try:
@@ -276,6 +284,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--out", help="also write the markdown tables to this file")
     parser.add_argument("--samples", help="keep py-spy's raw samples in this folder")
+    parser.add_argument(
+        "--store",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="the sidecar's store; postgres: a throwaway cluster (or $DT_TRIO_TEST_PG), and "
+        "no local-API profile",
+    )
     parser.add_argument("--local-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.local_child:
@@ -283,8 +298,14 @@ def main() -> int:
         return 0
     if args.samples:
         os.makedirs(args.samples, exist_ok=True)
-    profiles = sidecar_profiles(args.quick, args.samples)
-    profiles["local API: hello cities, per orchestration"] = local_profile(args.quick, args.samples)
+    if args.store == "postgres":
+        with _postgres.server() as address:
+            profiles = sidecar_profiles(args.quick, args.samples, address)
+    else:
+        profiles = sidecar_profiles(args.quick, args.samples)
+        profiles["local API: hello cities, per orchestration"] = local_profile(
+            args.quick, args.samples
+        )
     text = markdown(profiles)
     print(text)
     if args.out:
