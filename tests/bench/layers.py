@@ -10,7 +10,7 @@ Three workloads, each profiled alone in a process of its own with the py-spy sam
   1,000 hello cities started one after another while the worker runs them, then awaited
   (the bench's hello-cities workload: the starts meet a busy worker);
 - the same sidecar: one fan-out/fan-in of 1,000 activities, three times;
-- the local API (no gRPC) in an interpreter of its own: 1,000 hello cities started at once.
+- the local API (no gRPC) in an interpreter of its own: 3,000 hello cities started at once.
 
 For each: the process's CPU per orchestration (or activity) from /proc, user and system, split
 into the event loop's thread and the store's threads; then the samples taken while a thread
@@ -193,7 +193,7 @@ def sidecar_profiles(
 def local_profile(quick: bool, keep: str | None) -> dict[str, Any]:
     """The local API's hello cities in a child interpreter (`--local-child`), sampled from
     the moment it is warm until it is done."""
-    n = 200 if quick else 1000
+    n = 200 if quick else 3000  # (the local API runs 1,000 in under a second: few samples)
     child = subprocess.Popen(
         [sys.executable, __file__, "--local-child", str(n)],
         stdin=subprocess.PIPE,
