@@ -70,6 +70,7 @@ from dt_trio._store._backend import (
     StoreListener,
     notify,
 )
+from dt_trio._store._conditions import Conditions
 from dt_trio._store._durability import Durability
 from dt_trio._store._postgres import _apply
 from dt_trio._store._postgres._apply import LEASED_INSTANCE, TERMINAL, Call, Tx
@@ -784,19 +785,19 @@ class PostgresBackend:
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def get_instance(self, instance_id: str) -> InstanceState | None:
-        def read(conn: psycopg.Connection[Any]) -> InstanceState | None:
-            row = (
-                conn.cursor(binary=True)
-                .execute(
-                    f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE instance_id = %s",
-                    (instance_id,),
-                )
-                .fetchone()
-            )
-            return None if row is None else to_state(row)
+    async def _read(self, query: str, params: Sequence[object]) -> list[Any]:
+        """The rows of one statement that only reads (each statement its own transaction)."""
+
+        def read(conn: psycopg.Connection[Any]) -> list[Any]:
+            return conn.cursor(binary=True).execute(query, params).fetchall()
 
         return await self._hop(read, transaction=False)
+
+    async def get_instance(self, instance_id: str) -> InstanceState | None:
+        rows = await self._read(
+            f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE instance_id = %s", (instance_id,)
+        )
+        return to_state(rows[0]) if rows else None
 
     async def get_history(self, instance_id: str) -> list[pb.HistoryEvent]:
         def read(conn: psycopg.Connection[Any]) -> list[pb.HistoryEvent]:
@@ -811,37 +812,27 @@ class PostgresBackend:
         after: PageKey | None,
         newest_first: bool = False,
     ) -> tuple[list[InstanceState], PageKey | None]:
-        clauses, params = _filter_sql(where)
+        found = _filter_sql(where)
         if after is not None:
-            clauses.append(f"(created_at, instance_id) {'<' if newest_first else '>'} (%s, %s)")
-            params += [from_us(after[0]), after[1]]
+            beyond = "<" if newest_first else ">"
+            found.add(f"(created_at, instance_id) {beyond} (%s, %s)", from_us(after[0]), after[1])
         order = "DESC" if newest_first else "ASC"
-        query = (
-            f"SELECT {INSTANCE_COLUMNS} FROM instances"
-            f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''}"
-            f" ORDER BY created_at {order}, instance_id {order} LIMIT %s"
+        rows = await self._read(
+            f"SELECT {INSTANCE_COLUMNS} FROM instances{found.where()}"
+            f" ORDER BY created_at {order}, instance_id {order} LIMIT %s",
+            (*found.params, page_size + 1),
         )
-
-        def read(conn: psycopg.Connection[Any]) -> list[Any]:
-            return conn.cursor(binary=True).execute(query, (*params, page_size + 1)).fetchall()
-
-        rows = await self._hop(read, transaction=False)
         states = [to_state(r) for r in rows[:page_size]]
         more = len(rows) > page_size and states
         next_key = (us(states[-1].created_at), states[-1].instance_id) if more else None
         return states, next_key
 
     async def count_instances(self, where: InstanceFilter) -> dict[Status, int]:
-        clauses, params = _filter_sql(where)
-        query = (
-            "SELECT status, count(*) FROM instances"
-            f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''} GROUP BY status"
+        found = _filter_sql(where)
+        rows = await self._read(
+            f"SELECT status, count(*) FROM instances{found.where()} GROUP BY status", found.params
         )
-
-        def read(conn: psycopg.Connection[Any]) -> list[Any]:
-            return conn.execute(query, params).fetchall()
-
-        return {Status(status): count for status, count in await self._hop(read, False)}
+        return {Status(status): count for status, count in rows}
 
     async def list_finished_ids(
         self, where: FinishedFilter, page_size: int, after: PageKey | None
@@ -849,71 +840,43 @@ class PostgresBackend:
         allowed = [int(s) for s in where.terminal_statuses]
         if not allowed:
             return [], None
-        clauses = ["completed_at IS NOT NULL", "status = ANY(%s::smallint[])"]
-        params: list[object] = [allowed]
-        if where.completed_from is not None:
-            clauses.append("completed_at >= %s")
-            params.append(utc(where.completed_from))
-        if where.completed_to is not None:
-            clauses.append("completed_at < %s")
-            params.append(utc(where.completed_to))
+        found = Conditions("%s", utc)
+        found.add("completed_at IS NOT NULL")
+        found.add("status = ANY(%s::smallint[])", allowed)
+        found.between("completed_at", where.completed_from, where.completed_to)
         if after is not None:
-            clauses.append("(completed_at, instance_id) > (%s, %s)")
-            params += [from_us(after[0]), after[1]]
-        query = (
-            "SELECT completed_at, instance_id FROM instances WHERE "
-            + " AND ".join(clauses)
-            + " ORDER BY completed_at, instance_id LIMIT %s"
+            found.add("(completed_at, instance_id) > (%s, %s)", from_us(after[0]), after[1])
+        rows = await self._read(
+            f"SELECT completed_at, instance_id FROM instances{found.where()}"
+            " ORDER BY completed_at, instance_id LIMIT %s",
+            (*found.params, page_size + 1),
         )
-
-        def read(conn: psycopg.Connection[Any]) -> list[Any]:
-            return conn.cursor(binary=True).execute(query, (*params, page_size + 1)).fetchall()
-
-        rows = await self._hop(read, transaction=False)
         more = len(rows) > page_size
         rows = rows[:page_size]
         next_key = (us(rows[-1][0]), rows[-1][1]) if more and rows else None
         return [r[1] for r in rows], next_key
 
     async def get_entity(self, entity_id: str) -> EntityState | None:
-        def read(conn: psycopg.Connection[Any]) -> EntityState | None:
-            row = (
-                conn.cursor(binary=True)
-                .execute(
-                    f"SELECT {ENTITY_COLUMNS} FROM entities e WHERE e.instance_id = %s",
-                    (entity_id,),
-                )
-                .fetchone()
-            )
-            return None if row is None else to_entity(row)
-
-        return await self._hop(read, transaction=False)
+        rows = await self._read(
+            f"SELECT {ENTITY_COLUMNS} FROM entities e WHERE e.instance_id = %s", (entity_id,)
+        )
+        return to_entity(rows[0]) if rows else None
 
     async def query_entities(
         self, where: EntityFilter, page_size: int, after: str | None
     ) -> tuple[list[EntityState], str | None]:
-        clauses = ["e.instance_id > %s"]
-        params: list[object] = [after or ""]
+        found = Conditions("%s", utc)
+        found.add("e.instance_id > %s", after or "")
         if where.id_prefix:
-            clauses.append("starts_with(e.instance_id, %s)")
-            params.append(where.id_prefix)
-        if where.modified_from is not None:
-            clauses.append("e.last_modified_at >= %s")
-            params.append(utc(where.modified_from))
-        if where.modified_to is not None:
-            clauses.append("e.last_modified_at < %s")
-            params.append(utc(where.modified_to))
+            found.add("starts_with(e.instance_id, %s)", where.id_prefix)
+        found.between("e.last_modified_at", where.modified_from, where.modified_to)
         if not where.include_transient:
-            clauses.append("e.state IS NOT NULL")
-        query = (
-            f"SELECT {ENTITY_COLUMNS} FROM entities e WHERE {' AND '.join(clauses)} "
-            "ORDER BY e.instance_id LIMIT %s"
+            found.add("e.state IS NOT NULL")
+        rows = await self._read(
+            f"SELECT {ENTITY_COLUMNS} FROM entities e{found.where()}"
+            " ORDER BY e.instance_id LIMIT %s",
+            (*found.params, page_size + 1),
         )
-
-        def read(conn: psycopg.Connection[Any]) -> list[Any]:
-            return conn.cursor(binary=True).execute(query, (*params, page_size + 1)).fetchall()
-
-        rows = await self._hop(read, transaction=False)
         entities = [to_entity(r) for r in rows[:page_size]]
         more = len(rows) > page_size
         return entities, entities[-1].instance_id if more else None
@@ -960,18 +923,14 @@ class PostgresBackend:
         finished = frozenset(s for s in (where.statuses or Status) if s.is_terminal)
         if not finished:
             return 0, True
-        clauses, params = _filter_sql(dataclasses.replace(where, statuses=finished))
-        select = (
-            "SELECT instance_id FROM instances WHERE "
-            + " AND ".join(clauses)
-            + " LIMIT %s FOR UPDATE SKIP LOCKED"
-        )
+        found = _filter_sql(dataclasses.replace(where, statuses=finished))
+        select = f"SELECT instance_id FROM instances{found.where()} LIMIT %s FOR UPDATE SKIP LOCKED"
         total = 0
         while True:
 
             def write(conn: psycopg.Connection[Any]) -> list[str]:
                 tx = Tx(conn, datetime.now(UTC), self._ttl, {})
-                ids = [r[0] for r in tx.run(select, (*params, batch)).fetchall()]
+                ids = [r[0] for r in tx.run(select, (*found.params, batch)).fetchall()]
                 if recursive:
                     ids = _with_finished_descendants(tx, ids)
                 _apply.delete_instances(tx, ids)
@@ -1387,25 +1346,16 @@ def _poll(
     return found, expired
 
 
-def _filter_sql(where: InstanceFilter) -> tuple[list[str], list[object]]:
-    clauses: list[str] = []
-    params: list[object] = []
+def _filter_sql(where: InstanceFilter) -> Conditions:
+    found = Conditions("%s", utc)
     if where.statuses is not None:
-        clauses.append("status = ANY(%s::smallint[])")
-        params.append([int(s) for s in where.statuses])
-    if where.created_from is not None:
-        clauses.append("created_at >= %s")
-        params.append(utc(where.created_from))
-    if where.created_to is not None:
-        clauses.append("created_at < %s")
-        params.append(utc(where.created_to))
+        found.add("status = ANY(%s::smallint[])", [int(s) for s in where.statuses])
+    found.between("created_at", where.created_from, where.created_to)
     if where.id_prefix:
-        clauses.append("starts_with(instance_id, %s)")
-        params.append(where.id_prefix)
+        found.add("starts_with(instance_id, %s)", where.id_prefix)
     if where.name is not None:
-        clauses.append("name = %s")
-        params.append(where.name)
-    return clauses, params
+        found.add("name = %s", where.name)
+    return found
 
 
 def _with_finished_descendants(tx: Tx, ids: Sequence[str]) -> list[str]:

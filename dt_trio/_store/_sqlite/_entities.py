@@ -7,6 +7,7 @@ import sqlite3
 from dt_trio._core import EntityState, EntityStepResult, InboxMessage, held_locks
 from dt_trio._core._commit import EntityWorkItem, Lease
 from dt_trio._store._backend import EntityFilter, Leased
+from dt_trio._store._conditions import Conditions
 from dt_trio._store._rows import event, us
 from dt_trio._store._sqlite import _instances
 from dt_trio._store._sqlite._rows import (
@@ -141,23 +142,18 @@ def get(conn: sqlite3.Connection, entity_id: str) -> EntityState | None:
 def query(
     conn: sqlite3.Connection, where: EntityFilter, page_size: int, after: str | None
 ) -> tuple[list[EntityState], str | None]:
-    clauses = ["instance_id > ?"]
-    params: list[object] = [after or ""]
+    found = Conditions("?", us)
+    found.add("instance_id > ?", after or "")
     if where.id_prefix:
-        clauses.append("instance_id >= ? AND instance_id < ?")
-        params += [where.id_prefix, where.id_prefix + "\U0010ffff"]
-    if where.modified_from is not None:
-        clauses.append("last_modified_at >= ?")
-        params.append(us(where.modified_from))
-    if where.modified_to is not None:
-        clauses.append("last_modified_at < ?")
-        params.append(us(where.modified_to))
+        found.add(
+            "instance_id >= ? AND instance_id < ?", where.id_prefix, where.id_prefix + "\U0010ffff"
+        )
+    found.between("last_modified_at", where.modified_from, where.modified_to)
     if not where.include_transient:
-        clauses.append("state IS NOT NULL")
+        found.add("state IS NOT NULL")
     rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM entities e WHERE {' AND '.join(clauses)} "
-        "ORDER BY instance_id LIMIT ?",
-        (*params, page_size + 1),
+        f"SELECT {_COLUMNS} FROM entities e{found.where()} ORDER BY instance_id LIMIT ?",
+        (*found.params, page_size + 1),
     ).fetchall()
     entities = [_row_to_entity(r) for r in rows[:page_size]]
     more = len(rows) > page_size
