@@ -42,7 +42,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from dt_trio._core import EntityState, InboxMessage, InstanceState, Status, held_locks
+from dt_trio._core import EntityState, InboxMessage, InstanceState, Status, lock_is_orphaned
 from dt_trio._core._commit import (
     ActivityWorkItem,
     Applied,
@@ -976,19 +976,17 @@ class PostgresBackend:
         def write(conn: psycopg.Connection[Any]) -> tuple[int, int]:
             released = 0
             if release_orphaned_locks:
-                # A lock is orphaned when its orchestration is gone or finished, or when the
-                # orchestration's current execution does not hold it.
-                orphans = []
-                for entity_id, section, owner, status in conn.execute(
-                    "SELECT e.instance_id, e.locked_by, e.lock_owner, i.status FROM entities e "
-                    "LEFT JOIN instances i ON i.instance_id = e.lock_owner "
-                    "WHERE e.locked_by IS NOT NULL AND e.lease_owner IS NULL "
-                    "FOR UPDATE OF e SKIP LOCKED"
-                ).fetchall():
-                    if status is None or status in TERMINAL:
-                        orphans.append(entity_id)
-                    elif (section, entity_id) not in held_locks(_history(conn, owner)):
-                        orphans.append(entity_id)
+                history = functools.partial(_history, conn)
+                orphans = [
+                    entity_id
+                    for entity_id, section, owner, status in conn.execute(
+                        "SELECT e.instance_id, e.locked_by, e.lock_owner, i.status FROM entities e "
+                        "LEFT JOIN instances i ON i.instance_id = e.lock_owner "
+                        "WHERE e.locked_by IS NOT NULL AND e.lease_owner IS NULL "
+                        "FOR UPDATE OF e SKIP LOCKED"
+                    ).fetchall()
+                    if lock_is_orphaned(entity_id, section, owner, status, history)
+                ]
                 if orphans:
                     # What waited for the lock may run now.
                     conn.execute(

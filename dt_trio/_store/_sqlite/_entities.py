@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 
-from dt_trio._core import EntityState, EntityStepResult, InboxMessage, held_locks
+from dt_trio._core import EntityState, EntityStepResult, InboxMessage, lock_is_orphaned
 from dt_trio._core._commit import EntityWorkItem, Lease
 from dt_trio._store._backend import EntityFilter, Leased
 from dt_trio._store._conditions import Conditions
 from dt_trio._store._rows import event, us
 from dt_trio._store._sqlite import _instances
 from dt_trio._store._sqlite._rows import (
-    FINISHED,
     for_ids,
     lease_next,
     marks,
@@ -166,19 +166,16 @@ def clean(
     """Release orphaned locks and delete empty entities; (removed, released)."""
     released = 0
     if release_orphaned_locks:
-        # A lock is orphaned when its orchestration is gone or finished, or when the
-        # orchestration's current execution does not hold it (it continued as new
-        # while the lock request was still on its way, say).
-        orphans = []
-        for entity_id, section, owner, status in conn.execute(
-            "SELECT e.instance_id, e.locked_by, e.lock_owner, i.status FROM entities e "
-            "LEFT JOIN instances i ON i.instance_id = e.lock_owner "
-            "WHERE e.locked_by IS NOT NULL AND e.leased_by IS NULL"
-        ).fetchall():
-            if status is None or status in FINISHED:
-                orphans.append(entity_id)
-            elif (section, entity_id) not in held_locks(_instances.history(conn, owner)):
-                orphans.append(entity_id)
+        history = functools.partial(_instances.history, conn)
+        orphans = [
+            entity_id
+            for entity_id, section, owner, status in conn.execute(
+                "SELECT e.instance_id, e.locked_by, e.lock_owner, i.status FROM entities e "
+                "LEFT JOIN instances i ON i.instance_id = e.lock_owner "
+                "WHERE e.locked_by IS NOT NULL AND e.leased_by IS NULL"
+            ).fetchall()
+            if lock_is_orphaned(entity_id, section, owner, status, history)
+        ]
         for entity_id in orphans:
             conn.execute(
                 "UPDATE entities SET locked_by = NULL, lock_owner = NULL WHERE instance_id = ?",
