@@ -70,7 +70,6 @@ from dt_trio._store._backend import (
     StoreListener,
     notify,
 )
-from dt_trio._store._conditions import Conditions
 from dt_trio._store._durability import Durability
 from dt_trio._store._postgres import _apply
 from dt_trio._store._postgres._apply import LEASED_INSTANCE, TERMINAL, Call, Tx
@@ -86,6 +85,7 @@ from dt_trio._store._postgres._rows import (
     utc,
 )
 from dt_trio._store._postgres._schema import ensure_schema, schema_name
+from dt_trio._store._query import Conditions, split_page
 from dt_trio._store._select import DEFAULT_HUB, DEFAULT_LEASE_TTL
 
 log = get_logger(__name__)
@@ -817,14 +817,16 @@ class PostgresBackend:
             beyond = "<" if newest_first else ">"
             found.add(f"(created_at, instance_id) {beyond} (%s, %s)", from_us(after[0]), after[1])
         order = "DESC" if newest_first else "ASC"
-        rows = await self._read(
-            f"SELECT {INSTANCE_COLUMNS} FROM instances{found.where()}"
-            f" ORDER BY created_at {order}, instance_id {order} LIMIT %s",
-            (*found.params, page_size + 1),
+        rows, last = split_page(
+            await self._read(
+                f"SELECT {INSTANCE_COLUMNS} FROM instances{found.where()}"
+                f" ORDER BY created_at {order}, instance_id {order} LIMIT %s",
+                (*found.params, page_size + 1),
+            ),
+            page_size,
         )
-        states = [to_state(r) for r in rows[:page_size]]
-        more = len(rows) > page_size and states
-        next_key = (us(states[-1].created_at), states[-1].instance_id) if more else None
+        states = [to_state(r) for r in rows]
+        next_key = (us(states[-1].created_at), states[-1].instance_id) if last is not None else None
         return states, next_key
 
     async def count_instances(self, where: InstanceFilter) -> dict[Status, int]:
@@ -846,15 +848,15 @@ class PostgresBackend:
         found.between("completed_at", where.completed_from, where.completed_to)
         if after is not None:
             found.add("(completed_at, instance_id) > (%s, %s)", from_us(after[0]), after[1])
-        rows = await self._read(
-            f"SELECT completed_at, instance_id FROM instances{found.where()}"
-            " ORDER BY completed_at, instance_id LIMIT %s",
-            (*found.params, page_size + 1),
+        rows, last = split_page(
+            await self._read(
+                f"SELECT completed_at, instance_id FROM instances{found.where()}"
+                " ORDER BY completed_at, instance_id LIMIT %s",
+                (*found.params, page_size + 1),
+            ),
+            page_size,
         )
-        more = len(rows) > page_size
-        rows = rows[:page_size]
-        next_key = (us(rows[-1][0]), rows[-1][1]) if more and rows else None
-        return [r[1] for r in rows], next_key
+        return [r[1] for r in rows], (us(last[0]), last[1]) if last is not None else None
 
     async def get_entity(self, entity_id: str) -> EntityState | None:
         rows = await self._read(
@@ -872,14 +874,15 @@ class PostgresBackend:
         found.between("e.last_modified_at", where.modified_from, where.modified_to)
         if not where.include_transient:
             found.add("e.state IS NOT NULL")
-        rows = await self._read(
-            f"SELECT {ENTITY_COLUMNS} FROM entities e{found.where()}"
-            " ORDER BY e.instance_id LIMIT %s",
-            (*found.params, page_size + 1),
+        rows, last = split_page(
+            await self._read(
+                f"SELECT {ENTITY_COLUMNS} FROM entities e{found.where()}"
+                " ORDER BY e.instance_id LIMIT %s",
+                (*found.params, page_size + 1),
+            ),
+            page_size,
         )
-        entities = [to_entity(r) for r in rows[:page_size]]
-        more = len(rows) > page_size
-        return entities, entities[-1].instance_id if more else None
+        return [to_entity(r) for r in rows], last[0] if last is not None else None
 
     # -- administration ---------------------------------------------------------------------
 

@@ -1,10 +1,20 @@
-"""The conditions of the stores' queries (filters, page keys) as SQL and its parameters: one
-builder for both stores, each with its own placeholder and its own values for times."""
+"""What both stores' queries share: their conditions (filters, page keys) as SQL and its
+parameters, each store with its own placeholder and its own values for times; their pages."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVar
+
+R = TypeVar("R")
+
+
+def split_page(rows: list[R], page_size: int) -> tuple[list[R], R | None]:
+    """The page in `rows` (a query for one row more than `page_size`), and its last row if
+    another page follows."""
+    page = rows[:page_size]
+    return page, page[-1] if len(rows) > page_size and page else None
 
 
 class Conditions:
