@@ -9,9 +9,8 @@ import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from dt_trio._core import InstanceState, Status
+from dt_trio._core import Status
 from dt_trio._core._commit import Attempts, Lease
-from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import _rows
 from dt_trio._store._rows import us
 
@@ -26,33 +25,10 @@ def to_datetime(us: int | None) -> datetime | None:
     return _EPOCH + timedelta(microseconds=us)
 
 
-def row_to_state(row: sqlite3.Row) -> InstanceState:
-    failure = pb.TaskFailureDetails.FromString(row["failure"]) if row["failure"] else None
-    return InstanceState(
-        instance_id=row["instance_id"],
-        name=row["name"],
-        version=row["version"],
-        execution_id=row["execution_id"],
-        status=Status(row["status"]),
-        input=row["input"],
-        output=row["output"],
-        custom_status=row["custom_status"],
-        failure=failure,
-        created_at=to_datetime(row["created_at"]),  # type: ignore[arg-type]
-        last_updated_at=to_datetime(row["last_updated_at"]),  # type: ignore[arg-type]
-        completed_at=to_datetime(row["completed_at"]),
-        scheduled_start_at=to_datetime(row["scheduled_start_at"]),
-        parent_instance_id=row["parent_instance_id"],
-        tags=json.loads(row["tags"]) if row["tags"] else {},
-        trace_context=pb.OrchestrationTraceContext.FromString(row["trace_context"])
-        if row["trace_context"]
-        else None,
-    )
-
-
-# The values of INSTANCE_COLUMNS for a state (a partial: no call more than the shared
-# function's, on every step's commit).
+# The values of INSTANCE_COLUMNS for a state, and the state of a row that starts with them
+# (partials: no call more than the shared functions', on every step's commit).
 state_values = functools.partial(_rows.state_values, time=us, tags=json.dumps)
+row_to_state = functools.partial(_rows.state_of, time=_rows.from_us, tags=json.loads)
 
 
 # Rows per statement of a bulk write (at most 6 parameters a row: well under sqlite's limit of
