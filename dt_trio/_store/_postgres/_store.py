@@ -793,6 +793,13 @@ class PostgresBackend:
 
         return await self._hop(read, transaction=False)
 
+    async def _read_page(
+        self, query: str, params: Sequence[object], page_size: int
+    ) -> tuple[list[Any], Any | None]:
+        """A page of `query`'s rows (a statement that ends in `LIMIT %s`), at most `page_size`,
+        and its last row if another page follows."""
+        return split_page(await self._read(query, (*params, page_size + 1)), page_size)
+
     async def get_instance(self, instance_id: str) -> InstanceState | None:
         rows = await self._read(
             f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE instance_id = %s", (instance_id,)
@@ -817,12 +824,10 @@ class PostgresBackend:
             beyond = "<" if newest_first else ">"
             found.add(f"(created_at, instance_id) {beyond} (%s, %s)", from_us(after[0]), after[1])
         order = "DESC" if newest_first else "ASC"
-        rows, last = split_page(
-            await self._read(
-                f"SELECT {INSTANCE_COLUMNS} FROM instances{found.where()}"
-                f" ORDER BY created_at {order}, instance_id {order} LIMIT %s",
-                (*found.params, page_size + 1),
-            ),
+        rows, last = await self._read_page(
+            f"SELECT {INSTANCE_COLUMNS} FROM instances{found.where()}"
+            f" ORDER BY created_at {order}, instance_id {order} LIMIT %s",
+            found.params,
             page_size,
         )
         states = [to_state(r) for r in rows]
@@ -848,12 +853,10 @@ class PostgresBackend:
         found.between("completed_at", where.completed_from, where.completed_to)
         if after is not None:
             found.add("(completed_at, instance_id) > (%s, %s)", from_us(after[0]), after[1])
-        rows, last = split_page(
-            await self._read(
-                f"SELECT completed_at, instance_id FROM instances{found.where()}"
-                " ORDER BY completed_at, instance_id LIMIT %s",
-                (*found.params, page_size + 1),
-            ),
+        rows, last = await self._read_page(
+            f"SELECT completed_at, instance_id FROM instances{found.where()}"
+            " ORDER BY completed_at, instance_id LIMIT %s",
+            found.params,
             page_size,
         )
         return [r[1] for r in rows], (us(last[0]), last[1]) if last is not None else None
@@ -874,12 +877,10 @@ class PostgresBackend:
         found.between("e.last_modified_at", where.modified_from, where.modified_to)
         if not where.include_transient:
             found.add("e.state IS NOT NULL")
-        rows, last = split_page(
-            await self._read(
-                f"SELECT {ENTITY_COLUMNS} FROM entities e{found.where()}"
-                " ORDER BY e.instance_id LIMIT %s",
-                (*found.params, page_size + 1),
-            ),
+        rows, last = await self._read_page(
+            f"SELECT {ENTITY_COLUMNS} FROM entities e{found.where()}"
+            " ORDER BY e.instance_id LIMIT %s",
+            found.params,
             page_size,
         )
         return [to_entity(r) for r in rows], last[0] if last is not None else None

@@ -8,7 +8,7 @@ import sqlite3
 from dt_trio._core import EntityState, EntityStepResult, InboxMessage, lock_is_orphaned
 from dt_trio._core._commit import EntityWorkItem, Lease
 from dt_trio._store._backend import EntityFilter, Leased
-from dt_trio._store._query import Conditions, split_page
+from dt_trio._store._query import Conditions
 from dt_trio._store._rows import event, us
 from dt_trio._store._sqlite import _instances
 from dt_trio._store._sqlite._rows import (
@@ -16,6 +16,7 @@ from dt_trio._store._sqlite._rows import (
     lease_next,
     marks,
     next_at,
+    read_page,
     to_datetime,
 )
 
@@ -151,11 +152,10 @@ def query(
     found.between("last_modified_at", where.modified_from, where.modified_to)
     if not where.include_transient:
         found.add("state IS NOT NULL")
-    rows, last = split_page(
-        conn.execute(
-            f"SELECT {_COLUMNS} FROM entities e{found.where()} ORDER BY instance_id LIMIT ?",
-            (*found.params, page_size + 1),
-        ).fetchall(),
+    rows, last = read_page(
+        conn,
+        f"SELECT {_COLUMNS} FROM entities e{found.where()} ORDER BY instance_id LIMIT ?",
+        found.params,
         page_size,
     )
     return [_row_to_entity(r) for r in rows], last["instance_id"] if last is not None else None

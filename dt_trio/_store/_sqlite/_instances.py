@@ -11,7 +11,7 @@ from dt_trio._core import InboxMessage, InstanceState, Status, StepResult
 from dt_trio._core._commit import Lease, OrchestrationWorkItem
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store._backend import FinishedFilter, InstanceFilter, Leased, PageKey
-from dt_trio._store._query import Conditions, split_page
+from dt_trio._store._query import Conditions
 from dt_trio._store._rows import INSTANCE_COLUMNS, INSTANCE_FIELDS, event, us
 from dt_trio._store._sqlite._cache import cache_of
 from dt_trio._store._sqlite._rows import (
@@ -21,6 +21,7 @@ from dt_trio._store._sqlite._rows import (
     lease_next,
     marks,
     next_at,
+    read_page,
     row_to_state,
     state_values,
 )
@@ -374,12 +375,11 @@ def query(
     beyond, order = ("<", " DESC") if newest_first else (">", "")
     if after is not None:
         found.add(f"(created_at, instance_id) {beyond} (?, ?)", *after)
-    rows, last = split_page(
-        conn.execute(
-            f"SELECT {INSTANCE_COLUMNS} FROM instances{found.where()}"
-            f" ORDER BY created_at{order}, instance_id{order} LIMIT ?",
-            (*found.params, page_size + 1),
-        ).fetchall(),
+    rows, last = read_page(
+        conn,
+        f"SELECT {INSTANCE_COLUMNS} FROM instances{found.where()}"
+        f" ORDER BY created_at{order}, instance_id{order} LIMIT ?",
+        found.params,
         page_size,
     )
     next_key = (last["created_at"], last["instance_id"]) if last is not None else None
@@ -409,12 +409,11 @@ def list_finished(
         found.add("(completed_at, instance_id) > (?, ?)", *after)
     # Walk the completion index in order and filter statuses on the way: a page of ids
     # costs the page, not a sort of every finished instance.
-    rows, last = split_page(
-        conn.execute(
-            f"SELECT completed_at, instance_id FROM instances INDEXED BY instances_completed"
-            f"{found.where()} ORDER BY completed_at, instance_id LIMIT ?",
-            (*found.params, page_size + 1),
-        ).fetchall(),
+    rows, last = read_page(
+        conn,
+        f"SELECT completed_at, instance_id FROM instances INDEXED BY instances_completed"
+        f"{found.where()} ORDER BY completed_at, instance_id LIMIT ?",
+        found.params,
         page_size,
     )
     return [r[1] for r in rows], (last[0], last[1]) if last is not None else None

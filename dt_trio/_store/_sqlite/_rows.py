@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from dt_trio._core import Status
 from dt_trio._core._commit import Attempts, Lease
 from dt_trio._store import _rows
+from dt_trio._store._query import split_page
 from dt_trio._store._rows import us
 
 FINISHED = tuple(int(s) for s in Status if s.is_terminal)
@@ -34,6 +35,14 @@ row_to_state = functools.partial(_rows.state_of, time=_rows.from_us, tags=json.l
 # Rows per statement of a bulk write (at most 6 parameters a row: well under sqlite's limit of
 # 32,766 parameters a statement).
 ROWS_PER_STATEMENT = 500
+
+
+def read_page(
+    conn: sqlite3.Connection, sql: str, params: Sequence[object], page_size: int
+) -> tuple[list[sqlite3.Row], sqlite3.Row | None]:
+    """A page of `sql`'s rows (a statement that ends in `LIMIT ?`), at most `page_size`, and
+    its last row if another page follows."""
+    return split_page(conn.execute(sql, (*params, page_size + 1)).fetchall(), page_size)
 
 
 def marks(count: int) -> str:
