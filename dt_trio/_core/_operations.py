@@ -147,10 +147,9 @@ def release(
 ) -> Commit:
     """Give an instance's or an entity's lease back; its `message_ids` become visible at
     `until`."""
-    if type(item) is OrchestrationWorkItem:
+    if isinstance(item, OrchestrationWorkItem):
         kind, key = WorkKind.ORCHESTRATION, item.state.instance_id
     else:
-        assert type(item) is EntityWorkItem
         kind, key = WorkKind.ENTITY, item.entity.instance_id
     return Commit(now, (Release(kind, key, item.lease, attempts, tuple(message_ids), until),))
 
