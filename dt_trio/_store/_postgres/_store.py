@@ -819,15 +819,15 @@ class PostgresBackend:
         after: PageKey | None,
         newest_first: bool = False,
     ) -> tuple[list[InstanceState], PageKey | None]:
-        found = _filter_sql(where)
+        cond = _filter_sql(where)
         if after is not None:
             beyond = "<" if newest_first else ">"
-            found.add(f"(created_at, instance_id) {beyond} (%s, %s)", from_us(after[0]), after[1])
+            cond.add(f"(created_at, instance_id) {beyond} (%s, %s)", from_us(after[0]), after[1])
         order = "DESC" if newest_first else "ASC"
         rows, last = await self._read_page(
-            f"SELECT {INSTANCE_COLUMNS} FROM instances{found.where()}"
+            f"SELECT {INSTANCE_COLUMNS} FROM instances{cond.where()}"
             f" ORDER BY created_at {order}, instance_id {order} LIMIT %s",
-            found.params,
+            cond.params,
             page_size,
         )
         states = [to_state(r) for r in rows]
@@ -835,9 +835,9 @@ class PostgresBackend:
         return states, next_key
 
     async def count_instances(self, where: InstanceFilter) -> dict[Status, int]:
-        found = _filter_sql(where)
+        cond = _filter_sql(where)
         rows = await self._read(
-            f"SELECT status, count(*) FROM instances{found.where()} GROUP BY status", found.params
+            f"SELECT status, count(*) FROM instances{cond.where()} GROUP BY status", cond.params
         )
         return {Status(status): count for status, count in rows}
 
@@ -847,16 +847,16 @@ class PostgresBackend:
         allowed = [int(s) for s in where.terminal_statuses]
         if not allowed:
             return [], None
-        found = Conditions("%s", utc)
-        found.add("completed_at IS NOT NULL")
-        found.add("status = ANY(%s::smallint[])", allowed)
-        found.between("completed_at", where.completed_from, where.completed_to)
+        cond = Conditions("%s", utc)
+        cond.add("completed_at IS NOT NULL")
+        cond.add("status = ANY(%s::smallint[])", allowed)
+        cond.between("completed_at", where.completed_from, where.completed_to)
         if after is not None:
-            found.add("(completed_at, instance_id) > (%s, %s)", from_us(after[0]), after[1])
+            cond.add("(completed_at, instance_id) > (%s, %s)", from_us(after[0]), after[1])
         rows, last = await self._read_page(
-            f"SELECT completed_at, instance_id FROM instances{found.where()}"
+            f"SELECT completed_at, instance_id FROM instances{cond.where()}"
             " ORDER BY completed_at, instance_id LIMIT %s",
-            found.params,
+            cond.params,
             page_size,
         )
         return [r[1] for r in rows], (us(last[0]), last[1]) if last is not None else None
@@ -870,17 +870,17 @@ class PostgresBackend:
     async def query_entities(
         self, where: EntityFilter, page_size: int, after: str | None
     ) -> tuple[list[EntityState], str | None]:
-        found = Conditions("%s", utc)
-        found.add("e.instance_id > %s", after or "")
+        cond = Conditions("%s", utc)
+        cond.add("e.instance_id > %s", after or "")
         if where.id_prefix:
-            found.add("starts_with(e.instance_id, %s)", where.id_prefix)
-        found.between("e.last_modified_at", where.modified_from, where.modified_to)
+            cond.add("starts_with(e.instance_id, %s)", where.id_prefix)
+        cond.between("e.last_modified_at", where.modified_from, where.modified_to)
         if not where.include_transient:
-            found.add("e.state IS NOT NULL")
+            cond.add("e.state IS NOT NULL")
         rows, last = await self._read_page(
-            f"SELECT {ENTITY_COLUMNS} FROM entities e{found.where()}"
+            f"SELECT {ENTITY_COLUMNS} FROM entities e{cond.where()}"
             " ORDER BY e.instance_id LIMIT %s",
-            found.params,
+            cond.params,
             page_size,
         )
         return [to_entity(r) for r in rows], last[0] if last is not None else None
@@ -927,14 +927,14 @@ class PostgresBackend:
         finished = frozenset(s for s in (where.statuses or Status) if s.is_terminal)
         if not finished:
             return 0, True
-        found = _filter_sql(dataclasses.replace(where, statuses=finished))
-        select = f"SELECT instance_id FROM instances{found.where()} LIMIT %s FOR UPDATE SKIP LOCKED"
+        cond = _filter_sql(dataclasses.replace(where, statuses=finished))
+        select = f"SELECT instance_id FROM instances{cond.where()} LIMIT %s FOR UPDATE SKIP LOCKED"
         total = 0
         while True:
 
             def write(conn: psycopg.Connection[Any]) -> list[str]:
                 tx = Tx(conn, datetime.now(UTC), self._ttl, {})
-                ids = [r[0] for r in tx.run(select, (*found.params, batch)).fetchall()]
+                ids = [r[0] for r in tx.run(select, (*cond.params, batch)).fetchall()]
                 if recursive:
                     ids = _with_finished_descendants(tx, ids)
                 _apply.delete_instances(tx, ids)
@@ -1349,15 +1349,15 @@ def _poll(
 
 
 def _filter_sql(where: InstanceFilter) -> Conditions:
-    found = Conditions("%s", utc)
+    cond = Conditions("%s", utc)
     if where.statuses is not None:
-        found.add("status = ANY(%s::smallint[])", [int(s) for s in where.statuses])
-    found.between("created_at", where.created_from, where.created_to)
+        cond.add("status = ANY(%s::smallint[])", [int(s) for s in where.statuses])
+    cond.between("created_at", where.created_from, where.created_to)
     if where.id_prefix:
-        found.add("starts_with(instance_id, %s)", where.id_prefix)
+        cond.add("starts_with(instance_id, %s)", where.id_prefix)
     if where.name is not None:
-        found.add("name = %s", where.name)
-    return found
+        cond.add("name = %s", where.name)
+    return cond
 
 
 def _with_finished_descendants(tx: Tx, ids: Sequence[str]) -> list[str]:

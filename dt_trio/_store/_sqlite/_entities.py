@@ -143,19 +143,19 @@ def get(conn: sqlite3.Connection, entity_id: str) -> EntityState | None:
 def query(
     conn: sqlite3.Connection, where: EntityFilter, page_size: int, after: str | None
 ) -> tuple[list[EntityState], str | None]:
-    found = Conditions("?", us)
-    found.add("instance_id > ?", after or "")
+    cond = Conditions("?", us)
+    cond.add("instance_id > ?", after or "")
     if where.id_prefix:
-        found.add(
+        cond.add(
             "instance_id >= ? AND instance_id < ?", where.id_prefix, where.id_prefix + "\U0010ffff"
         )
-    found.between("last_modified_at", where.modified_from, where.modified_to)
+    cond.between("last_modified_at", where.modified_from, where.modified_to)
     if not where.include_transient:
-        found.add("state IS NOT NULL")
+        cond.add("state IS NOT NULL")
     rows, last = read_page(
         conn,
-        f"SELECT {_COLUMNS} FROM entities e{found.where()} ORDER BY instance_id LIMIT ?",
-        found.params,
+        f"SELECT {_COLUMNS} FROM entities e{cond.where()} ORDER BY instance_id LIMIT ?",
+        cond.params,
         page_size,
     )
     return [_row_to_entity(r) for r in rows], last["instance_id"] if last is not None else None

@@ -350,18 +350,18 @@ def history(conn: sqlite3.Connection, instance_id: str) -> list[pb.HistoryEvent]
 
 
 def _filter_sql(where: InstanceFilter) -> Conditions:
-    found = Conditions("?", us)
+    cond = Conditions("?", us)
     if where.statuses is not None:
-        found.add(f"status IN ({marks(len(where.statuses))})", *map(int, where.statuses))
-    found.between("created_at", where.created_from, where.created_to)
+        cond.add(f"status IN ({marks(len(where.statuses))})", *map(int, where.statuses))
+    cond.between("created_at", where.created_from, where.created_to)
     if where.name is not None:
-        found.add("name = ?", where.name)
+        cond.add("name = ?", where.name)
     if where.id_prefix:
         # A range on the primary key, so the prefix filter uses the index.
-        found.add(
+        cond.add(
             "instance_id >= ? AND instance_id < ?", where.id_prefix, where.id_prefix + "\U0010ffff"
         )
-    return found
+    return cond
 
 
 def query(
@@ -371,15 +371,15 @@ def query(
     after: PageKey | None,
     newest_first: bool = False,
 ) -> tuple[list[InstanceState], PageKey | None]:
-    found = _filter_sql(where)
+    cond = _filter_sql(where)
     beyond, order = ("<", " DESC") if newest_first else (">", "")
     if after is not None:
-        found.add(f"(created_at, instance_id) {beyond} (?, ?)", *after)
+        cond.add(f"(created_at, instance_id) {beyond} (?, ?)", *after)
     rows, last = read_page(
         conn,
-        f"SELECT {INSTANCE_COLUMNS} FROM instances{found.where()}"
+        f"SELECT {INSTANCE_COLUMNS} FROM instances{cond.where()}"
         f" ORDER BY created_at{order}, instance_id{order} LIMIT ?",
-        found.params,
+        cond.params,
         page_size,
     )
     next_key = (last["created_at"], last["instance_id"]) if last is not None else None
@@ -388,9 +388,9 @@ def query(
 
 def count(conn: sqlite3.Connection, where: InstanceFilter) -> dict[Status, int]:
     """How many instances match `where`, per status."""
-    found = _filter_sql(where)
+    cond = _filter_sql(where)
     rows = conn.execute(
-        f"SELECT status, COUNT(*) FROM instances{found.where()} GROUP BY status", found.params
+        f"SELECT status, COUNT(*) FROM instances{cond.where()} GROUP BY status", cond.params
     ).fetchall()
     return {Status(status): n for status, n in rows}
 
@@ -401,19 +401,19 @@ def list_finished(
     allowed = [int(s) for s in where.terminal_statuses]
     if not allowed:
         return [], None
-    found = Conditions("?", us)
-    found.add("completed_at IS NOT NULL")
-    found.add(f"status IN ({marks(len(allowed))})", *allowed)
-    found.between("completed_at", where.completed_from, where.completed_to)
+    cond = Conditions("?", us)
+    cond.add("completed_at IS NOT NULL")
+    cond.add(f"status IN ({marks(len(allowed))})", *allowed)
+    cond.between("completed_at", where.completed_from, where.completed_to)
     if after is not None:
-        found.add("(completed_at, instance_id) > (?, ?)", *after)
+        cond.add("(completed_at, instance_id) > (?, ?)", *after)
     # Walk the completion index in order and filter statuses on the way: a page of ids
     # costs the page, not a sort of every finished instance.
     rows, last = read_page(
         conn,
         f"SELECT completed_at, instance_id FROM instances INDEXED BY instances_completed"
-        f"{found.where()} ORDER BY completed_at, instance_id LIMIT ?",
-        found.params,
+        f"{cond.where()} ORDER BY completed_at, instance_id LIMIT ?",
+        cond.params,
         page_size,
     )
     return [r[1] for r in rows], (last[0], last[1]) if last is not None else None
@@ -459,9 +459,9 @@ def purge_some(conn: sqlite3.Connection, where: InstanceFilter, recursive: bool,
     finished = frozenset(s for s in (where.statuses or Status) if s.is_terminal)
     if not finished:
         return 0
-    found = _filter_sql(dataclasses.replace(where, statuses=finished))
-    select = f"SELECT instance_id FROM instances{found.where()} LIMIT ?"
-    ids = [r[0] for r in conn.execute(select, (*found.params, batch))]
+    cond = _filter_sql(dataclasses.replace(where, statuses=finished))
+    select = f"SELECT instance_id FROM instances{cond.where()} LIMIT ?"
+    ids = [r[0] for r in conn.execute(select, (*cond.params, batch))]
     if recursive:
         ids = _with_finished_descendants(conn, ids)
     delete(conn, ids)
