@@ -127,14 +127,14 @@ def test_a_forced_termination_writes_nothing_if_the_instance_moved_on() -> None:
 
 def test_releases_say_what_happens_to_the_attempts_and_the_messages() -> None:
     item = OrchestrationWorkItem(STATE, [], [InboxMessage(1, STARTED)], LEASE)
-    assert ops.release_step(item, NOW, Attempts.RESET, [1], LATER).writes == (
+    assert ops.release(item, NOW, Attempts.RESET, [1], LATER).writes == (
         Release(WorkKind.ORCHESTRATION, "i1", LEASE, Attempts.RESET, (1,), LATER),
     )
     assert ops.release_activity(activity_item(), NOW, Attempts.COUNT, LATER).writes == (
         Release(WorkKind.ACTIVITY, 5, LEASE, Attempts.COUNT, (), LATER),
     )
     entity = EntityWorkItem(EntityState("@c@k", NOW), [], LEASE)
-    assert ops.release_entity(entity, NOW, Attempts.KEEP).writes == (
+    assert ops.release(entity, NOW, Attempts.KEEP).writes == (
         Release(WorkKind.ENTITY, "@c@k", LEASE, Attempts.KEEP, (), None),
     )
     result = EntityStepResult(entity.entity, (), ())
@@ -207,14 +207,10 @@ def test_a_commit_that_took_its_otherwise_wakes_as_the_otherwise() -> None:
 def test_releases_wake_their_own_kind() -> None:
     item = OrchestrationWorkItem(STATE, [], [], LEASE)
     entity = EntityWorkItem(EntityState("@c@k", NOW), [], LEASE)
-    assert wakeups(ops.release_step(item, NOW, Attempts.KEEP), Applied()) == Wakeups(
-        orchestrations=True
-    )
+    assert wakeups(ops.release(item, NOW, Attempts.KEEP), Applied()) == Wakeups(orchestrations=True)
     assert wakeups(ops.release_activity(activity_item(), NOW, Attempts.KEEP), Applied()) == (
         Wakeups(activities=True)
     )
-    assert wakeups(ops.release_entity(entity, NOW, Attempts.KEEP), Applied()) == Wakeups(
-        entities=True
-    )
+    assert wakeups(ops.release(entity, NOW, Attempts.KEEP), Applied()) == Wakeups(entities=True)
     rewound = wakeups(ops.rewind("i1", STARTED, NOW), Applied())
     assert rewound == Wakeups(orchestrations=True, instances=(("i1", None),))

@@ -232,7 +232,7 @@ async def test_a_stale_grant_changes_nothing_even_for_the_same_owner(store: Back
     await create(store, new_state())
     first = await lease_one(store, "me")
     assert first is not None
-    await store.apply(ops.release_step(first, now(), Attempts.KEEP))
+    await store.apply(ops.release(first, now(), Attempts.KEEP))
     second = await lease_one(store, "me")
     assert second is not None and second.lease.epoch > first.lease.epoch >= 1
     step = StepResult(state=first.state, consumed=(first.inbox[0].id,), history=[])
@@ -240,7 +240,7 @@ async def test_a_stale_grant_changes_nothing_even_for_the_same_owner(store: Back
         await store.apply(ops.step(first.lease, step, now()))
     with pytest.raises(LockLost):
         await store.read_inbox("i1", first.lease, now())
-    await store.apply(ops.release_step(first, now(), Attempts.COUNT))  # not its to release
+    await store.apply(ops.release(first, now(), Attempts.COUNT))  # not its to release
     assert await lease_one(store, "other") is None  # still leased, by the second grant
     assert len(await store.read_inbox("i1", second.lease, now())) == 1
     await store.apply(ops.step(second.lease, step, now()))
@@ -776,19 +776,19 @@ async def test_failed_attempts_count_until_a_step_commits_or_waits(store: Backen
         # before any worker saw them, do not count
         item = await lease_one(store, "me")
         assert item is not None and item.attempt == 1
-        await store.apply(ops.release_step(item, now(), Attempts.KEEP))
+        await store.apply(ops.release(item, now(), Attempts.KEEP))
     for expected in (1, 2, 3):
         item = await lease_one(store, "me")
         assert item is not None and item.attempt == expected
-        await store.apply(ops.release_step(item, now(), Attempts.COUNT))
+        await store.apply(ops.release(item, now(), Attempts.COUNT))
     item = await lease_one(store, "me")
     assert item is not None and item.attempt == 4
     ids = [m.id for m in item.inbox]
-    await store.apply(ops.release_step(item, now(), Attempts.COUNT, ids, now()))
+    await store.apply(ops.release(item, now(), Attempts.COUNT, ids, now()))
     item = await lease_one(store, "me")
     assert item is not None and item.attempt == 5
     # waiting was a decision: counting starts again
-    await store.apply(ops.release_step(item, now(), Attempts.RESET, ids, now()))
+    await store.apply(ops.release(item, now(), Attempts.RESET, ids, now()))
     item = await lease_one(store, "me")
     assert item is not None and item.attempt == 1
 

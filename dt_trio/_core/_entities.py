@@ -33,6 +33,7 @@ from dt_trio._core._state import (
     InboxMessage,
     NewInstance,
     OutboundMessage,
+    Status,
     new_instance,
 )
 from dt_trio._proto import orchestrator_service_pb2 as pb
@@ -405,6 +406,22 @@ def held_locks(events: Iterable[pb.HistoryEvent]) -> list[tuple[str, str]]:
             if target in entities:
                 entities.remove(target)
     return [(section, entity) for section, entities in sections.items() for entity in entities]
+
+
+def lock_is_orphaned(
+    entity_id: str,
+    section: str,
+    owner: str,
+    owner_status: int | None,
+    history: Callable[[str], Iterable[pb.HistoryEvent]],
+) -> bool:
+    """Whether the entity's lock, critical section `section` of orchestration `owner` (whose
+    status is `owner_status`, None if it is gone), is orphaned: the orchestration is gone or
+    finished, or its current execution does not hold the lock (it continued as new while the
+    lock request was still on its way, say). `history` reads an instance's history."""
+    if owner_status is None or Status(owner_status).is_terminal:
+        return True
+    return (section, entity_id) not in held_locks(history(owner))
 
 
 def release_locks(

@@ -138,19 +138,20 @@ def terminate_forced(result: StepResult, found_update: datetime, now: datetime) 
     )
 
 
-def release_step(
-    item: OrchestrationWorkItem,
+def release(
+    item: OrchestrationWorkItem | EntityWorkItem,
     now: datetime,
     attempts: Attempts,
     message_ids: Sequence[int] = (),
     until: datetime | None = None,
 ) -> Commit:
-    """Give an instance's lease back; its `message_ids` become visible at `until`."""
-    key = item.state.instance_id
-    return Commit(
-        now,
-        (Release(WorkKind.ORCHESTRATION, key, item.lease, attempts, tuple(message_ids), until),),
-    )
+    """Give an instance's or an entity's lease back; its `message_ids` become visible at
+    `until`."""
+    if isinstance(item, OrchestrationWorkItem):
+        kind, key = WorkKind.ORCHESTRATION, item.state.instance_id
+    else:
+        kind, key = WorkKind.ENTITY, item.entity.instance_id
+    return Commit(now, (Release(kind, key, item.lease, attempts, tuple(message_ids), until),))
 
 
 def deliver_result(
@@ -197,17 +198,3 @@ def entity_step(item: EntityWorkItem, result: EntityStepResult, now: datetime) -
     """Commit a step of an entity leased as `item`."""
     holds = Holds(WorkKind.ENTITY, item.entity.instance_id, item.lease)
     return Commit(now, (WriteEntityStep(result),), (holds,))
-
-
-def release_entity(
-    item: EntityWorkItem,
-    now: datetime,
-    attempts: Attempts,
-    message_ids: Sequence[int] = (),
-    until: datetime | None = None,
-) -> Commit:
-    """Give an entity's lease back; its `message_ids` become visible at `until`."""
-    key = item.entity.instance_id
-    return Commit(
-        now, (Release(WorkKind.ENTITY, key, item.lease, attempts, tuple(message_ids), until),)
-    )

@@ -450,20 +450,8 @@ class _StepBuilder:
 
     def _on_rewindOrchestration(self, action: pb.OrchestratorAction) -> None:
         """The SDK's rewrite of a failed history: failed steps removed, to be run again."""
-        self.finished = True
         self.rewound = True
-        self.reset_history = True
-        self.history = list(action.rewindOrchestration.newHistory)
-        self.completion = []
-        # The failed run's span was emitted when it failed: the rewound run gets its own.
-        self.state = dataclasses.replace(
-            self.state,
-            status=Status.RUNNING,
-            output=None,
-            failure=None,
-            completed_at=None,
-            trace_context=None,
-        )
+        self._run_again(list(action.rewindOrchestration.newHistory))
         rewound = next(
             (e for e in reversed(self.dispatch.new_events) if e.HasField("executionRewound")),
             None,
@@ -602,26 +590,30 @@ class _StepBuilder:
                 OutboundMessage(child_id, ev.execution_terminated(self.now, reason, True))
             )
 
-    def _continue_as_new(
-        self, complete: pb.CompleteOrchestrationAction, result: str | None
-    ) -> None:
+    def _run_again(self, history: list[pb.HistoryEvent], **changes: Any) -> None:
+        """End this step with the instance running again from `history` (rewound, or continued
+        as new with `changes`): no output or failure, and a span of its own (the last run's was
+        emitted when it ended)."""
         self.finished = True
         self.reset_history = True
-        self.history = []
+        self.history = history
         self.completion = []
-        execution_id = self.new_id()
-        version = ev.opt_str(complete, "newVersion") or self.state.version
         self.state = dataclasses.replace(
             self.state,
             status=Status.RUNNING,
-            execution_id=execution_id,
-            input=result,
             output=None,
             failure=None,
             completed_at=None,
-            version=version,
-            trace_context=None,  # a new execution gets a span of its own
+            trace_context=None,
+            **changes,
         )
+
+    def _continue_as_new(
+        self, complete: pb.CompleteOrchestrationAction, result: str | None
+    ) -> None:
+        execution_id = self.new_id()
+        version = ev.opt_str(complete, "newVersion") or self.state.version
+        self._run_again([], execution_id=execution_id, input=result, version=version)
         started = ev.execution_started(
             self.now,
             name=self.state.name,

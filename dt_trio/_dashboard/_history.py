@@ -123,20 +123,33 @@ class Row:
     pending: bool
 
 
+# Events shown as a field of theirs for the name (none: no name) and one for the details.
+_NAME_AND_DETAILS = {
+    "executionStarted": ("name", "input"),
+    "taskScheduled": ("name", "input"),
+    "eventRaised": ("name", "input"),
+    "executionTerminated": (None, "input"),
+    "executionSuspended": (None, "input"),
+    "executionResumed": (None, "input"),
+    "executionRewound": (None, "reason"),
+    "continueAsNew": (None, "input"),
+}
+
+
 def _name_and_details(
     event: pb.HistoryEvent, kind: str, names: dict[tuple[str, object], str]
 ) -> tuple[str, str]:
-    if kind == "executionStarted":
-        e = event.executionStarted
-        return e.name, _short(ev.opt_str(e, "input"))
+    fields = _NAME_AND_DETAILS.get(kind)
+    if fields is not None:
+        payload = getattr(event, kind)
+        name, details = fields
+        return getattr(payload, name) if name else "", _short(ev.opt_str(payload, details))
     if kind == "executionCompleted":
         c = event.executionCompleted
         status = status_name(c.orchestrationStatus)
         if c.HasField("failureDetails"):
             return status, _short(_failure_text(c.failureDetails))
         return status, _short(ev.opt_str(c, "result"))
-    if kind == "taskScheduled":
-        return event.taskScheduled.name, _short(ev.opt_str(event.taskScheduled, "input"))
     if kind == "subOrchestrationInstanceCreated":
         created = event.subOrchestrationInstanceCreated
         return created.name, _short(f"{created.instanceId} {ev.opt_str(created, 'input') or ''}")
@@ -155,19 +168,9 @@ def _name_and_details(
             return name, "fired for " + ev.to_datetime(payload.fireAt).isoformat()
         field = "output" if kind == "entityOperationCompleted" else "result"
         return name, _short(ev.opt_str(payload, field))
-    if kind == "eventRaised":
-        return event.eventRaised.name, _short(ev.opt_str(event.eventRaised, "input"))
     if kind == "eventSent":
         sent = event.eventSent
         return sent.name, _short(f"to {sent.instanceId} {ev.opt_str(sent, 'input') or ''}")
-    if kind == "executionTerminated":
-        return "", _short(ev.opt_str(event.executionTerminated, "input"))
-    if kind in ("executionSuspended", "executionResumed"):
-        return "", _short(ev.opt_str(getattr(event, kind), "input"))
-    if kind == "executionRewound":
-        return "", _short(ev.opt_str(event.executionRewound, "reason"))
-    if kind == "continueAsNew":
-        return "", _short(ev.opt_str(event.continueAsNew, "input"))
     return "", ""
 
 

@@ -661,7 +661,7 @@ class Dispatcher:
         except StoreUnavailable:
             pass  # what arrived meanwhile waits for the next step
         except BaseException:
-            await self.orchestrations.give_back(ops.release_step(item, _now(), Attempts.KEEP))
+            await self.orchestrations.give_back(ops.release(item, _now(), Attempts.KEEP))
             raise
         return core.evolve(item, inbox=inbox)
 

@@ -69,6 +69,13 @@ def _later(seconds: float) -> datetime:
     return _now() + timedelta(seconds=seconds)
 
 
+def _retry_later(item: OrchestrationWorkItem | EntityWorkItem) -> Commit:
+    """The release of an instance or an entity whose step failed unexpectedly: its messages
+    are tried again later, the failure counted."""
+    ids = [m.id for m in item.inbox]
+    return ops.release(item, _now(), Attempts.COUNT, ids, _later(FAILED_STEP_RETRY_SECONDS))
+
+
 class _Processor(Generic[W]):
     """What the three processors share: serving their lane, and what happens to an item whose
     step fails unexpectedly (logged, and given back to be tried again later)."""
@@ -149,10 +156,7 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
         return f"a step of {item.state.instance_id}"
 
     def _give_back_failed(self, item: OrchestrationWorkItem) -> Commit:
-        ids = [m.id for m in item.inbox]
-        return ops.release_step(
-            item, _now(), Attempts.COUNT, ids, _later(FAILED_STEP_RETRY_SECONDS)
-        )
+        return _retry_later(item)
 
     async def _step_leased(self, early: Early[OrchestrationWorkItem]) -> None:
         item = await early.leased()
@@ -177,7 +181,7 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
                 self._tally.poisoned[WorkKind.ORCHESTRATION] += 1
             return
         if isinstance(plan, core.Postpone):
-            release = ops.release_step(item, _now(), Attempts.RESET, plan.message_ids, plan.until)
+            release = ops.release(item, _now(), Attempts.RESET, plan.message_ids, plan.until)
             await self._store.apply(release)
             return
         on_its_way = early.on_its_way if early is not None else None
@@ -193,7 +197,7 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
         except BaseException:
             held = await leased(item, early)
             if held is not None:
-                await self._lane.give_back(ops.release_step(held, _now(), Attempts.KEEP))
+                await self._lane.give_back(ops.release(held, _now(), Attempts.KEEP))
             raise
         result = answer.checked
         assert isinstance(result, core.StepResult)
@@ -217,7 +221,7 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
             await self._dispatch.commit_step(item, result)
         except BaseException as exc:
             failed = Attempts.COUNT if isinstance(exc, Exception) else Attempts.KEEP
-            await self._lane.give_back(ops.release_step(item, _now(), failed))
+            await self._lane.give_back(ops.release(item, _now(), failed))
             if isinstance(exc, LockLost):
                 # the instance was purged or deleted meanwhile
                 log.info(
@@ -251,11 +255,11 @@ class OrchestrationProcessor(_Processor[OrchestrationWorkItem]):
                 item, core.fail_undeliverable(state, plan, _now(), failure)
             )
         elif isinstance(exc, WorkUnclaimed):
-            await self._lane.give_back(ops.release_step(item, _now(), Attempts.KEEP))
+            await self._lane.give_back(ops.release(item, _now(), Attempts.KEEP))
         else:
             assert isinstance(exc, WorkAbandoned)
             delay = max(exc.delay, _backoff(item.attempt))
-            release = ops.release_step(item, _now(), Attempts.COUNT, plan.consumed, _later(delay))
+            release = ops.release(item, _now(), Attempts.COUNT, plan.consumed, _later(delay))
             await self._lane.give_back(release)
 
 
@@ -433,10 +437,7 @@ class EntityProcessor(_Processor[EntityWorkItem]):
         return f"a batch of {item.entity.instance_id}"
 
     def _give_back_failed(self, item: EntityWorkItem) -> Commit:
-        ids = [m.id for m in item.inbox]
-        return ops.release_entity(
-            item, _now(), Attempts.COUNT, ids, _later(FAILED_STEP_RETRY_SECONDS)
-        )
+        return _retry_later(item)
 
     async def _step(self, item: EntityWorkItem, early: Early[EntityWorkItem] | None) -> None:
         assert early is None, "entity batches are leased before they run"
@@ -468,14 +469,14 @@ class EntityProcessor(_Processor[EntityWorkItem]):
             return
         except WorkAbandoned as abandoned:
             later = _later(max(abandoned.delay, _backoff(item.attempt)))
-            await self._lane.give_back(ops.release_entity(item, _now(), Attempts.COUNT, ids, later))
+            await self._lane.give_back(ops.release(item, _now(), Attempts.COUNT, ids, later))
             return
         except WorkUnclaimed:
-            await self._lane.give_back(ops.release_entity(item, _now(), Attempts.KEEP))
+            await self._lane.give_back(ops.release(item, _now(), Attempts.KEEP))
             return
         except BaseException:
             # cancelled (the hub is stopping): the batch was not tried
-            await self._lane.give_back(ops.release_entity(item, _now(), Attempts.KEEP))
+            await self._lane.give_back(ops.release(item, _now(), Attempts.KEEP))
             raise
         response = answer.response
         assert isinstance(response, pb.EntityBatchResult)
@@ -495,7 +496,7 @@ class EntityProcessor(_Processor[EntityWorkItem]):
                 extra={"instance_id": entity_id},
             )
             later = _later(_backoff(item.attempt))
-            await self._lane.give_back(ops.release_entity(item, _now(), Attempts.COUNT, ids, later))
+            await self._lane.give_back(ops.release(item, _now(), Attempts.COUNT, ids, later))
             return
         except BaseException as exc:
             self._executor.finish(answer, exc if isinstance(exc, Exception) else None)

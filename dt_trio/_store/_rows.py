@@ -1,16 +1,18 @@
-"""What the two stores' rows have in common: an instance row's columns, in order, and the
-values of an InstanceState for them (each store writes times and tags its own way); page keys'
-times as integer microseconds; history events as their protobuf bytes."""
+"""What the two stores' rows have in common: an instance row's columns, in order, the values
+of an InstanceState for them and the InstanceState of a row (each store writes and reads times
+and tags its own way); page keys' times as integer microseconds; history events as their
+protobuf bytes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from dt_trio._core import InstanceState
+from dt_trio._core import InstanceState, Status
 from dt_trio._proto import orchestrator_service_pb2 as pb
 
-# The columns of an InstanceState, in the order of `state_values` (and of each store's reader).
+# The columns of an InstanceState, in the order of `state_values` and `state_of`.
 INSTANCE_COLUMNS = (
     "instance_id, name, version, execution_id, status, input, output, custom_status, failure, "
     "created_at, last_updated_at, completed_at, scheduled_start_at, parent_instance_id, tags, "
@@ -61,4 +63,32 @@ def state_values(
         state.parent_instance_id,
         tags(dict(state.tags)) if state.tags else None,
         state.trace_context.SerializeToString() if state.trace_context is not None else None,
+    )
+
+
+def state_of(
+    row: Sequence[Any],
+    *,
+    time: Callable[[Any], Any],
+    tags: Callable[[Any], dict[str, str]],
+) -> InstanceState:
+    """The InstanceState of a row whose first columns are INSTANCE_COLUMNS, its times read by
+    `time` and its tags (if any) by `tags`: what `state_values` wrote."""
+    return InstanceState(
+        instance_id=row[0],
+        name=row[1],
+        version=row[2],
+        execution_id=row[3],
+        status=Status(row[4]),
+        input=row[5],
+        output=row[6],
+        custom_status=row[7],
+        failure=pb.TaskFailureDetails.FromString(row[8]) if row[8] else None,
+        created_at=time(row[9]),
+        last_updated_at=time(row[10]),
+        completed_at=time(row[11]) if row[11] is not None else None,
+        scheduled_start_at=time(row[12]) if row[12] is not None else None,
+        parent_instance_id=row[13],
+        tags=tags(row[14]) if row[14] else {},
+        trace_context=pb.OrchestrationTraceContext.FromString(row[15]) if row[15] else None,
     )

@@ -137,35 +137,39 @@
     }
   });
 
+  // A form's action posted, and how it went said: whether it was done.
+  async function submitted(url, payload, done, what) {
+    try {
+      await post(url, payload);
+      flash(done, false);
+      return true;
+    } catch (error) {
+      flash(what + " failed: " + error.message, true);
+      return false;
+    }
+  }
+
   document.addEventListener("submit", async function (event) {
     const form = event.target;
     if (form.classList.contains("raise")) {
       event.preventDefault();
       const data = new FormData(form);
-      try {
-        await post("/api/instances/" + encodeURIComponent(form.dataset.instance), {
-          action: "raise-event",
-          name: data.get("name"),
-          data: data.get("data") || null,
-        });
-        flash("event '" + data.get("name") + "' raised", false);
-        form.reset();
-      } catch (error) {
-        flash("raise event failed: " + error.message, true);
-      }
+      const raised = await submitted(
+        "/api/instances/" + encodeURIComponent(form.dataset.instance),
+        { action: "raise-event", name: data.get("name"), data: data.get("data") || null },
+        "event '" + data.get("name") + "' raised",
+        "raise event",
+      );
+      if (raised) form.reset();
     } else if (form.classList.contains("signal")) {
       event.preventDefault();
       const data = new FormData(form);
-      try {
-        await post("/api/entities/" + encodeURIComponent(form.dataset.entity), {
-          action: "signal",
-          operation: data.get("operation"),
-          input: data.get("input") || null,
-        });
-        flash("signal '" + data.get("operation") + "' sent", false);
-      } catch (error) {
-        flash("signal failed: " + error.message, true);
-      }
+      await submitted(
+        "/api/entities/" + encodeURIComponent(form.dataset.entity),
+        { action: "signal", operation: data.get("operation"), input: data.get("input") || null },
+        "signal '" + data.get("operation") + "' sent",
+        "signal",
+      );
     }
   });
 

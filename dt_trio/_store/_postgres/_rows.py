@@ -9,8 +9,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from dt_trio._core import EntityState, InstanceState, Status
-from dt_trio._proto import orchestrator_service_pb2 as pb
+from dt_trio._core import EntityState
 from dt_trio._store import _rows
 from dt_trio._store._rows import INSTANCE_COLUMNS, INSTANCE_FIELDS, event, from_us, us
 
@@ -43,26 +42,12 @@ def utc(dt: datetime) -> datetime:
 state_values = functools.partial(_rows.state_values, time=utc, tags=Jsonb)
 
 
-def to_state(row: Sequence[Any]) -> InstanceState:
-    """An InstanceState from a row whose first columns are INSTANCE_COLUMNS."""
-    return InstanceState(
-        instance_id=row[0],
-        name=row[1],
-        version=row[2],
-        execution_id=row[3],
-        status=Status(row[4]),
-        input=row[5],
-        output=row[6],
-        custom_status=row[7],
-        failure=pb.TaskFailureDetails.FromString(row[8]) if row[8] else None,
-        created_at=row[9],
-        last_updated_at=row[10],
-        completed_at=row[11],
-        scheduled_start_at=row[12],
-        parent_instance_id=row[13],
-        tags=row[14] or {},
-        trace_context=pb.OrchestrationTraceContext.FromString(row[15]) if row[15] else None,
-    )
+def _as_read(value: Any) -> Any:
+    return value  # psycopg reads times and JSON as Python values already
+
+
+# The InstanceState of a row whose first columns are INSTANCE_COLUMNS.
+to_state = functools.partial(_rows.state_of, time=_as_read, tags=_as_read)
 
 
 def to_entity(row: Sequence[Any]) -> EntityState:

@@ -42,7 +42,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from dt_trio._core import EntityState, InboxMessage, InstanceState, Status, held_locks
+from dt_trio._core import EntityState, InboxMessage, InstanceState, Status, lock_is_orphaned
 from dt_trio._core._commit import (
     ActivityWorkItem,
     Applied,
@@ -85,6 +85,7 @@ from dt_trio._store._postgres._rows import (
     utc,
 )
 from dt_trio._store._postgres._schema import ensure_schema, schema_name
+from dt_trio._store._query import Conditions, split_page
 from dt_trio._store._select import DEFAULT_HUB, DEFAULT_LEASE_TTL
 
 log = get_logger(__name__)
@@ -784,19 +785,26 @@ class PostgresBackend:
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def get_instance(self, instance_id: str) -> InstanceState | None:
-        def read(conn: psycopg.Connection[Any]) -> InstanceState | None:
-            row = (
-                conn.cursor(binary=True)
-                .execute(
-                    f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE instance_id = %s",
-                    (instance_id,),
-                )
-                .fetchone()
-            )
-            return None if row is None else to_state(row)
+    async def _read(self, query: str, params: Sequence[object]) -> list[Any]:
+        """The rows of one statement that only reads (each statement its own transaction)."""
+
+        def read(conn: psycopg.Connection[Any]) -> list[Any]:
+            return conn.cursor(binary=True).execute(query, params).fetchall()
 
         return await self._hop(read, transaction=False)
+
+    async def _read_page(
+        self, query: str, params: Sequence[object], page_size: int
+    ) -> tuple[list[Any], Any | None]:
+        """A page of `query`'s rows (a statement that ends in `LIMIT %s`), at most `page_size`,
+        and its last row if another page follows."""
+        return split_page(await self._read(query, (*params, page_size + 1)), page_size)
+
+    async def get_instance(self, instance_id: str) -> InstanceState | None:
+        rows = await self._read(
+            f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE instance_id = %s", (instance_id,)
+        )
+        return to_state(rows[0]) if rows else None
 
     async def get_history(self, instance_id: str) -> list[pb.HistoryEvent]:
         def read(conn: psycopg.Connection[Any]) -> list[pb.HistoryEvent]:
@@ -811,37 +819,27 @@ class PostgresBackend:
         after: PageKey | None,
         newest_first: bool = False,
     ) -> tuple[list[InstanceState], PageKey | None]:
-        clauses, params = _filter_sql(where)
+        cond = _filter_sql(where)
         if after is not None:
-            clauses.append(f"(created_at, instance_id) {'<' if newest_first else '>'} (%s, %s)")
-            params += [from_us(after[0]), after[1]]
+            beyond = "<" if newest_first else ">"
+            cond.add(f"(created_at, instance_id) {beyond} (%s, %s)", from_us(after[0]), after[1])
         order = "DESC" if newest_first else "ASC"
-        query = (
-            f"SELECT {INSTANCE_COLUMNS} FROM instances"
-            f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''}"
-            f" ORDER BY created_at {order}, instance_id {order} LIMIT %s"
+        rows, last = await self._read_page(
+            f"SELECT {INSTANCE_COLUMNS} FROM instances{cond.where()}"
+            f" ORDER BY created_at {order}, instance_id {order} LIMIT %s",
+            cond.params,
+            page_size,
         )
-
-        def read(conn: psycopg.Connection[Any]) -> list[Any]:
-            return conn.cursor(binary=True).execute(query, (*params, page_size + 1)).fetchall()
-
-        rows = await self._hop(read, transaction=False)
-        states = [to_state(r) for r in rows[:page_size]]
-        more = len(rows) > page_size and states
-        next_key = (us(states[-1].created_at), states[-1].instance_id) if more else None
+        states = [to_state(r) for r in rows]
+        next_key = (us(states[-1].created_at), states[-1].instance_id) if last is not None else None
         return states, next_key
 
     async def count_instances(self, where: InstanceFilter) -> dict[Status, int]:
-        clauses, params = _filter_sql(where)
-        query = (
-            "SELECT status, count(*) FROM instances"
-            f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''} GROUP BY status"
+        cond = _filter_sql(where)
+        rows = await self._read(
+            f"SELECT status, count(*) FROM instances{cond.where()} GROUP BY status", cond.params
         )
-
-        def read(conn: psycopg.Connection[Any]) -> list[Any]:
-            return conn.execute(query, params).fetchall()
-
-        return {Status(status): count for status, count in await self._hop(read, False)}
+        return {Status(status): count for status, count in rows}
 
     async def list_finished_ids(
         self, where: FinishedFilter, page_size: int, after: PageKey | None
@@ -849,74 +847,43 @@ class PostgresBackend:
         allowed = [int(s) for s in where.terminal_statuses]
         if not allowed:
             return [], None
-        clauses = ["completed_at IS NOT NULL", "status = ANY(%s::smallint[])"]
-        params: list[object] = [allowed]
-        if where.completed_from is not None:
-            clauses.append("completed_at >= %s")
-            params.append(utc(where.completed_from))
-        if where.completed_to is not None:
-            clauses.append("completed_at < %s")
-            params.append(utc(where.completed_to))
+        cond = Conditions("%s", utc)
+        cond.add("completed_at IS NOT NULL")
+        cond.add("status = ANY(%s::smallint[])", allowed)
+        cond.between("completed_at", where.completed_from, where.completed_to)
         if after is not None:
-            clauses.append("(completed_at, instance_id) > (%s, %s)")
-            params += [from_us(after[0]), after[1]]
-        query = (
-            "SELECT completed_at, instance_id FROM instances WHERE "
-            + " AND ".join(clauses)
-            + " ORDER BY completed_at, instance_id LIMIT %s"
+            cond.add("(completed_at, instance_id) > (%s, %s)", from_us(after[0]), after[1])
+        rows, last = await self._read_page(
+            f"SELECT completed_at, instance_id FROM instances{cond.where()}"
+            " ORDER BY completed_at, instance_id LIMIT %s",
+            cond.params,
+            page_size,
         )
-
-        def read(conn: psycopg.Connection[Any]) -> list[Any]:
-            return conn.cursor(binary=True).execute(query, (*params, page_size + 1)).fetchall()
-
-        rows = await self._hop(read, transaction=False)
-        more = len(rows) > page_size
-        rows = rows[:page_size]
-        next_key = (us(rows[-1][0]), rows[-1][1]) if more and rows else None
-        return [r[1] for r in rows], next_key
+        return [r[1] for r in rows], (us(last[0]), last[1]) if last is not None else None
 
     async def get_entity(self, entity_id: str) -> EntityState | None:
-        def read(conn: psycopg.Connection[Any]) -> EntityState | None:
-            row = (
-                conn.cursor(binary=True)
-                .execute(
-                    f"SELECT {ENTITY_COLUMNS} FROM entities e WHERE e.instance_id = %s",
-                    (entity_id,),
-                )
-                .fetchone()
-            )
-            return None if row is None else to_entity(row)
-
-        return await self._hop(read, transaction=False)
+        rows = await self._read(
+            f"SELECT {ENTITY_COLUMNS} FROM entities e WHERE e.instance_id = %s", (entity_id,)
+        )
+        return to_entity(rows[0]) if rows else None
 
     async def query_entities(
         self, where: EntityFilter, page_size: int, after: str | None
     ) -> tuple[list[EntityState], str | None]:
-        clauses = ["e.instance_id > %s"]
-        params: list[object] = [after or ""]
+        cond = Conditions("%s", utc)
+        cond.add("e.instance_id > %s", after or "")
         if where.id_prefix:
-            clauses.append("starts_with(e.instance_id, %s)")
-            params.append(where.id_prefix)
-        if where.modified_from is not None:
-            clauses.append("e.last_modified_at >= %s")
-            params.append(utc(where.modified_from))
-        if where.modified_to is not None:
-            clauses.append("e.last_modified_at < %s")
-            params.append(utc(where.modified_to))
+            cond.add("starts_with(e.instance_id, %s)", where.id_prefix)
+        cond.between("e.last_modified_at", where.modified_from, where.modified_to)
         if not where.include_transient:
-            clauses.append("e.state IS NOT NULL")
-        query = (
-            f"SELECT {ENTITY_COLUMNS} FROM entities e WHERE {' AND '.join(clauses)} "
-            "ORDER BY e.instance_id LIMIT %s"
+            cond.add("e.state IS NOT NULL")
+        rows, last = await self._read_page(
+            f"SELECT {ENTITY_COLUMNS} FROM entities e{cond.where()}"
+            " ORDER BY e.instance_id LIMIT %s",
+            cond.params,
+            page_size,
         )
-
-        def read(conn: psycopg.Connection[Any]) -> list[Any]:
-            return conn.cursor(binary=True).execute(query, (*params, page_size + 1)).fetchall()
-
-        rows = await self._hop(read, transaction=False)
-        entities = [to_entity(r) for r in rows[:page_size]]
-        more = len(rows) > page_size
-        return entities, entities[-1].instance_id if more else None
+        return [to_entity(r) for r in rows], last[0] if last is not None else None
 
     # -- administration ---------------------------------------------------------------------
 
@@ -960,18 +927,14 @@ class PostgresBackend:
         finished = frozenset(s for s in (where.statuses or Status) if s.is_terminal)
         if not finished:
             return 0, True
-        clauses, params = _filter_sql(dataclasses.replace(where, statuses=finished))
-        select = (
-            "SELECT instance_id FROM instances WHERE "
-            + " AND ".join(clauses)
-            + " LIMIT %s FOR UPDATE SKIP LOCKED"
-        )
+        cond = _filter_sql(dataclasses.replace(where, statuses=finished))
+        select = f"SELECT instance_id FROM instances{cond.where()} LIMIT %s FOR UPDATE SKIP LOCKED"
         total = 0
         while True:
 
             def write(conn: psycopg.Connection[Any]) -> list[str]:
                 tx = Tx(conn, datetime.now(UTC), self._ttl, {})
-                ids = [r[0] for r in tx.run(select, (*params, batch)).fetchall()]
+                ids = [r[0] for r in tx.run(select, (*cond.params, batch)).fetchall()]
                 if recursive:
                     ids = _with_finished_descendants(tx, ids)
                 _apply.delete_instances(tx, ids)
@@ -1017,19 +980,17 @@ class PostgresBackend:
         def write(conn: psycopg.Connection[Any]) -> tuple[int, int]:
             released = 0
             if release_orphaned_locks:
-                # A lock is orphaned when its orchestration is gone or finished, or when the
-                # orchestration's current execution does not hold it.
-                orphans = []
-                for entity_id, section, owner, status in conn.execute(
-                    "SELECT e.instance_id, e.locked_by, e.lock_owner, i.status FROM entities e "
-                    "LEFT JOIN instances i ON i.instance_id = e.lock_owner "
-                    "WHERE e.locked_by IS NOT NULL AND e.lease_owner IS NULL "
-                    "FOR UPDATE OF e SKIP LOCKED"
-                ).fetchall():
-                    if status is None or status in TERMINAL:
-                        orphans.append(entity_id)
-                    elif (section, entity_id) not in held_locks(_history(conn, owner)):
-                        orphans.append(entity_id)
+                history = functools.partial(_history, conn)
+                orphans = [
+                    entity_id
+                    for entity_id, section, owner, status in conn.execute(
+                        "SELECT e.instance_id, e.locked_by, e.lock_owner, i.status FROM entities e "
+                        "LEFT JOIN instances i ON i.instance_id = e.lock_owner "
+                        "WHERE e.locked_by IS NOT NULL AND e.lease_owner IS NULL "
+                        "FOR UPDATE OF e SKIP LOCKED"
+                    ).fetchall()
+                    if lock_is_orphaned(entity_id, section, owner, status, history)
+                ]
                 if orphans:
                     # What waited for the lock may run now.
                     conn.execute(
@@ -1387,25 +1348,16 @@ def _poll(
     return found, expired
 
 
-def _filter_sql(where: InstanceFilter) -> tuple[list[str], list[object]]:
-    clauses: list[str] = []
-    params: list[object] = []
+def _filter_sql(where: InstanceFilter) -> Conditions:
+    cond = Conditions("%s", utc)
     if where.statuses is not None:
-        clauses.append("status = ANY(%s::smallint[])")
-        params.append([int(s) for s in where.statuses])
-    if where.created_from is not None:
-        clauses.append("created_at >= %s")
-        params.append(utc(where.created_from))
-    if where.created_to is not None:
-        clauses.append("created_at < %s")
-        params.append(utc(where.created_to))
+        cond.add("status = ANY(%s::smallint[])", [int(s) for s in where.statuses])
+    cond.between("created_at", where.created_from, where.created_to)
     if where.id_prefix:
-        clauses.append("starts_with(instance_id, %s)")
-        params.append(where.id_prefix)
+        cond.add("starts_with(instance_id, %s)", where.id_prefix)
     if where.name is not None:
-        clauses.append("name = %s")
-        params.append(where.name)
-    return clauses, params
+        cond.add("name = %s", where.name)
+    return cond
 
 
 def _with_finished_descendants(tx: Tx, ids: Sequence[str]) -> list[str]:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 
-from dt_trio._core import EntityState, EntityStepResult, InboxMessage, held_locks
+from dt_trio._core import EntityState, EntityStepResult, InboxMessage, lock_is_orphaned
 from dt_trio._core._commit import EntityWorkItem, Lease
 from dt_trio._store._backend import EntityFilter, Leased
+from dt_trio._store._query import Conditions
 from dt_trio._store._rows import event, us
 from dt_trio._store._sqlite import _instances
 from dt_trio._store._sqlite._rows import (
-    FINISHED,
     for_ids,
     lease_next,
     marks,
     next_at,
+    read_page,
     to_datetime,
 )
 
@@ -141,27 +143,22 @@ def get(conn: sqlite3.Connection, entity_id: str) -> EntityState | None:
 def query(
     conn: sqlite3.Connection, where: EntityFilter, page_size: int, after: str | None
 ) -> tuple[list[EntityState], str | None]:
-    clauses = ["instance_id > ?"]
-    params: list[object] = [after or ""]
+    cond = Conditions("?", us)
+    cond.add("instance_id > ?", after or "")
     if where.id_prefix:
-        clauses.append("instance_id >= ? AND instance_id < ?")
-        params += [where.id_prefix, where.id_prefix + "\U0010ffff"]
-    if where.modified_from is not None:
-        clauses.append("last_modified_at >= ?")
-        params.append(us(where.modified_from))
-    if where.modified_to is not None:
-        clauses.append("last_modified_at < ?")
-        params.append(us(where.modified_to))
+        cond.add(
+            "instance_id >= ? AND instance_id < ?", where.id_prefix, where.id_prefix + "\U0010ffff"
+        )
+    cond.between("last_modified_at", where.modified_from, where.modified_to)
     if not where.include_transient:
-        clauses.append("state IS NOT NULL")
-    rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM entities e WHERE {' AND '.join(clauses)} "
-        "ORDER BY instance_id LIMIT ?",
-        (*params, page_size + 1),
-    ).fetchall()
-    entities = [_row_to_entity(r) for r in rows[:page_size]]
-    more = len(rows) > page_size
-    return entities, entities[-1].instance_id if more else None
+        cond.add("state IS NOT NULL")
+    rows, last = read_page(
+        conn,
+        f"SELECT {_COLUMNS} FROM entities e{cond.where()} ORDER BY instance_id LIMIT ?",
+        cond.params,
+        page_size,
+    )
+    return [_row_to_entity(r) for r in rows], last["instance_id"] if last is not None else None
 
 
 def clean(
@@ -170,19 +167,16 @@ def clean(
     """Release orphaned locks and delete empty entities; (removed, released)."""
     released = 0
     if release_orphaned_locks:
-        # A lock is orphaned when its orchestration is gone or finished, or when the
-        # orchestration's current execution does not hold it (it continued as new
-        # while the lock request was still on its way, say).
-        orphans = []
-        for entity_id, section, owner, status in conn.execute(
-            "SELECT e.instance_id, e.locked_by, e.lock_owner, i.status FROM entities e "
-            "LEFT JOIN instances i ON i.instance_id = e.lock_owner "
-            "WHERE e.locked_by IS NOT NULL AND e.leased_by IS NULL"
-        ).fetchall():
-            if status is None or status in FINISHED:
-                orphans.append(entity_id)
-            elif (section, entity_id) not in held_locks(_instances.history(conn, owner)):
-                orphans.append(entity_id)
+        history = functools.partial(_instances.history, conn)
+        orphans = [
+            entity_id
+            for entity_id, section, owner, status in conn.execute(
+                "SELECT e.instance_id, e.locked_by, e.lock_owner, i.status FROM entities e "
+                "LEFT JOIN instances i ON i.instance_id = e.lock_owner "
+                "WHERE e.locked_by IS NOT NULL AND e.leased_by IS NULL"
+            ).fetchall()
+            if lock_is_orphaned(entity_id, section, owner, status, history)
+        ]
         for entity_id in orphans:
             conn.execute(
                 "UPDATE entities SET locked_by = NULL, lock_owner = NULL WHERE instance_id = ?",

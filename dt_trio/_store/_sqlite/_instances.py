@@ -11,6 +11,7 @@ from dt_trio._core import InboxMessage, InstanceState, Status, StepResult
 from dt_trio._core._commit import Lease, OrchestrationWorkItem
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store._backend import FinishedFilter, InstanceFilter, Leased, PageKey
+from dt_trio._store._query import Conditions
 from dt_trio._store._rows import INSTANCE_COLUMNS, INSTANCE_FIELDS, event, us
 from dt_trio._store._sqlite._cache import cache_of
 from dt_trio._store._sqlite._rows import (
@@ -20,6 +21,7 @@ from dt_trio._store._sqlite._rows import (
     lease_next,
     marks,
     next_at,
+    read_page,
     row_to_state,
     state_values,
 )
@@ -347,26 +349,19 @@ def history(conn: sqlite3.Connection, instance_id: str) -> list[pb.HistoryEvent]
     ]
 
 
-def _filter_sql(where: InstanceFilter) -> tuple[list[str], list[object]]:
-    clauses: list[str] = []
-    params: list[object] = []
+def _filter_sql(where: InstanceFilter) -> Conditions:
+    cond = Conditions("?", us)
     if where.statuses is not None:
-        clauses.append(f"status IN ({marks(len(where.statuses))})")
-        params += [int(s) for s in where.statuses]
-    if where.created_from is not None:
-        clauses.append("created_at >= ?")
-        params.append(us(where.created_from))
-    if where.created_to is not None:
-        clauses.append("created_at < ?")
-        params.append(us(where.created_to))
+        cond.add(f"status IN ({marks(len(where.statuses))})", *map(int, where.statuses))
+    cond.between("created_at", where.created_from, where.created_to)
     if where.name is not None:
-        clauses.append("name = ?")
-        params.append(where.name)
+        cond.add("name = ?", where.name)
     if where.id_prefix:
         # A range on the primary key, so the prefix filter uses the index.
-        clauses.append("instance_id >= ? AND instance_id < ?")
-        params += [where.id_prefix, where.id_prefix + "\U0010ffff"]
-    return clauses, params
+        cond.add(
+            "instance_id >= ? AND instance_id < ?", where.id_prefix, where.id_prefix + "\U0010ffff"
+        )
+    return cond
 
 
 def query(
@@ -376,30 +371,26 @@ def query(
     after: PageKey | None,
     newest_first: bool = False,
 ) -> tuple[list[InstanceState], PageKey | None]:
-    clauses, params = _filter_sql(where)
+    cond = _filter_sql(where)
     beyond, order = ("<", " DESC") if newest_first else (">", "")
     if after is not None:
-        clauses.append(f"(created_at, instance_id) {beyond} (?, ?)")
-        params += [after[0], after[1]]
-    rows = conn.execute(
-        f"SELECT {INSTANCE_COLUMNS} FROM instances"
-        f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''}"
+        cond.add(f"(created_at, instance_id) {beyond} (?, ?)", *after)
+    rows, last = read_page(
+        conn,
+        f"SELECT {INSTANCE_COLUMNS} FROM instances{cond.where()}"
         f" ORDER BY created_at{order}, instance_id{order} LIMIT ?",
-        (*params, page_size + 1),
-    ).fetchall()
-    more = len(rows) > page_size
-    rows = rows[:page_size]
-    next_key = (rows[-1]["created_at"], rows[-1]["instance_id"]) if more and rows else None
+        cond.params,
+        page_size,
+    )
+    next_key = (last["created_at"], last["instance_id"]) if last is not None else None
     return [row_to_state(r) for r in rows], next_key
 
 
 def count(conn: sqlite3.Connection, where: InstanceFilter) -> dict[Status, int]:
     """How many instances match `where`, per status."""
-    clauses, params = _filter_sql(where)
+    cond = _filter_sql(where)
     rows = conn.execute(
-        "SELECT status, COUNT(*) FROM instances"
-        f"{' WHERE ' + ' AND '.join(clauses) if clauses else ''} GROUP BY status",
-        params,
+        f"SELECT status, COUNT(*) FROM instances{cond.where()} GROUP BY status", cond.params
     ).fetchall()
     return {Status(status): n for status, n in rows}
 
@@ -410,29 +401,22 @@ def list_finished(
     allowed = [int(s) for s in where.terminal_statuses]
     if not allowed:
         return [], None
-    clauses = ["completed_at IS NOT NULL", f"status IN ({marks(len(allowed))})"]
-    params: list[object] = list(allowed)
-    if where.completed_from is not None:
-        clauses.append("completed_at >= ?")
-        params.append(us(where.completed_from))
-    if where.completed_to is not None:
-        clauses.append("completed_at < ?")
-        params.append(us(where.completed_to))
+    cond = Conditions("?", us)
+    cond.add("completed_at IS NOT NULL")
+    cond.add(f"status IN ({marks(len(allowed))})", *allowed)
+    cond.between("completed_at", where.completed_from, where.completed_to)
     if after is not None:
-        clauses.append("(completed_at, instance_id) > (?, ?)")
-        params += [after[0], after[1]]
+        cond.add("(completed_at, instance_id) > (?, ?)", *after)
     # Walk the completion index in order and filter statuses on the way: a page of ids
     # costs the page, not a sort of every finished instance.
-    rows = conn.execute(
-        "SELECT completed_at, instance_id FROM instances INDEXED BY instances_completed WHERE "
-        + " AND ".join(clauses)
-        + " ORDER BY completed_at, instance_id LIMIT ?",
-        (*params, page_size + 1),
-    ).fetchall()
-    more = len(rows) > page_size
-    rows = rows[:page_size]
-    next_key = (rows[-1][0], rows[-1][1]) if more and rows else None
-    return [r[1] for r in rows], next_key
+    rows, last = read_page(
+        conn,
+        f"SELECT completed_at, instance_id FROM instances INDEXED BY instances_completed"
+        f"{cond.where()} ORDER BY completed_at, instance_id LIMIT ?",
+        cond.params,
+        page_size,
+    )
+    return [r[1] for r in rows], (last[0], last[1]) if last is not None else None
 
 
 # -- purges ------------------------------------------------------------------------------------
@@ -475,9 +459,9 @@ def purge_some(conn: sqlite3.Connection, where: InstanceFilter, recursive: bool,
     finished = frozenset(s for s in (where.statuses or Status) if s.is_terminal)
     if not finished:
         return 0
-    clauses, params = _filter_sql(dataclasses.replace(where, statuses=finished))
-    select = "SELECT instance_id FROM instances WHERE " + " AND ".join(clauses) + " LIMIT ?"
-    ids = [r[0] for r in conn.execute(select, (*params, batch))]
+    cond = _filter_sql(dataclasses.replace(where, statuses=finished))
+    select = f"SELECT instance_id FROM instances{cond.where()} LIMIT ?"
+    ids = [r[0] for r in conn.execute(select, (*cond.params, batch))]
     if recursive:
         ids = _with_finished_descendants(conn, ids)
     delete(conn, ids)

@@ -9,10 +9,10 @@ import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from dt_trio._core import InstanceState, Status
+from dt_trio._core import Status
 from dt_trio._core._commit import Attempts, Lease
-from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import _rows
+from dt_trio._store._query import split_page
 from dt_trio._store._rows import us
 
 FINISHED = tuple(int(s) for s in Status if s.is_terminal)
@@ -26,38 +26,23 @@ def to_datetime(us: int | None) -> datetime | None:
     return _EPOCH + timedelta(microseconds=us)
 
 
-def row_to_state(row: sqlite3.Row) -> InstanceState:
-    failure = pb.TaskFailureDetails.FromString(row["failure"]) if row["failure"] else None
-    return InstanceState(
-        instance_id=row["instance_id"],
-        name=row["name"],
-        version=row["version"],
-        execution_id=row["execution_id"],
-        status=Status(row["status"]),
-        input=row["input"],
-        output=row["output"],
-        custom_status=row["custom_status"],
-        failure=failure,
-        created_at=to_datetime(row["created_at"]),  # type: ignore[arg-type]
-        last_updated_at=to_datetime(row["last_updated_at"]),  # type: ignore[arg-type]
-        completed_at=to_datetime(row["completed_at"]),
-        scheduled_start_at=to_datetime(row["scheduled_start_at"]),
-        parent_instance_id=row["parent_instance_id"],
-        tags=json.loads(row["tags"]) if row["tags"] else {},
-        trace_context=pb.OrchestrationTraceContext.FromString(row["trace_context"])
-        if row["trace_context"]
-        else None,
-    )
-
-
-# The values of INSTANCE_COLUMNS for a state (a partial: no call more than the shared
-# function's, on every step's commit).
+# The values of INSTANCE_COLUMNS for a state, and the state of a row that starts with them
+# (partials: no call more than the shared functions', on every step's commit).
 state_values = functools.partial(_rows.state_values, time=us, tags=json.dumps)
+row_to_state = functools.partial(_rows.state_of, time=_rows.from_us, tags=json.loads)
 
 
 # Rows per statement of a bulk write (at most 6 parameters a row: well under sqlite's limit of
 # 32,766 parameters a statement).
 ROWS_PER_STATEMENT = 500
+
+
+def read_page(
+    conn: sqlite3.Connection, sql: str, params: Sequence[object], page_size: int
+) -> tuple[list[sqlite3.Row], sqlite3.Row | None]:
+    """A page of `sql`'s rows (a statement that ends in `LIMIT ?`), at most `page_size`, and
+    its last row if another page follows."""
+    return split_page(conn.execute(sql, (*params, page_size + 1)).fetchall(), page_size)
 
 
 def marks(count: int) -> str:
