@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import pathlib
 import socket
 import subprocess
@@ -30,6 +31,8 @@ from test_http2 import (
     ENHANCE_YOUR_CALM,
     GOAWAY,
     HEADERS,
+    INITIAL_WINDOW_SIZE,
+    MAX_WINDOW,
     NO_ERROR,
     PREFACE,
     SETTINGS,
@@ -39,6 +42,7 @@ from test_http2 import (
     parse,
     settings,
     u32,
+    window_update,
 )
 from test_security import self_signed
 
@@ -112,6 +116,17 @@ class Probe(stubs.TaskHubSidecarServiceServicer):  # type: ignore[misc]
         await trio.lowlevel.checkpoint()  # breaks the promise of `immediate`
         return pb.AbandonActivityTaskResponse()
 
+    async def StreamInstanceHistory(
+        self, request: pb.StreamInstanceHistoryRequest
+    ) -> AsyncIterator[pb.HistoryChunk]:
+        # One chunk per name given (as the instance id, comma-separated), each in a turn of
+        # the event loop of its own.
+        for name in request.instanceId.split(","):
+            chunk = pb.HistoryChunk()
+            chunk.events.add().executionStarted.name = name
+            yield chunk
+            await trio.lowlevel.checkpoint()
+
     async def GetWorkItems(self, request: pb.GetWorkItemsRequest) -> AsyncIterator[pb.WorkItem]:
         try:
             yield pb.WorkItem(healthPing=pb.HealthPing(), completionToken="t1")
@@ -122,13 +137,16 @@ class Probe(stubs.TaskHubSidecarServiceServicer):  # type: ignore[misc]
 
 
 async def start_server(
-    nursery: trio.Nursery, **options: Any
+    nursery: trio.Nursery, send_buffer: int | None = None, **options: Any
 ) -> tuple[Probe, int, trio.CancelScope]:
     """A Probe served on a port of its own (request messages up to 1024 bytes unless
-    `options` say otherwise), until the returned scope is cancelled."""
+    `options` say otherwise; each connection's socket with a send buffer of `send_buffer`
+    bytes if given), until the returned scope is cancelled."""
     probe = Probe()
     scope = trio.CancelScope()
     listeners = await open_listeners("127.0.0.1", 0)
+    if send_buffer is not None:  # (accepted sockets inherit it)
+        listeners[0].socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     options.setdefault("max_message_bytes", 1024)
 
     async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -470,6 +488,21 @@ class RawPeer:
         got = await self.next_frame(lambda f: f.kind == HEADERS and f.stream_id == stream_id)
         return dict(self.decoder.decode(got.payload))
 
+    async def answers(self, stream_ids: set[int]) -> dict[int, bytes]:
+        """The bodies of the answers on `stream_ids` (each must end with status OK)."""
+        bodies = dict.fromkeys(stream_ids, b"")
+        ended: set[int] = set()
+        while ended != stream_ids:
+            got = await self.next_frame(lambda f: f.kind in (DATA, HEADERS))
+            if got.kind == DATA:
+                bodies[got.stream_id] += got.payload
+                continue
+            fields = dict(self.decoder.decode(got.payload))  # every block, in order (HPACK)
+            if got.flags & END_STREAM:
+                assert fields["grpc-status"] == "0", fields
+                ended.add(got.stream_id)
+        return bodies
+
     async def closed(self) -> bytes:
         """Everything the server sends until it closes the connection."""
         rest = self.pending
@@ -483,6 +516,78 @@ def grpc_message(body: bytes) -> bytes:
 
 
 GET_INSTANCE = "/TaskHubSidecarService/GetInstance"
+QUERY_INSTANCES = "/TaskHubSidecarService/QueryInstances"
+COMPLETE_ACTIVITY = "/TaskHubSidecarService/CompleteActivityTask"
+STREAM_HISTORY = "/TaskHubSidecarService/StreamInstanceHistory"
+
+
+async def test_answers_the_socket_takes_only_in_part_arrive_whole_and_the_connection_serves_on(
+    nursery: trio.Nursery,
+) -> None:
+    """A 1 MB answer meets small socket buffers and a peer that reads late: the write at the
+    turn's end leaves most of it to the writer task; an answer queued while the writer holds
+    it follows it whole; then the connection writes at the turn's end again."""
+    _, port, _ = await start_server(nursery, send_buffer=4096)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    peer = RawPeer(trio.SocketStream(sock))
+    await peer.send(
+        PREFACE + settings((INITIAL_WINDOW_SIZE, MAX_WINDOW)) + window_update(0, MAX_WINDOW // 2)
+    )
+    await peer.next_frame(lambda f: f.kind == SETTINGS)
+    query = spb.QueryInstancesRequest()
+    query.query.maxInstanceCount = 1000
+    await peer.request(1, QUERY_INSTANCES, grpc_message(query.SerializeToString()), end=True)
+    await trio.testing.wait_all_tasks_blocked()  # the server's writer waits for the peer
+    complete = grpc_message(spb.ActivityResponse(completionToken="t1").SerializeToString())
+    await peer.request(3, COMPLETE_ACTIVITY, complete, end=True)
+    await trio.testing.wait_all_tasks_blocked()
+    with trio.fail_after(10):
+        answers = await peer.answers({1, 3})
+        big = answers[1]
+        assert big[0] == 0 and int.from_bytes(big[1:5], "big") == len(big) - 5
+        response = spb.QueryInstancesResponse.FromString(big[5:])
+        assert [s.instanceId for s in response.orchestrationState] == [
+            f"{n:06d}" for n in range(1000)
+        ]
+        assert answers[3] == grpc_message(b"")  # an empty CompleteTaskResponse
+        await peer.request(5, COMPLETE_ACTIVITY, complete, end=True)
+        assert await peer.answers({5}) == {5: grpc_message(b"")}
+
+
+async def test_while_the_event_loop_is_busy_what_two_turns_queue_goes_out_in_one_write(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write at a turn's end is put off by one turn while other tasks are ready: two
+    messages of a stream, queued in two turns in a row, share one send."""
+    _, port, _ = await start_server(nursery)
+    peer = await RawPeer.connect(port)
+    writes: list[bytes] = []
+    write = os.write
+
+    def counted(fd: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", counted)
+    done = False
+
+    async def busy() -> None:  # another task ready at every turn's end
+        while not done:
+            await trio.lowlevel.checkpoint()
+
+    nursery.start_soon(busy)
+    try:
+        request = spb.StreamInstanceHistoryRequest(instanceId="first-chunk,second-chunk")
+        await peer.request(1, STREAM_HISTORY, grpc_message(request.SerializeToString()), end=True)
+        with trio.fail_after(10):
+            body = (await peer.answers({1}))[1]
+    finally:
+        done = True
+    assert b"first-chunk" in body and b"second-chunk" in body
+    [both] = [data for data in writes if b"first-chunk" in data]
+    assert b"second-chunk" in both
 
 
 @pytest.fixture(scope="module")

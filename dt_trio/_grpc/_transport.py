@@ -52,6 +52,7 @@ from purerpc.rpc import Cardinality
 
 from dt_trio._grpc import _http2 as http2
 from dt_trio._log import get_logger
+from dt_trio._turns import at_turn_end
 
 log = get_logger(__name__)
 H = TypeVar("H", bound=Callable[..., Any])
@@ -275,7 +276,13 @@ class _Connection:
         self._timer = trio.CancelScope(deadline=handshake_deadline)
         self._handshaking = True
         self._window_changed = trio.Event()
-        # Writes: the bytes the HTTP/2 layer queues go out through one writer task (see `_flush`).
+        # Writes: the bytes the HTTP/2 layer queues go out at once if the socket takes them,
+        # else through one writer task (see `_flush`).
+        self._socket = transport.socket if isinstance(transport, trio.SocketStream) else None
+        self._unsent = b""  # the part of the last write the socket did not take (the writer's)
+        self._turn_write = False  # `_write_turn` is due at the end of this turn
+        self._put_off = False  # ... of the next turn: it was put off once
+        self._closed = False  # run() is over: the socket may be closed, its number reused
         self._write_wanted = trio.Event()
         self._write_done = trio.Event()
         self._requested = 0
@@ -308,8 +315,11 @@ class _Connection:
         finally:
             # What was queued after the writer's last send (a server stopping: a health
             # watcher's last status), unless that send was cut.
-            if not self._sending and self._http.has_data_to_send():
-                await self._send(self._http.data_to_send())
+            try:
+                if not self._sending and (self._unsent or self._http.has_data_to_send()):
+                    await self._send(self._take_unsent())
+            finally:
+                self._closed = True
 
     async def _send(self, data: bytes) -> bool:
         """Write frames taken from the HTTP/2 layer whole (cut, they would garble the
@@ -456,28 +466,72 @@ class _Connection:
     async def _flush(self, wait: bool = False) -> None:
         """Have everything the HTTP/2 layer has queued so far written; with `wait`, until it is.
 
-        Only the writer task touches the socket. Once bytes are queued (frames of several
-        streams, a frame split across sends) they must reach the peer whole, so a
-        stream whose deadline or reset cancels it mid-write must not own the write: cancelling
-        this wait is harmless, the writer carries on. Not waiting lets the frames of every
-        stream that answers in the same turn of the event loop go out in one send; HTTP/2 flow
-        control windows bound what can pile up.
+        Once bytes are queued (frames of several streams, a frame split across sends) they
+        must reach the peer whole, so a stream whose deadline or reset cancels it mid-write
+        must not own the write. What the streams queue is written as a turn of the event loop
+        ends (`_write_turn`), at once if the socket takes it all: one send for them all,
+        nothing waits, nothing can be cut. What it does not take goes to the writer task, the
+        only one that waits on the socket (and the one that writes a TLS connection's bytes);
+        while it is at work, what is queued is left to it, to go out with its next send, in
+        order. Cancelling this wait is harmless, the writing carries on. HTTP/2 flow control
+        windows bound what can pile up.
         """
         if self._http.has_data_to_send():
             # (Most reads queue nothing, window updates going out by the half window: then
-            # the writer is not woken for nothing.)
+            # nothing is written for nothing.)
             self._requested += 1
-            self._write_wanted.set()
+            if self._socket is None or self._sending or self._write_wanted.is_set():
+                self._write_wanted.set()
+            elif not self._turn_write:
+                self._turn_write = True
+                at_turn_end(self._write_turn)
         wanted = self._requested
         while wait and self._written < wanted:
             await self._write_done.wait()
+
+    def _write_turn(self) -> None:
+        """As the turn ends: write what the streams queued, without waiting. While the event
+        loop has more to run, once put off to the end of the next turn, so that what two
+        turns queue goes out in one send (as the writer task, woken in one turn and run in
+        the next, sent it). What the socket does not take (all of it, if the connection is
+        broken) goes to the writer task, which finds out which it is."""
+        if self._closed or not self._http.has_data_to_send():
+            self._turn_write = self._put_off = False
+            return
+        if not self._put_off and trio.lowlevel.current_statistics().tasks_runnable:
+            self._put_off = True
+            at_turn_end(self._write_turn)
+            return
+        self._turn_write = self._put_off = False
+        if self._sending:  # the last write of a connection that ends (see `run`)
+            self._write_wanted.set()
+            return
+        assert self._socket is not None
+        data = self._http.data_to_send()
+        try:
+            sent = os.write(self._socket.fileno(), data)
+        except OSError:
+            sent = 0
+        if sent < len(data):
+            self._unsent = data[sent:]
+            self._write_wanted.set()
+            return
+        self._written = self._requested
+        self._write_done.set()
+        self._write_done = trio.Event()
+
+    def _take_unsent(self) -> bytes:
+        """What is to be written next: what the socket did not take, then what is queued."""
+        data = self._unsent + self._http.data_to_send()
+        self._unsent = b""
+        return data
 
     async def _writer(self) -> None:
         while True:
             await self._write_wanted.wait()
             self._write_wanted = trio.Event()
             batch = self._requested
-            data = self._http.data_to_send()
+            data = self._take_unsent()
             if data and not await self._send(data):
                 # The read loop sees the end of the connection and cleans up; flushes from
                 # now on return at once.
