@@ -7,6 +7,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import _postgres
 import _values
@@ -779,14 +780,48 @@ async def test_a_commit_on_one_sidecar_wakes_the_others_processors_and_waiters(
     assert activity.instance_id == "i1"
 
 
+async def test_a_lone_sidecar_sends_no_wake_ups_until_another_listens(
+    pg_address: str, hub_name: str
+) -> None:
+    def heard(conn: psycopg.Connection[Any]) -> list[str]:
+        conn.execute("SELECT 1")  # takes in what arrived
+        return [n.payload for n in conn.notifies(timeout=0.2)]
+
+    a = store_for(pg_address, hub_name)
+    b = store_for(pg_address, hub_name)
+    with psycopg.connect(pg_address, autocommit=True) as spy:  # not a sidecar: not a peer
+        spy.execute(f'LISTEN "dt_trio_{hub_name}"')
+        await a.store.open()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(a.store.run)
+                await a.store.apply(create(new_state("alone")))
+                await trio.sleep(0.05)
+                assert await trio.to_thread.run_sync(heard, spy) == []
+                await b.store.open()
+                await nursery.start(b.store.run)
+                change = b.signals.instance_event("together")
+                with trio.fail_after(5):  # b greets a as it starts listening
+                    while not a.store._peers:  # noqa: ASYNC110 (a flag of the store, no event)
+                        await trio.sleep(0.01)
+                    await a.store.apply(create(new_state("together")))
+                    await change.wait()
+                said = await trio.to_thread.run_sync(heard, spy)
+                assert any("together" in payload for payload in said), said
+                nursery.cancel_scope.cancel()
+        finally:
+            await a.store.close()
+            await b.store.close()
+
+
 async def test_a_killed_listen_connection_loses_no_wake_up(
     two: tuple[Hub, Hub], pg_address: str, hub_name: str
 ) -> None:
     a, b = two
     with psycopg.connect(pg_address, autocommit=True) as conn:
         killed = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = %s",
-            (f'LISTEN "dt_trio_{hub_name}"',),
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"dt-trio listening dt_trio_{hub_name}"[:63],),
         ).fetchall()
     assert len(killed) == 2  # both sidecars' listeners
     b.signals.orchestration_work.clear()

@@ -254,6 +254,9 @@ async def wake_latency(pg: str, samples: int) -> dict[str, float]:
         async with trio.open_nursery() as nursery:
             await nursery.start(a.run)
             await nursery.start(b.run)
+            with trio.fail_after(10):  # a knows b listens (b greets it): a sends wake-ups
+                while not a._peers:  # noqa: ASYNC110 (a flag of the store, no event)
+                    await trio.sleep(0.01)
             for i in range(samples):
                 now = datetime.now(UTC)
                 state = InstanceState(f"w{i}", "o", "e", Status.PENDING, now, now)

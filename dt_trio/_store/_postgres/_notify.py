@@ -112,6 +112,11 @@ class Outbox:
         self._instances.clear()
         self._pending.set()
 
+    def greet(self) -> None:
+        """Nothing but the sender: a sidecar that starts listening tells the others it is
+        there (see the store's `_peers`)."""
+        self._pending.set()
+
     def __bool__(self) -> bool:
         return self._pending.is_set()
 

@@ -10,7 +10,8 @@ asyncpg are asyncio-only. The store's own duties run in `run`, in the hub's nurs
   one thread hop for as long as commits keep coming; two batches at most on their way at once
   (see `_write_loop`);
 - renewal: every lease this process holds is renewed every ttl/3, one statement per table;
-- the notifier: what commits here woke is sent to the other sidecars (see `_notify`);
+- the notifier: what commits here woke is sent to the other sidecars, while there are any
+  (see `_notify` and `_peers`);
 - the listener: a LISTEN connection watched without a thread (`trio.lowlevel.wait_readable`
   on its socket), which passes the other sidecars' wake-ups to this hub;
 - the fallback poll: about once a second (jittered), one statement clears expired leases and
@@ -104,6 +105,11 @@ WRITERS = 2
 RETRIES = 8
 # While the LISTEN connection cannot be made again, retry this often (at most).
 RELISTEN_SECONDS = 1.0
+# How long a sidecar that was seen listening counts as there (see `_peers`); and how long
+# after it starts listening a sidecar wakes everything once more, by when every other one
+# has polled and seen it (longer than the poll's longest period).
+PEERS_SEEN_FOR = 3 * POLL_SECONDS
+LISTEN_SETTLES = 2 * POLL_SECONDS
 
 
 def describe(address: str) -> str:
@@ -199,6 +205,12 @@ class PostgresBackend:
         self._held: dict[WorkKind, dict[str | int, _Held]] = {k: {} for k in WorkKind}
         self._id = uuid.uuid4().hex  # this store in the notifications it sends
         self._outbox = Outbox(self._id)
+        # The other sidecars of this hub, as this one knows them: the application name of
+        # the LISTEN connections, this one's (its backend's pid), and until when another was
+        # seen (see `_peers`).
+        self._listener_name = f"dt-trio listening {self.schema}"[:63]  # NAMEDATALEN - 1
+        self._listener_pid = 0
+        self._peers_until = -math.inf
         self._faulty = False
         self._fault_lock = threading.Lock()
         # The writers' queue and count, shared with their threads (see `_written`).
@@ -236,10 +248,10 @@ class PostgresBackend:
             # Whatever the server's default: a commit is answered once it is on disk.
             conn.execute("SET synchronous_commit TO on")
 
-    def _connect(self) -> psycopg.Connection[Any]:
+    def _connect(self, name: str = "dt-trio") -> psycopg.Connection[Any]:
         conn = psycopg.connect(
             self.address, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT) + 1,
-            application_name="dt-trio",
+            application_name=name,
         )  # fmt: skip
         try:
             self._configure(conn)
@@ -437,7 +449,23 @@ class PostgresBackend:
     def _tell(self, change: Wakeups) -> None:
         """Wake this hub and, through the notifier, the other sidecars."""
         notify(self.listener, change)
-        self._outbox.add(change)
+        if self._peers:
+            self._outbox.add(change)
+
+    @property
+    def _peers(self) -> bool:
+        """Whether another sidecar of this hub listens, as far as this one knows: one was
+        seen (by the fallback poll, or when this one started listening) or heard from in the
+        last PEERS_SEEN_FOR seconds. Alone, a sidecar sends no wake-ups: they cost a
+        transaction each and wake nobody. One that starts listening is seen by the others
+        within a poll's period (it says so at once when it sees them), and wakes everything
+        again once that period is over (see `_watch`), for what they did not send it
+        meanwhile."""
+        return time.monotonic() < self._peers_until
+
+    def _saw_peers(self, seen: bool) -> None:
+        if seen:
+            self._peers_until = time.monotonic() + PEERS_SEEN_FOR
 
     def _track(self, tx: Tx) -> None:
         """Note the leases a transaction took and gave back (see `run`'s renewals)."""
@@ -972,7 +1000,8 @@ class PostgresBackend:
         for leases in self._held.values():
             leases.clear()
         self.listener.any_instance_changed()
-        self._outbox.add_everything()
+        if self._peers:
+            self._outbox.add_everything()
 
     async def clean_entity_storage(
         self, remove_empty: bool, release_orphaned_locks: bool
@@ -1067,7 +1096,7 @@ class PostgresBackend:
         delay = 0.05
         while True:
             try:
-                conn = await trio.to_thread.run_sync(self._listening_connection)
+                conn, peers = await trio.to_thread.run_sync(self._listening_connection)
             except (psycopg.Error, OSError) as exc:
                 if not started:
                     log.warning("cannot listen for other sidecars' wake-ups yet: %s", exc)
@@ -1085,6 +1114,9 @@ class PostgresBackend:
                 else:
                     log.info("listening for other sidecars' wake-ups again")
                 self._wake_everything()
+                self._saw_peers(peers)
+                if peers:  # say so at once: they send this one wake-ups from now on
+                    self._outbox.greet()
                 await self._watch(conn, fd)
             except psycopg.Error as exc:
                 log.warning("lost the connection that listens for wake-ups: %s", exc)
@@ -1092,19 +1124,38 @@ class PostgresBackend:
                 trio.lowlevel.notify_closing(fd)
                 conn.close()
 
-    def _listening_connection(self) -> psycopg.Connection[Any]:
-        conn = self._connect()
-        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.schema)))
-        return conn
+    def _listening_connection(self) -> tuple[psycopg.Connection[Any], bool]:
+        """A connection that listens, and whether another sidecar already does."""
+        conn = self._connect(self._listener_name)
+        try:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.schema)))
+            self._listener_pid = conn.info.backend_pid
+            row = conn.execute(*_peers_sql(self._peers_query())).fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        return conn, bool(row and row[0])
+
+    def _peers_query(self) -> dict[str, object]:
+        return {"listener": self._listener_name, "pid": self._listener_pid}
 
     async def _watch(self, conn: psycopg.Connection[Any], fd: int) -> None:
+        """Pass on what the other sidecars send; LISTEN_SETTLES seconds in, wake everything
+        once more (see `_peers`)."""
         pgconn = conn.pgconn
+        settled = trio.current_time() + LISTEN_SETTLES
         while True:
-            await trio.lowlevel.wait_readable(fd)
+            with trio.move_on_at(settled) as waiting:
+                await trio.lowlevel.wait_readable(fd)
+            if waiting.cancelled_caught:
+                settled = math.inf
+                self._wake_everything()
+                continue
             pgconn.consume_input()  # raises once the connection is gone
             while (notify := pgconn.notifies()) is not None:
                 notice = Notice.decode(notify.extra.decode())
                 if notice is not None and notice.sender != self._id:
+                    self._saw_peers(True)
                     self._heard(notice)
             if pgconn.status != psycopg.pq.ConnStatus.OK:
                 raise psycopg.OperationalError("the connection is closed")
@@ -1156,15 +1207,17 @@ class PostgresBackend:
             await trio.sleep(POLL_SECONDS * random.uniform(0.75, 1.25))
             now = datetime.now(UTC)
             try:
-                found, expired = await self._hop(
-                    functools.partial(_poll, now=now), transaction=False
+                found, expired, peers = await self._hop(
+                    functools.partial(_poll, now=now, peers=self._peers_query()),
+                    transaction=False,
                 )
             except StoreUnavailable:
                 continue
             notify(self.listener, wakeups_of(found))
+            self._saw_peers(peers)
             if expired:
                 log.info("took back expired leases: %s", ", ".join(k.value for k in expired))
-                self._outbox.add(wakeups_of(expired))
+                self._tell(wakeups_of(expired))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1318,11 +1371,22 @@ def _give_back(conn: psycopg.Connection[Any], held: dict[WorkKind, dict[str | in
         )
 
 
+def _peers_sql(params: dict[str, object]) -> tuple[str, dict[str, object]]:
+    """Whether another sidecar of the hub listens (its LISTEN connection's application name;
+    `params`' pid is this sidecar's): a statement and its parameters."""
+    return f"SELECT {_PEERS}", params
+
+
+_PEERS = """EXISTS (SELECT FROM pg_stat_get_activity(NULL) a
+                WHERE a.application_name = %(listener)s AND a.pid <> %(pid)s
+                AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()))"""
+
+
 def _poll(
-    conn: psycopg.Connection[Any], now: datetime
-) -> tuple[frozenset[WorkKind], frozenset[WorkKind]]:
-    """One statement: clear expired leases, and say which kinds have visible work that nobody
-    holds (and which had expired leases)."""
+    conn: psycopg.Connection[Any], now: datetime, peers: dict[str, object]
+) -> tuple[frozenset[WorkKind], frozenset[WorkKind], bool]:
+    """One statement: clear expired leases, say which kinds have visible work that nobody
+    holds (and which had expired leases), and whether another sidecar listens."""
     row = conn.execute(
         """
         WITH xi AS (UPDATE instances SET lease_owner = NULL, lease_until = NULL
@@ -1335,17 +1399,20 @@ def _poll(
             EXISTS (SELECT 1 FROM instances WHERE lease_owner IS NULL AND ready_at <= %(now)s),
             EXISTS (SELECT 1 FROM activities WHERE lease_owner IS NULL AND visible_at <= %(now)s),
             EXISTS (SELECT 1 FROM entities WHERE lease_owner IS NULL AND ready_at <= %(now)s),
-            EXISTS (SELECT 1 FROM xi), EXISTS (SELECT 1 FROM xa), EXISTS (SELECT 1 FROM xe)
-        """,
-        {"now": now},
+            EXISTS (SELECT 1 FROM xi), EXISTS (SELECT 1 FROM xa), EXISTS (SELECT 1 FROM xe),
+        """
+        + _PEERS,
+        {"now": now, **peers},
     ).fetchone()
     assert row is not None
     kinds = list(WorkKind)
     found = frozenset(
-        k for k, visible, expired in zip(kinds, row[:3], row[3:], strict=True) if visible or expired
+        k
+        for k, visible, expired in zip(kinds, row[:3], row[3:6], strict=True)
+        if visible or expired
     )
-    expired = frozenset(k for k, gone in zip(kinds, row[3:], strict=True) if gone)
-    return found, expired
+    expired = frozenset(k for k, gone in zip(kinds, row[3:6], strict=True) if gone)
+    return found, expired, bool(row[6])
 
 
 def _filter_sql(where: InstanceFilter) -> Conditions:
