@@ -49,7 +49,13 @@ from dt_trio._core._commit import (
     WriteStep,
 )
 from dt_trio._engine import Signals
-from dt_trio._errors import InstanceExists, InstanceNotFound, LockLost, StoreUnavailable
+from dt_trio._errors import (
+    InstanceExists,
+    InstanceNotFound,
+    InvalidRequest,
+    LockLost,
+    StoreUnavailable,
+)
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import FinishedFilter
 from dt_trio._store._postgres import PostgresBackend
@@ -863,6 +869,59 @@ async def test_a_postgres_restart_is_unavailable_while_it_lasts_and_then_work_re
         finally:
             await a.store.close()
             await b.store.close()
+
+
+async def test_lone_statements_run_on_a_connection_of_the_loop_made_again_when_lost(
+    pg_address: str, hub_name: str
+) -> None:
+    def loop_backend() -> tuple[int, str] | None:
+        with psycopg.connect(pg_address, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT pid, query FROM pg_stat_activity WHERE application_name = 'dt-trio loop' "
+                "AND datname = current_database()"
+            ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    a = store_for(pg_address, hub_name)
+    await a.store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.store.run)
+            with trio.fail_after(5):
+                while await trio.to_thread.run_sync(loop_backend) is None:  # noqa: ASYNC110 (the server)
+                    await trio.sleep(0.01)
+            await a.store.apply(create(new_state("one")))
+            found = await trio.to_thread.run_sync(loop_backend)
+            assert found is not None and found[1].startswith("SELECT * FROM start(")
+            with pytest.raises(InstanceExists):  # the function's answer, read on that connection
+                await a.store.apply(create(new_state("one")))
+            with pytest.raises(InvalidRequest):  # psycopg refuses it before it is sent
+                await a.store.apply(create(new_state("bad", input="nul \x00")))
+            state = await a.store.get_instance("one")
+            assert state is not None and state.instance_id == "one"
+            found = await trio.to_thread.run_sync(loop_backend)
+            assert found is not None and "FROM instances" in found[1]
+            killed_pid = found[0]
+            with psycopg.connect(pg_address, autocommit=True) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (killed_pid,))
+            await trio.sleep(0.05)  # (its goodbye reaches the socket)
+            # the dead connection is noticed before use: a worker thread's connection instead
+            await a.store.apply(create(new_state("two")))
+            assert await a.store.get_instance("two") is not None
+            with trio.fail_after(10):  # and a new one is made
+                while True:
+                    found = await trio.to_thread.run_sync(loop_backend)
+                    if found is not None and found[0] != killed_pid:
+                        break
+                    await trio.sleep(0.05)
+            async with trio.open_nursery() as starts:  # one on the loop's, the others not
+                for i in range(5):
+                    starts.start_soon(a.store.apply, create(new_state(f"many{i}")))
+            for i in range(5):
+                assert await a.store.get_instance(f"many{i}") is not None
+            nursery.cancel_scope.cancel()
+    finally:
+        await a.store.close()
 
 
 async def test_killed_pool_connections_are_replaced_without_an_error(

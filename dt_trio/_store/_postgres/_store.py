@@ -2,7 +2,8 @@
 
 Every transaction is one hop to a worker thread (`trio.to_thread.run_sync`, a CapacityLimiter
 the size of the connection pool) running psycopg 3 synchronously: psycopg's async API and
-asyncpg are asyncio-only. The store's own duties run in `run`, in the hub's nursery:
+asyncpg are asyncio-only. Lone statements a client waits for are the exception (see the
+loop's connection below). The store's own duties run in `run`, in the hub's nursery:
 
 - the writers: the commits made most (one call of a function of the schema each) are queued
   and sent in batches, each batch pipelined on one connection in one round trip (each commit
@@ -14,6 +15,9 @@ asyncpg are asyncio-only. The store's own duties run in `run`, in the hub's nurs
   (see `_notify` and `_peers`);
 - the listener: a LISTEN connection watched without a thread (`trio.lowlevel.wait_readable`
   on its socket), which passes the other sidecars' wake-ups to this hub;
+- the loop's connection: lone statements a client waits for (a start, a read) run from the
+  event loop's thread on a connection of their own while it is free, without a thread hop
+  (see `_direct`); it is made, and made again when lost, by a task of its own;
 - the fallback poll: about once a second (jittered), one statement clears expired leases and
   asks whether anything is visible that nobody holds, for wake-ups that were lost.
 
@@ -27,7 +31,6 @@ import dataclasses
 import functools
 import math
 import random
-import select
 import threading
 import time
 import uuid
@@ -74,6 +77,7 @@ from dt_trio._store._backend import (
 from dt_trio._store._durability import Durability
 from dt_trio._store._postgres import _apply
 from dt_trio._store._postgres._apply import LEASED_INSTANCE, TERMINAL, Call, Tx
+from dt_trio._store._postgres._direct import Fallback, LoopConnection, closed
 from dt_trio._store._postgres._notify import NOTIFY_INTERVAL, Notice, Outbox, wakeups_of
 from dt_trio._store._postgres._rows import (
     ENTITY_COLUMNS,
@@ -109,6 +113,8 @@ RELISTEN_SECONDS = 1.0
 # after it starts listening a sidecar wakes everything once more, by when every other one
 # has polled and seen it (longer than the poll's longest period).
 PEERS_SEEN_FOR = 3 * POLL_SECONDS
+# The application name of the connection for lone statements (see `_direct`).
+LOOP_CONNECTION = "dt-trio loop"
 LISTEN_SETTLES = 2 * POLL_SECONDS
 
 
@@ -210,6 +216,8 @@ class PostgresBackend:
         # seen (see `_peers`).
         self._listener_name = f"dt-trio listening {self.schema}"[:63]  # NAMEDATALEN - 1
         self._listener_pid = 0
+        # Lone statements a client waits for, from the event loop's thread (see `_direct`).
+        self._loop_conn = LoopConnection(functools.partial(self._connect, LOOP_CONNECTION))
         self._peers_until = -math.inf
         self._faulty = False
         self._fault_lock = threading.Lock()
@@ -296,6 +304,7 @@ class PostgresBackend:
     async def close(self) -> None:
         """Give back the leases this process holds (others take them over at once, not when
         they expire), tell the other sidecars, and close the connections."""
+        self._loop_conn.lose()
         pool, self._pool = self._pool, None
         if pool is None:
             return
@@ -363,7 +372,7 @@ class PostgresBackend:
             broken = False
             try:
                 with pool.connection() as conn:
-                    if _dropped(conn):
+                    if closed(conn.pgconn):
                         # The server closed it while it was idle (a restart, a terminated
                         # backend): nothing was sent on it, so another one may be tried.
                         conn.close()
@@ -494,8 +503,7 @@ class PostgresBackend:
                 # A start, which a client waits for before it starts the next: on its way at
                 # once, beside the batches, not behind one (the bench's hello cities are
                 # scheduled one after the other).
-                at_once = functools.partial(self._write_one, slot)
-                applied = await self._hop(at_once, transaction=False, retry_lost=False)
+                applied = await self._lone(slot)
             else:
                 applied = await self._written(slot)
             assert slot.tx is not None
@@ -520,6 +528,24 @@ class PostgresBackend:
         self._tell(wakeups(commit, applied))
         self.listener.committed(commit, applied)
         return applied
+
+    async def _lone(self, slot: _Queued) -> Applied:
+        """A commit of one call, alone: on the loop's connection if it is free (see
+        `_direct`), else in a worker thread."""
+        conn = self._loop_conn.connection
+        if conn is not None:
+            call = slot.prepare(self._slot_tx(slot, conn))
+            try:
+                [row] = await self._loop_conn.call(call.query, call.params)
+            except Fallback:
+                pass
+            except psycopg.OperationalError as exc:  # it may have committed
+                raise self._unavailable(str(exc).strip()) from exc
+            else:
+                self.counts.statements += 1
+                return call.finish(row)
+        at_once = functools.partial(self._write_one, slot)
+        return await self._hop(at_once, transaction=False, retry_lost=False)
 
     # -- the writer ---------------------------------------------------------------------------
 
@@ -652,7 +678,7 @@ class PostgresBackend:
         error: psycopg.Error | None = None
         try:
             with pool.connection() as conn:
-                if _dropped(conn):
+                if closed(conn.pgconn):
                     conn.close()
                     return batch, False
                 pipelined = 0  # statements sent (another writer's are counted by it)
@@ -815,6 +841,14 @@ class PostgresBackend:
 
     async def _read(self, query: str, params: Sequence[object]) -> list[Any]:
         """The rows of one statement that only reads (each statement its own transaction)."""
+
+        try:
+            rows = await self._loop_conn.call(query, params)
+        except (Fallback, psycopg.OperationalError):
+            pass  # (a read may be tried again)
+        else:
+            self.counts.statements += 1
+            return rows
 
         def read(conn: psycopg.Connection[Any]) -> list[Any]:
             return conn.cursor(binary=True).execute(query, params).fetchall()
@@ -1057,6 +1091,7 @@ class PostgresBackend:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._writer)
             await nursery.start(self._listen)
+            await nursery.start(self._loop_conn.keep)
             nursery.start_soon(self._notify)
             nursery.start_soon(self._renew)
             nursery.start_soon(self._poll)
@@ -1302,20 +1337,6 @@ _SESSION_ENDED = (
     psycopg.errors.CrashShutdown,
     psycopg.errors.CannotConnectNow,
 )
-
-
-def _dropped(conn: psycopg.Connection[Any]) -> bool:
-    """Whether the server has closed an idle connection: one that has anything to read (the
-    server's goodbye, the end of the stream), which an idle pooled connection otherwise never
-    has, is taken as closed. Costs a poll of its socket, no round trip."""
-    pgconn = conn.pgconn
-    if pgconn.status != psycopg.pq.ConnStatus.OK:
-        return True
-    try:
-        readable, _, _ = select.select([pgconn.socket], [], [], 0)
-    except (psycopg.OperationalError, OSError, ValueError):
-        return True
-    return bool(readable)
 
 
 def _history(conn: psycopg.Connection[Any], instance_id: str) -> list[pb.HistoryEvent]:
