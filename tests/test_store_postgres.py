@@ -250,48 +250,66 @@ async def queued_behind_held_rows(
     held: list[OrchestrationWorkItem],
     commits: list[Commit],
 ) -> list[BaseException | None]:
-    """Apply `commits` together, in one batch: steps of `held` (one per writer of the store)
-    go first, one by one, and wait for their instances' rows, which another program holds,
-    while `commits` queue behind them; then the rows are let go. What each of `commits` raised
-    (None: applied)."""
+    """Apply `commits` together, in one batch, with the store's duties running (its writers):
+    steps of `held` (one per writer) go first, one by one, and wait for their instances' rows,
+    which another program holds, while `commits` queue behind them; then the rows are let go.
+    What each of `commits` raised (None: applied)."""
     assert len(held) == WRITERS
     store._outbox.take()  # (what was to be told the other sidecars would go in a pipeline)
     outcomes: list[BaseException | None] = [None] * len(commits)
     blocker = psycopg.connect(pg_address)
     try:
-        blocker.execute(
-            f"SELECT 1 FROM {store.schema}.instances WHERE instance_id = ANY(%s) FOR UPDATE",
-            ([h.state.instance_id for h in held],),
-        )
-        async with trio.open_nursery() as nursery:
-            for n, h in enumerate(held, 1):
-                nursery.start_soon(store.apply, step(h))
-                with trio.fail_after(10):
-                    while True:  # until the step waits for its row
-                        waiting = blocker.execute(
-                            "SELECT count(*) FROM pg_stat_activity "
-                            "WHERE application_name = 'dt-trio' AND wait_event_type = 'Lock'"
-                        ).fetchone()
-                        if waiting and waiting[0] == n:
-                            break
-                        await trio.sleep(0.01)
-
-            async def apply(i: int, commit: Commit) -> None:
-                try:
-                    await store.apply(commit)
-                except Exception as exc:
-                    outcomes[i] = exc
-
-            for i, commit in enumerate(commits):
-                nursery.start_soon(apply, i, commit)
-            await trio.testing.wait_all_tasks_blocked()
-            assert len(store._queue) == len(commits)
-            pipelines = store.counts.pipelines
-            blocker.rollback()
+        async with trio.open_nursery() as duties:
+            await duties.start(store.run)
+            pipelines = await _held_and_queued(store, blocker, held, commits, outcomes)
+            duties.cancel_scope.cancel()
     finally:
         blocker.close()
-    assert store.counts.pipelines == pipelines + 1  # all of them in one round trip
+    # the held steps' batches, and all of `commits` in one round trip
+    assert store.counts.pipelines == pipelines + len(held) + 1
     return outcomes
+
+
+async def _held_and_queued(
+    store: PostgresBackend,
+    blocker: psycopg.Connection[Any],
+    held: list[OrchestrationWorkItem],
+    commits: list[Commit],
+    outcomes: list[BaseException | None],
+) -> int:
+    """Hold `held`'s rows, queue `commits` behind their steps, let go: the pipelines
+    count before the let-go."""
+    blocker.execute(
+        f"SELECT 1 FROM {store.schema}.instances WHERE instance_id = ANY(%s) FOR UPDATE",
+        ([h.state.instance_id for h in held],),
+    )
+    async with trio.open_nursery() as nursery:
+        for n, h in enumerate(held, 1):
+            nursery.start_soon(store.apply, step(h))
+            with trio.fail_after(10):
+                while True:  # until the step waits for its row
+                    waiting = blocker.execute(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE application_name = 'dt-trio writer' "
+                        "AND wait_event_type = 'Lock'"
+                    ).fetchone()
+                    if waiting and waiting[0] == n:
+                        break
+                    await trio.sleep(0.01)
+
+        async def apply(i: int, commit: Commit) -> None:
+            try:
+                await store.apply(commit)
+            except Exception as exc:
+                outcomes[i] = exc
+
+        for i, commit in enumerate(commits):
+            nursery.start_soon(apply, i, commit)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(store._queue) == len(commits)
+        pipelines = store.counts.pipelines
+        blocker.rollback()
+    return pipelines
 
 
 async def leased(store: PostgresBackend, *ids: str) -> list[OrchestrationWorkItem]:
@@ -919,6 +937,47 @@ async def test_lone_statements_run_on_a_connection_of_the_loop_made_again_when_l
                     starts.start_soon(a.store.apply, create(new_state(f"many{i}")))
             for i in range(5):
                 assert await a.store.get_instance(f"many{i}") is not None
+            nursery.cancel_scope.cancel()
+    finally:
+        await a.store.close()
+
+
+async def test_the_writers_connections_killed_fail_no_commit_and_are_made_again(
+    pg_address: str, hub_name: str
+) -> None:
+    def writers() -> list[int]:
+        with psycopg.connect(pg_address, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'dt-trio writer' "
+                "AND datname = current_database()"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    a = store_for(pg_address, hub_name)
+    await a.store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.store.run)
+            items = await leased(a.store, "w1", "w2", "w3", "w4")
+            await a.store.apply(step(items[0]))
+            pipelines = a.store.counts.pipelines
+            assert pipelines >= 1  # on a writer's connection
+            killed = await trio.to_thread.run_sync(writers)
+            assert len(killed) == WRITERS
+            with psycopg.connect(pg_address, autocommit=True) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", (killed,)
+                )
+            await trio.sleep(0.05)  # (their goodbyes reach the sockets)
+            await a.store.apply(step(items[1]))  # found closed: written in a worker thread
+            with trio.fail_after(10):  # and new ones are made
+                while not set(await trio.to_thread.run_sync(writers)) - set(killed):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            await a.store.apply(step(items[2]))
+            await a.store.apply(step(items[3]))
+            assert a.store.counts.pipelines > pipelines  # on the new ones
+            for item in items:
+                assert len(await a.store.get_history(item.state.instance_id)) == 2
             nursery.cancel_scope.cancel()
     finally:
         await a.store.close()

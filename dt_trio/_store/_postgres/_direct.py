@@ -1,17 +1,22 @@
-"""Lone statements from the event loop's thread: no worker thread's hop.
+"""Statements from the event loop's thread: no worker thread's hop.
 
-A client that waits for one statement (a start, a read of an instance) would otherwise wait
-for two hand-overs between threads besides the round trip: to a worker thread and back, each
-a wait for the GIL and a CPU on a busy machine. The store keeps one connection for them, in
-libpq's non-blocking mode, driven by trio (`wait_writable`/`wait_readable` on its socket, as
-the LISTEN connection is): parameters dumped and rows loaded by psycopg's `Transformer`, the
-statement sent with the extended protocol, binary both ways, as a binary cursor would.
+A worker thread costs two hand-overs per transaction besides its round trip, to the thread
+and back, each a wait for the GIL and a CPU on a busy machine. The store's hot statements (a
+start and a read a client waits for, the writers' batches of commits) go instead on
+connections in libpq's non-blocking pipeline mode, driven by trio (`wait_readable` and
+`wait_writable` on the socket, as the LISTEN connection is watched): parameters dumped and
+rows loaded by psycopg's `Transformer`, each statement sent with the extended protocol,
+binary both ways, prepared on the connection the first time it is sent with its parameters'
+types (as psycopg prepares what it sends often: no parse or plan after that), and followed
+by a Sync of its own, so that each is a transaction of its own
+(a failed one changes nothing and stops nothing after it) while a batch of them takes one
+round trip.
 
-One statement at a time: while one is on its way, or while the connection is missing (being
-made, lost), `call` raises `Fallback` and the caller takes a worker thread. So does a statement
-the server refused: it ran in a transaction of its own, rolled back, and the worker thread's
-way has the retries and the errors' meanings. A connection lost after the statement was sent
-leaves its outcome unknown: `psycopg.OperationalError`, for the caller to report.
+A connection runs one exchange at a time. While it is busy, or missing (being made, lost), or
+when nothing could be sent, `exchange` raises `Fallback` and the caller takes a worker
+thread. A statement the server refused comes back as its error, having changed nothing. A
+connection lost after statements were sent leaves theirs unknown: `Lost`, with the answers
+that did arrive.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import functools
 import re
 import select
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -33,10 +39,28 @@ log = get_logger(__name__)
 
 # While a connection cannot be made, try again this often.
 RECONNECT_SECONDS = 1.0
+# Statements prepared on a connection, at most (each kept for the connection's life).
+MAX_PREPARED = 256
+
+# A statement's answer: its rows, or the error it was refused with (it changed nothing).
+Answer = list[tuple[Any, ...]] | psycopg.Error
 
 
 class Fallback(Exception):
-    """The statement did not run, or ran and changed nothing: run it in a worker thread."""
+    """Nothing was sent: run the statements in a worker thread."""
+
+
+@dataclass
+class Lost(Exception):
+    """The connection was lost once statements were sent: `answers`, in their order, has
+    those that arrived (each with its Sync, so each is known) and None for the others, which
+    may or may not have committed."""
+
+    answers: list[Answer | None]
+    cause: Exception
+
+    def __str__(self) -> str:
+        return str(self.cause).strip()
 
 
 @functools.lru_cache(maxsize=64)
@@ -53,8 +77,8 @@ def numbered(query: str) -> bytes:
 
 
 class LoopConnection:
-    """One connection for lone statements, used from the event loop's thread (see the
-    module's docstring); `keep` (a duty of the store's `run`) makes it and makes it again."""
+    """One connection used from the event loop's thread (see the module's docstring); `keep`
+    (a duty of the store's `run`) makes it and makes it again."""
 
     def __init__(self, connect: Callable[[], psycopg.Connection[Any]]) -> None:
         self._connect = connect
@@ -62,25 +86,35 @@ class LoopConnection:
         self._transformer: abc.Transformer | None = None
         self._busy = False
         self._lost = trio.Event()
+        # The connection's prepared statements: by query and parameter types, their names.
+        self._prepared: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
     async def keep(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep a connection until cancelled: made in a worker thread, made again once lost."""
-        task_status.started()
+        """Keep a connection until cancelled: made in a worker thread, made again once lost.
+        Started once the first attempt is over, whatever came of it."""
+        starting = True
         while True:
             try:
                 conn = await trio.to_thread.run_sync(self._connect)
             except (psycopg.Error, OSError) as exc:
-                log.debug("no connection for lone statements yet: %s", exc)
+                log.debug("no connection for the event loop's statements yet: %s", exc)
+                if starting:
+                    starting = False
+                    task_status.started()
                 await trio.sleep(RECONNECT_SECONDS)
                 continue
             conn.pgconn.nonblocking = 1
             self._conn, self._transformer = conn, Transformer(conn)
+            self._prepared = {}
             self._lost = trio.Event()
+            if starting:
+                starting = False
+                task_status.started()
             try:
                 await self._lost.wait()
             finally:
                 self._conn = self._transformer = None
-                if not self._busy:  # (a statement on its way closes it when it is done)
+                if not self._busy:  # (an exchange under way closes it when it is done)
                     _close(conn)
 
     @property
@@ -88,10 +122,23 @@ class LoopConnection:
         """The connection, while there is one."""
         return self._conn
 
-    async def call(self, query: str, params: Sequence[Any]) -> list[Sequence[Any]]:
-        """The rows of `query` (with `%s` placeholders) run with `params`, in a transaction of
-        its own. Raises Fallback (see the module's docstring), or psycopg.OperationalError
-        when the connection was lost once the statement was sent."""
+    def lose(self) -> None:
+        """Close the connection (the store is closing)."""
+        self._lost.set()
+
+    async def call(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """The rows of one statement (with `%s` placeholders) run with `params`. Raises
+        Fallback also when the statement was refused (it changed nothing: the worker thread's
+        way has the retries and the errors' meanings), and Lost."""
+        [answer] = await self.exchange([(query, params)])
+        if isinstance(answer, psycopg.Error):
+            raise Fallback from answer
+        return answer
+
+    async def exchange(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[Answer]:
+        """Each of `statements` in a transaction of its own, in one round trip: their answers
+        in order. A statement whose parameters psycopg cannot send (a NUL in a text) is not
+        sent: its error is its answer. Raises Fallback or Lost (see the module's docstring)."""
         conn, transformer = self._conn, self._transformer
         if conn is None or transformer is None or self._busy:
             raise Fallback
@@ -99,57 +146,122 @@ class LoopConnection:
         if closed(pgconn):
             self._lost.set()
             raise Fallback
+        answers: list[Answer | None] = []
+        # the statements sent, by index, with what they prepare (its key and name) if anything
+        sending: list[tuple[int, tuple[str, tuple[int, ...]], bytes | None]] = []
+        pending: dict[tuple[str, tuple[int, ...]], bytes] = {}  # prepared by this exchange
         self._busy = True
         sent = False
         try:
-            with trio.CancelScope(shield=True):  # a statement half-way leaves nothing usable
-                values = transformer.dump_sequence(params, [PyFormat.AUTO] * len(params))
-                pgconn.send_query_params(
-                    numbered(query),
-                    values,
-                    param_types=transformer.types,
-                    param_formats=transformer.formats,
-                    result_format=pq.Format.BINARY,
-                )
-                sent = True
-                fd = pgconn.socket
-                while pgconn.flush():
-                    await trio.lowlevel.wait_writable(fd)
-                results = []
-                while True:
-                    while pgconn.is_busy():
-                        await trio.lowlevel.wait_readable(fd)
-                        pgconn.consume_input()
-                    result = pgconn.get_result()
-                    if result is None:
-                        break
-                    results.append(result)
+            with trio.CancelScope(shield=True):  # an exchange half-way leaves nothing usable
+                pgconn.enter_pipeline_mode()
+                for query, params in statements:
+                    try:
+                        values = transformer.dump_sequence(params, [PyFormat.AUTO] * len(params))
+                    except psycopg.Error as exc:
+                        answers.append(exc)
+                        continue
+                    key = (query, tuple(transformer.types or ()))
+                    name = self._prepared.get(key) or pending.get(key)
+                    preparing = None
+                    if name is None and len(self._prepared) + len(pending) < MAX_PREPARED:
+                        name = b"dt_trio_%d" % (len(self._prepared) + len(pending))
+                        pgconn.send_prepare(name, numbered(query), param_types=key[1])
+                        preparing = pending[key] = name
+                    if name is None:
+                        pgconn.send_query_params(
+                            numbered(query),
+                            values,
+                            param_types=key[1],
+                            param_formats=transformer.formats,
+                            result_format=pq.Format.BINARY,
+                        )
+                    else:
+                        pgconn.send_query_prepared(
+                            name,
+                            values,
+                            param_formats=transformer.formats,
+                            result_format=pq.Format.BINARY,
+                        )
+                    pgconn.pipeline_sync()
+                    sending.append((len(answers), key, preparing))
+                    answers.append(None)
+                if sending:
+                    sent = True
+                    await _flush(pgconn)
+                for index, key, preparing in sending:
+                    if preparing is not None:
+                        prepared = await _answer(pgconn, transformer, conn.info.encoding, False)
+                        if not isinstance(prepared, psycopg.Error):
+                            self._prepared[key] = preparing
+                    answers[index] = await _answer(pgconn, transformer, conn.info.encoding)
+                pgconn.exit_pipeline_mode()
         except (psycopg.OperationalError, OSError) as exc:
             self._lost.set()
             if not sent:
                 raise Fallback from exc
-            if isinstance(exc, psycopg.OperationalError):
-                raise
-            raise psycopg.OperationalError(str(exc)) from exc
-        except psycopg.Error as exc:  # a parameter psycopg cannot send (a NUL in a text)
-            if not sent:
-                raise Fallback from exc
-            raise
+            raise Lost(answers, exc) from exc
         finally:
             self._busy = False
             if self._conn is not conn:  # lost meanwhile (see keep)
                 _close(conn)
         if pgconn.status != pq.ConnStatus.OK:  # the server ended the session
             self._lost.set()
-        [result] = results
-        if result.status != pq.ExecStatus.TUPLES_OK:
-            raise Fallback
+        return [a for a in answers if a is not None]
+
+
+async def _answer(
+    pgconn: pq.abc.PGconn, transformer: abc.Transformer, encoding: str, synced: bool = True
+) -> Answer:
+    """The next statement's answer, once its Sync's has come too (`synced`; a statement's
+    preparation has none of its own)."""
+    result = await _next(pgconn)
+    if result is None:
+        raise psycopg.OperationalError("no answer to a statement")
+    while await _next(pgconn) is not None:  # the end of its results
+        pass
+    if synced:
+        sync = await _next(pgconn)
+        if sync is None or sync.status != pq.ExecStatus.PIPELINE_SYNC:
+            raise psycopg.OperationalError("a statement's answer came without its Sync")
+    if result.status == pq.ExecStatus.PIPELINE_ABORTED:  # its preparation failed
+        return psycopg.OperationalError("the statement could not be prepared")
+    if result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
         transformer.set_pgresult(result)
         return transformer.load_rows(0, result.ntuples, tuple)
+    if result.status == pq.ExecStatus.FATAL_ERROR:
+        return psycopg.errors.error_from_result(result, encoding=encoding)
+    raise psycopg.OperationalError(f"unexpected answer {pq.ExecStatus(result.status).name}")
 
-    def lose(self) -> None:
-        """Close the connection (the store is closing, or a test kills it)."""
-        self._lost.set()
+
+async def _next(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
+    """The connection's next result (None: the end of a statement's), waiting for it."""
+    fd = pgconn.socket
+    while pgconn.is_busy():
+        await trio.lowlevel.wait_readable(fd)
+        pgconn.consume_input()
+    return pgconn.get_result()
+
+
+async def _flush(pgconn: pq.abc.PGconn) -> None:
+    """Send what libpq holds. While the socket takes no more, take in what the server
+    answers meanwhile (it would otherwise stop reading once its own answers filled the
+    socket, and neither side would go on)."""
+    fd = pgconn.socket
+    while pgconn.flush():
+        async with trio.open_nursery() as nursery:
+
+            async def readable() -> None:
+                await trio.lowlevel.wait_readable(fd)
+                pgconn.consume_input()
+                nursery.cancel_scope.cancel()
+
+            async def writable() -> None:
+                await trio.lowlevel.wait_writable(fd)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(readable)
+            nursery.start_soon(writable)
 
 
 def closed(pgconn: pq.abc.PGconn) -> bool:

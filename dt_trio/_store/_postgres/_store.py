@@ -1,23 +1,24 @@
 """The PostgreSQL store: several sidecars on one database.
 
-Every transaction is one hop to a worker thread (`trio.to_thread.run_sync`, a CapacityLimiter
+Most transactions are one hop to a worker thread (`trio.to_thread.run_sync`, a CapacityLimiter
 the size of the connection pool) running psycopg 3 synchronously: psycopg's async API and
-asyncpg are asyncio-only. Lone statements a client waits for are the exception (see the
-loop's connection below). The store's own duties run in `run`, in the hub's nursery:
+asyncpg are asyncio-only. The hot statements are sent from the event loop's thread instead,
+on connections of their own in libpq's non-blocking pipeline mode (see `_direct`): the
+writers' batches, and the starts and reads a client waits for. The store's own duties run in
+`run`, in the hub's nursery:
 
 - the writers: the commits made most (one call of a function of the schema each) are queued
-  and sent in batches, each batch pipelined on one connection in one round trip (each commit
-  its own transaction, fenced by its own lease: a refused one leaves the others written), in
-  one thread hop for as long as commits keep coming; two batches at most on their way at once
-  (see `_write_loop`);
+  and written in batches by two tasks, each batch pipelined on a connection of its writer's in
+  one round trip, each commit its own transaction (fenced by its own lease: a refused one
+  leaves the others written); see `_write_batches`;
 - renewal: every lease this process holds is renewed every ttl/3, one statement per table;
 - the notifier: what commits here woke is sent to the other sidecars, while there are any
   (see `_notify` and `_peers`);
 - the listener: a LISTEN connection watched without a thread (`trio.lowlevel.wait_readable`
   on its socket), which passes the other sidecars' wake-ups to this hub;
-- the loop's connection: lone statements a client waits for (a start, a read) run from the
-  event loop's thread on a connection of their own while it is free, without a thread hop
-  (see `_direct`); it is made, and made again when lost, by a task of its own;
+- the loop's connections, the writers' and one for lone statements a client waits for (a
+  start, a read), used while it is free: each made, and made again when lost, by a task of
+  its own (see `_direct`);
 - the fallback poll: about once a second (jittered), one statement clears expired leases and
   asks whether anything is visible that nobody holds, for wake-ups that were lost.
 
@@ -77,7 +78,7 @@ from dt_trio._store._backend import (
 from dt_trio._store._durability import Durability
 from dt_trio._store._postgres import _apply
 from dt_trio._store._postgres._apply import LEASED_INSTANCE, TERMINAL, Call, Tx
-from dt_trio._store._postgres._direct import Fallback, LoopConnection, closed
+from dt_trio._store._postgres._direct import Answer, Fallback, LoopConnection, Lost, closed
 from dt_trio._store._postgres._notify import NOTIFY_INTERVAL, Notice, Outbox, wakeups_of
 from dt_trio._store._postgres._rows import (
     ENTITY_COLUMNS,
@@ -115,6 +116,7 @@ RELISTEN_SECONDS = 1.0
 PEERS_SEEN_FOR = 3 * POLL_SECONDS
 # The application name of the connection for lone statements (see `_direct`).
 LOOP_CONNECTION = "dt-trio loop"
+WRITER_CONNECTION = "dt-trio writer"
 LISTEN_SETTLES = 2 * POLL_SECONDS
 
 
@@ -132,9 +134,9 @@ def describe(address: str) -> str:
 @dataclasses.dataclass
 class Counts:
     """What a store sent the server: statements, transactions (each adds a BEGIN and a COMMIT
-    to its statements' round trips), pipelines (their statements, BEGIN and COMMIT included,
-    are sent together and answered together: one round trip each), and the steps it wrote.
-    For the bench; updated from worker threads without a lock (a count may miss one now and
+    to its statements' round trips), pipelines (the writers' batches: their statements are
+    sent together and answered together, one round trip each), and the steps it wrote. For
+    the bench; updated from worker threads without a lock (a count may miss one now and
     then)."""
 
     statements: int = 0
@@ -158,7 +160,7 @@ class _Held:
 
 @dataclasses.dataclass(eq=False)
 class _Queued:
-    """A commit of one call waiting for the writer (see `PostgresBackend._write_loop`): what
+    """A commit of one call waiting for the writers (see `PostgresBackend._write_batches`): what
     makes its call, its time and leases (see `Tx`), and once written its transaction and what
     came of it."""
 
@@ -221,12 +223,10 @@ class PostgresBackend:
         self._peers_until = -math.inf
         self._faulty = False
         self._fault_lock = threading.Lock()
-        # The writers' queue and count, shared with their threads (see `_written`).
-        self._queue_lock = threading.Lock()
+        # The commits queued for the writer tasks, while they run (see `_write_batches`).
+        self._writing = False
         self._queue: list[_Queued] = []
-        self._writers = 0  # writer loops started (see `_written`)
-        # While the writer tasks run (see `run`): a token for each writer loop to start.
-        self._start_writer: trio.MemorySendChannel[None] | None = None
+        self._queued = trio.lowlevel.ParkingLot()  # the idle writers
         self.counts = Counts()
         # Each commit's transaction, or the writer's batch of them, for /metrics.
         self.commit_stats = CommitStats()
@@ -317,10 +317,8 @@ class PostgresBackend:
                 if held:
                     with pool.connection(timeout=1.0) as conn:
                         _give_back(conn, held)
-                        conn.execute(
-                            "SELECT pg_notify(%s, %s)",
-                            (self.schema, Notice(self._id, frozenset(WorkKind), ()).encode()),
-                        )
+                        everything = Notice(self._id, frozenset(WorkKind), ())
+                        conn.execute(*_notice(self.schema, everything.encode()))
             pool.close(timeout=2.0)
 
         with trio.CancelScope(shield=True):
@@ -539,8 +537,8 @@ class PostgresBackend:
                 [row] = await self._loop_conn.call(call.query, call.params)
             except Fallback:
                 pass
-            except psycopg.OperationalError as exc:  # it may have committed
-                raise self._unavailable(str(exc).strip()) from exc
+            except Lost as exc:  # it may have committed
+                raise self._unavailable(str(exc)) from exc
             else:
                 self.counts.statements += 1
                 return call.finish(row)
@@ -550,108 +548,123 @@ class PostgresBackend:
     # -- the writer ---------------------------------------------------------------------------
 
     async def _written(self, slot: _Queued) -> Applied:
-        """Queue a commit of one call for the writer and wait until it is written (or refused).
+        """Queue a commit of one call for the writers and wait until it is written (or refused).
 
-        Up to WRITERS batches are on their way at once; commits that queue meanwhile go in
-        the next batch. The writer tasks (`run`) write the batches or, while they do not run,
-        whoever starts a writer loop; either way shielded, so that a cancelled caller strands
-        nobody. Like a transaction's hop, the wait is not cancelled: a commit in flight is
-        tracked (its leases, its wake-ups)."""
-        with self._queue_lock:
-            self._queue.append(slot)
-            start = self._writers < WRITERS
-            if start:
-                self._writers += 1
+        Each writer task (see `_write_batches`) takes what queued while it wrote its last
+        batch; while the writers do not run (the store's duties are not running), the commit
+        is written alone, in a worker thread. Like a transaction's hop, the wait is not
+        cancelled: a commit in flight is tracked (its leases, its wake-ups)."""
+        if not self._writing:
+            alone = functools.partial(self._write_one, slot)
+            return await self._hop(alone, transaction=False, retry_lost=False)
+        self._queue.append(slot)
+        self._queued.unpark()
         with trio.CancelScope(shield=True):
-            if start:
-                if self._start_writer is not None:
-                    self._start_writer.send_nowait(None)
-                else:
-                    await self._drive()
             await slot.done.wait()
         assert slot.outcome is not None
         return slot.outcome.unwrap()
 
-    async def _writer(
+    async def _write_batches(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """WRITERS tasks, each writing batches whenever told to (see `_written`)."""
-        send, receive = trio.open_memory_channel[None](math.inf)
+        """WRITERS tasks, each with a connection of the event loop's (see `_direct`), each
+        writing in one round trip all that queued while it wrote its last batch. Cancelled,
+        what is still queued is written, alone, before they end: no caller is stranded."""
 
-        async def write() -> None:
-            async for _ in receive:
-                await self._drive()
+        async def write(conn: LoopConnection) -> None:
+            while True:
+                while not self._queue:
+                    await self._queued.park()
+                batch, self._queue = self._queue, []
+                with trio.CancelScope(shield=True):
+                    await self._write_batch(batch, conn)
 
-        self._start_writer = send
         try:
             async with trio.open_nursery() as nursery:
                 for _ in range(WRITERS):
-                    nursery.start_soon(write)
+                    conn = LoopConnection(functools.partial(self._connect, WRITER_CONNECTION))
+                    await nursery.start(conn.keep)
+                    nursery.start_soon(write, conn)
+                self._writing = True
                 task_status.started()
         finally:
-            self._start_writer = None
-            while True:  # told, but cancelled before they wrote
-                try:
-                    receive.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                await self._drive()
+            self._writing = False
+            left, self._queue = self._queue, []
+            if left:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._write_alone, left)
+                    _wake(left)
 
-    async def _drive(self) -> None:
-        """Write batches until the queue is empty, in one hop (shielded: others' commits are
-        queued). The wake-ups waiting for the other sidecars go with the first batch (see
-        `_notify`): no round trip of their own."""
-        token = trio.lowlevel.current_trio_token()
-        with trio.CancelScope(shield=True):
-            notice = self._outbox.take()
-            await trio.to_thread.run_sync(self._write_loop, token, notice, limiter=self._limiter)
-
-    def _write_loop(self, token: trio.lowlevel.TrioToken, notice: str | None) -> None:
-        """In a worker thread: write batch after batch until the queue is empty; each batch's
-        callers are woken as it is written."""
+    async def _write_batch(self, batch: list[_Queued], conn: LoopConnection) -> None:
+        """Write `batch` on `conn` in one round trip, each commit in a transaction of its own
+        (a refused one leaves the others written), the wake-ups waiting for the other sidecars
+        first (see `_notify`: no round trip of their own); those the server refused (it then
+        changed nothing: a deadlock, a duplicate start, data it cannot hold) are written again
+        alone, where the retries and the errors' meanings are. A connection lost once the
+        batch was sent leaves the commits it did not answer unknown: UNAVAILABLE. Without the
+        connection, the batch is written alone, in a worker thread."""
+        started = time.perf_counter()
+        notice = self._outbox.take()
+        again: list[_Queued] = []
         try:
-            while True:
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                    if not batch:
-                        self._writers -= 1
-                        return
-                started = time.perf_counter()
-                try:
-                    notice = self._write_batch(batch, notice)
-                except Exception as exc:  # a bug: fail this batch's commits, not the next ones
-                    log.exception("the store's writer failed")
-                    for slot in batch:
-                        if slot.outcome is None:
-                            slot.outcome = outcome.Error(exc)
-                self.commit_stats.committed(time.perf_counter() - started, len(batch))
-                token.run_sync_soon(_wake, batch)
-        finally:
-            if notice is not None:  # not sent with a batch: on its own
-                try:
-                    self._call(functools.partial(self._send, notice), False, True)
-                except Exception as exc:
-                    # The others' fallback poll finds the work; their waiters wait for the
-                    # next news.
-                    log.debug("a wake-up for the other sidecars was not sent: %s", exc)
-
-    def _send(self, notice: str, conn: psycopg.Connection[Any]) -> None:
-        conn.execute("SELECT pg_notify(%s, %s)", (self.schema, notice))
-
-    def _write_batch(self, batch: list[_Queued], notice: str | None) -> str | None:
-        """Write `batch`: a lone commit as its one statement; several, or one with `notice`
-        (wake-ups for the other sidecars), pipelined (see `_pipeline`), and those the pipeline
-        did not write each on its own. Returns `notice` if it is still to be sent."""
-        alone = batch
-        if len(batch) > 1 or notice is not None:
-            alone, sent = self._pipeline(batch, notice)
-            if sent:
+            pg = conn.connection
+            if pg is None:
+                raise Fallback
+            calls = [slot.prepare(self._slot_tx(slot, pg)) for slot in batch]
+            statements = [(call.query, call.params) for call in calls]
+            if notice is not None:
+                statements.insert(0, _notice(self.schema, notice))
+            lost: Lost | None = None
+            try:
+                answers: list[Answer | None] = list(await conn.exchange(statements))
+            except Lost as exc:
+                lost, answers = exc, exc.answers
+            self.counts.statements += len(statements)
+            self.counts.pipelined += len(statements)
+            self.counts.pipelines += 1
+            if notice is not None:
+                answers.pop(0)
                 notice = None
-        for slot in alone:
-            slot.outcome = outcome.capture(
-                self._call, functools.partial(self._write_one, slot), False, False
-            )
-        return notice
+            for slot, call, answer in zip(batch, calls, answers, strict=True):
+                if answer is None:  # sent, unanswered: it may have committed
+                    assert lost is not None
+                    slot.outcome = outcome.Error(self._unavailable(str(lost)))
+                elif isinstance(answer, psycopg.Error):
+                    again.append(slot)
+                else:
+                    slot.outcome = outcome.capture(call.finish, answer[0])
+            if lost is None:
+                self._note_health(None)
+        except Fallback:
+            again = batch
+        except Exception as exc:  # a bug: fail this batch's commits, not the next ones
+            log.exception("the store's writer failed")
+            for slot in batch:
+                if slot.outcome is None:
+                    slot.outcome = outcome.Error(exc)
+            again = []
+        if again or notice is not None:
+            await trio.to_thread.run_sync(self._write_alone, again, notice, limiter=self._limiter)
+        self.commit_stats.committed(time.perf_counter() - started, len(batch))
+        _wake(batch)
+
+    def _write_alone(self, batch: list[_Queued], notice: str | None = None) -> None:
+        """In a worker thread: each commit of `batch` in a transaction of its own, with the
+        retries; then `notice`, if it is still to be sent."""
+        for slot in batch:
+            alone = functools.partial(self._write_one, slot)
+            slot.outcome = outcome.capture(self._call, alone, False, False)
+        if notice is not None:
+
+            def send(conn: psycopg.Connection[Any]) -> None:
+                conn.execute(*_notice(self.schema, notice))
+
+            try:
+                self._call(send, False, True)
+            except Exception as exc:
+                # The others' fallback poll finds the work; their waiters wait for the next
+                # news.
+                log.debug("a wake-up for the other sidecars was not sent: %s", exc)
 
     def _write_one(self, slot: _Queued, conn: psycopg.Connection[Any]) -> Applied:
         tx = self._slot_tx(slot, conn)
@@ -660,75 +673,6 @@ class PostgresBackend:
     def _slot_tx(self, slot: _Queued, conn: psycopg.Connection[Any]) -> Tx:
         slot.tx = Tx(conn, slot.now, self._ttl, slot.history_at, functions=self._functions)
         return slot.tx
-
-    def _pipeline(self, batch: list[_Queued], notice: str | None) -> tuple[list[_Queued], bool]:
-        """Write `batch` in one round trip: on one connection in pipeline mode, each commit's
-        call in a transaction of its own (BEGIN, the call, COMMIT), so that each is fenced by
-        its own lease and a refused one (its function writes nothing) leaves the others
-        written. Returns the commits to write again on their own: after an error the server
-        skips the rest of the pipeline, and the failed commit's transaction is rolled back. A
-        connection lost after a COMMIT was sent leaves its commit unknown: UNAVAILABLE (as a
-        lone commit's). `notice` goes first, in a transaction of its own (a NOTIFY in a commit
-        would serialise the commits); returns whether it was sent."""
-        pool = self._pool
-        if pool is None:
-            return batch, False
-        notified: psycopg.Cursor[Any] | None = None
-        sent: list[tuple[_Queued, Call, psycopg.Cursor[Any], psycopg.Cursor[Any]]] = []
-        error: psycopg.Error | None = None
-        try:
-            with pool.connection() as conn:
-                if closed(conn.pgconn):
-                    conn.close()
-                    return batch, False
-                pipelined = 0  # statements sent (another writer's are counted by it)
-                try:
-                    with conn.pipeline():
-                        if notice is not None:
-                            pipelined += 3
-                            conn.execute("BEGIN")
-                            conn.execute("SELECT pg_notify(%s, %s)", (self.schema, notice))
-                            notified = conn.execute("COMMIT")
-                        for slot in batch:
-                            tx = self._slot_tx(slot, conn)
-                            call = slot.prepare(tx)
-                            pipelined += 1
-                            conn.execute("BEGIN")
-                            pipelined += 1
-                            cursor = tx.run(call.query, call.params)
-                            pipelined += 1
-                            sent.append((slot, call, cursor, conn.execute("COMMIT")))
-                except psycopg.Error as exc:
-                    error = exc
-                self.counts.pipelines += 1
-                self.counts.pipelined += pipelined
-                if error is not None and not conn.broken:
-                    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                        conn.execute("ROLLBACK")
-                broken = conn.broken
-        except PoolTimeout as exc:
-            fault = self._unavailable(f"no connection: {exc}")
-            return _failed(batch, fault), False
-        except psycopg.Error as exc:  # the ROLLBACK, on a connection lost meanwhile
-            error, broken = exc, True
-        again: list[_Queued] = []
-        for slot, call, cursor, committed in sent:
-            if committed.pgresult is not None and committed.statusmessage == "COMMIT":
-                row = cursor.fetchone()
-                assert row is not None
-                slot.outcome = outcome.capture(call.finish, row)
-            elif broken and not isinstance(error, _SESSION_ENDED):
-                # its COMMIT may have reached the server before the connection was lost
-                slot.outcome = outcome.Error(self._unavailable(str(error).strip()))
-            else:
-                again.append(slot)
-        if error is None:
-            self._note_health(None)
-        elif isinstance(error, _RETRIED):
-            log.debug("retrying a transaction: %s", error.diag.message_primary)
-        sent_ids = {id(s) for s, *_ in sent}
-        told = notified is not None and notified.statusmessage == "COMMIT"
-        return again + [s for s in batch if id(s) not in sent_ids], told
 
     # -- leases -----------------------------------------------------------------------------
 
@@ -844,7 +788,7 @@ class PostgresBackend:
 
         try:
             rows = await self._loop_conn.call(query, params)
-        except (Fallback, psycopg.OperationalError):
+        except (Fallback, Lost):
             pass  # (a read may be tried again)
         else:
             self.counts.statements += 1
@@ -1089,7 +1033,7 @@ class PostgresBackend:
         """Renew this process's leases, send and receive wake-ups, poll as a fallback, until
         cancelled (see the module's docstring); what is left to send is sent on the way out."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self._writer)
+            await nursery.start(self._write_batches)
             await nursery.start(self._listen)
             await nursery.start(self._loop_conn.keep)
             nursery.start_soon(self._notify)
@@ -1114,7 +1058,7 @@ class PostgresBackend:
             return
 
         def send(conn: psycopg.Connection[Any]) -> None:
-            conn.execute("SELECT pg_notify(%s, %s)", (self.schema, payload))
+            conn.execute(*_notice(self.schema, payload))
 
         try:
             await self._hop(send, transaction=False, limiter=self._notify_limiter)
@@ -1317,16 +1261,15 @@ def _lease(
     return leased, next_at if len(leased) < limit else None
 
 
+def _notice(schema: str, payload: str) -> tuple[str, tuple[str, str]]:
+    """The statement that sends the other sidecars `payload` (see `_notify`)."""
+    return "SELECT pg_notify(%s, %s)", (schema, payload)
+
+
 def _wake(batch: list[_Queued]) -> None:
-    """In the event loop's thread: wake the callers of a batch the writer wrote."""
+    """Wake the callers of a batch the writers wrote."""
     for slot in batch:
         slot.done.set()
-
-
-def _failed(batch: list[_Queued], fault: Exception) -> list[_Queued]:
-    for slot in batch:
-        slot.outcome = outcome.Error(fault)
-    return []
 
 
 # Errors after which a transaction is tried again.
