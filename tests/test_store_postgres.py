@@ -59,7 +59,7 @@ from dt_trio._errors import (
 from dt_trio._proto import orchestrator_service_pb2 as pb
 from dt_trio._store import FinishedFilter
 from dt_trio._store._postgres import PostgresBackend
-from dt_trio._store._postgres._store import WRITERS
+from dt_trio._store._postgres._store import BATCH_LIMIT, WRITERS
 
 pytestmark = pytest.mark.postgres_only
 
@@ -979,6 +979,28 @@ async def test_the_writers_connections_killed_fail_no_commit_and_are_made_again(
             for item in items:
                 assert len(await a.store.get_history(item.state.instance_id)) == 2
             nursery.cancel_scope.cancel()
+    finally:
+        await a.store.close()
+
+
+async def test_commits_beyond_a_batchs_limit_go_in_the_next_batches(
+    pg_address: str, hub_name: str
+) -> None:
+    a = store_for(pg_address, hub_name)
+    await a.store.open()
+    try:
+        ids = [f"b{i}" for i in range(BATCH_LIMIT + 10)]
+        items = await leased(a.store, *ids)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.store.run)
+            pipelines = a.store.counts.pipelines
+            async with trio.open_nursery() as steps:
+                for item in items:
+                    steps.start_soon(a.store.apply, step(item))
+            assert a.store.counts.pipelines >= pipelines + 2
+            nursery.cancel_scope.cancel()
+        for i in ids:
+            assert len(await a.store.get_history(i)) == 2
     finally:
         await a.store.close()
 

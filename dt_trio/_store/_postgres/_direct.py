@@ -39,7 +39,8 @@ log = get_logger(__name__)
 
 # While a connection cannot be made, try again this often.
 RECONNECT_SECONDS = 1.0
-# Statements prepared on a connection, at most (each kept for the connection's life).
+# Statements prepared on a connection, at most (each kept for the connection's life; one
+# whose execution failed is prepared again, in case what it was planned on changed).
 MAX_PREPARED = 256
 
 # A statement's answer: its rows, or the error it was refused with (it changed nothing).
@@ -86,8 +87,10 @@ class LoopConnection:
         self._transformer: abc.Transformer | None = None
         self._busy = False
         self._lost = trio.Event()
-        # The connection's prepared statements: by query and parameter types, their names.
+        # The connection's prepared statements: by query and parameter types, their names;
+        # how many were prepared.
         self._prepared: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        self._preparations = 0
 
     async def keep(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a connection until cancelled: made in a worker thread, made again once lost.
@@ -105,7 +108,7 @@ class LoopConnection:
                 continue
             conn.pgconn.nonblocking = 1
             self._conn, self._transformer = conn, Transformer(conn)
-            self._prepared = {}
+            self._prepared, self._preparations = {}, 0
             self._lost = trio.Event()
             if starting:
                 starting = False
@@ -164,8 +167,9 @@ class LoopConnection:
                     key = (query, tuple(transformer.types or ()))
                     name = self._prepared.get(key) or pending.get(key)
                     preparing = None
-                    if name is None and len(self._prepared) + len(pending) < MAX_PREPARED:
-                        name = b"dt_trio_%d" % (len(self._prepared) + len(pending))
+                    if name is None and self._preparations < MAX_PREPARED:
+                        name = b"dt_trio_%d" % self._preparations
+                        self._preparations += 1
                         pgconn.send_prepare(name, numbered(query), param_types=key[1])
                         preparing = pending[key] = name
                     if name is None:
@@ -194,7 +198,9 @@ class LoopConnection:
                         prepared = await _answer(pgconn, transformer, conn.info.encoding, False)
                         if not isinstance(prepared, psycopg.Error):
                             self._prepared[key] = preparing
-                    answers[index] = await _answer(pgconn, transformer, conn.info.encoding)
+                    answer = answers[index] = await _answer(pgconn, transformer, conn.info.encoding)
+                    if isinstance(answer, psycopg.Error):
+                        self._prepared.pop(key, None)
                 pgconn.exit_pipeline_mode()
         except (psycopg.OperationalError, OSError) as exc:
             self._lost.set()

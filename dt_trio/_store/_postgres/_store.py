@@ -106,6 +106,8 @@ CONNECT_TIMEOUT = 2.0
 POLL_SECONDS = 1.0
 # At most this many batches of commits are written at once (each on a connection of its own).
 WRITERS = 2
+# A writer's batch, at most: its parameters are dumped in the event loop's thread at once.
+BATCH_LIMIT = 128
 # Deadlocks and serialization failures are retried this many times.
 RETRIES = 8
 # While the LISTEN connection cannot be made again, retry this often (at most).
@@ -575,7 +577,9 @@ class PostgresBackend:
             while True:
                 while not self._queue:
                     await self._queued.park()
-                batch, self._queue = self._queue, []
+                batch, self._queue = self._queue[:BATCH_LIMIT], self._queue[BATCH_LIMIT:]
+                if self._queue:
+                    self._queued.unpark()  # the other writer takes the rest meanwhile
                 with trio.CancelScope(shield=True):
                     await self._write_batch(batch, conn)
 
