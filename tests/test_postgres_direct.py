@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 import trio
-import trio.lowlevel
+import trio.testing
 
 from dt_trio._store._postgres._direct import Fallback, LoopConnection
 
@@ -79,7 +79,7 @@ async def test_a_busy_connection_falls_back_and_a_large_exchange_goes_whole(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(exchange)
-        await trio.lowlevel.checkpoint()  # (it has begun)
+        await trio.testing.wait_all_tasks_blocked()  # it waits for the server
         with pytest.raises(Fallback):
             await loop_conn.call("SELECT 1", ())
     [answers] = results
