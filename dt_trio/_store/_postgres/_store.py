@@ -116,10 +116,11 @@ RELISTEN_SECONDS = 1.0
 # after it starts listening a sidecar wakes everything once more, by when every other one
 # has polled and seen it (longer than the poll's longest period).
 PEERS_SEEN_FOR = 3 * POLL_SECONDS
-# The application name of the connection for lone statements (see `_direct`).
+LISTEN_SETTLES = 2 * POLL_SECONDS
+# The application names of the event loop's connections (see `_direct`): for lone statements
+# a client waits for, and the writers'.
 LOOP_CONNECTION = "dt-trio loop"
 WRITER_CONNECTION = "dt-trio writer"
-LISTEN_SETTLES = 2 * POLL_SECONDS
 
 
 def describe(address: str) -> str:
