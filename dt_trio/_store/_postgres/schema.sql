@@ -133,7 +133,9 @@ CREATE FUNCTION finished_statuses() RETURNS smallint[]
 -- history, consumed messages, activities (the first p_count leased to p_take_owner), messages
 -- (to other instances, to itself, to entities) and its row; if it ends the execution, the
 -- activities the execution still waited for are dropped. Readiness: the earliest of the
--- messages it leaves and of those it sends itself.
+-- messages it leaves and of those it sends itself. Each part is a statement run only when
+-- the step has something for it: as parts of one statement, every part's tables and indexes
+-- were opened and locked on every call, and the function cost a third more.
 CREATE FUNCTION write_step(
     p_owner text, p_epoch bigint,
     p_id text, p_start integer, p_history bytea[], p_consumed bigint[],
@@ -159,80 +161,92 @@ BEGIN
         END IF;
     END IF;
     o_held := true;
-    WITH h AS (
+    IF cardinality(p_history) > 0 THEN
         INSERT INTO history (instance_id, seq, event)
         SELECT p_id, coalesce(p_start,
             (SELECT coalesce(max(seq) + 1, 0) FROM history WHERE instance_id = p_id))
             + h.ord - 1, h.event
-        FROM unnest(p_history) WITH ORDINALITY AS h(event, ord)
-    ), c AS (
-        DELETE FROM inbox WHERE instance_id = p_id AND id = ANY(p_consumed)
-    ), ended AS (
-        -- the step that ends the execution drops the activities it waited for (not its own:
-        -- they are written by this statement, which does not see them)
+        FROM unnest(p_history) WITH ORDINALITY AS h(event, ord);
+    END IF;
+    IF cardinality(p_consumed) > 0 THEN
+        DELETE FROM inbox WHERE instance_id = p_id AND id = ANY(p_consumed);
+    END IF;
+    IF p_status = ANY(finished_statuses()) THEN
+        -- the step that ends the execution drops the activities it waited for (before its
+        -- own are written, and while the row still has the status it had)
         DELETE FROM activities
-        WHERE instance_id = p_id AND p_status = ANY(finished_statuses())
+        WHERE instance_id = p_id
         AND EXISTS (SELECT 1 FROM instances
-                    WHERE instance_id = p_id AND NOT status = ANY(finished_statuses()))
-    ), a AS (
-        INSERT INTO activities
-            (instance_id, execution_id, event, visible_at, lease_owner, lease_epoch, lease_until)
-        SELECT p_id, p_execution, a.event, p_now,
-            CASE WHEN a.ord <= p_count THEN p_take_owner END,
-            CASE WHEN a.ord <= p_count THEN nextval('lease_epochs') ELSE 0 END,
-            CASE WHEN a.ord <= p_count THEN now() + p_ttl END
-        FROM unnest(p_activities) WITH ORDINALITY AS a(event, ord)
-        ORDER BY a.ord
-        RETURNING id, lease_epoch, lease_owner IS NOT NULL AS handed
-    ), m AS (
-        SELECT * FROM unnest(p_m_ids, p_m_events, p_m_visible, p_m_executions)
-            WITH ORDINALITY AS m(target, event, visible_at, execution, ord)
-    ), t AS (
-        UPDATE instances i SET ready_at = LEAST(i.ready_at, (
-            SELECT min(m.visible_at) FROM m WHERE m.target = i.instance_id
-            AND (m.execution IS NULL OR m.execution = i.execution_id)))
-        WHERE i.instance_id IN (SELECT target FROM m)
-        RETURNING i.instance_id AS target, i.execution_id AS execution
-    ), sent AS (
-        INSERT INTO inbox (instance_id, event, visible_at)
-        SELECT m.target, m.event, m.visible_at FROM m JOIN t USING (target)
-        WHERE m.execution IS NULL OR m.execution = t.execution
-        ORDER BY m.ord
-        RETURNING 1
-    ), own AS (
+                    WHERE instance_id = p_id AND NOT status = ANY(finished_statuses()));
+    END IF;
+    IF cardinality(p_activities) > 0 THEN
+        WITH a AS (
+            INSERT INTO activities
+                (instance_id, execution_id, event, visible_at, lease_owner, lease_epoch,
+                 lease_until)
+            SELECT p_id, p_execution, a.event, p_now,
+                CASE WHEN a.ord <= p_count THEN p_take_owner END,
+                CASE WHEN a.ord <= p_count THEN nextval('lease_epochs') ELSE 0 END,
+                CASE WHEN a.ord <= p_count THEN now() + p_ttl END
+            FROM unnest(p_activities) WITH ORDINALITY AS a(event, ord)
+            ORDER BY a.ord
+            RETURNING id, lease_epoch, lease_owner IS NOT NULL AS handed
+        )
+        SELECT ARRAY(SELECT id FROM a WHERE handed ORDER BY id),
+            ARRAY(SELECT lease_epoch FROM a WHERE handed ORDER BY id)
+        INTO o_leased, o_epochs;
+    ELSE
+        o_leased := '{}';
+        o_epochs := '{}';
+    END IF;
+    o_delivered := 0;
+    IF cardinality(p_m_ids) > 0 THEN
+        WITH m AS (
+            SELECT * FROM unnest(p_m_ids, p_m_events, p_m_visible, p_m_executions)
+                WITH ORDINALITY AS m(target, event, visible_at, execution, ord)
+        ), t AS (
+            UPDATE instances i SET ready_at = LEAST(i.ready_at, (
+                SELECT min(m.visible_at) FROM m WHERE m.target = i.instance_id
+                AND (m.execution IS NULL OR m.execution = i.execution_id)))
+            WHERE i.instance_id IN (SELECT target FROM m)
+            RETURNING i.instance_id AS target, i.execution_id AS execution
+        ), sent AS (
+            INSERT INTO inbox (instance_id, event, visible_at)
+            SELECT m.target, m.event, m.visible_at FROM m JOIN t USING (target)
+            WHERE m.execution IS NULL OR m.execution = t.execution
+            ORDER BY m.ord
+            RETURNING 1
+        )
+        SELECT count(*) FROM sent INTO o_delivered;
+    END IF;
+    IF cardinality(p_o_events) > 0 THEN
         INSERT INTO inbox (instance_id, event, visible_at)
         SELECT p_id, o.event, o.visible_at
         FROM unnest(p_o_events, p_o_visible) WITH ORDINALITY AS o(event, visible_at, ord)
-        ORDER BY o.ord
-    ), em AS (
-        SELECT * FROM unnest(p_e_ids, p_e_events, p_e_visible)
-            WITH ORDINALITY AS em(target, event, visible_at, ord)
-    ), e AS (
-        INSERT INTO entities AS e (instance_id, last_modified_at, ready_at)
-        SELECT target, min(visible_at), min(visible_at) FROM em GROUP BY target
-        ON CONFLICT (instance_id) DO UPDATE SET ready_at = LEAST(e.ready_at, EXCLUDED.ready_at)
-    ), es AS (
+        ORDER BY o.ord;
+    END IF;
+    IF cardinality(p_e_ids) > 0 THEN
+        WITH em AS (
+            SELECT * FROM unnest(p_e_ids, p_e_events, p_e_visible)
+                WITH ORDINALITY AS em(target, event, visible_at, ord)
+        ), e AS (
+            INSERT INTO entities AS e (instance_id, last_modified_at, ready_at)
+            SELECT target, min(visible_at), min(visible_at) FROM em GROUP BY target
+            ON CONFLICT (instance_id) DO UPDATE SET ready_at = LEAST(e.ready_at, EXCLUDED.ready_at)
+        )
         INSERT INTO entity_inbox (instance_id, event, visible_at)
-        SELECT target, event, visible_at FROM em ORDER BY ord
-    ), written AS (
-        UPDATE instances SET name = p_name, version = p_version, execution_id = p_execution,
-            status = p_status, input = p_input, output = p_output,
-            custom_status = p_custom_status, failure = p_failure, created_at = p_created_at,
-            last_updated_at = p_last_updated_at, completed_at = p_completed_at,
-            scheduled_start_at = p_scheduled_start_at, parent_instance_id = p_parent,
-            tags = p_tags, trace_context = p_trace,
-            lease_owner = NULL, lease_until = NULL, attempts = 0,
-            ready_at = LEAST(
-                (SELECT min(visible_at) FROM inbox
-                 WHERE instance_id = p_id AND id <> ALL(p_consumed)),
-                (SELECT min(v) FROM unnest(p_o_visible) AS v))
-        WHERE instance_id = p_id
-        RETURNING ready_at IS NOT NULL AS more
-    )
-    SELECT (SELECT more FROM written), (SELECT count(*) FROM sent),
-        ARRAY(SELECT id FROM a WHERE handed ORDER BY id),
-        ARRAY(SELECT lease_epoch FROM a WHERE handed ORDER BY id)
-    INTO o_waiting, o_delivered, o_leased, o_epochs;
+        SELECT target, event, visible_at FROM em ORDER BY ord;
+    END IF;
+    UPDATE instances SET name = p_name, version = p_version, execution_id = p_execution,
+        status = p_status, input = p_input, output = p_output,
+        custom_status = p_custom_status, failure = p_failure, created_at = p_created_at,
+        last_updated_at = p_last_updated_at, completed_at = p_completed_at,
+        scheduled_start_at = p_scheduled_start_at, parent_instance_id = p_parent,
+        tags = p_tags, trace_context = p_trace,
+        lease_owner = NULL, lease_until = NULL, attempts = 0,
+        ready_at = (SELECT min(visible_at) FROM inbox WHERE instance_id = p_id)
+    WHERE instance_id = p_id
+    RETURNING ready_at IS NOT NULL INTO o_waiting;
 END
 $$;
 
@@ -254,6 +268,8 @@ CREATE FUNCTION deliver(
     OUT history bytea[], OUT inbox_ids bigint[], OUT inbox_events bytea[]
 ) LANGUAGE plpgsql AS $$
 #variable_conflict use_column
+DECLARE
+    taken boolean;
 BEGIN
     DELETE FROM activities a
     WHERE a.id = p_activity AND a.lease_owner = p_owner AND a.lease_epoch = p_epoch;
@@ -261,19 +277,25 @@ BEGIN
     IF NOT o_held THEN
         RETURN;
     END IF;
-    UPDATE instances i SET ready_at = LEAST(i.ready_at, p_visible)
-    WHERE i.instance_id = p_id AND i.execution_id = p_execution;
+    -- the row locked first: its readiness and its lease change in one update
+    SELECT p_take_owner IS NOT NULL AND i.lease_owner IS NULL
+        AND LEAST(i.ready_at, p_visible) <= p_now
+    INTO taken
+    FROM instances i WHERE i.instance_id = p_id AND i.execution_id = p_execution
+    FOR UPDATE;
     o_delivered := FOUND;
     IF NOT o_delivered THEN
         RETURN;
     END IF;
     INSERT INTO inbox (instance_id, event, visible_at) VALUES (p_id, p_event, p_visible);
-    IF p_take_owner IS NULL THEN
+    IF NOT taken THEN
+        UPDATE instances i SET ready_at = LEAST(i.ready_at, p_visible)
+        WHERE i.instance_id = p_id;
         RETURN;
     END IF;
-    UPDATE instances i SET lease_owner = p_take_owner, lease_epoch = nextval('lease_epochs'),
-        lease_until = now() + p_ttl
-    WHERE i.instance_id = p_id AND i.lease_owner IS NULL AND i.ready_at <= p_now
+    UPDATE instances i SET ready_at = LEAST(i.ready_at, p_visible), lease_owner = p_take_owner,
+        lease_epoch = nextval('lease_epochs'), lease_until = now() + p_ttl
+    WHERE i.instance_id = p_id
     RETURNING i.instance_id, i.name, i.version, i.execution_id, i.status, i.input, i.output,
         i.custom_status, i.failure, i.created_at, i.last_updated_at, i.completed_at,
         i.scheduled_start_at, i.parent_instance_id, i.tags, i.trace_context, i.lease_epoch,
