@@ -67,6 +67,7 @@ from dt_trio._errors import (
     LockLost,
 )
 from dt_trio._log import get_logger
+from dt_trio._store._postgres._arrays import BigintArray, ByteaArray, TextArray, TimestamptzArray
 from dt_trio._store._postgres._rows import (
     INSTANCE_COLUMNS,
     INSTANCE_FIELDS,
@@ -733,23 +734,23 @@ def _step_call(
         guard.epoch if guard is not None else None,
         instance_id,
         start,
-        [e.SerializeToString() for e in result.history],
-        list(result.consumed),
+        ByteaArray(e.SerializeToString() for e in result.history),
+        BigintArray(result.consumed),
         *state_values(state)[1:],
         now,
         count,
         owner,
         tx.ttl,
-        [a.scheduled.SerializeToString() for a in activities],
-        [m.target_instance_id for m in others],
-        [m.event.SerializeToString() for m in others],
-        [utc(m.visible_at) if m.visible_at else now for m in others],
-        [m.execution_id for m in others],
-        [m.event.SerializeToString() for m in own],
-        [utc(m.visible_at) if m.visible_at else now for m in own],
-        [m.target_instance_id for m in to_entities],
-        [m.event.SerializeToString() for m in to_entities],
-        [utc(m.visible_at) if m.visible_at else now for m in to_entities],
+        ByteaArray(a.scheduled.SerializeToString() for a in activities),
+        TextArray(m.target_instance_id for m in others),
+        ByteaArray(m.event.SerializeToString() for m in others),
+        TimestamptzArray(utc(m.visible_at) if m.visible_at else now for m in others),
+        TextArray(m.execution_id for m in others),
+        ByteaArray(m.event.SerializeToString() for m in own),
+        TimestamptzArray(utc(m.visible_at) if m.visible_at else now for m in own),
+        TextArray(m.target_instance_id for m in to_entities),
+        ByteaArray(m.event.SerializeToString() for m in to_entities),
+        TimestamptzArray(utc(m.visible_at) if m.visible_at else now for m in to_entities),
     )
 
     def written(row: Sequence[Any]) -> tuple[list[ActivityWorkItem], bool] | None:

@@ -76,7 +76,7 @@ from dt_trio._store._backend import (
     notify,
 )
 from dt_trio._store._durability import Durability
-from dt_trio._store._postgres import _apply
+from dt_trio._store._postgres import _apply, _arrays
 from dt_trio._store._postgres._apply import LEASED_INSTANCE, TERMINAL, Call, Tx
 from dt_trio._store._postgres._direct import Answer, Fallback, LoopConnection, Lost, closed
 from dt_trio._store._postgres._notify import NOTIFY_INTERVAL, Notice, Outbox, wakeups_of
@@ -245,6 +245,7 @@ class PostgresBackend:
                 return super().execute(*args, **kwargs)
 
         conn.cursor_factory = Counted
+        _arrays.register(conn.adapters)
         conn.execute(
             sql.SQL(
                 "SET search_path TO {}; SET TimeZone TO 'UTC'; SET statement_timeout TO {}; "
