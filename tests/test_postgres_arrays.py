@@ -18,7 +18,7 @@ from dt_trio._store._postgres._arrays import (
 
 pytestmark = pytest.mark.postgres_only
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 @pytest.mark.parametrize(
