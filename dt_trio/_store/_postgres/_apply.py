@@ -518,54 +518,23 @@ def send(tx: Tx, messages: Sequence[OutboundMessage]) -> None:
     to_entities = [m for m in messages if is_entity_id(m.target_instance_id)]
     if to_instances:
         row = tx.run(
-            """
-            WITH m AS (
-                SELECT * FROM unnest(%s::text[], %s::bytea[], %s::timestamptz[], %s::text[])
-                    WITH ORDINALITY AS m(instance_id, event, visible_at, execution_id, ord)
-            ), t AS (
-                UPDATE instances i SET ready_at = LEAST(i.ready_at, (
-                    SELECT min(m.visible_at) FROM m WHERE m.instance_id = i.instance_id
-                    AND (m.execution_id IS NULL OR m.execution_id = i.execution_id)))
-                WHERE i.instance_id IN (SELECT instance_id FROM m)
-                RETURNING i.instance_id, i.execution_id
-            ), sent AS (
-                INSERT INTO inbox (instance_id, event, visible_at)
-                SELECT m.instance_id, m.event, m.visible_at FROM m JOIN t USING (instance_id)
-                WHERE m.execution_id IS NULL OR m.execution_id = t.execution_id
-                ORDER BY m.ord
-                RETURNING 1
-            )
-            SELECT count(*) FROM sent
-            """,
+            "SELECT send_to_instances(%s, %s, %s, %s)",
             (
-                [m.target_instance_id for m in to_instances],
-                [m.event.SerializeToString() for m in to_instances],
-                [utc(m.visible_at) if m.visible_at else now for m in to_instances],
-                [m.execution_id for m in to_instances],
+                TextArray(m.target_instance_id for m in to_instances),
+                ByteaArray(m.event.SerializeToString() for m in to_instances),
+                TimestamptzArray(utc(m.visible_at) if m.visible_at else now for m in to_instances),
+                TextArray(m.execution_id for m in to_instances),
             ),
         ).fetchone()
         delivered = row[0] if row is not None else 0
         tx.dropped += len(to_instances) - delivered
     if to_entities:
         tx.run(
-            """
-            WITH m AS (
-                SELECT * FROM unnest(%s::text[], %s::bytea[], %s::timestamptz[])
-                    WITH ORDINALITY AS m(instance_id, event, visible_at, ord)
-            ), e AS (
-                INSERT INTO entities AS e (instance_id, last_modified_at, ready_at)
-                SELECT instance_id, min(visible_at), min(visible_at) FROM m GROUP BY instance_id
-                ON CONFLICT (instance_id)
-                    DO UPDATE SET ready_at = LEAST(e.ready_at, EXCLUDED.ready_at)
-                RETURNING 1
-            )
-            INSERT INTO entity_inbox (instance_id, event, visible_at)
-            SELECT instance_id, event, visible_at FROM m ORDER BY ord
-            """,
+            "SELECT send_to_entities(%s, %s, %s)",
             (
-                [m.target_instance_id for m in to_entities],
-                [m.event.SerializeToString() for m in to_entities],
-                [utc(m.visible_at) if m.visible_at else now for m in to_entities],
+                TextArray(m.target_instance_id for m in to_entities),
+                ByteaArray(m.event.SerializeToString() for m in to_entities),
+                TimestamptzArray(utc(m.visible_at) if m.visible_at else now for m in to_entities),
             ),
         )
 

@@ -128,6 +128,48 @@ CREATE INDEX entity_inbox_instance ON entity_inbox (instance_id, id);
 CREATE FUNCTION finished_statuses() RETURNS smallint[]
     LANGUAGE sql IMMUTABLE AS $$ SELECT '{1,3,4,5}'::smallint[] $$;
 
+-- Messages to orchestrations, in order: each made visible on its instance's row (readiness);
+-- dropped when the instance, or the execution it names (when it names one), is gone.
+-- Returns how many were delivered.
+CREATE FUNCTION send_to_instances(
+    p_ids text[], p_events bytea[], p_visible timestamptz[], p_executions text[]
+) RETURNS bigint LANGUAGE sql AS $$
+    WITH m AS (
+        SELECT * FROM unnest(p_ids, p_events, p_visible, p_executions)
+            WITH ORDINALITY AS m(target, event, visible_at, execution, ord)
+    ), t AS (
+        UPDATE instances i SET ready_at = LEAST(i.ready_at, (
+            SELECT min(m.visible_at) FROM m WHERE m.target = i.instance_id
+            AND (m.execution IS NULL OR m.execution = i.execution_id)))
+        WHERE i.instance_id IN (SELECT target FROM m)
+        RETURNING i.instance_id AS target, i.execution_id AS execution
+    ), sent AS (
+        INSERT INTO inbox (instance_id, event, visible_at)
+        SELECT m.target, m.event, m.visible_at FROM m JOIN t USING (target)
+        WHERE m.execution IS NULL OR m.execution = t.execution
+        ORDER BY m.ord
+        RETURNING 1
+    )
+    SELECT count(*) FROM sent
+$$;
+
+-- Messages to entities, in order; an entity comes into being with its first message.
+CREATE FUNCTION send_to_entities(
+    p_ids text[], p_events bytea[], p_visible timestamptz[]
+) RETURNS void LANGUAGE sql AS $$
+    WITH m AS (
+        SELECT * FROM unnest(p_ids, p_events, p_visible)
+            WITH ORDINALITY AS m(target, event, visible_at, ord)
+    ), e AS (
+        INSERT INTO entities AS e (instance_id, last_modified_at, ready_at)
+        SELECT target, min(visible_at), min(visible_at) FROM m GROUP BY target
+        ON CONFLICT (instance_id) DO UPDATE SET ready_at = LEAST(e.ready_at, EXCLUDED.ready_at)
+        RETURNING 1
+    )
+    INSERT INTO entity_inbox (instance_id, event, visible_at)
+    SELECT target, event, visible_at FROM m ORDER BY ord
+$$;
+
 -- One orchestration step that neither continues as new nor starts instances: after its
 -- instance's lease is checked (when p_owner is given; else the caller's guards did), its
 -- history, consumed messages, activities (the first p_count leased to p_take_owner), messages
@@ -201,23 +243,7 @@ BEGIN
     END IF;
     o_delivered := 0;
     IF cardinality(p_m_ids) > 0 THEN
-        WITH m AS (
-            SELECT * FROM unnest(p_m_ids, p_m_events, p_m_visible, p_m_executions)
-                WITH ORDINALITY AS m(target, event, visible_at, execution, ord)
-        ), t AS (
-            UPDATE instances i SET ready_at = LEAST(i.ready_at, (
-                SELECT min(m.visible_at) FROM m WHERE m.target = i.instance_id
-                AND (m.execution IS NULL OR m.execution = i.execution_id)))
-            WHERE i.instance_id IN (SELECT target FROM m)
-            RETURNING i.instance_id AS target, i.execution_id AS execution
-        ), sent AS (
-            INSERT INTO inbox (instance_id, event, visible_at)
-            SELECT m.target, m.event, m.visible_at FROM m JOIN t USING (target)
-            WHERE m.execution IS NULL OR m.execution = t.execution
-            ORDER BY m.ord
-            RETURNING 1
-        )
-        SELECT count(*) FROM sent INTO o_delivered;
+        o_delivered := send_to_instances(p_m_ids, p_m_events, p_m_visible, p_m_executions);
     END IF;
     IF cardinality(p_o_events) > 0 THEN
         INSERT INTO inbox (instance_id, event, visible_at)
@@ -226,16 +252,7 @@ BEGIN
         ORDER BY o.ord;
     END IF;
     IF cardinality(p_e_ids) > 0 THEN
-        WITH em AS (
-            SELECT * FROM unnest(p_e_ids, p_e_events, p_e_visible)
-                WITH ORDINALITY AS em(target, event, visible_at, ord)
-        ), e AS (
-            INSERT INTO entities AS e (instance_id, last_modified_at, ready_at)
-            SELECT target, min(visible_at), min(visible_at) FROM em GROUP BY target
-            ON CONFLICT (instance_id) DO UPDATE SET ready_at = LEAST(e.ready_at, EXCLUDED.ready_at)
-        )
-        INSERT INTO entity_inbox (instance_id, event, visible_at)
-        SELECT target, event, visible_at FROM em ORDER BY ord;
+        PERFORM send_to_entities(p_e_ids, p_e_events, p_e_visible);
     END IF;
     UPDATE instances SET name = p_name, version = p_version, execution_id = p_execution,
         status = p_status, input = p_input, output = p_output,
