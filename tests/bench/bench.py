@@ -115,10 +115,25 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """The server process's own CPU time so far (user + system, all its threads)."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            # the fields after the command name, which is in parentheses and may hold spaces
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.pid)
+
+
+def proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (which is in parentheses and may hold
+    spaces): [0] the state, [1] the parent's pid, [11:13] user and system CPU, [13:15] those
+    of the children it waited for."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int, reaped: bool = False) -> float:
+    """A process's CPU time so far (user + system, all its threads), in seconds; with
+    `reaped`, that of the children it has waited for too."""
+    fields = proc_stat(pid)
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager

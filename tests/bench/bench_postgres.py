@@ -38,12 +38,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import _postgres
 from bench import (
     commit,
+    cpu_seconds,
     fan_out,
     free_port,
     hello_cities,
     machine,
     one_activity,
     percentile,
+    proc_stat,
     say_hello,
 )
 
@@ -195,7 +197,60 @@ def fan(clients: list[client.TaskHubGrpcClient], n: int) -> dict[str, float]:
     return {"activities_per_s": percentile(rates, 50)}
 
 
-def throughput(kind: str, count: int, pg: str, quick: bool) -> dict[str, Any]:
+def postmaster(pg: str) -> int | None:
+    """The pid of the PostgreSQL server at `pg` if it runs on this machine (its processes'
+    CPU can be read), else None."""
+    with psycopg.connect(pg) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    try:
+        return int(proc_stat(row[0])[1]) if row is not None else None
+    except OSError:
+        return None
+
+
+def cluster_cpu_seconds(pid: int) -> float:
+    """The CPU time of a PostgreSQL server so far: the postmaster's, its live children's
+    (backends, walwriter...) and that of the children it has waited for."""
+    total = cpu_seconds(pid, reaped=True)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(proc_stat(int(entry))[1]) == pid:
+                    total += cpu_seconds(int(entry))
+            except OSError:  # gone meanwhile
+                pass
+    return total
+
+
+def hello_cpu(
+    running: Servers, hub: client.TaskHubGrpcClient, pg_pid: int | None, n: int
+) -> dict[str, float]:
+    """Hello cities through `hub` on the one server of `running`, with the CPU each process
+    spent per orchestration (ms): the server, its SDK worker, this client, and PostgreSQL's
+    server (when it runs here) for a dt-trio PostgreSQL sidecar."""
+    [server], [sdk_worker] = running.procs, running.workers
+    database = pg_pid if running.kind == "postgres" else None
+
+    def now() -> dict[str, float]:
+        me = os.times()
+        spent = {
+            "server": cpu_seconds(server.pid),
+            "worker": cpu_seconds(sdk_worker.pid),
+            "client": me.user + me.system,
+        }
+        if database is not None:
+            spent["postgres"] = cluster_cpu_seconds(database)
+        return spent
+
+    before = now()
+    result = hello([hub], n)
+    after = now()
+    for key in before:
+        result[f"cpu_ms_{key}"] = (after[key] - before[key]) * 1000 / n
+    return result
+
+
+def throughput(kind: str, count: int, pg: str, quick: bool, pg_pid: int | None) -> dict[str, Any]:
     n_hello, n_fan = (100, 200) if quick else (1000, 1000)
     with servers(kind, count, pg) as running:
         clients = [client.TaskHubGrpcClient(host_address=a) for a in running.addresses]
@@ -205,7 +260,11 @@ def throughput(kind: str, count: int, pg: str, quick: bool) -> dict[str, Any]:
                     c.schedule_new_orchestration(one_activity), timeout=60
                 )
             results: dict[str, Any] = {
-                f"hello cities (n={n_hello})": hello(clients, n_hello),
+                f"hello cities (n={n_hello})": (
+                    hello_cpu(running, clients[0], pg_pid, n_hello)
+                    if count == 1
+                    else hello(clients, n_hello)
+                ),
                 f"fan-out/fan-in (n={n_fan} per sidecar)": fan(clients, n_fan),
             }
         finally:
@@ -372,12 +431,13 @@ def main(quick: bool, rounds: int, json_path: str | None) -> int:
     }
     with _postgres.server() as pg:
         report["postgres"] = postgres_settings(pg)
+        pg_pid = postmaster(pg)
         runs = [("reference", 1), ("sqlite", 1), ("postgres", 1), ("postgres", 2), ("postgres", 3)]
         results: dict[str, list[dict[str, Any]]] = {}
         for r in range(rounds):
             for kind, count in runs[r % len(runs) :] + runs[: r % len(runs)]:
                 label = f"{kind} x{count}" if kind == "postgres" else kind
-                results.setdefault(label, []).append(throughput(kind, count, pg, quick))
+                results.setdefault(label, []).append(throughput(kind, count, pg, quick, pg_pid))
             print(f"round {r + 1} of {rounds} done", file=sys.stderr)
         report["throughput"] = {
             label: {
@@ -469,6 +529,22 @@ def markdown(report: dict[str, Any]) -> str:
             f"[{min(rates):.0f}..{max(rates):.0f}] | {median[label][hello_key]['p50_ms']:.1f} | "
             f"{median[label][fan_key]['activities_per_s']:.0f} [{min(fans):.0f}..{max(fans):.0f}] |"
         )
+    out += [
+        "",
+        "CPU per hello-cities orchestration, ms, medians (each process's user and system time "
+        "from /proc; PostgreSQL: every process of its server):",
+        "",
+        "| server | server | SDK worker | client | PostgreSQL | all |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label in rounds:
+        figures = median[label][hello_key]
+        if "cpu_ms_server" not in figures:
+            continue
+        parts = [figures.get(f"cpu_ms_{p}") for p in ("server", "worker", "client", "postgres")]
+        cells = ["" if v is None else f"{v:.2f}" for v in parts]
+        total = sum(v for v in parts if v is not None)
+        out.append(f"| {label} | {' | '.join(cells)} | {total:.2f} |")
     takeover_s = report["takeover_after_kill_9"]
     out += [
         "",
