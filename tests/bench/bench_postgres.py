@@ -10,8 +10,11 @@ the reference the same way as them. Then, on PostgreSQL: how soon a commit on on
 wakes another (store to store, in this process), how long a killed sidecar's work waits for
 another to take it over, what the sidecars send the database per orchestration step (hello
 cities alone: every statement, the waits' reads and the wake-ups included, over the steps
-written), and how often a sidecar asks while idle. PostgreSQL is a throwaway cluster (or
-$DT_TRIO_TEST_PG); its version and settings are in the report.
+written), and how often a sidecar asks while idle. The one-server hello-cities runs also
+read the CPU each process spent per orchestration (/proc: the server, its SDK worker, this
+client, and the PostgreSQL server's processes for the PostgreSQL sidecar when it runs on
+this machine). PostgreSQL is a throwaway cluster (or $DT_TRIO_TEST_PG); its version and
+settings are in the report.
 """
 
 from __future__ import annotations
